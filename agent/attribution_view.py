@@ -1,0 +1,75 @@
+"""Adapts the Attributor (agent/attribution.py) to the pipeline's ContainerView."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from driftwarden.attribution import (
+    Attribution,
+    AttributionState,
+    Attributor,
+    CgroupIndex,
+    DockerMetadata,
+    MetadataUnavailableError,
+)
+from driftwarden.errors import UsageError
+from driftwarden.pipeline import ContainerView
+
+log = logging.getLogger(__name__)
+
+
+def view_of(attribution: Attribution) -> ContainerView:
+    info, ref = attribution.info, attribution.ref
+    return ContainerView(
+        state=attribution.state.value,
+        cgroup_id=attribution.cgroup_id,
+        cgroup_path=attribution.cgroup_path,
+        id=ref.container_id if ref else None,
+        name=info.name if info else None,
+        image=info.image_name if info else None,
+        image_id=info.image_id if info else None,
+        runtime=ref.runtime if ref else None,
+        pod=info.pod if info else None,
+        namespace=info.namespace if info else None,
+        labels=info.labels if info else (),
+        metadata_error=attribution.metadata_error,
+    )
+
+
+class LiveAttribution:
+    """cgroup id -> ContainerView from the cgroup tree and the Docker Engine API."""
+
+    def __init__(self, cgroup_root: str, docker_host: str) -> None:
+        self.metadata = DockerMetadata(base_url=docker_host)
+        host_ids = frozenset({os.stat(cgroup_root).st_ino})
+        self.attributor = Attributor(CgroupIndex(cgroup_root), self.metadata,
+                                     host_cgroup_ids=host_ids)
+
+    def __enter__(self) -> LiveAttribution:
+        self.attributor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.attributor.stop()
+        self.metadata.close()
+
+    def lookup(self, cgroup_id: int) -> ContainerView:
+        return view_of(self.attributor.lookup(cgroup_id))
+
+    def check_selector(self, selector: str) -> None:
+        """Fail early, with one clear line, on a --container the runtime does not know."""
+        try:
+            info = self.metadata.inspect(selector)
+        except MetadataUnavailableError as exc:
+            raise UsageError(
+                f"cannot check --container {selector!r}: the container runtime is unreachable "
+                f"({exc}); start dockerd or drop --container"
+            ) from exc
+        if info is None:
+            raise UsageError(
+                f"no container named or with id {selector!r}; `docker ps` lists the running ones"
+            )
+
+
+__all__ = ["AttributionState", "LiveAttribution", "view_of"]

@@ -1,0 +1,150 @@
+"""The `driftwarden` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from driftwarden import __version__
+from driftwarden.errors import DriftwardenError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (what was wrong, where to look)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _kinds(text: str) -> frozenset[str]:
+    from driftwarden.pipeline import USER_KINDS
+
+    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
+    unknown = kinds - set(USER_KINDS)
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind(s) {','.join(sorted(unknown)) or '(empty)'}; "
+            f"choose from {','.join(USER_KINDS)}"
+        )
+    return kinds
+
+
+def _add_trace(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace",
+        help="show exec, connect and file-write events from every container",
+        description="Attach the probes and print every container's exec, connect and file "
+        "writes, attributed to container and image. Ctrl-C stops and prints a summary.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--container", action="append", default=[], metavar="NAME_OR_ID",
+                   help="only this container (name or id prefix); repeatable")
+    p.add_argument("--kinds", type=_kinds, default=None, metavar="LIST",
+                   help="comma list of exec,connect,write (default: all)")
+    p.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds")
+    p.add_argument("--include-host", action="store_true",
+                   help="also report processes outside containers")
+    p.add_argument("--show-runtime", action="store_true",
+                   help="also show the container runtime's own setup writes (runc init)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--record", metavar="FILE", help="also write the raw events to FILE")
+    src.add_argument("--replay", metavar="FILE", help="read events from FILE, not the kernel")
+    p.add_argument("--dedup-interval", type=_non_negative_float, default=1.0, metavar="SECONDS",
+                   help="suppress repeats of an event within this interval in the kernel "
+                   "(0 disables; default 1)")
+    p.add_argument("--ringbuf-pages", type=int, default=1024, metavar="N",
+                   help="ring buffer size in 4 KiB pages, a power of two (default 1024)")
+    p.add_argument("--print-bpf", action="store_true",
+                   help="print the final BPF program text and exit")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
+                   help="Docker Engine API address for container metadata")
+    p.add_argument("--cgroup-root", default="", help="cgroup v2 mount (default: detect)")
+    p.set_defaults(func=_run_trace)
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from driftwarden.trace import TraceOptions, run_trace
+
+    options = TraceOptions(
+        json=args.json,
+        containers=tuple(args.container),
+        kinds=args.kinds,
+        duration=args.duration,
+        include_host=args.include_host,
+        show_runtime=args.show_runtime,
+        record=args.record,
+        replay=args.replay,
+        dedup_interval_ns=int(args.dedup_interval * 1e9),
+        ringbuf_pages=args.ringbuf_pages,
+        print_bpf=args.print_bpf,
+        docker_host=args.docker_host,
+        cgroup_root=args.cgroup_root,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return run_trace(options, stop, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="driftwarden", description="Runtime security agent for containers.")
+    parser.add_argument("--version", action="version", version=f"driftwarden {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    _add_trace(subparsers)
+    from driftwarden import doctor
+
+    doctor.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"driftwarden: error: {exc}", file=sys.stderr)
+        return 2
+    except DriftwardenError as exc:
+        print(f"driftwarden: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `driftwarden trace | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,405 @@
+"""The trace pipeline: capture -> decode -> resolve paths -> attribute -> filter -> sinks.
+
+One direction, one stage per module; this module wires them and owns only the small amount of
+state that belongs to the flow itself (events waiting for container metadata, counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp
+from driftwarden.probes.capture import CaptureSource, CaptureWriter
+from driftwarden.probes.decode import Decoder
+from driftwarden.probes.events import ChdirEvent, ConnectEvent, ExecEvent, FileEvent, KernelEvent
+from driftwarden.processes import PROC_SELF_EXE, ProcessTable, ResolvedPath
+from driftwarden.procfs import ProcReader
+
+log = logging.getLogger(__name__)
+
+KIND_NAMES = {EventKind.EXEC: "exec", EventKind.CONNECT: "connect", EventKind.FILE: "write",
+              EventKind.CHDIR: "chdir"}
+USER_KINDS = ("exec", "connect", "write")
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerView:
+    """What an event is attributed to, in a form that can be printed, recorded and replayed."""
+
+    state: str  # host | container | pending | not-container | unknown
+    cgroup_id: int
+    cgroup_path: str | None = None
+    id: str | None = None
+    name: str | None = None
+    image: str | None = None
+    image_id: str | None = None
+    runtime: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    metadata_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "state": self.state,
+            "cgroup_id": self.cgroup_id,
+            "cgroup_path": self.cgroup_path,
+            "id": self.id,
+            "name": self.name,
+            "image": self.image,
+            "image_id": self.image_id,
+            "runtime": self.runtime,
+            "pod": self.pod,
+            "namespace": self.namespace,
+            "labels": dict(self.labels),
+            "metadata_error": self.metadata_error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ContainerView:
+        values = dict(data)
+        values["labels"] = tuple(sorted((values.get("labels") or {}).items()))
+        return cls(**values)
+
+    def matches(self, selector: str) -> bool:
+        """A --container selector: exact name, or a prefix of the container id."""
+        if self.name is not None and selector.lstrip("/") == self.name:
+            return True
+        return bool(self.id) and len(selector) >= 4 and self.id.startswith(selector)
+
+
+class AttributionLookup(Protocol):
+    def lookup(self, cgroup_id: int) -> ContainerView: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    event: KernelEvent
+    kind: str
+    container: ContainerView
+    ppid: int
+    path: str | None = None
+    path_resolved: bool = True
+    path2: str | None = None
+    path2_resolved: bool = True
+    exe: str | None = None
+    runtime_setup: bool = False
+
+
+class Sink(Protocol):
+    def write(self, record: TraceRecord) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TraceFilter:
+    kinds: frozenset[str] = frozenset(USER_KINDS)
+    containers: tuple[str, ...] = ()
+    include_host: bool = False
+    show_runtime_setup: bool = False
+
+    def accepts(self, record: TraceRecord) -> str | None:
+        """None when the record is shown, else the reason it is filtered (a counter name)."""
+        if record.kind not in self.kinds:
+            return "kind"
+        if record.runtime_setup and not self.show_runtime_setup:
+            return "runtime_setup"
+        view = record.container
+        if view.state == "host" and not self.include_host:
+            return "host"
+        if self.containers and not any(view.matches(s) for s in self.containers):
+            return "container"
+        return None
+
+
+@dataclass
+class TraceSummary:
+    kernel: dict[str, dict[str, int]] = field(default_factory=dict)
+    decoded: Counter = field(default_factory=Counter)
+    decode_errors: Counter = field(default_factory=Counter)
+    shown: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    unresolved_paths: int = 0
+    pending_timeouts: int = 0
+    elapsed: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "kernel": self.kernel,
+            "decoded": dict(self.decoded),
+            "decode_errors": dict(self.decode_errors),
+            "shown": dict(self.shown),
+            "filtered": dict(self.filtered),
+            "unresolved_paths": self.unresolved_paths,
+            "pending_timeouts": self.pending_timeouts,
+            "elapsed_s": round(self.elapsed, 3),
+        }
+
+
+class RecordingProcReader:
+    """Wraps a ProcReader and writes every answer to the capture file as a fact."""
+
+    def __init__(self, inner: ProcReader, writer: CaptureWriter) -> None:
+        self._inner = inner
+        self._writer = writer
+
+    def _ask(self, name: str, *args):
+        value = getattr(self._inner, name)(*args)
+        self._writer.fact((name, *args), value)
+        return value
+
+    def cwd(self, tgid: int) -> str | None:
+        return self._ask("cwd", tgid)
+
+    def exe(self, tgid: int) -> str | None:
+        return self._ask("exe", tgid)
+
+    def ppid(self, tgid: int) -> int | None:
+        return self._ask("ppid", tgid)
+
+    def fd_path(self, tgid: int, fd: int) -> str | None:
+        return self._ask("fd_path", tgid, fd)
+
+
+class ReplayProcReader:
+    """Answers /proc questions from a capture file's facts."""
+
+    def __init__(self, facts) -> None:
+        self._facts = facts
+
+    def cwd(self, tgid: int) -> str | None:
+        return self._facts.get(("cwd", tgid))
+
+    def exe(self, tgid: int) -> str | None:
+        return self._facts.get(("exe", tgid))
+
+    def ppid(self, tgid: int) -> int | None:
+        return self._facts.get(("ppid", tgid))
+
+    def fd_path(self, tgid: int, fd: int) -> str | None:
+        return self._facts.get(("fd_path", tgid, fd))
+
+
+class ReplayAttribution:
+    """Attribution from a capture file: the container views the live run reported."""
+
+    def __init__(self, facts) -> None:
+        self._facts = facts
+
+    def lookup(self, cgroup_id: int) -> ContainerView:
+        data = self._facts.get(("attr", cgroup_id))
+        if data is None:
+            return ContainerView(state="unknown", cgroup_id=cgroup_id)
+        return ContainerView.from_dict(data)
+
+
+class TracePipeline:
+    def __init__(
+        self,
+        source: CaptureSource,
+        *,
+        proc: ProcReader,
+        attribution: AttributionLookup,
+        sinks: Iterable[Sink],
+        trace_filter: TraceFilter | None = None,
+        recorder: CaptureWriter | None = None,
+        pending_timeout: float = 1.0,
+        pending_capacity: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.decoder = Decoder(source.limits)
+        self.recorder = recorder
+        if recorder is not None:
+            proc = RecordingProcReader(proc, recorder)
+        self.processes = ProcessTable(proc)
+        self.attribution = attribution
+        self.sinks = list(sinks)
+        self.filter = trace_filter or TraceFilter()
+        self.pending_timeout = pending_timeout
+        self.pending_capacity = pending_capacity
+        self.clock = clock
+        self.summary = TraceSummary()
+        # cgroup id -> records waiting for container metadata (arrival order kept)
+        self._pending: OrderedDict[int, deque[tuple[float, TraceRecord]]] = OrderedDict()
+        self._pending_count = 0
+        self._position_hook = getattr(source, "set_position_for", None)
+        self._records_seen = 0
+
+    # -- stages -------------------------------------------------------------
+
+    def _resolve(self, tgid: int, ppid: int, path: str | None, dirfd: int) -> ResolvedPath | None:
+        if path is None:
+            if dirfd == AT_FDCWD:
+                return None
+            # fd-only syscalls (fchmod): the fd's path, if the process is still there
+            return self.processes.resolve(tgid, ppid, "", dirfd)
+        return self.processes.resolve(tgid, ppid, path, dirfd)
+
+    def enrich(self, event: KernelEvent) -> TraceRecord | None:
+        h = event.header
+        tgid, ppid = h.tgid, h.ppid
+        kind = KIND_NAMES[h.kind]
+        runtime_setup = _is_runtime_comm(h.comm) and not self.processes.exec_seen(tgid)
+        if isinstance(event, ChdirEvent):
+            if event.retval == 0:
+                self.processes.on_chdir(tgid, ppid, event.path, event.fd)
+            return None
+        placeholder = ContainerView(state="pending", cgroup_id=h.cgroup_id)
+        if isinstance(event, ExecEvent):
+            resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
+            exe = None
+            if event.ok:
+                before = self.processes.exe_before_exec(tgid, ppid)
+                exe = self.processes.live_exe(tgid)
+                if exe is None:
+                    if event.filename == PROC_SELF_EXE:
+                        exe = before
+                    elif resolved is not None and resolved.resolved:
+                        exe = resolved.path
+                self.processes.on_exec(tgid, ppid, exe)
+            return self._count_unresolved(TraceRecord(
+                event=event, kind=kind, container=placeholder, ppid=ppid or 0,
+                path=resolved.path if resolved else event.filename,
+                path_resolved=resolved.resolved if resolved else False,
+                exe=exe, runtime_setup=runtime_setup,
+            ))
+        if isinstance(event, FileEvent):
+            first = self._resolve(tgid, ppid, event.path, event.dirfd)
+            second = None
+            if event.path2 is not None:
+                second = self._resolve(tgid, ppid, event.path2, event.dirfd2)
+            path, path_ok = (first.path, first.resolved) if first else (event.path, False)
+            if event.op is FileOp.SYMLINK:
+                # a symlink's target is stored verbatim; only the new link's path is resolved
+                path, path_ok = event.path, True
+            return self._count_unresolved(TraceRecord(
+                event=event, kind=kind, container=placeholder, ppid=ppid,
+                path=path, path_resolved=path_ok,
+                path2=second.path if second else None,
+                path2_resolved=second.resolved if second else True,
+                runtime_setup=runtime_setup,
+            ))
+        if isinstance(event, ConnectEvent):
+            return TraceRecord(event=event, kind=kind, container=placeholder, ppid=ppid,
+                               runtime_setup=runtime_setup)
+        return None
+
+    def _count_unresolved(self, record: TraceRecord) -> TraceRecord:
+        if not record.path_resolved or not record.path2_resolved:
+            self.summary.unresolved_paths += 1
+        return record
+
+    def _attribute(self, record: TraceRecord, view: ContainerView) -> TraceRecord:
+        if self.recorder is not None:
+            self.recorder.fact(("attr", view.cgroup_id), view.to_dict())
+        return dataclasses.replace(record, container=view)
+
+    def _deliver(self, record: TraceRecord) -> None:
+        reason = self.filter.accepts(record)
+        if reason is not None:
+            self.summary.filtered[reason] += 1
+            return
+        self.summary.shown[record.kind] += 1
+        for sink in self.sinks:
+            sink.write(record)
+
+    # -- driving ------------------------------------------------------------
+
+    def process(self, raws: list[bytes]) -> None:
+        now = self.clock()
+        for raw in raws:
+            if self._position_hook is not None:
+                self._position_hook(self._records_seen)
+            self._records_seen += 1
+            if self.recorder is not None:
+                self.recorder.record(raw)
+            event = self.decoder.decode(raw)
+            if event is None:
+                continue
+            record = self.enrich(event)
+            if record is None:
+                continue
+            cgid = event.header.cgroup_id
+            waiting = self._pending.get(cgid)
+            if waiting is not None:
+                # keep per-container order: queue behind the ones already waiting
+                self._enqueue(cgid, now, record)
+                continue
+            view = self.attribution.lookup(cgid)
+            if view.state == "pending":
+                self._enqueue(cgid, now, record)
+            else:
+                self._deliver(self._attribute(record, view))
+        self._release_pending(now)
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def _enqueue(self, cgid: int, now: float, record: TraceRecord) -> None:
+        if self._pending_count >= self.pending_capacity:
+            self.summary.pending_timeouts += 1  # buffer full: send with what is known
+            self._deliver(self._attribute(record, self.attribution.lookup(cgid)))
+            return
+        self._pending.setdefault(cgid, deque()).append((now, record))
+        self._pending_count += 1
+
+    def _release_pending(self, now: float, *, force: bool = False) -> None:
+        for cgid in list(self._pending):
+            queue = self._pending[cgid]
+            view = self.attribution.lookup(cgid)
+            expired = force or now - queue[0][0] >= self.pending_timeout
+            if view.state == "pending" and not expired:
+                continue
+            if view.state == "pending":
+                self.summary.pending_timeouts += len(queue)
+            while queue:
+                _, record = queue.popleft()
+                self._pending_count -= 1
+                self._deliver(self._attribute(record, view))
+            del self._pending[cgid]
+
+    def run(self, *, duration: float | None = None, should_stop: Callable[[], bool] | None = None,
+            poll_interval: float = 0.05) -> TraceSummary:
+        started = self.clock()
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    break
+                if duration is not None and self.clock() - started >= duration:
+                    break
+                batch = self.source.read_batch(poll_interval)
+                if batch is None:
+                    break
+                self.process(batch)
+                for sink in self.sinks:
+                    sink.flush()
+            # drain what the kernel still holds, then everything still waiting for metadata
+            while True:
+                tail = self.source.read_batch(0)
+                if not tail:
+                    break
+                self.process(tail)
+            self._release_pending(self.clock(), force=True)
+        finally:
+            for sink in self.sinks:
+                sink.flush()
+            self.summary.elapsed = self.clock() - started
+            self.summary.decoded = Counter(self.decoder.decoded)
+            self.summary.decode_errors = Counter(self.decoder.errors)
+            self.summary.kernel = self.source.counters()
+            if self.recorder is not None:
+                self.recorder.close(self.summary.kernel)
+        return self.summary
+
+
+
+def _is_runtime_comm(comm: str) -> bool:
+    """runc and its init stages write into a new container before its first exec."""
+    return comm == "runc" or comm.startswith("runc:")

@@ -1,0 +1,129 @@
+"""`driftwarden trace`: wires a capture source, attribution and output for a person to watch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TextIO
+
+from driftwarden.output import HumanSink, JsonSink, format_summary
+from driftwarden.pipeline import (
+    USER_KINDS,
+    ReplayAttribution,
+    ReplayProcReader,
+    TraceFilter,
+    TracePipeline,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    json: bool = False
+    containers: tuple[str, ...] = ()
+    kinds: frozenset[str] | None = None
+    duration: float | None = None
+    include_host: bool = False
+    show_runtime: bool = False
+    record: str | None = None
+    replay: str | None = None
+    dedup_interval_ns: int = 1_000_000_000
+    ringbuf_pages: int = 1024
+    print_bpf: bool = False
+    docker_host: str = "unix:///var/run/docker.sock"
+    cgroup_root: str = ""
+
+
+def _probe_config(options: TraceOptions):
+    from driftwarden.probes.loader import SELECTABLE_KINDS, ProbeConfig
+
+    kinds = options.kinds or frozenset(USER_KINDS)
+    return ProbeConfig(
+        kinds=frozenset(k for k in kinds if k in SELECTABLE_KINDS),
+        include_host=options.include_host,
+        dedup_interval_ns=options.dedup_interval_ns,
+        ringbuf_pages=options.ringbuf_pages,
+        cgroup_root=options.cgroup_root,
+    )
+
+
+def run_trace(options: TraceOptions, stop: threading.Event, *, stdout: TextIO,
+              stderr: TextIO) -> int:
+    if options.print_bpf:
+        from driftwarden.probes.loader import bpf_text
+
+        stdout.write(bpf_text(_probe_config(options)))
+        return 0
+    trace_filter = TraceFilter(
+        kinds=options.kinds or frozenset(USER_KINDS),
+        containers=options.containers,
+        include_host=options.include_host,
+        show_runtime_setup=options.show_runtime,
+    )
+    if options.replay:
+        return _replay(options, trace_filter, stop, stdout, stderr)
+    return _live(options, trace_filter, stop, stdout, stderr)
+
+
+def _sinks(options: TraceOptions, stdout: TextIO, clock_offset_ns: int):
+    if options.json:
+        return [JsonSink(stdout, clock_offset_ns)]
+    return [HumanSink(stdout, clock_offset_ns)]
+
+
+def _print_summary(options: TraceOptions, summary, stderr: TextIO) -> None:
+    if options.json:
+        stderr.write(json.dumps({"summary": summary.to_dict()}) + "\n")
+    else:
+        stderr.write(format_summary(summary) + "\n")
+
+
+def _replay(options, trace_filter, stop, stdout, stderr) -> int:
+    from driftwarden.probes.capture import ReplayCapture
+
+    source = ReplayCapture(options.replay)
+    pipeline = TracePipeline(
+        source,
+        proc=ReplayProcReader(source.facts),
+        attribution=ReplayAttribution(source.facts),
+        sinks=_sinks(options, stdout, source.clock_offset_ns),
+        trace_filter=trace_filter,
+    )
+    summary = pipeline.run(duration=options.duration, should_stop=stop.is_set, poll_interval=0)
+    _print_summary(options, summary, stderr)
+    return 0
+
+
+def _live(options, trace_filter, stop, stdout, stderr) -> int:
+    from driftwarden.attribution_view import LiveAttribution
+    from driftwarden.probes.capture import CaptureWriter, LiveCapture
+    from driftwarden.probes.loader import ProbeSet, find_cgroup2_root
+    from driftwarden.procfs import LiveProcReader
+
+    config = _probe_config(options)
+    cgroup_root = options.cgroup_root or str(find_cgroup2_root())
+    with LiveAttribution(cgroup_root, options.docker_host) as attribution:
+        for selector in options.containers:
+            attribution.check_selector(selector)  # raises UsageError for an unknown container
+        with ProbeSet(config) as probes:
+            source = LiveCapture(probes)
+            recorder = None
+            if options.record:
+                recorder = CaptureWriter(options.record, config.limits, source.clock_offset_ns)
+            pipeline = TracePipeline(
+                source,
+                proc=LiveProcReader("/proc"),
+                attribution=attribution,
+                sinks=_sinks(options, stdout, source.clock_offset_ns),
+                trace_filter=trace_filter,
+                recorder=recorder,
+            )
+            stderr.write("driftwarden: tracing; Ctrl-C to stop\n")
+            stderr.flush()
+            summary = pipeline.run(duration=options.duration, should_stop=stop.is_set)
+    _print_summary(options, summary, stderr)
+    return 0
+

@@ -1,0 +1,269 @@
+"""Capture sources: the live ring buffer, or a recorded event file.
+
+Everything downstream of the decoder reads from a `CaptureSource`, so the pipeline runs in tests
+and benchmarks without the kernel (the falcosecurity/libs "capture file" idea).
+
+Recorded file format (version 1): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
+  {"t": "hdr", "version": 1, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
+  {"t": "ev", "b": <raw kernel record>}
+  {"t": "fact", "k": [name, *args], "v": value}      answers the live pipeline got from /proc,
+                                                      attribution, ... while handling events
+  {"t": "end", "counters": {...}}                    kernel counters when recording stopped
+A file without "end" (the recorder was killed) replays everything it holds and says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import socket
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+from driftwarden.errors import CaptureFileError
+from driftwarden.probes._layout import Limits
+from driftwarden.probes.loader import ProbeSet
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DWCAP\x01\n"
+FORMAT_VERSION = 1
+
+
+class CaptureSource(Protocol):
+    limits: Limits
+    clock_offset_ns: int  # add to a kernel monotonic timestamp to get wall-clock ns
+
+    def read_batch(self, timeout: float) -> list[bytes] | None:
+        """Records available now (waits up to `timeout` s); None when the source is exhausted."""
+
+    def counters(self) -> dict[str, dict[str, int]]: ...
+
+    def close(self) -> None: ...
+
+
+def monotonic_to_wall_offset_ns() -> int:
+    return time.time_ns() - time.monotonic_ns()
+
+
+class LiveCapture:
+    """The kernel ring buffer, drained on a short timer (the probes submit without wake-ups)."""
+
+    def __init__(self, probes: ProbeSet, *, drain_interval: float = 0.01) -> None:
+        self.probes = probes
+        self.limits = probes.config.limits
+        self.drain_interval = drain_interval
+        self.clock_offset_ns = monotonic_to_wall_offset_ns()
+
+    def read_batch(self, timeout: float) -> list[bytes] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = self.probes.drain()
+            if batch:
+                return batch
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            time.sleep(min(self.drain_interval, left))
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self.probes.counters()
+
+    def close(self) -> None:
+        self.probes.stop()
+
+
+class FactStore:
+    """Answers recorded during a live run, looked up by key at a position in the stream.
+
+    A fact is recorded after the event that needed it, so at position P the answer is the first
+    recording of that key at or after P (or the last one before, when none follows).
+    """
+
+    def __init__(self) -> None:
+        self._facts: dict[Hashable, tuple[list[int], list[Any]]] = {}
+        self.position = 0
+
+    def add(self, key: Hashable, value: Any, position: int) -> None:
+        positions, values = self._facts.setdefault(key, ([], []))
+        positions.append(position)
+        values.append(value)
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        found = self._facts.get(key)
+        if found is None:
+            return default
+        positions, values = found
+        i = bisect.bisect_left(positions, self.position)
+        return values[i] if i < len(values) else values[-1]
+
+    def __len__(self) -> int:
+        return len(self._facts)
+
+
+def _freeze(value: Any) -> Hashable:
+    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class CaptureHeader:
+    version: int
+    limits: Limits
+    clock_offset_ns: int
+    created: float
+    host: str
+
+
+class ReplayCapture:
+    """A recorded event file as a capture source. Reads it whole: recordings are test-sized."""
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 256) -> None:
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.facts = FactStore()
+        self.complete = False
+        self._records: list[tuple[int, bytes]] = []  # (stream position, raw record)
+        self._counters: dict[str, dict[str, int]] = {}
+        self.header = self._load()
+        self.limits = self.header.limits
+        self.clock_offset_ns = self.header.clock_offset_ns
+        self._next = 0
+
+    def _load(self) -> CaptureHeader:
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise CaptureFileError(
+                f"cannot open capture file {self.path}: {exc.strerror}; check the path"
+            ) from exc
+        with fh:
+            if fh.read(len(MAGIC)) != MAGIC:
+                raise CaptureFileError(
+                    f"{self.path} is not a driftwarden capture (bad magic); record one with "
+                    "`driftwarden trace --record FILE`"
+                )
+            unpacker = msgpack.Unpacker(fh, raw=False, strict_map_key=False)
+            header = None
+            position = 0
+            try:
+                for entry in unpacker:
+                    position += 1
+                    if not isinstance(entry, dict) or "t" not in entry:
+                        raise CaptureFileError(
+                            f"{self.path}: entry {position} is not a capture entry; the file is "
+                            "corrupt"
+                        )
+                    kind = entry["t"]
+                    if kind == "hdr":
+                        header = self._parse_header(entry)
+                    elif header is None:
+                        raise CaptureFileError(f"{self.path}: entries before the header")
+                    elif kind == "ev":
+                        self._records.append((position, entry["b"]))
+                    elif kind == "fact":
+                        self.facts.add(_freeze(entry["k"]), entry["v"], position)
+                    elif kind == "end":
+                        self._counters = entry.get("counters", {})
+                        self.complete = True
+                    else:
+                        log.warning("%s: skipping unknown entry type %r", self.path, kind)
+            except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
+                    msgpack.exceptions.StackError, ValueError) as exc:
+                raise CaptureFileError(
+                    f"{self.path}: corrupt after entry {position} ({exc}); re-record it"
+                ) from exc
+        if header is None:
+            raise CaptureFileError(f"{self.path}: no header; the file is empty or truncated")
+        if not self.complete:
+            log.warning(
+                "%s: no end marker (recording was interrupted); replaying its %d records",
+                self.path, len(self._records),
+            )
+        return header
+
+    def _parse_header(self, entry: dict) -> CaptureHeader:
+        version = entry.get("version")
+        if version != FORMAT_VERSION:
+            raise CaptureFileError(
+                f"{self.path}: capture format version {version}, this driftwarden reads "
+                f"{FORMAT_VERSION}; re-record with this version"
+            )
+        try:
+            limits = Limits(**entry["limits"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CaptureFileError(f"{self.path}: bad limits in header ({exc})") from exc
+        return CaptureHeader(
+            version=version,
+            limits=limits,
+            clock_offset_ns=int(entry.get("clock_offset_ns", 0)),
+            created=float(entry.get("created", 0.0)),
+            host=str(entry.get("host", "")),
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def read_batch(self, timeout: float) -> list[bytes] | None:
+        if self._next >= len(self._records):
+            return None
+        chunk = self._records[self._next : self._next + self.batch_size]
+        self._next += len(chunk)
+        return [raw for _, raw in chunk]
+
+    def set_position_for(self, index: int) -> None:
+        """Point fact lookups at the record with this overall index (0-based)."""
+        self.facts.position = self._records[index][0]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self._counters
+
+    def close(self) -> None:
+        pass
+
+
+class CaptureWriter:
+    """Writes a capture file. Flushes after every batch so a killed recorder loses little."""
+
+    def __init__(self, path: str | os.PathLike, limits: Limits, clock_offset_ns: int) -> None:
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise CaptureFileError(
+                f"cannot write capture file {self.path}: {exc.strerror}; check the directory"
+            ) from exc
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._fh.write(MAGIC)
+        self._write({
+            "t": "hdr",
+            "version": FORMAT_VERSION,
+            "limits": limits.as_dict(),
+            "clock_offset_ns": clock_offset_ns,
+            "created": time.time(),
+            "host": socket.gethostname(),
+        })
+        self.records = 0
+
+    def _write(self, entry: dict) -> None:
+        self._fh.write(self._packer.pack(entry))
+
+    def record(self, raw: bytes) -> None:
+        self._write({"t": "ev", "b": raw})
+        self.records += 1
+
+    def fact(self, key: tuple, value: Any) -> None:
+        self._write({"t": "fact", "k": list(key), "v": value})
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self, counters: dict[str, dict[str, int]] | None = None) -> None:
+        if self._fh.closed:
+            return
+        self._write({"t": "end", "counters": counters or {}})
+        self._fh.close()

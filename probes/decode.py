@@ -1,0 +1,242 @@
+"""Ring-buffer record -> typed event, by kind, through a registry with counted errors.
+
+A malformed record never stops the pipeline: it is counted under its kind and reason
+(`Decoder.errors`) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from driftwarden.probes._layout import (
+    AT_FDCWD,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    EventKind,
+    FileOp,
+    Flag,
+    Limits,
+)
+from driftwarden.probes.events import (
+    ChdirEvent,
+    ConnectEvent,
+    ExecEvent,
+    Family,
+    FileEvent,
+    Header,
+    KernelEvent,
+    SockType,
+    format_address,
+)
+
+log = logging.getLogger(__name__)
+
+_FAMILIES = {1: Family.UNIX, 2: Family.INET, 10: Family.INET6}
+_SOCK_TYPES = {0: SockType.UNKNOWN, 1: SockType.TCP, 2: SockType.UDP}
+
+
+def _text(raw: bytes) -> str:
+    # Paths are bytes to the kernel; surrogateescape keeps odd bytes round-trippable.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _cstr(buf: bytes, length: int) -> str:
+    """A NUL-terminated string of `length` bytes (NUL included) from a kernel buffer."""
+    chunk = buf[:length]
+    nul = chunk.find(b"\0")
+    return _text(chunk if nul < 0 else chunk[:nul])
+
+
+class MalformedRecord(ValueError):
+    """Raised inside decoders; the registry turns it into a counted error."""
+
+
+class Decoder:
+    """Decodes raw records for one set of compile-time limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.decoded: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # "kind:reason" -> count
+        self._registry: dict[int, Callable[[Header, bytes], KernelEvent]] = {}
+        self._exec = limits.fixed_struct("dw_exec_event")
+        self._connect = limits.fixed_struct("dw_connect_event")
+        self._file = limits.fixed_struct("dw_file_event")
+        self._chdir = limits.fixed_struct("dw_chdir_event")
+        self._connect_offsets = limits.offsets("dw_connect_event")
+        self._file_offsets = limits.offsets("dw_file_event")
+        self._chdir_path = limits.offsets("dw_chdir_event")["path"]
+        self._exec_offsets = limits.offsets("dw_exec_event")
+        self.register(EventKind.EXEC, self._decode_exec)
+        self.register(EventKind.CONNECT, self._decode_connect)
+        self.register(EventKind.FILE, self._decode_file)
+        self.register(EventKind.CHDIR, self._decode_chdir)
+
+    def register(self, kind: EventKind, fn: Callable[[Header, bytes], KernelEvent]) -> None:
+        self._registry[int(kind)] = fn
+
+    def decode(self, raw: bytes) -> KernelEvent | None:
+        if len(raw) < HEADER_SIZE:
+            self.errors["unknown:short-header"] += 1
+            return None
+        fields = HEADER_STRUCT.unpack_from(raw)
+        kind_number = fields[2]
+        fn = self._registry.get(kind_number)
+        if fn is None:
+            self.errors[f"kind-{kind_number}:unknown-kind"] += 1
+            return None
+        kind = EventKind(kind_number)
+        header = Header(
+            kind=kind,
+            ts_ns=fields[0],
+            cgroup_id=fields[1],
+            flags=Flag(fields[3]),
+            pid=fields[4],
+            tgid=fields[5],
+            ppid=fields[6],
+            uid=fields[7],
+            gid=fields[8],
+            suppressed=fields[9],
+            comm=_cstr(fields[11], len(fields[11])),
+        )
+        try:
+            event = fn(header, raw)
+        except (MalformedRecord, ValueError) as exc:
+            self.errors[f"{kind.name.lower()}:{exc}"] += 1
+            return None
+        self.decoded[kind.name.lower()] += 1
+        return event
+
+    def decode_many(self, records: list[bytes]) -> list[KernelEvent]:
+        out = []
+        for raw in records:
+            event = self.decode(raw)
+            if event is not None:
+                out.append(event)
+        return out
+
+    # -- per kind -------------------------------------------------------------
+
+    @staticmethod
+    def _need(raw: bytes, size: int, what: str) -> None:
+        if len(raw) < size:
+            raise MalformedRecord(f"short-{what}")
+
+    def _decode_exec(self, h: Header, raw: bytes) -> ExecEvent:
+        s = self._exec
+        self._need(raw, s.size, "exec")
+        _, retval, dirfd, argc, args_size, filename_len, _pad = _split_header(s.unpack_from(raw))
+        off = self._exec_offsets
+        if filename_len > self.limits.path_max or args_size > self.limits.args_size:
+            raise MalformedRecord("exec-lengths")
+        fname_start = off["filename"]
+        filename = _cstr(raw[fname_start : fname_start + self.limits.path_max], filename_len)
+        args_start = off["args"]
+        args_blob = raw[args_start : args_start + args_size]
+        if len(args_blob) != args_size:
+            raise MalformedRecord("short-exec-args")
+        argv = tuple(_text(a) for a in args_blob.split(b"\0")[:argc])
+        if len(argv) != argc:
+            raise MalformedRecord("exec-argc")
+        return ExecEvent(
+            header=h,
+            filename=filename,
+            argv=argv,
+            retval=retval,
+            dirfd=dirfd,
+            argv_truncated=bool(h.flags & (Flag.ARGS_TRUNCATED | Flag.ARG_CLIPPED)),
+            filename_truncated=bool(h.flags & Flag.PATH_TRUNCATED),
+        )
+
+    def _decode_connect(self, h: Header, raw: bytes) -> ConnectEvent:
+        s = self._connect
+        off = self._connect_offsets
+        self._need(raw, off["_pad"], "connect")
+        _, retval, fd, family_no, port, sock_type, path_len = _split_header(s.unpack_from(raw))
+        family = _FAMILIES.get(family_no, Family.OTHER)
+        if family is Family.UNIX:
+            if path_len > 108:
+                raise MalformedRecord("unix-path-length")
+            raw_path = raw[off["unix_path"] : off["unix_path"] + path_len]
+            if raw_path.startswith(b"\0"):
+                # abstract socket: shown as "@name", like ss(8) does
+                address = "@" + _text(raw_path[1:].rstrip(b"\0"))
+            else:
+                address = _cstr(raw_path, len(raw_path))
+        else:
+            address = format_address(family, raw[off["addr"] : off["addr"] + 16])
+        return ConnectEvent(
+            header=h,
+            family=family,
+            family_number=family_no,
+            address=address,
+            port=port,
+            sock_type=_SOCK_TYPES.get(sock_type, SockType.OTHER),
+            retval=retval,
+            fd=fd,
+        )
+
+    def _decode_file(self, h: Header, raw: bytes) -> FileEvent:
+        s = self._file
+        off = self._file_offsets
+        self._need(raw, s.size, "file")
+        fields = _split_header(s.unpack_from(raw))
+        _, op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2 = fields
+        try:
+            op = FileOp(op_no)
+        except ValueError:
+            raise MalformedRecord(f"file-op-{op_no}") from None
+        pmax = self.limits.path_max
+        if path_len > pmax or path2_len > pmax:
+            raise MalformedRecord("file-lengths")
+        path = None
+        if not h.flags & Flag.FD_ONLY:
+            start = off["path"]
+            chunk = raw[start : start + path_len]
+            if len(chunk) != path_len:
+                raise MalformedRecord("short-file-path")
+            path = _cstr(chunk, path_len)
+        path2 = None
+        if op in (FileOp.RENAME, FileOp.LINK, FileOp.SYMLINK):
+            start = off["path2"]
+            chunk = raw[start : start + path2_len]
+            if len(chunk) != path2_len:
+                raise MalformedRecord("short-file-path2")
+            path2 = _cstr(chunk, path2_len)
+        return FileEvent(
+            header=h,
+            op=op,
+            path=path,
+            path2=path2,
+            dirfd=dirfd,
+            dirfd2=dirfd2 if path2 is not None else AT_FDCWD,
+            open_flags=open_flags,
+            mode=mode,
+            retval=retval,
+            path_truncated=bool(h.flags & Flag.PATH_TRUNCATED),
+            path2_truncated=bool(h.flags & Flag.PATH2_TRUNCATED),
+        )
+
+    def _decode_chdir(self, h: Header, raw: bytes) -> ChdirEvent:
+        s = self._chdir
+        self._need(raw, s.size, "chdir")
+        _, retval, fd, path_len, *_pad = _split_header(s.unpack_from(raw))
+        path = None
+        if not h.flags & Flag.FD_ONLY:
+            if path_len > self.limits.path_max:
+                raise MalformedRecord("chdir-length")
+            chunk = raw[self._chdir_path : self._chdir_path + path_len]
+            if len(chunk) != path_len:
+                raise MalformedRecord("short-chdir-path")
+            path = _cstr(chunk, path_len)
+        return ChdirEvent(header=h, path=path, fd=fd, retval=retval)
+
+
+_HEADER_FIELD_COUNT = len(HEADER_STRUCT.unpack(bytes(HEADER_SIZE)))
+
+
+def _split_header(values: tuple) -> tuple:
+    """(header-values-tuple, *payload values) so decoders unpack only their own fields."""
+    return (values[:_HEADER_FIELD_COUNT], *values[_HEADER_FIELD_COUNT:])

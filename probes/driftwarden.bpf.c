@@ -1,0 +1,793 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * driftwarden probes: exec, connect and file writes from every container.
+ *
+ * Only tracepoints, helpers and user-memory reads: no kernel struct is ever dereferenced,
+ * so the program is correct with any kernel headers (see shared/HOST.md).
+ *
+ * Cost model, cheapest check first:
+ *   kind enabled (compile-time) -> write intent (opens) -> skipped cgroup / agent tgid
+ *   -> stash args -> at syscall exit: read paths -> dedup (LRU) -> ring buffer, no wake-up.
+ * Everything not sent is counted in `counters` (per CPU, per kind).
+ *
+ * Settings are -D defines (probes/loader.py ProbeConfig), never spliced text.
+ */
+#include <uapi/linux/ptrace.h>
+#include "dw_event.h"
+
+#ifndef DW_RINGBUF_PAGES
+#define DW_RINGBUF_PAGES 1024               /* 4 MiB */
+#endif
+#ifndef DW_DEDUP_NS
+#define DW_DEDUP_NS 1000000000              /* repeats within 1 s are suppressed; 0 disables */
+#endif
+#ifndef DW_DEDUP_ENTRIES
+#define DW_DEDUP_ENTRIES 16384
+#endif
+#ifndef DW_INCLUDE_HOST
+#define DW_INCLUDE_HOST 0                   /* 1: do not skip cgroups in skip_cgroups */
+#endif
+#ifndef DW_KINDS
+#define DW_KINDS ((1 << DW_KIND_EXEC) | (1 << DW_KIND_CONNECT) | (1 << DW_KIND_FILE))
+#endif
+#ifndef DW_WAKEUP
+#define DW_WAKEUP BPF_RB_NO_WAKEUP          /* userspace drains on a timer */
+#endif
+
+/* Keeps clang from re-deriving a clamped length from its unclamped source, which the
+ * verifier would then reject as unbounded. */
+#define DW_BARRIER(var) asm volatile("" : "+r"(var))
+
+#define DW_ENABLED(kind) ((DW_KINDS) & (1 << (kind)))
+
+#define DW_O_ACCMODE 00000003
+#define DW_O_CREAT   00000100
+#define DW_O_TRUNC   00001000
+#define DW_O_APPEND  00002000
+#define DW_O_WRONLY  00000001
+#define DW_AT_REMOVEDIR 0x200
+#define DW_AF_UNIX  1
+#define DW_AF_INET  2
+#define DW_AF_INET6 10
+
+/* Syscall arguments stashed at sys_enter_* and consumed at sys_exit_*. */
+struct dw_pending {
+    u64 path;                    /* user pointer */
+    u64 path2;                   /* user pointer, second path (rename, link, symlink) */
+    s32 dirfd;
+    s32 dirfd2;
+    u32 flags;
+    u32 mode;
+    u16 kind;                    /* enum dw_kind */
+    u16 op;                      /* enum dw_file_op; connect: 1 socket(), 2 connect() */
+    u32 _pad;
+};
+
+struct dw_dedup_key {
+    u64 cgroup_id;
+    u64 hash;
+    u32 kind;
+    u32 _pad;
+};
+
+struct dw_dedup_val {
+    u64 last_ns;
+    u32 suppressed;
+    u32 _pad;
+};
+
+struct dw_sock_key {
+    u32 tgid;
+    s32 fd;
+};
+
+BPF_RINGBUF_OUTPUT(events, DW_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(counters, u64, DW_KIND_MAX * DW_CNT_MAX);
+BPF_HASH(skip_cgroups, u64, u8, 64);                       /* host cgroups (root, ...) */
+BPF_HASH(skip_tgids, u32, u8, 64);                         /* the agent itself */
+BPF_TABLE("lru_hash", u32, u32, parent_of, 65536);         /* child pid -> parent tgid */
+BPF_TABLE("lru_hash", u32, u32, cwd_epoch, 16384);         /* tgid -> chdir count */
+BPF_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES);
+BPF_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536);
+BPF_TABLE("lru_hash", u32, struct dw_pending, pending, 16384);
+BPF_TABLE("lru_hash", u32, struct dw_exec_event, exec_pending, 1024);
+BPF_PERCPU_ARRAY(exec_scratch, struct dw_exec_event, 1);
+BPF_PERCPU_ARRAY(file_scratch, struct dw_file_event, 1);
+BPF_PERCPU_ARRAY(connect_scratch, struct dw_connect_event, 1);
+BPF_PERCPU_ARRAY(chdir_scratch, struct dw_chdir_event, 1);
+
+static __always_inline void dw_count(u32 kind, u32 which)
+{
+    u32 idx = kind * DW_CNT_MAX + which;
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* True when this task's events are not wanted: host cgroup or the agent itself. */
+static __always_inline int dw_skipped(u64 cgid, u64 pid_tgid)
+{
+#if !DW_INCLUDE_HOST
+    if (skip_cgroups.lookup(&cgid))
+        return 1;
+#endif
+    u32 tgid = pid_tgid >> 32;
+    return skip_tgids.lookup(&tgid) != 0;
+}
+
+static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, u64 cgid,
+                                           u64 pid_tgid)
+{
+    h->ts_ns = bpf_ktime_get_ns();
+    h->cgroup_id = cgid;
+    h->kind = kind;
+    h->flags = 0;
+    h->pid = (u32)pid_tgid;
+    h->tgid = pid_tgid >> 32;
+    u32 tgid = h->tgid;
+    u32 *parent = parent_of.lookup(&tgid);
+    h->ppid = parent ? *parent : 0;
+    u64 ugid = bpf_get_current_uid_gid();
+    h->uid = (u32)ugid;
+    h->gid = ugid >> 32;
+    h->suppressed = 0;
+    h->_pad = 0;
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+#define DW_FNV_PRIME 0x100000001b3ULL
+#define DW_FNV_BASIS 0xcbf29ce484222325ULL
+
+static __always_inline u64 dw_mix(u64 h, u64 v)
+{
+    h ^= v;
+    return h * DW_FNV_PRIME;
+}
+
+/* FNV-1a over 8-byte words of a NUL-terminated buffer of `len` bytes (NUL included).
+ * Bytes past `len` are stale scratch memory, so the last word is masked. */
+static __always_inline u64 dw_hash_path(const char *buf, u32 len, u64 h)
+{
+    for (int i = 0; i < DW_PATH_MAX / 8; i++) {
+        u32 off = i * 8;
+        if (off >= len)
+            break;
+        u64 w = *(const u64 *)(buf + off);
+        u32 left = len - off;
+        if (left < 8)
+            w &= (1ULL << (left * 8)) - 1;
+        h = dw_mix(h, w);
+    }
+    return h;
+}
+
+static __always_inline u64 dw_hash_args(const char *buf, u32 len, u64 h)
+{
+    for (int i = 0; i < DW_ARGS_SIZE / 8; i++) {
+        u32 off = i * 8;
+        if (off >= len)
+            break;
+        u64 w = *(const u64 *)(buf + off);
+        u32 left = len - off;
+        if (left < 8)
+            w &= (1ULL << (left * 8)) - 1;
+        h = dw_mix(h, w);
+    }
+    return h;
+}
+
+/* Returns 1 when the event repeats a key sent less than DW_DEDUP_NS ago (it is counted and
+ * dropped); otherwise 0, and *carried receives the repeats suppressed since the last send. */
+static __always_inline int dw_suppress(u32 kind, u64 cgid, u64 hash, u64 now, u32 *carried)
+{
+#if DW_DEDUP_NS == 0
+    return 0;
+#else
+    struct dw_dedup_key key = {.cgroup_id = cgid, .hash = hash, .kind = kind};
+    struct dw_dedup_val *val = dedup.lookup(&key);
+    if (val) {
+        if (now - val->last_ns < DW_DEDUP_NS) {
+            __sync_fetch_and_add(&val->suppressed, 1);
+            dw_count(kind, DW_CNT_SUPPRESSED);
+            return 1;
+        }
+        *carried = val->suppressed;
+        val->suppressed = 0;
+        val->last_ns = now;
+        return 0;
+    }
+    struct dw_dedup_val fresh = {.last_ns = now};
+    dedup.update(&key, &fresh);
+    return 0;
+#endif
+}
+
+static __always_inline void dw_emit(void *data, u32 size, u32 kind)
+{
+    if (events.ringbuf_output(data, size, DW_WAKEUP) == 0)
+        dw_count(kind, DW_CNT_EMITTED);
+    else
+        dw_count(kind, DW_CNT_DROPPED);
+}
+
+/* A relative path means something different after a chdir: key it on the process and
+ * its chdir count so a repeat in another directory is never suppressed. */
+static __always_inline u64 dw_hash_cwd(u64 h, const char *path, u32 tgid)
+{
+    if (path[0] == '/')
+        return h;
+    u32 *epoch = cwd_epoch.lookup(&tgid);
+    return dw_mix(dw_mix(h, tgid), epoch ? *epoch : 0);
+}
+
+/* ------------------------------------------------------------------ bookkeeping */
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u64 cgid = bpf_get_current_cgroup_id();
+#if !DW_INCLUDE_HOST
+    if (skip_cgroups.lookup(&cgid))
+        return 0;
+#endif
+    u32 child = args->child_pid;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    parent_of.update(&child, &parent);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = (u32)pid_tgid;
+    if (pid != (u32)(pid_tgid >> 32))
+        return 0;                         /* a thread; the process lives on */
+    parent_of.delete(&pid);
+    cwd_epoch.delete(&pid);
+    return 0;
+}
+
+static __always_inline int dw_stash(u16 kind, u16 op, const char *path, const char *path2,
+                                    s32 dirfd, s32 dirfd2, u32 flags, u32 mode)
+{
+    u64 cgid = bpf_get_current_cgroup_id();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (dw_skipped(cgid, pid_tgid))
+        return 0;
+    struct dw_pending p = {};
+    p.path = (u64)path;
+    p.path2 = (u64)path2;
+    p.dirfd = dirfd;
+    p.dirfd2 = dirfd2;
+    p.flags = flags;
+    p.mode = mode;
+    p.kind = kind;
+    p.op = op;
+    u32 tid = (u32)pid_tgid;
+    pending.update(&tid, &p);
+    return 0;
+}
+
+/* Pops the stashed arguments of this thread's syscall if they are of `kind`. */
+static __always_inline int dw_unstash(u16 kind, struct dw_pending *out)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct dw_pending *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    if (p->kind != kind)
+        return 0;
+    __builtin_memcpy(out, p, sizeof(*out));
+    pending.delete(&tid);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ chdir */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
+{
+    return dw_stash(DW_KIND_CHDIR, 0, args->filename, 0, DW_AT_FDCWD, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
+{
+    return dw_stash(DW_KIND_CHDIR, 0, 0, 0, args->fd, 0, 0, 0);
+}
+
+static __always_inline int dw_chdir_exit(long ret)
+{
+    struct dw_pending p;
+    if (!dw_unstash(DW_KIND_CHDIR, &p))
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (ret == 0) {
+        u32 one = 1;
+        u32 *epoch = cwd_epoch.lookup(&tgid);
+        if (epoch)
+            __sync_fetch_and_add(epoch, 1);
+        else
+            cwd_epoch.update(&tgid, &one);
+    }
+    u32 zero = 0;
+    struct dw_chdir_event *e = chdir_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    dw_fill_header(&e->hdr, DW_KIND_CHDIR, bpf_get_current_cgroup_id(), pid_tgid);
+    e->retval = ret;
+    e->fd = -1;
+    e->path_len = 0;
+    if (p.path) {
+        int n = bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)p.path);
+        if (n < 0) {
+            e->hdr.flags |= DW_F_READ_FAILED;
+            dw_count(DW_KIND_CHDIR, DW_CNT_READ_FAILED);
+        } else {
+            e->path_len = n;
+            if (n == DW_PATH_MAX)
+                e->hdr.flags |= DW_F_PATH_TRUNCATED;
+        }
+    } else {
+        e->fd = p.dirfd;
+        e->hdr.flags |= DW_F_FD_ONLY;
+    }
+    u32 len = e->path_len;
+    if (len > DW_PATH_MAX)
+        len = DW_PATH_MAX;
+    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, DW_KIND_CHDIR);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return dw_chdir_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return dw_chdir_exit(args->ret); }
+
+/* ------------------------------------------------------------------ exec */
+
+static __always_inline int dw_exec_enter(const char *filename, const char *const *argv,
+                                         int dirfd, u16 flags)
+{
+    if (!DW_ENABLED(DW_KIND_EXEC))
+        return 0;
+    u64 cgid = bpf_get_current_cgroup_id();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (dw_skipped(cgid, pid_tgid))
+        return 0;
+    u32 zero = 0;
+    struct dw_exec_event *e = exec_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    dw_fill_header(&e->hdr, DW_KIND_EXEC, cgid, pid_tgid);
+    e->hdr.flags = flags;
+    e->retval = 0;
+    e->dirfd = dirfd;
+    e->_pad = 0;
+    int n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
+    if (n < 0) {
+        e->filename_len = 0;
+        e->hdr.flags |= DW_F_READ_FAILED;
+        dw_count(DW_KIND_EXEC, DW_CNT_READ_FAILED);
+    } else {
+        e->filename_len = n;
+        if (n == DW_PATH_MAX)
+            e->hdr.flags |= DW_F_PATH_TRUNCATED;
+    }
+
+    u32 off = 0;
+    u16 argc = 0;
+    int i;
+    for (i = 0; i < DW_MAX_ARGS; i++) {
+        const char *argp = 0;
+        if (bpf_probe_read_user(&argp, sizeof(argp), &argv[i]) < 0 || !argp)
+            break;
+        if (off > DW_ARGS_SIZE - DW_MAX_ARG_LEN) {
+            e->hdr.flags |= DW_F_ARGS_TRUNCATED;
+            break;
+        }
+        int m = bpf_probe_read_user_str(&e->args[off], DW_MAX_ARG_LEN, argp);
+        if (m < 0) {
+            e->hdr.flags |= DW_F_READ_FAILED;
+            break;
+        }
+        if (m >= DW_MAX_ARG_LEN) {
+            m = DW_MAX_ARG_LEN;
+            e->hdr.flags |= DW_F_ARG_CLIPPED;
+        }
+        off += m;
+        argc++;
+    }
+    if (i == DW_MAX_ARGS) {
+        const char *more = 0;
+        bpf_probe_read_user(&more, sizeof(more), &argv[DW_MAX_ARGS]);
+        if (more)
+            e->hdr.flags |= DW_F_ARGS_TRUNCATED;
+    }
+    e->argc = argc;
+    e->args_size = off;
+    u32 tid = (u32)pid_tgid;
+    exec_pending.update(&tid, e);
+    return 0;
+}
+
+static __always_inline int dw_exec_exit(long ret)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct dw_exec_event *e = exec_pending.lookup(&tid);
+    if (!e)
+        return 0;
+    e->retval = ret;
+    /* after a successful exec the task has its new comm */
+    bpf_get_current_comm(&e->hdr.comm, sizeof(e->hdr.comm));
+    u32 flen = e->filename_len;
+    u32 alen = e->args_size;
+    if (alen > DW_ARGS_SIZE)
+        alen = DW_ARGS_SIZE;
+    u64 h = dw_hash_path(e->filename, flen, DW_FNV_BASIS);
+    h = dw_hash_args(e->args, alen, h);
+    h = dw_mix(h, (u64)ret);
+    if (e->filename[0] != '/')
+        h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
+    u32 carried = 0;
+    if (dw_suppress(DW_KIND_EXEC, e->hdr.cgroup_id, h, bpf_ktime_get_ns(), &carried)) {
+        exec_pending.delete(&tid);
+        return 0;
+    }
+    e->hdr.suppressed = carried;
+    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, DW_KIND_EXEC);
+    exec_pending.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return dw_exec_enter(args->filename, args->argv, DW_AT_FDCWD, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return dw_exec_enter(args->filename, args->argv, args->fd, DW_F_EXECVEAT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return dw_exec_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return dw_exec_exit(args->ret); }
+
+/* ------------------------------------------------------------------ connect */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+    if (!DW_ENABLED(DW_KIND_CONNECT))
+        return 0;
+    int family = args->family;
+    if (family != DW_AF_INET && family != DW_AF_INET6 && family != DW_AF_UNIX)
+        return 0;
+    /* type without SOCK_NONBLOCK / SOCK_CLOEXEC */
+    return dw_stash(DW_KIND_CONNECT, 1, 0, 0, 0, 0, args->type & 0xf, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+    struct dw_pending p;
+    if (!dw_unstash(DW_KIND_CONNECT, &p) || p.op != 1)
+        return 0;
+    if (args->ret < 0)
+        return 0;
+    struct dw_sock_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->ret};
+    u16 type = p.flags;
+    sock_types.update(&key, &type);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    if (!DW_ENABLED(DW_KIND_CONNECT))
+        return 0;
+    /* addrlen rides in the mode slot */
+    return dw_stash(DW_KIND_CONNECT, 2, (const char *)args->uservaddr, 0, args->fd, 0, 0,
+                    args->addrlen);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    struct dw_pending p;
+    if (!dw_unstash(DW_KIND_CONNECT, &p) || p.op != 2)
+        return 0;
+    u32 zero = 0;
+    struct dw_connect_event *e = connect_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 cgid = bpf_get_current_cgroup_id();
+    dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid);
+    e->retval = args->ret;
+    e->fd = p.dirfd;
+    e->port = 0;
+    e->path_len = 0;
+    e->_pad = 0;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    __builtin_memset(e->unix_path, 0, sizeof(e->unix_path));
+
+    struct dw_sock_key key = {.tgid = pid_tgid >> 32, .fd = p.dirfd};
+    u16 *type = sock_types.lookup(&key);
+    e->sock_type = type ? *type : 0;
+
+    const char *sa = (const char *)p.path;
+    u16 family = 0;
+    if (bpf_probe_read_user(&family, sizeof(family), sa) < 0) {
+        e->hdr.flags |= DW_F_READ_FAILED;
+        dw_count(DW_KIND_CONNECT, DW_CNT_READ_FAILED);
+    }
+    e->family = family;
+    u64 h = dw_mix(DW_FNV_BASIS, family);
+    if (family == DW_AF_INET || family == DW_AF_INET6) {
+        u16 port_be = 0;
+        bpf_probe_read_user(&port_be, sizeof(port_be), sa + 2);
+        e->port = (port_be >> 8) | ((port_be & 0xff) << 8);
+        if (family == DW_AF_INET)
+            bpf_probe_read_user(e->addr, 4, sa + 4);
+        else
+            bpf_probe_read_user(e->addr, 16, sa + 8);
+        h = dw_mix(h, *(u64 *)&e->addr[0]);
+        h = dw_mix(h, *(u64 *)&e->addr[8]);
+        h = dw_mix(h, e->port);
+    } else if (family == DW_AF_UNIX) {
+        u64 n = p.mode;                 /* addrlen; 64-bit so clang needs no zero-extension copy */
+        if (n > 2) {
+            n -= 2;
+            if (n > DW_UNIX_PATH_LEN)
+                n = DW_UNIX_PATH_LEN;
+            bpf_probe_read_user(e->unix_path, n, sa + 2);
+            e->path_len = n;
+        }
+        for (int i = 0; i < DW_UNIX_PATH_LEN / 8; i++)   /* zeroed above: no stale bytes */
+            h = dw_mix(h, *(u64 *)&e->unix_path[i * 8]);
+    }
+    h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
+    u32 carried = 0;
+    if (dw_suppress(DW_KIND_CONNECT, cgid, h, e->hdr.ts_ns, &carried))
+        return 0;
+    e->hdr.suppressed = carried;
+    dw_emit(e, sizeof(*e), DW_KIND_CONNECT);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ file writes */
+
+static __always_inline int dw_wants_write(u32 flags)
+{
+    return (flags & DW_O_ACCMODE) != 0 || (flags & (DW_O_CREAT | DW_O_TRUNC | DW_O_APPEND)) != 0;
+}
+
+static __always_inline int dw_file_enter(u16 op, const char *path, const char *path2, s32 dirfd,
+                                         s32 dirfd2, u32 flags, u32 mode)
+{
+    if (!DW_ENABLED(DW_KIND_FILE))
+        return 0;
+    return dw_stash(DW_KIND_FILE, op, path, path2, dirfd, dirfd2, flags, mode);
+}
+
+static __always_inline int dw_file_exit(long ret)
+{
+    struct dw_pending p;
+    if (!dw_unstash(DW_KIND_FILE, &p))
+        return 0;
+    u32 zero = 0;
+    struct dw_file_event *e = file_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 cgid = bpf_get_current_cgroup_id();
+    dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid);
+    e->op = p.op;
+    e->retval = ret;
+    e->dirfd = p.dirfd;
+    e->dirfd2 = p.dirfd2;
+    e->open_flags = p.flags;
+    e->mode = p.mode;
+    e->path_len = 0;
+    e->path2_len = 0;
+    e->_pad = 0;
+    e->_pad2 = 0;
+
+    u64 h = dw_mix(DW_FNV_BASIS, ((u64)p.op << 32) | (u32)ret);
+    if (p.path) {
+        int n = bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)p.path);
+        if (n < 0) {
+            e->hdr.flags |= DW_F_READ_FAILED;
+            dw_count(DW_KIND_FILE, DW_CNT_READ_FAILED);
+            n = 0;
+        } else if (n == DW_PATH_MAX) {
+            e->hdr.flags |= DW_F_PATH_TRUNCATED;
+        }
+        e->path_len = n;
+        h = dw_hash_path(e->path, n, h);
+        if (n > 0 && p.op != DW_FILE_SYMLINK)    /* a symlink's target is stored, not resolved */
+            h = dw_hash_cwd(dw_mix(h, (u32)p.dirfd), e->path, pid_tgid >> 32);
+    } else {
+        e->hdr.flags |= DW_F_FD_ONLY;
+        h = dw_mix(h, ((u64)pid_tgid >> 32 << 32) | (u32)p.dirfd);
+    }
+    u32 size = offsetof(struct dw_file_event, path2);
+    if (p.path2) {
+        int n = bpf_probe_read_user_str(e->path2, sizeof(e->path2), (const char *)p.path2);
+        if (n < 0) {
+            e->hdr.flags |= DW_F_READ_FAILED;
+            dw_count(DW_KIND_FILE, DW_CNT_READ_FAILED);
+            n = 0;
+        } else if (n == DW_PATH_MAX) {
+            e->hdr.flags |= DW_F_PATH2_TRUNCATED;
+        }
+        e->path2_len = n;
+        h = dw_hash_path(e->path2, n, h);
+        if (n > 0)
+            h = dw_hash_cwd(dw_mix(h, (u32)p.dirfd2), e->path2, pid_tgid >> 32);
+        u32 len = n;
+        if (len > DW_PATH_MAX)
+            len = DW_PATH_MAX;
+        size += len;
+    } else {
+        u32 len = e->path_len;
+        if (len > DW_PATH_MAX)
+            len = DW_PATH_MAX;
+        size = offsetof(struct dw_file_event, path) + len;
+    }
+    /* what was asked matters: chmod +x differs from chmod 644, O_TRUNC from O_APPEND */
+    h = dw_mix(h, ((u64)p.mode << 32) | (p.flags & (DW_O_ACCMODE | DW_O_CREAT | DW_O_TRUNC | DW_O_APPEND)));
+    u32 carried = 0;
+    if (dw_suppress(DW_KIND_FILE, cgid, h, e->hdr.ts_ns, &carried))
+        return 0;
+    e->hdr.suppressed = carried;
+    dw_emit(e, size, DW_KIND_FILE);
+    return 0;
+}
+
+#define DW_CREAT_FLAGS (DW_O_CREAT | DW_O_WRONLY | DW_O_TRUNC)
+
+TRACEPOINT_PROBE(syscalls, sys_enter_open)
+{
+    if (!dw_wants_write(args->flags))
+        return 0;
+    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, DW_AT_FDCWD, 0, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    if (!dw_wants_write(args->flags))
+        return 0;
+    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, args->dfd, 0, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
+{
+    u64 how[2] = {};
+    if (bpf_probe_read_user(how, sizeof(how), args->how) < 0)
+        return 0;
+    if (!dw_wants_write(how[0]))
+        return 0;
+    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, args->dfd, 0, how[0], how[1]);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_creat)
+{
+    return dw_file_enter(DW_FILE_OPEN, args->pathname, 0, DW_AT_FDCWD, 0, DW_CREAT_FLAGS, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
+{
+    return dw_file_enter(DW_FILE_TRUNCATE, args->path, 0, DW_AT_FDCWD, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rename)
+{
+    return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
+{
+    return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, args->olddfd, args->newdfd, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
+{
+    return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, args->olddfd, args->newdfd,
+                         args->flags, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
+{
+    return dw_file_enter(DW_FILE_UNLINK, args->pathname, 0, DW_AT_FDCWD, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
+{
+    u16 op = (args->flag & DW_AT_REMOVEDIR) ? DW_FILE_RMDIR : DW_FILE_UNLINK;
+    return dw_file_enter(op, args->pathname, 0, args->dfd, 0, args->flag, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
+{
+    return dw_file_enter(DW_FILE_RMDIR, args->pathname, 0, DW_AT_FDCWD, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chmod)
+{
+    return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, DW_AT_FDCWD, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmod)
+{
+    return dw_file_enter(DW_FILE_CHMOD, 0, 0, args->fd, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat)
+{
+    return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, args->dfd, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat2)
+{
+    return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, args->dfd, 0, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_link)
+{
+    return dw_file_enter(DW_FILE_LINK, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_linkat)
+{
+    return dw_file_enter(DW_FILE_LINK, args->oldname, args->newname, args->olddfd, args->newdfd,
+                         args->flags, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_symlink)
+{
+    return dw_file_enter(DW_FILE_SYMLINK, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_symlinkat)
+{
+    return dw_file_enter(DW_FILE_SYMLINK, args->oldname, args->newname, DW_AT_FDCWD, args->newdfd, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)
+{
+    return dw_file_enter(DW_FILE_MKDIR, args->pathname, 0, DW_AT_FDCWD, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdirat)
+{
+    return dw_file_enter(DW_FILE_MKDIR, args->pathname, 0, args->dfd, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mknod)
+{
+    return dw_file_enter(DW_FILE_MKNOD, args->filename, 0, DW_AT_FDCWD, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mknodat)
+{
+    return dw_file_enter(DW_FILE_MKNOD, args->filename, 0, args->dfd, 0, 0, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmod) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat2) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_link) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_linkat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlink) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlinkat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdir) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdirat) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mknod) { return dw_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mknodat) { return dw_file_exit(args->ret); }

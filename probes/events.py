@@ -1,0 +1,157 @@
+"""Typed kernel events: what the decoder makes of ring-buffer records.
+
+These carry exactly what the kernel saw (paths as given, dirfds, host pids). Resolution of
+relative paths and container attribution happen downstream (driftwarden.pipeline).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from driftwarden.probes._layout import EventKind, FileOp, Flag
+
+
+class Family(enum.StrEnum):
+    INET = "inet"
+    INET6 = "inet6"
+    UNIX = "unix"
+    OTHER = "other"
+
+
+class SockType(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+    OTHER = "other"
+    UNKNOWN = "unknown"  # socket created before the probes were attached
+
+
+class ConnectResult(enum.StrEnum):
+    SUCCESS = "success"
+    IN_PROGRESS = "in-progress"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    TIMED_OUT = "timed-out"
+    DENIED = "denied"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: EventKind
+    ts_ns: int
+    cgroup_id: int
+    pid: int
+    tgid: int
+    ppid: int
+    uid: int
+    gid: int
+    comm: str
+    flags: Flag
+    suppressed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecEvent:
+    header: Header
+    filename: str
+    argv: tuple[str, ...]
+    retval: int
+    dirfd: int
+    argv_truncated: bool = False
+    filename_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.retval == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectEvent:
+    header: Header
+    family: Family
+    family_number: int
+    address: str  # IP text, or the unix path ("@name" for abstract sockets)
+    port: int
+    sock_type: SockType
+    retval: int
+    fd: int
+
+    @property
+    def result(self) -> ConnectResult:
+        return connect_result(self.retval)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEvent:
+    header: Header
+    op: FileOp
+    path: str | None  # None when the syscall named only an fd (fchmod)
+    path2: str | None
+    dirfd: int
+    dirfd2: int
+    open_flags: int
+    mode: int
+    retval: int
+    path_truncated: bool = False
+    path2_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChdirEvent:
+    header: Header
+    path: str | None  # None for fchdir
+    fd: int
+    retval: int
+
+
+KernelEvent = ExecEvent | ConnectEvent | FileEvent | ChdirEvent
+
+_ERRNO_RESULTS = {
+    0: ConnectResult.SUCCESS,
+    -115: ConnectResult.IN_PROGRESS,  # EINPROGRESS
+    -111: ConnectResult.REFUSED,  # ECONNREFUSED
+    -101: ConnectResult.UNREACHABLE,  # ENETUNREACH
+    -113: ConnectResult.UNREACHABLE,  # EHOSTUNREACH
+    -110: ConnectResult.TIMED_OUT,  # ETIMEDOUT
+    -1: ConnectResult.DENIED,  # EPERM (e.g. a cgroup connect program said no)
+    -13: ConnectResult.DENIED,  # EACCES
+}
+
+
+def connect_result(retval: int) -> ConnectResult:
+    return _ERRNO_RESULTS.get(retval, ConnectResult.ERROR)
+
+
+def format_address(family: Family, raw: bytes) -> str:
+    if family is Family.INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family is Family.INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return ""
+
+
+# Open flags worth naming (asm-generic values, x86_64).
+OPEN_FLAG_NAMES = [
+    (0o1, "O_WRONLY"),
+    (0o2, "O_RDWR"),
+    (0o100, "O_CREAT"),
+    (0o200, "O_EXCL"),
+    (0o1000, "O_TRUNC"),
+    (0o2000, "O_APPEND"),
+    (0o20000000, "O_TMPFILE_DIR"),
+]
+
+
+def open_flag_names(flags: int) -> list[str]:
+    names = [name for bit, name in OPEN_FLAG_NAMES if flags & bit]
+    if not flags & 0o3:
+        names.insert(0, "O_RDONLY")
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStats:
+    decoded: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
