@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 KIND_NAMES = {EventKind.EXEC: "exec", EventKind.CONNECT: "connect", EventKind.FILE: "write",
               EventKind.CHDIR: "chdir"}
 USER_KINDS = ("exec", "connect", "write")
+# A brand-new container's first events can beat its cgroup directory into the index ("unknown")
+# and its metadata into the cache ("pending"): both wait, up to pending_timeout.
+_WAIT_STATES = frozenset({"pending", "unknown"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +337,7 @@ class TracePipeline:
                 self._enqueue(cgid, now, record)
                 continue
             view = self.attribution.lookup(cgid)
-            if view.state == "pending":
+            if view.state in _WAIT_STATES:
                 self._enqueue(cgid, now, record)
             else:
                 self._deliver(self._attribute(record, view))
@@ -355,9 +358,9 @@ class TracePipeline:
             queue = self._pending[cgid]
             view = self.attribution.lookup(cgid)
             expired = force or now - queue[0][0] >= self.pending_timeout
-            if view.state == "pending" and not expired:
+            if view.state in _WAIT_STATES and not expired:
                 continue
-            if view.state == "pending":
+            if view.state in _WAIT_STATES:
                 self.summary.pending_timeouts += len(queue)
             while queue:
                 _, record = queue.popleft()

@@ -64,6 +64,7 @@ class ProcessTable:
             ppid = self._proc.ppid(tgid) or 0
         entry = _Proc(ppid=ppid)
         self._table[tgid] = entry
+        self._table.move_to_end(tgid)  # a reused pid's old slot must not decide its eviction
         if len(self._table) > self._capacity:
             self._table.popitem(last=False)
             self.stats["evicted"] += 1

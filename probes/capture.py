@@ -173,7 +173,7 @@ class ReplayCapture:
                     else:
                         log.warning("%s: skipping unknown entry type %r", self.path, kind)
             except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
-                    msgpack.exceptions.StackError, ValueError) as exc:
+                    msgpack.exceptions.StackError, ValueError, KeyError, TypeError) as exc:
                 raise CaptureFileError(
                     f"{self.path}: corrupt after entry {position} ({exc}); re-record it"
                 ) from exc

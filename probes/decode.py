@@ -126,9 +126,10 @@ class Decoder:
 
     def _decode_exec(self, h: Header, raw: bytes) -> ExecEvent:
         s = self._exec
-        self._need(raw, s.size, "exec")
-        _, retval, dirfd, argc, args_size, filename_len, _pad = _split_header(s.unpack_from(raw))
         off = self._exec_offsets
+        # the kernel always sends the whole filename buffer: the record is trimmed after args
+        self._need(raw, off["args"], "exec")
+        _, retval, dirfd, argc, args_size, filename_len, _pad = _split_header(s.unpack_from(raw))
         if filename_len > self.limits.path_max or args_size > self.limits.args_size:
             raise MalformedRecord("exec-lengths")
         fname_start = off["filename"]
@@ -137,7 +138,10 @@ class Decoder:
         args_blob = raw[args_start : args_start + args_size]
         if len(args_blob) != args_size:
             raise MalformedRecord("short-exec-args")
-        argv = tuple(_text(a) for a in args_blob.split(b"\0")[:argc])
+        entries = args_blob.split(b"\0")
+        if entries[-1] == b"":
+            entries.pop()  # each entry ends with a NUL: nothing follows the last one
+        argv = tuple(_text(a) for a in entries[:argc])
         if len(argv) != argc:
             raise MalformedRecord("exec-argc")
         return ExecEvent(

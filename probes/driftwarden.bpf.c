@@ -202,8 +202,13 @@ static __always_inline int dw_suppress(u32 kind, u64 cgid, u64 hash, u64 now, u3
 #endif
 }
 
-static __always_inline void dw_emit(void *data, u32 size, u32 kind)
+/* `max` is the size of the object at `data`. The clamp sits behind a barrier on a 64-bit value
+ * so clang cannot hand the verifier an unclamped copy, whatever the -D settings. */
+static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind)
 {
+    DW_BARRIER(size);
+    if (size > max)
+        size = max;
     if (events.ringbuf_output(data, size, DW_WAKEUP) == 0)
         dw_count(kind, DW_CNT_EMITTED);
     else
@@ -333,7 +338,7 @@ static __always_inline int dw_chdir_exit(long ret)
     u32 len = e->path_len;
     if (len > DW_PATH_MAX)
         len = DW_PATH_MAX;
-    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, DW_KIND_CHDIR);
+    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e), DW_KIND_CHDIR);
     return 0;
 }
 
@@ -432,7 +437,7 @@ static __always_inline int dw_exec_exit(long ret)
         return 0;
     }
     e->hdr.suppressed = carried;
-    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, DW_KIND_EXEC);
+    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e), DW_KIND_EXEC);
     exec_pending.delete(&tid);
     return 0;
 }
@@ -545,7 +550,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (dw_suppress(DW_KIND_CONNECT, cgid, h, e->hdr.ts_ns, &carried))
         return 0;
     e->hdr.suppressed = carried;
-    dw_emit(e, sizeof(*e), DW_KIND_CONNECT);
+    dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT);
     return 0;
 }
 
@@ -605,7 +610,7 @@ static __always_inline int dw_file_exit(long ret)
         e->hdr.flags |= DW_F_FD_ONLY;
         h = dw_mix(h, ((u64)pid_tgid >> 32 << 32) | (u32)p.dirfd);
     }
-    u32 size = offsetof(struct dw_file_event, path2);
+    u64 size = offsetof(struct dw_file_event, path2);
     if (p.path2) {
         int n = bpf_probe_read_user_str(e->path2, sizeof(e->path2), (const char *)p.path2);
         if (n < 0) {
@@ -635,7 +640,7 @@ static __always_inline int dw_file_exit(long ret)
     if (dw_suppress(DW_KIND_FILE, cgid, h, e->hdr.ts_ns, &carried))
         return 0;
     e->hdr.suppressed = carried;
-    dw_emit(e, size, DW_KIND_FILE);
+    dw_emit(e, size, sizeof(*e), DW_KIND_FILE);
     return 0;
 }
 

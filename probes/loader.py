@@ -100,9 +100,16 @@ def bpf_text(config: ProbeConfig) -> str:
 class ProbeSet:
     """The loaded BPF programs. Use as a context manager; `drain()` returns raw records."""
 
-    def __init__(self, config: ProbeConfig, *, sys_fs_cgroup: str = "/sys/fs/cgroup") -> None:
+    def __init__(
+        self,
+        config: ProbeConfig,
+        *,
+        sys_fs_cgroup: str = "/sys/fs/cgroup",
+        tracefs_dirs: tuple[str, ...] = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"),
+    ) -> None:
         self.config = config
         self._sys_fs_cgroup = sys_fs_cgroup
+        self._tracefs_dirs = tracefs_dirs
         self._bpf = None
         self._batch: list[bytes] = []
         self._callback = None
@@ -125,11 +132,10 @@ class ProbeSet:
         cgroup_root = Path(self.config.cgroup_root) if self.config.cgroup_root else (
             find_cgroup2_root(self._sys_fs_cgroup)
         )
-        if not Path("/sys/kernel/tracing/events/syscalls").is_dir() and not Path(
-            "/sys/kernel/debug/tracing/events/syscalls"
-        ).is_dir():
+        if not any(Path(d, "events", "syscalls").is_dir() for d in self._tracefs_dirs):
             raise HostSupportError(
-                "tracefs is not mounted: run `mount -t tracefs nodev /sys/kernel/tracing`"
+                f"no syscall tracepoints under {' or '.join(self._tracefs_dirs)}: tracefs is not "
+                "mounted; run `mount -t tracefs nodev /sys/kernel/tracing`"
             )
         log.info("compiling BPF program with %s", " ".join(self.config.cflags()))
         try:
@@ -141,17 +147,17 @@ class ProbeSet:
                 "which kernel feature is missing"
             ) from exc
         self.host_cgroup_ids = (os.stat(cgroup_root).st_ino, *self.config.extra_skip_cgroup_ids)
-        skip_cgroups = self._bpf["skip_cgroups"]
+        skip_cgroups = self._bpf[b"skip_cgroups"]
         for cgid in self.host_cgroup_ids:
             skip_cgroups[ctypes.c_ulonglong(cgid)] = ctypes.c_ubyte(1)
-        self._bpf["skip_tgids"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
+        self._bpf[b"skip_tgids"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
 
         def on_record(_ctx, data, size):
             self._batch.append(ctypes.string_at(data, size))
             return 0
 
         self._callback = on_record  # keep a reference: bcc holds only a C pointer
-        self._bpf["events"].open_ring_buffer(on_record)
+        self._bpf[b"events"].open_ring_buffer(on_record)
         log.info(
             "probes attached: %d tracepoints, skipping cgroups %s and pid %d",
             self._bpf.num_open_tracepoints(),
@@ -184,7 +190,7 @@ class ProbeSet:
     def counters(self) -> dict[str, dict[str, int]]:
         """Per kind: emitted, suppressed, dropped, read_failed (summed over CPUs)."""
         self._require()
-        table = self._bpf["counters"]
+        table = self._bpf[b"counters"]
         out: dict[str, dict[str, int]] = {}
         for kind in EventKind:
             per_kind = {}
@@ -196,7 +202,7 @@ class ProbeSet:
 
     def set_skip_tgid(self, tgid: int, skip: bool = True) -> None:
         self._require()
-        table = self._bpf["skip_tgids"]
+        table = self._bpf[b"skip_tgids"]
         if skip:
             table[ctypes.c_uint(tgid)] = ctypes.c_ubyte(1)
         else:

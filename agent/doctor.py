@@ -1,0 +1,655 @@
+"""`driftwarden doctor`: check that this host has everything the agent needs.
+
+Each check returns one `Check` row with a one-line fix hint. Required checks decide the
+exit code; optional ones (BTF, Docker, which extra BPF program types load) only inform.
+Every path the checks read comes from `DoctorEnv`, so unit tests run on fixture trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "fail", "warn", "info"]
+STATUSES: tuple[str, ...] = ("ok", "fail", "warn", "info")
+
+# Fallback when the probe source cannot be found; the normal list is parsed from it.
+DEFAULT_TRACEPOINTS: tuple[str, ...] = (
+    "syscalls:sys_enter_execve",
+    "syscalls:sys_enter_openat",
+    "syscalls:sys_enter_connect",
+    "sched:sched_process_fork",
+)
+
+PROBE_SOURCE = "driftwarden.bpf.c"
+
+# Capability bit numbers (include/uapi/linux/capability.h).
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+NOT_SUPPORTED = "not supported here"
+LOAD_TIMEOUT_S = 60.0
+_RESULT_MARKER = "DWDOCTOR "
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    required: bool
+    status: Status
+    detail: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class DoctorEnv:
+    """Where the checks look. Defaults are the real host; tests point these at tmp_path."""
+
+    proc_root: str = "/proc"
+    sys_root: str = "/sys"
+    modules_root: str = "/lib/modules"
+    docker_socket: str = "/var/run/docker.sock"
+    kernel_release: str = field(default_factory=lambda: os.uname().release)
+
+    def sys(self, *parts: str) -> Path:
+        return Path(self.sys_root, *parts)
+
+
+@dataclass(frozen=True)
+class ProgramType:
+    """One optional BPF program type the load test tries (bcc source, how to load it)."""
+
+    key: str
+    label: str
+    source: str
+    func_prefix: str          # bcc names KFUNC/LSM functions itself: match by prefix
+    bcc_type: str             # attribute of bcc.BPF
+    attach_type: int = -1     # expected_attach_type, required at load by some types
+    purpose: str = ""
+
+
+# The C is deliberately include-free: kernel headers make clang ~5x slower (0.5 s vs 3 s).
+PROGRAM_TYPES: tuple[ProgramType, ...] = (
+    ProgramType("raw_tracepoint", "raw tracepoint",
+                "int dw_doc_raw_tp(void *ctx) { return 0; }",
+                "dw_doc_raw_tp", "RAW_TRACEPOINT", purpose="cheaper syscall hooks"),
+    ProgramType("cgroup_sock_addr", "cgroup sock_addr",
+                "int dw_doc_sock_addr(void *ctx) { return 1; }",
+                "dw_doc_sock_addr", "CGROUP_SOCK_ADDR",
+                attach_type=10,  # BPF_CGROUP_INET4_CONNECT: sock_addr needs one at load
+                purpose="quarantine: deny connect()"),
+    ProgramType("cgroup_skb", "cgroup skb",
+                "int dw_doc_skb(void *ctx) { return 1; }",
+                "dw_doc_skb", "CGROUP_SKB", purpose="quarantine: drop packets"),
+    ProgramType("kprobe", "kprobe",
+                "int dw_doc_kprobe(void *ctx) { return 0; }",
+                "dw_doc_kprobe", "KPROBE", purpose="not used; informational"),
+    ProgramType("fentry", "fentry (KFUNC_PROBE)",
+                "KFUNC_PROBE(do_sys_openat2) { return 0; }",
+                "kfunc__", "TRACING", purpose="not used; informational"),
+    ProgramType("lsm", "LSM (LSM_PROBE)",
+                "LSM_PROBE(bpf, int cmd) { return 0; }",
+                "lsm__", "LSM", purpose="not used; informational"),
+)
+
+
+# ---------------------------------------------------------------- required checks
+
+def _cap_eff(status_text: str) -> int | None:
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return int(line.split(":", 1)[1].strip(), 16)
+            except ValueError:
+                return None
+    return None
+
+
+def _uid(status_text: str) -> str:
+    for line in status_text.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            return fields[2] if len(fields) > 2 else fields[-1]  # effective uid
+    return "?"
+
+
+def check_privileges(env: DoctorEnv) -> Check:
+    name = "privileges"
+    fix = ("run as root (sudo), or grant CAP_BPF+CAP_PERFMON (+CAP_NET_ADMIN for quarantine), "
+           "e.g. a privileged DaemonSet")
+    path = Path(env.proc_root, "self", "status")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return Check(name, True, "fail", f"cannot read {path}: {exc.strerror}", fix)
+    caps = _cap_eff(text)
+    if caps is None:
+        return Check(name, True, "fail", f"no CapEff line in {path}", fix)
+    uid = _uid(text)
+
+    def has(bit: int) -> bool:
+        return bool(caps >> bit & 1)
+
+    if has(CAP_SYS_ADMIN):
+        return Check(name, True, "ok", f"euid {uid}, CapEff has CAP_SYS_ADMIN", fix)
+    if has(CAP_BPF) and has(CAP_PERFMON):
+        if has(CAP_NET_ADMIN):
+            return Check(name, True, "ok",
+                         f"euid {uid}, CapEff has CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN", fix)
+        # Tracing works; quarantine (cgroup skb/sock_addr) needs CAP_NET_ADMIN.
+        return Check(name, True, "warn",
+                     f"euid {uid}, CAP_BPF+CAP_PERFMON but no CAP_NET_ADMIN: quarantine fails",
+                     fix)
+    return Check(name, True, "fail",
+                 f"euid {uid}, CapEff {caps:#x} lacks CAP_SYS_ADMIN and CAP_BPF+CAP_PERFMON", fix)
+
+
+# bpf(2) syscall numbers; the syscall is reached through libc's syscall() via ctypes so this
+# check does not depend on bcc (a separate check) being installed.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+            "riscv64": 280}
+_BPF_MAP_CREATE = 0
+_BPF_PROG_LOAD = 5
+_BPF_MAP_TYPE_ARRAY = 2
+_BPF_PROG_TYPE_TRACEPOINT = 5
+_ATTR_SIZE = 128
+
+BpfCall = Callable[[int, bytes], tuple[int, int]]  # (cmd, attr) -> (fd or -1, errno)
+
+
+def _libc_bpf(cmd: int, attr: bytes) -> tuple[int, int]:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        return -1, errno.ENOSYS
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), buf, ctypes.c_long(len(attr)))
+    err = ctypes.get_errno()
+    if ret >= 0:
+        os.close(ret)
+        return ret, 0
+    return -1, err
+
+
+def _map_create_attr() -> bytes:
+    return struct.pack("=IIII", _BPF_MAP_TYPE_ARRAY, 4, 4, 1).ljust(_ATTR_SIZE, b"\0")
+
+
+def _prog_load_attr(insns: ctypes.Array, license_: ctypes.Array) -> bytes:
+    # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license (rest zero).
+    return struct.pack("=IIQQ", _BPF_PROG_TYPE_TRACEPOINT, len(insns) // 8,
+                       ctypes.addressof(insns), ctypes.addressof(license_)).ljust(_ATTR_SIZE, b"\0")
+
+
+def check_bpf_syscall(env: DoctorEnv, bpf_call: BpfCall | None = None) -> Check:
+    """Create an array map and load `r0 = 0; exit` as a tracepoint program."""
+    del env  # uniform signature; the syscall has no path to point elsewhere
+    call = bpf_call or _libc_bpf
+    name = "bpf syscall"
+    fix_perm = ("needs root/CAP_BPF; if root already, check kernel lockdown and "
+                "sysctl kernel.unprivileged_bpf_disabled")
+    fd, err = call(_BPF_MAP_CREATE, _map_create_attr())
+    if fd < 0:
+        return Check(name, True, "fail", f"map create failed: {_errno_name(err)}",
+                     _bpf_fix(err, fix_perm))
+    # mov64 r0, 0; exit
+    insns = ctypes.create_string_buffer(struct.pack("=BBhiBBhi", 0xB7, 0, 0, 0, 0x95, 0, 0, 0), 16)
+    license_ = ctypes.create_string_buffer(b"GPL")
+    fd, err = call(_BPF_PROG_LOAD, _prog_load_attr(insns, license_))
+    if fd < 0:
+        return Check(name, True, "fail", f"tracepoint program load failed: {_errno_name(err)}",
+                     _bpf_fix(err, fix_perm))
+    return Check(name, True, "ok", "map create and tracepoint program load work", fix_perm)
+
+
+def _bpf_fix(err: int, fix_perm: str) -> str:
+    if err == errno.ENOSYS:
+        return "kernel built without CONFIG_BPF_SYSCALL: use a kernel with BPF enabled"
+    return fix_perm
+
+
+def _errno_name(err: int) -> str:
+    return errno.errorcode.get(err, f"errno {err}")
+
+
+def check_btf(env: DoctorEnv) -> Check:
+    path = env.sys("kernel", "btf", "vmlinux")
+    fix = "optional: a kernel with CONFIG_DEBUG_INFO_BTF=y (only fentry/LSM programs need it)"
+    if path.exists():
+        return Check("btf", False, "ok", f"{path} present", fix)
+    return Check("btf", False, "info",
+                 f"{path} absent: not needed, the probes do not use CO-RE", fix)
+
+
+def _tracefs_root(env: DoctorEnv) -> Path | None:
+    # bcc 0.26 uses debugfs's tracing dir when present, else /sys/kernel/tracing: accept both.
+    for root in (env.sys("kernel", "tracing"), env.sys("kernel", "debug", "tracing")):
+        if (root / "events").is_dir():
+            return root
+    return None
+
+
+def _tracefs_fix(env: DoctorEnv) -> str:
+    return f"mount -t tracefs nodev {env.sys('kernel', 'tracing')}"
+
+
+def _denied(name: str, exc: PermissionError) -> Check:
+    # tracefs is root-only (0700): a plain user cannot even tell whether it is mounted.
+    return Check(name, True, "fail", f"permission denied: {exc.filename or exc}",
+                 "run as root (tracefs is readable by root only)")
+
+
+def check_tracefs(env: DoctorEnv) -> Check:
+    fix = _tracefs_fix(env)
+    try:
+        root = _tracefs_root(env)
+        has_syscalls = root is not None and (root / "events" / "syscalls").is_dir()
+    except PermissionError as exc:
+        return _denied("tracefs", exc)
+    if root is None:
+        return Check("tracefs", True, "fail",
+                     f"not mounted (no {env.sys('kernel', 'tracing', 'events')})", fix)
+    if not has_syscalls:
+        return Check("tracefs", True, "fail",
+                     f"{root} mounted but has no events/syscalls",
+                     "kernel lacks CONFIG_FTRACE_SYSCALLS: use a kernel with syscall tracepoints")
+    return Check("tracefs", True, "ok", f"{root}/events/syscalls present", fix)
+
+
+def check_kernel_headers(env: DoctorEnv) -> Check:
+    name = "kernel headers"
+    build = Path(env.modules_root, env.kernel_release, "build")
+    fix = (f"make setup (links {build} -> /usr/src/linux-headers-*-<arch>), "
+           f"or install linux-headers-{env.kernel_release}")
+    if build.is_symlink() and not build.exists():
+        return Check(name, True, "fail", f"{build} -> {os.readlink(build)} is a dangling link", fix)
+    if not build.exists():
+        return Check(name, True, "fail", f"{build} missing", fix)
+    if not (build / "include").is_dir():
+        return Check(name, True, "fail", f"{build} has no include/ directory", fix)
+    target = os.path.realpath(build)
+    if env.kernel_release in Path(target).name or not build.is_symlink():
+        return Check(name, True, "ok", f"{build} present", fix)
+    # Mismatched headers are fine for these probes (they read no kernel structs); say so.
+    return Check(name, True, "ok",
+                 f"linked to {Path(target).name} (another kernel's: ok, no struct reads)", fix)
+
+
+def check_bcc(env: DoctorEnv) -> Check:
+    del env
+    fix = ("apt-get install python3-bpfcc, and build the venv with --system-site-packages "
+           "(make setup)")
+    try:
+        bcc = importlib.import_module("bcc")
+    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
+        return Check("bcc", True, "fail", f"import bcc failed: {type(exc).__name__}: {exc}", fix)
+    version = getattr(bcc, "__version__", "?")
+    where = os.path.dirname(getattr(bcc, "__file__", "") or "?")
+    return Check("bcc", True, "ok", f"bcc {version} ({where})", fix)
+
+
+def _strip_c_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+
+
+def probe_tracepoints(source: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """"category:event" for every TRACEPOINT_PROBE in the probe source, in source order.
+
+    Parsing the source keeps this list equal to what bcc will attach: one missing
+    tracepoint makes the whole probe module fail to compile. Falls back to
+    DEFAULT_TRACEPOINTS when the source is not found.
+    """
+    path: Path | None = Path(source) if source is not None else None
+    if path is None:
+        spec = importlib.util.find_spec("driftwarden.probes")  # locates, does not import
+        locations = spec.submodule_search_locations if spec else None
+        if locations:
+            path = Path(next(iter(locations)), PROBE_SOURCE)
+    if path is None or not path.is_file():
+        return DEFAULT_TRACEPOINTS
+    text = _strip_c_comments(path.read_text())
+    found = re.findall(r"(?<![A-Za-z_])TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", text)
+    names = tuple(dict.fromkeys(f"{cat}:{ev}" for cat, ev in found))
+    return names or DEFAULT_TRACEPOINTS
+
+
+def check_tracepoints(env: DoctorEnv, tracepoints: Sequence[str]) -> Check:
+    name = "tracepoints"
+    try:
+        root = _tracefs_root(env)
+        if root is None:
+            return Check(name, True, "fail", "cannot check: tracefs not mounted",
+                         _tracefs_fix(env))
+        missing = []
+        for tp in tracepoints:
+            category, _, event = tp.partition(":")
+            if not (root / "events" / category / event).is_dir():
+                missing.append(event or category)
+    except PermissionError as exc:
+        return _denied(name, exc)
+    if missing:
+        more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
+        shown = ", ".join(missing[:6]) + more
+        return Check(name, True, "fail",
+                     f"{len(missing)}/{len(tracepoints)} missing: {shown}",
+                     "use a kernel with these syscall tracepoints "
+                     "(CONFIG_FTRACE_SYSCALLS), or drop them from the probes")
+    return Check(name, True, "ok", f"all {len(tracepoints)} used by the probes exist",
+                 "use a kernel with CONFIG_FTRACE_SYSCALLS")
+
+
+def check_cgroup_v2(env: DoctorEnv) -> Check:
+    name = "cgroup v2"
+    pure = env.sys("fs", "cgroup")
+    hybrid = env.sys("fs", "cgroup", "unified")
+    fix = (f"mount -t cgroup2 none {hybrid} (hybrid), or boot with "
+           "systemd.unified_cgroup_hierarchy=1")
+    if (pure / "cgroup.controllers").is_file():
+        return Check(name, True, "ok", f"pure v2 at {pure}", fix)
+    if (hybrid / "cgroup.controllers").is_file():
+        return Check(name, True, "ok", f"hybrid: v2 at {hybrid}", fix)
+    return Check(name, True, "fail",
+                 f"no cgroup2 hierarchy at {pure} or {hybrid}", fix)
+
+
+# ---------------------------------------------------------------- optional checks
+
+def check_docker(env: DoctorEnv, timeout: float = 2.0) -> Check:
+    """`GET /_ping` on the Engine API socket: attribution needs it for names and images."""
+    name = "docker socket"
+    path = env.docker_socket
+    fix = "start dockerd (make setup); without it events keep cgroup ids but lose names/images"
+    if not os.path.exists(path):
+        return Check(name, False, "info", f"no socket at {path}", fix)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0) or type(exc).__name__
+        return Check(name, False, "info", f"{path} not answering: {reason}", fix)
+    head, _, _ = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split()
+    if len(parts) < 2 or parts[1] != "200":
+        return Check(name, False, "info", f"{path} /_ping answered {lines[0]!r}", fix)
+    api = next((ln.split(":", 1)[1].strip() for ln in lines[1:]
+                if ln.lower().startswith("api-version:")), None)
+    suffix = f" (API {api})" if api else ""
+    return Check(name, False, "ok", f"{path} answers /_ping{suffix}", fix)
+
+
+def kprobes_attachable(env: DoctorEnv) -> bool:
+    """bcc attaches kprobes through the kprobe PMU or tracefs kprobe_events; need one."""
+    if env.sys("bus", "event_source", "devices", "kprobe").exists():
+        return True
+    try:
+        root = _tracefs_root(env)
+        return root is not None and (root / "kprobe_events").exists()
+    except PermissionError:
+        return False
+
+
+def load_reason(error: str) -> str:
+    """Short reason for a bcc load failure message, e.g. 'EPERM'."""
+    if "Need super-user privileges" in error:
+        return "EPERM"  # bcc's load_func turns EPERM into this message
+    m = re.search(r"Failed to load BPF program [^:]*: (.+)$", error)
+    if m:
+        by_text = {os.strerror(n): name for n, name in errno.errorcode.items()}
+        return by_text.get(m.group(1).strip(), m.group(1).strip())
+    if "Failed to compile" in error:
+        return "compile failed"
+    if "Unknown program" in error:
+        return "program not generated by this bcc"
+    return error.strip().splitlines()[-1][:80] if error.strip() else "unknown error"
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Send fd 2 to a temp file: libbcc prints clang and verifier noise straight to it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            noise = sink.read().decode(errors="replace").strip()
+            if noise:
+                log.debug("bcc stderr during load test: %s", noise)
+
+
+def load_program_types(keys: Sequence[str]) -> dict[str, str | None]:
+    """Load each program type in this process: key -> None (loaded) or the error text.
+
+    Compiles all programs as one module (one clang run); if that fails, compiles each
+    alone so one unsupported macro does not hide the others.
+    """
+    try:
+        from bcc import BPF
+    except Exception as exc:
+        return {k: f"bcc not importable: {exc}" for k in keys}
+
+    class _LoadOnly(BPF):
+        # bcc attaches kfunc__/lsm__/kprobe__ functions in the constructor: load only.
+        def _trace_autoload(self) -> None:
+            return None
+
+    wanted = [p for p in PROGRAM_TYPES if p.key in keys]
+    results: dict[str, str | None] = {k: "unknown program type" for k in keys}
+
+    def load(bpf: BPF, prog: ProgramType) -> str | None:
+        from bcc import lib
+
+        names = [lib.bpf_function_name(bpf.module, i)
+                 for i in range(lib.bpf_num_functions(bpf.module))]
+        func = next((n for n in names if n.decode().startswith(prog.func_prefix)), None)
+        if func is None:
+            return f"Unknown program {prog.func_prefix}"
+        try:
+            bpf.load_func(func, getattr(BPF, prog.bcc_type), attach_type=prog.attach_type)
+        except Exception as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    with _quiet_fd2():
+        try:
+            bpf = _LoadOnly(text="\n".join(p.source for p in wanted).encode())
+        except Exception as exc:
+            log.debug("combined load-test module failed to compile: %s", exc)
+            bpf = None
+        if bpf is not None:
+            try:
+                for prog in wanted:
+                    results[prog.key] = load(bpf, prog)
+            finally:
+                bpf.cleanup()
+        else:
+            for prog in wanted:
+                try:
+                    one = _LoadOnly(text=prog.source.encode())
+                except Exception as exc:
+                    results[prog.key] = f"Failed to compile: {exc}"
+                    continue
+                try:
+                    results[prog.key] = load(one, prog)
+                finally:
+                    one.cleanup()
+    return results
+
+
+def _load_child() -> None:
+    """Entry point of the load-test subprocess: keys on stdin, JSON result on stdout."""
+    keys = json.loads(sys.stdin.read())
+    print(_RESULT_MARKER + json.dumps(load_program_types(keys)), flush=True)
+
+
+def _run_load_child(keys: Sequence[str], timeout: float) -> dict[str, str | None]:
+    # A subprocess keeps a clang/LLVM crash or hang on a broken host from taking the
+    # doctor down with it, and its stderr (verifier/compile noise) stays captured.
+    code = "from driftwarden.doctor import _load_child; _load_child()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(keys)),
+                              capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {k: f"load test timed out after {timeout:.0f} s" for k in keys}
+    except OSError as exc:
+        return {k: f"load test did not start: {exc}" for k in keys}
+    if proc.stderr.strip():
+        log.debug("load-test stderr: %s", proc.stderr.strip())
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_MARKER):
+            return json.loads(line[len(_RESULT_MARKER):])
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {k: f"load test exited {proc.returncode}: {last}" for k in keys}
+
+
+def program_type_checks(env: DoctorEnv, *, timeout: float = LOAD_TIMEOUT_S,
+                        runner: Callable[[Sequence[str], float], dict[str, str | None]]
+                        | None = None) -> list[Check]:
+    """One optional Check per PROGRAM_TYPES entry: 'loads' or 'not supported here: EPERM'."""
+    run = runner or _run_load_child
+    results = run([p.key for p in PROGRAM_TYPES], timeout)
+    checks = []
+    for prog in PROGRAM_TYPES:
+        name = f"prog {prog.label}"
+        fix = f"optional ({prog.purpose})"
+        error = results.get(prog.key, "not tested")
+        if error is None and prog.key == "kprobe" and not kprobes_attachable(env):
+            checks.append(Check(name, False, "info",
+                                f"{NOT_SUPPORTED}: loads, but no kprobe PMU or kprobe_events "
+                                "(CONFIG_KPROBES off?)", fix))
+        elif error is None:
+            checks.append(Check(name, False, "ok", "loads", fix))
+        else:
+            checks.append(Check(name, False, "info", f"{NOT_SUPPORTED}: {load_reason(error)}",
+                                fix))
+    return checks
+
+
+# ---------------------------------------------------------------- driver and output
+
+def _guard(name: str, required: bool, fn: Callable[[], Check]) -> Check:
+    # A doctor runs on broken hosts: a check that crashes becomes a row, not a traceback.
+    try:
+        return fn()
+    except Exception as exc:
+        log.debug("check %s crashed", name, exc_info=True)
+        return Check(name, required, "fail" if required else "info",
+                     f"check crashed: {type(exc).__name__}: {exc}",
+                     "report this as a driftwarden bug")
+
+
+def run_checks(env: DoctorEnv, *, probe_program_types: bool = True,
+               tracepoints: Sequence[str] | None = None) -> list[Check]:
+    """Every check in display order. `tracepoints` defaults to those the probes use."""
+    tps = tuple(tracepoints) if tracepoints is not None else probe_tracepoints()
+    checks = [
+        _guard("privileges", True, lambda: check_privileges(env)),
+        _guard("bpf syscall", True, lambda: check_bpf_syscall(env)),
+        _guard("btf", False, lambda: check_btf(env)),
+        _guard("tracefs", True, lambda: check_tracefs(env)),
+        _guard("kernel headers", True, lambda: check_kernel_headers(env)),
+        _guard("bcc", True, lambda: check_bcc(env)),
+        _guard("tracepoints", True, lambda: check_tracepoints(env, tps)),
+        _guard("cgroup v2", True, lambda: check_cgroup_v2(env)),
+        _guard("docker socket", False, lambda: check_docker(env)),
+    ]
+    if probe_program_types and checks[0].status == "fail":
+        # Every load would fail with EPERM for lack of privilege, which says nothing
+        # about what the kernel supports.
+        checks.append(Check("prog types", False, "info",
+                            "not tested: needs root or CAP_BPF+CAP_PERFMON", checks[0].fix))
+    elif probe_program_types:
+        try:
+            checks.extend(program_type_checks(env))
+        except Exception as exc:
+            log.debug("program type checks crashed", exc_info=True)
+            checks.append(Check("prog types", False, "info",
+                                f"load test crashed: {type(exc).__name__}: {exc}",
+                                "report this as a driftwarden bug"))
+    else:
+        checks.append(Check("prog types", False, "info", "skipped (--no-load-tests)",
+                            "run without --no-load-tests to try each program type"))
+    return checks
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    """1 when any required check failed; warnings and optional checks never fail."""
+    return int(any(c.required and c.status == "fail" for c in checks))
+
+
+def format_table(checks: Sequence[Check]) -> str:
+    """Aligned CHECK / STATUS / DETAIL columns; a `fix:` line under each fail or warn row."""
+    w_name = max([len("CHECK"), *(len(c.name) for c in checks)])
+    w_status = max([len("STATUS"), *(len(c.status) for c in checks)])
+    indent = " " * (w_name + 2 + w_status + 2)
+    lines = [f"{'CHECK':<{w_name}}  {'STATUS':<{w_status}}  DETAIL"]
+    for c in checks:
+        lines.append(f"{c.name:<{w_name}}  {c.status:<{w_status}}  {c.detail}")
+        if c.status in ("fail", "warn"):
+            lines.append(f"{indent}fix: {c.fix}")
+    failed = [c.name for c in checks if c.required and c.status == "fail"]
+    if failed:
+        lines.append(f"\n{len(failed)} required check(s) failed: {', '.join(failed)}")
+    else:
+        lines.append("\nall required checks passed")
+    return "\n".join(lines)
+
+
+def checks_to_json(checks: Sequence[Check]) -> str:
+    return json.dumps([dataclasses.asdict(c) for c in checks], indent=2)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    checks = run_checks(DoctorEnv(), probe_program_types=not args.no_load_tests)
+    print(checks_to_json(checks) if args.json else format_table(checks))
+    return exit_code(checks)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "doctor",
+        help="check this host has what the agent needs",
+        description="Check privileges, BPF, tracefs, kernel headers, bcc, tracepoints, "
+                    "cgroup v2 and Docker; exit 1 when a required item fails.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the checks as a JSON list")
+    parser.add_argument("--no-load-tests", action="store_true",
+                        help="skip loading test BPF programs of each optional type")
+    parser.set_defaults(func=run_command)
+    return parser

@@ -1,0 +1,180 @@
+"""Shared fixtures. Integration tests need root, bcc, tracefs and Docker: under CI
+(DRIFTWARDEN_REQUIRE_INTEGRATION=1, set by `make test`) a missing prerequisite FAILS the test;
+elsewhere it skips with the reason."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+REQUIRED = os.environ.get("DRIFTWARDEN_REQUIRE_INTEGRATION") == "1"
+
+
+def missing_prerequisite(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"integration prerequisite missing under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _kernel_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc (python3-bpfcc) is not importable"
+    if not os.path.isdir("/sys/kernel/tracing/events/syscalls"):
+        return "tracefs is not mounted"
+    return None
+
+
+def _docker_prerequisite() -> str | None:
+    try:
+        from tests.support.containers import docker_client
+
+        docker_client().ping()
+    except Exception as exc:
+        return f"Docker is not reachable: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kernel_ok() -> None:
+    reason = _kernel_prerequisites()
+    if reason:
+        missing_prerequisite(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_ok() -> None:
+    reason = _docker_prerequisite()
+    if reason:
+        missing_prerequisite(reason)
+
+
+@pytest.fixture(scope="session")
+def bb_image(docker_ok) -> str:
+    from tests.support.images import busybox_image
+
+    return busybox_image()
+
+
+@pytest.fixture(scope="session")
+def host_image(docker_ok) -> str:
+    from tests.support.images import host_binaries_image
+
+    return host_binaries_image()
+
+
+@pytest.fixture(scope="session")
+def storm_image(docker_ok) -> str:
+    from tests.support.images import storm_image as build
+
+    return build()
+
+
+@dataclass
+class LiveTrace:
+    """The real probes + pipeline running in a thread; tests wait for records to show up."""
+
+    records: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pipeline: object = None
+    probes: object = None
+
+    def write(self, record) -> None:
+        with self.lock:
+            self.records.append(record)
+
+    def flush(self) -> None:
+        pass
+
+    def snapshot(self) -> list:
+        with self.lock:
+            return list(self.records)
+
+    def for_cgroup(self, cgroup_id: int) -> list:
+        return [r for r in self.snapshot() if r.event.header.cgroup_id == cgroup_id]
+
+    def wait_for(self, predicate: Callable[[list], bool], cgroup_id: int,
+                 timeout: float = 10.0) -> list:
+        """Records of one container once `predicate(records)` holds (or fail after timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.for_cgroup(cgroup_id)
+            if predicate(records):
+                return records
+            if time.monotonic() > deadline:
+                summary = "\n".join(_brief(r) for r in records)
+                pytest.fail(f"timed out waiting for events; cgroup {cgroup_id} has:\n{summary}")
+            time.sleep(0.05)
+
+    def settle(self, cgroup_id: int, quiet: float = 0.5, timeout: float = 10.0) -> list:
+        """Records of a container once nothing new arrived for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        count, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = len(self.for_cgroup(cgroup_id))
+            if n != count:
+                count, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+            time.sleep(0.05)
+        return self.for_cgroup(cgroup_id)
+
+
+def _brief(record) -> str:
+    from driftwarden.output import format_line
+
+    return format_line(record, 0)
+
+
+@contextlib.contextmanager
+def start_live_trace(config, *, include_host: bool = False) -> Iterator[LiveTrace]:
+    from driftwarden.attribution_view import LiveAttribution
+    from driftwarden.pipeline import TraceFilter, TracePipeline
+    from driftwarden.probes.capture import LiveCapture
+    from driftwarden.probes.loader import ProbeSet, find_cgroup2_root
+    from driftwarden.procfs import LiveProcReader
+
+    live = LiveTrace()
+    stop = threading.Event()
+    with (
+        LiveAttribution(str(find_cgroup2_root()), "unix:///var/run/docker.sock") as attribution,
+        ProbeSet(config) as probes,
+    ):
+        live.probes = probes
+        pipeline = TracePipeline(
+            LiveCapture(probes),
+            proc=LiveProcReader(),
+            attribution=attribution,
+            sinks=[live],
+            trace_filter=TraceFilter(include_host=include_host, show_runtime_setup=True),
+            pending_timeout=3.0,
+        )
+        live.pipeline = pipeline
+        thread = threading.Thread(
+            target=pipeline.run, kwargs={"should_stop": stop.is_set, "poll_interval": 0.02},
+            name="live-trace", daemon=True,
+        )
+        thread.start()
+        try:
+            yield live
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_trace(kernel_ok, docker_ok) -> Iterator[LiveTrace]:
+    """One probe load for the whole session (bcc compiles take seconds)."""
+    from driftwarden.probes.loader import ProbeConfig
+
+    with start_live_trace(ProbeConfig()) as live:
+        yield live

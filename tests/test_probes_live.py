@@ -1,0 +1,301 @@
+"""Real probes on the real kernel, real containers: exact events, exact fields.
+
+One probe load serves the session (`live_trace`); tests that need another configuration
+(host included, a tiny ring buffer) load their own.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.support.containers import run_container
+
+pytestmark = pytest.mark.integration
+
+S_IFMT = 0o170000
+
+
+def _writes(records, op=None, path=None):
+    out = [r for r in records if r.kind == "write" and not r.runtime_setup]
+    if op is not None:
+        out = [r for r in out if r.event.op.name.lower() == op]
+    if path is not None:
+        out = [r for r in out if r.path == path]
+    return out
+
+
+def _one(items, what):
+    assert len(items) == 1, f"expected exactly one {what}, got {len(items)}: {items}"
+    return items[0]
+
+
+def _execs(records, argv0=None):
+    out = [r for r in records if r.kind == "exec" and not r.runtime_setup]
+    if argv0 is not None:
+        out = [r for r in out if r.event.argv and r.event.argv[0] == argv0]
+    return out
+
+
+def _sh(container, script: str) -> str:
+    _, output = container.exec(["/bin/sh", "-c", script])
+    return output
+
+
+def _assert_attributed(record, container, image):
+    view = record.container
+    assert view.state == "container"
+    assert view.id == container.id
+    assert view.name == container.name
+    assert view.image == image
+    assert view.image_id and view.image_id.startswith("sha256:")
+
+
+BUSYBOX_SCRIPT = (
+    "mkdir -p /data/sub && cd /data/sub && echo hi > rel.txt && echo x >> /data/app.log && "
+    "mv rel.txt moved && chmod 4755 moved && ln -s moved sl && ln moved hl && rm hl && "
+    "mkfifo ff && mkdir d2 && rmdir d2; rmdir /data/nope; /nonexistent-binary; "
+    "nc -w1 127.0.0.1 1 </dev/null; "
+    "(nc -l -p 8080 >/dev/null &) ; sleep 0.3; echo hi | nc -w1 127.0.0.1 8080; "
+    "dwstorm udp 1 127.0.0.1:5353; dwstorm unix 1 /tmp/app.sock; dwstorm unix 1 @dw-abstract; true"
+)
+
+
+def test_busybox_container_every_kind(live_trace, storm_image):
+    """Busybox (plus the static dwstorm for udp and unix sockets)."""
+    bb_image = storm_image
+    with run_container(bb_image, ["sleep", "3600"], name="bbkinds") as c:
+        _sh(c, BUSYBOX_SCRIPT)
+        records = live_trace.wait_for(
+            lambda rs: any(r.kind == "connect" and r.event.address == "@dw-abstract" for r in rs),
+            c.cgroup_id,
+        )
+        records = live_trace.settle(c.cgroup_id)
+
+    mkdir = _one(_writes(records, "mkdir", "/data/sub"), "mkdir /data/sub")
+    assert mkdir.event.retval == 0 and mkdir.event.mode == 0o777
+    _assert_attributed(mkdir, c, bb_image)
+
+    created = _one(_writes(records, "open", "/data/sub/rel.txt"), "open rel.txt")
+    assert created.event.path == "rel.txt" and created.path_resolved
+    assert created.event.open_flags & 0o3 == os.O_WRONLY
+    assert created.event.open_flags & (os.O_CREAT | os.O_TRUNC) == os.O_CREAT | os.O_TRUNC
+    assert created.event.header.comm == "sh" and created.event.retval >= 0
+
+    appended = _one(_writes(records, "open", "/data/app.log"), "open app.log")
+    assert appended.event.open_flags & os.O_APPEND
+
+    rename = _one(_writes(records, "rename", "/data/sub/rel.txt"), "rename")
+    assert rename.path2 == "/data/sub/moved" and rename.path2_resolved
+    assert rename.event.header.comm == "mv" and rename.event.retval == 0
+
+    chmod = _one(_writes(records, "chmod", "/data/sub/moved"), "chmod")
+    assert chmod.event.mode == 0o4755  # setuid kept
+
+    symlink = _one(_writes(records, "symlink"), "symlink")
+    assert (symlink.path, symlink.path2) == ("moved", "/data/sub/sl")
+
+    link = _one(_writes(records, "link"), "link")
+    assert (link.path, link.path2) == ("/data/sub/moved", "/data/sub/hl")
+
+    _one(_writes(records, "unlink", "/data/sub/hl"), "unlink hl")
+    fifo = _one(_writes(records, "mknod", "/data/sub/ff"), "mkfifo")
+    assert stat.S_ISFIFO(fifo.event.mode)
+    _one(_writes(records, "rmdir", "/data/sub/d2"), "rmdir d2")
+    missing = _one(_writes(records, "rmdir", "/data/nope"), "rmdir /data/nope")
+    assert missing.event.retval == -2
+
+    failed = _one([r for r in _execs(records) if r.event.filename == "/nonexistent-binary"],
+                  "failed exec")
+    assert failed.event.retval == -2 and failed.exe is None
+
+    nc_refused = _one(_execs(records, "nc") and [
+        r for r in _execs(records, "nc") if r.event.argv == ("nc", "-w1", "127.0.0.1", "1")
+    ], "exec nc refused")
+    assert nc_refused.event.filename == "/proc/self/exe" and nc_refused.event.retval == 0
+
+    connects = [r for r in records if r.kind == "connect"]
+    refused = _one([r for r in connects if r.event.port == 1], "connect :1")
+    assert refused.event.result.value == "refused"
+    assert refused.event.address == "127.0.0.1" and refused.event.family.value == "inet"
+    assert refused.event.sock_type.value == "tcp"
+    assert refused.event.header.tgid == nc_refused.event.header.tgid
+    ok = _one([r for r in connects if r.event.port == 8080], "connect :8080")
+    assert ok.event.result.value == "success"
+    udp = _one([r for r in connects if r.event.port == 5353], "udp connect")
+    assert udp.event.sock_type.value == "udp" and udp.event.result.value == "success"
+    unix_path = _one([r for r in connects if r.event.address == "/tmp/app.sock"], "unix path")
+    assert unix_path.event.family.value == "unix" and unix_path.event.sock_type.value == "tcp"
+    assert unix_path.event.retval == -2  # ENOENT: nobody listens there
+    abstract = _one([r for r in connects if r.event.address == "@dw-abstract"], "abstract")
+    assert abstract.event.result.value == "refused"
+
+
+def test_inet6_connect(live_trace, bb_image):
+    """Containers here have IPv6 off, so this one shares the host's loopback (::1 only)."""
+    with run_container(bb_image, ["sleep", "3600"], name="v6", network="host") as c:
+        _sh(c, "nc -w1 ::1 1 </dev/null; true")
+        records = live_trace.wait_for(
+            lambda rs: any(r.kind == "connect" for r in rs), c.cgroup_id)
+    connect = _one([r for r in records if r.kind == "connect"], "inet6 connect")
+    assert connect.event.family.value == "inet6" and connect.event.address == "::1"
+    assert connect.event.port == 1 and connect.event.result.value == "refused"
+
+
+HOST_SCRIPT = (
+    "cd /data && /bin/touch t1 && /bin/mkdir d1 && /bin/cp t1 d1/t2 && /bin/mv d1/t2 d1/t3 && "
+    "/bin/chmod +x d1/t3 && /bin/ln -s t1 s1 && /bin/rm s1 && /bin/mkfifo p1 && "
+    "cd /bin && ./true && /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.1/9'; true"
+)
+
+
+def test_real_binaries_container(live_trace, host_image):
+    """dash + coreutils exec /bin/x directly and use the *at() syscalls."""
+    with run_container(host_image, ["/bin/sleep", "3600"], name="hostbins") as c:
+        _sh(c, HOST_SCRIPT)
+        live_trace.wait_for(
+            lambda rs: any(r.kind == "connect" and r.event.port == 9 for r in rs), c.cgroup_id
+        )
+        records = live_trace.settle(c.cgroup_id)
+
+    touch = _one(_execs(records, "/bin/touch"), "exec touch")
+    assert touch.event.filename == "/bin/touch" and touch.path == "/bin/touch"
+    assert touch.event.argv == ("/bin/touch", "t1")
+    _assert_attributed(touch, c, host_image)
+
+    relative_exec = _one([r for r in _execs(records) if r.event.filename == "./true"], "./true")
+    assert relative_exec.path == "/bin/true" and relative_exec.path_resolved
+
+    t1 = _writes(records, "open", "/data/t1")
+    assert t1 and t1[0].event.open_flags & os.O_CREAT and t1[0].event.header.comm == "touch"
+    _one(_writes(records, "mkdir", "/data/d1"), "mkdir d1")
+    copy = _one(_writes(records, "open", "/data/d1/t2"), "cp target")
+    assert copy.event.path == "d1/t2" and copy.event.header.comm == "cp"
+    rename = _one(_writes(records, "rename", "/data/d1/t2"), "mv")
+    assert rename.path2 == "/data/d1/t3"
+    chmod = _one(_writes(records, "chmod", "/data/d1/t3"), "chmod +x")
+    assert chmod.event.mode & 0o111 == 0o111
+    symlink = _one(_writes(records, "symlink"), "ln -s")
+    assert (symlink.path, symlink.path2) == ("t1", "/data/s1")
+    _one(_writes(records, "unlink", "/data/s1"), "rm s1")
+    fifo = _one(_writes(records, "mknod", "/data/p1"), "mkfifo")
+    assert fifo.event.mode & S_IFMT == stat.S_IFIFO
+
+    connect = _one([r for r in records if r.kind == "connect" and r.event.port == 9], "bash tcp")
+    assert connect.event.header.comm == "bash"
+    assert connect.event.result.value == "refused" and connect.event.sock_type.value == "tcp"
+
+
+def test_host_processes_not_reported(live_trace, bb_image):
+    marker = f"/tmp/dw-host-{uuid.uuid4().hex}"
+    subprocess.run(["touch", marker], check=True)
+    os.unlink(marker)
+    with run_container(bb_image, ["sleep", "3600"], name="hostcheck") as c:
+        _sh(c, "echo x > /tmp/container-marker")
+        live_trace.wait_for(lambda rs: _writes(rs, "open", "/tmp/container-marker"), c.cgroup_id)
+    all_records = live_trace.snapshot()
+    assert not [r for r in all_records if r.path == marker]
+    host_ids = set(live_trace.probes.host_cgroup_ids)
+    assert not [r for r in all_records if r.event.header.cgroup_id in host_ids]
+
+
+def test_include_host_reports_host_but_never_the_agent(kernel_ok, docker_ok):
+    from driftwarden.probes.loader import ProbeConfig
+
+    from tests.conftest import start_live_trace
+
+    with start_live_trace(ProbeConfig(include_host=True, kinds=frozenset({"write"})),
+                          include_host=True) as live:
+        own = f"/tmp/dw-self-{uuid.uuid4().hex}"
+        child = f"/tmp/dw-child-{uuid.uuid4().hex}"
+        with open(own, "w") as fh:  # the agent's own process: skipped in the kernel
+            fh.write("x")
+        subprocess.run(["touch", child], check=True)  # another host process: reported
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if [r for r in live.snapshot() if r.path == child]:
+                break
+            time.sleep(0.05)
+        records = live.snapshot()
+    os.unlink(own)
+    os.unlink(child)
+    hit = [r for r in records if r.path == child]
+    assert hit and hit[0].container.state == "host" and hit[0].event.header.comm == "touch"
+    assert not [r for r in records if r.event.header.tgid == os.getpid()]
+    assert not [r for r in records if r.path == own]
+
+
+def test_identical_opens_emitted_plus_suppressed_add_up(live_trace, bb_image):
+    script = (
+        "i=0; while [ $i -lt 1000 ]; do echo x >> /data/dedup; i=$((i+1)); done; "
+        "sleep 1.5; echo x >> /data/dedup"  # one more after the interval carries the rest
+    )
+    with run_container(bb_image, ["sleep", "3600"], name="dedup") as c:
+        before = live_trace.probes.counters()["file"]["suppressed"]
+        _sh(c, script)
+        records = live_trace.wait_for(
+            lambda rs: sum(1 + r.event.header.suppressed
+                           for r in _writes(rs, "open", "/data/dedup")) >= 1001,
+            c.cgroup_id,
+        )
+        after = live_trace.probes.counters()["file"]["suppressed"]
+    emitted = _writes(records, "open", "/data/dedup")
+    carried = sum(r.event.header.suppressed for r in emitted)
+    assert len(emitted) + carried == 1001
+    assert len(emitted) >= 2 and carried >= 990
+    assert after - before >= carried
+
+
+def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
+    from driftwarden.probes.decode import Decoder
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    config = ProbeConfig(ringbuf_pages=1, dedup_interval_ns=0, kinds=frozenset({"write"}))
+    with ProbeSet(config) as probes, run_container(bb_image, ["sleep", "3600"]) as c:
+        probes.drain()
+        base = probes.counters()["file"]
+        _sh(c, "i=0; while [ $i -lt 2000 ]; do echo x > /tmp/f$i; i=$((i+1)); done")
+        time.sleep(0.2)  # nobody drains meanwhile: the 4 KiB ring fills and overflows
+        raws = []
+        while True:
+            batch = probes.drain()
+            if not batch:
+                break
+            raws.extend(batch)
+        counts = probes.counters()["file"]
+        decoder = Decoder(config.limits)
+        events = decoder.decode_many(raws)
+    emitted = counts["emitted"] - base["emitted"]
+    dropped = counts["dropped"] - base["dropped"]
+    storm = [e for e in events if e.path and e.path.startswith("/tmp/f")]
+    assert dropped > 0
+    assert not decoder.errors
+    file_events = [e for e in events if e.header.kind.name == "FILE"]
+    assert len(file_events) == emitted  # every record the kernel sent arrived
+    assert len(storm) + dropped >= 2000
+    assert counts["suppressed"] == base["suppressed"]
+
+
+@pytest.mark.parametrize("settings", [
+    {"ringbuf_pages": 1, "dedup_interval_ns": 0, "kinds": frozenset({"write"})},
+    {"kinds": frozenset({"exec"}), "include_host": True},
+    {"limits": (256, 16, 128, 2048)},
+    {"limits": (4096, 32, 1024, 8192)},
+], ids=["tiny-ring-no-dedup", "exec-only-host", "small-limits", "large-limits"])
+def test_every_configuration_passes_the_verifier(kernel_ok, settings):
+    """Settings are -D defines; each combination is its own program for the verifier."""
+    from driftwarden.probes._layout import Limits
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    settings = dict(settings)
+    if "limits" in settings:
+        path_max, max_args, max_arg_len, args_size = settings["limits"]
+        settings["limits"] = Limits(path_max=path_max, max_args=max_args,
+                                    max_arg_len=max_arg_len, args_size=args_size)
+    with ProbeSet(ProbeConfig(**settings)) as probes:
+        assert probes.counters()["exec"]["dropped"] == 0
