@@ -62,7 +62,10 @@ def _add_trace(subparsers) -> None:
         description="Attach the probes and print every container's exec, connect and file "
         "writes, attributed to container and image. Ctrl-C stops and prints a summary.",
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object per line")
+    out.add_argument("--summary-only", action="store_true",
+                     help="run the whole pipeline but print only the summary at exit")
     p.add_argument("--container", action="append", default=[], metavar="NAME_OR_ID",
                    help="only this container (name or id prefix); repeatable")
     p.add_argument("--kinds", type=_kinds, default=None, metavar="LIST",
@@ -94,6 +97,7 @@ def _run_trace(args: argparse.Namespace) -> int:
 
     options = TraceOptions(
         json=args.json,
+        summary_only=args.summary_only,
         containers=tuple(args.container),
         kinds=args.kinds,
         duration=args.duration,

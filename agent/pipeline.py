@@ -155,7 +155,8 @@ class RecordingProcReader:
 
     def _ask(self, name: str, *args):
         value = getattr(self._inner, name)(*args)
-        self._writer.fact((name, *args), value)
+        # asked while handling the record written last
+        self._writer.fact((name, *args), value, self._writer.records - 1)
         return value
 
     def cwd(self, tgid: int) -> str | None:
@@ -195,12 +196,18 @@ class ReplayAttribution:
 
     def __init__(self, facts) -> None:
         self._facts = facts
+        self._views: dict[int, tuple[dict, ContainerView]] = {}
 
     def lookup(self, cgroup_id: int) -> ContainerView:
         data = self._facts.get(("attr", cgroup_id))
         if data is None:
             return ContainerView(state="unknown", cgroup_id=cgroup_id)
-        return ContainerView.from_dict(data)
+        cached = self._views.get(cgroup_id)
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        view = ContainerView.from_dict(data)
+        self._views[cgroup_id] = (data, view)
+        return view
 
 
 class TracePipeline:
@@ -231,7 +238,9 @@ class TracePipeline:
         self.clock = clock
         self.summary = TraceSummary()
         # cgroup id -> records waiting for container metadata (arrival order kept)
-        self._pending: OrderedDict[int, deque[tuple[float, TraceRecord]]] = OrderedDict()
+        self._pending: OrderedDict[int, deque[tuple[float, int, TraceRecord]]] = OrderedDict()
+        self._waiting_view = ContainerView(state="pending", cgroup_id=0)
+        self._recorded_views: dict[int, ContainerView] = {}
         self._pending_count = 0
         self._position_hook = getattr(source, "set_position_for", None)
         self._records_seen = 0
@@ -246,7 +255,8 @@ class TracePipeline:
             return self.processes.resolve(tgid, ppid, "", dirfd)
         return self.processes.resolve(tgid, ppid, path, dirfd)
 
-    def enrich(self, event: KernelEvent) -> TraceRecord | None:
+    def enrich(self, event: KernelEvent, view: ContainerView) -> TraceRecord | None:
+        """Resolves paths and lineage; `view` is the container as known now."""
         h = event.header
         tgid, ppid = h.tgid, h.ppid
         kind = KIND_NAMES[h.kind]
@@ -255,7 +265,6 @@ class TracePipeline:
             if event.retval == 0:
                 self.processes.on_chdir(tgid, ppid, event.path, event.fd)
             return None
-        placeholder = ContainerView(state="pending", cgroup_id=h.cgroup_id)
         if isinstance(event, ExecEvent):
             resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
             exe = None
@@ -269,7 +278,7 @@ class TracePipeline:
                         exe = resolved.path
                 self.processes.on_exec(tgid, ppid, exe)
             return self._count_unresolved(TraceRecord(
-                event=event, kind=kind, container=placeholder, ppid=ppid or 0,
+                event=event, kind=kind, container=view, ppid=ppid or 0,
                 path=resolved.path if resolved else event.filename,
                 path_resolved=resolved.resolved if resolved else False,
                 exe=exe, runtime_setup=runtime_setup,
@@ -284,14 +293,14 @@ class TracePipeline:
                 # a symlink's target is stored verbatim; only the new link's path is resolved
                 path, path_ok = event.path, True
             return self._count_unresolved(TraceRecord(
-                event=event, kind=kind, container=placeholder, ppid=ppid,
+                event=event, kind=kind, container=view, ppid=ppid,
                 path=path, path_resolved=path_ok,
                 path2=second.path if second else None,
                 path2_resolved=second.resolved if second else True,
                 runtime_setup=runtime_setup,
             ))
         if isinstance(event, ConnectEvent):
-            return TraceRecord(event=event, kind=kind, container=placeholder, ppid=ppid,
+            return TraceRecord(event=event, kind=kind, container=view, ppid=ppid,
                                runtime_setup=runtime_setup)
         return None
 
@@ -300,9 +309,15 @@ class TracePipeline:
             self.summary.unresolved_paths += 1
         return record
 
-    def _attribute(self, record: TraceRecord, view: ContainerView) -> TraceRecord:
-        if self.recorder is not None:
-            self.recorder.fact(("attr", view.cgroup_id), view.to_dict())
+    def _attribute(self, record: TraceRecord, view: ContainerView, seq: int) -> TraceRecord:
+        if self.recorder is not None and self._recorded_views.get(view.cgroup_id) != view:
+            # only changes are written: replay answers with the latest view as of each record
+            self._recorded_views[view.cgroup_id] = view
+            if len(self._recorded_views) > 4096:
+                self._recorded_views.pop(next(iter(self._recorded_views)))
+            self.recorder.fact(("attr", view.cgroup_id), view.to_dict(), seq)
+        if record.container is view:
+            return record
         return dataclasses.replace(record, container=view)
 
     def _deliver(self, record: TraceRecord) -> None:
@@ -318,39 +333,37 @@ class TracePipeline:
 
     def process(self, raws: list[bytes]) -> None:
         now = self.clock()
+        pending = self._pending
         for raw in raws:
-            if self._position_hook is not None:
-                self._position_hook(self._records_seen)
+            seq = self._records_seen
             self._records_seen += 1
+            if self._position_hook is not None:
+                self._position_hook(seq)
             if self.recorder is not None:
                 self.recorder.record(raw)
             event = self.decoder.decode(raw)
             if event is None:
                 continue
-            record = self.enrich(event)
+            cgid = event.header.cgroup_id
+            # keep per-container order: behind the ones already waiting for metadata
+            view = self._waiting_view if cgid in pending else self.attribution.lookup(cgid)
+            record = self.enrich(event, view)
             if record is None:
                 continue
-            cgid = event.header.cgroup_id
-            waiting = self._pending.get(cgid)
-            if waiting is not None:
-                # keep per-container order: queue behind the ones already waiting
-                self._enqueue(cgid, now, record)
-                continue
-            view = self.attribution.lookup(cgid)
             if view.state in _WAIT_STATES:
-                self._enqueue(cgid, now, record)
+                self._enqueue(cgid, now, seq, record)
             else:
-                self._deliver(self._attribute(record, view))
+                self._deliver(self._attribute(record, view, seq))
         self._release_pending(now)
         if self.recorder is not None:
             self.recorder.flush()
 
-    def _enqueue(self, cgid: int, now: float, record: TraceRecord) -> None:
+    def _enqueue(self, cgid: int, now: float, seq: int, record: TraceRecord) -> None:
         if self._pending_count >= self.pending_capacity:
             self.summary.pending_timeouts += 1  # buffer full: send with what is known
-            self._deliver(self._attribute(record, self.attribution.lookup(cgid)))
+            self._deliver(self._attribute(record, self.attribution.lookup(cgid), seq))
             return
-        self._pending.setdefault(cgid, deque()).append((now, record))
+        self._pending.setdefault(cgid, deque()).append((now, seq, record))
         self._pending_count += 1
 
     def _release_pending(self, now: float, *, force: bool = False) -> None:
@@ -363,9 +376,9 @@ class TracePipeline:
             if view.state in _WAIT_STATES:
                 self.summary.pending_timeouts += len(queue)
             while queue:
-                _, record = queue.popleft()
+                _, seq, record = queue.popleft()
                 self._pending_count -= 1
-                self._deliver(self._attribute(record, view))
+                self._deliver(self._attribute(record, view, seq))
             del self._pending[cgid]
 
     def run(self, *, duration: float | None = None, should_stop: Callable[[], bool] | None = None,

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TraceOptions:
     json: bool = False
+    summary_only: bool = False
     containers: tuple[str, ...] = ()
     kinds: frozenset[str] | None = None
     duration: float | None = None
@@ -69,6 +70,8 @@ def run_trace(options: TraceOptions, stop: threading.Event, *, stdout: TextIO,
 
 
 def _sinks(options: TraceOptions, stdout: TextIO, clock_offset_ns: int):
+    if options.summary_only:
+        return []
     if options.json:
         return [JsonSink(stdout, clock_offset_ns)]
     return [HumanSink(stdout, clock_offset_ns)]
@@ -91,6 +94,7 @@ def _replay(options, trace_filter, stop, stdout, stderr) -> int:
         attribution=ReplayAttribution(source.facts),
         sinks=_sinks(options, stdout, source.clock_offset_ns),
         trace_filter=trace_filter,
+        pending_timeout=0.0,  # a recording holds final answers: nothing to wait for
     )
     summary = pipeline.run(duration=options.duration, should_stop=stop.is_set, poll_interval=0)
     _print_summary(options, summary, stderr)

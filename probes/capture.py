@@ -6,8 +6,10 @@ and benchmarks without the kernel (the falcosecurity/libs "capture file" idea).
 Recorded file format (version 1): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
   {"t": "hdr", "version": 1, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
   {"t": "ev", "b": <raw kernel record>}
-  {"t": "fact", "k": [name, *args], "v": value}      answers the live pipeline got from /proc,
-                                                      attribution, ... while handling events
+  {"t": "fact", "k": [name, *args], "v": value, "s": seq}
+                                                     an answer the live pipeline got (from /proc,
+                                                     attribution, ...) while handling record
+                                                     number `seq` (0-based index of "ev" entries)
   {"t": "end", "counters": {...}}                    kernel counters when recording stopped
 A file without "end" (the recorder was killed) replays everything it holds and says so.
 """
@@ -79,35 +81,41 @@ class LiveCapture:
 
 
 class FactStore:
-    """Answers recorded during a live run, looked up by key at a position in the stream.
+    """Answers recorded during a live run, looked up by key as of a record number.
 
-    A fact is recorded after the event that needed it, so at position P the answer is the first
-    recording of that key at or after P (or the last one before, when none follows).
+    The live pipeline writes a fact when it asks a question while handling record `seq` (and for
+    attribution, only when the answer changed), so as of record N the answer is the latest fact
+    of that key with seq <= N.
     """
 
     def __init__(self) -> None:
         self._facts: dict[Hashable, tuple[list[int], list[Any]]] = {}
         self.position = 0
 
-    def add(self, key: Hashable, value: Any, position: int) -> None:
-        positions, values = self._facts.setdefault(key, ([], []))
-        positions.append(position)
+    def add(self, key: Hashable, value: Any, seq: int) -> None:
+        seqs, values = self._facts.setdefault(key, ([], []))
+        if seqs and seq < seqs[-1]:
+            i = bisect.bisect_right(seqs, seq)
+            seqs.insert(i, seq)
+            values.insert(i, value)
+            return
+        seqs.append(seq)
         values.append(value)
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         found = self._facts.get(key)
         if found is None:
             return default
-        positions, values = found
-        i = bisect.bisect_left(positions, self.position)
-        return values[i] if i < len(values) else values[-1]
+        seqs, values = found
+        i = bisect.bisect_right(seqs, self.position)
+        return values[i - 1] if i else default
 
     def __len__(self) -> int:
         return len(self._facts)
 
 
-def _freeze(value: Any) -> Hashable:
-    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+def _freeze(key: list) -> Hashable:
+    return tuple(key)  # keys are flat lists of scalars
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,7 @@ class ReplayCapture:
         self.batch_size = batch_size
         self.facts = FactStore()
         self.complete = False
-        self._records: list[tuple[int, bytes]] = []  # (stream position, raw record)
+        self._records: list[bytes] = []
         self._counters: dict[str, dict[str, int]] = {}
         self.header = self._load()
         self.limits = self.header.limits
@@ -164,9 +172,9 @@ class ReplayCapture:
                     elif header is None:
                         raise CaptureFileError(f"{self.path}: entries before the header")
                     elif kind == "ev":
-                        self._records.append((position, entry["b"]))
+                        self._records.append(entry["b"])
                     elif kind == "fact":
-                        self.facts.add(_freeze(entry["k"]), entry["v"], position)
+                        self.facts.add(_freeze(entry["k"]), entry["v"], int(entry["s"]))
                     elif kind == "end":
                         self._counters = entry.get("counters", {})
                         self.complete = True
@@ -213,11 +221,11 @@ class ReplayCapture:
             return None
         chunk = self._records[self._next : self._next + self.batch_size]
         self._next += len(chunk)
-        return [raw for _, raw in chunk]
+        return chunk
 
     def set_position_for(self, index: int) -> None:
-        """Point fact lookups at the record with this overall index (0-based)."""
-        self.facts.position = self._records[index][0]
+        """Answer fact lookups as of the record with this overall index (0-based)."""
+        self.facts.position = index
 
     def counters(self) -> dict[str, dict[str, int]]:
         return self._counters
@@ -252,12 +260,14 @@ class CaptureWriter:
     def _write(self, entry: dict) -> None:
         self._fh.write(self._packer.pack(entry))
 
-    def record(self, raw: bytes) -> None:
+    def record(self, raw: bytes) -> int:
+        """Writes a kernel record; returns its sequence number for the facts it needs."""
         self._write({"t": "ev", "b": raw})
         self.records += 1
+        return self.records - 1
 
-    def fact(self, key: tuple, value: Any) -> None:
-        self._write({"t": "fact", "k": list(key), "v": value})
+    def fact(self, key: tuple, value: Any, seq: int) -> None:
+        self._write({"t": "fact", "k": list(key), "v": value, "s": seq})
 
     def flush(self) -> None:
         self._fh.flush()

@@ -33,6 +33,13 @@ from driftwarden.probes.events import (
 
 log = logging.getLogger(__name__)
 
+_FILE_OPS = {int(op): op for op in FileOp}
+_TWO_PATH_OPS = frozenset({FileOp.RENAME, FileOp.LINK, FileOp.SYMLINK})
+# plain ints: IntFlag arithmetic goes through enum machinery on every event
+_ARGS_TRUNCATED = int(Flag.ARGS_TRUNCATED | Flag.ARG_CLIPPED)
+_PATH_TRUNCATED = int(Flag.PATH_TRUNCATED)
+_PATH2_TRUNCATED = int(Flag.PATH2_TRUNCATED)
+_FD_ONLY = int(Flag.FD_ONLY)
 _FAMILIES = {1: Family.UNIX, 2: Family.INET, 10: Family.INET6}
 _SOCK_TYPES = {0: SockType.UNKNOWN, 1: SockType.TCP, 2: SockType.UDP}
 
@@ -60,7 +67,11 @@ class Decoder:
         self.limits = limits
         self.decoded: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()  # "kind:reason" -> count
-        self._registry: dict[int, Callable[[Header, bytes], KernelEvent]] = {}
+        self._registry: dict[int, Callable[[Header, bytes, int], KernelEvent]] = {}
+        # enum construction costs ~1 us a call: look the members up by value instead
+        self._kinds = {int(k): k for k in EventKind}
+        self._kind_names = {int(k): k.name.lower() for k in EventKind}
+        self._flags: dict[int, Flag] = {}
         self._exec = limits.fixed_struct("dw_exec_event")
         self._connect = limits.fixed_struct("dw_connect_event")
         self._file = limits.fixed_struct("dw_file_event")
@@ -74,7 +85,8 @@ class Decoder:
         self.register(EventKind.FILE, self._decode_file)
         self.register(EventKind.CHDIR, self._decode_chdir)
 
-    def register(self, kind: EventKind, fn: Callable[[Header, bytes], KernelEvent]) -> None:
+    def register(self, kind: EventKind, fn: Callable[[Header, bytes, int], KernelEvent]) -> None:
+        """fn(header, raw record, header flags as a plain int) -> event."""
         self._registry[int(kind)] = fn
 
     def decode(self, raw: bytes) -> KernelEvent | None:
@@ -87,12 +99,16 @@ class Decoder:
         if fn is None:
             self.errors[f"kind-{kind_number}:unknown-kind"] += 1
             return None
-        kind = EventKind(kind_number)
+        kind = self._kinds[kind_number]
+        raw_flags = fields[3]
+        flags = self._flags.get(raw_flags)
+        if flags is None:
+            flags = self._flags[raw_flags] = Flag(raw_flags)
         header = Header(
             kind=kind,
             ts_ns=fields[0],
             cgroup_id=fields[1],
-            flags=Flag(fields[3]),
+            flags=flags,
             pid=fields[4],
             tgid=fields[5],
             ppid=fields[6],
@@ -102,11 +118,11 @@ class Decoder:
             comm=_cstr(fields[11], len(fields[11])),
         )
         try:
-            event = fn(header, raw)
+            event = fn(header, raw, raw_flags)
         except (MalformedRecord, ValueError) as exc:
-            self.errors[f"{kind.name.lower()}:{exc}"] += 1
+            self.errors[f"{self._kind_names[kind_number]}:{exc}"] += 1
             return None
-        self.decoded[kind.name.lower()] += 1
+        self.decoded[self._kind_names[kind_number]] += 1
         return event
 
     def decode_many(self, records: list[bytes]) -> list[KernelEvent]:
@@ -124,7 +140,7 @@ class Decoder:
         if len(raw) < size:
             raise MalformedRecord(f"short-{what}")
 
-    def _decode_exec(self, h: Header, raw: bytes) -> ExecEvent:
+    def _decode_exec(self, h: Header, raw: bytes, flags: int) -> ExecEvent:
         s = self._exec
         off = self._exec_offsets
         # the kernel always sends the whole filename buffer: the record is trimmed after args
@@ -150,11 +166,11 @@ class Decoder:
             argv=argv,
             retval=retval,
             dirfd=dirfd,
-            argv_truncated=bool(h.flags & (Flag.ARGS_TRUNCATED | Flag.ARG_CLIPPED)),
-            filename_truncated=bool(h.flags & Flag.PATH_TRUNCATED),
+            argv_truncated=bool(flags & _ARGS_TRUNCATED),
+            filename_truncated=bool(flags & _PATH_TRUNCATED),
         )
 
-    def _decode_connect(self, h: Header, raw: bytes) -> ConnectEvent:
+    def _decode_connect(self, h: Header, raw: bytes, flags: int) -> ConnectEvent:
         s = self._connect
         off = self._connect_offsets
         self._need(raw, off["_pad"], "connect")
@@ -182,28 +198,27 @@ class Decoder:
             fd=fd,
         )
 
-    def _decode_file(self, h: Header, raw: bytes) -> FileEvent:
+    def _decode_file(self, h: Header, raw: bytes, flags: int) -> FileEvent:
         s = self._file
         off = self._file_offsets
         self._need(raw, s.size, "file")
         fields = _split_header(s.unpack_from(raw))
         _, op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2 = fields
-        try:
-            op = FileOp(op_no)
-        except ValueError:
-            raise MalformedRecord(f"file-op-{op_no}") from None
+        op = _FILE_OPS.get(op_no)
+        if op is None:
+            raise MalformedRecord(f"file-op-{op_no}")
         pmax = self.limits.path_max
         if path_len > pmax or path2_len > pmax:
             raise MalformedRecord("file-lengths")
         path = None
-        if not h.flags & Flag.FD_ONLY:
+        if not flags & _FD_ONLY:
             start = off["path"]
             chunk = raw[start : start + path_len]
             if len(chunk) != path_len:
                 raise MalformedRecord("short-file-path")
             path = _cstr(chunk, path_len)
         path2 = None
-        if op in (FileOp.RENAME, FileOp.LINK, FileOp.SYMLINK):
+        if op in _TWO_PATH_OPS:
             start = off["path2"]
             chunk = raw[start : start + path2_len]
             if len(chunk) != path2_len:
@@ -219,16 +234,16 @@ class Decoder:
             open_flags=open_flags,
             mode=mode,
             retval=retval,
-            path_truncated=bool(h.flags & Flag.PATH_TRUNCATED),
-            path2_truncated=bool(h.flags & Flag.PATH2_TRUNCATED),
+            path_truncated=bool(flags & _PATH_TRUNCATED),
+            path2_truncated=bool(flags & _PATH2_TRUNCATED),
         )
 
-    def _decode_chdir(self, h: Header, raw: bytes) -> ChdirEvent:
+    def _decode_chdir(self, h: Header, raw: bytes, flags: int) -> ChdirEvent:
         s = self._chdir
         self._need(raw, s.size, "chdir")
         _, retval, fd, path_len, *_pad = _split_header(s.unpack_from(raw))
         path = None
-        if not h.flags & Flag.FD_ONLY:
+        if not flags & _FD_ONLY:
             if path_len > self.limits.path_max:
                 raise MalformedRecord("chdir-length")
             chunk = raw[self._chdir_path : self._chdir_path + path_len]
