@@ -18,6 +18,7 @@ directory. Attribution turns that number into "which container, which image, whi
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import os
@@ -138,6 +139,28 @@ def parse_cgroup_path(path: str) -> ContainerRef | None:
 # --------------------------------------------------------------------------- cgroup id index
 
 
+_FILEID_KERNFS = 0xFE
+
+
+class _KernfsHandle(ctypes.Structure):
+    """struct file_handle carrying a kernfs node id (what name_to_handle_at gives for cgroup2)."""
+
+    _fields_ = (
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * 8),
+    )
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.open_by_handle_at.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 class CgroupIndex:
     """cgroup v2 id (directory inode) -> path relative to `root` ("/" for the root itself).
 
@@ -154,6 +177,7 @@ class CgroupIndex:
         clock: Callable[[], float] = time.monotonic,
         min_rescan_interval: float = 0.5,
         max_entries: int = 65536,
+        use_file_handles: bool = True,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -164,10 +188,12 @@ class CgroupIndex:
         self._paths: OrderedDict[int, str] = OrderedDict()
         self._last_rescan: float | None = None
         self._lock = threading.Lock()
+        self._libc = _load_libc() if use_file_handles else None
         self._stats = {
             "lookups": 0,
             "hits": 0,
             "misses": 0,
+            "handle_hits": 0,
             "rescans": 0,
             "rescans_skipped": 0,
             "scan_errors": 0,
@@ -193,6 +219,11 @@ class CgroupIndex:
                 self._paths.move_to_end(cgroup_id)
                 return path
             self._stats["misses"] += 1
+            path = self._path_by_handle(cgroup_id)
+            if path is not None:
+                self._stats["handle_hits"] += 1
+                self._remember_locked(cgroup_id, path)
+                return path
             now = self._clock()
             if (
                 self._last_rescan is not None
@@ -202,6 +233,43 @@ class CgroupIndex:
                 return None
             self._rescan_locked(now)
             return self._paths.get(cgroup_id)
+
+    def _remember_locked(self, cgroup_id: int, path: str) -> None:
+        self._paths[cgroup_id] = path
+        self._paths.move_to_end(cgroup_id)
+        while len(self._paths) > self._max_entries:
+            self._paths.popitem(last=False)
+            self._stats["evicted"] += 1
+
+    def _path_by_handle(self, cgroup_id: int) -> str | None:
+        """Exact and O(1): a cgroup v2 id is its kernfs node id, which open_by_handle_at takes
+        as a file handle (type FILEID_KERNFS). A new container's directory is found in one
+        syscall, before a short-lived container can remove it; no walk, no rate limit."""
+        if self._libc is None:
+            return None
+        handle = _KernfsHandle(8, _FILEID_KERNFS,
+                               (ctypes.c_ubyte * 8)(*cgroup_id.to_bytes(8, "little")))
+        try:
+            mount_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            fd = self._libc.open_by_handle_at(mount_fd, ctypes.byref(handle),
+                                              os.O_RDONLY | os.O_DIRECTORY)
+            if fd < 0:
+                return None  # ESTALE: no such cgroup (any more); EPERM: no CAP_DAC_READ_SEARCH
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(mount_fd)
+        root = os.fspath(self._root).rstrip("/")
+        if target == root:
+            return "/"
+        if not target.startswith(root + "/"):
+            return None
+        return target[len(root):]
 
     def rescan(self) -> int:
         """Walk the hierarchy now (ignores the rate limit); returns the number of entries."""

@@ -1014,3 +1014,20 @@ def test_docker_metadata_inspect_by_id_and_unknown(docker_ok: None, bb_image: st
         by_name = metadata.inspect(container.name)  # the CLI's --container accepts names
         assert by_name is not None and by_name.id == container.id
         assert metadata.inspect("0" * 64) is None
+
+
+@pytest.mark.integration
+def test_new_cgroup_found_by_file_handle_without_a_walk(docker_ok, bb_image):
+    """A new container's cgroup resolves in one syscall even while rescans are rate-limited."""
+    from tests.support.containers import run_container
+
+    now = [1000.0]
+    index = CgroupIndex("/sys/fs/cgroup/unified", clock=lambda: now[0],
+                        min_rescan_interval=3600.0)
+    index.rescan()  # the walk happens once, before the container exists
+    with run_container(bb_image, ["sleep", "60"]) as container:
+        path = index.path_of(container.cgroup_id)
+    assert path == f"/docker/{container.id}"
+    stats = index.stats
+    assert stats["handle_hits"] == 1 and stats["rescans"] == 1
+    assert index.path_of(987654321987) is None  # no such cgroup: ESTALE, then rate-limited
