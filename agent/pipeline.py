@@ -248,6 +248,9 @@ class TracePipeline:
     # -- stages -------------------------------------------------------------
 
     def _resolve(self, tgid: int, ppid: int, path: str | None, dirfd: int) -> ResolvedPath | None:
+        if path == "" and dirfd == AT_FDCWD:
+            # the kernel could not read the path (or it was empty): never pretend it was the cwd
+            return ResolvedPath("", False)
         if path is None:
             if dirfd == AT_FDCWD:
                 return None
@@ -360,9 +363,13 @@ class TracePipeline:
 
     def _enqueue(self, cgid: int, now: float, seq: int, record: TraceRecord) -> None:
         if self._pending_count >= self.pending_capacity:
-            self.summary.pending_timeouts += 1  # buffer full: send with what is known
-            self._deliver(self._attribute(record, self.attribution.lookup(cgid), seq))
-            return
+            # full: send the oldest container's waiting records with what is known, in order
+            oldest = cgid if cgid in self._pending else next(iter(self._pending))
+            self._flush_queue(oldest, self.attribution.lookup(oldest))
+            if oldest == cgid:
+                self.summary.pending_timeouts += 1
+                self._deliver(self._attribute(record, self.attribution.lookup(cgid), seq))
+                return
         self._pending.setdefault(cgid, deque()).append((now, seq, record))
         self._pending_count += 1
 
@@ -373,13 +380,16 @@ class TracePipeline:
             expired = force or now - queue[0][0] >= self.pending_timeout
             if view.state in _WAIT_STATES and not expired:
                 continue
-            if view.state in _WAIT_STATES:
-                self.summary.pending_timeouts += len(queue)
-            while queue:
-                _, seq, record = queue.popleft()
-                self._pending_count -= 1
-                self._deliver(self._attribute(record, view, seq))
-            del self._pending[cgid]
+            self._flush_queue(cgid, view)
+
+    def _flush_queue(self, cgid: int, view: ContainerView) -> None:
+        queue = self._pending.pop(cgid)
+        if view.state in _WAIT_STATES:
+            self.summary.pending_timeouts += len(queue)
+        while queue:
+            _, seq, record = queue.popleft()
+            self._pending_count -= 1
+            self._deliver(self._attribute(record, view, seq))
 
     def run(self, *, duration: float | None = None, should_stop: Callable[[], bool] | None = None,
             poll_interval: float = 0.05) -> TraceSummary:

@@ -158,9 +158,11 @@ class ReplayCapture:
             unpacker = msgpack.Unpacker(fh, raw=False, strict_map_key=False)
             header = None
             position = 0
+            in_entry = False  # False while msgpack reads the next entry, True while we check it
             try:
                 for entry in unpacker:
                     position += 1
+                    in_entry = True
                     if not isinstance(entry, dict) or "t" not in entry:
                         raise CaptureFileError(
                             f"{self.path}: entry {position} is not a capture entry; the file is "
@@ -180,10 +182,12 @@ class ReplayCapture:
                         self.complete = True
                     else:
                         log.warning("%s: skipping unknown entry type %r", self.path, kind)
+                    in_entry = False
             except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
                     msgpack.exceptions.StackError, ValueError, KeyError, TypeError) as exc:
                 raise CaptureFileError(
-                    f"{self.path}: corrupt after entry {position} ({exc}); re-record it"
+                    f"{self.path}: corrupt at entry {position if in_entry else position + 1} ({exc}); "
+                    "re-record it"
                 ) from exc
         if header is None:
             raise CaptureFileError(f"{self.path}: no header; the file is empty or truncated")

@@ -94,17 +94,19 @@ def test_empty_capture(tmp_path):
     assert replay.read_batch(0.0) is None
 
 
-def test_facts_are_positioned_after_their_event(tmp_path):
+def test_facts_answer_as_of_their_record(tmp_path):
     path = tmp_path / "c.dwcap"
     writer = CaptureWriter(path, Limits(), 0)
-    writer.record(b"e0")
-    writer.fact(("cwd", 100), "/a")
-    writer.fact(("attr", 7), {"state": "pending", "cgroup_id": 7})
-    writer.record(b"e1")
-    writer.record(b"e2")
-    writer.fact(("cwd", 100), "/b")
-    writer.fact(("fd_path", 100, 3), None)
-    writer.record(b"e3")
+    assert writer.record(b"e0") == 0
+    writer.fact(("cwd", 100), "/a", 0)
+    writer.fact(("attr", 7), {"state": "pending", "cgroup_id": 7}, 0)
+    assert writer.record(b"e1") == 1
+    assert writer.record(b"e2") == 2
+    writer.fact(("cwd", 100), "/b", 2)
+    writer.fact(("fd_path", 100, 3), None, 2)
+    assert writer.record(b"e3") == 3
+    # written late (a view delivered after waiting) for an earlier record
+    writer.fact(("attr", 7), {"state": "container", "cgroup_id": 7}, 1)
     writer.close()
     replay = ReplayCapture(path)
     facts = replay.facts
@@ -112,16 +114,28 @@ def test_facts_are_positioned_after_their_event(tmp_path):
     replay.set_position_for(0)
     assert facts.get(("cwd", 100)) == "/a"
     assert facts.get(("attr", 7)) == {"state": "pending", "cgroup_id": 7}
+    assert facts.get(("fd_path", 100, 3), "default") == "default"  # not asked yet
     replay.set_position_for(1)
-    assert facts.get(("cwd", 100)) == "/b"  # the next recording after e1
+    assert facts.get(("cwd", 100)) == "/a"
+    assert facts.get(("attr", 7)) == {"state": "container", "cgroup_id": 7}
     replay.set_position_for(2)
     assert facts.get(("cwd", 100)) == "/b"
     assert facts.get(("fd_path", 100, 3), "default") is None  # a recorded None is an answer
     replay.set_position_for(3)
-    assert facts.get(("cwd", 100)) == "/b"  # none after: the last one
-    assert facts.get(("attr", 7)) == {"state": "pending", "cgroup_id": 7}
+    assert facts.get(("cwd", 100)) == "/b"  # the latest one
+    assert facts.get(("attr", 7)) == {"state": "container", "cgroup_id": 7}
     assert facts.get(("cwd", 999)) is None
     assert facts.get(("cwd", 999), "x") == "x"
+
+
+def test_fact_entries_carry_the_record_number(tmp_path):
+    path = tmp_path / "c.dwcap"
+    writer = CaptureWriter(path, Limits(), 0)
+    writer.record(b"e0")
+    writer.fact(("ppid", 5), 1, 0)
+    writer.close()
+    entries = list(msgpack.Unpacker(io.BytesIO(path.read_bytes()[len(MAGIC):]), raw=False))
+    assert entries[2] == {"t": "fact", "k": ["ppid", 5], "v": 1, "s": 0}
 
 
 def test_fact_store_semantics():
@@ -129,12 +143,17 @@ def test_fact_store_semantics():
     store.add("k", "a", 5)
     store.add("k", "b", 10)
     store.add("k", "c", 12)
+    store.add("k", "d", 7)  # out of order: slotted in by record number
+    store.add("k", "e", 12)  # same record, written later: wins
     store.add(("other", 1), 42, 3)
-    expected = {0: "a", 4: "a", 5: "a", 6: "b", 10: "b", 11: "c", 12: "c", 13: "c", 1000: "c"}
+    expected = {0: None, 4: None, 5: "a", 6: "a", 7: "d", 9: "d", 10: "b", 11: "b", 12: "e",
+                13: "e", 1000: "e"}
     for position, value in expected.items():
         store.position = position
         assert store.get("k") == value, position
-    store.position = 100
+    store.position = 2
+    assert store.get(("other", 1), "none yet") == "none yet"
+    store.position = 3
     assert store.get(("other", 1)) == 42
     assert store.get("missing") is None
     assert store.get("missing", 0) == 0
@@ -265,8 +284,8 @@ def test_bad_limits_in_header(tmp_path):
 
 
 @pytest.mark.parametrize(("garbage", "message"), [
-    (b"\xc1", "{path}: corrupt after entry 0 (); re-record it"),
-    (b"\xa3\xff\xfe\xfd", "{path}: corrupt after entry 0 ('utf-8' codec can't decode byte 0xff "
+    (b"\xc1", "{path}: corrupt at entry 1 (); re-record it"),
+    (b"\xa3\xff\xfe\xfd", "{path}: corrupt at entry 1 ('utf-8' codec can't decode byte 0xff "
                           "in position 0: invalid start byte); re-record it"),
     (5, "{path}: entry 1 is not a capture entry; the file is corrupt"),
     ({"no": "t"}, "{path}: entry 1 is not a capture entry; the file is corrupt"),
@@ -282,15 +301,16 @@ def test_garbage_after_magic(tmp_path, garbage, message):
 
 @pytest.mark.parametrize(("entry", "detail"), [
     ({"t": "ev"}, "'b'"),
-    ({"t": "fact", "v": 1}, "'k'"),
-    ({"t": "fact", "k": {"a": 1}, "v": 1}, "unhashable type: 'dict'"),
+    ({"t": "fact", "v": 1, "s": 0}, "'k'"),
+    ({"t": "fact", "k": ["cwd", 1], "v": 1}, "'s'"),
+    ({"t": "fact", "k": [[1, 2]], "v": 1, "s": 0}, "unhashable type: 'list'"),
 ])
 def test_malformed_entry_after_header(tmp_path, entry, detail):
     path = tmp_path / "c.dwcap"
     _raw_capture(path, _header(), {"t": "ev", "b": b"ok"}, entry)
     with pytest.raises(CaptureFileError) as info:
         ReplayCapture(path)
-    assert str(info.value) == f"{path}: corrupt after entry 3 ({detail}); re-record it"
+    assert str(info.value) == f"{path}: corrupt at entry 3 ({detail}); re-record it"
 
 
 def test_garbage_in_the_middle(tmp_path):
@@ -299,7 +319,7 @@ def test_garbage_in_the_middle(tmp_path):
                  {"t": "ev", "b": b"never"})
     with pytest.raises(CaptureFileError) as info:
         ReplayCapture(path)
-    assert str(info.value) == f"{path}: corrupt after entry 2 (); re-record it"
+    assert str(info.value) == f"{path}: corrupt at entry 3 (); re-record it"
 
 
 def test_unknown_entry_type_is_skipped(tmp_path, caplog):

@@ -121,7 +121,7 @@ def test_struct_sizes_and_offsets_match_c(compiled, name):
 
 def test_python_tables_cover_every_c_byte(compiled):
     """Consecutive fields tile each struct exactly: no hidden padding on either side."""
-    limits, (sizes, fields, _) = compiled
+    _, (sizes, fields, _) = compiled
     for name in STRUCTS:
         end = 0
         for field, (offset, size) in fields[name].items():
