@@ -185,9 +185,9 @@ class ReplayCapture:
                     in_entry = False
             except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
                     msgpack.exceptions.StackError, ValueError, KeyError, TypeError) as exc:
+                bad = position if in_entry else position + 1
                 raise CaptureFileError(
-                    f"{self.path}: corrupt at entry {position if in_entry else position + 1} ({exc}); "
-                    "re-record it"
+                    f"{self.path}: corrupt at entry {bad} ({exc}); re-record it"
                 ) from exc
         if header is None:
             raise CaptureFileError(f"{self.path}: no header; the file is empty or truncated")
