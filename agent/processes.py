@@ -35,6 +35,8 @@ class ResolvedPath:
 
 def normalize(path: str) -> str:
     """Collapse //, /./ and .. lexically (symlinks are not followed: the container may be gone)."""
+    if "//" not in path and "/." not in path and (len(path) == 1 or path[-1] != "/"):
+        return path  # already normal: the common case, so skip the full parse
     out = posixpath.normpath(path)
     return "/" + out.lstrip("/") if out.startswith("//") else out
 

@@ -7,6 +7,7 @@ A malformed record never stops the pipeline: it is counted under its kind and re
 from __future__ import annotations
 
 import logging
+import struct
 from collections import Counter
 from collections.abc import Callable
 
@@ -53,7 +54,7 @@ def _cstr(buf: bytes, length: int) -> str:
     """A NUL-terminated string of `length` bytes (NUL included) from a kernel buffer."""
     chunk = buf[:length]
     nul = chunk.find(b"\0")
-    return _text(chunk if nul < 0 else chunk[:nul])
+    return (chunk if nul < 0 else chunk[:nul]).decode("utf-8", "surrogateescape")
 
 
 class MalformedRecord(ValueError):
@@ -72,10 +73,11 @@ class Decoder:
         self._kinds = {int(k): k for k in EventKind}
         self._kind_names = {int(k): k.name.lower() for k in EventKind}
         self._flags: dict[int, Flag] = {}
-        self._exec = limits.fixed_struct("dw_exec_event")
-        self._connect = limits.fixed_struct("dw_connect_event")
-        self._file = limits.fixed_struct("dw_file_event")
-        self._chdir = limits.fixed_struct("dw_chdir_event")
+        # the header is unpacked once in decode(); each kind unpacks only its own fields
+        self._exec = _payload_struct(limits, "dw_exec_event")
+        self._connect = _payload_struct(limits, "dw_connect_event")
+        self._file = _payload_struct(limits, "dw_file_event")
+        self._chdir = _payload_struct(limits, "dw_chdir_event")
         self._connect_offsets = limits.offsets("dw_connect_event")
         self._file_offsets = limits.offsets("dw_file_event")
         self._chdir_path = limits.offsets("dw_chdir_event")["path"]
@@ -145,7 +147,7 @@ class Decoder:
         off = self._exec_offsets
         # the kernel always sends the whole filename buffer: the record is trimmed after args
         self._need(raw, off["args"], "exec")
-        _, retval, dirfd, argc, args_size, filename_len, _pad = _split_header(s.unpack_from(raw))
+        retval, dirfd, argc, args_size, filename_len, _pad = s.unpack_from(raw, HEADER_SIZE)
         if filename_len > self.limits.path_max or args_size > self.limits.args_size:
             raise MalformedRecord("exec-lengths")
         fname_start = off["filename"]
@@ -174,7 +176,7 @@ class Decoder:
         s = self._connect
         off = self._connect_offsets
         self._need(raw, off["_pad"], "connect")
-        _, retval, fd, family_no, port, sock_type, path_len = _split_header(s.unpack_from(raw))
+        retval, fd, family_no, port, sock_type, path_len = s.unpack_from(raw, HEADER_SIZE)
         family = _FAMILIES.get(family_no, Family.OTHER)
         if family is Family.UNIX:
             if path_len > 108:
@@ -201,9 +203,9 @@ class Decoder:
     def _decode_file(self, h: Header, raw: bytes, flags: int) -> FileEvent:
         s = self._file
         off = self._file_offsets
-        self._need(raw, s.size, "file")
-        fields = _split_header(s.unpack_from(raw))
-        _, op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2 = fields
+        self._need(raw, HEADER_SIZE + s.size, "file")
+        fields = s.unpack_from(raw, HEADER_SIZE)
+        op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2 = fields
         op = _FILE_OPS.get(op_no)
         if op is None:
             raise MalformedRecord(f"file-op-{op_no}")
@@ -240,8 +242,8 @@ class Decoder:
 
     def _decode_chdir(self, h: Header, raw: bytes, flags: int) -> ChdirEvent:
         s = self._chdir
-        self._need(raw, s.size, "chdir")
-        _, retval, fd, path_len, *_pad = _split_header(s.unpack_from(raw))
+        self._need(raw, HEADER_SIZE + s.size, "chdir")
+        retval, fd, path_len, *_pad = s.unpack_from(raw, HEADER_SIZE)
         path = None
         if not flags & _FD_ONLY:
             if path_len > self.limits.path_max:
@@ -253,9 +255,9 @@ class Decoder:
         return ChdirEvent(header=h, path=path, fd=fd, retval=retval)
 
 
-_HEADER_FIELD_COUNT = len(HEADER_STRUCT.unpack(bytes(HEADER_SIZE)))
-
-
-def _split_header(values: tuple) -> tuple:
-    """(header-values-tuple, *payload values) so decoders unpack only their own fields."""
-    return (values[:_HEADER_FIELD_COUNT], *values[_HEADER_FIELD_COUNT:])
+def _payload_struct(limits: Limits, name: str) -> struct.Struct:
+    """The kind's fixed fields after the common header (unpacked at offset HEADER_SIZE)."""
+    header_format = HEADER_STRUCT.format.lstrip("<")
+    full = limits.fixed_struct(name).format
+    assert full.startswith("<" + header_format)
+    return struct.Struct("<" + full[1 + len(header_format):])
