@@ -243,6 +243,13 @@ class TracePipeline:
         self._recorded_views: dict[int, ContainerView] = {}
         self._pending_count = 0
         self._position_hook = getattr(source, "set_position_for", None)
+        self._enrichers: dict[type, Callable[[KernelEvent, ContainerView], TraceRecord | None]]
+        self._enrichers = {
+            FileEvent: self._enrich_file,
+            ExecEvent: self._enrich_exec,
+            ConnectEvent: self._enrich_connect,
+            ChdirEvent: self._enrich_chdir,
+        }
         self._records_seen = 0
 
     # -- stages -------------------------------------------------------------
@@ -259,53 +266,64 @@ class TracePipeline:
         return self.processes.resolve(tgid, ppid, path, dirfd)
 
     def enrich(self, event: KernelEvent, view: ContainerView) -> TraceRecord | None:
-        """Resolves paths and lineage; `view` is the container as known now."""
+        """Resolves paths and lineage; `view` is the container as known now. None for
+        bookkeeping events (chdir), which only update process state."""
+        return self._enrichers[type(event)](event, view)
+
+    def _runtime_setup(self, h) -> bool:
+        return h.comm.startswith("runc") and _is_runtime_comm(h.comm) and (
+            not self.processes.exec_seen(h.tgid))
+
+    def _enrich_file(self, event: FileEvent, view: ContainerView) -> TraceRecord:
         h = event.header
         tgid, ppid = h.tgid, h.ppid
-        kind = KIND_NAMES[h.kind]
-        runtime_setup = _is_runtime_comm(h.comm) and not self.processes.exec_seen(tgid)
-        if isinstance(event, ChdirEvent):
-            if event.retval == 0:
-                self.processes.on_chdir(tgid, ppid, event.path, event.fd)
-            return None
-        if isinstance(event, ExecEvent):
-            resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
-            exe = None
-            if event.ok:
-                before = self.processes.exe_before_exec(tgid, ppid)
-                exe = self.processes.live_exe(tgid)
-                if exe is None:
-                    if event.filename == PROC_SELF_EXE:
-                        exe = before
-                    elif resolved is not None and resolved.resolved:
-                        exe = resolved.path
-                self.processes.on_exec(tgid, ppid, exe)
-            return self._count_unresolved(TraceRecord(
-                event=event, kind=kind, container=view, ppid=ppid or 0,
-                path=resolved.path if resolved else event.filename,
-                path_resolved=resolved.resolved if resolved else False,
-                exe=exe, runtime_setup=runtime_setup,
-            ))
-        if isinstance(event, FileEvent):
-            first = self._resolve(tgid, ppid, event.path, event.dirfd)
-            second = None
-            if event.path2 is not None:
-                second = self._resolve(tgid, ppid, event.path2, event.dirfd2)
-            path, path_ok = (first.path, first.resolved) if first else (event.path, False)
-            if event.op is FileOp.SYMLINK:
-                # a symlink's target is stored verbatim; only the new link's path is resolved
-                path, path_ok = event.path, True
-            return self._count_unresolved(TraceRecord(
-                event=event, kind=kind, container=view, ppid=ppid,
-                path=path, path_resolved=path_ok,
-                path2=second.path if second else None,
-                path2_resolved=second.resolved if second else True,
-                runtime_setup=runtime_setup,
-            ))
-        if isinstance(event, ConnectEvent):
-            return TraceRecord(event=event, kind=kind, container=view, ppid=ppid,
-                               runtime_setup=runtime_setup)
-        return None
+        first = self._resolve(tgid, ppid, event.path, event.dirfd)
+        second = None
+        if event.path2 is not None:
+            second = self._resolve(tgid, ppid, event.path2, event.dirfd2)
+        path, path_ok = (first.path, first.resolved) if first else (event.path, False)
+        if event.op is FileOp.SYMLINK:
+            # a symlink's target is stored verbatim; only the new link's path is resolved
+            path, path_ok = event.path, True
+        return self._count_unresolved(TraceRecord(
+            event=event, kind="write", container=view, ppid=ppid,
+            path=path, path_resolved=path_ok,
+            path2=second.path if second else None,
+            path2_resolved=second.resolved if second else True,
+            runtime_setup=self._runtime_setup(h),
+        ))
+
+    def _enrich_exec(self, event: ExecEvent, view: ContainerView) -> TraceRecord:
+        h = event.header
+        tgid, ppid = h.tgid, h.ppid
+        runtime_setup = self._runtime_setup(h)
+        resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
+        exe = None
+        if event.ok:
+            before = self.processes.exe_before_exec(tgid, ppid)
+            exe = self.processes.live_exe(tgid)
+            if exe is None:
+                if event.filename == PROC_SELF_EXE:
+                    exe = before
+                elif resolved is not None and resolved.resolved:
+                    exe = resolved.path
+            self.processes.on_exec(tgid, ppid, exe)
+        return self._count_unresolved(TraceRecord(
+            event=event, kind="exec", container=view, ppid=ppid or 0,
+            path=resolved.path if resolved else event.filename,
+            path_resolved=resolved.resolved if resolved else False,
+            exe=exe, runtime_setup=runtime_setup,
+        ))
+
+    def _enrich_connect(self, event: ConnectEvent, view: ContainerView) -> TraceRecord:
+        h = event.header
+        return TraceRecord(event=event, kind="connect", container=view, ppid=h.ppid,
+                           runtime_setup=self._runtime_setup(h))
+
+    def _enrich_chdir(self, event: ChdirEvent, view: ContainerView) -> None:
+        if event.retval == 0:
+            h = event.header
+            self.processes.on_chdir(h.tgid, h.ppid, event.path, event.fd)
 
     def _count_unresolved(self, record: TraceRecord) -> TraceRecord:
         if not record.path_resolved or not record.path2_resolved:
@@ -337,6 +355,8 @@ class TracePipeline:
     def process(self, raws: list[bytes]) -> None:
         now = self.clock()
         pending = self._pending
+        views: dict[int, ContainerView] = {}  # one lookup per container per batch (~10 ms)
+        lookup = self.attribution.lookup
         for raw in raws:
             seq = self._records_seen
             self._records_seen += 1
@@ -349,7 +369,12 @@ class TracePipeline:
                 continue
             cgid = event.header.cgroup_id
             # keep per-container order: behind the ones already waiting for metadata
-            view = self._waiting_view if cgid in pending else self.attribution.lookup(cgid)
+            if cgid in pending:
+                view = self._waiting_view
+            else:
+                view = views.get(cgid)
+                if view is None:
+                    view = views[cgid] = lookup(cgid)
             record = self.enrich(event, view)
             if record is None:
                 continue
