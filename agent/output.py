@@ -13,6 +13,7 @@ from driftwarden.probes._layout import FileOp, Flag
 from driftwarden.probes.events import ConnectEvent, ExecEvent, FileEvent, open_flag_names
 
 SCHEMA_VERSION = 1
+_ANY_PATH_TRUNCATED = int(Flag.PATH_TRUNCATED | Flag.PATH2_TRUNCATED)
 
 
 def _errno_name(retval: int) -> str | None:
@@ -25,22 +26,47 @@ def _wall(ts_ns: int, clock_offset_ns: int) -> dt.datetime:
     return dt.datetime.fromtimestamp((ts_ns + clock_offset_ns) / 1e9, tz=dt.UTC)
 
 
-def record_to_dict(record: TraceRecord, clock_offset_ns: int) -> dict:
+class WallClock:
+    """Kernel monotonic ns -> RFC 3339 UTC text; the seconds part is formatted once a second."""
+
+    def __init__(self, clock_offset_ns: int) -> None:
+        self.clock_offset_ns = clock_offset_ns
+        self._second: int | None = None
+        self._prefix = ""
+
+    def iso(self, ts_ns: int) -> str:
+        second, ns = divmod(ts_ns + self.clock_offset_ns, 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = dt.datetime.fromtimestamp(second, tz=dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{ns // 1000:06d}Z"
+
+
+def container_to_dict(view) -> dict | None:
+    if view.state == "host":
+        return None
+    return {
+        "id": view.id, "name": view.name, "image": view.image, "image_id": view.image_id,
+        "runtime": view.runtime, "pod": view.pod, "namespace": view.namespace,
+        "labels": dict(view.labels), "attribution": view.state,
+        "metadata_error": view.metadata_error,
+    }
+
+
+def record_to_dict(record: TraceRecord, clock_offset_ns: int, *, clock: WallClock | None = None,
+                   container: dict | None = None) -> dict:
+    """The JSON object of one record. `clock` and `container` let a sink reuse work across
+    records (the container dict must then not be mutated by the caller)."""
     event = record.event
     h = event.header
     view = record.container
     out: dict = {
         "v": SCHEMA_VERSION,
-        "time": _wall(h.ts_ns, clock_offset_ns).isoformat(timespec="microseconds").replace(
-            "+00:00", "Z"),
+        "time": (clock or WallClock(clock_offset_ns)).iso(h.ts_ns),
         "ts_ns": h.ts_ns,
         "kind": record.kind,
-        "container": None if view.state == "host" else {
-            "id": view.id, "name": view.name, "image": view.image, "image_id": view.image_id,
-            "runtime": view.runtime, "pod": view.pod, "namespace": view.namespace,
-            "labels": dict(view.labels), "attribution": view.state,
-            "metadata_error": view.metadata_error,
-        },
+        "container": container if container is not None else container_to_dict(view),
         "cgroup_id": h.cgroup_id,
         "process": {"pid": h.tgid, "tid": h.pid, "ppid": record.ppid, "uid": h.uid,
                     "gid": h.gid, "comm": h.comm},
@@ -78,7 +104,7 @@ def record_to_dict(record: TraceRecord, clock_offset_ns: int) -> dict:
             "dirfd": event.dirfd,
             "result": event.retval,
             "error": _errno_name(event.retval),
-            "truncated": bool(event.header.flags & (Flag.PATH_TRUNCATED | Flag.PATH2_TRUNCATED)),
+            "truncated": bool(int(event.header.flags) & _ANY_PATH_TRUNCATED),
         }
         if event.path2 is not None:
             write.update(path2=record.path2, path2_as_given=event.path2,
@@ -95,9 +121,20 @@ class JsonSink:
     def __init__(self, stream: TextIO, clock_offset_ns: int) -> None:
         self.stream = stream
         self.clock_offset_ns = clock_offset_ns
+        self._clock = WallClock(clock_offset_ns)
+        self._containers: dict[int, tuple[object, dict | None]] = {}  # cgroup -> (view, dict)
+        self._encode = json.JSONEncoder(check_circular=False).encode
 
     def write(self, record: TraceRecord) -> None:
-        self.stream.write(json.dumps(record_to_dict(record, self.clock_offset_ns)) + "\n")
+        view = record.container
+        cached = self._containers.get(view.cgroup_id)
+        if cached is None or cached[0] is not view:
+            if len(self._containers) > 4096:
+                self._containers.clear()
+            cached = self._containers[view.cgroup_id] = (view, container_to_dict(view))
+        out = record_to_dict(record, self.clock_offset_ns, clock=self._clock,
+                             container=cached[1] if cached[1] is not None else None)
+        self.stream.write(self._encode(out) + "\n")
 
     def flush(self) -> None:
         self.stream.flush()

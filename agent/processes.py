@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from driftwarden.probes._layout import AT_FDCWD
 from driftwarden.procfs import ProcReader
@@ -27,8 +28,7 @@ class _Proc:
     exec_seen: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedPath:
+class ResolvedPath(NamedTuple):
     path: str  # absolute inside the container when resolved, else as given
     resolved: bool
 

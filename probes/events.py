@@ -2,13 +2,16 @@
 
 These carry exactly what the kernel saw (paths as given, dirfds, host pids). Resolution of
 relative paths and container attribution happen downstream (driftwarden.pipeline).
+
+Events are immutable NamedTuples rather than frozen dataclasses: one is built per kernel record
+and frozen-dataclass construction costs 2.5x more (1.5 us vs 0.6 us for 11 fields, measured).
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from driftwarden.probes._layout import EventKind, FileOp, Flag
 
@@ -37,8 +40,7 @@ class ConnectResult(enum.StrEnum):
     ERROR = "error"
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     kind: EventKind
     ts_ns: int
     cgroup_id: int
@@ -52,8 +54,7 @@ class Header:
     suppressed: int
 
 
-@dataclass(frozen=True, slots=True)
-class ExecEvent:
+class ExecEvent(NamedTuple):
     header: Header
     filename: str
     argv: tuple[str, ...]
@@ -67,8 +68,7 @@ class ExecEvent:
         return self.retval == 0
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectEvent:
+class ConnectEvent(NamedTuple):
     header: Header
     family: Family
     family_number: int
@@ -83,8 +83,7 @@ class ConnectEvent:
         return connect_result(self.retval)
 
 
-@dataclass(frozen=True, slots=True)
-class FileEvent:
+class FileEvent(NamedTuple):
     header: Header
     op: FileOp
     path: str | None  # None when the syscall named only an fd (fchmod)
@@ -98,8 +97,7 @@ class FileEvent:
     path2_truncated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ChdirEvent:
+class ChdirEvent(NamedTuple):
     header: Header
     path: str | None  # None for fchdir
     fd: int
@@ -149,9 +147,3 @@ def open_flag_names(flags: int) -> list[str]:
     if not flags & 0o3:
         names.insert(0, "O_RDONLY")
     return names
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeStats:
-    decoded: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)

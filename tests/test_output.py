@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from collections import Counter
@@ -170,8 +169,8 @@ def test_host_and_pending_containers():
 ])
 def test_time_is_utc_from_clock_offset(ts_ns, offset, text):
     record = exec_record()
-    event = dataclasses.replace(record.event, header=header(EventKind.EXEC, ts_ns=ts_ns))
-    record = dataclasses.replace(record, event=event)
+    event = record.event._replace(header=header(EventKind.EXEC, ts_ns=ts_ns))
+    record = record._replace(event=event)
     got = record_to_dict(record, offset)
     assert got["time"] == text
     assert got["ts_ns"] == ts_ns
