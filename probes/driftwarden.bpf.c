@@ -25,7 +25,16 @@
 #define DW_DEDUP_ENTRIES 16384
 #endif
 #ifndef DW_INCLUDE_HOST
-#define DW_INCLUDE_HOST 0                   /* 1: do not skip cgroups in skip_cgroups */
+#define DW_INCLUDE_HOST 0                   /* 1: report host cgroups too */
+#endif
+#ifndef DW_HOST_CGROUP_ID
+#define DW_HOST_CGROUP_ID 1                 /* the cgroup v2 root's id; the loader sets it */
+#endif
+#ifndef DW_AGENT_TGID
+#define DW_AGENT_TGID 0                     /* the agent's pid, never reported; the loader sets it */
+#endif
+#ifndef DW_EXTRA_SKIP
+#define DW_EXTRA_SKIP 0                     /* 1: also skip the cgroups in skip_cgroups */
 #endif
 #ifndef DW_KINDS
 #define DW_KINDS ((1 << DW_KIND_EXEC) | (1 << DW_KIND_CONNECT) | (1 << DW_KIND_FILE))
@@ -83,14 +92,16 @@ struct dw_sock_key {
 
 BPF_RINGBUF_OUTPUT(events, DW_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(counters, u64, DW_KIND_MAX * DW_CNT_MAX);
-BPF_HASH(skip_cgroups, u64, u8, 64);                       /* host cgroups (root, ...) */
-BPF_HASH(skip_tgids, u32, u8, 64);                         /* the agent itself */
+BPF_HASH(skip_cgroups, u64, u8, 64);                       /* more host cgroups (DW_EXTRA_SKIP) */
+BPF_HASH(skip_tgids, u32, u8, 64);                         /* more processes never reported */
 BPF_TABLE("lru_hash", u32, u32, parent_of, 65536);         /* child pid -> parent tgid */
 BPF_TABLE("lru_hash", u32, u32, cwd_epoch, 16384);         /* tgid -> chdir count */
 BPF_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES);
 BPF_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536);
-BPF_TABLE("lru_hash", u32, struct dw_pending, pending, 16384);
-BPF_TABLE("lru_hash", u32, struct dw_exec_event, exec_pending, 1024);
+/* Per-thread syscall stashes: plain hashes (cheaper than LRU on every syscall); an entry a
+ * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
+BPF_HASH(pending, u32, struct dw_pending, 16384);
+BPF_HASH(exec_pending, u32, struct dw_exec_event, 1024);
 BPF_PERCPU_ARRAY(exec_scratch, struct dw_exec_event, 1);
 BPF_PERCPU_ARRAY(file_scratch, struct dw_file_event, 1);
 BPF_PERCPU_ARRAY(connect_scratch, struct dw_connect_event, 1);
@@ -108,20 +119,27 @@ static __always_inline void dw_count(u32 kind, u32 which)
 static __always_inline int dw_skipped(u64 cgid, u64 pid_tgid)
 {
 #if !DW_INCLUDE_HOST
+    if (cgid == DW_HOST_CGROUP_ID)
+        return 1;
+#if DW_EXTRA_SKIP
     if (skip_cgroups.lookup(&cgid))
         return 1;
 #endif
+#endif
     u32 tgid = pid_tgid >> 32;
+    if (tgid == DW_AGENT_TGID)
+        return 1;
     return skip_tgids.lookup(&tgid) != 0;
 }
 
+/* Everything but flags and suppressed, which callers set as they learn them. Called only for
+ * events that will be sent: dedup is decided first, so a suppressed repeat never pays this. */
 static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, u64 cgid,
-                                           u64 pid_tgid)
+                                           u64 pid_tgid, u64 now)
 {
-    h->ts_ns = bpf_ktime_get_ns();
+    h->ts_ns = now;
     h->cgroup_id = cgid;
     h->kind = kind;
-    h->flags = 0;
     h->pid = (u32)pid_tgid;
     h->tgid = pid_tgid >> 32;
     u32 tgid = h->tgid;
@@ -130,7 +148,6 @@ static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, 
     u64 ugid = bpf_get_current_uid_gid();
     h->uid = (u32)ugid;
     h->gid = ugid >> 32;
-    h->suppressed = 0;
     h->_pad = 0;
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
@@ -231,7 +248,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u64 cgid = bpf_get_current_cgroup_id();
 #if !DW_INCLUDE_HOST
-    if (skip_cgroups.lookup(&cgid))
+    if (cgid == DW_HOST_CGROUP_ID)
         return 0;
 #endif
     u32 child = args->child_pid;
@@ -244,6 +261,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = (u32)pid_tgid;
+    pending.delete(&pid);                 /* whatever a killed syscall left behind */
+    exec_pending.delete(&pid);
     if (pid != (u32)(pid_tgid >> 32))
         return 0;                         /* a thread; the process lives on */
     parent_of.delete(&pid);
@@ -317,7 +336,10 @@ static __always_inline int dw_chdir_exit(long ret)
     struct dw_chdir_event *e = chdir_scratch.lookup(&zero);
     if (!e)
         return 0;
-    dw_fill_header(&e->hdr, DW_KIND_CHDIR, bpf_get_current_cgroup_id(), pid_tgid);
+    e->hdr.flags = 0;
+    e->hdr.suppressed = 0;
+    dw_fill_header(&e->hdr, DW_KIND_CHDIR, bpf_get_current_cgroup_id(), pid_tgid,
+                   bpf_ktime_get_ns());
     e->retval = ret;
     e->fd = -1;
     e->path_len = 0;
@@ -360,8 +382,9 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
     struct dw_exec_event *e = exec_scratch.lookup(&zero);
     if (!e)
         return 0;
-    dw_fill_header(&e->hdr, DW_KIND_EXEC, cgid, pid_tgid);
     e->hdr.flags = flags;
+    e->hdr.suppressed = 0;
+    dw_fill_header(&e->hdr, DW_KIND_EXEC, cgid, pid_tgid, bpf_ktime_get_ns());
     e->retval = 0;
     e->dirfd = dirfd;
     e->_pad = 0;
@@ -501,7 +524,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u64 cgid = bpf_get_current_cgroup_id();
-    dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid);
+    e->hdr.flags = 0;
     e->retval = args->ret;
     e->fd = p.dirfd;
     e->port = 0;
@@ -546,9 +569,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
             h = dw_mix(h, *(u64 *)&e->unix_path[i * 8]);
     }
     h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
+    u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
-    if (dw_suppress(DW_KIND_CONNECT, cgid, h, e->hdr.ts_ns, &carried))
+    if (dw_suppress(DW_KIND_CONNECT, cgid, h, now, &carried))
         return 0;
+    dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
     dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT);
     return 0;
@@ -580,7 +605,7 @@ static __always_inline int dw_file_exit(long ret)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u64 cgid = bpf_get_current_cgroup_id();
-    dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid);
+    e->hdr.flags = 0;
     e->op = p.op;
     e->retval = ret;
     e->dirfd = p.dirfd;
@@ -636,9 +661,11 @@ static __always_inline int dw_file_exit(long ret)
     }
     /* what was asked matters: chmod +x differs from chmod 644, O_TRUNC from O_APPEND */
     h = dw_mix(h, ((u64)p.mode << 32) | (p.flags & (DW_O_ACCMODE | DW_O_CREAT | DW_O_TRUNC | DW_O_APPEND)));
+    u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
-    if (dw_suppress(DW_KIND_FILE, cgid, h, e->hdr.ts_ns, &carried))
+    if (dw_suppress(DW_KIND_FILE, cgid, h, now, &carried))
         return 0;
+    dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
     dw_emit(e, size, sizeof(*e), DW_KIND_FILE);
     return 0;

@@ -60,9 +60,13 @@ class ProbeConfig:
             mask |= 1 << int(SELECTABLE_KINDS[name])
         return mask
 
-    def cflags(self) -> list[str]:
+    def cflags(self, *, host_cgroup_id: int = 1, agent_tgid: int = 0) -> list[str]:
+        """The -D settings; the host cgroup and the agent's pid are known only at load time."""
         return [
             f"-I{PROBE_DIR}",
+            f"-DDW_HOST_CGROUP_ID={host_cgroup_id}",
+            f"-DDW_AGENT_TGID={agent_tgid}",
+            f"-DDW_EXTRA_SKIP={int(bool(self.extra_skip_cgroup_ids))}",
             f"-DDW_KINDS={self.kind_mask()}",
             f"-DDW_INCLUDE_HOST={int(self.include_host)}",
             f"-DDW_DEDUP_NS={self.dedup_interval_ns}",
@@ -85,10 +89,19 @@ def find_cgroup2_root(sys_fs_cgroup: str | os.PathLike = "/sys/fs/cgroup") -> Pa
     )
 
 
-def bpf_text(config: ProbeConfig) -> str:
-    """The final BPF program text: settings as defines, then the event header, then the program."""
+def bpf_text(config: ProbeConfig, *, host_cgroup_id: int | None = None,
+             agent_tgid: int | None = None) -> str:
+    """The final BPF program text: settings as defines, then the event header, then the program.
+    Without explicit ids it shows what this process would load (its pid, this host's root)."""
+    if host_cgroup_id is None:
+        try:
+            host_cgroup_id = os.stat(config.cgroup_root or find_cgroup2_root()).st_ino
+        except (OSError, HostSupportError):
+            host_cgroup_id = 1
     defines = []
-    for flag in config.cflags():
+    flags = config.cflags(host_cgroup_id=host_cgroup_id,
+                          agent_tgid=os.getpid() if agent_tgid is None else agent_tgid)
+    for flag in flags:
         if flag.startswith("-D"):
             name, _, value = flag[2:].partition("=")
             defines.append(f"#define {name} {value}")
@@ -137,20 +150,21 @@ class ProbeSet:
                 f"no syscall tracepoints under {' or '.join(self._tracefs_dirs)}: tracefs is not "
                 "mounted; run `mount -t tracefs nodev /sys/kernel/tracing`"
             )
-        log.info("compiling BPF program with %s", " ".join(self.config.cflags()))
+        host_cgroup_id = os.stat(cgroup_root).st_ino
+        cflags = self.config.cflags(host_cgroup_id=host_cgroup_id, agent_tgid=os.getpid())
+        log.info("compiling BPF program with %s", " ".join(cflags))
         try:
             with _quiet_stderr():
-                self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=self.config.cflags())
+                self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
         except Exception as exc:
             raise ProbeLoadError(
                 f"BPF program failed to compile or load ({exc}); run `driftwarden doctor` to see "
                 "which kernel feature is missing"
             ) from exc
-        self.host_cgroup_ids = (os.stat(cgroup_root).st_ino, *self.config.extra_skip_cgroup_ids)
+        self.host_cgroup_ids = (host_cgroup_id, *self.config.extra_skip_cgroup_ids)
         skip_cgroups = self._bpf[b"skip_cgroups"]
-        for cgid in self.host_cgroup_ids:
+        for cgid in self.config.extra_skip_cgroup_ids:
             skip_cgroups[ctypes.c_ulonglong(cgid)] = ctypes.c_ubyte(1)
-        self._bpf[b"skip_tgids"][ctypes.c_uint(os.getpid())] = ctypes.c_ubyte(1)
 
         def on_record(_ctx, data, size):
             self._batch.append(ctypes.string_at(data, size))
