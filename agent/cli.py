@@ -84,6 +84,9 @@ def _add_trace(subparsers) -> None:
                    "(0 disables; default 1)")
     p.add_argument("--ringbuf-pages", type=int, default=1024, metavar="N",
                    help="ring buffer size in 4 KiB pages, a power of two (default 1024)")
+    p.add_argument("--open-result", action="store_true",
+                   help="report opens at syscall exit with their result (costs a second "
+                   "tracepoint on every open; default: at entry, result null)")
     p.add_argument("--print-bpf", action="store_true",
                    help="print the final BPF program text and exit")
     p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
@@ -108,6 +111,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         dedup_interval_ns=int(args.dedup_interval * 1e9),
         ringbuf_pages=args.ringbuf_pages,
         print_bpf=args.print_bpf,
+        open_result=args.open_result,
         docker_host=args.docker_host,
         cgroup_root=args.cgroup_root,
     )

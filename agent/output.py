@@ -102,8 +102,8 @@ def record_to_dict(record: TraceRecord, clock_offset_ns: int, *, clock: WallCloc
             "path_as_given": event.path,
             "path_resolved": record.path_resolved,
             "dirfd": event.dirfd,
-            "result": event.retval,
-            "error": _errno_name(event.retval),
+            "result": event.retval if event.result_known else None,
+            "error": _errno_name(event.retval) if event.result_known else None,
             "truncated": bool(int(event.header.flags) & _ANY_PATH_TRUNCATED),
         }
         if event.path2 is not None:
@@ -176,8 +176,11 @@ def format_line(record: TraceRecord, clock_offset_ns: int) -> str:
             extra = " " + "|".join(open_flag_names(event.open_flags))
         elif event.op in (FileOp.CHMOD, FileOp.MKDIR, FileOp.MKNOD):
             extra = f" mode={event.mode:o}"
-        result = "ok" if event.retval >= 0 else _errno_name(event.retval)
-        body = f"{h.comm} {event.op.name.lower()} {path}{extra} {result}"
+        if not event.result_known:
+            result = ""
+        else:
+            result = " ok" if event.retval >= 0 else f" {_errno_name(event.retval)}"
+        body = f"{h.comm} {event.op.name.lower()} {path}{extra}{result}"
     else:
         body = ""
     suffix = f" (+{h.suppressed} repeats)" if h.suppressed else ""

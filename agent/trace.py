@@ -34,6 +34,7 @@ class TraceOptions:
     dedup_interval_ns: int = 1_000_000_000
     ringbuf_pages: int = 1024
     print_bpf: bool = False
+    open_result: bool = False
     docker_host: str = "unix:///var/run/docker.sock"
     cgroup_root: str = ""
 
@@ -48,6 +49,7 @@ def _probe_config(options: TraceOptions):
         dedup_interval_ns=options.dedup_interval_ns,
         ringbuf_pages=options.ringbuf_pages,
         cgroup_root=options.cgroup_root,
+        open_result=options.open_result,
     )
 
 

@@ -58,6 +58,7 @@ class Flag(enum.IntFlag):
 
 
 AT_FDCWD = -100
+RESULT_UNKNOWN = 0x7FFFFFFF  # retval of an event sent before its syscall ran (opens, by default)
 COMM_LEN = 16
 UNIX_PATH_LEN = 108
 

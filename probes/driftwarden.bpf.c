@@ -34,8 +34,14 @@
 #define DW_AGENT_TGID 0                     /* the agent's pid, never reported; the loader sets it */
 #endif
 #ifndef DW_EXTRA_SKIP
-#define DW_EXTRA_SKIP 0                     /* 1: also skip the cgroups in skip_cgroups */
+#define DW_EXTRA_SKIP 0                     /* 1: also skip what skip_cgroups/skip_tgids hold */
 #endif
+#ifndef DW_OPEN_RESULT
+#define DW_OPEN_RESULT 0                    /* 1: report opens at exit, with their result */
+#endif
+/* Opens are reported at entry by default: sys_exit_openat would fire for every open on the
+ * host, read-only ones included, and a write-open would pay two tracepoints and a stash. */
+
 #ifndef DW_KINDS
 #define DW_KINDS ((1 << DW_KIND_EXEC) | (1 << DW_KIND_CONNECT) | (1 << DW_KIND_FILE))
 #endif
@@ -94,10 +100,12 @@ BPF_RINGBUF_OUTPUT(events, DW_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(counters, u64, DW_KIND_MAX * DW_CNT_MAX);
 BPF_HASH(skip_cgroups, u64, u8, 64);                       /* more host cgroups (DW_EXTRA_SKIP) */
 BPF_HASH(skip_tgids, u32, u8, 64);                         /* more processes never reported */
-BPF_TABLE("lru_hash", u32, u32, parent_of, 65536);         /* child pid -> parent tgid */
-BPF_TABLE("lru_hash", u32, u32, cwd_epoch, 16384);         /* tgid -> chdir count */
-BPF_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES);
-BPF_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536);
+/* LRU maps with per-CPU free lists: no global LRU lock on the hot path. */
+BPF_F_TABLE("lru_hash", u32, u32, parent_of, 65536, BPF_F_NO_COMMON_LRU);  /* child -> parent */
+BPF_F_TABLE("lru_hash", u32, u32, cwd_epoch, 16384, BPF_F_NO_COMMON_LRU);  /* tgid -> chdirs */
+BPF_F_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES,
+            BPF_F_NO_COMMON_LRU);
+BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COMMON_LRU);
 /* Per-thread syscall stashes: plain hashes (cheaper than LRU on every syscall); an entry a
  * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
 BPF_HASH(pending, u32, struct dw_pending, 16384);
@@ -129,7 +137,11 @@ static __always_inline int dw_skipped(u64 cgid, u64 pid_tgid)
     u32 tgid = pid_tgid >> 32;
     if (tgid == DW_AGENT_TGID)
         return 1;
+#if DW_EXTRA_SKIP
     return skip_tgids.lookup(&tgid) != 0;
+#else
+    return 0;
+#endif
 }
 
 /* Everything but flags and suppressed, which callers set as they learn them. Called only for
@@ -594,17 +606,14 @@ static __always_inline int dw_file_enter(u16 op, const char *path, const char *p
     return dw_stash(DW_KIND_FILE, op, path, path2, dirfd, dirfd2, flags, mode);
 }
 
-static __always_inline int dw_file_exit(long ret)
+/* Reads the path(s), decides dedup, sends. `p` holds the syscall's arguments. */
+static __always_inline int dw_file_emit(struct dw_pending *pp, long ret, u64 cgid, u64 pid_tgid)
 {
-    struct dw_pending p;
-    if (!dw_unstash(DW_KIND_FILE, &p))
-        return 0;
+    struct dw_pending p = *pp;
     u32 zero = 0;
     struct dw_file_event *e = file_scratch.lookup(&zero);
     if (!e)
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 cgid = bpf_get_current_cgroup_id();
     e->hdr.flags = 0;
     e->op = p.op;
     e->retval = ret;
@@ -671,20 +680,51 @@ static __always_inline int dw_file_exit(long ret)
     return 0;
 }
 
+static __always_inline int dw_file_exit(long ret)
+{
+    struct dw_pending p;
+    if (!dw_unstash(DW_KIND_FILE, &p))
+        return 0;
+    return dw_file_emit(&p, ret, bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid());
+}
+
+/* A write-intent open: at entry (default, result unknown) or stashed for its exit. */
+static __always_inline int dw_open(const char *path, s32 dirfd, u32 flags, u32 mode)
+{
+#if DW_OPEN_RESULT
+    return dw_file_enter(DW_FILE_OPEN, path, 0, dirfd, 0, flags, mode);
+#else
+    if (!DW_ENABLED(DW_KIND_FILE))
+        return 0;
+    u64 cgid = bpf_get_current_cgroup_id();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (dw_skipped(cgid, pid_tgid))
+        return 0;
+    struct dw_pending p = {};
+    p.path = (u64)path;
+    p.dirfd = dirfd;
+    p.flags = flags;
+    p.mode = mode;
+    p.kind = DW_KIND_FILE;
+    p.op = DW_FILE_OPEN;
+    return dw_file_emit(&p, DW_RESULT_UNKNOWN, cgid, pid_tgid);
+#endif
+}
+
 #define DW_CREAT_FLAGS (DW_O_CREAT | DW_O_WRONLY | DW_O_TRUNC)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
 {
     if (!dw_wants_write(args->flags))
         return 0;
-    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, DW_AT_FDCWD, 0, args->flags, args->mode);
+    return dw_open(args->filename, DW_AT_FDCWD, args->flags, args->mode);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
     if (!dw_wants_write(args->flags))
         return 0;
-    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, args->dfd, 0, args->flags, args->mode);
+    return dw_open(args->filename, args->dfd, args->flags, args->mode);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
@@ -694,12 +734,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
         return 0;
     if (!dw_wants_write(how[0]))
         return 0;
-    return dw_file_enter(DW_FILE_OPEN, args->filename, 0, args->dfd, 0, how[0], how[1]);
+    return dw_open(args->filename, args->dfd, how[0], how[1]);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_creat)
 {
-    return dw_file_enter(DW_FILE_OPEN, args->pathname, 0, DW_AT_FDCWD, 0, DW_CREAT_FLAGS, args->mode);
+    return dw_open(args->pathname, DW_AT_FDCWD, DW_CREAT_FLAGS, args->mode);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
@@ -800,10 +840,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mknodat)
     return dw_file_enter(DW_FILE_MKNOD, args->filename, 0, args->dfd, 0, 0, args->mode);
 }
 
+#if DW_OPEN_RESULT
 TRACEPOINT_PROBE(syscalls, sys_exit_open) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return dw_file_exit(args->ret); }
+#endif
 TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return dw_file_exit(args->ret); }

@@ -71,6 +71,7 @@ enum dw_file_op {
 #define DW_F_EXECVEAT         0x0040
 
 #define DW_AT_FDCWD (-100)
+#define DW_RESULT_UNKNOWN 0x7fffffff   /* retval of an event reported before its syscall ran */
 
 struct dw_event_header {
     __u64 ts_ns;                 /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
@@ -118,7 +119,7 @@ struct dw_file_event {
     __u16 path_len;              /* bytes in path[], NUL included; 0 if DW_F_FD_ONLY */
     __u16 path2_len;
     __u16 _pad;
-    __s32 retval;
+    __s32 retval;                /* result, or DW_RESULT_UNKNOWN (opens, reported at entry) */
     __s32 dirfd;                 /* dirfd for path (AT_FDCWD if none); the fd for fchmod */
     __s32 dirfd2;                /* dirfd for path2 */
     __u32 open_flags;            /* open: O_* flags; unlinkat/renameat2/linkat: their flags */

@@ -13,7 +13,7 @@ import enum
 import ipaddress
 from typing import NamedTuple
 
-from driftwarden.probes._layout import EventKind, FileOp, Flag
+from driftwarden.probes._layout import RESULT_UNKNOWN, EventKind, FileOp, Flag
 
 
 class Family(enum.StrEnum):
@@ -95,6 +95,11 @@ class FileEvent(NamedTuple):
     retval: int
     path_truncated: bool = False
     path2_truncated: bool = False
+
+    @property
+    def result_known(self) -> bool:
+        """False for opens reported at entry (the default): the syscall had not run yet."""
+        return self.retval != RESULT_UNKNOWN
 
 
 class ChdirEvent(NamedTuple):

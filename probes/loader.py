@@ -35,6 +35,7 @@ class ProbeConfig:
     dedup_entries: int = 16384
     ringbuf_pages: int = 1024  # 4 MiB; must be a power of two
     wakeup: bool = False  # True: wake the reader per event (costly; for comparisons only)
+    open_result: bool = False  # True: report opens at syscall exit, with their result (costlier)
     limits: Limits = field(default_factory=Limits)
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
     extra_skip_cgroup_ids: tuple[int, ...] = ()
@@ -73,6 +74,7 @@ class ProbeConfig:
             f"-DDW_DEDUP_ENTRIES={self.dedup_entries}",
             f"-DDW_RINGBUF_PAGES={self.ringbuf_pages}",
             f"-DDW_WAKEUP={0 if self.wakeup else 'BPF_RB_NO_WAKEUP'}",
+            f"-DDW_OPEN_RESULT={int(self.open_result)}",
             *self.limits.cflags(),
         ]
 

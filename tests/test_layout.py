@@ -23,6 +23,7 @@ from driftwarden.probes._layout import (
     HEADER_SIZE,
     HEADER_STRUCT,
     KIND_MAX,
+    RESULT_UNKNOWN,
     UNIX_PATH_LEN,
     Counter,
     EventKind,
@@ -212,6 +213,7 @@ def test_other_constants_match_c(compiled):
     assert consts["DW_AT_FDCWD"] == AT_FDCWD == -100
     assert consts["DW_COMM_LEN"] == COMM_LEN == 16
     assert consts["DW_UNIX_PATH_LEN"] == UNIX_PATH_LEN == 108
+    assert consts["DW_RESULT_UNKNOWN"] == RESULT_UNKNOWN == 0x7FFFFFFF
 
 
 def test_header_constant_parser_finds_everything():

@@ -85,7 +85,8 @@ def test_busybox_container_every_kind(live_trace, storm_image):
     assert created.event.path == "rel.txt" and created.path_resolved
     assert created.event.open_flags & 0o3 == os.O_WRONLY
     assert created.event.open_flags & (os.O_CREAT | os.O_TRUNC) == os.O_CREAT | os.O_TRUNC
-    assert created.event.header.comm == "sh" and created.event.retval >= 0
+    assert created.event.header.comm == "sh"
+    assert not created.event.result_known  # opens are reported at entry by default
 
     appended = _one(_writes(records, "open", "/data/app.log"), "open app.log")
     assert appended.event.open_flags & os.O_APPEND
@@ -251,6 +252,22 @@ def test_identical_opens_emitted_plus_suppressed_add_up(live_trace, bb_image):
     assert after - before >= carried
 
 
+def test_open_result_mode_reports_the_outcome(kernel_ok, bb_image):
+    from driftwarden.probes.loader import ProbeConfig
+
+    from tests.conftest import start_live_trace
+
+    config = ProbeConfig(open_result=True, kinds=frozenset({"write"}))
+    with start_live_trace(config) as live, run_container(bb_image, ["sleep", "3600"]) as c:
+        _sh(c, "echo a > /data/ok.txt; echo b > /nope/missing.txt; true")
+        records = live.wait_for(lambda rs: _writes(rs, "open", "/nope/missing.txt"), c.cgroup_id)
+        records = live.settle(c.cgroup_id)
+    ok = _one(_writes(records, "open", "/data/ok.txt"), "open ok.txt")
+    assert ok.event.result_known and ok.event.retval >= 0
+    missing = _one(_writes(records, "open", "/nope/missing.txt"), "open missing")
+    assert missing.event.retval == -2  # ENOENT
+
+
 def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
     from driftwarden.probes.decode import Decoder
     from driftwarden.probes.loader import ProbeConfig, ProbeSet
@@ -286,7 +303,8 @@ def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
     {"kinds": frozenset({"exec"}), "include_host": True},
     {"limits": (256, 16, 128, 2048)},
     {"limits": (4096, 32, 1024, 8192)},
-], ids=["tiny-ring-no-dedup", "exec-only-host", "small-limits", "large-limits"])
+    {"open_result": True, "dedup_interval_ns": 0},
+], ids=["tiny-ring-no-dedup", "exec-only-host", "small-limits", "large-limits", "open-result"])
 def test_every_configuration_passes_the_verifier(kernel_ok, settings):
     """Settings are -D defines; each combination is its own program for the verifier."""
     from driftwarden.probes._layout import Limits
