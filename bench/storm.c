@@ -6,7 +6,7 @@
  * (tests/support/images.py does this and bakes it into the "dw-storm" image as /bin/dwstorm).
  *
  * Usage:
- *   dwstorm MODE COUNT [ARG] [--rate N] [--seconds S] [--unlink]
+ *   dwstorm MODE COUNT [ARG] [--rate N] [--seconds S] [--unlink] [--linger S]
  *   dwstorm MODE --seconds S [ARG] [--rate N] [--unlink]      (time bound replaces COUNT)
  *
  * Modes (one "event" each):
@@ -24,6 +24,9 @@
  *   udp       UDP connect + one datagram + close to loopback ARG (required; nobody listens).
  *   unix      AF_UNIX stream connect + close to path ARG ("@name" = abstract namespace);
  *             without a listener it fails with ECONNREFUSED/ENOENT, which is still an event.
+ *   fileops   one of each: creat, openat2, truncate, fchmod, renameat, linkat, symlinkat,
+ *             fchmodat (setuid), mkdirat, unlinkat (dir and file), mknodat (FIFO), the *at()
+ *             ones relative to a directory fd, in directory ARG (default /tmp/fileops).
  *   openuniq  the same on ARG.N (N = loop index) so in-kernel dedup of repeated paths cannot
  *             suppress events.  ARG defaults to /tmp/dwstorm.uniq.  --unlink removes each file
  *             after closing it (keeps huge storms from filling the container layer).
@@ -32,6 +35,7 @@
  *              max(1, N/1000) with an absolute-deadline nanosleep before each batch, so the
  *              sleep granularity stays around 1 ms whatever the rate.
  * --seconds S  stop after S seconds (fractions allowed); COUNT may then be omitted.
+ * --linger S   stay alive S seconds after printing the summary (so /proc/PID can be read).
  *
  * Only loopback addresses are accepted (127.0.0.0/8, ::1, "localhost"); anything else is
  * refused before any socket is created (exit 2).
@@ -56,13 +60,15 @@
 #include <stddef.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 extern char **environ;
 
-enum mode { M_EXEC, M_CONNECT, M_LISTEN, M_OPEN, M_OPENUNIQ, M_UDP, M_UNIX };
+enum mode { M_EXEC, M_CONNECT, M_LISTEN, M_OPEN, M_OPENUNIQ, M_UDP, M_UNIX, M_FILEOPS };
 
 struct opts {
     enum mode mode;
@@ -72,6 +78,7 @@ struct opts {
     double rate;          /* <= 0: unpaced */
     double seconds;       /* <= 0: no time bound */
     int unlink_files;
+    double linger;        /* seconds to stay alive after the summary (lets /proc be read) */
 };
 
 struct ctx {
@@ -108,7 +115,7 @@ static void sleep_until(int64_t t_ns) {
 static void usage(void) {
     fprintf(stderr,
             "usage: dwstorm exec|connect|listen|open|openuniq COUNT [ARG] "
-            "[--rate N] [--seconds S] [--unlink]\n"
+            "[--rate N] [--seconds S] [--unlink] [--linger S]\n"
             "       dwstorm MODE --seconds S [ARG] ...   (see bench/storm.c)\n");
     exit(2);
 }
@@ -178,6 +185,9 @@ static void parse_args(int argc, char **argv, struct opts *o) {
             if (o->seconds <= 0) usage();
         } else if (strcmp(a, "--unlink") == 0) {
             o->unlink_files = 1;
+        } else if (strcmp(a, "--linger") == 0 && i + 1 < argc) {
+            o->linger = strtod(argv[++i], NULL);
+            if (o->linger < 0) usage();
         } else if (strncmp(a, "--", 2) == 0 || npos == 3) {
             usage();
         } else {
@@ -189,6 +199,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     static const struct { const char *name; enum mode m; } modes[] = {
         {"exec", M_EXEC}, {"connect", M_CONNECT}, {"listen", M_LISTEN},
         {"open", M_OPEN}, {"openuniq", M_OPENUNIQ}, {"udp", M_UDP}, {"unix", M_UNIX},
+        {"fileops", M_FILEOPS},
     };
     o->mode_name = NULL;
     for (size_t k = 0; k < sizeof(modes) / sizeof(modes[0]); k++) {
@@ -329,6 +340,40 @@ static void setup_unix(struct ctx *c) {
     c->addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (p[0] == '@' ? 0 : 1));
 }
 
+/* One of each file syscall the probes trace that shell tools rarely make, in directory
+ * c->path: creat, openat2, truncate, fchmod, and the dirfd-relative *at() family (paths
+ * relative to an open directory fd, which the agent resolves through /proc/PID/fd). */
+static int ev_fileops(struct ctx *c, long long i) {
+    (void)i;
+    char p[sizeof(c->path) + 16];
+    int bad = 0;
+    snprintf(p, sizeof(p), "%s/creat.txt", c->path);
+    int fd = creat(p, 0640);
+    bad |= fd < 0;
+    if (fd >= 0) {
+        bad |= fchmod(fd, 0750) != 0;
+        if (c->o->linger <= 0) close(fd);  /* lingering keeps fds open for /proc readers */
+    }
+    bad |= truncate(p, 0) != 0;
+    snprintf(p, sizeof(p), "%s/openat2.txt", c->path);
+    struct { uint64_t flags, mode, resolve; } how = {O_WRONLY | O_CREAT | O_CLOEXEC, 0600, 0};
+    fd = (int)syscall(SYS_openat2, AT_FDCWD, p, &how, sizeof(how));
+    bad |= fd < 0;
+    if (fd >= 0) close(fd);
+    int dir = open(c->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) return EV_ERR;
+    bad |= renameat(dir, "creat.txt", dir, "renamed.txt") != 0;
+    bad |= linkat(dir, "renamed.txt", dir, "hardlink.txt", 0) != 0;
+    bad |= symlinkat("renamed.txt", dir, "symlink.txt") != 0;
+    bad |= fchmodat(dir, "renamed.txt", 04755, 0) != 0;
+    bad |= mkdirat(dir, "subdir", 0700) != 0;
+    bad |= unlinkat(dir, "subdir", AT_REMOVEDIR) != 0;
+    bad |= mknodat(dir, "fifo", S_IFIFO | 0600, 0) != 0;
+    bad |= unlinkat(dir, "hardlink.txt", 0) != 0;
+    if (c->o->linger <= 0) close(dir);
+    return bad ? EV_ERR : EV_OK;
+}
+
 static int write_one(const char *path, int unlink_after) {
     int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (fd < 0) return EV_ERR;
@@ -407,6 +452,7 @@ static event_fn setup(struct ctx *c) {
         if (parse_loopback(c->o->arg, &c->addr, &c->addrlen) < 0) refuse(c->o->arg);
         return ev_udp;
     case M_UNIX: setup_unix(c); return ev_unix;
+    case M_FILEOPS: set_path(c, "/tmp/fileops"); return ev_fileops;
     }
     return NULL;
 }
@@ -454,5 +500,9 @@ int main(int argc, char **argv) {
     printf("{\"mode\":\"%s\",\"count\":%lld,\"errors\":%lld,\"elapsed_ns\":%lld}\n",
            o.mode_name, done, errors, (long long)elapsed);
     fflush(stdout);
+    if (o.linger > 0) {
+        struct timespec ts = {(time_t)o.linger, (long)((o.linger - (time_t)o.linger) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
     return errors ? 3 : 0;
 }

@@ -154,3 +154,29 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60) -> 
         if not line and proc.poll() is not None:
             raise AssertionError(f"agent exited early: {proc.stderr.read()}")
     raise AssertionError(f"agent did not print {needle!r} in {timeout}s")
+
+
+@pytest.mark.integration
+def test_docker_down_keeps_tracing_with_cgroup_only_attribution(kernel_ok, bb_image, tmp_path):
+    dead = tmp_path / "no-docker.sock"
+    with run_container(bb_image, ["sleep", "3600"], name="nodocker") as c:
+        agent = subprocess.Popen(
+            [PY, "-m", "driftwarden", "trace", "--json", "--kinds", "write",
+             "--docker-host", f"unix://{dead}", "--duration", "25"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+        )
+        try:
+            _wait_for_line(agent, "tracing")
+            c.exec(["/bin/sh", "-c", "echo x > /data/while-docker-is-down"])
+            time.sleep(2.5)  # past the 1 s wait for metadata
+        finally:
+            agent.send_signal(2)
+            out, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    hit = [e for e in events if e["write"]["path"] == "/data/while-docker-is-down"]
+    assert len(hit) == 1
+    container = hit[0]["container"]
+    assert container["id"] == c.id and container["runtime"] == "docker"
+    assert container["name"] is None and container["attribution"] == "container"
+    assert "docker unreachable" in container["metadata_error"]

@@ -317,3 +317,54 @@ def test_every_configuration_passes_the_verifier(kernel_ok, settings):
                                     max_arg_len=max_arg_len, args_size=args_size)
     with ProbeSet(ProbeConfig(**settings)) as probes:
         assert probes.counters()["exec"]["dropped"] == 0
+
+
+def test_rare_file_syscalls_and_dirfd_relative_paths(live_trace, storm_image):
+    """creat, openat2, truncate, fchmod and the *at() family relative to a directory fd.
+    The process lingers so its directory fd can be read from /proc (see README limits)."""
+    with run_container(storm_image, ["sleep", "3600"], name="fileops") as c:
+        _sh(c, "mkdir -p /data/fo && dwstorm fileops 1 /data/fo --linger 1")
+        live_trace.wait_for(lambda rs: _writes(rs, "unlink", "/data/fo/hardlink.txt"),
+                            c.cgroup_id)
+        records = live_trace.settle(c.cgroup_id)
+    creat = _one(_writes(records, "open", "/data/fo/creat.txt"), "creat")
+    assert creat.event.open_flags & (os.O_CREAT | os.O_TRUNC) == os.O_CREAT | os.O_TRUNC
+    assert creat.event.mode == 0o640
+    fchmod = _one([r for r in _writes(records, "chmod") if r.event.path is None], "fchmod")
+    # an fd's path is read from /proc when the event is processed, so it is the file's name
+    # by then: dwstorm renamed it a millisecond after the fchmod
+    assert fchmod.path == "/data/fo/renamed.txt" and fchmod.event.mode == 0o750
+    _one(_writes(records, "truncate", "/data/fo/creat.txt"), "truncate(2)")
+    openat2 = _one(_writes(records, "open", "/data/fo/openat2.txt"), "openat2")
+    assert openat2.event.mode == 0o600
+    rename = _one(_writes(records, "rename", "/data/fo/creat.txt"), "renameat")
+    assert rename.event.path == "creat.txt" and rename.event.dirfd >= 0
+    assert rename.path2 == "/data/fo/renamed.txt" and rename.path2_resolved
+    link = _one(_writes(records, "link", "/data/fo/renamed.txt"), "linkat")
+    assert link.path2 == "/data/fo/hardlink.txt"
+    symlink = _one(_writes(records, "symlink"), "symlinkat")
+    assert (symlink.path, symlink.path2) == ("renamed.txt", "/data/fo/symlink.txt")
+    setuid = _one([r for r in _writes(records, "chmod", "/data/fo/renamed.txt")
+                   if r.event.path == "renamed.txt"], "fchmodat")
+    assert setuid.event.mode == 0o4755
+    _one(_writes(records, "mkdir", "/data/fo/subdir"), "mkdirat")
+    _one(_writes(records, "rmdir", "/data/fo/subdir"), "unlinkat AT_REMOVEDIR")
+    fifo = _one(_writes(records, "mknod", "/data/fo/fifo"), "mknodat")
+    assert stat.S_ISFIFO(fifo.event.mode)
+    _one(_writes(records, "unlink", "/data/fo/hardlink.txt"), "unlinkat")
+
+
+def test_dirfd_relative_paths_of_a_closed_fd_are_marked_unresolved(live_trace, storm_image):
+    """Without kernel struct reads, a directory fd closed before the event is processed cannot
+    be resolved: the event keeps the path as given and its dirfd, marked unresolved."""
+    with run_container(storm_image, ["sleep", "3600"], name="closedfd") as c:
+        _sh(c, "mkdir -p /data/fo && dwstorm fileops 1 /data/fo")  # closes its fds at once
+        live_trace.wait_for(lambda rs: [r for r in _writes(rs, "unlink")
+                                        if r.event.path == "hardlink.txt"], c.cgroup_id)
+        records = live_trace.settle(c.cgroup_id)
+    rename = _one(_writes(records, "rename"), "renameat")
+    assert rename.event.dirfd >= 0
+    assert (rename.path, rename.path_resolved) == ("creat.txt", False)
+    assert (rename.path2, rename.path2_resolved) == ("renamed.txt", False)
+    absolute = _one(_writes(records, "truncate"), "truncate(2) of an absolute path")
+    assert (absolute.path, absolute.path_resolved) == ("/data/fo/creat.txt", True)
