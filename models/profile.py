@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-
 from driftwarden.errors import DriftwardenError, UsageError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-
 from driftwarden.errors import UsageError
 from driftwarden.models.profile import (
     BaselineError,
