@@ -234,3 +234,19 @@ def test_baseline_filename_never_escapes_the_directory():
     assert baseline_filename(IMAGE) == "sha256-" + "ab" * 32 + ".msgpack"
     name = baseline_filename("../../etc/passwd")
     assert "/" not in name and name.startswith("id-") and name.endswith(".msgpack")
+
+
+def test_profile_with_the_real_item_set_round_trips(tmp_path):
+    from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
+
+    store = ProfileStore(tmp_path, ItemSet)
+    p = Profile(image_id=IMAGE, image_name="web:1.0", items=ItemSet(), created_at=T0)
+    items = [ExecItem("/bin/busybox", "httpd"),
+             ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox"),
+             WriteItem("/var/log/app-*.log", "append")]
+    assert p.observe(items, T0 + 1, POLICY) == items
+    assert p.observe(items, T0 + 2, POLICY) == []
+    store.save(p)
+    loaded = store.load(IMAGE)
+    assert all(item in loaded.items for item in items) and len(loaded.items) == 3
+    assert loaded.observe([ExecItem("/tmp/x", "x")], T0 + 3, POLICY) == [ExecItem("/tmp/x", "x")]

@@ -1,0 +1,339 @@
+"""Baseline items: extraction from trace records, the bounded set, msgpack, diff, nearest."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from driftwarden.models.items import (
+    ConnectItem,
+    ExecItem,
+    ItemSet,
+    LineageItem,
+    WriteItem,
+    address_class,
+    extract_items,
+    item_from_key,
+)
+from driftwarden.pipeline import ContainerView, TraceRecord
+from driftwarden.probes._layout import AT_FDCWD, RESULT_UNKNOWN, EventKind, FileOp, Flag
+from driftwarden.probes.events import (
+    ConnectEvent,
+    ExecEvent,
+    Family,
+    FileEvent,
+    Header,
+    SockType,
+)
+
+WEB = ContainerView(state="container", cgroup_id=777, id="f00dcafe" * 8, name="web",
+                    image="busybox", image_id="sha256:" + "ab" * 32, runtime="docker")
+TGID, PPID = 4242, 4000
+EXES = {TGID: "/bin/busybox", PPID: ExecItem("/bin/busybox", "httpd")}
+
+
+def exe_of(tgid: int):
+    return EXES.get(tgid)
+
+
+def header(kind: EventKind, comm: str = "sh") -> Header:
+    return Header(kind=kind, ts_ns=1, cgroup_id=777, pid=TGID, tgid=TGID, ppid=PPID, uid=0,
+                  gid=0, comm=comm, flags=Flag(0), suppressed=0)
+
+
+def exec_rec(filename: str, argv: tuple[str, ...], *, exe: str | None, path: str | None = None,
+             retval: int = 0, runtime_setup: bool = False) -> TraceRecord:
+    event = ExecEvent(header=header(EventKind.EXEC), filename=filename, argv=argv,
+                      retval=retval, dirfd=AT_FDCWD)
+    return TraceRecord(event=event, kind="exec", container=WEB, ppid=PPID,
+                       path=path or filename, exe=exe, runtime_setup=runtime_setup)
+
+
+def file_rec(op: FileOp, path: str | None, *, path2: str | None = None, flags: int = 0,
+             mode: int = 0, retval: int = RESULT_UNKNOWN, resolved: bool = True,
+             runtime_setup: bool = False) -> TraceRecord:
+    event = FileEvent(header=header(EventKind.FILE), op=op, path=path, path2=path2,
+                      dirfd=AT_FDCWD, dirfd2=AT_FDCWD, open_flags=flags, mode=mode,
+                      retval=retval)
+    return TraceRecord(event=event, kind="write", container=WEB, ppid=PPID, path=path,
+                       path_resolved=resolved, path2=path2, runtime_setup=runtime_setup)
+
+
+def connect_rec(family: Family, address: str, port: int, sock: SockType = SockType.TCP,
+                retval: int = 0) -> TraceRecord:
+    number = {Family.INET: 2, Family.INET6: 10, Family.UNIX: 1}.get(family, 99)
+    event = ConnectEvent(header=header(EventKind.CONNECT), family=family, family_number=number,
+                         address=address, port=port, sock_type=sock, retval=retval, fd=3)
+    return TraceRecord(event=event, kind="connect", container=WEB, ppid=PPID)
+
+
+# -- exec ---------------------------------------------------------------------------------------
+
+def test_busybox_applet_through_proc_self_exe() -> None:
+    # the pipeline could not read the new exe; /proc/self/exe re-runs what the process ran
+    record = exec_rec("/proc/self/exe", ("nc", "127.0.0.1", "4444", "-e", "/bin/sh"), exe=None)
+    assert extract_items(record, exe_of) == [
+        ExecItem("/bin/busybox", "nc"),
+        LineageItem("/bin/busybox:httpd", "/bin/busybox:nc"),
+    ]
+
+
+def test_busybox_applet_with_recorded_exe() -> None:
+    record = exec_rec("/proc/self/exe", ("/bin/nc",), exe="/bin/busybox")
+    assert extract_items(record, exe_of)[0] == ExecItem("/bin/busybox", "nc")
+
+
+def test_real_binary() -> None:
+    record = exec_rec("cat", ("cat", "/etc/hosts"), exe="/bin/cat", path="/bin/cat")
+    assert extract_items(record, lambda tgid: "/bin/sh" if tgid == PPID else None) == [
+        ExecItem("/bin/cat", "cat"),
+        LineageItem("/bin/sh:?", "/bin/cat:cat"),
+    ]
+
+
+def test_exec_without_known_exe_or_parent() -> None:
+    record = exec_rec("/usr/bin/python3.11", (), exe=None)
+    assert extract_items(record, lambda tgid: None) == [
+        ExecItem("/usr/bin/python3.*", "python3.*"),
+        LineageItem("?", "/usr/bin/python3.*:python3.*"),
+    ]
+
+
+def test_failed_exec_gives_nothing() -> None:
+    assert extract_items(exec_rec("/bin/nope", ("nope",), exe=None, retval=-2), exe_of) == []
+
+
+def test_runtime_setup_gives_nothing() -> None:
+    assert extract_items(exec_rec("/bin/cat", ("cat",), exe="/bin/cat",
+                                  runtime_setup=True), exe_of) == []
+    assert extract_items(file_rec(FileOp.MKDIR, "/proc/x", runtime_setup=True), exe_of) == []
+
+
+# -- write --------------------------------------------------------------------------------------
+
+O_WRONLY, O_CREAT, O_TRUNC, O_APPEND = 0o1, 0o100, 0o1000, 0o2000
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    (file_rec(FileOp.OPEN, "/tmp/tmp.k3J9xQ2p1Z", flags=O_WRONLY | O_CREAT | O_TRUNC),
+     [WriteItem("/tmp/tmp.*", "create")]),
+    (file_rec(FileOp.OPEN, "/etc/app.conf", flags=O_WRONLY | O_TRUNC),
+     [WriteItem("/etc/app.conf", "truncate")]),
+    (file_rec(FileOp.OPEN, "/var/log/app-3.log", flags=O_WRONLY | O_APPEND | O_CREAT),
+     [WriteItem("/var/log/app-*.log", "create")]),
+    (file_rec(FileOp.OPEN, "/var/log/app-3.log", flags=O_WRONLY | O_APPEND),
+     [WriteItem("/var/log/app-*.log", "append")]),
+    (file_rec(FileOp.OPEN, "/data/db", flags=0o2), [WriteItem("/data/db", "write")]),
+    (file_rec(FileOp.OPEN, "/tmp/suid", flags=O_CREAT, mode=0o4755),
+     [WriteItem("/tmp/suid", "setuid")]),
+    (file_rec(FileOp.RENAME, "/var/log/access.log", path2="/var/log/access.log.1", retval=0),
+     [WriteItem("/var/log/access.log", "rename-from"),
+      WriteItem("/var/log/access.log.*", "rename-to")]),
+    (file_rec(FileOp.UNLINK, "/tmp/sh-thd.aB3dEf", retval=0), [WriteItem("/tmp/sh-thd.*",
+                                                                         "unlink")]),
+    (file_rec(FileOp.RMDIR, "/tmp/d", retval=0), [WriteItem("/tmp/d", "rmdir")]),
+    (file_rec(FileOp.CHMOD, "/tmp/x", mode=0o644, retval=0), [WriteItem("/tmp/x", "chmod")]),
+    (file_rec(FileOp.CHMOD, "/tmp/x", mode=0o755, retval=0), [WriteItem("/tmp/x", "chmod+x")]),
+    (file_rec(FileOp.CHMOD, "/tmp/x", mode=0o100, retval=0), [WriteItem("/tmp/x", "chmod+x")]),
+    (file_rec(FileOp.CHMOD, "/tmp/x", mode=0o4755, retval=0), [WriteItem("/tmp/x", "setuid")]),
+    (file_rec(FileOp.CHMOD, "/tmp/x", mode=0o2750, retval=0), [WriteItem("/tmp/x", "setuid")]),
+    (file_rec(FileOp.LINK, "/bin/sh", path2="/tmp/sh", retval=0), [WriteItem("/tmp/sh", "link")]),
+    (file_rec(FileOp.SYMLINK, "../bin/sh", path2="/usr/local/bin/sh", retval=0),
+     [WriteItem("/usr/local/bin/sh", "symlink")]),
+    (file_rec(FileOp.MKDIR, "/run/user/1000/x", mode=0o700, retval=0),
+     [WriteItem("/run/user/*/x", "mkdir")]),
+    (file_rec(FileOp.MKNOD, "/tmp/fifo", mode=0o10644, retval=0),
+     [WriteItem("/tmp/fifo", "mknod")]),
+    (file_rec(FileOp.TRUNCATE, "/var/log/app.log", retval=0),
+     [WriteItem("/var/log/app.log", "truncate")]),
+    # unresolved relative paths never collide with absolute ones
+    (file_rec(FileOp.OPEN, "out/tmp.k3J9xQ2p1Z", flags=O_CREAT, resolved=False),
+     [WriteItem("?rel:out/tmp.*", "create")]),
+    (file_rec(FileOp.CHMOD, None, mode=0o755, retval=0, resolved=False),
+     [WriteItem("?unknown", "chmod+x")]),
+], ids=lambda v: v.event.op.name.lower() if isinstance(v, TraceRecord) else "")
+def test_write_items(record: TraceRecord, expected: list[WriteItem]) -> None:
+    assert extract_items(record, exe_of) == expected
+
+
+def test_failed_file_op_gives_nothing_but_unknown_result_counts() -> None:
+    assert extract_items(file_rec(FileOp.UNLINK, "/etc/x", retval=-13), exe_of) == []
+    assert extract_items(file_rec(FileOp.OPEN, "/etc/x", flags=O_WRONLY), exe_of) == [
+        WriteItem("/etc/x", "write")]
+
+
+# -- connect ------------------------------------------------------------------------------------
+
+def test_connect_loopback_tcp() -> None:
+    assert extract_items(connect_rec(Family.INET, "127.0.0.1", 5432), exe_of) == [
+        ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox")]
+
+
+def test_connect_private_refused_is_still_an_item() -> None:
+    # the address is only data: nothing connects anywhere
+    record = connect_rec(Family.INET, "10.1.2.3", 8080, retval=-111)
+    assert extract_items(record, lambda tgid: None) == [
+        ConnectItem("inet", "private", "10.1.2.3", 8080, "tcp", "?")]
+
+
+def test_connect_public_udp() -> None:
+    assert extract_items(connect_rec(Family.INET, "8.8.8.8", 53, SockType.UDP), exe_of) == [
+        ConnectItem("inet", "public", "8.8.8.8", 53, "udp", "/bin/busybox")]
+
+
+def test_connect_unix_socket_with_pid() -> None:
+    record = connect_rec(Family.UNIX, "/run/app/4242.sock", 0, SockType.OTHER)
+    assert extract_items(record, exe_of) == [
+        ConnectItem("unix", "unix", "/run/app/*.sock", 0, "other", "/bin/busybox")]
+
+
+@pytest.mark.parametrize(("family", "address", "expected"), [
+    (Family.INET, "0.0.0.0", ("unspecified", "0.0.0.0")),
+    (Family.INET, "169.254.169.254", ("link-local", "169.254.169.254")),
+    (Family.INET, "224.0.0.251", ("multicast", "224.0.0.251")),
+    (Family.INET, "192.168.1.1", ("private", "192.168.1.1")),
+    (Family.INET6, "::1", ("loopback", "::1")),
+    (Family.INET6, "fe80::1", ("link-local", "fe80::1")),
+    (Family.INET6, "fd00::1", ("private", "fd00::1")),
+    (Family.INET6, "::ffff:127.0.0.1", ("loopback", "::ffff:7f00:1")),
+    (Family.INET6, "2001:4860:4860::8888", ("public", "2001:4860:4860::8888")),
+    (Family.INET, "not-an-ip", ("other", "not-an-ip")),
+    (Family.OTHER, "", ("other", "")),
+])
+def test_address_class(family: Family, address: str, expected: tuple[str, str]) -> None:
+    assert address_class(family, address) == expected
+
+
+# -- items, keys --------------------------------------------------------------------------------
+
+ALL = [
+    ExecItem("/bin/busybox", "nc"),
+    LineageItem("/bin/busybox:httpd", "/bin/busybox:sh"),
+    ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/usr/bin/psql"),
+    ConnectItem("inet6", "public", "2001:db8::1", 443, "tcp", "?"),
+    WriteItem("/tmp/tmp.*", "create"),
+]
+
+
+@pytest.mark.parametrize("item", ALL, ids=lambda i: i.KIND)
+def test_key_round_trip_and_describe(item) -> None:
+    key = item.key()
+    assert all(type(v) in (str, int) for v in key)
+    assert type(item).from_key(key) == item
+    assert item_from_key(item.KIND, list(key)) == item
+    assert hash(item) == hash(type(item).from_key(key))
+    assert 0 < len(item.describe()) < 120
+
+
+def test_describe_texts() -> None:
+    assert ExecItem("/bin/busybox", "nc").describe() == "exec /bin/busybox as nc"
+    assert ExecItem("/bin/cat", "cat").describe() == "exec /bin/cat"
+    assert ALL[2].describe() == "tcp connect to 127.0.0.1:5432 (loopback) by /usr/bin/psql"
+    assert ALL[3].describe() == "tcp connect to [2001:db8::1]:443 (public) by ?"
+    assert WriteItem("/bin/x", "chmod+x").describe() == "chmod+x /bin/x"
+
+
+@pytest.mark.parametrize(("kind", "key"), [
+    ("exec", ("/bin/sh",)),
+    ("exec", ("/bin/sh", 3)),
+    ("connect", ("inet", "public", "1.1.1.1", "53", "udp", "?")),
+    ("connect", ("inet", "public", "1.1.1.1", True, "udp", "?")),
+    ("write", "ab"),
+    ("nope", ("a", "b")),
+])
+def test_bad_keys_are_rejected(kind: str, key) -> None:
+    with pytest.raises(ValueError):
+        item_from_key(kind, key)
+
+
+# -- ItemSet ------------------------------------------------------------------------------------
+
+def test_add_contains_len() -> None:
+    items = ItemSet()
+    assert items.add(ALL[0]) is True
+    assert items.add(ExecItem("/bin/busybox", "nc")) is False
+    assert ALL[0] in items and ALL[1] not in items and "x" not in items
+    assert items.update(ALL) == 4
+    assert len(items) == 5 and list(items) == ALL
+    assert items.count("connect") == 2
+
+
+def test_caps_and_overflow() -> None:
+    items = ItemSet({"write": 2})
+    assert items.caps["exec"] == 4096
+    assert items.add(WriteItem("/a", "create")) and items.add(WriteItem("/b", "create"))
+    assert items.is_full("write")
+    assert items.add(WriteItem("/c", "create")) is True  # new, but not kept
+    assert WriteItem("/c", "create") not in items
+    assert items.add(WriteItem("/a", "create")) is False  # known: not an overflow
+    assert items.overflowed == {"exec": 0, "lineage": 0, "connect": 0, "write": 1}
+    assert items.add(ALL[0])  # other kinds are unaffected
+    with pytest.raises(ValueError):
+        ItemSet({"bogus": 1})
+
+
+def test_msgpack_round_trip() -> None:
+    items = ItemSet({"write": 1})
+    items.update(ALL)
+    items.add(WriteItem("/over", "unlink"))
+    data = msgpack.packb(items.to_msgpack_obj())
+    back = ItemSet.from_msgpack_obj(msgpack.unpackb(data))
+    assert list(back) == list(items)
+    assert back.caps == items.caps and back.overflowed == items.overflowed
+    assert back.to_msgpack_obj() == items.to_msgpack_obj()
+    smaller = ItemSet.from_msgpack_obj(msgpack.unpackb(data), caps={"connect": 1})
+    assert smaller.count("connect") == 1 and smaller.overflowed["connect"] == 1
+
+
+@pytest.mark.parametrize("obj", [
+    None,
+    [],
+    {"version": 99, "items": {}},
+    {"version": 1, "items": []},
+    {"version": 1, "items": {"exec": [["/bin/sh"]]}},
+    {"version": 1, "items": {"exec": ["/bin/sh"]}},
+    {"version": 1, "items": {"bogus": []}},
+    {"version": 1, "items": {}, "overflowed": {"exec": -1}},
+    {"version": 1, "items": {}, "caps": {"exec": "many"}},
+])
+def test_corrupt_msgpack_obj_is_rejected(obj) -> None:
+    with pytest.raises(ValueError):
+        ItemSet.from_msgpack_obj(obj)
+
+
+def test_diff() -> None:
+    a, b = ItemSet(), ItemSet()
+    a.update(ALL)
+    b.update(ALL[:2])
+    b.add(WriteItem("/only/in/b", "create"))
+    assert a.diff(b) == {"exec": [], "lineage": [], "connect": ALL[2:4], "write": [ALL[4]]}
+    assert b.diff(a)["write"] == [WriteItem("/only/in/b", "create")]
+
+
+def test_nearest() -> None:
+    items = ItemSet()
+    items.update([
+        ExecItem("/bin/busybox", "httpd"),
+        ExecItem("/bin/busybox", "sh"),
+        ExecItem("/usr/bin/curl", "curl"),
+        LineageItem("/bin/busybox:httpd", "/bin/busybox:sh"),
+        ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox"),
+        ConnectItem("inet", "public", "8.8.8.8", 53, "udp", "/bin/busybox"),
+        WriteItem("/var/log/app-*.log", "append"),
+        WriteItem("/tmp/tmp.*", "create"),
+    ])
+    # same exe, another applet; ties go to the first learned
+    assert items.nearest(ExecItem("/bin/busybox", "nc")) == ExecItem("/bin/busybox", "httpd")
+    assert items.nearest(ExecItem("/usr/bin/wget", "wget")) == ExecItem("/usr/bin/curl", "curl")
+    assert items.nearest(ExecItem("/opt/x", "x")) is None
+    assert items.nearest(LineageItem("/bin/busybox:httpd", "/bin/busybox:nc")) == (
+        LineageItem("/bin/busybox:httpd", "/bin/busybox:sh"))
+    # same address, another port
+    assert items.nearest(ConnectItem("inet", "loopback", "127.0.0.1", 4444, "tcp", "?")) == (
+        ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox"))
+    assert items.nearest(ConnectItem("unix", "unix", "/run/x.sock", 0, "other", "?")) is None
+    # same directory, another file; same path, another op
+    assert items.nearest(WriteItem("/var/log/other.log", "append")) == (
+        WriteItem("/var/log/app-*.log", "append"))
+    assert items.nearest(WriteItem("/tmp/tmp.*", "chmod+x")) == WriteItem("/tmp/tmp.*", "create")
+    assert items.nearest(WriteItem("/etc/passwd", "append")) is None
+    assert items.nearest(WriteItem("/tmp/tmp.*", "create")) is None  # itself is excluded
