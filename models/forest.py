@@ -1,0 +1,285 @@
+"""The anomaly model of one image: an isolation forest over its learned feature windows.
+
+Input space
+    Feature vectors (driftwarden.models.features.FEATURES order, counts per window) are
+    transformed with log1p before anything else. Counts are heavy-tailed (a worker does 3 execs
+    in one window and 300 in a busy one); in log space a doubling is the same distance wherever
+    it happens, and random split points of the forest are not wasted on the long tail.
+
+Score
+    `score()` returns, per row, sklearn's `IsolationForest.score_samples` (higher = more normal,
+    roughly -1..-0.3) minus a range penalty: `range_weight` times how far (in log1p units) the
+    row lies outside the training min..max of each feature, summed over features. The penalty is
+    needed because an isolation forest never splits on a feature that was constant during
+    training (it cannot): a web server that never spawned a shell learns shells_spawned = 0
+    always, and the forest alone would score a window with 3 shells exactly like one with none.
+    Training windows are inside their own range, so their penalty is 0.
+
+Threshold
+    `threshold = min(training scores) - margin` (margin default 0.05 score units) and a row is
+    anomalous when its score is below it. Every training window is therefore normal by
+    construction: training windows are behaviour that was accepted while learning (tainted
+    windows are not learned from), and an operator replaying the learned workload must see no
+    alert. A low quantile of the training scores would instead flag that fraction of the learned
+    windows forever. The margin absorbs ordinary jitter just outside the learned extremes.
+    Measured on the synthetic workload of tests/test_models_forest.py (200 training windows,
+    2000 fresh windows from the same distribution): margin 0 -> 12 false alerts, 0.02 -> 8,
+    0.05 -> 1, while the 4-feature attack window scores ~1.1 below the threshold.
+    `range_weight` 0.3 (score units per log1p unit outside the range) makes a feature the image
+    never used alert when it jumps to 2 or more (1 shell in an otherwise ordinary window: 18% of
+    windows alert; 2 shells: 92%; 3: 100%); a single never-seen item is the novelty check's job.
+    `margin` and `range_weight` are configurable and stored with the state.
+    `contamination` is passed to sklearn for completeness but does not affect the threshold
+    (score_samples does not use it).
+
+Determinism and persistence
+    The forest is fitted with a fixed `random_state` (`seed`), so fitting the same windows gives
+    bit-identical scores. `to_state()` returns plain data (feature names, training vectors,
+    parameters: msgpack-able, no pickle); `from_state()` re-fits from it, so the stored baseline is
+    data and the model is derived.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from driftwarden.errors import DriftwardenError
+from driftwarden.models.features import FEATURES
+from sklearn.ensemble import IsolationForest
+
+STATE_VERSION = 1
+
+
+class NotEnoughWindowsError(DriftwardenError):
+    """Fewer training windows than `min_windows`: keep learning before fitting a model."""
+
+
+class ModelStateError(DriftwardenError):
+    """A stored model state is malformed, of an unknown version or for unknown features."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a window looks different: one feature against its learned range."""
+
+    feature: str
+    value: float
+    baseline_min: float
+    baseline_max: float
+    baseline_median: float
+    by_how_much: float  # value - max above the range, value - min (negative) below, else 0
+    outside: bool
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "value": self.value, "baseline_min": self.baseline_min,
+                "baseline_max": self.baseline_max, "baseline_median": self.baseline_median,
+                "by_how_much": self.by_how_much, "outside": self.outside, "text": self.text}
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
+
+
+class WindowModel:
+    """Isolation forest + range check over one image's training windows (see module doc)."""
+
+    def __init__(self, *, feature_names: Sequence[str] = FEATURES, min_windows: int = 20,
+                 margin: float = 0.05, range_weight: float = 0.3) -> None:
+        if min_windows < 2:
+            raise ValueError("min_windows must be >= 2")
+        if margin < 0 or range_weight < 0:
+            raise ValueError("margin and range_weight must be >= 0")
+        self.feature_names: tuple[str, ...] = tuple(feature_names)
+        self.min_windows = min_windows
+        self.margin = float(margin)
+        self.range_weight = float(range_weight)
+        self.seed = 7
+        self.n_estimators = 100
+        self.contamination: float | str = "auto"
+        self._forest: IsolationForest | None = None
+        self._raw: np.ndarray | None = None  # training vectors as given
+        self._z: np.ndarray | None = None  # log1p of them
+        self.threshold: float = math.nan
+        self.training_scores: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self._forest is not None
+
+    @property
+    def n_windows(self) -> int:
+        return 0 if self._raw is None else len(self._raw)
+
+    # -- input ------------------------------------------------------------------------------
+
+    def _matrix(self, vectors: Any) -> np.ndarray:
+        """A float 2-D array with this model's columns. Longer rows (features appended since the
+        model was trained) are cut to the known prefix; FEATURES is append-only."""
+        x = np.asarray(vectors, dtype=np.float64)
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        if x.ndim != 2:
+            raise ValueError(f"expected a 2-D array of windows, got {x.ndim}-D")
+        n = len(self.feature_names)
+        if x.shape[1] < n:
+            raise ValueError(f"windows have {x.shape[1]} features, the model needs {n}")
+        if x.shape[1] > n:
+            x = x[:, :n]
+        if not np.isfinite(x).all():
+            raise ValueError("windows contain NaN or infinite values")
+        return x
+
+    @staticmethod
+    def _log(x: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(x, 0.0))
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def fit(self, vectors: Sequence[Sequence[float]], *, seed: int = 7, n_estimators: int = 100,
+            contamination: float | str = "auto") -> WindowModel:
+        x = self._matrix(vectors) if len(vectors) else np.zeros((0, len(self.feature_names)))
+        if len(x) < self.min_windows:
+            raise NotEnoughWindowsError(
+                f"{len(x)} training windows, need at least {self.min_windows}: keep learning")
+        z = self._log(x)
+        forest = IsolationForest(n_estimators=n_estimators, contamination=contamination,
+                                 random_state=seed, n_jobs=1)
+        forest.fit(z)
+        self._forest = forest
+        self.seed, self.n_estimators, self.contamination = seed, n_estimators, contamination
+        self._raw, self._z = x, z
+        self._lo, self._hi = z.min(axis=0), z.max(axis=0)
+        self._raw_min, self._raw_max = x.min(axis=0), x.max(axis=0)
+        self._raw_median = np.median(x, axis=0)
+        self._z_median = np.median(z, axis=0)
+        self.training_scores = forest.score_samples(z)  # penalty is 0 inside the range
+        self.threshold = float(self.training_scores.min()) - self.margin
+        return self
+
+    def _need_fit(self) -> IsolationForest:
+        if self._forest is None:
+            raise NotEnoughWindowsError("the model is not fitted yet: keep learning")
+        return self._forest
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def range_excess(self, vectors: Any) -> np.ndarray:
+        """Per row and feature, how far (log1p units) outside the training range; 0 inside."""
+        self._need_fit()
+        z = self._log(self._matrix(vectors))
+        return np.maximum(z - self._hi, 0.0) + np.maximum(self._lo - z, 0.0)
+
+    def score(self, vectors: Any) -> np.ndarray:
+        """Scores of many windows at once (one row each); higher is more normal. Score in
+        batches: sklearn's per-call overhead makes one row cost as much as hundreds."""
+        forest = self._need_fit()
+        z = self._log(self._matrix(vectors))
+        excess = np.maximum(z - self._hi, 0.0) + np.maximum(self._lo - z, 0.0)
+        return forest.score_samples(z) - self.range_weight * excess.sum(axis=1)
+
+    def is_anomalous(self, scores: Any) -> np.ndarray:
+        self._need_fit()
+        return np.asarray(scores, dtype=np.float64) < self.threshold
+
+    # -- explaining -------------------------------------------------------------------------
+
+    def explain(self, vector: Sequence[float], top: int = 3) -> list[Reason]:
+        """The features that make this window different, most different first: features outside
+        the training min..max (by how far out, in log1p units), then features inside the range by
+        their distance from the training median (relative to the range width)."""
+        self._need_fit()
+        x = self._matrix(vector)[0]
+        z = self._log(x)
+        above = np.maximum(z - self._hi, 0.0)
+        below = np.maximum(self._lo - z, 0.0)
+        out = above + below
+        width = np.maximum(self._hi - self._lo, 1e-9)
+        inside = np.abs(z - self._z_median) / width
+        # outside first by excess; then inside by relative distance; ties keep FEATURES order
+        order = sorted(range(len(x)),
+                       key=lambda i: (0 if out[i] > 0 else 1, -out[i] if out[i] > 0
+                                      else -inside[i], i))
+        reasons = []
+        for i in order[:max(top, 0)]:
+            if out[i] == 0 and inside[i] == 0:
+                break  # nothing left that differs from the usual
+            value, lo, hi = float(x[i]), float(self._raw_min[i]), float(self._raw_max[i])
+            med = float(self._raw_median[i])
+            name = self.feature_names[i]
+            text = f"{name} = {_num(value)}, learned range {_num(lo)}..{_num(hi)}"
+            if above[i] > 0:
+                by = value - hi
+                text += f" ({_num(by)} above the maximum)"
+            elif below[i] > 0:
+                by = value - lo
+                text += f" ({_num(-by)} below the minimum)"
+            else:
+                by = 0.0
+                text += f", median {_num(med)}"
+            reasons.append(Reason(feature=name, value=value, baseline_min=lo, baseline_max=hi,
+                                  baseline_median=med, by_how_much=by, outside=bool(out[i] > 0),
+                                  text=text))
+        return reasons
+
+    def nearest_window(self, vector: Sequence[float]) -> tuple[int, float]:
+        """The training window closest to this one (Euclidean distance in log1p space)."""
+        self._need_fit()
+        z = self._log(self._matrix(vector))[0]
+        d = np.sqrt(((self._z - z) ** 2).sum(axis=1))
+        i = int(np.argmin(d))
+        return i, float(d[i])
+
+    def training_vector(self, index: int) -> tuple[float, ...]:
+        self._need_fit()
+        return tuple(float(v) for v in self._raw[index])
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain data (msgpack-able): the training windows and every parameter."""
+        self._need_fit()
+        return {
+            "version": STATE_VERSION,
+            "features": list(self.feature_names),
+            "vectors": self._raw.tolist(),
+            "seed": self.seed,
+            "n_estimators": self.n_estimators,
+            "contamination": self.contamination,
+            "min_windows": self.min_windows,
+            "margin": self.margin,
+            "range_weight": self.range_weight,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> WindowModel:
+        """Re-fit from `to_state()` data with the stored seed: identical scores."""
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ModelStateError(
+                    f"model state version {state.get('version')!r} is not {STATE_VERSION}")
+            names = tuple(str(n) for n in state["features"])
+            if names != FEATURES[:len(names)]:
+                raise ModelStateError("model state features are not a prefix of FEATURES")
+            model = cls(feature_names=names, min_windows=int(state["min_windows"]),
+                        margin=float(state["margin"]),
+                        range_weight=float(state["range_weight"]))
+            contamination = state["contamination"]
+            if not isinstance(contamination, str):
+                contamination = float(contamination)
+            vectors = state["vectors"]
+            if any(len(v) != len(names) for v in vectors):
+                raise ModelStateError("model state vectors do not match its feature list")
+            return model.fit(vectors, seed=int(state["seed"]),
+                             n_estimators=int(state["n_estimators"]),
+                             contamination=contamination)
+        except ModelStateError:
+            raise
+        except NotEnoughWindowsError as e:
+            raise ModelStateError(f"model state is unusable: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelStateError(f"model state is malformed: {e!r}") from e
