@@ -125,6 +125,42 @@ def _run_trace(args: argparse.Namespace) -> int:
     return run_trace(options, stop, stdout=sys.stdout, stderr=sys.stderr)
 
 
+def _add_agent(subparsers) -> None:
+    p = subparsers.add_parser(
+        "agent",
+        help="learn each image's behaviour and report drift, novelty and anomalies",
+        description="Run the probes, learn a baseline per image (learn -> monitor), and write "
+        "alerts as JSON lines. Baselines live in --state-dir and survive restarts.",
+    )
+    p.add_argument("--state-dir", required=True, metavar="DIR",
+                   help="where baselines are kept (created if missing)")
+    p.add_argument("--alerts-out", default="-", metavar="FILE",
+                   help="append alerts here as JSON lines (default -: stdout)")
+    p.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="feature window length (default 10)")
+    p.add_argument("--learn-for", type=_positive_float, default=None, metavar="SECONDS",
+                   help="end learning after this long even if not yet stable")
+    p.add_argument("--mode", choices=("learn", "monitor"), default="learn",
+                   help="mode of an image seen for the first time (default learn)")
+    p.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
+                   help="Docker Engine API address for container metadata")
+    p.set_defaults(func=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from driftwarden.agent_cmd import AgentOptions, run_agent
+
+    options = AgentOptions(state_dir=args.state_dir, alerts_out=args.alerts_out,
+                           window=args.window, learn_for=args.learn_for, mode=args.mode,
+                           duration=args.duration, docker_host=args.docker_host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _s, _f: stop.set())
+    return run_agent(options, stop, stdout=sys.stdout, stderr=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="driftwarden", description="Runtime security agent for containers.")
     parser.add_argument("--version", action="version", version=f"driftwarden {__version__}")
@@ -133,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_trace(subparsers)
+    _add_agent(subparsers)
     from driftwarden import doctor
 
     doctor.add_parser(subparsers)

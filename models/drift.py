@@ -67,6 +67,37 @@ class Layers:
     def in_image(self, path: str) -> bool:
         return any(os.path.lexists(self._host(lower, path)) for lower in self.lowers)
 
+    def _top(self, path: str) -> Path | None:
+        """The host path of `path` in the topmost layer that has it (upper first)."""
+        for base in (self.upper, *self.lowers):
+            host = self._host(base, path)
+            if os.path.lexists(host):
+                return host
+        return None
+
+    def realpath(self, path: str, *, max_links: int = 16) -> str:
+        """`path` with symlinks followed as the container sees them (`/bin/sh` ->
+        `/bin/busybox`, `/bin` -> `/usr/bin` on merged-usr images), read from the layers, so
+        it works after the process, or the container, is gone. Unknown parts stay as given."""
+        parts = [p for p in normalize_container_path(path).split("/") if p]
+        resolved: list[str] = []
+        links = 0
+        while parts:
+            resolved.append(parts.pop(0))
+            current = "/" + "/".join(resolved)
+            host = self._top(current)
+            if host is None or not host.is_symlink():
+                continue
+            links += 1
+            if links > max_links:
+                break  # a loop: keep what we have
+            target = os.readlink(host)
+            base = "/" if target.startswith("/") else "/" + "/".join(resolved[:-1])
+            merged = normalize_container_path(posixpath.join(base, target))
+            parts = [p for p in merged.split("/") if p] + parts
+            resolved = []
+        return normalize_container_path("/" + "/".join(resolved))
+
 
 def normalize_container_path(path: str) -> str:
     """Lexically normalised and confined to the container root ('..' cannot climb out)."""

@@ -142,3 +142,20 @@ def test_real_container_drop_and_modify(docker_ok, host_image):
         assert classify_exec("/bin/ls", "/bin/ls", layers) is None
         assert classify_write("/data/new", "chmod+x", layers).kind is DriftKind.CHMOD_X_NEW_FILE
         assert classify_write("/bin/cat", "append", layers).kind is DriftKind.WRITE_BINARY_DIR
+
+
+def test_realpath_follows_symlinks_through_the_layers(tmp_path):
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "usr/bin").mkdir(parents=True)
+    (lower / "usr/bin/busybox").write_bytes(b"elf")
+    (lower / "bin").symlink_to("usr/bin")  # merged-usr: /bin -> usr/bin (relative)
+    (lower / "usr/bin/sh").symlink_to("/usr/bin/busybox")
+    (upper / "usr/bin").mkdir(parents=True)
+    (upper / "usr/bin/nc").symlink_to("busybox")  # added in the upper layer
+    (lower / "loop").symlink_to("loop")
+    layers = Layers(upper=upper, lowers=(lower,))
+    assert layers.realpath("/bin/sh") == "/usr/bin/busybox"
+    assert layers.realpath("/bin/nc") == "/usr/bin/busybox"
+    assert layers.realpath("/usr/bin/busybox") == "/usr/bin/busybox"
+    assert layers.realpath("/not/there") == "/not/there"
+    assert layers.realpath("/loop") == "/loop"  # a loop stops, it does not hang

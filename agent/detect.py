@@ -1,0 +1,318 @@
+"""Detection stage: trace records -> items, novelty, drift, windows, anomaly scores -> alerts.
+
+A pipeline Sink. Per record: the items it contributes are checked against its image's profile
+(novel items are learned while the image is learning, and raise NOVEL alerts afterwards); execs
+and writes are checked for drift against the container's own overlay layers (DRIFT in every
+mode: learning never makes a binary the image did not ship acceptable). Per window tick: closed
+feature windows are learned (clean ones, while learning) or scored in one batch per image by
+the isolation forest (ANOMALY). Profiles step through learn -> monitor on their own and are
+saved periodically and at close.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from driftwarden.alerts import AlertKind, AlertReason, Severity, build_alert
+from driftwarden.models.drift import (
+    DriftKind,
+    Layers,
+    classify_exec,
+    classify_write,
+    layers_from_mountinfo,
+)
+from driftwarden.models.features import WindowAggregator
+from driftwarden.models.forest import NotEnoughWindowsError, WindowModel
+from driftwarden.models.items import ConnectItem, ExecItem, Item, ItemSet, LineageItem, write_ops
+from driftwarden.models.items import extract_items as items_of
+from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
+from driftwarden.pipeline import ContainerView, TraceRecord
+
+log = logging.getLogger(__name__)
+
+_WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
+_DRIFT_SEVERITY = {
+    DriftKind.EXEC_ADDED: Severity.HIGH,
+    DriftKind.EXEC_MODIFIED: Severity.HIGH,
+    DriftKind.EXEC_DELETED: Severity.CRITICAL,
+    DriftKind.EXEC_MEMFD: Severity.CRITICAL,
+    DriftKind.WRITE_BINARY_DIR: Severity.HIGH,
+    DriftKind.CHMOD_X_NEW_FILE: Severity.MEDIUM,
+    DriftKind.SETUID_NEW_FILE: Severity.HIGH,
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    window_seconds: float = 10.0
+    policy: LearningPolicy = field(default_factory=LearningPolicy)
+    initial_mode: Mode = Mode.LEARN  # mode of an image seen for the first time
+    save_interval: float = 30.0
+
+
+def _is_shell(item: ExecItem) -> bool:
+    return item.argv0 in _SHELLS - {"busybox"} or Path(item.exe).name in _SHELLS - {"busybox"}
+
+
+def _real_exe(exe: str | None, layers: Layers | None) -> str | None:
+    if exe is None or layers is None or not exe.startswith("/") or exe.startswith("/memfd:"):
+        return exe
+    if exe.endswith(" (deleted)"):
+        return exe
+    try:
+        return layers.realpath(exe)
+    except OSError:
+        return exe
+
+
+def novel_severity(item: Item) -> Severity:
+    if isinstance(item, LineageItem):
+        child = item.child.rsplit(":", 1)[-1]
+        return Severity.HIGH if child in _SHELLS - {"busybox"} else Severity.MEDIUM
+    if isinstance(item, ExecItem):
+        return Severity.HIGH if _is_shell(item) else Severity.MEDIUM
+    if isinstance(item, ConnectItem):
+        return Severity.MEDIUM if item.addr_class in ("public", "private") else Severity.LOW
+    return Severity.LOW
+
+
+class Detector:
+    def __init__(
+        self,
+        config: DetectorConfig,
+        store: ProfileStore,
+        alerts,  # AlertSink or AlertAggregator: .submit(alert) / .emit(alert)
+        *,
+        exe_of: Callable[[int], str | None],
+        layers_of: Callable[[str, int], Layers | None],
+        clock_offset_ns: int = 0,
+        drops: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._submit = getattr(alerts, "submit", None) or alerts.emit
+        self._alerts = alerts
+        self._exe_of = exe_of
+        self._layers_of = layers_of
+        self._clock_offset_ns = clock_offset_ns
+        self._drops = drops
+        self._last_drops = drops() if drops else 0
+        self._clock = clock
+        self.windows = WindowAggregator(config.window_seconds)
+        self.profiles: OrderedDict[str, Profile] = OrderedDict()
+        self._models: dict[tuple[str, int], WindowModel | None] = {}
+        self._dirty: set[str] = set()
+        self._last_save = clock()
+        self._last_housekeeping = 0.0
+        self.stats: defaultdict[str, int] = defaultdict(int)
+
+    # -- profiles ------------------------------------------------------------
+
+    def profile_for(self, view: ContainerView) -> Profile | None:
+        image_id = view.image_id
+        if not image_id:
+            return None
+        profile = self.profiles.get(image_id)
+        if profile is None:
+            profile = self.store.load(image_id)
+            if profile is None:
+                now = self._clock()
+                profile = Profile(image_id=image_id, image_name=view.image or image_id,
+                                  items=ItemSet(), created_at=now, updated_at=now)
+                if self.config.initial_mode is not Mode.LEARN:
+                    profile.set_mode(self.config.initial_mode, reason="agent --mode",
+                                     who="agent", now=now)
+                log.info("new baseline for %s (%s), mode %s", profile.image_name, image_id,
+                         profile.mode.value)
+            self.profiles[image_id] = profile
+            self._dirty.add(image_id)
+        return profile
+
+    def _model_for(self, profile: Profile) -> WindowModel | None:
+        key = (profile.image_id, profile.progress.windows_learned)
+        if key not in self._models:
+            model = WindowModel()
+            try:
+                model.fit(profile.windows)
+            except NotEnoughWindowsError:
+                model = None
+            self._models[key] = model
+        return self._models[key]
+
+    # -- per record (Sink.write) ---------------------------------------------------
+
+    def write(self, record: TraceRecord) -> None:
+        view = record.container
+        if record.runtime_setup or view.state != "container" or not view.id:
+            self.stats["skipped"] += 1
+            return
+        profile = self.profile_for(view)
+        if profile is None:
+            self.stats["no_image"] += 1
+            return
+        now = self._clock()
+        layers = self._layers_of(view.id, record.event.header.tgid)
+        record = self._canonical_exe(record, layers)
+
+        def exe_of(tgid: int) -> str | None:
+            exe = self._exe_of(tgid)
+            return _real_exe(exe, layers)
+
+        items = items_of(record, exe_of)
+        novel = profile.observe(items, now, self.config.policy)
+        if novel and profile.mode is Mode.LEARN:
+            self._dirty.add(profile.image_id)
+        self.windows.add(record, frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY)
+        verdicts = self._drift(record, layers)
+        for verdict in verdicts:
+            self._raise(AlertKind.DRIFT, _DRIFT_SEVERITY[verdict.kind], 1.0,
+                        [AlertReason(code=verdict.kind.value, text=verdict.reason,
+                                     details=(("path", verdict.path),))],
+                        record, view, profile, dedup_key=f"drift:{verdict.kind}:{verdict.path}")
+        if profile.mode is not Mode.LEARN:
+            for item in novel:
+                nearest = profile.items.nearest(item)
+                text = f"new {item.describe()}, never seen for {profile.image_name}"
+                details = [("item", item.describe())]
+                if nearest is not None:
+                    details.append(("nearest_baseline_item", nearest.describe()))
+                    text += f" (nearest learned: {nearest.describe()})"
+                self._raise(AlertKind.NOVEL, novel_severity(item), 1.0,
+                            [AlertReason(code=f"new-{item.KIND}", text=text,
+                                         details=tuple(details))],
+                            record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}")
+
+    @staticmethod
+    def _canonical_exe(record: TraceRecord, layers: Layers | None) -> TraceRecord:
+        """An exec's binary named the same whether /proc was readable or not: symlinks are
+        followed through the container's layers (/bin/sh -> /bin/busybox)."""
+        if record.kind != "exec" or layers is None:
+            return record
+        exe = _real_exe(record.exe or (record.path if record.path_resolved else None), layers)
+        return record if exe == record.exe else record._replace(exe=exe)
+
+    def _drift(self, record: TraceRecord, layers: Layers | None) -> list:
+        kind = record.kind
+        if kind not in ("exec", "write"):
+            return []
+        if kind == "exec":
+            if record.event.retval != 0:
+                return []
+            verdict = classify_exec(record.path or "", record.exe, layers)
+            return [verdict] if verdict else []
+        if record.event.result_known and record.event.retval < 0:
+            return []
+        out = []
+        for path, resolved, op in write_ops(record):
+            if path and resolved:
+                verdict = classify_write(path, op, layers)
+                if verdict:
+                    out.append(verdict)
+        return out
+
+    def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key):
+        alert = build_alert(kind, severity, score, reasons, record, container_view=view,
+                            baseline_version=profile.version, dedup_key=dedup_key,
+                            clock_offset_ns=self._clock_offset_ns, now=self._clock())
+        self.stats[f"alerts_{kind.value}"] += 1
+        self._submit(alert)
+
+    # -- per tick (Sink.flush) -------------------------------------------------
+
+    def flush(self) -> None:
+        now = self._clock()
+        self._handle_windows(self.windows.tick())
+        if now - self._last_housekeeping >= 1.0:
+            self._last_housekeeping = now
+            if self._drops is not None:
+                drops = self._drops()
+                if drops > self._last_drops:  # lost events: this window cannot be trusted
+                    self.windows.mark_all_tainted("kernel dropped events")
+                    self._last_drops = drops
+            for profile in self.profiles.values():
+                transition = profile.step(now, self.config.policy)
+                if transition is not None:
+                    self._dirty.add(profile.image_id)
+                    log.warning("baseline %s: %s -> %s (%s)", profile.image_name,
+                                Mode.LEARN.value, transition.mode.value, transition.reason)
+            flush_due = getattr(self._alerts, "flush_due", None)
+            if flush_due is not None:
+                flush_due()
+        if now - self._last_save >= self.config.save_interval:
+            self.save()
+
+    def _handle_windows(self, windows) -> None:
+        by_image: defaultdict[str, list] = defaultdict(list)
+        now = self._clock()
+        for window in windows:
+            profile = self.profiles.get(window.image_id or "")
+            if profile is None:
+                continue
+            if profile.mode is Mode.LEARN:
+                if profile.learn_window(window.vector, tainted=window.tainted, now=now):
+                    self._dirty.add(profile.image_id)
+            elif not window.tainted:
+                by_image[profile.image_id].append(window)
+        for image_id, image_windows in by_image.items():
+            profile = self.profiles[image_id]
+            model = self._model_for(profile)
+            if model is None:
+                continue
+            scores = model.score(np.array([w.vector for w in image_windows], dtype=float))
+            for window, score, bad in zip(image_windows, scores, model.is_anomalous(scores),
+                                          strict=True):
+                if not bad:
+                    continue
+                reasons = [AlertReason(code="feature-out-of-range", text=r.text,
+                                       details=tuple(sorted(r.to_dict().items())))
+                           for r in model.explain(window.vector)]
+                view = ContainerView(state="container", cgroup_id=0, id=window.container_id,
+                                     image=window.image, image_id=window.image_id)
+                self._raise(AlertKind.ANOMALY, Severity.MEDIUM, float(score), reasons, None,
+                            view, profile, dedup_key=f"anomaly:{window.end}")
+
+    def save(self) -> None:
+        for image_id in sorted(self._dirty):
+            profile = self.profiles.get(image_id)
+            if profile is not None:
+                self.store.save(profile)
+        self._dirty.clear()
+        self._last_save = self._clock()
+
+    def close(self) -> None:
+        self._handle_windows(self.windows.flush())
+        self.save()
+        closer = getattr(self._alerts, "close", None)
+        if closer is not None:
+            closer()
+
+
+class LayersCache:
+    """Container id -> its overlay layers, read once from /proc/PID/mountinfo (bounded)."""
+
+    def __init__(self, proc_root: str = "/proc", capacity: int = 1024) -> None:
+        self._proc_root = proc_root
+        self._capacity = capacity
+        self._cache: OrderedDict[str, Layers | None] = OrderedDict()
+
+    def get(self, container_id: str, tgid: int) -> Layers | None:
+        if container_id in self._cache:
+            self._cache.move_to_end(container_id)
+            return self._cache[container_id]
+        try:
+            text = Path(f"{self._proc_root}/{tgid}/mountinfo").read_text()
+        except OSError:
+            return None  # the process is gone; the next event of this container tries again
+        layers = layers_from_mountinfo(text)
+        self._cache[container_id] = layers
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return layers
