@@ -33,7 +33,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
               stderr: TextIO) -> int:
     from driftwarden.alerts import AlertAggregator, JsonLinesAlertSink
     from driftwarden.attribution_view import LiveAttribution
-    from driftwarden.detect import Detector, DetectorConfig, LayersCache
+    from driftwarden.control import BaselineService, ControlServer
+    from driftwarden.detect import Detector, DetectorConfig, LayersCache, LiveProfiles, LockedSink
     from driftwarden.models.items import ItemSet
     from driftwarden.models.profile import LearningPolicy, Mode, ProfileStore
     from driftwarden.pipeline import TracePipeline
@@ -80,13 +81,17 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
         )
-        pipeline.sinks.append(detector)
+        lock = threading.Lock()
+        pipeline.sinks.append(LockedSink(detector, lock))
+        stack.enter_context(ControlServer(BaselineService(LiveProfiles(detector), store),
+                                          state_dir, lock))
         stderr.write(f"driftwarden: agent running; baselines in {store.dir}; Ctrl-C to stop\n")
         stderr.flush()
         try:
             pipeline.run(duration=options.duration, should_stop=stop.is_set)
         finally:
-            detector.close()
+            with lock:
+                detector.close()
     stderr.write(f"driftwarden: agent stopped; {dict(detector.stats)}\n")
     return 0
 

@@ -161,6 +161,65 @@ def _run_agent(args: argparse.Namespace) -> int:
     return run_agent(options, stop, stdout=sys.stdout, stderr=sys.stderr)
 
 
+def _add_baseline(subparsers) -> None:
+    p = subparsers.add_parser(
+        "baseline",
+        help="list, inspect and tune per-image baselines",
+        description="Works on a running agent through STATE_DIR/control.sock, or on the "
+        "baseline files when no agent runs. IMAGE is an image id (or a unique prefix of its "
+        "hex) or name[:tag].",
+    )
+    p.add_argument("--state-dir", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    ops = p.add_subparsers(dest="op", metavar="OP", parser_class=_Parser)
+    ops.required = True
+    ops.add_parser("list", help="every baseline with its mode and size")
+    show = ops.add_parser("show", help="one baseline's items and mode history")
+    show.add_argument("image")
+    mode = ops.add_parser("mode", help="set a baseline's mode")
+    mode.add_argument("image")
+    mode.add_argument("mode", choices=("learn", "monitor", "protect"))
+    mode.add_argument("--reason", default="operator")
+    reset = ops.add_parser("reset", help="forget a baseline: the image learns again")
+    reset.add_argument("image")
+    export = ops.add_parser("export", help="write a baseline to a file")
+    export.add_argument("image")
+    export.add_argument("file")
+    imp = ops.add_parser("import", help="load a baseline file (starts in monitor)")
+    imp.add_argument("file")
+    imp.add_argument("--image", dest="image_id", default=None,
+                     help="the image id it is for (refused if the file is another image's)")
+    imp.add_argument("--force", action="store_true", help="use it for --image anyway")
+    diff = ops.add_parser("diff", help="what image A does that image B never did")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    p.set_defaults(func=_run_baseline)
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    import json
+
+    from driftwarden.control import request
+
+    payload = {k: v for k, v in vars(args).items()
+               if k in ("op", "image", "mode", "reason", "file", "image_id", "force", "a", "b")
+               and v is not None}
+    if args.op == "mode":
+        payload["who"] = os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"
+    result = request(args.state_dir, payload)
+    if args.json or args.op in ("show", "diff"):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.op == "list":
+        print(f"{'IMAGE':<40} {'MODE':<8} {'VERSION':>7} {'ITEMS':>6} {'WINDOWS':>7}  ID")
+        for row in result:
+            flag = " (unstable)" if row["unstable"] else ""
+            print(f"{row['image']:<40} {row['mode']:<8} {row['version']:>7} {row['items']:>6} "
+                  f"{row['windows']:>7}  {row['image_id'][:19]}{flag}")
+    else:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="driftwarden", description="Runtime security agent for containers.")
     parser.add_argument("--version", action="version", version=f"driftwarden {__version__}")
@@ -170,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     _add_trace(subparsers)
     _add_agent(subparsers)
+    _add_baseline(subparsers)
     from driftwarden import doctor
 
     doctor.add_parser(subparsers)

@@ -316,3 +316,50 @@ class LayersCache:
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
         return layers
+
+
+class LiveProfiles:
+    """The running agent's profiles as a control.ProfileSource (callers hold the lock)."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+
+    def all(self) -> list[Profile]:
+        live = dict(self.detector.profiles)
+        for profile in self.detector.store.list():
+            live.setdefault(profile.image_id, profile)
+        return list(live.values())
+
+    def get(self, image: str) -> Profile:
+        from driftwarden.control import resolve_image
+
+        profile = resolve_image(image, self.all())
+        return self.detector.profiles.setdefault(profile.image_id, profile)
+
+    def put(self, profile: Profile) -> None:
+        self.detector.profiles[profile.image_id] = profile
+        self.detector.store.save(profile)
+
+    def drop(self, image_id: str) -> None:
+        self.detector.profiles.pop(image_id, None)
+        self.detector._models = {k: v for k, v in self.detector._models.items()
+                                 if k[0] != image_id}
+        path = self.detector.store.path_for(image_id)
+        if path.exists():
+            path.unlink()
+
+
+class LockedSink:
+    """Serialises the pipeline thread's writes with control requests on one lock."""
+
+    def __init__(self, inner, lock) -> None:
+        self.inner = inner
+        self.lock = lock
+
+    def write(self, record) -> None:
+        with self.lock:
+            self.inner.write(record)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.inner.flush()

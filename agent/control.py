@@ -1,0 +1,261 @@
+"""Baseline operations, served by a running agent over a unix socket, or on the files directly.
+
+`driftwarden baseline ...` talks to STATE_DIR/control.sock when an agent is running (so the
+change applies to the live profiles and is not overwritten by the agent's next save), and works
+on the baseline files when none is. Requests and responses are one JSON object per line:
+  {"op": "list" | "show" | "mode" | "reset" | "export" | "import" | "diff", ...args}
+  {"ok": true, "result": ...}  or  {"ok": false, "error": "one line: what and what to do"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from driftwarden.errors import DriftwardenError, UsageError
+from driftwarden.models.items import ItemSet
+from driftwarden.models.profile import Profile, ProfileStore
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 1 << 20
+
+
+class ProfileSource(Protocol):
+    """Where profiles live: the files, or a running agent's memory (then saved by it)."""
+
+    def get(self, image: str) -> Profile: ...
+
+    def all(self) -> list[Profile]: ...
+
+    def put(self, profile: Profile) -> None: ...
+
+    def drop(self, image_id: str) -> None: ...
+
+
+class FileProfiles:
+    def __init__(self, store: ProfileStore) -> None:
+        self.store = store
+
+    def all(self) -> list[Profile]:
+        return self.store.list()
+
+    def get(self, image: str) -> Profile:
+        return resolve_image(image, self.all())
+
+    def put(self, profile: Profile) -> None:
+        self.store.save(profile)
+
+    def drop(self, image_id: str) -> None:
+        path = self.store.path_for(image_id)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def resolve_image(image: str, profiles: list[Profile]) -> Profile:
+    """An image by id (sha256:..., or a unique prefix of its hex) or by name[:tag]."""
+    wanted = image.removeprefix("sha256:")
+    by_id = [p for p in profiles if p.image_id.removeprefix("sha256:").startswith(wanted)]
+    by_name = [p for p in profiles if image in (p.image_name, p.image_name.split(":")[0])]
+    matches = {p.image_id: p for p in (by_id if len(wanted) >= 4 else []) + by_name}
+    if not matches:
+        known = ", ".join(sorted(p.image_name for p in profiles)) or "none yet"
+        raise UsageError(f"no baseline for image {image!r} (known: {known})")
+    if len(matches) > 1:
+        raise UsageError(f"{image!r} matches {len(matches)} baselines; give the image id")
+    return next(iter(matches.values()))
+
+
+def summary(profile: Profile) -> dict[str, Any]:
+    p = profile.progress
+    return {
+        "image_id": profile.image_id,
+        "image": profile.image_name,
+        "mode": profile.mode.value,
+        "version": profile.version,
+        "items": len(profile.items),
+        "windows": len(profile.windows),
+        "unstable": p.unstable,
+        "learning_ended": p.end_reason,
+        "updated_at": profile.updated_at,
+    }
+
+
+class BaselineService:
+    def __init__(self, source: ProfileSource, store: ProfileStore) -> None:
+        self.source = source
+        self.store = store
+
+    def handle(self, request: dict[str, Any]) -> Any:
+        op = request.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise UsageError(f"unknown operation {op!r}")
+        return handler(request)
+
+    def op_list(self, _request) -> list[dict[str, Any]]:
+        return [summary(p) for p in sorted(self.source.all(), key=lambda p: p.image_name)]
+
+    def op_show(self, request) -> dict[str, Any]:
+        profile = self.source.get(_arg(request, "image"))
+        out = summary(profile)
+        out["items_by_kind"] = {
+            kind: sorted(item.describe() for item in profile.items.items(kind))
+            for kind in ("exec", "lineage", "connect", "write")
+        }
+        out["history"] = profile.history
+        return out
+
+    def op_mode(self, request) -> dict[str, Any]:
+        profile = self.source.get(_arg(request, "image"))
+        profile.set_mode(_arg(request, "mode"), reason=request.get("reason") or "operator",
+                         who=request.get("who") or "operator", now=time.time())
+        self.source.put(profile)
+        return summary(profile)
+
+    def op_reset(self, request) -> dict[str, Any]:
+        profile = self.source.get(_arg(request, "image"))
+        self.source.drop(profile.image_id)
+        return {"image_id": profile.image_id, "image": profile.image_name, "reset": True}
+
+    def op_export(self, request) -> dict[str, Any]:
+        profile = self.source.get(_arg(request, "image"))
+        self.source.put(profile)  # the file holds what the agent knows now
+        path = self.store.export(profile.image_id, _arg(request, "file"))
+        return {"image_id": profile.image_id, "file": str(path)}
+
+    def op_import(self, request) -> dict[str, Any]:
+        profile = self.store.import_file(_arg(request, "file"), image_id=request.get("image_id"),
+                                         force=bool(request.get("force")))
+        self.source.put(profile)
+        return summary(profile)
+
+    def op_diff(self, request) -> dict[str, list[str]]:
+        a = self.source.get(_arg(request, "a"))
+        b = self.source.get(_arg(request, "b"))
+        return {kind: sorted(item.describe() for item in items)
+                for kind, items in a.items.diff(b.items).items() if items}
+
+
+def _arg(request: dict[str, Any], name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"missing argument {name!r}")
+    return value
+
+
+class ControlServer:
+    """Serves a BaselineService on STATE_DIR/control.sock (root-only: mode 0600)."""
+
+    def __init__(self, service: BaselineService, state_dir: str | os.PathLike,
+                 lock: threading.Lock) -> None:
+        self.service = service
+        self.path = Path(state_dir) / SOCKET_NAME
+        self.lock = lock
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> ControlServer:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        sock.listen(8)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="driftwarden-control",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        try:
+            while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > MAX_REQUEST:
+                raise UsageError(f"request larger than {MAX_REQUEST} bytes")
+            try:
+                request = json.loads(data)
+            except ValueError as exc:
+                raise UsageError(f"request is not JSON ({exc})") from exc
+            if not isinstance(request, dict):
+                raise UsageError("request must be a JSON object")
+            with self.lock:
+                result = self.service.handle(request)
+            reply = {"ok": True, "result": result}
+        except DriftwardenError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except OSError as exc:
+            log.warning("control connection failed: %s", exc)
+            return
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def __enter__(self) -> ControlServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def request(state_dir: str | os.PathLike, payload: dict[str, Any]) -> Any:
+    """Ask the running agent; without one, do it on the files. Raises UsageError on failure."""
+    path = Path(state_dir) / SOCKET_NAME
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        store = ProfileStore(state_dir, ItemSet)
+        return BaselineService(FileProfiles(store), store).handle(payload)
+    with sock:
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        raise DriftwardenError(f"the agent gave an unreadable answer ({exc})") from exc
+    if not reply.get("ok"):
+        raise UsageError(reply.get("error", "the agent refused the request"))
+    return reply["result"]

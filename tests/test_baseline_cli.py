@@ -1,0 +1,129 @@
+"""`driftwarden baseline`: on the files when no agent runs, and through a running agent's
+control socket (the change lands in its live profiles)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from driftwarden.control import SOCKET_NAME, BaselineService, ControlServer
+from driftwarden.detect import Detector, DetectorConfig, LiveProfiles
+from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
+from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
+
+WEB = "sha256:" + "1a" * 32
+DB = "sha256:" + "2b" * 32
+T0 = 1_700_000_000.0
+
+
+def cli(state_dir, *args: str):
+    return subprocess.run([sys.executable, "-m", "driftwarden", "baseline", "--state-dir",
+                           str(state_dir), *args], capture_output=True, text=True, timeout=60)
+
+
+def seed(state_dir) -> ProfileStore:
+    store = ProfileStore(state_dir, ItemSet)
+    policy = LearningPolicy()
+    web = Profile(image_id=WEB, image_name="shop/web:1.2", items=ItemSet(), created_at=T0)
+    web.observe([ExecItem("/bin/busybox", "httpd"), WriteItem("/var/log/*.log", "append"),
+                 ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox")],
+                T0 + 1, policy)
+    db = Profile(image_id=DB, image_name="shop/db:16", items=ItemSet(), created_at=T0)
+    db.observe([ExecItem("/usr/bin/postgres", "postgres")], T0 + 1, policy)
+    store.save(web)
+    store.save(db)
+    return store
+
+
+def test_list_show_and_unknown_image_on_files(tmp_path):
+    seed(tmp_path)
+    listing = cli(tmp_path, "list")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["IMAGE", "MODE", "VERSION", "ITEMS", "WINDOWS", "ID"]
+    assert lines[1].split()[:4] == ["shop/db:16", "learn", "2", "1"]
+    assert lines[2].split()[:4] == ["shop/web:1.2", "learn", "2", "3"]
+
+    show = cli(tmp_path, "show", "shop/web")
+    assert show.returncode == 0, show.stderr
+    shown = json.loads(show.stdout)
+    assert shown["items_by_kind"]["exec"] == ["exec /bin/busybox as httpd"]
+    assert shown["items_by_kind"]["connect"] == [
+        "tcp connect to 127.0.0.1:5432 (loopback) by /bin/busybox"]
+
+    missing = cli(tmp_path, "show", "nginx")
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("driftwarden: error: no baseline for image 'nginx' "
+                                      "(known: shop/db:16, shop/web:1.2)")
+
+
+def test_mode_reset_diff_export_import_on_files(tmp_path):
+    store = seed(tmp_path / "a")
+    assert cli(tmp_path / "a", "mode", "1a1a", "protect").returncode == 0
+    assert store.load(WEB).mode is Mode.PROTECT
+    assert store.load(WEB).history[-1]["to"] == "protect"
+
+    diff = cli(tmp_path / "a", "diff", "shop/web:1.2", "shop/db:16")
+    assert json.loads(diff.stdout) == {
+        "connect": ["tcp connect to 127.0.0.1:5432 (loopback) by /bin/busybox"],
+        "exec": ["exec /bin/busybox as httpd"],
+        "write": ["append /var/log/*.log"],
+    }
+
+    exported = tmp_path / "web.baseline"
+    assert cli(tmp_path / "a", "export", "shop/web", str(exported)).returncode == 0
+    refused = cli(tmp_path / "b", "import", str(exported), "--image", DB)
+    assert refused.returncode == 2 and "pass --force" in refused.stderr
+    imported = cli(tmp_path / "b", "import", str(exported), "--image", WEB)
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["mode"] == "protect"  # exported in protect: kept
+
+    assert cli(tmp_path / "a", "reset", "shop/db").returncode == 0
+    assert store.load(DB) is None
+
+
+@pytest.fixture
+def running_agent(tmp_path):
+    """A Detector (no kernel needed) whose live profiles are served on the control socket."""
+    store = seed(tmp_path)
+
+    class NoAlerts:
+        def emit(self, alert):
+            raise AssertionError("no alerts expected")
+
+    detector = Detector(DetectorConfig(), store, NoAlerts(), exe_of=lambda _t: None,
+                        layers_of=lambda _c, _t: None)
+    lock = threading.Lock()
+    with ControlServer(BaselineService(LiveProfiles(detector), store), tmp_path, lock):
+        yield detector, store
+
+
+def test_mode_change_reaches_the_running_agent(running_agent, tmp_path):
+    detector, store = running_agent
+    result = cli(tmp_path, "mode", "shop/web", "monitor", "--reason", "rolled out v1.2")
+    assert result.returncode == 0, result.stderr
+    live = detector.profiles[WEB]
+    assert live.mode is Mode.MONITOR  # in the agent's memory, not only on disk
+    assert live.history[-1]["reason"] == "rolled out v1.2"
+    assert store.load(WEB).mode is Mode.MONITOR
+
+
+def test_control_socket_rejects_bad_requests(running_agent, tmp_path):
+    def ask(raw: bytes) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(tmp_path / SOCKET_NAME))
+            s.sendall(raw)
+            return json.loads(s.makefile().readline())
+
+    bad_json = ask(b"not json\n")
+    assert bad_json["ok"] is False and bad_json["error"].startswith("request is not JSON")
+    assert ask(b"[1, 2]\n") == {"ok": False, "error": "request must be a JSON object"}
+    assert ask(b'{"op": "drop-tables"}\n') == {"ok": False,
+                                              "error": "unknown operation 'drop-tables'"}
+    assert ask(b'{"op": "show"}\n') == {"ok": False, "error": "missing argument 'image'"}
+    assert (tmp_path / SOCKET_NAME).stat().st_mode & 0o777 == 0o600
