@@ -10,7 +10,6 @@ import sys
 import threading
 
 import pytest
-
 from driftwarden.control import SOCKET_NAME, BaselineService, ControlServer
 from driftwarden.detect import Detector, DetectorConfig, LiveProfiles
 from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
