@@ -180,6 +180,8 @@ def _add_baseline(subparsers) -> None:
     mode.add_argument("image")
     mode.add_argument("mode", choices=("learn", "monitor", "protect"))
     mode.add_argument("--reason", default="operator")
+    accept = ops.add_parser("accept", help="add a novel alert's behaviour to its baseline")
+    accept.add_argument("alert_id")
     reset = ops.add_parser("reset", help="forget a baseline: the image learns again")
     reset.add_argument("image")
     export = ops.add_parser("export", help="write a baseline to a file")
@@ -202,7 +204,8 @@ def _run_baseline(args: argparse.Namespace) -> int:
     from driftwarden.control import request
 
     payload = {k: v for k, v in vars(args).items()
-               if k in ("op", "image", "mode", "reason", "file", "image_id", "force", "a", "b")
+               if k in ("op", "image", "mode", "reason", "file", "image_id", "force", "a", "b",
+                        "alert_id")
                and v is not None}
     if args.op == "mode":
         payload["who"] = os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"

@@ -3,7 +3,7 @@
 `driftwarden baseline ...` talks to STATE_DIR/control.sock when an agent is running (so the
 change applies to the live profiles and is not overwritten by the agent's next save), and works
 on the baseline files when none is. Requests and responses are one JSON object per line:
-  {"op": "list" | "show" | "mode" | "reset" | "export" | "import" | "diff", ...args}
+  {"op": "list" | "show" | "mode" | "accept" | "reset" | "export" | "import" | "diff", ...}
   {"ok": true, "result": ...}  or  {"ok": false, "error": "one line: what and what to do"}
 """
 
@@ -137,6 +137,18 @@ class BaselineService:
                                          force=bool(request.get("force")))
         self.source.put(profile)
         return summary(profile)
+
+    def op_accept(self, request) -> dict[str, Any]:
+        accept = getattr(self.source, "accept", None)
+        if accept is None:
+            raise UsageError(
+                "accept needs the running agent (it keeps the recent alerts): start "
+                "`driftwarden agent` with this --state-dir"
+            )
+        profile, added = accept(_arg(request, "alert_id"))
+        out = summary(profile)
+        out["added"] = sorted(item.describe() for item in added)
+        return out
 
     def op_diff(self, request) -> dict[str, list[str]]:
         a = self.source.get(_arg(request, "a"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from driftwarden.alerts import AlertKind, AlertReason, Severity, build_alert
+from driftwarden.errors import UsageError
 from driftwarden.models.drift import (
     DriftKind,
     Layers,
@@ -36,6 +37,7 @@ from driftwarden.pipeline import ContainerView, TraceRecord
 
 log = logging.getLogger(__name__)
 
+MAX_RECENT_ALERTS = 10_000
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
 _DRIFT_SEVERITY = {
@@ -113,6 +115,7 @@ class Detector:
         self._last_save = clock()
         self._last_housekeeping = 0.0
         self.stats: defaultdict[str, int] = defaultdict(int)
+        self.recent_alerts: OrderedDict[str, tuple] = OrderedDict()
 
     # -- profiles ------------------------------------------------------------
 
@@ -188,7 +191,8 @@ class Detector:
                 self._raise(AlertKind.NOVEL, novel_severity(item), 1.0,
                             [AlertReason(code=f"new-{item.KIND}", text=text,
                                          details=tuple(details))],
-                            record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}")
+                            record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}",
+                            items=(item,))
 
     @staticmethod
     def _canonical_exe(record: TraceRecord, layers: Layers | None) -> TraceRecord:
@@ -218,12 +222,45 @@ class Detector:
                     out.append(verdict)
         return out
 
-    def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key):
+    def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key,
+               items=()):
         alert = build_alert(kind, severity, score, reasons, record, container_view=view,
                             baseline_version=profile.version, dedup_key=dedup_key,
                             clock_offset_ns=self._clock_offset_ns, now=self._clock())
         self.stats[f"alerts_{kind.value}"] += 1
+        # remembered so an operator can accept it later (`driftwarden baseline accept ID`)
+        self.recent_alerts[alert.id] = (alert.kind, profile.image_id, tuple(items))
+        self.recent_alerts.move_to_end(alert.id)
+        while len(self.recent_alerts) > MAX_RECENT_ALERTS:
+            self.recent_alerts.popitem(last=False)
         self._submit(alert)
+        return alert
+
+    def accept(self, alert_id: str) -> tuple[Profile, list]:
+        """Adds a NOVEL alert's items to its image's baseline. Drift is never learned."""
+        found = self.recent_alerts.get(alert_id)
+        if found is None:
+            raise UsageError(
+                f"no recent alert {alert_id!r} in this agent (it keeps the last "
+                f"{MAX_RECENT_ALERTS}); check the id in the alert stream"
+            )
+        kind, image_id, items = found
+        if kind is not AlertKind.NOVEL:
+            raise UsageError(
+                f"alert {alert_id} is {kind.value}: only novel behaviour can be accepted into a "
+                "baseline; drift means the image itself must change"
+            )
+        profile = self.profiles[image_id]
+        added = [item for item in items if profile.items.add(item)]
+        if added:
+            profile.version += 1
+            profile.updated_at = self._clock()
+            profile.history.append({"at": profile.updated_at, "from": profile.mode.value,
+                                    "to": profile.mode.value, "by": "operator",
+                                    "reason": f"accepted alert {alert_id}"})
+            self._dirty.add(image_id)
+            self.save()
+        return profile, added
 
     # -- per tick (Sink.flush) -------------------------------------------------
 
@@ -339,6 +376,9 @@ class LiveProfiles:
     def put(self, profile: Profile) -> None:
         self.detector.profiles[profile.image_id] = profile
         self.detector.store.save(profile)
+
+    def accept(self, alert_id: str) -> tuple[Profile, list]:
+        return self.detector.accept(alert_id)
 
     def drop(self, image_id: str) -> None:
         self.detector.profiles.pop(image_id, None)

@@ -126,3 +126,46 @@ def test_control_socket_rejects_bad_requests(running_agent, tmp_path):
                                               "error": "unknown operation 'drop-tables'"}
     assert ask(b'{"op": "show"}\n') == {"ok": False, "error": "missing argument 'image'"}
     assert (tmp_path / SOCKET_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_accept_a_novel_alert_through_the_running_agent(tmp_path):
+    """A NOVEL alert's behaviour accepted by an operator is learned: it stays quiet after."""
+    from driftwarden.alerts import ListAlertSink
+
+    from tests.test_alerts import WEB as VIEW
+    from tests.test_alerts import exec_record
+
+    store = ProfileStore(tmp_path, ItemSet)
+    image_id = VIEW.image_id
+    profile = Profile(image_id=image_id, image_name=VIEW.image, items=ItemSet(), created_at=T0)
+    profile.set_mode(Mode.MONITOR, reason="test", who="test", now=T0)
+    store.save(profile)
+    sink = ListAlertSink()
+    detector = Detector(DetectorConfig(), store, sink, exe_of=lambda _t: None,
+                        layers_of=lambda _c, _t: None)
+    detector.write(exec_record())  # /tmp/x run by a process whose parent is unknown
+    novel = [a for a in sink.alerts if a.kind.value == "novel"]
+    assert {r.code for a in novel for r in a.reasons} == {"new-exec", "new-lineage"}
+    exec_alert = next(a for a in novel if a.reasons[0].code == "new-exec")
+
+    lock = threading.Lock()
+    with ControlServer(BaselineService(LiveProfiles(detector), store), tmp_path, lock):
+        accepted = cli(tmp_path, "accept", exec_alert.id)
+        assert accepted.returncode == 0, accepted.stderr
+        assert json.loads(accepted.stdout)["added"] == ["exec /tmp/x"]
+        again = cli(tmp_path, "accept", "0" * 24)
+        assert again.returncode == 2
+        assert "no recent alert '000000000000000000000000' in this agent" in again.stderr
+
+    before = len(sink.alerts)
+    detector.write(exec_record())
+    fresh = [a.reasons[0].code for a in sink.alerts[before:]]
+    assert fresh == ["new-lineage"]  # the exec is learned; its lineage was not accepted
+    assert store.load(image_id).history[-1]["reason"] == f"accepted alert {exec_alert.id}"
+
+
+def test_accept_without_an_agent_says_what_to_do(tmp_path):
+    seed(tmp_path)
+    result = cli(tmp_path, "accept", "a" * 24)
+    assert result.returncode == 2
+    assert "accept needs the running agent" in result.stderr
