@@ -1,0 +1,170 @@
+"""Detection cost: isolation-forest scoring throughput, and the agent's CPU per event with
+detection on compared with trace only, in one run.
+
+    python -m bench.detection [--events 200000] [--out FILE]
+
+No kernel needed: a synthetic capture (three containers of two images running a realistic mix:
+appends to rotated logs, temp files, loopback connects, busybox execs) is written with the
+real capture writer and replayed through the real pipeline, once with no sink (what `trace
+--summary-only` does per event) and once with the Detector (items, baseline, drift checks,
+windows). Both runs are measured with process CPU time; the ratio is what detection adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from driftwarden.alerts import ListAlertSink
+from driftwarden.detect import Detector, DetectorConfig
+from driftwarden.models.features import FEATURES
+from driftwarden.models.forest import WindowModel
+from driftwarden.models.items import ItemSet
+from driftwarden.models.profile import LearningPolicy, ProfileStore
+from driftwarden.pipeline import ContainerView, ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.probes._layout import FileOp, Limits
+from driftwarden.probes.capture import CaptureWriter, ReplayCapture
+
+CONTAINERS = [
+    (501, "a" * 64, "shop/web:1.2", "sha256:" + "1" * 64),
+    (502, "b" * 64, "shop/web:1.2", "sha256:" + "1" * 64),
+    (503, "c" * 64, "shop/worker:3", "sha256:" + "2" * 64),
+]
+
+
+def _records(n: int) -> list[bytes]:
+    from tests.test_decode import connect_record, exec_record, file_record
+
+    out = []
+    for i in range(n):
+        cg, _cid, _image, _iid = CONTAINERS[i % len(CONTAINERS)]
+        tgid = 1000 + (i % 50)
+        hdr = {"cgroup_id": cg, "tgid": tgid, "pid": tgid, "ppid": 900, "ts_ns": i * 10_000}
+        r = i % 10
+        if r < 5:
+            out.append(file_record(int(FileOp.OPEN), f"/var/log/app/access.log.{i % 7}",
+                                   open_flags=0o2101, mode=0o644, **hdr))
+        elif r < 7:
+            out.append(file_record(int(FileOp.OPEN), f"/tmp/tmp.k{i:07d}x", open_flags=0o1101,
+                                   mode=0o600, **hdr))
+        elif r < 9:
+            out.append(connect_record(family=2, addr=bytes([127, 0, 0, 1]), port=5432,
+                                      sock_type=1, **hdr))
+        else:
+            out.append(exec_record("/proc/self/exe", ["wget", "-q", "http://127.0.0.1/x"],
+                                   **hdr))
+    return out
+
+
+def _write_capture(path: Path, n: int) -> None:
+    writer = CaptureWriter(path, Limits(), 0)
+    for cg, cid, image, iid in CONTAINERS:
+        view = ContainerView(state="container", cgroup_id=cg, id=cid, name=f"c{cg}",
+                             image=image, image_id=iid, runtime="docker")
+        writer.fact(("attr", cg), view.to_dict(), 0)
+    for tgid in range(1000, 1050):
+        writer.fact(("exe", tgid), "/bin/busybox", 0)
+    for raw in _records(n):
+        writer.record(raw)
+    writer.close({})
+
+
+def _replay(path: Path, detect: bool, state_dir: Path) -> tuple[float, int, dict]:
+    source = ReplayCapture(path, batch_size=1024)
+    pipeline = TracePipeline(source, proc=ReplayProcReader(source.facts),
+                             attribution=ReplayAttribution(source.facts), sinks=[],
+                             pending_timeout=0)
+    stats: dict = {}
+    if detect:
+        detector = Detector(DetectorConfig(window_seconds=1.0, policy=LearningPolicy()),
+                            ProfileStore(state_dir, ItemSet), ListAlertSink(),
+                            exe_of=pipeline.processes.exe_before_exec,
+                            layers_of=lambda _c, _t: None)
+        pipeline.sinks.append(detector)
+    started = time.process_time()
+    summary = pipeline.run(poll_interval=0)
+    if detect:
+        detector.close()
+        stats = dict(detector.stats)
+        stats["items"] = {p.image_name: len(p.items) for p in detector.profiles.values()}
+    cpu = time.process_time() - started
+    return cpu, sum(summary.decoded.get(k, 0) for k in ("exec", "connect", "file")), stats
+
+
+def _scoring() -> dict[str, float]:
+    rng = np.random.RandomState(0)
+    train = np.zeros((500, len(FEATURES)))
+    train[:, 0] = rng.poisson(3, 500)
+    train[:, 4] = rng.poisson(5, 500)
+    train[:, 10] = rng.poisson(10, 500)
+    model = WindowModel()
+    t = time.perf_counter()
+    model.fit(train)
+    fit_s = time.perf_counter() - t
+    batch = np.tile(train, (3, 1))[:1024]
+    t = time.perf_counter()
+    for _ in range(20):
+        model.score(batch)
+    batched = 20 * 1024 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for row in batch[:50]:
+        model.score(row.reshape(1, -1))
+    single = 50 / (time.perf_counter() - t)
+    return {"fit_s": fit_s, "rows_per_s_batched": batched, "rows_per_s_single": single}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.detection", description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        capture = Path(tmp) / "synthetic.dwcap"
+        _write_capture(capture, args.events)
+        runs = {"trace only": [], "with detection": []}
+        for i in range(6):  # alternate, medians
+            for name, detect in (("trace only", False), ("with detection", True))[:: 1 if i % 2
+                                                                                    else -1]:
+                cpu, events, stats = _replay(capture, detect, Path(tmp) / f"state{i}")
+                runs[name].append((cpu, events, stats))
+    scoring = _scoring()
+    med = {name: float(np.median([c for c, _, _ in r])) for name, r in runs.items()}
+    events = runs["trace only"][0][1]
+    lines = [
+        "# Detection cost",
+        "",
+        f"Command: `python -m bench.detection --events {args.events}`; one run, 6 alternating "
+        "replays each, medians of process CPU time.",
+        "",
+        "| pipeline | CPU per event | events/s per core |",
+        "|---|---|---|",
+    ]
+    for name in ("trace only", "with detection"):
+        per = med[name] / events
+        lines.append(f"| {name} | {per * 1e6:.1f} us | {1 / per:,.0f} |")
+    lines += [
+        "",
+        f"Detection adds **{(med['with detection'] / med['trace only']):.2f}x** the trace-only "
+        f"CPU ({(med['with detection'] - med['trace only']) / events * 1e6:.1f} us per event). "
+        f"Detector stats of the last run: {runs['with detection'][-1][2]}.",
+        "",
+        "| isolation forest (500 training windows, 21 features) | value |",
+        "|---|---|",
+        f"| fit (100 trees) | {scoring['fit_s'] * 1000:.0f} ms |",
+        f"| scoring, batches of 1024 | {scoring['rows_per_s_batched']:,.0f} rows/s |",
+        f"| scoring, one row at a time | {scoring['rows_per_s_single']:,.0f} rows/s |",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
