@@ -22,6 +22,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _stop_on_signals() -> threading.Event:
+    """Ctrl-C and SIGTERM end a long-running command cleanly (drain, summary, save)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    return stop
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -115,14 +123,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         docker_host=args.docker_host,
         cgroup_root=args.cgroup_root,
     )
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    return run_trace(options, stop, stdout=sys.stdout, stderr=sys.stderr)
+    return run_trace(options, _stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
 
 
 def _add_agent(subparsers) -> None:
@@ -155,10 +156,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     options = AgentOptions(state_dir=args.state_dir, alerts_out=args.alerts_out,
                            window=args.window, learn_for=args.learn_for, mode=args.mode,
                            duration=args.duration, docker_host=args.docker_host)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda _s, _f: stop.set())
-    return run_agent(options, stop, stdout=sys.stdout, stderr=sys.stderr)
+    return run_agent(options, _stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
 
 
 def _add_baseline(subparsers) -> None:

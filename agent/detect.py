@@ -116,6 +116,8 @@ class Detector:
         self._last_housekeeping = 0.0
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.recent_alerts: OrderedDict[str, tuple] = OrderedDict()
+        self._real_exes: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._current: tuple[str, Layers | None] = ("", None)
 
     # -- profiles ------------------------------------------------------------
 
@@ -164,17 +166,14 @@ class Detector:
         now = self._clock()
         layers = self._layers_of(view.id, record.event.header.tgid)
         record = self._canonical_exe(record, layers)
-
-        def exe_of(tgid: int) -> str | None:
-            exe = self._exe_of(tgid)
-            return _real_exe(exe, layers)
-
-        items = items_of(record, exe_of)
+        self._current = (view.id, layers)
+        ops = write_ops(record) if record.kind == "write" else None
+        items = items_of(record, self._exe_in_container, ops=ops)
         novel = profile.observe(items, now, self.config.policy)
         if novel and profile.mode is Mode.LEARN:
             self._dirty.add(profile.image_id)
         self.windows.add(record, frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY)
-        verdicts = self._drift(record, layers)
+        verdicts = self._drift(record, layers, ops)
         for verdict in verdicts:
             self._raise(AlertKind.DRIFT, _DRIFT_SEVERITY[verdict.kind], 1.0,
                         [AlertReason(code=verdict.kind.value, text=verdict.reason,
@@ -203,7 +202,23 @@ class Detector:
         exe = _real_exe(record.exe or (record.path if record.path_resolved else None), layers)
         return record if exe == record.exe else record._replace(exe=exe)
 
-    def _drift(self, record: TraceRecord, layers: Layers | None) -> list:
+    def _exe_in_container(self, tgid: int) -> str | None:
+        """A process's exe with symlinks followed through its container's layers. Cached per
+        (container, path): it is asked for every connect and write, and each resolution stats
+        every path component in every layer."""
+        exe = self._exe_of(tgid)
+        container_id, layers = self._current
+        if exe is None or layers is None:
+            return exe
+        key = (container_id, exe)
+        real = self._real_exes.get(key)
+        if real is None:
+            real = self._real_exes[key] = _real_exe(exe, layers)
+            if len(self._real_exes) > 8192:
+                self._real_exes.popitem(last=False)
+        return real
+
+    def _drift(self, record: TraceRecord, layers: Layers | None, ops) -> list:
         kind = record.kind
         if kind not in ("exec", "write"):
             return []
@@ -215,7 +230,7 @@ class Detector:
         if record.event.result_known and record.event.retval < 0:
             return []
         out = []
-        for path, resolved, op in write_ops(record):
+        for path, resolved, op in ops:
             if path and resolved:
                 verdict = classify_write(path, op, layers)
                 if verdict:

@@ -300,11 +300,11 @@ class TracePipeline:
         resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
         exe = None
         if event.ok:
-            before = self.processes.exe_before_exec(tgid, ppid)
             exe = self.processes.live_exe(tgid)
             if exe is None:
                 if event.filename == PROC_SELF_EXE:
-                    exe = before
+                    # the image it ran before this exec; on_exec below replaces it
+                    exe = self.processes.exe_before_exec(tgid, ppid)
                 elif resolved is not None and resolved.resolved:
                     exe = resolved.path
             self.processes.on_exec(tgid, ppid, exe)

@@ -291,7 +291,8 @@ def write_ops(record: TraceRecord) -> list[tuple[str, bool, str]]:
     return [(record.path, record.path_resolved, cls)]
 
 
-def extract_items(record: TraceRecord, exe_of: ExeOf) -> list[Item]:
+def extract_items(record: TraceRecord, exe_of: ExeOf, *,
+                  ops: list[tuple[str, bool, str]] | None = None) -> list[Item]:
     """The items one record contributes; ``exe_of(tgid)`` gives a process's current exe (a path
     or an :class:`ExecItem`; None when unknown).
 
@@ -303,6 +304,8 @@ def extract_items(record: TraceRecord, exe_of: ExeOf) -> list[Item]:
     * connect: one ConnectItem, failed connects included (a refused connect is behaviour);
     * write: one WriteItem per written location (two for a rename), none when the result is
       known and negative (an open reported at entry has no result yet and counts).
+
+    ``ops`` is ``write_ops(record)`` when the caller already computed it.
     """
     if record.runtime_setup:
         return []
@@ -317,7 +320,9 @@ def extract_items(record: TraceRecord, exe_of: ExeOf) -> list[Item]:
     if isinstance(event, FileEvent):
         if event.result_known and event.retval < 0:
             return []
-        return [WriteItem(canonical_location(path, ok), op) for path, ok, op in write_ops(record)]
+        if ops is None:
+            ops = write_ops(record)
+        return [WriteItem(canonical_location(path, ok), op) for path, ok, op in ops]
     return []
 
 

@@ -282,6 +282,20 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
+static __always_inline void dw_fill_pending(struct dw_pending *p, u16 kind, u16 op,
+                                            const char *path, const char *path2, s32 dirfd,
+                                            s32 dirfd2, u32 flags, u32 mode)
+{
+    p->path = (u64)path;
+    p->path2 = (u64)path2;
+    p->dirfd = dirfd;
+    p->dirfd2 = dirfd2;
+    p->flags = flags;
+    p->mode = mode;
+    p->kind = kind;
+    p->op = op;
+}
+
 static __always_inline int dw_stash(u16 kind, u16 op, const char *path, const char *path2,
                                     s32 dirfd, s32 dirfd2, u32 flags, u32 mode)
 {
@@ -290,14 +304,7 @@ static __always_inline int dw_stash(u16 kind, u16 op, const char *path, const ch
     if (dw_skipped(cgid, pid_tgid))
         return 0;
     struct dw_pending p = {};
-    p.path = (u64)path;
-    p.path2 = (u64)path2;
-    p.dirfd = dirfd;
-    p.dirfd2 = dirfd2;
-    p.flags = flags;
-    p.mode = mode;
-    p.kind = kind;
-    p.op = op;
+    dw_fill_pending(&p, kind, op, path, path2, dirfd, dirfd2, flags, mode);
     u32 tid = (u32)pid_tgid;
     pending.update(&tid, &p);
     return 0;
@@ -701,12 +708,7 @@ static __always_inline int dw_open(const char *path, s32 dirfd, u32 flags, u32 m
     if (dw_skipped(cgid, pid_tgid))
         return 0;
     struct dw_pending p = {};
-    p.path = (u64)path;
-    p.dirfd = dirfd;
-    p.flags = flags;
-    p.mode = mode;
-    p.kind = DW_KIND_FILE;
-    p.op = DW_FILE_OPEN;
+    dw_fill_pending(&p, DW_KIND_FILE, DW_FILE_OPEN, path, 0, dirfd, 0, flags, mode);
     return dw_file_emit(&p, DW_RESULT_UNKNOWN, cgid, pid_tgid);
 #endif
 }
