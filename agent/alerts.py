@@ -41,6 +41,7 @@ JSON schema (``Alert.to_dict()``; one object per line from :class:`JsonLinesAler
           "events": [ {...} ],         # the triggering event(s), each exactly one trace JSON
                                        #   record (the `driftwarden trace --json` schema)
           "baseline_version": 7,       # version of the image's baseline the verdict used
+          "baseline_mode": "monitor",  # the image's mode then: "learn" | "monitor" | "protect"
           "count": 1,                  # occurrences this alert stands for (see aggregation)
           "first_seen": 1700000003.25, # time of the first of those `count` occurrences
           "last_seen": 1700000003.25   # time of the last of them
@@ -191,6 +192,7 @@ class Alert:
     process: dict[str, Any] | None
     events: tuple[dict[str, Any], ...]
     baseline_version: int
+    baseline_mode: str = "monitor"  # the image's mode when the verdict was made
     count: int = 1
     first_seen: float | None = None  # None -> time
     last_seen: float | None = None  # None -> time
@@ -215,6 +217,7 @@ class Alert:
             "process": _copy_process(self.process),
             "events": [json.loads(json.dumps(e)) for e in self.events],
             "baseline_version": self.baseline_version,
+            "baseline_mode": self.baseline_mode,
             "count": self.count,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
@@ -255,6 +258,7 @@ def build_alert(
     *,
     container_view: ContainerView | None = None,
     baseline_version: int,
+    baseline_mode: str = "monitor",
     dedup_key: str,
     clock_offset_ns: int,
     now: float | None = None,
@@ -294,6 +298,7 @@ def build_alert(
         process=process,
         events=events,
         baseline_version=int(baseline_version),
+        baseline_mode=str(baseline_mode),
     )
 
 

@@ -240,7 +240,8 @@ class Detector:
     def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key,
                items=()):
         alert = build_alert(kind, severity, score, reasons, record, container_view=view,
-                            baseline_version=profile.version, dedup_key=dedup_key,
+                            baseline_version=profile.version,
+                            baseline_mode=profile.mode.value, dedup_key=dedup_key,
                             clock_offset_ns=self._clock_offset_ns, now=self._clock())
         self.stats[f"alerts_{kind.value}"] += 1
         # remembered so an operator can accept it later (`driftwarden baseline accept ID`)

@@ -125,6 +125,7 @@ def test_drift_alert_to_dict_exact():
                     "uid": 0, "comm": "x"},
         "events": [record_to_dict(record, OFFSET)],
         "baseline_version": 7,
+        "baseline_mode": "monitor",
         "count": 1,
         "first_seen": 1700000003.25,
         "last_seen": 1700000003.25,
