@@ -30,7 +30,15 @@ from driftwarden.models.drift import (
 )
 from driftwarden.models.features import WindowAggregator
 from driftwarden.models.forest import NotEnoughWindowsError, WindowModel
-from driftwarden.models.items import ConnectItem, ExecItem, Item, ItemSet, LineageItem, write_ops
+from driftwarden.models.items import (
+    ConnectItem,
+    ExecItem,
+    Item,
+    ItemSet,
+    LineageItem,
+    WriteItem,
+    write_ops,
+)
 from driftwarden.models.items import extract_items as items_of
 from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
 from driftwarden.pipeline import ContainerView, TraceRecord
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_RECENT_ALERTS = 10_000
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
+# writes here change who can log in, what runs at boot or how names resolve: never routine
+_SENSITIVE_WRITE_DIRS = ("/etc/", "/root/.ssh/", "/var/spool/cron/", "/boot/")
 _DRIFT_SEVERITY = {
     DriftKind.EXEC_ADDED: Severity.HIGH,
     DriftKind.EXEC_MODIFIED: Severity.HIGH,
@@ -82,6 +92,8 @@ def novel_severity(item: Item) -> Severity:
         return Severity.HIGH if _is_shell(item) else Severity.MEDIUM
     if isinstance(item, ConnectItem):
         return Severity.MEDIUM if item.addr_class in ("public", "private") else Severity.LOW
+    if isinstance(item, WriteItem) and item.path.startswith(_SENSITIVE_WRITE_DIRS):
+        return Severity.HIGH
     return Severity.LOW
 
 

@@ -122,6 +122,11 @@ class ProcessTable:
     def on_chdir(self, tgid: int, ppid: int, path: str | None, fd: int) -> None:
         entry = self._entry(tgid, ppid)
         if path is not None:
+            if entry.cwd is None and not path.startswith("/") and entry.ppid > 1:
+                # Our own /proc/PID/cwd is read after the fact and may already show this very
+                # chdir (httpd's CGI child: chdir("cgi-bin") then exec "app"): start from the
+                # parent's directory, inherited at fork, instead.
+                entry.cwd = self.cwd(entry.ppid)
             resolved = self.resolve(tgid, ppid, path, AT_FDCWD)
             entry.cwd = resolved.path if resolved.resolved else None
         else:

@@ -51,6 +51,19 @@ from driftwarden.errors import DriftwardenError
 from driftwarden.models.features import FEATURES
 from sklearn.ensemble import IsolationForest
 
+# Features that measure *what* a container does: any rise above the learned maximum is
+# suspicious in itself (more shells, more distinct destinations), so they are penalised outside
+# their range. The others measure *how much*: they enter the forest as shares of the window's
+# activity, so a busier or quieter period with the same mix scores like the learned windows.
+RISK_FEATURES = frozenset({
+    "distinct_executables", "shells_spawned", "execs_from_writable", "distinct_destinations",
+    "connects_public", "writes_chmod_x", "writes_setuid", "distinct_write_dirs", "novel_exec",
+    "novel_connect", "novel_write", "execs_failed",
+})
+SHARE_SCALE = 100.0  # shares enter as log1p(percent of the window's activity)
+# Caused by the peer, not the container (a backend that is down): never penalised.
+ENVIRONMENTAL_FEATURES = frozenset({"failed_connects"})
+
 STATE_VERSION = 1
 
 
@@ -134,9 +147,20 @@ class WindowModel:
             raise ValueError("windows contain NaN or infinite values")
         return x
 
-    @staticmethod
-    def _log(x: np.ndarray) -> np.ndarray:
-        return np.log1p(np.maximum(x, 0.0))
+    @property
+    def _risk_mask(self) -> np.ndarray:
+        return np.array([name in RISK_FEATURES for name in self.feature_names])
+
+    def _log(self, x: np.ndarray) -> np.ndarray:
+        """The model's input space: log1p counts for risk features, log1p(percent share of the
+        window's activity) for volume features (see RISK_FEATURES)."""
+        x = np.maximum(x, 0.0)
+        risk = self._risk_mask
+        z = np.log1p(x)
+        volume = x[:, ~risk]
+        total = np.maximum(volume.sum(axis=1, keepdims=True), 1.0)
+        z[:, ~risk] = np.log1p(SHARE_SCALE * volume / total)
+        return z
 
     # -- fitting ----------------------------------------------------------------------------
 
@@ -154,6 +178,9 @@ class WindowModel:
         self.seed, self.n_estimators, self.contamination = seed, n_estimators, contamination
         self._raw, self._z = x, z
         self._lo, self._hi = z.min(axis=0), z.max(axis=0)
+        # penalised above the range: risk features, and activity of a kind the image never had
+        environmental = np.array([n in ENVIRONMENTAL_FEATURES for n in self.feature_names])
+        self._penalised = self._risk_mask | ((self._hi == 0) & ~environmental)
         self._raw_min, self._raw_max = x.min(axis=0), x.max(axis=0)
         self._raw_median = np.median(x, axis=0)
         self._z_median = np.median(z, axis=0)
@@ -169,17 +196,18 @@ class WindowModel:
     # -- scoring ----------------------------------------------------------------------------
 
     def range_excess(self, vectors: Any) -> np.ndarray:
-        """Per row and feature, how far (log1p units) outside the training range; 0 inside."""
+        """Per row and feature, how far (log1p units) a penalised feature (a risk feature, or a
+        kind of activity never seen in training) lies above its training maximum; else 0."""
         self._need_fit()
         z = self._log(self._matrix(vectors))
-        return np.maximum(z - self._hi, 0.0) + np.maximum(self._lo - z, 0.0)
+        return np.maximum(z - self._hi, 0.0) * self._penalised
 
     def score(self, vectors: Any) -> np.ndarray:
         """Scores of many windows at once (one row each); higher is more normal. Score in
         batches: sklearn's per-call overhead makes one row cost as much as hundreds."""
         forest = self._need_fit()
         z = self._log(self._matrix(vectors))
-        excess = np.maximum(z - self._hi, 0.0) + np.maximum(self._lo - z, 0.0)
+        excess = np.maximum(z - self._hi, 0.0) * self._penalised
         return forest.score_samples(z) - self.range_weight * excess.sum(axis=1)
 
     def is_anomalous(self, scores: Any) -> np.ndarray:
@@ -194,7 +222,8 @@ class WindowModel:
         their distance from the training median (relative to the range width)."""
         self._need_fit()
         x = self._matrix(vector)[0]
-        z = self._log(x)
+        z = self._log(x.reshape(1, -1))[0]
+        risk = self._risk_mask
         above = np.maximum(z - self._hi, 0.0)
         below = np.maximum(self._lo - z, 0.0)
         out = above + below
@@ -212,6 +241,19 @@ class WindowModel:
             med = float(self._raw_median[i])
             name = self.feature_names[i]
             text = f"{name} = {_num(value)}, learned range {_num(lo)}..{_num(hi)}"
+            if not risk[i]:  # a volume feature is judged by its share of the window's activity
+                share, share_lo, share_hi = (float(np.expm1(v)) for v in
+                                             (z[i], self._lo[i], self._hi[i]))
+                text = (f"{name} = {_num(value)}, {share:.0f}% of this window's activity, "
+                        f"learned {share_lo:.0f}%..{share_hi:.0f}%")
+                if out[i] > 0:
+                    text += " (never seen)" if self._hi[i] == 0 else ""
+                    reasons.append(Reason(feature=name, value=value, baseline_min=lo,
+                                          baseline_max=hi, baseline_median=med,
+                                          by_how_much=share - (share_hi if above[i] > 0
+                                                               else share_lo),
+                                          outside=True, text=text))
+                    continue
             if above[i] > 0:
                 by = value - hi
                 text += f" ({_num(by)} above the maximum)"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from driftwarden.models.canonical import canonical_path, canonical_unix_socket
+from driftwarden.models.canonical import canonical_path, canonical_unix_socket, pattern_matches
 from driftwarden.probes._layout import FileOp
 from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent
 
@@ -371,6 +371,8 @@ class ItemSet:
                 self.caps[kind] = int(value)
         self._items: dict[str, dict[Item, None]] = {kind: {} for kind in KINDS}
         self.overflowed: dict[str, int] = dict.fromkeys(KINDS, 0)
+        # learned write patterns with a wildcard, by op: see covers()
+        self._wild_writes: dict[str, list[str]] = {}
 
     def add(self, item: Item) -> bool:
         bucket = self._items[item.KIND]
@@ -380,7 +382,19 @@ class ItemSet:
             self.overflowed[item.KIND] += 1
         else:
             bucket[item] = None
+            if isinstance(item, WriteItem) and "*" in item.path:
+                self._wild_writes.setdefault(item.op, []).append(item.path)
         return True
+
+    def covers(self, item: Item) -> bool:
+        """Whether a learned pattern takes in `item` though its own pattern differs: a write
+        whose path a learned wildcard write of the same op matches (``/tmp/req.*`` covers
+        ``/tmp/req.JADRCI``, a mktemp name that canonicalisation could not tell from a word).
+        Called only for items not in the set, so the scan stays off the common path."""
+        if isinstance(item, WriteItem):
+            patterns = self._wild_writes.get(item.op)
+            return bool(patterns) and any(pattern_matches(p, item.path) for p in patterns)
+        return False
 
     def update(self, items: Iterable[Item]) -> int:
         """Adds all; returns how many were new."""

@@ -135,7 +135,8 @@ class Profile:
     def observe(self, items: Iterable[Any], now: float, policy: LearningPolicy) -> list[Any]:
         """Items of one event. Returns those the profile did not know. While learning they are
         added (and count as novelty for stability); otherwise the profile is left unchanged."""
-        novel = [item for item in items if item not in self.items]
+        known = self.items
+        novel = [item for item in items if item not in known and not known.covers(item)]
         if not novel or self.mode is not Mode.LEARN:
             return novel
         added = [item for item in novel if self.items.add(item)]

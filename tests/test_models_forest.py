@@ -8,6 +8,7 @@ import pytest
 from driftwarden.errors import DriftwardenError
 from driftwarden.models.features import FEATURES, INDEX
 from driftwarden.models.forest import (
+    RISK_FEATURES,
     ModelStateError,
     NotEnoughWindowsError,
     Reason,
@@ -89,7 +90,10 @@ def test_explain_below_the_range(model, train):
     assert lo > 0
     [reason] = model.explain(quiet, top=1)
     assert reason.feature == "writes_create" and reason.outside
-    assert reason.by_how_much == -lo and "below the minimum" in reason.text
+    # a volume feature is judged by its share of the window's activity, in percentage points
+    assert reason.text.startswith("writes_create = 0, 0% of this window's activity, learned ")
+    learned_low = float(reason.text.split("learned ")[1].split("%")[0])
+    assert learned_low > 0 and reason.by_how_much == pytest.approx(-learned_low, abs=0.5)
 
 
 def test_explain_an_ordinary_window_has_no_out_of_range_reason(model, train):
@@ -196,3 +200,21 @@ def test_bad_parameters():
         WindowModel(min_windows=1)
     with pytest.raises(ValueError):
         WindowModel(margin=-1)
+
+
+def test_a_faster_or_slower_rate_of_the_same_mix_is_normal(model, train):
+    # volume features enter as shares: the learned mix at 4x or 1/2 the rate scores as learned
+    typical = np.median(train, axis=0)
+    volume = [i for i, name in enumerate(FEATURES) if name not in RISK_FEATURES]
+    for factor in (4.0, 0.5):
+        scaled = typical.copy()
+        scaled[volume] = np.round(typical[volume] * factor)
+        assert not model.is_anomalous(model.score(scaled))[0], factor
+
+
+def test_failed_connects_never_seen_are_not_penalised(model, train):
+    # a backend that is down: the same connects, now failing
+    typical = np.median(train, axis=0)
+    down = typical.copy()
+    down[INDEX["failed_connects"]] = typical[INDEX["connects"]]
+    assert model.range_excess(down)[0][INDEX["failed_connects"]] == 0.0

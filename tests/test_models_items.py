@@ -337,3 +337,29 @@ def test_nearest() -> None:
     assert items.nearest(WriteItem("/tmp/tmp.*", "chmod+x")) == WriteItem("/tmp/tmp.*", "create")
     assert items.nearest(WriteItem("/etc/passwd", "append")) is None
     assert items.nearest(WriteItem("/tmp/tmp.*", "create")) is None  # itself is excluded
+
+
+def test_learned_wildcard_write_covers_a_name_canonicalisation_kept():
+    from driftwarden.models.canonical import canonical_path
+
+    items = ItemSet()
+    items.add(WriteItem("/tmp/req.*", "create"))
+    # a mktemp suffix of one letter case is kept verbatim by canonicalisation
+    assert canonical_path("/tmp/req.JADRCI") == "/tmp/req.JADRCI"
+    assert items.covers(WriteItem("/tmp/req.JADRCI", "create"))
+    assert not items.covers(WriteItem("/tmp/req.JADRCI", "unlink"))  # another op
+    assert not items.covers(WriteItem("/tmp/sub/req.JADRCI", "create"))  # * stops at /
+    assert not items.covers(WriteItem("/etc/req.JADRCI", "create"))
+
+
+def test_profile_observe_treats_covered_writes_as_known():
+    from driftwarden.models.profile import LearningPolicy, Mode, Profile
+
+    profile = Profile(image_id="sha256:" + "1" * 64, image_name="web", items=ItemSet(),
+                      created_at=0.0, updated_at=0.0)
+    policy = LearningPolicy()
+    assert profile.observe([WriteItem("/tmp/req.*", "create")], 1.0, policy)
+    profile.set_mode(Mode.MONITOR, reason="test", who="test", now=2.0)
+    assert profile.observe([WriteItem("/tmp/req.JADRCI", "create")], 3.0, policy) == []
+    assert profile.observe([WriteItem("/tmp/other", "create")], 3.0, policy) == [
+        WriteItem("/tmp/other", "create")]

@@ -35,6 +35,9 @@ class Items:
     def __contains__(self, item) -> bool:
         return item in self._items
 
+    def covers(self, item) -> bool:  # "dir/*" takes in "dir/<anything>"
+        return any(k.endswith("/*") and item.startswith(k[:-1]) for k in self._items)
+
     def __len__(self) -> int:
         return len(self._items)
 

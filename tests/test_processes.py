@@ -188,6 +188,15 @@ def test_relative_chdir_with_unknown_cwd_forgets_cwd():
     assert table.resolve(650, 1, "f", AT_FDCWD) == ResolvedPath("/later/f", True)
 
 
+def test_relative_chdir_of_new_child_starts_from_parent_cwd():
+    # the child's /proc cwd was read after its chdir("cgi-bin"): it must not be applied twice
+    proc = FakeProc(cwd={800: "/www", 801: "/www/cgi-bin"})
+    table = ProcessTable(proc)
+    table.on_chdir(801, 800, "cgi-bin", -1)
+    assert table.resolve(801, 800, "app", AT_FDCWD) == ResolvedPath("/www/cgi-bin/app", True)
+    assert ("cwd", 801) not in proc.calls
+
+
 def test_fchdir_reads_proc():
     proc = FakeProc(cwd={700: "/var/lib"})
     table = ProcessTable(proc)

@@ -6,6 +6,7 @@ is a cache hit, so a rebuild happens only when an input or the recipe changes. A
 lock plus an flock on a file make concurrent callers (threads, pytest-xdist workers) build once.
 
 Public API: busybox_image(), host_binaries_image(), storm_image(), storm_binary(),
+workload_image(),
 ImageBuildError.
 """
 
@@ -107,6 +108,27 @@ def storm_image() -> str:
 
     smoke = ["/bin/dwstorm", "open", "1", "/tmp/smoke"]
     return _ensure_image(STORM_PREFIX, populate, smoke, expect='"count":1')
+
+
+def workload_image(name: str, files: dict[str, tuple[str, int]]) -> str:
+    """The busybox image plus `files` ({path in image: (text, mode)}): an application image.
+
+    Each workload gets its own image (so its own baseline); the tag is ``dw-app-<name>:<hash>``.
+    """
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ValueError(f"workload image name {name!r}: use lower-case letters, digits, -")
+    base = busybox_image()
+
+    def populate(ctx: Path) -> None:
+        for path, (text, mode) in sorted(files.items()):
+            dest = ctx / "app" / path.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
+            dest.chmod(mode)
+        _write_dockerfile(ctx, "COPY app/ /", base=base)
+
+    first = sorted(files)[0]
+    return _ensure_image(f"dw-app-{name}", populate, ["/bin/ls", first], expect=first)
 
 
 def storm_binary() -> Path:

@@ -1,0 +1,720 @@
+"""Response actions on containers of this host: pause/resume, kill, quarantine/release.
+
+:class:`ContainerActions` carries out one action at a time and reports an :class:`ActionResult`;
+it never raises for an outcome (only for programming errors). Every action is idempotent:
+
+    action      DONE when it changed         ALREADY when                CONTAINER_GONE when
+    pause       running -> paused            already paused              unknown to the runtime
+    resume      paused -> running            running, not paused         unknown to the runtime
+    kill        running/paused -> SIGKILL    not running (exited, ...)   unknown to the runtime
+    quarantine  attached the missing hooks   all four hooks attached     no cgroup v2 directory
+    release     detached our programs        none of ours attached       no cgroup v2 directory
+
+FAILED carries the reason (pause/resume of a container that is not running, a runtime error, a
+kernel error, a partial quarantine); REFUSED is a request this class will not run (an unknown
+action or option, an id that is not a full 64-hex container id: names are resolved by the caller
+and an id becomes part of a cgroup path, so it is checked strictly).
+
+Pause/resume/kill go through a :class:`ContainerRuntime` (Docker: :class:`DockerRuntime`; pause
+is the runtime's cgroup freezer, kill is SIGKILL). Quarantine attaches the cgroup BPF programs
+of ``probes/quarantine.bpf.c`` to the container's cgroup v2 directory with BPF_F_ALLOW_MULTI:
+connect4/connect6 deny ``connect()`` (EPERM) and cgroup_skb egress/ingress drop every packet;
+the container keeps running. The programs stay attached when the agent exits. Quarantine state
+is read from the kernel (BPF_PROG_QUERY on the cgroup, then each program's name: ours start with
+``dw_q_``), so a restarted agent sees and releases what an earlier one attached, and release
+detaches exactly our programs, never anyone else's.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import enum
+import errno
+import logging
+import os
+import platform
+import re
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from driftwarden.errors import DriftwardenError, HostSupportError, ProbeLoadError
+from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_SOURCE = PROBE_DIR / "quarantine.bpf.c"
+PROGRAM_PREFIX = "dw_q_"
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class ActionStatus(enum.StrEnum):
+    DONE = "done"  # the action changed the container's state
+    ALREADY = "already"  # the container was already in the requested state
+    CONTAINER_GONE = "container_gone"  # no such container (or it no longer runs: no cgroup)
+    FAILED = "failed"  # tried and failed; the message says why
+    REFUSED = "refused"  # not attempted: unknown action/option or an invalid container id
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What one action did. ``details`` are ``(key, value)`` text pairs (cgroup, hooks, ...)."""
+
+    action: str
+    container_id: str
+    status: ActionStatus
+    message: str
+    details: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """The container is now in the requested state."""
+        return self.status in (ActionStatus.DONE, ActionStatus.ALREADY)
+
+    def detail(self, key: str) -> str | None:
+        return next((v for k, v in self.details if k == key), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "container_id": self.container_id,
+                "status": self.status.value, "message": self.message,
+                "details": dict(self.details)}
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What is applied to a container now: the runtime's view plus the kernel's."""
+
+    container_id: str
+    exists: bool  # the runtime knows the container
+    running: bool  # running (a paused container is running and paused)
+    paused: bool
+    quarantined: bool  # all four quarantine hooks carry our program
+    quarantine_hooks: tuple[str, ...]  # hook names with our program attached (partial if < 4)
+    cgroup_dir: str | None  # None when the container has no cgroup v2 directory
+    problems: tuple[str, ...] = ()  # what could not be read (the fields above then say False)
+
+
+# -- the runtime ---------------------------------------------------------------------------
+
+
+class ContainerNotFoundError(DriftwardenError):
+    """The runtime does not know the container (removed, or never existed)."""
+
+
+class RuntimeActionError(DriftwardenError):
+    """The runtime refused or failed a call; the message is its reason."""
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    status: str  # the runtime's word: running, paused, exited, created, restarting, dead, ...
+    running: bool
+    paused: bool
+
+
+class ContainerRuntime(Protocol):
+    """Pause/unpause/kill/inspect by full container id. Raise ContainerNotFoundError for an
+    unknown container and RuntimeActionError for any other failure."""
+
+    def state(self, container_id: str) -> RuntimeState: ...
+
+    def pause(self, container_id: str) -> None: ...
+
+    def unpause(self, container_id: str) -> None: ...
+
+    def kill(self, container_id: str) -> None: ...
+
+
+class DockerRuntime:
+    """ContainerRuntime over the Docker Engine API (the docker SDK's low-level client).
+
+    The client connects on first use (the SDK asks the daemon for its API version when it is
+    made), so an agent can start before the daemon does."""
+
+    def __init__(self, base_url: str = DEFAULT_DOCKER_URL, *, timeout: int = 30) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self._client: Any = None
+
+    def state(self, container_id: str) -> RuntimeState:
+        info = self._call("inspect", lambda api: api.inspect_container(container_id))
+        state = info.get("State") or {}
+        return RuntimeState(status=str(state.get("Status", "unknown")),
+                            running=bool(state.get("Running")), paused=bool(state.get("Paused")))
+
+    def pause(self, container_id: str) -> None:
+        self._call("pause", lambda api: api.pause(container_id))
+
+    def unpause(self, container_id: str) -> None:
+        self._call("unpause", lambda api: api.unpause(container_id))
+
+    def kill(self, container_id: str) -> None:
+        self._call("kill", lambda api: api.kill(container_id, signal="SIGKILL"))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _call(self, what: str, call: Callable[[Any], Any]) -> Any:
+        import docker
+        import requests
+        from docker.errors import APIError, DockerException, NotFound
+
+        try:
+            if self._client is None:
+                self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
+            return call(self._client.api)
+        except NotFound as exc:
+            raise ContainerNotFoundError(f"docker {what}: {exc.explanation or exc}") from exc
+        except APIError as exc:
+            raise RuntimeActionError(f"docker {what}: {exc.explanation or exc}") from exc
+        except (DockerException, requests.exceptions.RequestException, OSError) as exc:
+            raise RuntimeActionError(
+                f"docker {what}: cannot reach the Docker daemon at {self.base_url} ({exc})"
+            ) from exc
+
+
+# -- the kernel side of quarantine -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuarantineHook:
+    name: str  # short name used in results and status
+    program: str  # function in quarantine.bpf.c; also the kernel's program name
+    prog_type: int  # enum bpf_prog_type
+    attach_type: int  # enum bpf_attach_type
+
+
+_PROG_CGROUP_SKB, _PROG_CGROUP_SOCK_ADDR = 8, 18
+_ATTACH_INGRESS, _ATTACH_EGRESS, _ATTACH_INET4_CONNECT, _ATTACH_INET6_CONNECT = 0, 1, 10, 11
+
+QUARANTINE_HOOKS = (
+    QuarantineHook("connect4", "dw_q_connect4", _PROG_CGROUP_SOCK_ADDR, _ATTACH_INET4_CONNECT),
+    QuarantineHook("connect6", "dw_q_connect6", _PROG_CGROUP_SOCK_ADDR, _ATTACH_INET6_CONNECT),
+    QuarantineHook("egress", "dw_q_egress", _PROG_CGROUP_SKB, _ATTACH_EGRESS),
+    QuarantineHook("ingress", "dw_q_ingress", _PROG_CGROUP_SKB, _ATTACH_INGRESS),
+)
+HOOK_NAMES = tuple(h.name for h in QUARANTINE_HOOKS)
+
+
+class QuarantineBackend(Protocol):
+    """Attaches/finds/detaches the quarantine programs on a cgroup v2 directory.
+
+    Raise FileNotFoundError when the directory is gone and OSError (or a DriftwardenError) for
+    any other failure."""
+
+    def attached(self, cgroup_dir: Path) -> tuple[str, ...]:
+        """Names of the hooks that carry one of our programs."""
+        ...
+
+    def attach(self, cgroup_dir: Path, hooks: tuple[QuarantineHook, ...]) -> None: ...
+
+    def detach(self, cgroup_dir: Path) -> int:
+        """Detach every program of ours; returns how many were detached."""
+        ...
+
+
+@dataclass(frozen=True)
+class AttachedProgram:
+    prog_id: int
+    prog_type: int
+    name: str
+    attach_type: int
+
+
+# bpf(2) commands and flags (uapi/linux/bpf.h)
+_BPF_PROG_ATTACH, _BPF_PROG_DETACH = 8, 9
+_BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD, _BPF_PROG_QUERY = 13, 15, 16
+_BPF_F_ALLOW_MULTI = 2
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "arm64": 280, "s390x": 351, "ppc64le": 361}
+# union bpf_attr is 100-150 bytes depending on the kernel; the kernel accepts a larger buffer
+# whose tail is zero, and BPF_PROG_QUERY writes output fields (revision) past the part we set.
+_ATTR_SIZE = 256
+_PROG_INFO_SIZE = 80  # struct bpf_prog_info up to and including name[16] (at offset 64)
+_PROG_INFO_NAME = slice(64, 80)
+
+
+class BpfSyscalls:
+    """The few bpf(2) commands that bcc 0.26 does not wrap: query, get-by-id, info, detach."""
+
+    def __init__(self) -> None:
+        machine = platform.machine()
+        if machine not in _BPF_SYSCALL:
+            raise HostSupportError(f"bpf(2) syscall number unknown for {machine}: "
+                                   f"supported are {', '.join(sorted(_BPF_SYSCALL))}")
+        self._nr = _BPF_SYSCALL[machine]
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+
+    def _bpf(self, cmd: int, what: str, attr: bytearray) -> int:
+        buf = (ctypes.c_char * len(attr)).from_buffer(attr)
+        ret = self._libc.syscall(ctypes.c_long(self._nr), ctypes.c_int(cmd), buf,
+                                 ctypes.c_uint(len(attr)))
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"bpf {what}: {os.strerror(err)}")
+        return int(ret)
+
+    def prog_query(self, target_fd: int, attach_type: int) -> list[int]:
+        """Ids of the programs attached directly to target_fd for attach_type."""
+        count = self._query(target_fd, attach_type, None)
+        while count:
+            ids = (ctypes.c_uint32 * count)()
+            try:
+                found = self._query(target_fd, attach_type, ids)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:  # ENOSPC: more were attached since we counted
+                    raise
+                count *= 2
+                continue
+            return [int(ids[i]) for i in range(found)]
+        return []
+
+    def _query(self, target_fd: int, attach_type: int, ids: ctypes.Array | None) -> int:
+        attr = bytearray(_ATTR_SIZE)
+        struct.pack_into("=IIII", attr, 0, target_fd, attach_type, 0, 0)
+        struct.pack_into("=QI", attr, 16, ctypes.addressof(ids) if ids is not None else 0,
+                         len(ids) if ids is not None else 0)
+        self._bpf(_BPF_PROG_QUERY, "prog query", attr)
+        return int(struct.unpack_from("=I", attr, 24)[0])
+
+    def prog_fd_by_id(self, prog_id: int) -> int:
+        attr = bytearray(_ATTR_SIZE)
+        struct.pack_into("=I", attr, 0, prog_id)
+        return self._bpf(_BPF_PROG_GET_FD_BY_ID, f"get program {prog_id}", attr)
+
+    def prog_info(self, prog_fd: int) -> tuple[int, int, str]:
+        """(type, id, name) of a program."""
+        info = (ctypes.c_char * _PROG_INFO_SIZE)()
+        attr = bytearray(_ATTR_SIZE)
+        struct.pack_into("=IIQ", attr, 0, prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info))
+        self._bpf(_BPF_OBJ_GET_INFO_BY_FD, "program info", attr)
+        raw = bytes(info)
+        prog_type, prog_id = struct.unpack_from("=II", raw, 0)
+        name = raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode("ascii", "replace")
+        return prog_type, prog_id, name
+
+    def prog_attach(self, target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
+        attr = bytearray(_ATTR_SIZE)
+        struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
+        self._bpf(_BPF_PROG_ATTACH, "attach", attr)
+
+    def prog_detach(self, target_fd: int, prog_fd: int, attach_type: int) -> None:
+        attr = bytearray(_ATTR_SIZE)
+        struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
+        self._bpf(_BPF_PROG_DETACH, "detach", attr)
+
+    def attached_programs(self, target_fd: int, attach_type: int) -> list[AttachedProgram]:
+        """Every program attached to target_fd for attach_type, with its type and name."""
+        programs = []
+        for prog_id in self.prog_query(target_fd, attach_type):
+            try:
+                fd = self.prog_fd_by_id(prog_id)
+            except FileNotFoundError:  # detached and freed since the query
+                continue
+            try:
+                prog_type, _, name = self.prog_info(fd)
+            finally:
+                os.close(fd)
+            programs.append(AttachedProgram(prog_id, prog_type, name, attach_type))
+        return programs
+
+
+def _is_ours(program: AttachedProgram) -> bool:
+    # By prefix, not exact name, so that an agent also releases what another version attached.
+    return program.name.startswith(PROGRAM_PREFIX) and any(
+        program.prog_type == h.prog_type and program.attach_type == h.attach_type
+        for h in QUARANTINE_HOOKS)
+
+
+class BpfQuarantine:
+    """QuarantineBackend on the real kernel. The programs are compiled with bcc on the first
+    attach only (finding and detaching need no compiler) and reused for every container."""
+
+    def __init__(self, source: Path = QUARANTINE_SOURCE, *,
+                 syscalls: BpfSyscalls | None = None) -> None:
+        self.source = Path(source)
+        self._syscalls = syscalls
+        self._bpf: Any = None
+        self._prog_fds: dict[str, int] = {}
+
+    @property
+    def syscalls(self) -> BpfSyscalls:
+        if self._syscalls is None:
+            self._syscalls = BpfSyscalls()
+        return self._syscalls
+
+    def attached(self, cgroup_dir: Path) -> tuple[str, ...]:
+        with _open_dir(cgroup_dir) as fd:
+            found = set()
+            for hook in QUARANTINE_HOOKS:
+                programs = self.syscalls.attached_programs(fd, hook.attach_type)
+                if any(_is_ours(p) for p in programs):
+                    found.add(hook.name)
+        return tuple(name for name in HOOK_NAMES if name in found)
+
+    def attach(self, cgroup_dir: Path, hooks: tuple[QuarantineHook, ...]) -> None:
+        prog_fds = self._load()
+        with _open_dir(cgroup_dir) as fd:
+            for hook in hooks:
+                self.syscalls.prog_attach(fd, prog_fds[hook.name], hook.attach_type,
+                                          _BPF_F_ALLOW_MULTI)
+
+    def detach(self, cgroup_dir: Path) -> int:
+        detached = 0
+        with _open_dir(cgroup_dir) as fd:
+            for hook in QUARANTINE_HOOKS:
+                for program in self.syscalls.attached_programs(fd, hook.attach_type):
+                    if not _is_ours(program):
+                        continue
+                    try:
+                        prog_fd = self.syscalls.prog_fd_by_id(program.prog_id)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        self.syscalls.prog_detach(fd, prog_fd, hook.attach_type)
+                    except FileNotFoundError:  # ENOENT: someone else detached it meanwhile
+                        continue
+                    finally:
+                        os.close(prog_fd)
+                    detached += 1
+        return detached
+
+    def close(self) -> None:
+        """Free the loaded programs; attached ones stay attached (the cgroups hold them)."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+        self._bpf, self._prog_fds = None, {}
+
+    def _load(self) -> dict[str, int]:
+        if self._bpf is not None:
+            return self._prog_fds
+        if os.geteuid() != 0:
+            raise HostSupportError("quarantine loads BPF programs and needs root "
+                                   "(or CAP_BPF+CAP_NET_ADMIN): run the agent as root")
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise HostSupportError(
+                f"bcc is not importable ({exc}): install python3-bpfcc and use a venv made "
+                "with --system-site-packages (run `make setup`)"
+            ) from exc
+        try:
+            bpf = BPF(src_file=str(self.source).encode(), cflags=["-Wno-unused-parameter"])
+            fds = {h.name: bpf.load_func(h.program.encode(), h.prog_type,
+                                         attach_type=h.attach_type).fd
+                   for h in QUARANTINE_HOOKS}
+        except Exception as exc:  # bcc raises bare Exception for compile and load errors
+            raise ProbeLoadError(f"quarantine programs from {self.source} failed to load: "
+                                 f"{exc}") from exc
+        log.info("loaded quarantine programs from %s", self.source)
+        self._bpf, self._prog_fds = bpf, fds
+        return fds
+
+
+@contextlib.contextmanager
+def _open_dir(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# -- the actions -----------------------------------------------------------------------------
+
+ACTIONS = ("pause", "resume", "kill", "quarantine", "release")
+_OPTIONS = {"pause": (), "resume": (), "kill": (), "quarantine": ("with_pause",),
+            "release": ("with_resume",)}
+
+
+def container_cgroup_candidates(cgroup_root: Path, container_id: str) -> tuple[Path, ...]:
+    """Where a Docker container's cgroup v2 directory is: cgroupfs driver, then systemd."""
+    return (cgroup_root / "docker" / container_id,
+            cgroup_root / "system.slice" / f"docker-{container_id}.scope")
+
+
+class ContainerActions:
+    """Runs actions on this host's containers; see the module docstring for the outcomes.
+
+    ``runtime`` does pause/resume/kill; ``cgroup_root`` is the cgroup v2 mount (None: found
+    like the probes find it, on first use); ``quarantine`` attaches the BPF programs (default:
+    the real kernel, compiled lazily once). Thread-safe: actions run one at a time.
+    """
+
+    def __init__(self, runtime: ContainerRuntime, *, cgroup_root: str | os.PathLike | None = None,
+                 quarantine: QuarantineBackend | None = None) -> None:
+        self.runtime = runtime
+        self._cgroup_root = Path(cgroup_root) if cgroup_root is not None else None
+        self.quarantine_backend: QuarantineBackend = quarantine or BpfQuarantine()
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[tuple[str, ActionStatus]] = collections.Counter()
+
+    @classmethod
+    def for_docker(cls, base_url: str = DEFAULT_DOCKER_URL, *,
+                   cgroup_root: str | os.PathLike | None = None) -> ContainerActions:
+        return cls(DockerRuntime(base_url), cgroup_root=cgroup_root)
+
+    def close(self) -> None:
+        for part in (self.quarantine_backend, self.runtime):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> ContainerActions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Actions run so far, keyed ``"<action>.<status>"`` (e.g. ``"pause.done"``)."""
+        with self._lock:
+            return {f"{a}.{s.value}": n for (a, s), n in sorted(self._counts.items())}
+
+    # -- public actions ----------------------------------------------------------------------
+
+    def run(self, action: str, container_id: str, **options: Any) -> ActionResult:
+        """Dispatch a requested action by name; bad requests are REFUSED, never raised."""
+        if action not in _OPTIONS:
+            return self._record(ActionResult(
+                str(action), str(container_id), ActionStatus.REFUSED,
+                f"unknown action {action!r}: choose from {', '.join(ACTIONS)}"))
+        unknown = sorted(set(options) - set(_OPTIONS[action]))
+        if unknown:
+            allowed = ", ".join(_OPTIONS[action]) or "none"
+            return self._record(ActionResult(
+                action, str(container_id), ActionStatus.REFUSED,
+                f"{action} does not take option(s) {', '.join(unknown)} (allowed: {allowed})"))
+        not_bool = sorted(k for k, v in options.items() if not isinstance(v, bool))
+        if not_bool:
+            return self._record(ActionResult(
+                action, str(container_id), ActionStatus.REFUSED,
+                f"{action} option(s) {', '.join(not_bool)} must be true or false"))
+        method: Callable[..., ActionResult] = getattr(self, action)
+        return method(container_id, **options)
+
+    def pause(self, container_id: str) -> ActionResult:
+        return self._action("pause", container_id, self._pause)
+
+    def resume(self, container_id: str) -> ActionResult:
+        return self._action("resume", container_id, self._resume)
+
+    def kill(self, container_id: str) -> ActionResult:
+        return self._action("kill", container_id, self._kill)
+
+    def quarantine(self, container_id: str, with_pause: bool = False) -> ActionResult:
+        return self._action("quarantine", container_id,
+                            lambda cid: self._quarantine(cid, with_pause))
+
+    def release(self, container_id: str, with_resume: bool = False) -> ActionResult:
+        return self._action("release", container_id,
+                            lambda cid: self._release(cid, with_resume))
+
+    def status(self, container_id: str) -> ContainerState:
+        """Paused (the runtime's answer) and quarantined (the kernel's answer) right now."""
+        if not _CONTAINER_ID.fullmatch(str(container_id)):
+            raise ValueError(_bad_id_message(container_id))
+        problems: list[str] = []
+        exists = running = paused = False
+        try:
+            state = self.runtime.state(container_id)
+            exists, running, paused = True, state.running, state.paused
+        except ContainerNotFoundError:
+            pass
+        except RuntimeActionError as exc:
+            problems.append(str(exc))
+        hooks: tuple[str, ...] = ()
+        cgroup_dir: Path | None = None
+        try:
+            cgroup_dir = self._cgroup_dir(container_id)
+            if cgroup_dir is not None:
+                hooks = self.quarantine_backend.attached(cgroup_dir)
+        except FileNotFoundError:
+            cgroup_dir = None
+        except (OSError, DriftwardenError) as exc:
+            problems.append(f"quarantine state unreadable: {exc}")
+        return ContainerState(
+            container_id=container_id, exists=exists, running=running, paused=paused,
+            quarantined=len(hooks) == len(QUARANTINE_HOOKS), quarantine_hooks=hooks,
+            cgroup_dir=str(cgroup_dir) if cgroup_dir is not None else None,
+            problems=tuple(problems))
+
+    # -- implementation ----------------------------------------------------------------------
+
+    def _action(self, action: str, container_id: str,
+                body: Callable[[str], ActionResult]) -> ActionResult:
+        if not _CONTAINER_ID.fullmatch(str(container_id)):
+            result = ActionResult(action, str(container_id), ActionStatus.REFUSED,
+                                  _bad_id_message(container_id))
+        else:
+            with self._lock:
+                result = body(container_id)
+        return self._record(result)
+
+    def _record(self, result: ActionResult) -> ActionResult:
+        with self._lock:
+            self._counts[(result.action, result.status)] += 1
+        level = logging.WARNING if result.status in (ActionStatus.FAILED,
+                                                     ActionStatus.REFUSED) else logging.INFO
+        log.log(level, "action %s on %s: %s: %s", result.action, result.container_id[:12],
+                result.status.value, result.message)
+        return result
+
+    def _pause(self, cid: str) -> ActionResult:
+        return self._runtime_step(
+            "pause", cid, already=lambda s: s.paused, applicable=lambda s: s.running,
+            call=self.runtime.pause, already_text="already paused", done_text="paused (frozen)")
+
+    def _resume(self, cid: str) -> ActionResult:
+        return self._runtime_step(
+            "resume", cid, already=lambda s: s.running and not s.paused,
+            applicable=lambda s: s.paused, call=self.runtime.unpause,
+            already_text="already running (not paused)", done_text="resumed (thawed)")
+
+    def _kill(self, cid: str) -> ActionResult:
+        return self._runtime_step(
+            "kill", cid, already=lambda s: not s.running and s.status != "restarting",
+            applicable=lambda s: True, call=self.runtime.kill,
+            already_text="already stopped", done_text="killed (SIGKILL)")
+
+    def _runtime_step(self, action: str, cid: str, *, already: Callable[[RuntimeState], bool],
+                      applicable: Callable[[RuntimeState], bool], call: Callable[[str], None],
+                      already_text: str, done_text: str) -> ActionResult:
+        def result(status: ActionStatus, message: str, state: RuntimeState | None = None):
+            details = (("runtime_status", state.status),) if state is not None else ()
+            return ActionResult(action, cid, status, message, details)
+
+        try:
+            state = self.runtime.state(cid)
+        except ContainerNotFoundError as exc:
+            return result(ActionStatus.CONTAINER_GONE, f"no such container ({exc})")
+        except RuntimeActionError as exc:
+            return result(ActionStatus.FAILED, f"could not read the container's state: {exc}")
+        if already(state):
+            return result(ActionStatus.ALREADY, f"{already_text} (status {state.status})", state)
+        if not applicable(state):
+            return result(ActionStatus.FAILED,
+                          f"cannot {action}: the container is {state.status}, not running", state)
+        try:
+            call(cid)
+        except ContainerNotFoundError as exc:
+            return result(ActionStatus.CONTAINER_GONE, f"no such container ({exc})")
+        except RuntimeActionError as exc:
+            # Lost a race with another actor? Then the requested state holds after all.
+            try:
+                after = self.runtime.state(cid)
+            except ContainerNotFoundError:
+                return result(ActionStatus.CONTAINER_GONE, f"container went away during {action}")
+            except RuntimeActionError:
+                after = None
+            if after is not None and already(after):
+                return result(ActionStatus.ALREADY, f"{already_text} (status {after.status})",
+                              after)
+            return result(ActionStatus.FAILED, f"{action} failed: {exc}", state)
+        return result(ActionStatus.DONE, done_text, state)
+
+    def _cgroup_dir(self, cid: str) -> Path | None:
+        if self._cgroup_root is None:
+            self._cgroup_root = find_cgroup2_root()
+        return next((p for p in container_cgroup_candidates(self._cgroup_root, cid)
+                     if p.is_dir()), None)
+
+    def _locate(self, action: str, cid: str) -> Path | ActionResult:
+        try:
+            cgroup_dir = self._cgroup_dir(cid)
+        except HostSupportError as exc:
+            return ActionResult(action, cid, ActionStatus.FAILED, str(exc))
+        if cgroup_dir is None:
+            tried = ", ".join(str(p) for p in container_cgroup_candidates(
+                self._cgroup_root or Path("?"), cid))
+            return ActionResult(action, cid, ActionStatus.CONTAINER_GONE,
+                                f"the container has no cgroup v2 directory (tried {tried}): "
+                                "it does not exist or is not running")
+        return cgroup_dir
+
+    def _quarantine(self, cid: str, with_pause: bool) -> ActionResult:
+        located = self._locate("quarantine", cid)
+        if isinstance(located, ActionResult):
+            return located
+        details = [("cgroup", str(located))]
+        try:
+            present = self.quarantine_backend.attached(located)
+            missing = tuple(h for h in QUARANTINE_HOOKS if h.name not in present)
+            if missing:
+                self.quarantine_backend.attach(located, missing)
+        except FileNotFoundError:
+            return ActionResult("quarantine", cid, ActionStatus.CONTAINER_GONE,
+                                "the container's cgroup went away (it exited)", tuple(details))
+        except (OSError, DriftwardenError) as exc:
+            partial = self._hooks_now(located)
+            details.append(("hooks", ",".join(partial)))
+            where = (f"; partially applied: {', '.join(partial)} attached" if partial
+                     else "; nothing is attached")
+            return ActionResult("quarantine", cid, ActionStatus.FAILED,
+                                f"quarantine failed: {exc}{where}", tuple(details))
+        details.append(("hooks", ",".join(HOOK_NAMES)))
+        changed = bool(missing)
+        message = (f"quarantined: {', '.join(h.name for h in missing)} attached" if changed
+                   else "already quarantined")
+        return self._combine("quarantine", cid, changed, message, details,
+                             self._pause(cid) if with_pause else None, "pause")
+
+    def _release(self, cid: str, with_resume: bool) -> ActionResult:
+        located = self._locate("release", cid)
+        if isinstance(located, ActionResult):
+            return located
+        details = [("cgroup", str(located))]
+        try:
+            detached = self.quarantine_backend.detach(located)
+        except FileNotFoundError:
+            return ActionResult("release", cid, ActionStatus.CONTAINER_GONE,
+                                "the container's cgroup went away (it exited)", tuple(details))
+        except (OSError, DriftwardenError) as exc:
+            left = self._hooks_now(located)
+            details.append(("hooks", ",".join(left)))
+            return ActionResult("release", cid, ActionStatus.FAILED,
+                                f"release failed: {exc}; still attached: "
+                                f"{', '.join(left) or 'none'}", tuple(details))
+        details.append(("detached", str(detached)))
+        message = (f"released: {detached} quarantine program(s) detached" if detached
+                   else "not quarantined")
+        return self._combine("release", cid, bool(detached), message, details,
+                             self._resume(cid) if with_resume else None, "resume")
+
+    def _hooks_now(self, cgroup_dir: Path) -> tuple[str, ...]:
+        try:
+            return self.quarantine_backend.attached(cgroup_dir)
+        except (OSError, DriftwardenError):
+            return ()
+
+    @staticmethod
+    def _combine(action: str, cid: str, changed: bool, message: str,
+                 details: list[tuple[str, str]], step: ActionResult | None,
+                 step_name: str) -> ActionResult:
+        """Fold the optional pause/resume step into the quarantine/release result."""
+        if step is None:
+            status = ActionStatus.DONE if changed else ActionStatus.ALREADY
+            return ActionResult(action, cid, status, message, tuple(details))
+        details.append((step_name, step.status.value))
+        text = f"{message}; {step_name}: {step.message}"
+        if step.ok:
+            status = ActionStatus.DONE if changed or step.status == ActionStatus.DONE else (
+                ActionStatus.ALREADY)
+        else:
+            status = step.status  # FAILED or CONTAINER_GONE: the combined request did not hold
+        return ActionResult(action, cid, status, text, tuple(details))
+
+
+def _bad_id_message(container_id: object) -> str:
+    shown = repr(container_id) if len(repr(container_id)) <= 80 else repr(container_id)[:77] + "..."
+    return (f"container id must be the full 64-hex-digit id (resolve names and short ids first), "
+            f"got {shown}")

