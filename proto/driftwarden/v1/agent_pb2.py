@@ -27,7 +27,7 @@ from driftwarden.v1 import common_pb2 as driftwarden_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64riftwarden/v1/agent.proto\x12\x0e\x64riftwarden.v1\x1a\x1c\x64riftwarden/v1/actions.proto\x1a\x1b\x64riftwarden/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0c\x41gentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.driftwarden.v1.HelloH\x00\x12\x31\n\x0b\x61lert_batch\x18\x03 \x01(\x0b\x32\x1a.driftwarden.v1.AlertBatchH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.driftwarden.v1.HeartbeatH\x00\x12\x35\n\raction_result\x18\x05 \x01(\x0b\x32\x1c.driftwarden.v1.ActionResultH\x00\x42\x06\n\x04\x62ody\"\x92\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\nAlertBatch\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\x99\x01\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x03 \x01(\r\x12\x13\n\x0bspool_depth\x18\x04 \x01(\x04\"\x91\x01\n\x0c\x41\x63tionResult\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.driftwarden.v1.ActionStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x10\x43ollectorCommand\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.driftwarden.v1.AckH\x00\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x1d.driftwarden.v1.ActionCommandH\x00\x12(\n\x06notice\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.NoticeH\x00\x42\x06\n\x04\x62ody\",\n\x03\x41\x63k\x12\x11\n\talert_ids\x18\x01 \x03(\t\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\x9c\x01\n\rActionCommand\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12(\n\x04type\x18\x03 \x01(\x0e\x32\x1a.driftwarden.v1.ActionType\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x12\n\nwith_pause\x18\x06 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListAgentsRequest\"\xca\x02\n\x05\x41gent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x08 \x01(\r\x12\x13\n\x0bspool_depth\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x10\n\x08hostname\x18\x0b \x01(\t\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Agent2]\n\x0c\x41gentChannel\x12M\n\x07\x43onnect\x12\x1c.driftwarden.v1.AgentMessage\x1a .driftwarden.v1.CollectorCommand(\x01\x30\x01\x32W\n\x06\x41gents\x12M\n\x04List\x12!.driftwarden.v1.ListAgentsRequest\x1a\".driftwarden.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64riftwarden/v1/agent.proto\x12\x0e\x64riftwarden.v1\x1a\x1c\x64riftwarden/v1/actions.proto\x1a\x1b\x64riftwarden/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0c\x41gentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.driftwarden.v1.HelloH\x00\x12\x31\n\x0b\x61lert_batch\x18\x03 \x01(\x0b\x32\x1a.driftwarden.v1.AlertBatchH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.driftwarden.v1.HeartbeatH\x00\x12\x35\n\raction_result\x18\x05 \x01(\x0b\x32\x1c.driftwarden.v1.ActionResultH\x00\x42\x06\n\x04\x62ody\"\x92\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\nAlertBatch\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\xc8\x01\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x03 \x01(\r\x12\x13\n\x0bspool_depth\x18\x04 \x01(\x04\x12-\n\ncontainers\x18\x05 \x03(\x0b\x32\x19.driftwarden.v1.Container\"\x91\x01\n\x0c\x41\x63tionResult\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.driftwarden.v1.ActionStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x10\x43ollectorCommand\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.driftwarden.v1.AckH\x00\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x1d.driftwarden.v1.ActionCommandH\x00\x12(\n\x06notice\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.NoticeH\x00\x42\x06\n\x04\x62ody\",\n\x03\x41\x63k\x12\x11\n\talert_ids\x18\x01 \x03(\t\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\x9c\x01\n\rActionCommand\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12(\n\x04type\x18\x03 \x01(\x0e\x32\x1a.driftwarden.v1.ActionType\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x12\n\nwith_pause\x18\x06 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListAgentsRequest\"\xca\x02\n\x05\x41gent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x08 \x01(\r\x12\x13\n\x0bspool_depth\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x10\n\x08hostname\x18\x0b \x01(\t\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Agent2]\n\x0c\x41gentChannel\x12M\n\x07\x43onnect\x12\x1c.driftwarden.v1.AgentMessage\x1a .driftwarden.v1.CollectorCommand(\x01\x30\x01\x32W\n\x06\x41gents\x12M\n\x04List\x12!.driftwarden.v1.ListAgentsRequest\x1a\".driftwarden.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,25 +41,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALERTBATCH']._serialized_start=519
   _globals['_ALERTBATCH']._serialized_end=590
   _globals['_HEARTBEAT']._serialized_start=593
-  _globals['_HEARTBEAT']._serialized_end=746
-  _globals['_ACTIONRESULT']._serialized_start=749
-  _globals['_ACTIONRESULT']._serialized_end=894
-  _globals['_COLLECTORCOMMAND']._serialized_start=897
-  _globals['_COLLECTORCOMMAND']._serialized_end=1050
-  _globals['_ACK']._serialized_start=1052
-  _globals['_ACK']._serialized_end=1096
-  _globals['_ACTIONCOMMAND']._serialized_start=1099
-  _globals['_ACTIONCOMMAND']._serialized_end=1255
-  _globals['_NOTICE']._serialized_start=1257
-  _globals['_NOTICE']._serialized_end=1279
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1281
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1300
-  _globals['_AGENT']._serialized_start=1303
-  _globals['_AGENT']._serialized_end=1633
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1635
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1694
-  _globals['_AGENTCHANNEL']._serialized_start=1696
-  _globals['_AGENTCHANNEL']._serialized_end=1789
-  _globals['_AGENTS']._serialized_start=1791
-  _globals['_AGENTS']._serialized_end=1878
+  _globals['_HEARTBEAT']._serialized_end=793
+  _globals['_ACTIONRESULT']._serialized_start=796
+  _globals['_ACTIONRESULT']._serialized_end=941
+  _globals['_COLLECTORCOMMAND']._serialized_start=944
+  _globals['_COLLECTORCOMMAND']._serialized_end=1097
+  _globals['_ACK']._serialized_start=1099
+  _globals['_ACK']._serialized_end=1143
+  _globals['_ACTIONCOMMAND']._serialized_start=1146
+  _globals['_ACTIONCOMMAND']._serialized_end=1302
+  _globals['_NOTICE']._serialized_start=1304
+  _globals['_NOTICE']._serialized_end=1326
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1328
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1347
+  _globals['_AGENT']._serialized_start=1350
+  _globals['_AGENT']._serialized_end=1680
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1682
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1741
+  _globals['_AGENTCHANNEL']._serialized_start=1743
+  _globals['_AGENTCHANNEL']._serialized_end=1836
+  _globals['_AGENTS']._serialized_start=1838
+  _globals['_AGENTS']._serialized_end=1925
 # @@protoc_insertion_point(module_scope)

@@ -48,16 +48,18 @@ class AlertBatch(_message.Message):
     def __init__(self, alerts: _Optional[_Iterable[_Union[_common_pb2.Alert, _Mapping]]] = ..., spool_seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sent_at", "counters", "containers_watched", "spool_depth")
+    __slots__ = ("sent_at", "counters", "containers_watched", "spool_depth", "containers")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_WATCHED_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     sent_at: _timestamp_pb2.Timestamp
     counters: _containers.RepeatedCompositeFieldContainer[_common_pb2.KindCounters]
     containers_watched: int
     spool_depth: int
-    def __init__(self, sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Iterable[_Union[_common_pb2.KindCounters, _Mapping]]] = ..., containers_watched: _Optional[int] = ..., spool_depth: _Optional[int] = ...) -> None: ...
+    containers: _containers.RepeatedCompositeFieldContainer[_common_pb2.Container]
+    def __init__(self, sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Iterable[_Union[_common_pb2.KindCounters, _Mapping]]] = ..., containers_watched: _Optional[int] = ..., spool_depth: _Optional[int] = ..., containers: _Optional[_Iterable[_Union[_common_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class ActionResult(_message.Message):
     __slots__ = ("action_id", "status", "message", "finished_at")
