@@ -46,6 +46,9 @@ from driftwarden.pipeline import ContainerView, TraceRecord
 log = logging.getLogger(__name__)
 
 MAX_RECENT_ALERTS = 10_000
+MAX_VIEWS = 4096
+MAX_IMAGES = 32768  # processes whose program the detector remembers (LRU)
+PROC_SELF_EXE = "/proc/self/exe"
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
 # writes here change who can log in, what runs at boot or how names resolve: never routine
@@ -130,6 +133,10 @@ class Detector:
         self.recent_alerts: OrderedDict[str, tuple] = OrderedDict()
         self._real_exes: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._current: tuple[str, Layers | None] = ("", None)
+        # latest view per container: window alerts name the container like event alerts do
+        self._views: OrderedDict[str, ContainerView] = OrderedDict()
+        # tgid -> the program it runs, canonical (see _canonical_exe, _remember_image)
+        self._images: OrderedDict[int, ExecItem] = OrderedDict()
 
     # -- profiles ------------------------------------------------------------
 
@@ -176,11 +183,18 @@ class Detector:
             self.stats["no_image"] += 1
             return
         now = self._clock()
+        if self._views.get(view.id) is not view:
+            self._views[view.id] = view
+            self._views.move_to_end(view.id)
+            if len(self._views) > MAX_VIEWS:
+                self._views.popitem(last=False)
         layers = self._layers_of(view.id, record.event.header.tgid)
-        record = self._canonical_exe(record, layers)
         self._current = (view.id, layers)
+        record = self._canonical_exe(record, layers)
         ops = write_ops(record) if record.kind == "write" else None
         items = items_of(record, self._exe_in_container, ops=ops)
+        if record.kind == "exec" and items:
+            self._remember_image(record, items)
         novel = profile.observe(items, now, self.config.policy)
         if novel and profile.mode is Mode.LEARN:
             self._dirty.add(profile.image_id)
@@ -205,19 +219,66 @@ class Detector:
                             record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}",
                             items=(item,))
 
-    @staticmethod
-    def _canonical_exe(record: TraceRecord, layers: Layers | None) -> TraceRecord:
-        """An exec's binary named the same whether /proc was readable or not: symlinks are
-        followed through the container's layers (/bin/sh -> /bin/busybox)."""
+    def _canonical_exe(self, record: TraceRecord, layers: Layers | None) -> TraceRecord:
+        """An exec's program named the same however the race with /proc went, so a baseline
+        learns one item per program:
+
+        * ``execve(path)``: the file named, symlinks followed through the container's layers
+          (/bin/sh -> /bin/busybox); a script stays the script (its identity);
+        * ``execve("/proc/self/exe")`` (busybox applets): the binary the process was running,
+          i.e. the image of the process or of the parent it was forked from, and for a script
+          its interpreter.
+
+        The program is remembered per process (``_remember_image``) for the lineage, connect
+        and write items of its later events (``_exe_in_container``)."""
         if record.kind != "exec" or layers is None:
             return record
-        exe = _real_exe(record.exe or (record.path if record.path_resolved else None), layers)
+        tgid = record.event.header.tgid
+        if record.event.retval != 0:
+            return record
+        if record.event.filename == PROC_SELF_EXE:
+            before = self._images.get(tgid) or self._images.get(record.ppid)
+            exe = self._binary(before.exe if before is not None else record.exe, layers)
+        elif record.path_resolved:
+            exe = _real_exe(record.path, layers)
+        else:
+            exe = _real_exe(record.exe, layers)
         return record if exe == record.exe else record._replace(exe=exe)
+
+    def _remember_image(self, record: TraceRecord, items: list) -> None:
+        """After an exec: the process now runs items[0]. When the same process ran something
+        we saw before (``nc -e /bin/sh``, ``exec httpd`` in a start script), the lineage is
+        "what it ran" -> "what it runs now": the parent process never saw this exec."""
+        tgid = record.event.header.tgid
+        before = self._images.get(tgid)
+        program = items[0]
+        if before is not None and len(items) > 1 and isinstance(items[1], LineageItem):
+            items[1] = LineageItem(before.compact(), program.compact())
+        self._images[tgid] = program
+        self._images.move_to_end(tgid)
+        if len(self._images) > MAX_IMAGES:
+            self._images.popitem(last=False)
+
+    def _binary(self, exe: str | None, layers: Layers) -> str | None:
+        """The binary behind `exe`: a script's interpreter, else `exe` (cached per container)."""
+        if exe is None or not exe.startswith("/"):
+            return exe
+        key = (self._current[0], "#!" + exe)
+        found = self._real_exes.get(key)
+        if found is None:
+            real = _real_exe(exe, layers) or exe
+            found = self._real_exes[key] = layers.interpreter(real) or real
+            if len(self._real_exes) > 8192:
+                self._real_exes.popitem(last=False)
+        return found
 
     def _exe_in_container(self, tgid: int) -> str | None:
         """A process's exe with symlinks followed through its container's layers. Cached per
         (container, path): it is asked for every connect and write, and each resolution stats
         every path component in every layer."""
+        program = self._images.get(tgid)
+        if program is not None:
+            return program
         exe = self._exe_of(tgid)
         container_id, layers = self._current
         if exe is None or layers is None:
@@ -336,13 +397,18 @@ class Detector:
                                           strict=True):
                 if not bad:
                     continue
+                explained = model.explain(window.vector)
                 reasons = [AlertReason(code="feature-out-of-range", text=r.text,
                                        details=tuple(sorted(r.to_dict().items())))
-                           for r in model.explain(window.vector)]
-                view = ContainerView(state="container", cgroup_id=0, id=window.container_id,
-                                     image=window.image, image_id=window.image_id)
+                           for r in explained]
+                view = self._views.get(window.container_id) or ContainerView(
+                    state="container", cgroup_id=0, id=window.container_id,
+                    image=window.image, image_id=window.image_id)
+                # one id per container and set of out-of-range features: a container that stays
+                # odd the same way is one alert with a count, not one per window
+                shape = ",".join(sorted(r.feature for r in explained if r.outside)) or "in-range"
                 self._raise(AlertKind.ANOMALY, Severity.MEDIUM, float(score), reasons, None,
-                            view, profile, dedup_key=f"anomaly:{window.end}")
+                            view, profile, dedup_key=f"anomaly:{shape}")
 
     def save(self) -> None:
         for image_id in sorted(self._dirty):

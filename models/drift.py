@@ -99,6 +99,26 @@ class Layers:
         return normalize_container_path("/" + "/".join(resolved))
 
 
+    def interpreter(self, path: str) -> str | None:
+        """For a script (``#!`` first line) the interpreter it names, symlinks followed; None
+        for anything else. A process that exec'd a script runs the interpreter, so a later
+        ``execve("/proc/self/exe")`` from it starts the interpreter, not the script."""
+        host = self._top(normalize_container_path(path))
+        if host is None:
+            return None
+        try:
+            with open(host, "rb") as fh:
+                head = fh.read(256)
+        except OSError:
+            return None
+        if not head.startswith(b"#!"):
+            return None
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words:
+            return None
+        return self.realpath(words[0].decode("utf-8", "surrogateescape"))
+
+
 def normalize_container_path(path: str) -> str:
     """Lexically normalised and confined to the container root ('..' cannot climb out)."""
     out = posixpath.normpath("/" + path.lstrip("/"))

@@ -26,11 +26,13 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -301,7 +303,8 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
             Attack("decoded payload piped to sh",
                    lambda: web.exec(["sh", "-c", "echo aWQK | base64 -d | sh"]),
                    {"novel exec of base64": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-exec" and ":base64" in detail(a, "item"),
+                    and reasons(a)[0][0] == "new-exec"
+                    and detail(a, "item").endswith(" as base64"),
                     "novel shell fed by the pipe": lambda a: a["kind"] == "novel"
                     and reasons(a)[0][0] == "new-lineage" and detail(a, "item").endswith(":sh")
                     and a["process"]["argv"] == ["sh"]}),
@@ -341,6 +344,10 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
             print(f"  {attack.name}: {lat or 'MISSED'}")
         for name, kind, why in false_benign + false_bystander:
             print(f"  FALSE ALERT {name} {kind}: {why}")
+    if missed or false_benign or false_bystander:  # keep the evidence for a failed run
+        kept = Path(tempfile.gettempdir()) / "dw-scenario-alerts.jsonl"
+        kept.write_text(agent.alerts_out.read_text())
+        print(f"  all alerts kept in {kept}")
     assert not false_benign, false_benign
     assert not false_bystander, false_bystander
     assert not missed, f"missed: {missed}; alerts: {[reasons(a) for a in agent.alerts()]}"
