@@ -47,12 +47,18 @@ log = logging.getLogger(__name__)
 
 MAX_RECENT_ALERTS = 10_000
 MAX_VIEWS = 4096
+MAX_WRITERS = 16384  # (container, path) -> the write that made the file, for provenance
+# write ops that put content or an exec bit on a path (write_ops names; a rename's target too)
+_WRITER_OPS = frozenset({"create", "truncate", "append", "write", "rename-to", "link", "chmod+x",
+                         "setuid"})
 MAX_IMAGES = 32768  # processes whose program the detector remembers (LRU)
 PROC_SELF_EXE = "/proc/self/exe"
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
 # writes here change who can log in, what runs at boot or how names resolve: never routine
 _SENSITIVE_WRITE_DIRS = ("/etc/", "/root/.ssh/", "/var/spool/cron/", "/boot/")
+_PROVENANCE_KINDS = frozenset({DriftKind.EXEC_ADDED, DriftKind.EXEC_MODIFIED,
+                               DriftKind.CHMOD_X_NEW_FILE, DriftKind.SETUID_NEW_FILE})
 _DRIFT_SEVERITY = {
     DriftKind.EXEC_ADDED: Severity.HIGH,
     DriftKind.EXEC_MODIFIED: Severity.HIGH,
@@ -70,6 +76,8 @@ class DetectorConfig:
     policy: LearningPolicy = field(default_factory=LearningPolicy)
     initial_mode: Mode = Mode.LEARN  # mode of an image seen for the first time
     save_interval: float = 30.0
+    # windows follow event timestamps instead of the wall clock: for recorded captures
+    event_time_windows: bool = False
 
 
 def _is_shell(item: ExecItem) -> bool:
@@ -135,8 +143,10 @@ class Detector:
         self._current: tuple[str, Layers | None] = ("", None)
         # latest view per container: window alerts name the container like event alerts do
         self._views: OrderedDict[str, ContainerView] = OrderedDict()
+        self._latest_event = 0.0  # seconds, for event_time_windows
         # tgid -> the program it runs, canonical (see _canonical_exe, _remember_image)
         self._images: OrderedDict[int, ExecItem] = OrderedDict()
+        self._writers: OrderedDict[tuple[str, str], tuple] = OrderedDict()  # -> (record, program)
 
     # -- profiles ------------------------------------------------------------
 
@@ -176,6 +186,11 @@ class Detector:
     def write(self, record: TraceRecord) -> None:
         view = record.container
         if record.runtime_setup or view.state != "container" or not view.id:
+            if view.state == "unknown" and not record.runtime_setup:
+                # an event we could not attribute may belong to any container's window
+                self.windows.mark_all_tainted("unattributed events",
+                                              now=self._window_time(record))
+                self.stats["unattributed"] += 1
             self.stats["skipped"] += 1
             return
         profile = self.profile_for(view)
@@ -198,13 +213,33 @@ class Detector:
         novel = profile.observe(items, now, self.config.policy)
         if novel and profile.mode is Mode.LEARN:
             self._dirty.add(profile.image_id)
-        self.windows.add(record, frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY)
+        self.windows.add(record, frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY,
+                         now=self._window_time(record))
+        if ops:
+            self._remember_writes(view.id, record, ops)
         verdicts = self._drift(record, layers, ops)
         for verdict in verdicts:
+            text, details, related = verdict.reason, [("path", verdict.path)], ()
+            writer = (self._writers.get((view.id, verdict.path))
+                      if verdict.kind in _PROVENANCE_KINDS else None)
+            if writer is not None:  # provenance: who put this file here
+                record_w, program = writer
+                h = record_w.event.header
+                exe = program.exe if isinstance(program, ExecItem) else program
+                argv0 = program.argv0 if isinstance(program, ExecItem) else None
+                who = f"{exe} as {argv0}" if exe and argv0 and argv0 != Path(exe).name else exe
+                when = (h.ts_ns + self._clock_offset_ns) / 1e9
+                text += (f"; written by pid {h.tgid} ({who or h.comm}) in this container "
+                         f"{max(record.event.header.ts_ns - h.ts_ns, 0) / 1e9:.3f} s earlier")
+                details += [("written_by_pid", h.tgid), ("written_by_exe", exe),
+                            ("written_by_argv0", argv0), ("written_by_comm", h.comm),
+                            ("written_at", when)]
+                related = (record_w,)
             self._raise(AlertKind.DRIFT, _DRIFT_SEVERITY[verdict.kind], 1.0,
-                        [AlertReason(code=verdict.kind.value, text=verdict.reason,
-                                     details=(("path", verdict.path),))],
-                        record, view, profile, dedup_key=f"drift:{verdict.kind}:{verdict.path}")
+                        [AlertReason(code=verdict.kind.value, text=text,
+                                     details=tuple(details))],
+                        record, view, profile, dedup_key=f"drift:{verdict.kind}:{verdict.path}",
+                        related=related)
         if profile.mode is not Mode.LEARN:
             for item in novel:
                 nearest = profile.items.nearest(item)
@@ -310,10 +345,34 @@ class Detector:
                     out.append(verdict)
         return out
 
+    def _window_time(self, record: TraceRecord) -> float | None:
+        """The time windows go by: the event's own (replays reproduce their windows) or, live,
+        the aggregator's wall clock (None), so idle windows still close."""
+        if not self.config.event_time_windows:
+            return None
+        h = record.event.header
+        t = (h.ts_ns + self._clock_offset_ns) / 1e9
+        self._latest_event = max(self._latest_event, t)
+        return self._latest_event
+
+    def _remember_writes(self, container_id: str, record: TraceRecord, ops) -> None:
+        """The last write that created or changed each file (bounded LRU), so a drift alert
+        about running that file can name who wrote it."""
+        program = None
+        for path, resolved, op in ops:
+            if resolved and op in _WRITER_OPS:
+                key = (container_id, path)
+                if program is None:  # the writer may be gone when its file runs
+                    program = self._exe_in_container(record.event.header.tgid) or "?"
+                self._writers[key] = (record, program)
+                self._writers.move_to_end(key)
+        while len(self._writers) > MAX_WRITERS:
+            self._writers.popitem(last=False)
+
     def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key,
-               items=()):
+               items=(), related=()):
         alert = build_alert(kind, severity, score, reasons, record, container_view=view,
-                            baseline_version=profile.version,
+                            related=related, baseline_version=profile.version,
                             baseline_mode=profile.mode.value, dedup_key=dedup_key,
                             clock_offset_ns=self._clock_offset_ns, now=self._clock())
         self.stats[f"alerts_{kind.value}"] += 1
@@ -355,7 +414,8 @@ class Detector:
 
     def flush(self) -> None:
         now = self._clock()
-        self._handle_windows(self.windows.tick())
+        self._handle_windows(self.windows.tick(
+            self._latest_event if self.config.event_time_windows else None))
         if now - self._last_housekeeping >= 1.0:
             self._last_housekeeping = now
             if self._drops is not None:
