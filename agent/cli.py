@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(subparsers)
     _add_baseline(subparsers)
     from driftwarden import doctor
+    from driftwarden.collector import collector_cmd
 
     doctor.add_parser(subparsers)
+    collector_cmd.add_parser(subparsers)
     return parser
 
 

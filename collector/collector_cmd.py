@@ -1,0 +1,145 @@
+"""`driftwarden collector`: run the collector until SIGINT or SIGTERM.
+
+It prints one line saying where it listens and where its data lives, prunes the store to the
+retention period at start and every hour, and stops cleanly on a signal (agents reconnect and
+replay their spools when it is back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
+from driftwarden.collector.server import DEFAULT_LISTEN, CollectorConfig, CollectorServer, TlsFiles
+from driftwarden.collector.store import StoreError
+from driftwarden.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL = 3600.0
+DEFAULT_RETENTION_DAYS = 30.0
+_DAY = 86400.0
+
+
+def _retention_days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "collector",
+        help="receive alerts from agents, store them, stream them to operators, act by policy",
+        description="Run the collector: agents connect with AgentChannel.Connect, operators "
+                    "use Alerts, Actions and Agents (gRPC, driftwarden.v1). Alerts and the "
+                    "audit log live in one SQLite file. Ctrl-C or SIGTERM stops it.",
+    )
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"gRPC address (default {DEFAULT_LISTEN}; loopback only unless "
+                             "--allow-non-loopback)")
+    parser.add_argument("--db", required=True, metavar="PATH",
+                        help="the SQLite store (created if missing)")
+    parser.add_argument("--policy", metavar="FILE",
+                        help="response policy YAML (default: quarantine high drift of images "
+                             "in protect mode; see deploy/policy.example.yaml)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="the collector's certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="CA that signs agent and operator certificates; clients must "
+                             "present one (mutual TLS)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="operator calls must send this token as 'authorization: Bearer'")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback)")
+    parser.add_argument("--retention-days", type=_retention_days,
+                        default=DEFAULT_RETENTION_DAYS, metavar="N",
+                        help=f"delete alerts and audit entries older than N days, at start "
+                             f"and hourly (default {DEFAULT_RETENTION_DAYS:g}; 0 keeps all)")
+    parser.add_argument("--allow-non-loopback", action="store_true",
+                        help="allow a non-loopback --listen address (real deployments; needs "
+                             "the --tls-* flags)")
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> CollectorConfig:
+    """The flags as a CollectorConfig; UsageError (one line) for anything wrong."""
+    tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
+                 "--tls-client-ca": args.tls_client_ca}
+    given = [flag for flag, value in tls_flags.items() if value]
+    if given and len(given) != len(tls_flags):
+        missing = [flag for flag in tls_flags if flag not in given]
+        raise UsageError(f"{', '.join(given)} given without {', '.join(missing)}: TLS needs "
+                         "all three")
+    tls = (TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca))
+           if given else None)
+    if tls is not None:
+        tls.read()  # unreadable or not PEM: fail now, with the flag's name
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--token-file {args.token_file}: cannot read it ({exc})") from None
+        if not token:
+            raise UsageError(f"--token-file {args.token_file}: the file is empty")
+    policy = load_policy(args.policy) if args.policy else DEFAULT_POLICY
+    db = Path(args.db)
+    if db.is_dir():
+        raise UsageError(f"--db {db}: is a directory; give a file path, e.g. {db}/collector.db")
+    if not db.parent.is_dir():
+        raise UsageError(f"--db {db}: directory {db.parent} does not exist; create it first")
+    return CollectorConfig(db_path=db, listen=args.listen, policy=policy, tls=tls,
+                           operator_token=token, metrics_listen=args.metrics,
+                           allow_non_loopback=args.allow_non_loopback)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from driftwarden.cli import _stop_on_signals
+
+    config = config_from_args(args)
+    return run_collector(config, _stop_on_signals(), retention_days=args.retention_days)
+
+
+def run_collector(config: CollectorConfig, stop: threading.Event, *,
+                  retention_days: float = DEFAULT_RETENTION_DAYS,
+                  prune_interval: float = PRUNE_INTERVAL, stdout: TextIO | None = None) -> int:
+    """Serve until `stop` is set; prune at start and every `prune_interval` seconds."""
+    stdout = stdout or sys.stdout
+    with CollectorServer(config) as server:
+        if retention_days > 0:
+            _prune(server, retention_days)
+        security = "mTLS" if config.tls is not None else "plaintext"
+        auth = "operator token required" if config.operator_token else (
+            "operator certificate required" if config.tls is not None
+            else "no operator auth")
+        metrics = f", metrics at {server.metrics_url}" if server.metrics_url else ""
+        print(f"driftwarden collector listening on {server.address} ({security}, {auth}), "
+              f"data in {Path(config.db_path).resolve()}{metrics}", file=stdout, flush=True)
+        while not stop.wait(prune_interval):
+            if retention_days > 0:
+                _prune(server, retention_days)
+    return 0
+
+
+def _prune(server: CollectorServer, retention_days: float) -> None:
+    try:
+        result = server.store.prune(retention_days * _DAY)
+    except StoreError as exc:  # keep serving: pruning is housekeeping
+        log.error("retention: pruning the store failed: %s", exc)
+        return
+    log.info("retention (%g days): pruned %d alerts, %d audit entries, %d containers",
+             retention_days, result.alerts, result.audit, result.containers)
+
+
+__all__ = ["add_parser", "config_from_args", "run_collector", "run_command"]

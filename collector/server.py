@@ -1,0 +1,310 @@
+"""The collector process's gRPC server: the driftwarden.v1 services plus health and reflection.
+
+:class:`CollectorServer` owns everything the collector runs: the SQLite store, the fan-out hub,
+the policy engine, the metrics registry (and, with ``metrics_listen``, a loopback HTTP server
+for it) and a ``grpc.server``. It is a context manager (``start()`` / ``stop()``); ``port`` is
+the bound port (useful with port 0).
+
+Transport
+    - Thread pool of ``max_workers`` threads. Every stream (an agent's Connect, an operator's
+      Subscribe) holds one pool thread for its life (a Connect stream also runs one reader
+      thread of its own), so at most ``max_streams`` streams run at once (default: all workers
+      but 4, kept for unary calls); more get RESOURCE_EXHAUSTED. Size ``max_workers`` for the
+      number of agents plus subscribers.
+    - Messages are limited to ``wire.MAX_MESSAGE_BYTES`` both ways (grpc answers
+      RESOURCE_EXHAUSTED beyond). SO_REUSEPORT is off, so a port in use is an error.
+    - With ``tls`` the server listens with TLS only and requires a client certificate issued by
+      ``client_ca`` (``driftwarden certs init`` makes them).
+    - Loopback addresses only, unless ``allow_non_loopback`` (which then requires TLS).
+    - ``grpc.health.v1.Health`` reports SERVING for "" and each service until ``stop()``, and
+      server reflection (v1alpha) lists every service.
+
+Stopping ends agent streams (UNAVAILABLE: agents reconnect and replay their spool), ends
+subscriber streams cleanly, then stops gRPC with ``stop_grace`` seconds for unary calls.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
+from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
+from driftwarden.collector.service import CollectorService, ServiceConfig, add_servicers
+from driftwarden.collector.store import AlertStore
+from driftwarden.errors import DriftwardenError, UsageError
+from driftwarden.metrics import MetricsRegistry, MetricsServer
+from driftwarden.wire import MAX_MESSAGE_BYTES
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+UNARY_RESERVE = 4  # pool threads kept free of streams by default
+
+
+class CollectorError(DriftwardenError):
+    """The collector cannot start (address in use, unreadable files, ...)."""
+
+
+def parse_address(text: str, *, what: str = "--listen",
+                  allow_non_loopback: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); UsageError when malformed, or
+    when not loopback and `allow_non_loopback` is false."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 or "
+                         "[::1]:50051 (port 0 picks a free port)")
+    if not allow_non_loopback and not is_loopback(host):
+        raise UsageError(f"{what} {text!r}: this build listens on loopback only "
+                         "(127.0.0.0/8, ::1, localhost); for a real deployment pass "
+                         "--allow-non-loopback with --tls-cert/--tls-key/--tls-client-ca")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The collector's certificate and key, and the CA that signs client certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(key, cert, client CA) PEM bytes; UsageError naming a file that cannot be read."""
+        out = []
+        for flag, path in (("--tls-key", self.key), ("--tls-cert", self.cert),
+                           ("--tls-client-ca", self.client_ca)):
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror}); run "
+                                 "`driftwarden certs init DIR` to make certificates") from None
+            if b"-----BEGIN" not in data:
+                raise UsageError(f"{flag} {path}: not a PEM file")
+            out.append(data)
+        return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """Everything a collector needs; validated on construction (UsageError)."""
+
+    db_path: str | os.PathLike[str]
+    listen: str = DEFAULT_LISTEN
+    policy: Policy = DEFAULT_POLICY
+    tls: TlsFiles | None = None
+    operator_token: str | None = None
+    metrics_listen: str | None = None  # HOST:PORT (loopback) for GET /metrics; None = off
+    allow_non_loopback: bool = False
+    max_workers: int = 32
+    max_streams: int | None = None  # None: max_workers - UNARY_RESERVE
+    subscriber_queue: int = DEFAULT_MAX_QUEUE
+    action_timeout: float = 10.0
+    hello_timeout: float = 30.0
+    stop_grace: float = 5.0
+    poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        host, _ = parse_address(self.listen, allow_non_loopback=self.allow_non_loopback)
+        if not is_loopback(host) and self.tls is None:
+            raise UsageError(f"--listen {self.listen}: listening beyond loopback needs TLS "
+                             "(--tls-cert, --tls-key, --tls-client-ca)")
+        if self.metrics_listen is not None:
+            parse_address(self.metrics_listen, what="--metrics")
+        if self.max_workers < 2:
+            raise UsageError(f"max_workers must be >= 2, got {self.max_workers}")
+        streams = self.streams
+        if not 1 <= streams < self.max_workers:
+            raise UsageError(f"max_streams must be 1..{self.max_workers - 1} (fewer than the "
+                             f"{self.max_workers} workers), got {streams}")
+        if self.operator_token is not None and not self.operator_token.strip():
+            raise UsageError("the operator token is empty")
+        if not str(self.db_path):
+            raise UsageError("--db: give the path of the collector's SQLite file")
+
+    @property
+    def streams(self) -> int:
+        if self.max_streams is not None:
+            return self.max_streams
+        return max(1, self.max_workers - UNARY_RESERVE)
+
+
+class CollectorServer:
+    """The running collector (module docstring). ``start()`` binds and serves; ``stop()``
+    (idempotent) ends streams, stops gRPC and closes the store."""
+
+    def __init__(self, config: CollectorConfig, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.store: AlertStore | None = None
+        self.hub: FanoutHub | None = None
+        self.engine: PolicyEngine | None = None
+        self.service: CollectorService | None = None
+        self.metrics = MetricsRegistry()
+        self.metrics_server: MetricsServer | None = None
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._port: int | None = None
+
+    # - lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> CollectorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> CollectorServer:
+        with self._lock:
+            if self._server is not None:
+                return self
+            try:
+                self._start()
+            except BaseException:
+                self._teardown(0)
+                raise
+        return self
+
+    def _start(self) -> None:
+        config = self.config
+        host, port = parse_address(config.listen, allow_non_loopback=config.allow_non_loopback)
+        tls = config.tls.read() if config.tls is not None else None
+        self.store = AlertStore.open(config.db_path, clock=self._clock)
+        stale = self.store.mark_all_agents_disconnected()
+        if stale:
+            log.info("marked %d agents disconnected (streams do not survive a restart)", stale)
+        self.hub = FanoutHub()
+        self.engine = PolicyEngine(config.policy)
+        self.service = CollectorService(
+            self.store, self.hub, self.engine,
+            ServiceConfig(operator_token=config.operator_token, tls=tls is not None,
+                          subscriber_queue=config.subscriber_queue,
+                          action_timeout=config.action_timeout,
+                          hello_timeout=config.hello_timeout, max_streams=config.streams,
+                          poll_seconds=config.poll_seconds),
+            self.metrics)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                       thread_name_prefix="driftwarden-grpc"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.so_reuseport", 0),
+                     # find dead peers of idle streams (agents also heartbeat)
+                     ("grpc.keepalive_time_ms", 30_000),
+                     ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1)])
+        self._server = server
+        names = add_servicers(self.service, server)
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for name in ("", *names):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = format_address(host, port)
+        try:
+            if tls is not None:
+                key, cert, ca = tls
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=ca, require_client_auth=True)
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's text only says to turn on its debug log
+            bound = 0
+        if not bound:
+            raise CollectorError(f"cannot listen on {address}: the port is in use or the "
+                                 "address is not on this host")
+        self._port = bound
+        server.start()
+        if config.metrics_listen is not None:
+            m_host, m_port = parse_address(config.metrics_listen, what="--metrics")
+            try:
+                self.metrics_server = MetricsServer(self.metrics, m_host, m_port).start()
+            except OSError as exc:
+                raise CollectorError(f"--metrics {config.metrics_listen}: cannot listen "
+                                     f"({exc.strerror})") from None
+        log.info("collector listening on %s (%s), store %s", self.address,
+                 "mTLS" if tls else "plaintext", self.store.path)
+
+    def stop(self, grace: float | None = None) -> None:
+        with self._lock:
+            self._teardown(self.config.stop_grace if grace is None else grace)
+
+    def _teardown(self, grace: float) -> None:
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self.service is not None:
+            self.service.close()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.store is not None:
+            self.store.close()
+        self._server = None
+        self._health = None
+        self.metrics_server = None
+
+    # - where ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the collector is not started")
+        return self._port
+
+    @property
+    def host(self) -> str:
+        host, _ = parse_address(self.config.listen,
+                                allow_non_loopback=self.config.allow_non_loopback)
+        return host
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` clients dial (with the bound port)."""
+        return format_address(self.host, self.port)
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics_server.url if self.metrics_server is not None else None
+
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "CollectorConfig",
+    "CollectorError",
+    "CollectorServer",
+    "TlsFiles",
+    "format_address",
+    "is_loopback",
+    "parse_address",
+]

@@ -1,0 +1,1065 @@
+"""The collector's gRPC services: AgentChannel, Alerts, Actions and Agents (driftwarden.v1).
+
+:class:`CollectorService` holds the state the services share (the store, the fan-out hub, the
+policy engine, the connected agents' streams, the actions waiting for a result) and does the
+work; the four ``*Servicer`` classes adapt gRPC calls to it and map errors to status codes.
+Semantics are those of ``notes/protocol.md``; in short:
+
+AgentChannel.Connect
+    The first message must be ``hello`` (else FAILED_PRECONDITION); with mutual TLS the node is
+    the agent certificate's CN and a hello naming another node is PERMISSION_DENIED. Messages
+    are numbered from 1, one more each (else INVALID_ARGUMENT), and validated with
+    :mod:`driftwarden.wire` (INVALID_ARGUMENT with the validator's text; nothing is stored). A
+    second stream for a node replaces the first (which ends ABORTED). An ``alert_batch`` is
+    stored in one transaction, its NEW/UPDATED alerts are published to subscribers and run
+    through the policy, then ``ack`` echoes its ids and ``spool_seqs``. A batch holding an alert
+    of another node is rejected whole: a ``notice`` says why, nothing is stored or acked.
+    ``heartbeat`` updates the agent's row and the node's container list (used to route
+    actions); ``action_result`` finishes an action the collector sent to that node.
+
+Alerts.Subscribe / List, Actions.Request / List, Agents.List
+    Operator calls. Subscribe sends initial metadata (``driftwarden-subscribed: 1``) once the
+    subscription is live, then alerts, overflow notices (``include_notices``) and action events
+    (``include_actions``: events about containers the filter's node/namespace/image/container
+    lists match) until the client cancels or the collector stops.
+
+Auth (:class:`Authorizer`)
+    With a token configured, operator calls need ``authorization: Bearer <token>``
+    (UNAUTHENTICATED otherwise); with TLS an operator certificate (OU=operator) is enough.
+    Agent certificates may only call Connect, other identities may not call it
+    (PERMISSION_DENIED). Without TLS, Connect trusts ``hello.node`` (loopback dev mode).
+
+Threads: gRPC runs each call in its pool; a Connect stream also runs one reader thread of its
+own (the gRPC thread writes the stream's responses). Every stream (Connect and Subscribe) holds
+a pool thread for its whole life, so at most ``max_streams`` run at once (RESOURCE_EXHAUSTED
+beyond), leaving pool threads for unary calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from driftwarden import wire
+from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.certs import (
+    ROLE_AGENT,
+    ROLE_OPERATOR,
+    PeerIdentityError,
+    identity_from_auth_context,
+)
+from driftwarden.collector.fanout import (
+    DEFAULT_MAX_QUEUE,
+    ContainerSelector,
+    FanoutHub,
+    FilterError,
+    SubscriberFilter,
+)
+from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
+from driftwarden.collector.store import (
+    MAX_CANDIDATES,
+    MAX_PAGE_SIZE,
+    MIN_ID_PREFIX,
+    ActionRecord,
+    ActionStatus,
+    AlertFilter,
+    AlertStore,
+    AmbiguousContainer,
+    ContainerMatch,
+    InsertOutcome,
+    StoreError,
+    UnknownContainer,
+)
+from driftwarden.metrics import MetricsRegistry
+from driftwarden.v1 import (
+    actions_pb2,
+    actions_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
+    alerts_pb2,
+    alerts_pb2_grpc,
+    common_pb2,
+)
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_METADATA = ("driftwarden-subscribed", "1")
+POLICY_ACTOR = "policy"
+DEFAULT_PAGE_SIZE = 100
+_ACTION_TOKEN_VERSION = "a1"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the services behave (the server's transport settings live in the server)."""
+
+    operator_token: str | None = None  # operator calls need it as a bearer token
+    tls: bool = False  # callers present verified client certificates
+    subscriber_queue: int = DEFAULT_MAX_QUEUE  # alerts a subscriber may lag behind
+    action_timeout: float = 10.0  # Actions.Request waits this long for the agent's result
+    hello_timeout: float = 30.0  # a Connect stream must say hello within this
+    max_streams: int = 28  # Connect + Subscribe streams at once (each holds a pool thread)
+    outbox_limit: int = 10_000  # commands queued for an agent that does not read them
+    poll_seconds: float = 0.5  # how often a waiting stream checks its client is still there
+
+    def __post_init__(self) -> None:
+        for name in ("subscriber_queue", "max_streams", "outbox_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServiceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("action_timeout", "hello_timeout", "poll_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServiceConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.operator_token is not None and not self.operator_token.strip():
+            raise ValueError("ServiceConfig.operator_token is empty; give a token or None")
+
+
+class RpcAbort(Exception):
+    """End the current call with this status (raised by the service, mapped by servicers)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+class Authorizer:
+    """Who is calling, and may they (module docstring). Stateless after construction."""
+
+    def __init__(self, token: str | None, tls: bool) -> None:
+        self._token = token.encode() if token else None
+        self.tls = tls
+
+    def _certificate(self, context: grpc.ServicerContext):
+        if not self.tls:
+            return None
+        try:
+            return identity_from_auth_context(context.auth_context())
+        except PeerIdentityError:
+            return None
+
+    def _bearer_ok(self, context: grpc.ServicerContext) -> bool:
+        if self._token is None:
+            return False
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() != "authorization":
+                continue
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                    token.strip().encode(), self._token):
+                return True
+        return False
+
+    def operator(self, context: grpc.ServicerContext) -> str:
+        """The operator's name for the audit trail ("operator" for the token, else the
+        certificate's CN); raises RpcAbort when the caller may not make operator calls."""
+        identity = self._certificate(context)
+        if identity is not None and identity.role == ROLE_AGENT:
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                           f"agent certificate {identity.common_name!r} may only call "
+                           "AgentChannel.Connect; use an operator certificate or token")
+        if identity is not None and identity.role == ROLE_OPERATOR:
+            return identity.common_name
+        if self._token is not None:
+            if self._bearer_ok(context):
+                return "operator"
+            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or wrong operator token: send metadata "
+                           "'authorization: Bearer <token>' with the collector's token")
+        if self.tls:
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                           "operator calls need an operator certificate (OU=operator)")
+        return "operator"  # loopback dev mode: no TLS, no token
+
+    def agent_node(self, context: grpc.ServicerContext) -> str | None:
+        """The node an agent certificate names (None without TLS: hello.node is trusted);
+        raises RpcAbort for anyone but an agent."""
+        if not self.tls:
+            return None
+        identity = self._certificate(context)
+        if identity is None or identity.role != ROLE_AGENT:
+            who = "no client certificate" if identity is None else (
+                f"certificate {identity.common_name!r} (OU={identity.role})")
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                           f"only agent certificates (OU=agent) may call AgentChannel.Connect, "
+                           f"not {who}")
+        return identity.common_name
+
+
+# -- conversions ---------------------------------------------------------------------------------
+
+
+class _PublishedAlert(dict):
+    """An alert dict as published to the hub, carrying its AlertEvent built once for all
+    subscribers (read-only once published)."""
+
+    __slots__ = ("event",)
+
+
+def alert_from_dict(doc: Mapping[str, Any]) -> Alert:
+    """The store's alert dict (``Alert.to_dict()`` plus ``"node"``) back as an Alert."""
+    return Alert(
+        id=doc["id"], time=doc["time"], kind=AlertKind(doc["kind"]),
+        severity=Severity.parse(doc["severity"]), score=doc["score"],
+        reasons=tuple(AlertReason(r["code"], r["text"], tuple((r.get("details") or {}).items()))
+                      for r in doc.get("reasons") or ()),
+        container=dict(doc.get("container") or {}), process=doc.get("process"),
+        events=tuple(doc.get("events") or ()), baseline_version=doc["baseline_version"],
+        baseline_mode=doc.get("baseline_mode") or "monitor", count=doc.get("count", 1),
+        first_seen=doc.get("first_seen"), last_seen=doc.get("last_seen"))
+
+
+def alert_message(doc: Mapping[str, Any]) -> common_pb2.Alert:
+    return wire.alert_to_proto(alert_from_dict(doc), doc.get("node") or "")
+
+
+def _status_proto(status: ActionStatus) -> int:
+    return wire.ACTION_STATUS.to_proto(status.value.replace("_", "-"))
+
+
+def _status_from_proto(number: int) -> ActionStatus:
+    return ActionStatus(wire.ACTION_STATUS.from_proto(number).replace("-", "_"))
+
+
+def _type_proto(text: str) -> int:
+    try:
+        return wire.ACTION_TYPE.to_proto(text)
+    except ValueError:
+        return 0
+
+
+def action_message(record: ActionRecord, with_pause: bool = False) -> actions_pb2.Action:
+    msg = actions_pb2.Action(
+        action_id=record.action_id, type=_type_proto(record.type),
+        status=_status_proto(record.status), message=record.message,
+        container_id=record.container_id, container_name=record.container_name or "",
+        node=record.node, reason=record.reason, requested_by=record.requested_by,
+        with_pause=with_pause, alert_id=record.alert_id or "",
+        requested_at=wire.to_timestamp(record.created_at))
+    if record.finished_at is not None:
+        msg.finished_at.CopyFrom(wire.to_timestamp(record.finished_at))
+    return msg
+
+
+def _abort_on(exc: Exception) -> RpcAbort:
+    """A known error -> the call's status."""
+    if isinstance(exc, RpcAbort):
+        return exc
+    if isinstance(exc, wire.InvalidMessage | FilterError | ValueError):
+        return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, UnknownContainer):
+        return RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, AmbiguousContainer):
+        return RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, StoreError):
+        return RpcAbort(grpc.StatusCode.UNAVAILABLE, f"collector store error: {exc}")
+    raise exc
+
+
+# -- an agent's stream ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: grpc.StatusCode
+    details: str
+
+
+class _Outbox:
+    """Commands for one agent stream, then (once) how the stream ends. Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._items: collections.deque[agent_pb2.CollectorCommand] = collections.deque()
+        self._limit = limit
+        self.closed: _Close | None = None
+
+    def put(self, command: agent_pb2.CollectorCommand) -> bool:
+        with self._cond:
+            if self.closed is not None:
+                return False
+            if len(self._items) >= self._limit:
+                self.closed = _Close(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"the agent did not read its commands ({self._limit} "
+                                     "queued); reconnect")
+                self._cond.notify_all()
+                return False
+            self._items.append(command)
+            self._cond.notify()
+            return True
+
+    def close(self, code: grpc.StatusCode, details: str) -> bool:
+        """End the stream after what is queued; the first close wins."""
+        with self._cond:
+            if self.closed is not None:
+                return False
+            self.closed = _Close(code, details)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float) -> agent_pb2.CollectorCommand | _Close | None:
+        """The next command, else the close, else None after `timeout`."""
+        with self._cond:
+            if not self._items and self.closed is None:
+                self._cond.wait(timeout)
+            if self._items:
+                return self._items.popleft()
+            return self.closed
+
+
+class AgentSession:
+    """One Connect stream of one node, from its hello on."""
+
+    def __init__(self, node: str, peer: str, hostname: str, outbox: _Outbox) -> None:
+        self.node = node
+        self.peer = peer
+        self.hostname = hostname
+        self.outbox = outbox
+        self.connected_at = time.time()
+
+    def send(self, command: agent_pb2.CollectorCommand) -> bool:
+        return self.outbox.put(command)
+
+    def close(self, code: grpc.StatusCode, details: str) -> None:
+        self.outbox.close(code, details)
+
+
+class _Waiter:
+    __slots__ = ("done", "record")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.record: ActionRecord | None = None
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class CollectorService:
+    """The collector's shared state and logic behind the servicers. Thread-safe."""
+
+    def __init__(self, store: AlertStore, hub: FanoutHub, engine: PolicyEngine,
+                 config: ServiceConfig = ServiceConfig(),
+                 metrics: MetricsRegistry | None = None) -> None:
+        self.store = store
+        self.hub = hub
+        self.engine = engine
+        self.config = config
+        self.auth = Authorizer(config.operator_token, config.tls)
+        self._lock = threading.Lock()
+        self._sessions: dict[str, AgentSession] = {}
+        self._live: dict[str, dict[str, ContainerMatch]] = {}  # node -> heartbeat containers
+        self._hostnames: dict[str, str] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._with_pause: dict[str, bool] = {}  # action id -> with_pause (the store lacks it)
+        self._streams = threading.BoundedSemaphore(config.max_streams)
+        self._closed = threading.Event()
+        self.metrics = metrics if metrics is not None else MetricsRegistry()
+        self._register_metrics(self.metrics)
+
+    # - lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End every stream (agents see UNAVAILABLE, subscribers a clean end) and wake calls
+        waiting for action results."""
+        self._closed.set()
+        with self._lock:
+            sessions = list(self._sessions.values())
+            waiters = list(self._waiters.values())
+        for session in sessions:
+            session.close(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+        for waiter in waiters:
+            waiter.done.set()
+        self.hub.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def acquire_stream(self) -> None:
+        """Take one of the stream slots (release_stream() when the stream ends)."""
+        if not self._streams.acquire(blocking=False):
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the collector serves at most {self.config.max_streams} streams at "
+                           "once; retry later or raise its stream limit")
+
+    def release_stream(self) -> None:
+        self._streams.release()
+
+    # - metrics ----------------------------------------------------------------------------
+
+    def _register_metrics(self, registry: MetricsRegistry) -> None:
+        prefix = "driftwarden_collector_"
+        self._alerts_received = registry.counter(
+            prefix + "alerts_received", "Alerts received from agents, by what the store did "
+            "with them (new, updated, duplicate) or rejected", ("outcome",))
+        self._actions_total = registry.counter(
+            prefix + "actions", "Actions by type and final status (skipped: a policy brake; "
+            "failed: includes agents not connected)", ("type", "status"))
+        self._invalid_messages = registry.counter(
+            prefix + "invalid_messages", "Calls ended because a message was invalid", ("rpc",))
+        registry.gauge_callback(prefix + "subscribers", "Open Alerts.Subscribe streams",
+                                lambda: len(self.hub))
+        registry.counter_callback(prefix + "subscriber_dropped",
+                                  "Alerts and action events dropped for subscribers that fell "
+                                  "behind", lambda: self.hub.stats()["dropped"])
+        registry.gauge_callback(prefix + "agents_connected", "Agents with an open stream",
+                                self.connected_count)
+        registry.gauge_callback(prefix + "store_rows", "Rows in the collector's store, by table",
+                                self._store_rows, ("table",))
+        registry.counter_callback(prefix + "policy_decisions", "Policy decisions by outcome",
+                                  self._policy_counts, ("outcome",))
+
+    def _store_rows(self) -> dict[str, int]:
+        stats = self.store.stats()
+        return {k: stats[k] for k in ("alerts", "actions", "agents", "audit", "containers")}
+
+    def _policy_counts(self) -> dict[str, int]:
+        stats = self.engine.stats()
+        return {o.value: stats[o.value] for o in Outcome}
+
+    def connected_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def invalid_message(self, rpc: str) -> None:
+        self._invalid_messages.labels(rpc).inc()
+
+    # - agents -----------------------------------------------------------------------------
+
+    def attach(self, node: str, peer: str, hello: agent_pb2.Hello, outbox: _Outbox,
+               ) -> AgentSession:
+        """A stream said hello: it becomes the node's stream (closing an older one)."""
+        session = AgentSession(node, peer, hello.hostname, outbox)
+        with self._lock:
+            if self._closed.is_set():
+                raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+            old = self._sessions.get(node)
+            self._sessions[node] = session
+            self._hostnames[node] = hello.hostname
+            self.store.upsert_agent(node, agent_version=hello.agent_version,
+                                    mode=wire.MODE.from_proto(hello.mode), peer=peer)
+        if old is not None:
+            log.info("agent %s: new stream from %s replaces the one from %s", node, peer,
+                     old.peer)
+            old.close(grpc.StatusCode.ABORTED,
+                      f"replaced by a newer stream for node {node} from {peer}")
+        log.info("agent %s connected from %s (version %s)", node, peer, hello.agent_version)
+        return session
+
+    def detach(self, session: AgentSession) -> None:
+        """The stream ended: the agent is disconnected unless a newer stream replaced it."""
+        with self._lock:
+            if self._sessions.get(session.node) is not session:
+                return
+            del self._sessions[session.node]
+            try:
+                self.store.mark_agent_disconnected(session.node)
+            except StoreError as exc:
+                log.warning("agent %s: cannot mark it disconnected: %s", session.node, exc)
+        log.info("agent %s disconnected (%s)", session.node, session.peer)
+
+    def heartbeat(self, session: AgentSession, beat: agent_pb2.Heartbeat) -> None:
+        counters = {c.kind: {"emitted": c.emitted, "suppressed": c.suppressed,
+                             "dropped": c.dropped} for c in beat.counters}
+        live = {c.id: ContainerMatch(c.id, c.name if c.HasField("name") else None,
+                                     session.node)
+                for c in beat.containers if c.HasField("id") and c.id}
+        with self._lock:
+            if self._sessions.get(session.node) is not session:
+                return  # a replaced stream's late heartbeat
+            self._live[session.node] = live
+            self.store.upsert_agent(session.node, counters=counters,
+                                    containers_watched=beat.containers_watched,
+                                    spool_depth=beat.spool_depth, peer=session.peer)
+
+    def alert_batch(self, session: AgentSession, batch: agent_pb2.AlertBatch) -> None:
+        """Store, publish, run the policy, ack (module docstring)."""
+        node = session.node
+        for i, alert in enumerate(batch.alerts):
+            claimed = alert.container.node
+            if claimed and claimed != node:
+                reason = (f"alert_batch rejected: alerts[{i}] (id {alert.id}) claims node "
+                          f"{claimed!r} but this stream is node {node!r}; nothing of the batch "
+                          "is stored or acked")
+                self._alerts_received.labels("rejected").inc(len(batch.alerts))
+                self.store.audit(node, "alert-batch", node, "rejected", reason,
+                                 {"alerts": len(batch.alerts), "claimed_node": claimed})
+                log.warning("agent %s: %s", node, reason)
+                session.send(agent_pb2.CollectorCommand(notice=agent_pb2.Notice(text=reason)))
+                return
+        docs = []
+        for alert in batch.alerts:
+            alert.container.node = node
+            docs.append(wire.alert_dict_from_proto(alert))
+        outcomes = self.store.insert_alerts(docs)  # ValueError: INVALID_ARGUMENT, not stored
+        changed: list[dict[str, Any]] = []
+        for doc, outcome in zip(docs, outcomes, strict=True):
+            self._alerts_received.labels(outcome.value).inc()
+            if outcome is InsertOutcome.NEW:
+                changed.append(doc)
+            elif outcome is InsertOutcome.UPDATED:
+                changed.append(self.store.get_alert(doc["id"]) or doc)
+        for doc in changed:
+            published = _PublishedAlert(doc)
+            published.event = alerts_pb2.AlertEvent(alert=alert_message(doc))
+            self.hub.publish(published)
+        for doc in changed:
+            try:
+                self._apply_policy(session, doc)
+            except StoreError as exc:  # the alerts are stored: still ack them
+                log.error("policy on alert %s failed: %s", doc["id"], exc)
+        session.send(agent_pb2.CollectorCommand(ack=agent_pb2.Ack(
+            alert_ids=[a.id for a in batch.alerts], spool_seqs=list(batch.spool_seqs))))
+
+    def action_result(self, session: AgentSession, result: agent_pb2.ActionResult) -> None:
+        record = self.store.get_action(result.action_id)
+        if record is None or record.node != session.node:
+            why = ("no such action" if record is None
+                   else f"the action was sent to node {record.node}")
+            text = f"action_result for {result.action_id!r} ignored: {why}"
+            self.store.audit(session.node, "action-result", result.action_id, "rejected", text)
+            session.send(agent_pb2.CollectorCommand(notice=agent_pb2.Notice(text=text)))
+            return
+        if record.finished:
+            log.debug("action %s: result replayed, already %s", record.action_id, record.status)
+            self._wake(record)
+            return
+        status = _status_from_proto(result.status)
+        record = self.store.finish_action(record.action_id, status, result.message)
+        self.store.audit(session.node, record.type, record.container_id, status.value,
+                         result.message, {"action_id": record.action_id,
+                                          "requested_by": record.requested_by})
+        self._finished(record)
+        self._wake(record)
+
+    # - actions ----------------------------------------------------------------------------
+
+    def resolve_container(self, text: str, node: str = "") -> ContainerMatch:
+        """An operator's container reference -> the container and its node: the nodes'
+        heartbeat lists first (full id, name, id prefix), then the store."""
+        text = text.strip()
+        with self._lock:
+            live = [m for n, containers in self._live.items() if not node or n == node
+                    for m in containers.values()]
+        for how, found in (
+                ("the id", [m for m in live if m.container_id == text]),
+                ("the name", [m for m in live if m.name == text]),
+                ("an id prefix", [m for m in live if len(text) >= MIN_ID_PREFIX
+                                  and m.container_id.startswith(text)])):
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise AmbiguousContainer(text, sorted(found)[:MAX_CANDIDATES],
+                                         f"{how} of {len(found)} running containers")
+        match = self.store.find_container(text)
+        if node and match.node != node:
+            raise UnknownContainer(text, [match])
+        return match
+
+    def request_action(self, request: actions_pb2.ActionRequest, operator: str,
+                       is_active: Callable[[], bool]) -> ActionRecord:
+        """An operator's action: resolve, record, route, wait for the result (<= timeout)."""
+        wire.validate_action_request(request)
+        match = self.resolve_container(request.container, request.node)
+        action_type = wire.ACTION_TYPE.from_proto(request.type)
+        claimed = request.requested_by.strip()
+        requested_by = f"{operator}:{claimed}" if claimed and claimed != operator else operator
+        self.store.audit(requested_by, action_type, match.container_id, "request",
+                         request.reason, {"node": match.node, "with_pause": request.with_pause,
+                                          "container": request.container})
+        waiter = _Waiter()
+        record = self._dispatch(match, action_type, request.reason, requested_by,
+                                with_pause=request.with_pause, waiter=waiter)
+        if record.finished:
+            return record
+        # the policy leaves a container an operator just acted on alone for its cooldown
+        self.engine.record_manual(match.container_id, action_type)
+        deadline = time.monotonic() + self.config.action_timeout
+        try:
+            while not waiter.done.is_set() and not self._closed.is_set() and is_active():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                waiter.done.wait(min(left, self.config.poll_seconds))
+        finally:
+            with self._lock:
+                self._waiters.pop(record.action_id, None)
+        return waiter.record or self.store.get_action(record.action_id) or record
+
+    def _apply_policy(self, session: AgentSession, alert: Mapping[str, Any]) -> None:
+        decision = self.engine.decide(alert)
+        if decision.outcome is Outcome.NO_MATCH:
+            return
+        container = alert.get("container") or {}
+        match = ContainerMatch(container["id"], container.get("name"), session.node)
+        details = {"rule": decision.rule, "alert_id": alert["id"], "node": session.node,
+                   "with_pause": decision.with_pause,
+                   "brake": decision.brake.value if decision.brake else None}
+        if decision.outcome is Outcome.SKIP:
+            record = self.store.record_action(
+                container_id=match.container_id, container_name=match.name, node=match.node,
+                type=decision.action.value, reason=decision.reason, requested_by=POLICY_ACTOR,
+                alert_id=alert["id"], status=ActionStatus.SKIPPED, message=decision.reason)
+            self.store.audit(POLICY_ACTOR, decision.action.value, match.container_id, "skip",
+                             decision.reason, {**details, "action_id": record.action_id})
+            self._finished(record, with_pause=decision.with_pause, match_alert=alert)
+            return
+        self._act(decision, match, alert, details)
+
+    def _act(self, decision: Decision, match: ContainerMatch, alert: Mapping[str, Any],
+             details: dict[str, Any]) -> None:
+        record = self._dispatch(match, decision.action.value, decision.reason, POLICY_ACTOR,
+                                with_pause=decision.with_pause, alert=alert,
+                                audit=lambda rec: self.store.audit(
+                                    POLICY_ACTOR, decision.action.value, match.container_id,
+                                    "act", decision.reason,
+                                    {**details, "action_id": rec.action_id}))
+        log.info("policy: %s %s on %s: %s", decision.action.value, match.container_id[:12],
+                 match.node, record.status.value)
+
+    def _dispatch(self, match: ContainerMatch, action_type: str, reason: str,
+                  requested_by: str, *, with_pause: bool = False,
+                  alert: Mapping[str, Any] | None = None, waiter: _Waiter | None = None,
+                  audit: Callable[[ActionRecord], object] | None = None) -> ActionRecord:
+        """Record the action and send it to the node's agent; FAILED when it is not there."""
+        with self._lock:
+            session = self._sessions.get(match.node)
+        common = {"container_id": match.container_id, "container_name": match.name,
+                  "node": match.node, "type": action_type, "reason": reason,
+                  "requested_by": requested_by, "alert_id": alert["id"] if alert else None}
+        offline = f"agent for node {match.node} is not connected"
+        if session is None:
+            record = self.store.record_action(**common, status=ActionStatus.FAILED,
+                                              message=offline)
+            if audit is not None:
+                audit(record)
+            self.store.audit("collector", action_type, match.container_id, "failed", offline,
+                             {"action_id": record.action_id})
+            self._finished(record, with_pause=with_pause, match_alert=alert)
+            return record
+        record = self.store.record_action(**common)
+        if audit is not None:
+            audit(record)
+        with self._lock:
+            self._with_pause[record.action_id] = with_pause
+            if waiter is not None:
+                self._waiters[record.action_id] = waiter
+        self._publish_action(record, with_pause, alert)
+        command = agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(
+            action_id=record.action_id, container_id=match.container_id,
+            type=wire.ACTION_TYPE.to_proto(action_type), reason=reason,
+            requested_by=requested_by, with_pause=with_pause))
+        if not session.send(command):
+            record = self.store.finish_action(record.action_id, ActionStatus.FAILED,
+                                              f"{offline} (its stream closed)")
+            self.store.audit("collector", action_type, match.container_id, "failed",
+                             record.message, {"action_id": record.action_id})
+            self._finished(record, with_pause=with_pause, match_alert=alert)
+        return record
+
+    def _finished(self, record: ActionRecord, *, with_pause: bool | None = None,
+                  match_alert: Mapping[str, Any] | None = None) -> None:
+        """An action reached its final status: count it and tell subscribers."""
+        with self._lock:
+            stored_pause = self._with_pause.pop(record.action_id, False)
+        self._actions_total.labels(record.type, record.status.value).inc()
+        if match_alert is None and record.alert_id:
+            match_alert = self.store.get_alert(record.alert_id)
+        self._publish_action(record, stored_pause if with_pause is None else with_pause,
+                             match_alert)
+
+    def _publish_action(self, record: ActionRecord, with_pause: bool,
+                        alert: Mapping[str, Any] | None) -> None:
+        match = alert if alert is not None else self._container_view(record)
+        event = alerts_pb2.AlertEvent(action=action_message(record, with_pause))
+        self.hub.publish_event(record.status.value, {"action": record.to_dict(), "match": match,
+                                                     "message": event}, match)
+
+    def _container_view(self, record: ActionRecord) -> dict[str, Any]:
+        """What a subscriber's container filter sees of an action without an alert: the
+        container as its newest stored alert shows it, else its id, name and node."""
+        alerts, _ = self.store.list_alerts(AlertFilter(containers=(record.container_id,)),
+                                           page_size=1)
+        if alerts:
+            return alerts[0]
+        return {"node": record.node,
+                "container": {"id": record.container_id, "name": record.container_name}}
+
+    def _wake(self, record: ActionRecord) -> None:
+        with self._lock:
+            waiter = self._waiters.get(record.action_id)
+        if waiter is not None:
+            waiter.record = record
+            waiter.done.set()
+
+    # - listings ---------------------------------------------------------------------------
+
+    def list_alerts(self, request: alerts_pb2.ListAlertsRequest) -> alerts_pb2.ListAlertsResponse:
+        wire.validate_list_alerts_request(request)
+        f = request.filter
+        alert_filter = AlertFilter(
+            kinds=tuple(wire.ALERT_KIND.from_proto(k) for k in f.kinds),
+            min_severity=(wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None),
+            nodes=tuple(f.nodes), namespaces=tuple(f.namespaces), images=tuple(f.images),
+            containers=tuple(f.containers), exclude_images=tuple(f.exclude_images),
+            exclude_namespaces=tuple(f.exclude_namespaces),
+            exclude_containers=tuple(f.exclude_containers),
+            since=wire.from_timestamp(request.since) if request.HasField("since") else None,
+            until=wire.from_timestamp(request.until) if request.HasField("until") else None)
+        docs, token = self.store.list_alerts(alert_filter, request.page_size or DEFAULT_PAGE_SIZE,
+                                             request.page_token or None)
+        return alerts_pb2.ListAlertsResponse(alerts=[alert_message(d) for d in docs],
+                                             next_page_token=token or "")
+
+    def list_actions(self, request: actions_pb2.ListActionsRequest,
+                     ) -> actions_pb2.ListActionsResponse:
+        """Newest first by (requested time, id). Filters apply to the newest MAX_PAGE_SIZE
+        actions the store returns (the store has no keyset paging for actions yet)."""
+        wire.validate_list_actions_request(request)
+        nodes = set(request.nodes)
+        selector = ContainerSelector(request.containers)
+        types = {wire.ACTION_TYPE.from_proto(t) for t in request.types}
+        since = wire.from_timestamp(request.since) if request.HasField("since") else None
+        until = wire.from_timestamp(request.until) if request.HasField("until") else None
+        fingerprint = hashlib.sha256(repr((sorted(nodes), list(request.containers),
+                                           sorted(types), since, until)).encode()
+                                     ).hexdigest()[:16]
+        after = _decode_action_token(request.page_token, fingerprint)
+        single_node = next(iter(nodes)) if len(nodes) == 1 else None
+        records = self.store.list_actions(node=single_node, limit=MAX_PAGE_SIZE)
+        records.sort(key=lambda r: (r.created_at, r.action_id), reverse=True)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        page: list[ActionRecord] = []
+        more = False
+        for r in records:
+            if after is not None and (r.created_at, r.action_id) >= after:
+                continue
+            if ((nodes and r.node not in nodes)
+                    or (selector and not selector.matches(r.container_id, r.container_name))
+                    or (types and r.type not in types)
+                    or (since is not None and r.created_at < since)
+                    or (until is not None and r.created_at >= until)):
+                continue
+            if len(page) == size:
+                more = True
+                break
+            page.append(r)
+        with self._lock:
+            pauses = {r.action_id: self._with_pause.get(r.action_id, False) for r in page}
+        token = (_encode_action_token(page[-1].created_at, page[-1].action_id, fingerprint)
+                 if more else "")
+        return actions_pb2.ListActionsResponse(
+            actions=[action_message(r, pauses[r.action_id]) for r in page], next_page_token=token)
+
+    def list_agents(self) -> agent_pb2.ListAgentsResponse:
+        with self._lock:
+            hostnames = dict(self._hostnames)
+        agents = []
+        for rec in self.store.list_agents():
+            msg = agent_pb2.Agent(
+                node=rec.node, agent_version=rec.agent_version or "",
+                mode=wire.MODE.to_proto(rec.mode) if rec.mode in wire.MODE.texts else 0,
+                connected=rec.connected, containers_watched=rec.containers_watched or 0,
+                spool_depth=rec.spool_depth or 0, peer=rec.peer or "",
+                hostname=hostnames.get(rec.node, ""),
+                last_heartbeat=wire.to_timestamp(rec.last_seen),
+                counters=[common_pb2.KindCounters(kind=k, **{f: int(v.get(f, 0)) for f in (
+                    "emitted", "suppressed", "dropped")}) for k, v in sorted(rec.counters.items())
+                    if isinstance(v, Mapping)])
+            if rec.connected_at is not None:
+                msg.connected_at.CopyFrom(wire.to_timestamp(rec.connected_at))
+            agents.append(msg)
+        return agent_pb2.ListAgentsResponse(agents=agents)
+
+
+def _encode_action_token(when: float, action_id: str, fingerprint: str) -> str:
+    data = json.dumps({"t": when, "i": action_id, "f": fingerprint}, separators=(",", ":"))
+    body = base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
+    return f"{_ACTION_TOKEN_VERSION}.{body}"
+
+
+def _decode_action_token(token: str, fingerprint: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    bad = ValueError("invalid page token: pass back exactly the next_page_token of the previous "
+                     "page with the same filter, or no token to start from the newest action")
+    version, _, body = token.partition(".")
+    if version != _ACTION_TOKEN_VERSION:
+        raise bad
+    try:
+        data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        when, action_id, token_filter = float(data["t"]), str(data["i"]), data["f"]
+    except (binascii.Error, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise bad from None
+    if token_filter != fingerprint:
+        raise bad
+    return when, action_id
+
+
+# -- servicers -----------------------------------------------------------------------------------
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    abort = _abort_on(exc)
+    context.abort(abort.code, abort.details)
+
+
+class _AgentStream:
+    """Reads one Connect stream in its own thread; the gRPC thread writes the outbox."""
+
+    def __init__(self, service: CollectorService, cert_node: str | None, peer: str) -> None:
+        self.service = service
+        self.cert_node = cert_node
+        self.peer = peer
+        self.outbox = _Outbox(service.config.outbox_limit)
+        self.session: AgentSession | None = None
+        self.hello_seen = threading.Event()
+
+    def read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
+        try:
+            self._read(messages)
+        except RpcAbort as exc:
+            self.outbox.close(exc.code, exc.details)
+        except Exception as exc:  # a bug: end the stream, the agent reconnects
+            log.exception("agent stream from %s failed", self.peer)
+            self.outbox.close(grpc.StatusCode.INTERNAL, f"collector error: {exc}")
+        finally:
+            self.hello_seen.set()
+
+    def _read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
+        expected = 1
+        try:
+            for msg in messages:
+                if self.outbox.closed is not None:
+                    return
+                self._handle(msg, expected)
+                expected += 1
+        except grpc.RpcError:
+            pass  # the call ended (cancelled by the agent or the server)
+        self.outbox.close(grpc.StatusCode.OK, "")
+
+    def _handle(self, msg: agent_pb2.AgentMessage, expected: int) -> None:
+        service = self.service
+        body = msg.WhichOneof("body")
+        if self.session is None and body != "hello":
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"the first message must be hello, got {body or 'an empty message'}")
+        if self.session is not None and body == "hello":
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           "hello was already sent on this stream")
+        try:
+            wire.validate_agent_message(msg)
+        except wire.InvalidMessage as exc:
+            service.invalid_message("AgentChannel.Connect")
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if msg.seq != expected:
+            service.invalid_message("AgentChannel.Connect")
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"agent_message.seq: expected {expected}, got {msg.seq} (messages "
+                           "are numbered from 1, one more each)")
+        try:
+            if body == "hello":
+                self._hello(msg.hello)
+            elif body == "alert_batch":
+                service.alert_batch(self.session, msg.alert_batch)
+            elif body == "heartbeat":
+                service.heartbeat(self.session, msg.heartbeat)
+            else:
+                service.action_result(self.session, msg.action_result)
+        except (ValueError, StoreError) as exc:
+            raise _abort_on(exc) from None
+
+    def _hello(self, hello: agent_pb2.Hello) -> None:
+        if self.cert_node is not None and hello.node != self.cert_node:
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                           f"hello.node {hello.node!r} is not the node of this agent's "
+                           f"certificate ({self.cert_node!r})")
+        self.session = self.service.attach(hello.node, self.peer, hello, self.outbox)
+        self.hello_seen.set()
+
+
+class AgentChannelServicer(agent_pb2_grpc.AgentChannelServicer):
+    def __init__(self, service: CollectorService) -> None:
+        self._service = service
+
+    def Connect(self, request_iterator, context):
+        service = self._service
+        try:
+            cert_node = service.auth.agent_node(context)
+            service.acquire_stream()
+        except RpcAbort as exc:
+            _abort(context, exc)
+        stream = _AgentStream(service, cert_node, context.peer())
+        context.add_callback(lambda: stream.outbox.close(grpc.StatusCode.CANCELLED,
+                                                         "the call ended"))
+        reader = threading.Thread(target=stream.read, args=(request_iterator,), daemon=True,
+                                  name=f"driftwarden-agent-{context.peer()}")
+        try:
+            reader.start()
+            if not stream.hello_seen.wait(service.config.hello_timeout):
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no hello within {service.config.hello_timeout:g} s")
+            while True:
+                item = stream.outbox.get(service.config.poll_seconds)
+                if isinstance(item, _Close):
+                    if item.code is not grpc.StatusCode.OK:
+                        context.abort(item.code, item.details)
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            if stream.session is not None:
+                service.detach(stream.session)
+            service.release_stream()
+
+
+class AlertsServicer(alerts_pb2_grpc.AlertsServicer):
+    def __init__(self, service: CollectorService) -> None:
+        self._service = service
+
+    def Subscribe(self, request, context):
+        service = self._service
+        try:
+            who = service.auth.operator(context)
+            wire.validate_subscribe_request(request)
+            alert_filter, container_filter = _subscriber_filters(request)
+            service.acquire_stream()
+        except Exception as exc:
+            _abort(context, exc)
+        try:
+            try:
+                sub = service.hub.subscribe(alert_filter, service.config.subscriber_queue,
+                                            name=f"{who}@{context.peer()}")
+            except RuntimeError:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+            with sub:
+                context.add_callback(sub.close)
+                context.send_initial_metadata((SUBSCRIBED_METADATA,))
+                yield from _events(sub, request, container_filter, service.config.poll_seconds,
+                                   context.is_active)
+        finally:
+            service.release_stream()
+
+    def List(self, request, context):
+        try:
+            self._service.auth.operator(context)
+            return self._service.list_alerts(request)
+        except Exception as exc:
+            _abort(context, exc)
+
+
+def _subscriber_filters(request: alerts_pb2.SubscribeRequest,
+                        ) -> tuple[SubscriberFilter, SubscriberFilter | None]:
+    """The alert filter (actions: all or none), and for action events the same filter without
+    kinds and severity (an action is about a container, not a kind of alert)."""
+    f = request.filter
+    where = {"nodes": list(f.nodes), "namespaces": list(f.namespaces), "images": list(f.images),
+             "containers": list(f.containers), "exclude_images": list(f.exclude_images),
+             "exclude_namespaces": list(f.exclude_namespaces),
+             "exclude_containers": list(f.exclude_containers)}
+    alert_filter = SubscriberFilter(
+        kinds=[wire.ALERT_KIND.from_proto(k) for k in f.kinds],
+        min_severity=wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None,
+        actions="all" if request.include_actions else "none", **where)
+    return alert_filter, SubscriberFilter(**where) if request.include_actions else None
+
+
+def _events(sub, request: alerts_pb2.SubscribeRequest, container_filter: SubscriberFilter | None,
+            poll_seconds: float, is_active: Callable[[], bool]) -> Iterable[alerts_pb2.AlertEvent]:
+    for kind, item in sub.items(poll_seconds, stop=lambda: not is_active()):
+        if kind == "alert":
+            event = getattr(item, "event", None)
+            yield event if event is not None else alerts_pb2.AlertEvent(alert=alert_message(item))
+        elif kind == "notice":
+            if request.include_notices:
+                yield alerts_pb2.AlertEvent(notice=alerts_pb2.StreamNotice(
+                    dropped=item["dropped"], text=item["text"],
+                    time=wire.to_timestamp(time.time())))
+        elif container_filter is not None and container_filter.matches(item["match"]):
+            yield item["message"]
+
+
+class ActionsServicer(actions_pb2_grpc.ActionsServicer):
+    def __init__(self, service: CollectorService) -> None:
+        self._service = service
+
+    def Request(self, request, context):
+        service = self._service
+        try:
+            who = service.auth.operator(context)
+            record = service.request_action(request, who, context.is_active)
+        except Exception as exc:
+            _abort(context, exc)
+        return actions_pb2.ActionResponse(
+            action_id=record.action_id, status=_status_proto(record.status),
+            message=record.message, container_id=record.container_id, node=record.node)
+
+    def List(self, request, context):
+        try:
+            self._service.auth.operator(context)
+            return self._service.list_actions(request)
+        except Exception as exc:
+            _abort(context, exc)
+
+
+class AgentsServicer(agent_pb2_grpc.AgentsServicer):
+    def __init__(self, service: CollectorService) -> None:
+        self._service = service
+
+    def List(self, request, context):
+        try:
+            self._service.auth.operator(context)
+            return self._service.list_agents()
+        except Exception as exc:
+            _abort(context, exc)
+
+
+def add_servicers(service: CollectorService, server: grpc.Server) -> list[str]:
+    """Register the four services on `server`; returns their full names."""
+    agent_pb2_grpc.add_AgentChannelServicer_to_server(AgentChannelServicer(service), server)
+    agent_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(service), server)
+    alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsServicer(service), server)
+    actions_pb2_grpc.add_ActionsServicer_to_server(ActionsServicer(service), server)
+    return service_names()
+
+
+def service_names() -> list[str]:
+    return [agent_pb2.DESCRIPTOR.services_by_name["AgentChannel"].full_name,
+            agent_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
+            alerts_pb2.DESCRIPTOR.services_by_name["Alerts"].full_name,
+            actions_pb2.DESCRIPTOR.services_by_name["Actions"].full_name]
+
+
+__all__ = [
+    "POLICY_ACTOR",
+    "SUBSCRIBED_METADATA",
+    "ActionsServicer",
+    "AgentChannelServicer",
+    "AgentSession",
+    "AgentsServicer",
+    "AlertsServicer",
+    "Authorizer",
+    "CollectorService",
+    "RpcAbort",
+    "ServiceConfig",
+    "action_message",
+    "add_servicers",
+    "alert_from_dict",
+    "alert_message",
+    "service_names",
+]
