@@ -231,11 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace(subparsers)
     _add_agent(subparsers)
     _add_baseline(subparsers)
-    from driftwarden import doctor
+    from driftwarden import doctor, operator_cmd
     from driftwarden.collector import collector_cmd
 
     doctor.add_parser(subparsers)
     collector_cmd.add_parser(subparsers)
+    operator_cmd.add_parsers(subparsers)
     return parser
 
 

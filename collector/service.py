@@ -374,7 +374,7 @@ class CollectorService:
     # - lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End every stream (agents see UNAVAILABLE, subscribers a clean end) and wake calls
+        """End every stream (agents and subscribers see UNAVAILABLE) and wake calls
         waiting for action results."""
         self._closed.set()
         with self._lock:
@@ -952,6 +952,8 @@ class AlertsServicer(alerts_pb2_grpc.AlertsServicer):
                 context.send_initial_metadata((SUBSCRIBED_METADATA,))
                 yield from _events(sub, request, container_filter, service.config.poll_seconds,
                                    context.is_active)
+            if service.closed:  # followers reconnect on UNAVAILABLE; a clean end means "done"
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
         finally:
             service.release_stream()
 

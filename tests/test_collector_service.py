@@ -310,12 +310,15 @@ def test_subscriber_filters_let_through_exactly_what_they_match(server, channels
         CODE.INVALID_ARGUMENT, "subscribe_request.filter.containers[0]: missing")
 
 
-def test_a_subscription_ends_cleanly_when_the_collector_stops(make_server, channels):
+def test_a_subscription_ends_with_unavailable_when_the_collector_stops(make_server, channels):
+    # UNAVAILABLE, not OK: `driftwarden alerts --follow` reconnects on it, and stops on OK
     server = make_server(policy=NO_RULES)
     call = subscribe(channels(server))
     server.stop(0.5)
-    assert list(call) == []
-    assert call.code() == CODE.OK
+    with pytest.raises(grpc.RpcError):
+        list(call)
+    assert call.code() == CODE.UNAVAILABLE
+    assert call.details() == "the collector is shutting down"
 
 
 def test_a_slow_subscriber_gets_a_notice_with_the_exact_dropped_count(make_server, channels):
