@@ -130,13 +130,15 @@ def _add_agent(subparsers) -> None:
     p = subparsers.add_parser(
         "agent",
         help="learn each image's behaviour and report drift, novelty and anomalies",
-        description="Run the probes, learn a baseline per image (learn -> monitor), and write "
-        "alerts as JSON lines. Baselines live in --state-dir and survive restarts.",
+        description="Run the probes, learn a baseline per image (learn -> monitor), and send "
+        "alerts to the collector (--collector) and/or JSON lines (--alerts-out). Baselines "
+        "and unacknowledged alerts live in --state-dir and survive restarts.",
     )
     p.add_argument("--state-dir", required=True, metavar="DIR",
                    help="where baselines are kept (created if missing)")
     p.add_argument("--alerts-out", default="-", metavar="FILE",
-                   help="append alerts here as JSON lines (default -: stdout)")
+                   help="append alerts here as JSON lines (default: stdout; with --collector: "
+                   "none unless given, - = stdout)")
     p.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="feature window length (default 10)")
     p.add_argument("--learn-for", type=_positive_float, default=None, metavar="SECONDS",
@@ -147,16 +149,17 @@ def _add_agent(subparsers) -> None:
                    help="stop after this many seconds")
     p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
                    help="Docker Engine API address for container metadata")
+    from driftwarden.agent_cmd import add_collector_flags
+
+    add_collector_flags(p)
     p.set_defaults(func=_run_agent)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from driftwarden.agent_cmd import AgentOptions, run_agent
+    from driftwarden.agent_cmd import options_from_args, run_agent
 
-    options = AgentOptions(state_dir=args.state_dir, alerts_out=args.alerts_out,
-                           window=args.window, learn_for=args.learn_for, mode=args.mode,
-                           duration=args.duration, docker_host=args.docker_host)
-    return run_agent(options, _stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
+    return run_agent(options_from_args(args), _stop_on_signals(), stdout=sys.stdout,
+                     stderr=sys.stderr)
 
 
 def _add_baseline(subparsers) -> None:

@@ -26,6 +26,7 @@ from driftwarden.models.drift import (
     Layers,
     classify_exec,
     classify_write,
+    layers_from_graphdriver,
     layers_from_mountinfo,
 )
 from driftwarden.models.features import WindowAggregator
@@ -487,26 +488,58 @@ class Detector:
 
 
 class LayersCache:
-    """Container id -> its overlay layers, read once from /proc/PID/mountinfo (bounded)."""
+    """Container id -> its overlay layers (bounded LRU), read from /proc/PID/mountinfo, or,
+    when that process is already gone or not yet inside the container's root (runc init), from
+    the runtime's record of the container (`graph_driver_of`: Docker's GraphDriver data)."""
 
-    def __init__(self, proc_root: str = "/proc", capacity: int = 1024) -> None:
+    def __init__(self, proc_root: str = "/proc", capacity: int = 1024,
+                 graph_driver_of: Callable[[str], dict | None] | None = None) -> None:
         self._proc_root = proc_root
         self._capacity = capacity
-        self._cache: OrderedDict[str, Layers | None] = OrderedDict()
+        self._graph_driver_of = graph_driver_of
+        self._cache: OrderedDict[str, Layers] = OrderedDict()
+        self.stats = {"mountinfo": 0, "graph_driver": 0, "unknown": 0}
 
     def get(self, container_id: str, tgid: int) -> Layers | None:
-        if container_id in self._cache:
+        layers = self._cache.get(container_id)
+        if layers is not None:
             self._cache.move_to_end(container_id)
-            return self._cache[container_id]
+            return layers
         try:
-            text = Path(f"{self._proc_root}/{tgid}/mountinfo").read_text()
+            layers = layers_from_mountinfo(
+                Path(f"{self._proc_root}/{tgid}/mountinfo").read_text())
         except OSError:
-            return None  # the process is gone; the next event of this container tries again
-        layers = layers_from_mountinfo(text)
+            layers = None
+        if layers is not None:
+            self.stats["mountinfo"] += 1
+        elif self._graph_driver_of is not None:
+            data = self._graph_driver_of(container_id)
+            layers = layers_from_graphdriver(data) if data else None
+            self.stats["graph_driver" if layers is not None else "unknown"] += 1
+        if layers is None:
+            return None  # not cached: the next event of this container tries again
         self._cache[container_id] = layers
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
         return layers
+
+
+def docker_graph_driver(docker_host: str) -> Callable[[str], dict | None]:
+    """`container id -> GraphDriver` through the Docker Engine API (None when unknown)."""
+    holder: dict = {}
+
+    def lookup(container_id: str) -> dict | None:
+        try:
+            if "client" not in holder:
+                import docker
+
+                holder["client"] = docker.APIClient(base_url=docker_host, timeout=5)
+            return holder["client"].inspect_container(container_id).get("GraphDriver")
+        except Exception as exc:  # the container is gone, or Docker is down: no layers
+            log.debug("no GraphDriver for %s: %s", container_id[:12], exc)
+            return None
+
+    return lookup
 
 
 class LiveProfiles:

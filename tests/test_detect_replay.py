@@ -115,8 +115,8 @@ def test_export_import_gives_identical_verdicts_on_the_same_replay(tmp_path):
     assert _verdicts(alerts_a) == _verdicts(alerts_b)
     codes = sorted({(a.kind.value, a.reasons[0].code) for a in alerts_a.alerts})
     # novelty, and the window of the attack scored by a model re-fitted from the imported data
-    assert codes == [("anomaly", "feature-out-of-range"), ("novel", "new-connect"), ("novel", "new-exec"), ("novel", "new-lineage"),
-                     ("novel", "new-write")]
+    assert codes == [("anomaly", "feature-out-of-range"), ("novel", "new-connect"),
+                     ("novel", "new-exec"), ("novel", "new-lineage"), ("novel", "new-write")]
     assert len(alerts_a.alerts) == len(alerts_b.alerts) >= 4
 
 
@@ -160,3 +160,26 @@ def test_drift_alert_names_the_process_that_wrote_the_binary(tmp_path):
     assert [e["kind"] for e in drift.events] == ["exec", "write"]
     assert drift.events[1]["write"]["path"] == "/tmp/dropper"
     assert drift.events[1]["process"]["pid"] == 2001
+
+
+def test_layers_cache_falls_back_to_the_runtimes_record_and_never_caches_a_miss(tmp_path):
+    from driftwarden.detect import LayersCache
+
+    proc = tmp_path / "proc"
+    (proc / "10").mkdir(parents=True)
+    (proc / "10/mountinfo").write_text("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n")  # runc init
+    asked = []
+    graph = {"Name": "overlay2", "Data": {"UpperDir": str(tmp_path / "up"),
+                                          "LowerDir": f"{tmp_path / 'l1'}:{tmp_path / 'l2'}"}}
+
+    def graph_driver_of(cid):
+        asked.append(cid)
+        return graph if cid == CID else None
+
+    cache = LayersCache(str(proc), graph_driver_of=graph_driver_of)
+    assert cache.get("gone" * 16, 99) is None and cache.get("gone" * 16, 99) is None
+    assert asked == ["gone" * 16] * 2  # a miss is asked again, not cached
+    layers = cache.get(CID, 10)  # mountinfo shows no overlay root yet
+    assert layers == Layers(upper=tmp_path / "up", lowers=(tmp_path / "l1", tmp_path / "l2"))
+    assert cache.get(CID, 12345) is layers and asked.count(CID) == 1
+    assert cache.stats == {"mountinfo": 0, "graph_driver": 1, "unknown": 2}
