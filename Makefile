@@ -1,13 +1,16 @@
-# driftwarden: `make run` (trace on this host) and `make test` (whole suite) on a fresh host.
+# driftwarden: `make run` (collector + agent + live alert view) and `make test` (whole suite).
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run trace test lint bench clean
 
 setup:
 	bash scripts/setup-host.sh
 
 run: setup
+	bash scripts/run-local.sh $(ARGS)
+
+trace: setup
 	$(PY) -m driftwarden trace $(ARGS)
 
 test: setup
