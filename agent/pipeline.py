@@ -323,7 +323,8 @@ class TracePipeline:
     def _enrich_chdir(self, event: ChdirEvent, view: ContainerView) -> None:
         if event.retval == 0:
             h = event.header
-            self.processes.on_chdir(h.tgid, h.ppid, event.path, event.fd)
+            self.processes.on_chdir(h.tgid, h.ppid, event.path, event.fd,
+                                    base=event.cwd_base)
 
     def _count_unresolved(self, record: TraceRecord) -> TraceRecord:
         if not record.path_resolved or not record.path2_resolved:

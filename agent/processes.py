@@ -119,14 +119,19 @@ class ProcessTable:
 
     # -- bookkeeping from events -------------------------------------------
 
-    def on_chdir(self, tgid: int, ppid: int, path: str | None, fd: int) -> None:
+    def on_chdir(self, tgid: int, ppid: int, path: str | None, fd: int, *,
+                 base: int = 0) -> None:
+        """`base`: the process whose cwd this one had before the call, as the kernel tracked it
+        through forks (0 when unknown)."""
         entry = self._entry(tgid, ppid)
         if path is not None:
-            if entry.cwd is None and not path.startswith("/") and entry.ppid > 1:
+            start = base if base > 1 and base != tgid else entry.ppid
+            if entry.cwd is None and not path.startswith("/") and start > 1:
                 # Our own /proc/PID/cwd is read after the fact and may already show this very
-                # chdir (httpd's CGI child: chdir("cgi-bin") then exec "app"): start from the
-                # parent's directory, inherited at fork, instead.
-                entry.cwd = self.cwd(entry.ppid)
+                # chdir (httpd's CGI child: chdir("cgi-bin") then exec "app"); the process it
+                # inherited its directory from (often long-lived, unlike its parent) tells
+                # where it started.
+                entry.cwd = self.cwd(start)
             resolved = self.resolve(tgid, ppid, path, AT_FDCWD)
             entry.cwd = resolved.path if resolved.resolved else None
         else:

@@ -161,7 +161,8 @@ class Limits:
                 ("retval", "i"),
                 ("fd", "i"),
                 ("path_len", "H"),
-                ("_pad", "3H"),
+                ("_pad", "H"),
+                ("cwd_base", "I"),
                 ("path", f"{p}s"),
             ],
         }

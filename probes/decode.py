@@ -243,7 +243,7 @@ class Decoder:
     def _decode_chdir(self, h: Header, raw: bytes, flags: int) -> ChdirEvent:
         s = self._chdir
         self._need(raw, HEADER_SIZE + s.size, "chdir")
-        retval, fd, path_len, *_pad = s.unpack_from(raw, HEADER_SIZE)
+        retval, fd, path_len, _pad, cwd_base = s.unpack_from(raw, HEADER_SIZE)
         path = None
         if not flags & _FD_ONLY:
             if path_len > self.limits.path_max:
@@ -252,7 +252,7 @@ class Decoder:
             if len(chunk) != path_len:
                 raise MalformedRecord("short-chdir-path")
             path = _cstr(chunk, path_len)
-        return ChdirEvent(header=h, path=path, fd=fd, retval=retval)
+        return ChdirEvent(header=h, path=path, fd=fd, retval=retval, cwd_base=cwd_base)
 
 
 def _payload_struct(limits: Limits, name: str) -> struct.Struct:

@@ -103,6 +103,9 @@ BPF_HASH(skip_tgids, u32, u8, 64);                         /* more processes nev
 /* LRU maps with per-CPU free lists: no global LRU lock on the hot path. */
 BPF_F_TABLE("lru_hash", u32, u32, parent_of, 65536, BPF_F_NO_COMMON_LRU);  /* child -> parent */
 BPF_F_TABLE("lru_hash", u32, u32, cwd_epoch, 16384, BPF_F_NO_COMMON_LRU);  /* tgid -> chdirs */
+/* tgid -> the process whose cwd it still shares: itself after a chdir, else inherited at fork
+ * (an httpd connection child that exits at once leaves its CGI child's base known) */
+BPF_F_TABLE("lru_hash", u32, u32, cwd_owner, 16384, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COMMON_LRU);
@@ -266,6 +269,9 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u32 child = args->child_pid;
     u32 parent = bpf_get_current_pid_tgid() >> 32;
     parent_of.update(&child, &parent);
+    u32 *owner = cwd_owner.lookup(&parent);
+    u32 base = owner ? *owner : parent;
+    cwd_owner.update(&child, &base);
     return 0;
 }
 
@@ -279,6 +285,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;                         /* a thread; the process lives on */
     parent_of.delete(&pid);
     cwd_epoch.delete(&pid);
+    cwd_owner.delete(&pid);
     return 0;
 }
 
@@ -343,7 +350,10 @@ static __always_inline int dw_chdir_exit(long ret)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
+    u32 *owner = cwd_owner.lookup(&tgid);
+    u32 cwd_base = owner ? *owner : 0;
     if (ret == 0) {
+        cwd_owner.update(&tgid, &tgid);
         u32 one = 1;
         u32 *epoch = cwd_epoch.lookup(&tgid);
         if (epoch)
@@ -362,6 +372,8 @@ static __always_inline int dw_chdir_exit(long ret)
     e->retval = ret;
     e->fd = -1;
     e->path_len = 0;
+    e->_pad = 0;
+    e->cwd_base = cwd_base;
     if (p.path) {
         int n = bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)p.path);
         if (n < 0) {

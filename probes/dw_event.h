@@ -134,7 +134,11 @@ struct dw_chdir_event {
     __s32 retval;
     __s32 fd;                    /* fchdir's fd; -1 for chdir */
     __u16 path_len;
-    __u16 _pad[3];
+    __u16 _pad;
+    __u32 cwd_base;              /* tgid whose working directory this process had before the
+                                  * call (itself, or the ancestor it inherited it from at
+                                  * fork); 0 when unknown. Resolves a relative chdir after the
+                                  * process and its parent are gone. */
     char path[DW_PATH_MAX];
 };
 

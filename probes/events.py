@@ -107,6 +107,7 @@ class ChdirEvent(NamedTuple):
     path: str | None  # None for fchdir
     fd: int
     retval: int
+    cwd_base: int = 0  # tgid whose cwd the process had before the call; 0 unknown
 
 
 KernelEvent = ExecEvent | ConnectEvent | FileEvent | ChdirEvent

@@ -147,11 +147,12 @@ def file_record(op: int, path: bytes | str | None, path2: bytes | str | None = N
 
 def chdir_record(path: bytes | str | None, *, fd: int = -1, retval: int = 0,
                  limits: Limits = LIMITS, path_len: int | None = None, cut: int | None = None,
-                 **hdr) -> bytes:
+                 cwd_base: int = 0, **hdr) -> bytes:
     p = b"" if path is None else _c(path) + b"\0"
     if path is None:
         hdr["flags"] = hdr.get("flags", 0) | Flag.FD_ONLY
-    fields = {"retval": retval, "fd": fd, "path_len": len(p) if path_len is None else path_len}
+    fields = {"retval": retval, "fd": fd, "path_len": len(p) if path_len is None else path_len,
+              "cwd_base": cwd_base}
     length = limits.offsets("dw_chdir_event")["path"] + len(p)
     return _pack(limits, "dw_chdir_event", EventKind.CHDIR, hdr, fields, {"path": p},
                  length if cut is None else cut)
@@ -468,6 +469,7 @@ def test_chdir(decoder):
     assert event == ChdirEvent(header=expected_header(EventKind.CHDIR), path="/srv/app", fd=-1,
                                retval=0)
     assert decoder.decode(chdir_record("sub/dir", retval=-2)).retval == -2
+    assert decoder.decode(chdir_record("cgi-bin", cwd_base=4242)).cwd_base == 4242
 
 
 def test_fchdir(decoder):

@@ -197,6 +197,15 @@ def test_relative_chdir_of_new_child_starts_from_parent_cwd():
     assert ("cwd", 801) not in proc.calls
 
 
+def test_relative_chdir_starts_from_the_kernels_cwd_base_when_parents_are_gone():
+    # httpd (900, /www) forks a connection child (901, exits at once) which forks the CGI (902):
+    # neither 901 nor 902 is alive when the events are processed
+    proc = FakeProc(cwd={900: "/www"})
+    table = ProcessTable(proc)
+    table.on_chdir(902, 901, "./cgi-bin", -1, base=900)
+    assert table.resolve(902, 901, "app", AT_FDCWD) == ResolvedPath("/www/cgi-bin/app", True)
+
+
 def test_fchdir_reads_proc():
     proc = FakeProc(cwd={700: "/var/lib"})
     table = ProcessTable(proc)
