@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import ipaddress
 import itertools
 import logging
 import queue
@@ -67,6 +66,7 @@ import grpc
 from driftwarden import __version__
 from driftwarden.alerts import Alert, AlertKind, AlertReason, AlertSink, Severity
 from driftwarden.errors import DriftwardenError, UsageError
+from driftwarden.netaddr import host_port, is_loopback
 from driftwarden.spool import DEFAULT_MAX_BYTES, AlertSpool, SpoolFull
 from driftwarden.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from driftwarden.wire import (
@@ -179,17 +179,11 @@ def parse_collector_address(text: str, *, allow_non_loopback: bool = False) -> s
     if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise UsageError(f"--collector {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or "
                          f"[::1]:50051)")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    loopback = host == "localhost" or (address is not None and address.is_loopback)
-    if not loopback and not allow_non_loopback:
+    if not is_loopback(host) and not allow_non_loopback:
         raise UsageError(f"--collector {text!r}: {host} is not a loopback address; this build "
                          f"talks to a collector on 127.0.0.0/8, ::1 or localhost only (add "
                          f"--allow-non-loopback for a real deployment, with --tls-* files)")
-    shown = f"[{host}]" if address is not None and address.version == 6 else host
-    return f"{shown}:{int(port_text)}"
+    return host_port(host, int(port_text))
 
 
 class Backoff:

@@ -43,6 +43,7 @@ from driftwarden.models.items import (
 from driftwarden.models.items import extract_items as items_of
 from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
 from driftwarden.pipeline import ContainerView, TraceRecord
+from driftwarden.processes import PROC_SELF_EXE
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ MAX_WRITERS = 16384  # (container, path) -> the write that made the file, for pr
 _WRITER_OPS = frozenset({"create", "truncate", "append", "write", "rename-to", "link", "chmod+x",
                          "setuid"})
 MAX_IMAGES = 32768  # processes whose program the detector remembers (LRU)
-PROC_SELF_EXE = "/proc/self/exe"
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
 # writes here change who can log in, what runs at boot or how names resolve: never routine
@@ -492,12 +492,19 @@ class LayersCache:
     when that process is already gone or not yet inside the container's root (runc init), from
     the runtime's record of the container (`graph_driver_of`: Docker's GraphDriver data)."""
 
+    MISS_SECONDS = 5.0  # a container the runtime could not describe is not asked again sooner
+
     def __init__(self, proc_root: str = "/proc", capacity: int = 1024,
-                 graph_driver_of: Callable[[str], dict | None] | None = None) -> None:
+                 graph_driver_of: Callable[[str], dict | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._proc_root = proc_root
         self._capacity = capacity
         self._graph_driver_of = graph_driver_of
+        self._clock = clock
         self._cache: OrderedDict[str, Layers] = OrderedDict()
+        # container id -> when the runtime last had no layers for it: the lookup is an API
+        # call on the pipeline thread, and a vanished container's late events must not repeat it
+        self._misses: OrderedDict[str, float] = OrderedDict()
         self.stats = {"mountinfo": 0, "graph_driver": 0, "unknown": 0}
 
     def get(self, container_id: str, tgid: int) -> Layers | None:
@@ -513,11 +520,20 @@ class LayersCache:
         if layers is not None:
             self.stats["mountinfo"] += 1
         elif self._graph_driver_of is not None:
+            now = self._clock()
+            missed = self._misses.get(container_id)
+            if missed is not None and now - missed < self.MISS_SECONDS:
+                return None
             data = self._graph_driver_of(container_id)
             layers = layers_from_graphdriver(data) if data else None
             self.stats["graph_driver" if layers is not None else "unknown"] += 1
+            if layers is None:
+                self._misses[container_id] = now
+                self._misses.move_to_end(container_id)
+                if len(self._misses) > self._capacity:
+                    self._misses.popitem(last=False)
         if layers is None:
-            return None  # not cached: the next event of this container tries again
+            return None  # a live process of this container may tell us later
         self._cache[container_id] = layers
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)

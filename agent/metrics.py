@@ -15,7 +15,6 @@ shape is logged and its metric left out of that scrape; the others are still ser
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import re
@@ -26,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from numbers import Real
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from driftwarden.netaddr import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -297,16 +298,11 @@ def _labelnames(metric: str, labelnames: Sequence[str]) -> tuple[str, ...]:
 
 def loopback_host(host: str) -> str:
     """`host` when it is a loopback address ("localhost" -> "127.0.0.1"), else ValueError."""
-    candidate = "127.0.0.1" if host == "localhost" else host
-    try:
-        address = ipaddress.ip_address(candidate)
-    except ValueError:
-        address = None
-    if address is None or not address.is_loopback:
+    if not is_loopback(host):
         raise ValueError(f"metrics server host {host!r} is not a loopback address; by the "
                          f"project's network rule it listens only on 127.0.0.0/8 or ::1 (put "
                          f"a proxy in front to expose it)")
-    return candidate
+    return "127.0.0.1" if host.lower() == "localhost" else host
 
 
 class _Handler(BaseHTTPRequestHandler):

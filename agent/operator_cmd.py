@@ -32,7 +32,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from typing import Any, TextIO
 import grpc
 from driftwarden import wire
 from driftwarden.errors import UsageError
+from driftwarden.netaddr import host_port, is_loopback
 from driftwarden.v1 import (
     actions_pb2,
     actions_pb2_grpc,
@@ -136,23 +136,14 @@ def split_collector_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def is_loopback_host(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def collector_target(address: str, *, allow_non_loopback: bool = False) -> str:
     """The gRPC target for `address`; UsageError for a non-loopback host unless allowed."""
     host, port = split_collector_address(address)
-    if not allow_non_loopback and not is_loopback_host(host):
+    if not allow_non_loopback and not is_loopback(host):
         raise UsageError(f"collector address {address!r} is not a loopback address: this build "
                          f"talks only to 127.0.0.0/8, ::1 or localhost (pass "
                          f"--allow-non-loopback for a real deployment)")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def describe_rpc_error(code: grpc.StatusCode, details: str, *, collector: str,

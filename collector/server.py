@@ -25,7 +25,6 @@ subscriber streams cleanly, then stops gRPC with ``stop_grace`` seconds for unar
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -42,6 +41,7 @@ from driftwarden.collector.service import CollectorService, ServiceConfig, add_s
 from driftwarden.collector.store import AlertStore
 from driftwarden.errors import DriftwardenError, UsageError
 from driftwarden.metrics import MetricsRegistry, MetricsServer
+from driftwarden.netaddr import host_port, is_loopback
 from driftwarden.wire import MAX_MESSAGE_BYTES
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -73,17 +73,7 @@ def parse_address(text: str, *, what: str = "--listen",
     return host, int(port_text)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+format_address = host_port  # kept as the collector's name for it
 
 
 @dataclass(frozen=True)

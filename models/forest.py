@@ -108,6 +108,7 @@ class WindowModel:
         if margin < 0 or range_weight < 0:
             raise ValueError("margin and range_weight must be >= 0")
         self.feature_names: tuple[str, ...] = tuple(feature_names)
+        self._risk_mask = np.array([name in RISK_FEATURES for name in self.feature_names])
         self.min_windows = min_windows
         self.margin = float(margin)
         self.range_weight = float(range_weight)
@@ -146,10 +147,6 @@ class WindowModel:
         if not np.isfinite(x).all():
             raise ValueError("windows contain NaN or infinite values")
         return x
-
-    @property
-    def _risk_mask(self) -> np.ndarray:
-        return np.array([name in RISK_FEATURES for name in self.feature_names])
 
     def _log(self, x: np.ndarray) -> np.ndarray:
         """The model's input space: log1p counts for risk features, log1p(percent share of the

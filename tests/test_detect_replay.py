@@ -176,9 +176,13 @@ def test_layers_cache_falls_back_to_the_runtimes_record_and_never_caches_a_miss(
         asked.append(cid)
         return graph if cid == CID else None
 
-    cache = LayersCache(str(proc), graph_driver_of=graph_driver_of)
+    now = [100.0]
+    cache = LayersCache(str(proc), graph_driver_of=graph_driver_of, clock=lambda: now[0])
     assert cache.get("gone" * 16, 99) is None and cache.get("gone" * 16, 99) is None
-    assert asked == ["gone" * 16] * 2  # a miss is asked again, not cached
+    assert asked == ["gone" * 16]  # a miss is not asked again for MISS_SECONDS...
+    now[0] += LayersCache.MISS_SECONDS
+    assert cache.get("gone" * 16, 99) is None
+    assert asked == ["gone" * 16] * 2  # ...and then it is: the container may have started
     layers = cache.get(CID, 10)  # mountinfo shows no overlay root yet
     assert layers == Layers(upper=tmp_path / "up", lowers=(tmp_path / "l1", tmp_path / "l2"))
     assert cache.get(CID, 12345) is layers and asked.count(CID) == 1
