@@ -103,8 +103,8 @@ class _PrefixSet:
         return any(hex_id[:n] in s for n, s in self._by_length.items() if len(hex_id) >= n)
 
 
-class ImageSelector:
-    """Images by name, repository or id (prefix); see the module docstring. Empty = nothing."""
+class _Selector:
+    """Terms as exact names plus hex id prefixes (>= MIN_ID_PREFIX chars). Empty = nothing."""
 
     __slots__ = ("_ids", "_names")
 
@@ -116,6 +116,12 @@ class ImageSelector:
 
     def __bool__(self) -> bool:
         return bool(self._names)
+
+
+class ImageSelector(_Selector):
+    """Images by name, repository or id (prefix); see the module docstring. Empty = nothing."""
+
+    __slots__ = ()
 
     def matches(self, image: str | None, image_id: str | None) -> bool:
         if image and (image in self._names or image_repository(image) in self._names):
@@ -126,19 +132,10 @@ class ImageSelector:
         return False
 
 
-class ContainerSelector:
+class ContainerSelector(_Selector):
     """Containers by name, full id or id prefix; see the module docstring. Empty = nothing."""
 
-    __slots__ = ("_ids", "_names")
-
-    def __init__(self, values: Iterable[str]) -> None:
-        values = [v.strip() for v in values]
-        self._names = frozenset(values)
-        self._ids = _PrefixSet(h for v in values
-                               if (h := _hex_id(v)) is not None and len(h) >= MIN_ID_PREFIX)
-
-    def __bool__(self) -> bool:
-        return bool(self._names)
+    __slots__ = ()
 
     def matches(self, container_id: str | None, name: str | None) -> bool:
         if name and name in self._names:
