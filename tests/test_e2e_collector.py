@@ -8,11 +8,6 @@ collector to the agent and really cuts the container's network, and release rest
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +27,7 @@ from driftwarden.v1 import (
 )
 
 from tests.support.agent_proc import AgentProcess
+from tests.support.collector_proc import CollectorProcess
 from tests.support.containers import RunningContainer, run_container
 
 pytestmark = pytest.mark.integration
@@ -46,7 +42,6 @@ SERVE = ["sh", "-c", f"nc -ll -p {PORT} -e cat & exec sleep 600"]
 CONNECT = ["sh", "-c", f"echo hello | nc -w 2 127.0.0.1 {PORT}"]
 # What busybox nc prints when the quarantine programs refuse the connect (EPERM).
 CONNECT_DENIED = (1, "nc: can't connect to remote host (127.0.0.1): Operation not permitted\n")
-LISTENING = re.compile(r"driftwarden collector listening on 127\.0\.0\.1:(\d+) ")
 
 
 @dataclass
@@ -119,53 +114,25 @@ def subscribe(stack: Stack) -> Iterator[Callable[[alerts_pb2.AlertFilter], Subsc
         thread.join(timeout=5)
 
 
-def _start_collector(db: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "driftwarden", "collector", "--listen", "127.0.0.1:0",
-             "--db", str(db)],
-            stdout=log, stderr=subprocess.STDOUT, cwd="/",
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = LISTENING.search(log_path.read_text(errors="replace"))
-        if match:
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    _stop(proc)
-    raise AssertionError(f"collector did not start:\n{log_path.read_text(errors='replace')}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def stack(kernel_ok, docker_ok, tmp_path_factory) -> Iterator[Stack]:
     """Collector and agent processes, shared by the module (the agent's bcc compile is slow)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    collector_log = tmp / "collector.log"
-    collector, port = _start_collector(tmp / "c.db", collector_log)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    collector = CollectorProcess(tmp / "c.db", tmp / "collector.log")
+    collector.start()
+    port = collector.port
+    channel = grpc.insecure_channel(collector.address)
     try:
         agent = AgentProcess(tmp / "agent-state", tmp / "alerts.jsonl",
                              extra=["--collector", f"127.0.0.1:{port}", "--node", NODE,
                                     "--window", "1", "--learn-for", "8", "--heartbeat", "1"])
         with agent:
-            stack = Stack(port, channel, agent, collector_log)
+            stack = Stack(port, channel, agent, collector.log_path)
             _wait_agent_connected(stack)
             yield stack
     finally:
         channel.close()
-        _stop(collector)
+        collector.stop()
 
 
 def _wait_agent_connected(stack: Stack, timeout: float = 20.0) -> None:
