@@ -32,8 +32,10 @@ JSON schema (``Alert.to_dict()``; one object per line from :class:`JsonLinesAler
              "details": {"path": "/tmp/x"}}        # str -> str/int/float/bool/null/list
           ],
           "container": {"id": "...", "name": "web", "image": "nginx:1.25",
-                        "image_id": "sha256:...", "pod": "web-0", "namespace": "prod"},
-                                       # any value may be null when not known
+                        "image_id": "sha256:...", "pod": "web-0", "namespace": "prod",
+                        "labels": {"tier": "web"}},
+                                       # any value may be null when not known; labels: the
+                                       #   runtime's, at most 64 (first by key), {} if none
           "process": {"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["x", "-v"],
                       "uid": 0, "comm": "x"},
                                        # null for alerts about a window (anomaly); "exe" may be
@@ -93,6 +95,10 @@ from driftwarden.probes.events import ExecEvent
 
 ALERT_SCHEMA_VERSION = 1
 ID_HEX_CHARS = 24
+# The container's labels an alert carries: the first MAX_LABELS by key, values cut to
+# MAX_LABEL_CHARS, so that a container with huge annotations still fits the wire's bounds.
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 1024
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -213,7 +219,7 @@ class Alert:
             "severity": self.severity.text,
             "score": float(self.score),
             "reasons": [r.to_dict() for r in self.reasons],
-            "container": dict(self.container),
+            "container": _copy_container(self.container),
             "process": _copy_process(self.process),
             "events": [json.loads(json.dumps(e)) for e in self.events],
             "baseline_version": self.baseline_version,
@@ -228,6 +234,13 @@ class Alert:
                                    last_seen=last_seen)
 
 
+def _copy_container(container: dict[str, Any]) -> dict[str, Any]:
+    out = dict(container)
+    if isinstance(out.get("labels"), dict):
+        out["labels"] = dict(out["labels"])
+    return out
+
+
 def _copy_process(process: dict[str, Any] | None) -> dict[str, Any] | None:
     if process is None:
         return None
@@ -238,7 +251,9 @@ def _copy_process(process: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _container_dict(view: ContainerView) -> dict[str, Any]:
     return {"id": view.id, "name": view.name, "image": view.image, "image_id": view.image_id,
-            "pod": view.pod, "namespace": view.namespace}
+            "pod": view.pod, "namespace": view.namespace,
+            "labels": {key[:MAX_LABEL_CHARS]: value[:MAX_LABEL_CHARS]
+                       for key, value in view.labels[:MAX_LABELS]}}  # sorted pairs already
 
 
 def _process_dict(record: TraceRecord, exe: str | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from driftwarden.alerts import ID_HEX_CHARS, Alert, AlertKind, AlertReason, Severity
+from driftwarden.alerts import ID_HEX_CHARS, MAX_LABELS, Alert, AlertKind, AlertReason, Severity
 from driftwarden.errors import DriftwardenError
 from driftwarden.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 from google.protobuf.message import Message
@@ -47,6 +47,7 @@ class WireLimits:
     max_reasons: int = 32
     max_details: int = 32  # per reason
     max_argv: int = 256
+    max_labels: int = MAX_LABELS  # per container
     max_batch_alerts: int = 500  # alerts (and spool_seqs) in one AlertBatch or Ack
     max_page_size: int = 1000
 
@@ -59,6 +60,7 @@ _REPEATED_LIMITS = {
     "driftwarden.v1.Reason.details": "max_details",
     "driftwarden.v1.Process.argv": "max_argv",
     "driftwarden.v1.ExecEvent.argv": "max_argv",
+    "driftwarden.v1.Container.labels": "max_labels",
     "driftwarden.v1.AlertBatch.alerts": "max_batch_alerts",
     "driftwarden.v1.AlertBatch.spool_seqs": "max_batch_alerts",
     "driftwarden.v1.Ack.alert_ids": "max_batch_alerts",
@@ -151,7 +153,7 @@ def from_timestamp(ts: Timestamp) -> float:
 
 # -- alerts: agent -> wire -------------------------------------------------------------------
 
-_CONTAINER_KEYS = ("id", "name", "image", "image_id", "pod", "namespace")
+_CONTAINER_KEYS = ("id", "name", "image", "image_id", "pod", "namespace", "labels")
 _PROCESS_KEYS = ("pid", "ppid", "exe", "argv", "uid", "comm")
 
 
@@ -174,7 +176,8 @@ def alert_to_proto(alert: Alert, node: str) -> common_pb2.Alert:
             common_pb2.Container, id=container.get("id"), name=container.get("name"),
             image=_message(common_pb2.Image, id=container.get("image_id"),
                            name=container.get("image")),
-            pod=container.get("pod"), namespace=container.get("namespace"), node=node),
+            pod=container.get("pod"), namespace=container.get("namespace"), node=node,
+            labels=container.get("labels") or None),
         "baseline_version": alert.baseline_version,
         "baseline_mode": MODE.to_proto(alert.baseline_mode),
         "count": alert.count,
@@ -313,7 +316,8 @@ def _optional(msg: Message, field: str) -> Any:
 def _container_dict(msg: common_pb2.Container) -> dict[str, Any]:
     return {"id": _optional(msg, "id"), "name": _optional(msg, "name"),
             "image": _optional(msg.image, "name"), "image_id": _optional(msg.image, "id"),
-            "pod": _optional(msg, "pod"), "namespace": _optional(msg, "namespace")}
+            "pod": _optional(msg, "pod"), "namespace": _optional(msg, "namespace"),
+            "labels": dict(sorted(msg.labels.items()))}
 
 
 def _process_dict(msg: common_pb2.Process) -> dict[str, Any]:
@@ -466,8 +470,22 @@ def _check_bounds(msg: Message, path: str, limits: WireLimits) -> None:
         limit = getattr(limits, _REPEATED_LIMITS.get(field.full_name, "max_repeated"))
         if len(value) > limit:
             raise InvalidMessage(f"{name}: {len(value)} entries, at most {limit}")
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            _check_map(field, value, name, limits)
+            continue
         for i, item in enumerate(value):
             _check_field_value(field, item, f"{name}[{i}]", limits)
+
+
+def _check_map(field: Any, value: Any, path: str, limits: WireLimits) -> None:
+    """A map<string, string>: keys non-empty, keys and values within the text bound."""
+    key_field, value_field = field.message_type.fields_by_name["key"], \
+        field.message_type.fields_by_name["value"]
+    for key, item in value.items():
+        if not key:
+            raise InvalidMessage(f"{path}: an empty key")
+        _check_field_value(key_field, key, f"{path}[{key[:64]!r}] key", limits)
+        _check_field_value(value_field, item, f"{path}[{key[:64]!r}]", limits)
 
 
 def _check_field_value(field: Any, value: Any, path: str, limits: WireLimits) -> None:

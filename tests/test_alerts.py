@@ -8,6 +8,8 @@ import json
 
 import pytest
 from driftwarden.alerts import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
     Alert,
     AlertAggregator,
     AlertKind,
@@ -120,7 +122,8 @@ def test_drift_alert_to_dict_exact():
             "details": {"path": "/tmp/x"},
         }],
         "container": {"id": CID, "name": "web", "image": "nginx:1.25",
-                      "image_id": "sha256:" + "ab" * 32, "pod": "web-0", "namespace": "prod"},
+                      "image_id": "sha256:" + "ab" * 32, "pod": "web-0", "namespace": "prod",
+                      "labels": {"app": "web"}},
         "process": {"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["./x", "-c", "id"],
                     "uid": 0, "comm": "x"},
         "events": [record_to_dict(record, OFFSET)],
@@ -138,9 +141,21 @@ def test_drift_alert_to_dict_exact():
     assert json.loads(json.dumps(got)) == expected
     # to_dict hands out copies: mutating them does not change the alert
     got["container"]["name"] = "changed"
+    got["container"]["labels"]["app"] = "changed"
     got["events"][0]["kind"] = "changed"
     got["process"]["argv"].append("changed")
     assert alert.to_dict() == expected
+
+
+def test_alerts_carry_at_most_64_labels_first_by_key_with_long_texts_cut():
+    labels = tuple(sorted([(f"k{i:03}", "v") for i in range(70)]
+                          + [("a-long", "x" * 5000), ("b" * 2000, "short")]))
+    alert = drift_alert(exec_record(dataclasses.replace(WEB, labels=labels)))
+    got = alert.to_dict()["container"]["labels"]
+    assert len(got) == MAX_LABELS == 64
+    assert list(got)[:3] == ["a-long", "b" * MAX_LABEL_CHARS, "k000"]
+    assert got["a-long"] == "x" * MAX_LABEL_CHARS
+    assert "k061" in got and "k062" not in got
 
 
 def test_related_records_follow_the_trigger():
@@ -166,7 +181,7 @@ def test_anomaly_alert_without_record():
     assert out["process"] is None and out["events"] == []
     assert out["container"] == {"id": CID, "name": None, "image": "nginx:1.25",
                                 "image_id": "sha256:" + "ab" * 32, "pod": None,
-                                "namespace": None}
+                                "namespace": None, "labels": {}}
     assert out["reasons"][0]["details"] == {"feature": "shells_spawned", "value": 3.0,
                                             "baseline_max": 0.0, "outside": True}
     with pytest.raises(ValueError, match="container_view"):

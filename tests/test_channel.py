@@ -60,7 +60,7 @@ def make_alert(n: int, *, blob: int = 0, count: int = 1) -> Alert:
         reasons=(AlertReason("exec-added-binary", "ran /tmp/x, which the image does not contain",
                              (("path", "/tmp/x"), ("layers", ("upper",)))),),
         container={"id": CID, "name": "web", "image": "nginx:1.25", "image_id": IMAGE_ID,
-                   "pod": None, "namespace": None},
+                   "pod": None, "namespace": None, "labels": {}},
         process={"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["./x", "-c"], "uid": 0,
                  "comm": "x"},
         events=events if blob else (), baseline_version=7, count=count)

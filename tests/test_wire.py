@@ -153,6 +153,7 @@ def test_alert_fields_on_the_wire():
     c = msg.container
     assert (c.id, c.name, c.image.name, c.image.id, c.pod, c.namespace, c.node) == (
         CID, "web", "nginx:1.25", "sha256:" + "ab" * 32, "web-0", "prod", NODE)
+    assert dict(c.labels) == {"app": "web"}
     p = msg.process
     assert (p.pid, p.ppid, p.exe, list(p.argv), p.uid, p.comm) == (
         4242, 4000, "/tmp/x", ["./x", "-c", "id"], 33, "x")
@@ -177,7 +178,7 @@ def test_window_alert_has_no_process_and_unset_texts_stay_null():
     back = alert_from_proto(msg)
     assert back.reasons[0].details[2] == ("range", (0, 3.5))
     assert back.container == {"id": CID, "name": None, "image": None, "image_id": None,
-                              "pod": None, "namespace": None}
+                              "pod": None, "namespace": None, "labels": {"app": "web"}}
 
 
 def test_alert_without_events_has_no_typed_event():
@@ -245,8 +246,8 @@ def test_undecodable_bytes_become_replacement_chars_in_strings_and_stay_exact_in
 
 
 def test_alert_with_a_container_key_the_wire_cannot_carry_is_refused():
-    alert = dataclasses.replace(anomaly_alert(), container={"id": CID, "labels": {}})
-    with pytest.raises(ValueError, match=r"^alert [0-9a-f]{24}: container has keys \['labels'\] "
+    alert = dataclasses.replace(anomaly_alert(), container={"id": CID, "colour": "red"})
+    with pytest.raises(ValueError, match=r"^alert [0-9a-f]{24}: container has keys \['colour'\] "
                                          r"that driftwarden.v1 cannot carry$"):
         alert_to_proto(alert, NODE)
 
@@ -348,6 +349,12 @@ def _argv(n: int):
     return mutate
 
 
+def _labels(labels: dict[str, str]):
+    def mutate(msg):
+        msg.container.labels.update(labels)
+    return mutate
+
+
 def _first_after_last(msg):
     msg.first_seen.seconds = msg.last_seen.seconds + 1
 
@@ -382,6 +389,13 @@ ALERT_ERRORS = [
     (_clear("container"), "alert.container.id: missing"),
     (_set("container.name", "n" * 5000), "alert.container.name: 5000 characters, at most 4096"),
     (_argv(257), "alert.process.argv: 257 entries, at most 256"),
+    (_labels({f"k{i:02}": "v" for i in range(64)}),  # + the valid alert's "app"
+     "alert.container.labels: 65 entries, at most 64"),
+    (_labels({"": "v"}), "alert.container.labels: an empty key"),
+    (_labels({"tier": "w" * 4097}),
+     "alert.container.labels['tier']: 4097 characters, at most 4096"),
+    (_labels({"k" * 4097: "v"}),
+     f"alert.container.labels[{'k' * 64!r}] key: 4097 characters, at most 4096"),
     (_set("baseline_mode", 0), "alert.baseline_mode: unspecified; set one of MODE_LEARN, "
                                "MODE_MONITOR, MODE_PROTECT"),
     (_set("count", 0), "alert.count: must be at least 1, got 0"),
