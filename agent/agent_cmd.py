@@ -42,6 +42,7 @@ class AgentOptions:
     state_dir: str
     alerts_out: str | None = None  # None: stdout without a collector, no file with one
     window: float = 10.0
+    startup_grace: float = 10.0  # seconds after a container's start the forest ignores
     learn_for: float | None = None
     mode: str = "learn"
     duration: float | None = None
@@ -109,7 +110,8 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     """AgentOptions from the parsed `agent` flags (cli.py's and add_collector_flags')."""
     return AgentOptions(
         state_dir=args.state_dir, alerts_out=args.alerts_out, window=args.window,
-        learn_for=args.learn_for, mode=args.mode, duration=args.duration,
+        startup_grace=getattr(args, "startup_grace", 10.0), learn_for=args.learn_for,
+        mode=args.mode, duration=args.duration,
         docker_host=args.docker_host,
         collector=getattr(args, "collector", None),
         allow_non_loopback=getattr(args, "allow_non_loopback", False),
@@ -321,6 +323,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         raise UsageError("--mode protect is set per image with `driftwarden baseline mode`")
     if options.window <= 0:
         raise UsageError(f"--window must be > 0 seconds, got {options.window}")
+    if not options.startup_grace >= 0:
+        raise UsageError(f"--startup-grace must be >= 0 seconds, got {options.startup_grace}")
     config = channel_config(options)
     metrics_address = parse_metrics_address(options.metrics) if options.metrics else None
     policy = LearningPolicy(learn_for=options.learn_for)
@@ -365,7 +369,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         pipeline = TracePipeline(source, proc=LiveProcReader(), attribution=attribution,
                                  sinks=[])
         detector = Detector(
-            DetectorConfig(window_seconds=options.window, policy=policy, initial_mode=mode),
+            DetectorConfig(window_seconds=options.window, policy=policy, initial_mode=mode,
+                           startup_seconds=options.startup_grace),
             store, aggregator,
             exe_of=pipeline.processes.exe_before_exec,
             layers_of=LayersCache(graph_driver_of=docker_graph_driver(options.docker_host)).get,

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -340,6 +341,9 @@ class ContainerInfo:
     pod: str | None = None
     namespace: str | None = None
     runtime: str = "docker"
+    # when its current run started (epoch seconds; the runtime's clock): the detector's
+    # startup grace (see detect.DetectorConfig.startup_seconds); None when not known
+    started_at: float | None = None
 
     def __post_init__(self) -> None:
         # Accept a mapping for convenience but store an immutable, order-independent form.
@@ -363,7 +367,19 @@ class ContainerInfo:
             "pod": self.pod,
             "namespace": self.namespace,
             "runtime": self.runtime,
+            "started_at": self.started_at,
         }
+
+
+def parse_runtime_time(text: Any) -> float | None:
+    """Docker's RFC 3339 time (``2026-11-23T10:00:00.123456789Z``) -> epoch seconds (to the
+    microsecond); None for its zero time (never started), a missing or an unreadable value."""
+    if not isinstance(text, str) or not text or text.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 _IMAGE_ID_REFERENCE_RE = re.compile(r"(?:sha256:)?(?P<hex>[0-9a-f]{12,64})")
@@ -407,6 +423,7 @@ def container_info_from_docker(
         pod=labels.get(POD_NAME_LABEL),
         namespace=labels.get(POD_NAMESPACE_LABEL),
         runtime="docker",
+        started_at=parse_runtime_time((attrs.get("State") or {}).get("StartedAt")),
     )
 
 
@@ -977,6 +994,11 @@ class Attributor:
                 return
             cached = self._entries.get(container_id)
             if event.action is ContainerEventAction.START:
+                # A restart: the cached metadata is right but for when this run began, which
+                # the event says before the re-inspect below answers.
+                if cached is not None and cached.info is not None and event.time is not None:
+                    self._entries[container_id] = replace(
+                        cached, info=replace(cached.info, started_at=event.time))
                 # Warm the cache before the container's first exec reaches us.
                 self._enqueue_locked(container_id, even_if_in_flight=True)
             elif event.action is ContainerEventAction.RENAME:

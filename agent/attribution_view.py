@@ -34,6 +34,7 @@ def view_of(attribution: Attribution) -> ContainerView:
         namespace=info.namespace if info else None,
         labels=info.labels if info else (),
         metadata_error=attribution.metadata_error,
+        started_at=info.started_at if info else None,
     )
 
 

@@ -141,6 +141,10 @@ def _add_agent(subparsers) -> None:
                    "none unless given, - = stdout)")
     p.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="feature window length (default 10)")
+    p.add_argument("--startup-grace", type=_non_negative_float, default=10.0, metavar="SECONDS",
+                   help="a container's first SECONDS after it (re)started are left out of the "
+                   "anomaly model: neither learned nor scored (novelty and drift still apply; "
+                   "default 10, 0 = none)")
     p.add_argument("--learn-for", type=_positive_float, default=None, metavar="SECONDS",
                    help="end learning after this long even if not yet stable")
     p.add_argument("--mode", choices=("learn", "monitor"), default="learn",

@@ -79,6 +79,12 @@ class DetectorConfig:
     save_interval: float = 30.0
     # windows follow event timestamps instead of the wall clock: for recorded captures
     event_time_windows: bool = False
+    # A container's first seconds after it (re)started are its startup: it creates its dirs,
+    # runs its entrypoint and first requests at once. Windows that begin then are neither
+    # learned by nor scored with the forest (the exact sets and drift still check every
+    # event): a steady-state model would flag every new replica and restart. The start time
+    # is the runtime's (Docker State.StartedAt, updated by its start events).
+    startup_seconds: float = 10.0
 
 
 def _is_shell(item: ExecItem) -> bool:
@@ -132,7 +138,8 @@ class Detector:
         self._drops = drops
         self._last_drops = drops() if drops else 0
         self._clock = clock
-        self.windows = WindowAggregator(config.window_seconds)
+        # the same clock as the runtime's container start times (startup_seconds)
+        self.windows = WindowAggregator(config.window_seconds, clock=clock)
         self.profiles: OrderedDict[str, Profile] = OrderedDict()
         self._models: dict[tuple[str, int], WindowModel | None] = {}
         self._dirty: set[str] = set()
@@ -443,6 +450,9 @@ class Detector:
             profile = self.profiles.get(window.image_id or "")
             if profile is None:
                 continue
+            if self._in_startup(window):
+                self.stats["startup_windows"] += 1
+                continue
             if profile.mode is Mode.LEARN:
                 if profile.learn_window(window.vector, tainted=window.tainted, now=now):
                     self._dirty.add(profile.image_id)
@@ -470,6 +480,11 @@ class Detector:
                 shape = ",".join(sorted(r.feature for r in explained if r.outside)) or "in-range"
                 self._raise(AlertKind.ANOMALY, Severity.MEDIUM, float(score), reasons, None,
                             view, profile, dedup_key=f"anomaly:{shape}")
+
+    def _in_startup(self, window) -> bool:
+        view = self._views.get(window.container_id)
+        started = view.started_at if view is not None else None
+        return started is not None and window.start < started + self.config.startup_seconds
 
     def save(self) -> None:
         for image_id in sorted(self._dirty):

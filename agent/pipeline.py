@@ -46,6 +46,7 @@ class ContainerView:
     namespace: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     metadata_error: str | None = None
+    started_at: float | None = None  # when the container's current run began (epoch s)
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class ContainerView:
             "namespace": self.namespace,
             "labels": dict(self.labels),
             "metadata_error": self.metadata_error,
+            "started_at": self.started_at,
         }
 
     @classmethod

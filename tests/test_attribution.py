@@ -378,6 +378,23 @@ def test_container_info_from_docker() -> None:
     assert info.label("team") == "blue"
 
 
+@pytest.mark.parametrize(
+    ("started_at", "expected"),
+    [
+        ("2026-11-23T10:00:00.123456789Z", 1_795_428_000.123456),  # ns cut to us
+        ("2026-11-23T11:00:00+01:00", 1_795_428_000.0),
+        ("0001-01-01T00:00:00Z", None),  # Docker's zero time: created, never started
+        ("yesterday", None),
+        (None, None),
+    ],
+)
+def test_container_info_from_docker_start_time(started_at: Any, expected: float | None) -> None:
+    answer = docker_inspect_answer()
+    if started_at is not None:
+        answer["State"] = {"StartedAt": started_at}
+    assert container_info_from_docker(answer).started_at == expected
+
+
 def test_container_info_from_docker_created_by_image_id_uses_repo_tag() -> None:
     answer = docker_inspect_answer(config_image="882428fbc2d0")
     assert container_info_from_docker(answer, image_tags=["dw-test-bb:latest"]).image_name == (
@@ -746,6 +763,26 @@ def test_attributor_start_event_prefetches_and_resync_refreshes(
     assert fake.calls == [ID_A, ID_A]
     stats = attributor.stats()
     assert (stats["pending"], stats["stale_hits"], stats["events"]) == (0, 1, 3)
+
+
+def test_attributor_start_event_of_a_restart_updates_the_start_time_at_once(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path, fake: FakeMetadata
+) -> None:
+    attributor = make_attributor(fake)
+    cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    with attributor:
+        attributor.lookup(cgid)
+        assert attributor.wait_idle(5)
+        assert attributor.lookup(cgid).info.started_at is None
+        fake.gate = threading.Event()  # hold the re-inspect to see the event's own effect
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.START, ID_A,
+                                                     time=1_795_399_200.5))
+        result = attributor.lookup(cgid)
+        assert result.info is not None and result.info.started_at == 1_795_399_200.5
+        assert result.info.name == fake.containers[ID_A].name  # the rest is kept
+        fake.gate.set()
+        assert attributor.wait_idle(5)
+    assert fake.calls == [ID_A, ID_A]
 
 
 def test_attributor_cache_is_bounded(

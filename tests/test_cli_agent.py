@@ -24,6 +24,7 @@ def one_line(result) -> str:
     (["--state-dir", "/tmp/x", "--mode", "protect"], "argument --mode: invalid choice"),
     (["--state-dir", "/tmp/x", "--window", "0"], "argument --window: must be > 0"),
     (["--state-dir", "/tmp/x", "--learn-for", "soon"], "expected a number of seconds"),
+    (["--state-dir", "/tmp/x", "--startup-grace", "-1"], "argument --startup-grace: must be >= 0"),
 ])
 def test_bad_flags(args, expected):
     result = agent(*args)

@@ -4,6 +4,7 @@ unattributed events, and drift provenance (who wrote the binary that ran)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,9 +58,10 @@ def _attacks(t0_s: float) -> list[bytes]:
     ]
 
 
-def _capture(path: Path, raws: list[bytes], *, unknown: bool = False) -> Path:
+def _capture(path: Path, raws: list[bytes], *, unknown: bool = False,
+             view: ContainerView = VIEW) -> Path:
     writer = CaptureWriter(path, Limits(), 0)
-    writer.fact(("attr", CG), VIEW.to_dict(), 0)
+    writer.fact(("attr", CG), view.to_dict(), 0)
     if unknown:
         writer.fact(("attr", UNKNOWN_CG), ContainerView(state="unknown",
                                                          cgroup_id=UNKNOWN_CG).to_dict(), 0)
@@ -118,6 +120,32 @@ def test_export_import_gives_identical_verdicts_on_the_same_replay(tmp_path):
     assert codes == [("anomaly", "feature-out-of-range"), ("novel", "new-connect"),
                      ("novel", "new-exec"), ("novel", "new-lineage"), ("novel", "new-write")]
     assert len(alerts_a.alerts) == len(alerts_b.alerts) >= 4
+
+
+def test_startup_windows_are_neither_learned_nor_scored(tmp_path):
+    """A container's first startup_seconds (10 s by default) after the runtime's start time
+    stay out of the forest: not learned from, not scored. Novelty still alerts then."""
+    plain_store, startup_store = (ProfileStore(tmp_path / d, ItemSet) for d in ("p", "s"))
+    plain, _ = _replay(_capture(tmp_path / "p.dwcap", _normal(0, 30)), plain_store)
+    started = dataclasses.replace(VIEW, started_at=0.0)
+    startup, _ = _replay(_capture(tmp_path / "s.dwcap", _normal(0, 30), view=started),
+                         startup_store)
+    assert plain.stats["startup_windows"] == 0
+    assert startup.stats["startup_windows"] == 10  # the windows beginning at 0 s .. 9 s
+    learned = plain.profiles[IMAGE_ID].progress.windows_learned
+    assert startup.profiles[IMAGE_ID].progress.windows_learned == learned - 10
+
+    profile = plain.profiles[IMAGE_ID]
+    profile.set_mode(Mode.MONITOR, reason="test", who="test", now=1e9)
+    plain_store.save(profile)
+    kinds = {}
+    for name, view in (("steady", VIEW), ("restarted", dataclasses.replace(VIEW, started_at=99.5))):
+        _, sink = _replay(_capture(tmp_path / f"{name}.dwcap", _attacks(100), view=view),
+                          plain_store)
+        kinds[name] = sorted({(a.kind.value, a.reasons[0].code) for a in sink.alerts})
+    novel = [("novel", "new-connect"), ("novel", "new-exec"), ("novel", "new-lineage"),
+             ("novel", "new-write")]
+    assert kinds == {"steady": [("anomaly", "feature-out-of-range"), *novel], "restarted": novel}
 
 
 def test_unattributed_events_taint_the_open_windows(tmp_path):

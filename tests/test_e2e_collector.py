@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,6 +29,7 @@ from driftwarden.v1 import (
 from tests.support.agent_proc import AgentProcess
 from tests.support.collector_proc import CollectorProcess
 from tests.support.containers import RunningContainer, run_container
+from tests.support.e2e import Subscription, read_subscription
 
 pytestmark = pytest.mark.integration
 
@@ -56,43 +57,6 @@ class Stack:
                 f"--- agent ---\n{self.agent.log()}")
 
 
-@dataclass
-class Subscription:
-    """One Alerts.Subscribe stream read by a background thread."""
-
-    call: grpc.Future
-    events: list[alerts_pb2.AlertEvent] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    error: BaseException | None = None
-
-    def alerts(self) -> list[common_pb2.Alert]:
-        with self.lock:
-            return [e.alert for e in self.events if e.HasField("alert")]
-
-    def wait_for(self, predicate: Callable[[common_pb2.Alert], bool], what: str,
-                 stack: Stack, timeout: float = 15.0) -> list[common_pb2.Alert]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [a for a in self.alerts() if predicate(a)]
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                pytest.fail(f"no alert for {what} within {timeout} s (got "
-                            f"{[(a.kind, a.container.name) for a in self.alerts()]}, "
-                            f"stream error {self.error!r})\n{stack.logs()}")
-            time.sleep(0.1)
-
-
-def _run_subscription(sub: Subscription) -> None:
-    try:
-        for event in sub.call:
-            with sub.lock:
-                sub.events.append(event)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.CANCELLED:
-            sub.error = exc
-
-
 @pytest.fixture
 def subscribe(stack: Stack) -> Iterator[Callable[[alerts_pb2.AlertFilter], Subscription]]:
     """Opens subscriptions that are registered at the collector when this returns."""
@@ -103,7 +67,7 @@ def subscribe(stack: Stack) -> Iterator[Callable[[alerts_pb2.AlertFilter], Subsc
         call = stub.Subscribe(alerts_pb2.SubscribeRequest(filter=alert_filter))
         call.initial_metadata()  # sent once the collector has registered the subscriber
         sub = Subscription(call)
-        thread = threading.Thread(target=_run_subscription, args=(sub,), daemon=True)
+        thread = threading.Thread(target=read_subscription, args=(sub,), daemon=True)
         thread.start()
         opened.append((sub, thread))
         return sub
