@@ -21,22 +21,12 @@ Items a subscription yields (2-tuples; the dicts are shared between subscribers:
         up in one notice), so a slow subscriber always learns how much it missed.
 
 Filter semantics (:class:`SubscriberFilter`; every argument optional, empty = no constraint)
-    An alert matches when every given allow-list matches (values within a list are
-    alternatives) and no exclude-list matches.
-    - ``kinds``: drift | novel | anomaly (any case).
-    - ``min_severity``: low | medium | high | critical; the alert's severity is at least this.
-    - ``nodes``, ``namespaces``: exact names; an alert with no namespace never matches a
-      namespace list (and is never excluded by one).
-    - ``images``: an image name as the alert shows it (``nginx:1.25``), its repository
-      (``nginx`` matches every tag and digest of it), or an image id (``sha256:<hex>``, the bare
-      hex, or a prefix of at least :data:`MIN_ID_PREFIX` hex digits of it).
-    - ``containers``: a container name, a full container id, or a prefix of at least
-      :data:`MIN_ID_PREFIX` hex digits of it.
-    - ``exclude_images``, ``exclude_namespaces``, ``exclude_containers``: same forms; a match
-      excludes the alert whatever the allow-lists say.
-    - ``actions``: which action events the subscriber gets: "matching" (default: events whose
-      related alert matches the filter, and, for an unfiltered subscriber, events without a
-      related alert too), "all" (every action event), or "none".
+    Exactly those of :class:`driftwarden.collector.store.AlertFilter` (kinds, min_severity,
+    nodes, namespaces, images, containers and the exclude lists), which the store's SQL applies
+    too, so a subscription and an ``Alerts.List`` with the same filter select the same alerts.
+    ``actions`` says which action events the subscriber gets: "matching" (default: events whose
+    related alert matches the filter, and, for an unfiltered subscriber, events without a
+    related alert too), "all" (every action event), or "none".
 
 Subscriptions are context managers; ``close()`` (or leaving the ``with``) unsubscribes, and
 :meth:`FanoutHub.close` closes every subscription and wakes any reader blocked in ``get``.
@@ -47,130 +37,40 @@ from __future__ import annotations
 
 import itertools
 import logging
-import string
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from driftwarden.alerts import AlertKind, Severity
+from driftwarden.alerts import Severity
+from driftwarden.collector.store import (
+    MIN_ID_PREFIX,
+    AlertFilter,
+    ContainerSelector,
+    ImageSelector,
+    image_repository,
+)
 from driftwarden.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-MIN_ID_PREFIX = 4  # hex digits an id prefix needs, so a short name is not also a broad prefix
 DEFAULT_MAX_QUEUE = 1000
 ACTION_SCOPES = ("matching", "all", "none")
-
-_HEX = frozenset(string.hexdigits.lower())
-_SEVERITY_RANK = {s.text: int(s) for s in Severity}
-_KINDS = tuple(k.value for k in AlertKind)
 
 
 class FilterError(UsageError, ValueError):
     """A subscribe filter argument is invalid; the message says which one and what is allowed."""
 
 
-def image_repository(image: str) -> str:
-    """``registry:5000/team/app:1.2@sha256:...`` -> ``registry:5000/team/app``."""
-    name = image.split("@", 1)[0]
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    return name[:colon] if colon > slash else name
-
-
-def _hex_id(value: str) -> str | None:
-    """The lower-case hex of an id or id prefix (``sha256:`` optional), or None if not hex."""
-    text = value.lower().removeprefix("sha256:")
-    return text if text and _HEX.issuperset(text) else None
-
-
-class _PrefixSet:
-    """Hex id prefixes grouped by length: a lookup is one set probe per distinct length."""
-
-    __slots__ = ("_by_length",)
-
-    def __init__(self, prefixes: Iterable[str]) -> None:
-        by_length: dict[int, set[str]] = {}
-        for prefix in prefixes:
-            by_length.setdefault(len(prefix), set()).add(prefix)
-        self._by_length = {n: frozenset(s) for n, s in by_length.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self._by_length)
-
-    def matches(self, hex_id: str) -> bool:
-        return any(hex_id[:n] in s for n, s in self._by_length.items() if len(hex_id) >= n)
-
-
-class _Selector:
-    """Terms as exact names plus hex id prefixes (>= MIN_ID_PREFIX chars). Empty = nothing."""
-
-    __slots__ = ("_ids", "_names")
-
-    def __init__(self, values: Iterable[str]) -> None:
-        values = [v.strip() for v in values]
-        self._names = frozenset(values)
-        self._ids = _PrefixSet(h for v in values
-                               if (h := _hex_id(v)) is not None and len(h) >= MIN_ID_PREFIX)
-
-    def __bool__(self) -> bool:
-        return bool(self._names)
-
-
-class ImageSelector(_Selector):
-    """Images by name, repository or id (prefix); see the module docstring. Empty = nothing."""
-
-    __slots__ = ()
-
-    def matches(self, image: str | None, image_id: str | None) -> bool:
-        if image and (image in self._names or image_repository(image) in self._names):
-            return True
-        if image_id and self._ids:
-            hex_id = _hex_id(image_id)
-            return hex_id is not None and self._ids.matches(hex_id)
-        return False
-
-
-class ContainerSelector(_Selector):
-    """Containers by name, full id or id prefix; see the module docstring. Empty = nothing."""
-
-    __slots__ = ()
-
-    def matches(self, container_id: str | None, name: str | None) -> bool:
-        if name and name in self._names:
-            return True
-        if container_id and self._ids:
-            hex_id = _hex_id(container_id)
-            return hex_id is not None and self._ids.matches(hex_id)
-        return False
-
-
-def _values(field: str, values: Iterable[str] | str | None) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str):  # a lone string would otherwise be split into characters
-        values = [values]
-    out = []
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise FilterError(f"{field}[{i}]: must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise FilterError(f"{field}[{i}]: empty value; leave the list empty to match any")
-        out.append(value.strip())
-    return out
-
-
 class SubscriberFilter:
-    """Which alerts (and action events) a subscriber wants; compiled once, matched cheaply.
+    """Which alerts (and action events) a subscriber wants: an :class:`AlertFilter` (the one
+    definition of the matching rules) plus the ``actions`` scope.
 
     Arguments are plain values as a request carries them (empty list / None / "" = any);
     bad values raise :class:`FilterError`. Semantics in the module docstring.
     """
 
-    __slots__ = ("_containers", "_exclude_containers", "_exclude_images", "_exclude_namespaces",
-                 "_images", "_kinds", "_min_rank", "_namespaces", "_nodes", "actions",
-                 "unfiltered")
+    __slots__ = ("actions", "alert_filter", "unfiltered")
 
     def __init__(
         self,
@@ -186,64 +86,24 @@ class SubscriberFilter:
         exclude_containers: Iterable[str] | None = None,
         actions: str = "matching",
     ) -> None:
-        kind_values = [k.lower() for k in _values("kinds", kinds)]
-        for i, kind in enumerate(kind_values):
-            if kind not in _KINDS:
-                raise FilterError(f"kinds[{i}]: unknown kind {kind!r}; allowed: "
-                                  + ", ".join(_KINDS))
-        self._kinds = frozenset(kind_values)
-        if isinstance(min_severity, Severity):
-            self._min_rank = int(min_severity)
-        elif min_severity is None or not str(min_severity).strip():
-            self._min_rank = 0
-        else:
-            rank = _SEVERITY_RANK.get(str(min_severity).strip().lower())
-            if rank is None:
-                raise FilterError(f"min_severity: unknown severity {min_severity!r}; allowed: "
-                                  + ", ".join(_SEVERITY_RANK))
-            self._min_rank = rank
-        self._nodes = frozenset(_values("nodes", nodes))
-        self._namespaces = frozenset(_values("namespaces", namespaces))
-        self._exclude_namespaces = frozenset(_values("exclude_namespaces", exclude_namespaces))
-        self._images = ImageSelector(_values("images", images))
-        self._exclude_images = ImageSelector(_values("exclude_images", exclude_images))
-        self._containers = ContainerSelector(_values("containers", containers))
-        self._exclude_containers = ContainerSelector(
-            _values("exclude_containers", exclude_containers))
+        if isinstance(min_severity, str) and not min_severity.strip():
+            min_severity = None
+        try:
+            self.alert_filter = AlertFilter(
+                kinds=kinds, min_severity=min_severity, nodes=nodes, namespaces=namespaces,
+                images=images, containers=containers, exclude_images=exclude_images,
+                exclude_namespaces=exclude_namespaces, exclude_containers=exclude_containers)
+        except ValueError as exc:
+            raise FilterError(str(exc)) from None
         if actions not in ACTION_SCOPES:
             raise FilterError(f"actions: unknown value {actions!r}; allowed: "
                               + ", ".join(ACTION_SCOPES))
         self.actions = actions
-        self.unfiltered = not (
-            self._kinds or self._min_rank or self._nodes or self._namespaces
-            or self._exclude_namespaces or self._images or self._exclude_images
-            or self._containers or self._exclude_containers)
+        self.unfiltered = self.alert_filter.empty
 
     def matches(self, alert: Mapping[str, Any]) -> bool:
         """Whether `alert` (an ``Alert.to_dict()`` dict with ``"node"``) passes the filter."""
-        if self.unfiltered:
-            return True
-        if self._kinds and alert.get("kind") not in self._kinds:
-            return False
-        if self._min_rank and _SEVERITY_RANK.get(alert.get("severity"), 0) < self._min_rank:
-            return False
-        if self._nodes and alert.get("node") not in self._nodes:
-            return False
-        container = alert.get("container") or {}
-        namespace = container.get("namespace")
-        if self._namespaces and namespace not in self._namespaces:
-            return False
-        if namespace is not None and namespace in self._exclude_namespaces:
-            return False
-        image, image_id = container.get("image"), container.get("image_id")
-        if self._images and not self._images.matches(image, image_id):
-            return False
-        if self._exclude_images and self._exclude_images.matches(image, image_id):
-            return False
-        cid, name = container.get("id"), container.get("name")
-        if self._containers and not self._containers.matches(cid, name):
-            return False
-        return not (self._exclude_containers and self._exclude_containers.matches(cid, name))
+        return self.unfiltered or self.alert_filter.matches(alert)
 
     def wants_event(self, match_alert: Mapping[str, Any] | None) -> bool:
         """Whether an action event (about `match_alert`, or about none) goes to this subscriber."""

@@ -33,6 +33,21 @@ Listing (``list_alerts``)
     older ``time``) and not when they sort before it (newer ones: start a new walk to see them).
     ``time`` bounds: ``since <= time < until``.
 
+Filters (``AlertFilter``, ``ActionFilter``, ``ImageSelector``, ``ContainerSelector``)
+    The single definition of what a filter matches, for the store's SQL and, through
+    ``fanout.SubscriberFilter``, for the subscriber streams: each condition is written in Python
+    and in SQL side by side, and one table of test cases checks that both agree.
+
+Actions
+    One row per action, with the operator's or policy's ``with_pause``. ``page_actions`` pages
+    newest first by ``(created_at, action_id)`` with the same kind of keyset token as alerts.
+    ``fail_pending_actions`` (the collector calls it at start) fails the actions a stopped
+    collector left pending, marked ``interrupted``: the agent's late result replaces that guess.
+
+Transactions
+    ``transaction()`` groups several writes into one (all or none); a write inside it is a
+    savepoint, so the block may catch one write's error and go on.
+
 Retention (``prune``)
     Deletes alerts whose ``last_seen`` is older than the cutoff (an alert that still repeats is
     kept), audit entries whose ``time`` is older, and known containers not seen since the cutoff.
@@ -59,11 +74,12 @@ import logging
 import math
 import os
 import sqlite3
+import string
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from driftwarden.alerts import AlertKind, Severity
@@ -162,6 +178,8 @@ class ActionRecord:
     status: ActionStatus
     message: str
     finished_at: float | None
+    with_pause: bool = False  # quarantine: also pause the container
+    interrupted: bool = False  # failed by a collector restart: the agent's result may follow
 
     @property
     def finished(self) -> bool:
@@ -213,14 +231,103 @@ class PruneResult:
     containers: int
 
 
-# -- filter --------------------------------------------------------------------------------------
+# -- filters -------------------------------------------------------------------------------------
+#
+# The one definition of what a filter term matches: each condition is written twice, in Python
+# (``matches``: the subscriber streams, through fanout.SubscriberFilter) and in SQL (``sql``: the
+# store's listings), next to each other. tests/test_collector_store.py runs one table of cases
+# through the SQL, AlertFilter.matches and SubscriberFilter.matches and requires the same answer.
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # SQLite's lower()
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_DIGEST = "sha256:"
+_KIND_VALUES = tuple(k.value for k in AlertKind)
+_SEVERITY_NAMES = {s.text: s for s in Severity}
 
 
 def image_repository(image: str) -> str:
-    """``registry:5000/nginx:1.25`` -> ``registry:5000/nginx``; a digest is dropped too."""
+    """``registry:5000/team/app:1.2@sha256:...`` -> ``registry:5000/team/app``."""
     name = image.split("@", 1)[0]
     colon = name.rfind(":")
     return name[:colon] if colon > name.rfind("/") else name
+
+
+def _id_prefix(term: str) -> str | None:
+    """The id prefix a term can be: its hex digits in lower case without ``sha256:``; None
+    when it is not hex or shorter than MIN_ID_PREFIX (then it is only a name)."""
+    digits = term.translate(_ASCII_LOWER).removeprefix(_DIGEST)
+    return digits if len(digits) >= MIN_ID_PREFIX and _HEX_DIGITS.issuperset(digits) else None
+
+
+class _Selector:
+    """Terms that name things exactly, plus the hex id prefixes among them. Empty = nothing."""
+
+    __slots__ = ("names", "prefixes")
+
+    def __init__(self, terms: Iterable[str]) -> None:
+        self.names = tuple(dict.fromkeys(t.strip() for t in terms))
+        self.prefixes = tuple(dict.fromkeys(
+            p for t in self.names if (p := _id_prefix(t)) is not None))
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def _id_matches(self, value: str | None) -> bool:
+        """The id is a term, or starts with an id prefix (case and ``sha256:`` aside)."""
+        if not value:
+            return False
+        if value in self.names:
+            return True
+        low = value.translate(_ASCII_LOWER)
+        return any(low.startswith(p) or low.startswith(_DIGEST + p) for p in self.prefixes)
+
+    def _id_sql(self, column: str) -> tuple[list[str], list[Any]]:
+        parts = [f"{column} IN ({_marks(self.names)})"]
+        params: list[Any] = list(self.names)
+        for p in self.prefixes:
+            parts.append(f"substr(lower({column}), 1, ?) = ? "
+                         f"OR substr(lower({column}), 1, ?) = ?")
+            params.extend([len(p), p, len(_DIGEST) + len(p), _DIGEST + p])
+        return parts, params
+
+
+class ImageSelector(_Selector):
+    """Images by the name an alert shows (``nginx:1.25``), its repository (``nginx``: every tag
+    and digest of it), or the image id (``sha256:<hex>``, the bare hex, or a prefix of at least
+    MIN_ID_PREFIX hex digits). Empty = nothing."""
+
+    __slots__ = ()
+
+    def matches(self, image: str | None, image_id: str | None) -> bool:
+        if image and (image in self.names or image_repository(image) in self.names):
+            return True
+        return self._id_matches(image_id)
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """The same over the alerts table's image, image_repo and image_id columns."""
+        marks = _marks(self.names)
+        parts, params = self._id_sql("image_id")
+        return (" OR ".join([f"image IN ({marks})", f"image_repo IN ({marks})", *parts]),
+                [*self.names, *self.names, *params])
+
+
+class ContainerSelector(_Selector):
+    """Containers by name, full id, or an id prefix of at least MIN_ID_PREFIX hex digits.
+    Empty = nothing."""
+
+    __slots__ = ()
+
+    def matches(self, container_id: str | None, name: str | None) -> bool:
+        if name and name in self.names:
+            return True
+        return self._id_matches(container_id)
+
+    def sql(self, id_column: str = "container_id",
+            name_column: str = "container_name") -> tuple[str, list[Any]]:
+        """The same over a table's container id and name columns."""
+        parts, params = self._id_sql(id_column)
+        return (" OR ".join([f"{name_column} IN ({_marks(self.names)})", *parts]),
+                [*self.names, *params])
 
 
 def _terms(field: str, value: Any) -> tuple[str, ...]:
@@ -228,52 +335,79 @@ def _terms(field: str, value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):  # one term given bare, not a tuple of its characters
         value = (value,)
-    out = tuple(value)
-    for term in out:
-        if not isinstance(term, str) or not term:
-            raise ValueError(f"AlertFilter.{field}: terms must be non-empty strings, got {term!r}")
-    return out
+    out = []
+    for i, term in enumerate(value):
+        if not isinstance(term, str):
+            raise ValueError(f"{field}[{i}]: must be a string, got {type(term).__name__}")
+        if not term.strip():
+            raise ValueError(f"{field}[{i}]: empty value; leave the list empty to match any")
+        out.append(term.strip())
+    return tuple(out)
 
 
 def _kinds(field: str, value: Any) -> tuple[str, ...]:
     out = []
-    for term in _terms(field, value):
-        try:
-            out.append(AlertKind(term).value)
-        except ValueError:
-            names = ", ".join(k.value for k in AlertKind)
-            raise ValueError(
-                f"AlertFilter.{field}: unknown kind {term!r} (one of {names})") from None
+    for i, term in enumerate(_terms(field, value)):
+        kind = term.lower()
+        if kind not in _KIND_VALUES:
+            raise ValueError(f"{field}[{i}]: unknown kind {kind!r}; allowed: "
+                             + ", ".join(_KIND_VALUES))
+        out.append(kind)
     return tuple(out)
+
+
+def _severity(value: Any) -> Severity | None:
+    if value is None or isinstance(value, Severity):
+        return value
+    if isinstance(value, str):
+        severity = _SEVERITY_NAMES.get(value.strip().lower())
+        if severity is None:
+            raise ValueError(f"min_severity: unknown severity {value!r}; allowed: "
+                             + ", ".join(_SEVERITY_NAMES))
+        return severity
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return Severity(value)
+        except ValueError:
+            raise ValueError(f"min_severity: {value!r} is not 1..4 (low..critical)") from None
+    raise ValueError(f"min_severity: {value!r} is not a severity")
 
 
 def _time_bound(field: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"AlertFilter.{field} must be seconds since the epoch, got {value!r}")
+        raise ValueError(f"{field} must be seconds since the epoch, got {value!r}")
     return float(value)
 
 
-def _image_ids(terms: tuple[str, ...]) -> list[str]:
-    # an image id matches with or without its "sha256:" prefix
-    return [*terms, *(f"sha256:{t}" for t in terms if not t.startswith("sha256:"))]
+def _time_range(since: Any, until: Any) -> tuple[float | None, float | None]:
+    since, until = _time_bound("since", since), _time_bound("until", until)
+    if since is not None and until is not None and since > until:
+        raise ValueError(f"since ({since}) is after until ({until})")
+    return since, until
+
+
+def _fingerprint(kind: str, filter: Any) -> str:
+    """Short hash of a filter: a page token is only valid with the listing it came from."""
+    data = {f.name: getattr(filter, f.name) for f in dataclasses.fields(filter) if f.init}
+    text = json.dumps([kind, data], sort_keys=True, default=int)  # default: Severity
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class AlertFilter:
     """Which alerts to list or stream. Empty means "any"; all given conditions must hold.
 
-    - ``kinds`` / ``exclude_kinds``: alert kind ("drift", "novel", "anomaly").
+    - ``kinds`` / ``exclude_kinds``: alert kind ("drift", "novel", "anomaly"; any case).
     - ``min_severity``: severity at least this ("low" < "medium" < "high" < "critical").
     - ``nodes``, ``namespaces``: exact.
-    - ``images``: the image as reported (``nginx:1.25``), its repository (``nginx``), or the image
-      id (with or without ``sha256:``).
-    - ``containers``: the container id, its name, or an id prefix of >= ``MIN_ID_PREFIX`` chars.
-    - ``exclude_*``: the same matches, negated. An unknown (null) field matches no term: an
-      include list rejects the alert, an exclude list keeps it.
+    - ``images``: see :class:`ImageSelector`; ``containers``: see :class:`ContainerSelector`.
+    - ``exclude_*``: the same matches, negated. An unknown (null or empty) field matches no
+      term: an include list rejects the alert, an exclude list keeps it.
     - ``since`` <= time < ``until`` (seconds since the epoch).
-    ``matches()`` (for streams) and the store's SQL apply exactly the same rules.
+    Terms are stripped of surrounding white space; a lone string is one term.
+    ``matches()`` (for streams) and ``sql()`` (for the store) apply exactly the same rules.
     """
 
     kinds: tuple[str, ...] = ()
@@ -289,32 +423,37 @@ class AlertFilter:
     exclude_containers: tuple[str, ...] = ()
     since: float | None = None
     until: float | None = None
+    _images: ImageSelector = field(init=False, repr=False, compare=False)
+    _exclude_images: ImageSelector = field(init=False, repr=False, compare=False)
+    _containers: ContainerSelector = field(init=False, repr=False, compare=False)
+    _exclude_containers: ContainerSelector = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for field in ("nodes", "namespaces", "images", "containers", "exclude_nodes",
-                      "exclude_namespaces", "exclude_images", "exclude_containers"):
-            object.__setattr__(self, field, _terms(field, getattr(self, field)))
-        for field in ("kinds", "exclude_kinds"):
-            object.__setattr__(self, field, _kinds(field, getattr(self, field)))
-        severity = self.min_severity
-        if severity is not None:
-            if isinstance(severity, str):
-                severity = Severity.parse(severity)
-            elif isinstance(severity, int) and not isinstance(severity, bool):
-                try:
-                    severity = Severity(severity)
-                except ValueError:
-                    raise ValueError(f"AlertFilter.min_severity: {severity!r} is not 1..4 "
-                                     "(low..critical)") from None
-            else:
-                raise ValueError(f"AlertFilter.min_severity: {severity!r} is not a severity")
-            object.__setattr__(self, "min_severity", severity)
-        since = _time_bound("since", self.since)
-        until = _time_bound("until", self.until)
-        if since is not None and until is not None and since > until:
-            raise ValueError(f"AlertFilter: since ({since}) is after until ({until})")
-        object.__setattr__(self, "since", since)
-        object.__setattr__(self, "until", until)
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("nodes", "namespaces", "images", "containers", "exclude_nodes",
+                     "exclude_namespaces", "exclude_images", "exclude_containers"):
+            put(name, _terms(name, getattr(self, name)))
+        for name in ("kinds", "exclude_kinds"):
+            put(name, _kinds(name, getattr(self, name)))
+        put("min_severity", _severity(self.min_severity))
+        since, until = _time_range(self.since, self.until)
+        put("since", since)
+        put("until", until)
+        put("_images", ImageSelector(self.images))
+        put("_exclude_images", ImageSelector(self.exclude_images))
+        put("_containers", ContainerSelector(self.containers))
+        put("_exclude_containers", ContainerSelector(self.exclude_containers))
+
+    @property
+    def empty(self) -> bool:
+        """No condition at all: every alert matches."""
+        return not (self.kinds or self.nodes or self.namespaces or self.images
+                    or self.containers or self.exclude_kinds or self.exclude_nodes
+                    or self.exclude_namespaces or self.exclude_images
+                    or self.exclude_containers) and (self.min_severity, self.since,
+                                                     self.until) == (None, None, None)
 
     # - in Python, for streams ---------------------------------------------------------------
 
@@ -326,7 +465,7 @@ class AlertFilter:
         if kind in self.exclude_kinds:
             return False
         if self.min_severity is not None:
-            try:
+            try:  # as the store parses it on insert
                 severity = Severity.parse(str(alert.get("severity")))
             except ValueError:
                 return False
@@ -341,113 +480,127 @@ class AlertFilter:
         namespace = container.get("namespace")
         if self.namespaces and namespace not in self.namespaces:
             return False
-        if namespace is not None and namespace in self.exclude_namespaces:
+        if namespace in self.exclude_namespaces:
             return False
-        if self.images and not _image_matches(self.images, container):
+        image, image_id = container.get("image"), container.get("image_id")
+        if self.images and not self._images.matches(image, image_id):
             return False
-        if self.exclude_images and _image_matches(self.exclude_images, container):
+        if self.exclude_images and self._exclude_images.matches(image, image_id):
             return False
-        if self.containers and not _container_matches(self.containers, container):
+        cid, name = container.get("id"), container.get("name")
+        if self.containers and not self._containers.matches(cid, name):
             return False
-        if self.exclude_containers and _container_matches(self.exclude_containers, container):
+        if self.exclude_containers and self._exclude_containers.matches(cid, name):
             return False
         when = alert.get("time")
-        if self.since is not None and not (isinstance(when, int | float) and when >= self.since):
+        if self.since is not None and not (_number(when) and when >= self.since):
             return False
-        return not (self.until is not None
-                    and not (isinstance(when, int | float) and when < self.until))
+        return self.until is None or (_number(when) and when < self.until)
 
     # - in SQL, for the store ----------------------------------------------------------------
 
     def sql(self) -> tuple[str, list[Any]]:
         """A WHERE expression over the alerts table and its parameters (``"1"`` for none)."""
-        clauses: list[str] = []
-        params: list[Any] = []
-
-        def include(expr: str, values: Sequence[Any]) -> None:
-            clauses.append(expr)
-            params.extend(values)
-
-        def exclude(expr: str, values: Sequence[Any]) -> None:
-            # NOT(NULL) is NULL, which would drop alerts whose field is unknown
-            clauses.append(f"NOT coalesce(({expr}), 0)")
-            params.extend(values)
-
+        where = _Where()
         if self.kinds:
-            include(f"kind IN ({_marks(self.kinds)})", self.kinds)
+            where.include(f"kind IN ({_marks(self.kinds)})", self.kinds)
         if self.exclude_kinds:
-            exclude(f"kind IN ({_marks(self.exclude_kinds)})", self.exclude_kinds)
+            where.exclude(f"kind IN ({_marks(self.exclude_kinds)})", self.exclude_kinds)
         if self.min_severity is not None:
-            include("severity >= ?", [int(self.min_severity)])
+            where.include("severity >= ?", [int(self.min_severity)])
         if self.nodes:
-            include(f"node IN ({_marks(self.nodes)})", self.nodes)
+            where.include(f"node IN ({_marks(self.nodes)})", self.nodes)
         if self.exclude_nodes:
-            exclude(f"node IN ({_marks(self.exclude_nodes)})", self.exclude_nodes)
+            where.exclude(f"node IN ({_marks(self.exclude_nodes)})", self.exclude_nodes)
         if self.namespaces:
-            include(f"namespace IN ({_marks(self.namespaces)})", self.namespaces)
+            where.include(f"namespace IN ({_marks(self.namespaces)})", self.namespaces)
         if self.exclude_namespaces:
-            exclude(f"namespace IN ({_marks(self.exclude_namespaces)})", self.exclude_namespaces)
+            where.exclude(f"namespace IN ({_marks(self.exclude_namespaces)})",
+                          self.exclude_namespaces)
         if self.images:
-            include(*_image_sql(self.images))
+            where.include(*self._images.sql())
         if self.exclude_images:
-            exclude(*_image_sql(self.exclude_images))
+            where.exclude(*self._exclude_images.sql())
         if self.containers:
-            include(*_container_sql(self.containers))
+            where.include(*self._containers.sql())
         if self.exclude_containers:
-            exclude(*_container_sql(self.exclude_containers))
-        if self.since is not None:
-            include("time >= ?", [self.since])
-        if self.until is not None:
-            include("time < ?", [self.until])
-        return (" AND ".join(clauses) or "1"), params
+            where.exclude(*self._exclude_containers.sql())
+        where.time_range("time", self.since, self.until)
+        return where.done()
 
     def fingerprint(self) -> str:
         """Short hash of the filter: a page token is only valid with the filter it came from."""
-        data = dataclasses.asdict(self)
-        data["min_severity"] = None if self.min_severity is None else int(self.min_severity)
-        text = json.dumps(data, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _fingerprint("alerts", self)
+
+
+@dataclass(frozen=True)
+class ActionFilter:
+    """Which actions to list. Empty means "any"; all given conditions must hold.
+
+    - ``nodes``: exact; ``types``: action types ("pause", "quarantine", ...), exact.
+    - ``containers``: see :class:`ContainerSelector` (over the action's container id and name).
+    - ``since`` <= requested time < ``until`` (seconds since the epoch).
+    """
+
+    nodes: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+    _containers: ContainerSelector = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "containers", "types"):
+            object.__setattr__(self, name, _terms(name, getattr(self, name)))
+        since, until = _time_range(self.since, self.until)
+        object.__setattr__(self, "since", since)
+        object.__setattr__(self, "until", until)
+        object.__setattr__(self, "_containers", ContainerSelector(self.containers))
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A WHERE expression over the actions table and its parameters (``"1"`` for none)."""
+        where = _Where()
+        if self.nodes:
+            where.include(f"node IN ({_marks(self.nodes)})", self.nodes)
+        if self.containers:
+            where.include(*self._containers.sql())
+        if self.types:
+            where.include(f"type IN ({_marks(self.types)})", self.types)
+        where.time_range("created_at", self.since, self.until)
+        return where.done()
+
+    def fingerprint(self) -> str:
+        return _fingerprint("actions", self)
+
+
+class _Where:
+    """AND-ed SQL conditions and their parameters."""
+
+    def __init__(self) -> None:
+        self.clauses: list[str] = []
+        self.params: list[Any] = []
+
+    def include(self, expr: str, values: Sequence[Any]) -> None:
+        self.clauses.append(f"({expr})")
+        self.params.extend(values)
+
+    def exclude(self, expr: str, values: Sequence[Any]) -> None:
+        # NOT(NULL) is NULL, which would drop rows whose field is unknown
+        self.clauses.append(f"NOT coalesce(({expr}), 0)")
+        self.params.extend(values)
+
+    def time_range(self, column: str, since: float | None, until: float | None) -> None:
+        if since is not None:
+            self.include(f"{column} >= ?", [since])
+        if until is not None:
+            self.include(f"{column} < ?", [until])
+
+    def done(self) -> tuple[str, list[Any]]:
+        return (" AND ".join(self.clauses) or "1"), self.params
 
 
 def _marks(values: Sequence[Any]) -> str:
     return ", ".join("?" * len(values))
-
-
-def _image_matches(terms: tuple[str, ...], container: Mapping[str, Any]) -> bool:
-    image = container.get("image")
-    image_id = container.get("image_id")
-    if image is not None and (image in terms or image_repository(image) in terms):
-        return True
-    return image_id is not None and image_id in _image_ids(terms)
-
-
-def _image_sql(terms: tuple[str, ...]) -> tuple[str, list[Any]]:
-    ids = _image_ids(terms)
-    expr = (f"image IN ({_marks(terms)}) OR image_repo IN ({_marks(terms)}) "
-            f"OR image_id IN ({_marks(ids)})")
-    return expr, [*terms, *terms, *ids]
-
-
-def _container_matches(terms: tuple[str, ...], container: Mapping[str, Any]) -> bool:
-    cid = container.get("id")
-    name = container.get("name")
-    for term in terms:
-        if name is not None and term == name:
-            return True
-        if cid is not None and (term == cid or (len(term) >= MIN_ID_PREFIX
-                                                and cid.startswith(term))):
-            return True
-    return False
-
-
-def _container_sql(terms: tuple[str, ...]) -> tuple[str, list[Any]]:
-    parts = [f"container_id IN ({_marks(terms)})", f"container_name IN ({_marks(terms)})"]
-    params: list[Any] = [*terms, *terms]
-    for term in terms:
-        if len(term) >= MIN_ID_PREFIX:
-            parts.append("substr(container_id, 1, ?) = ?")
-            params.extend([len(term), term])
-    return " OR ".join(parts), params
 
 
 # -- page tokens ---------------------------------------------------------------------------------
@@ -460,7 +613,7 @@ def _encode_token(when: float, alert_id: str, fingerprint: str) -> str:
 
 def _decode_token(token: str, fingerprint: str) -> tuple[float, str]:
     bad = ("invalid page token: pass back exactly the next_page_token of the previous page, "
-           "or no token to start from the newest alert")
+           "or no token to start from the newest entry")
     if not isinstance(token, str):
         raise ValueError(bad)
     version, _, body = token.partition(".")
@@ -697,22 +850,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX containers_name ON containers (name)",
         "CREATE INDEX containers_last_seen ON containers (last_seen)",
     ),
+    (  # 2: actions keep with_pause and whether a restart failed them; keyset paging index
+        "ALTER TABLE actions ADD COLUMN with_pause INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE actions ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX actions_created",
+        "CREATE INDEX actions_created_id ON actions (created_at, action_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ACTION_COLUMNS = ("action_id, created_at, container_id, container_name, node, type, reason, "
-                   "requested_by, alert_id, status, message, finished_at")
+                   "requested_by, alert_id, status, message, finished_at, with_pause, "
+                   "interrupted")
 _AGENT_COLUMNS = ("node, agent_version, mode, connected, connected_at, disconnected_at, "
                   "last_seen, counters, containers_watched, spool_depth, peer")
 
 
 def _action(row: sqlite3.Row | tuple[Any, ...]) -> ActionRecord:
     (action_id, created_at, container_id, container_name, node, kind, reason, requested_by,
-     alert_id, status, message, finished_at) = row
+     alert_id, status, message, finished_at, with_pause, interrupted) = row
     return ActionRecord(action_id=action_id, created_at=created_at, container_id=container_id,
                         container_name=container_name, node=node, type=kind, reason=reason,
                         requested_by=requested_by, alert_id=alert_id,
-                        status=ActionStatus(status), message=message, finished_at=finished_at)
+                        status=ActionStatus(status), message=message, finished_at=finished_at,
+                        with_pause=bool(with_pause), interrupted=bool(interrupted))
+
+
+def _action_values(record: ActionRecord) -> tuple[Any, ...]:
+    """`record` as the row _ACTION_COLUMNS lists."""
+    return (record.action_id, record.created_at, record.container_id, record.container_name,
+            record.node, record.type, record.reason, record.requested_by, record.alert_id,
+            record.status.value, record.message, record.finished_at, int(record.with_pause),
+            int(record.interrupted))
 
 
 def _agent(row: tuple[Any, ...]) -> AgentRecord:
@@ -739,6 +908,7 @@ class AlertStore:
         self.path = os.fspath(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._depth = 0  # open transactions of the thread holding _lock (transaction())
         self._conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
@@ -825,21 +995,43 @@ class AlertStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; inside another (transaction()), a savepoint of it."""
         with self._lock:
             conn = self._connection()
+            depth = self._depth
+            if depth == 0:
+                begin, commit, undo = "BEGIN IMMEDIATE", ("COMMIT",), ("ROLLBACK",)
+            else:  # ROLLBACK TO leaves the savepoint open: release it too
+                begin = f"SAVEPOINT s{depth}"
+                commit, undo = (f"RELEASE s{depth}",), (f"ROLLBACK TO s{depth}",
+                                                        f"RELEASE s{depth}")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(begin)
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from exc
+            self._depth += 1
             try:
                 yield conn
-                conn.execute("COMMIT")
+                for statement in commit:
+                    conn.execute(statement)
             except BaseException as exc:
                 if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-                    conn.execute("ROLLBACK")
+                    for statement in undo:
+                        conn.execute(statement)
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"store {self.path}: {exc}") from exc
                 raise
+            finally:
+                self._depth -= 1
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the writes of the block one transaction: all are stored, or (when the block
+        raises) none. Writes inside may nest their own (a failed one undoes only itself when
+        the block catches its error). Other threads wait for the store until the block ends:
+        keep it short, and call nothing that waits for another thread."""
+        with self._write():
+            yield
 
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else float(now)
@@ -917,6 +1109,17 @@ class AlertStore:
             row = conn.execute("SELECT json FROM alerts WHERE id = ?", (alert_id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def get_alerts(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored alerts among `alert_ids`, by id, in one query."""
+        ids = list(dict.fromkeys(alert_ids))
+        out: dict[str, dict[str, Any]] = {}
+        with self._read() as conn:
+            for start in range(0, len(ids), 500):  # SQLite's bound on parameters
+                chunk = ids[start:start + 500]
+                out.update((r[0], json.loads(r[1])) for r in conn.execute(
+                    f"SELECT id, json FROM alerts WHERE id IN ({_marks(chunk)})", chunk))
+        return out
+
     def list_alerts(self, alert_filter: AlertFilter | None = None, page_size: int = 100,
                     page_token: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """One page of alerts, newest first, and the token of the next page (None: no more).
@@ -925,21 +1128,9 @@ class AlertStore:
         filter it was issued for; anything else raises ValueError.
         """
         alert_filter = alert_filter or AlertFilter()
-        page_size = _limit(page_size, "page_size")
-        where, params = alert_filter.sql()
-        if page_token:
-            when, alert_id = _decode_token(page_token, alert_filter.fingerprint())
-            where = f"({where}) AND (time, id) < (?, ?)"
-            params = [*params, when, alert_id]
-        with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT time, id, json FROM alerts WHERE {where} "
-                "ORDER BY time DESC, id DESC LIMIT ?", (*params, page_size + 1)).fetchall()
-        page = rows[:page_size]
-        token = None
-        if len(rows) > page_size:
-            token = _encode_token(page[-1][0], page[-1][1], alert_filter.fingerprint())
-        return [json.loads(r[2]) for r in page], token
+        rows, token = self._page("alerts", ("time", "id"), "json", alert_filter.sql(),
+                                 alert_filter.fingerprint(), page_size, page_token)
+        return [json.loads(r[2]) for r in rows], token
 
     def count_alerts(self, alert_filter: AlertFilter | None = None) -> int:
         where, params = (alert_filter or AlertFilter()).sql()
@@ -947,18 +1138,43 @@ class AlertStore:
             return conn.execute(f"SELECT count(*) FROM alerts WHERE {where}", params
                                 ).fetchone()[0]
 
+    def _page(self, table: str, key: tuple[str, str], columns: str,
+              where: tuple[str, list[Any]], fingerprint: str, page_size: int,
+              page_token: str | None) -> tuple[list[tuple[Any, ...]], str | None]:
+        """Keyset paging, newest first by `key` (a time column, then a unique id): rows of
+        (time, id, *columns) and the next page's token (None on the last page)."""
+        page_size = _limit(page_size, "page_size")
+        clause, params = where
+        if page_token:
+            when, last_id = _decode_token(page_token, fingerprint)
+            clause = f"({clause}) AND ({key[0]}, {key[1]}) < (?, ?)"
+            params = [*params, when, last_id]
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {key[0]}, {key[1]}, {columns} FROM {table} WHERE {clause} "
+                f"ORDER BY {key[0]} DESC, {key[1]} DESC LIMIT ?",
+                (*params, page_size + 1)).fetchall()
+        page = rows[:page_size]
+        token = None
+        if len(rows) > page_size:
+            token = _encode_token(page[-1][0], page[-1][1], fingerprint)
+        return page, token
+
     # - actions ------------------------------------------------------------------------------
 
     def record_action(self, *, container_id: str, node: str, type: str, reason: str,
                       requested_by: str, container_name: str | None = None,
                       alert_id: str | None = None,
                       status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
-                      action_id: str | None = None, now: float | None = None) -> ActionRecord:
+                      with_pause: bool = False, action_id: str | None = None,
+                      now: float | None = None) -> ActionRecord:
         """Store a requested action (``pending``), or one decided at once (e.g. ``skipped``,
         which is then also finished). ``action_id`` defaults to a random hex id; an id already
         stored raises StoreError."""
         status = ActionStatus.parse(status)
         created_at = self._now(now)
+        if not isinstance(with_pause, bool):
+            raise ValueError(f"with_pause must be True or False, got {with_pause!r}")
         record = ActionRecord(
             action_id=uuid.uuid4().hex if action_id is None else _text("action_id", action_id),
             created_at=created_at, container_id=_text("container_id", container_id),
@@ -968,13 +1184,13 @@ class AlertStore:
             requested_by=_text("requested_by", requested_by),
             alert_id=_optional_text("alert_id", alert_id), status=status,
             message=_text("message", message, empty_ok=True),
-            finished_at=None if status is ActionStatus.PENDING else created_at)
-        values = dataclasses.astuple(record)
+            finished_at=None if status is ActionStatus.PENDING else created_at,
+            with_pause=with_pause)
+        values = _action_values(record)
         try:
             with self._write() as conn:
                 conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}) "
-                             f"VALUES ({_marks(values)})",
-                             (*values[:9], record.status.value, *values[10:]))
+                             f"VALUES ({_marks(values)})", values)
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise StoreError(f"action id {record.action_id!r} is already stored; "
@@ -986,21 +1202,55 @@ class AlertStore:
                       now: float | None = None) -> ActionRecord:
         """Record an action's result. The first result wins: finishing an action that is
         already finished (a result replayed after a reconnect) changes nothing and returns the
-        stored action. An unknown id raises UnknownAction."""
+        stored action. The one exception is an ``interrupted`` action (failed by
+        :meth:`fail_pending_actions`, a guess): the agent's result replaces it. An unknown id
+        raises UnknownAction."""
         status = ActionStatus.parse(status)
         if status is ActionStatus.PENDING:
             raise ValueError("finish_action: 'pending' is not a result; give a final status")
         message = _text("message", message, empty_ok=True)
         finished_at = self._now(now)
         with self._write() as conn:
-            conn.execute("UPDATE actions SET status = ?, message = ?, finished_at = ? "
-                         "WHERE action_id = ? AND status = 'pending'",
+            conn.execute("UPDATE actions SET status = ?, message = ?, finished_at = ?, "
+                         "interrupted = 0 "
+                         "WHERE action_id = ? AND (status = 'pending' OR interrupted)",
                          (status.value, message, finished_at, action_id))
             row = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
                                (action_id,)).fetchone()
         if row is None:
             raise UnknownAction(f"no action with id {action_id!r} is stored")
         return _action(row)
+
+    def fail_pending_actions(self, message: str, *, actor: str = "collector",
+                             now: float | None = None) -> list[ActionRecord]:
+        """At collector start: every action still pending was sent by a collector that stopped
+        before its agent answered, and nothing will wait for that answer any more. Each becomes
+        ``failed`` with `message`, marked ``interrupted`` (a late result from the agent still
+        replaces it), with one audit entry by `actor`; all in one transaction. Returns them,
+        oldest first."""
+        message = _text("message", message)
+        actor = _text("actor", actor)
+        now = self._now(now)
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT action_id FROM actions WHERE status = 'pending' "
+                "ORDER BY created_at, action_id")]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                conn.execute("UPDATE actions SET status = 'failed', message = ?, "
+                             f"finished_at = ?, interrupted = 1 WHERE action_id IN "
+                             f"({_marks(chunk)})", (message, now, *chunk))
+            records = []
+            for action_id in ids:
+                record = _action(conn.execute(
+                    f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
+                    (action_id,)).fetchone())
+                records.append(record)
+                self.audit(actor, record.type, record.container_id, "failed", message,
+                           {"action_id": record.action_id, "node": record.node,
+                            "requested_by": record.requested_by,
+                            "requested_at": record.created_at}, now=now)
+        return records
 
     def get_action(self, action_id: str) -> ActionRecord | None:
         with self._read() as conn:
@@ -1028,6 +1278,16 @@ class AlertStore:
                                 "ORDER BY created_at DESC, rowid DESC LIMIT ?",
                                 (*params, _limit(limit))).fetchall()
         return [_action(r) for r in rows]
+
+    def page_actions(self, action_filter: ActionFilter | None = None, page_size: int = 100,
+                     page_token: str | None = None) -> tuple[list[ActionRecord], str | None]:
+        """One page of actions, newest first by (created_at, action_id), and the next page's
+        token (None: no more); paged like :meth:`list_alerts` (module docstring)."""
+        action_filter = action_filter or ActionFilter()
+        rows, token = self._page("actions", ("created_at", "action_id"), _ACTION_COLUMNS,
+                                 action_filter.sql(), action_filter.fingerprint(), page_size,
+                                 page_token)
+        return [_action(r[2:]) for r in rows], token
 
     # - agents -------------------------------------------------------------------------------
 
@@ -1211,6 +1471,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "MIN_ID_PREFIX",
     "SCHEMA_VERSION",
+    "ActionFilter",
     "ActionRecord",
     "ActionStatus",
     "AgentRecord",
@@ -1219,6 +1480,8 @@ __all__ = [
     "AmbiguousContainer",
     "AuditEntry",
     "ContainerMatch",
+    "ContainerSelector",
+    "ImageSelector",
     "InsertOutcome",
     "PruneResult",
     "StoreError",

@@ -42,7 +42,11 @@ from tests.support.images import workload_image
 
 pytestmark = pytest.mark.integration
 
-LEARN_SECONDS = 25
+LEARN_SECONDS = 32
+# 1 s windows: the forest needs 20 learned windows, and each container's startup windows are
+# not learned, so a short grace leaves enough of the learning time to it
+STARTUP_GRACE = 4
+MIN_FOREST_WINDOWS = 20
 ALERT_DEADLINE = 10.0  # the issue's "within 10 s"
 
 WEB_START = """#!/bin/sh
@@ -139,13 +143,17 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def baseline_modes(state_dir) -> dict[str, str]:
+def baselines(state_dir) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "driftwarden", "baseline", "--state-dir", str(state_dir),
            "--json", "list"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     if out.returncode != 0:
         return {}
-    return {b["image_id"]: b["mode"] for b in json.loads(out.stdout)}
+    return {b["image_id"]: b for b in json.loads(out.stdout)}
+
+
+def baseline_modes(state_dir) -> dict[str, str]:
+    return {image_id: b["mode"] for image_id, b in baselines(state_dir).items()}
 
 
 def files_in(container, directory: str) -> list[str]:
@@ -206,7 +214,8 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
     web_port, web2_port, backend_port = free_port(), free_port(), free_port()
     state = tmp_path / "state"
     agent = AgentProcess(state, tmp_path / "alerts.jsonl",
-                         ["--window", "1", "--learn-for", str(LEARN_SECONDS)])
+                         ["--window", "1", "--learn-for", str(LEARN_SECONDS),
+                          "--startup-grace", str(STARTUP_GRACE)])
     host = {"network": "host"}
     with contextlib.ExitStack() as stack:
         stack.enter_context(agent)
@@ -230,6 +239,11 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
         # -- learn --------------------------------------------------------------------------
         wait_until(lambda: all(baseline_modes(state).get(i) == "monitor" for i in images),
                    LEARN_SECONDS + 30, "every workload image to finish learning")
+        # the benign phase must exercise the workloads' isolation forests, not only the sets
+        workloads = images - {backend.container.attrs["Image"]}
+        learned_windows = {b["image"]: b["windows"] for i, b in baselines(state).items()
+                           if i in workloads}
+        assert min(learned_windows.values()) >= MIN_FOREST_WINDOWS, learned_windows
         learned_at = len(agent.alerts())
         learning_alerts = [a for a in agent.alerts()[:learned_at]
                            if a["container"]["id"] in {backend.id, web.id, *(c.id for c in others)}]
