@@ -735,7 +735,7 @@ class CollectorChannel:
     def _heartbeat(self) -> agent_pb2.Heartbeat:
         counters = self._read("counters", self._counters) or {}
         containers = list(self._read("containers", self._containers) or ())
-        limit = DEFAULT_LIMITS.max_repeated
+        limit = DEFAULT_LIMITS.max_heartbeat_containers
         if len(containers) > limit:
             self._warn_once("containers", "heartbeat lists %d of %d containers (the wire's "
                             "limit); actions on the others cannot be routed here", limit,

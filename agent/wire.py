@@ -48,6 +48,7 @@ class WireLimits:
     max_details: int = 32  # per reason
     max_argv: int = 256
     max_labels: int = MAX_LABELS  # per container
+    max_heartbeat_containers: int = 1024  # a node's running containers (a k8s node: <= 110 pods)
     max_batch_alerts: int = 500  # alerts (and spool_seqs) in one AlertBatch or Ack
     max_page_size: int = 1000
 
@@ -61,6 +62,7 @@ _REPEATED_LIMITS = {
     "driftwarden.v1.Process.argv": "max_argv",
     "driftwarden.v1.ExecEvent.argv": "max_argv",
     "driftwarden.v1.Container.labels": "max_labels",
+    "driftwarden.v1.Heartbeat.containers": "max_heartbeat_containers",
     "driftwarden.v1.AlertBatch.alerts": "max_batch_alerts",
     "driftwarden.v1.AlertBatch.spool_seqs": "max_batch_alerts",
     "driftwarden.v1.Ack.alert_ids": "max_batch_alerts",

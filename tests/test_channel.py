@@ -41,7 +41,12 @@ from driftwarden.channel import (
 from driftwarden.errors import UsageError
 from driftwarden.spool import AlertSpool
 from driftwarden.v1 import actions_pb2, common_pb2
-from driftwarden.wire import MAX_MESSAGE_BYTES, alert_from_proto
+from driftwarden.wire import (
+    MAX_MESSAGE_BYTES,
+    InvalidMessage,
+    alert_from_proto,
+    validate_agent_message,
+)
 
 from tests.support.fake_collector import FakeCollector
 
@@ -381,6 +386,23 @@ def test_heartbeat_carries_counters_containers_and_spool_depth(spool_dir):
     assert not beat.containers[1].HasField("name")
     assert beat.sent_at.seconds > 0
     assert collector.invalid() == []
+
+
+def test_a_crowded_node_lists_1024_containers_which_the_collector_accepts(collector, spool_dir):
+    # a Kubernetes node runs up to 110 pods, several containers each: far above the wire's
+    # default bound for repeated fields (64), below the heartbeat's own (1024)
+    many = [(f"{i:064x}", f"c{i}", None, None) for i in range(1030)]
+    with CollectorChannel(config(collector.address), spool_dir, containers=lambda: many):
+        assert collector.wait_for(lambda: collector.messages("heartbeat"))
+        message = collector.messages("heartbeat")[0]
+    beat = message.heartbeat
+    assert beat.containers_watched == 1030
+    assert [c.id for c in beat.containers] == [c[0] for c in many[:1024]]
+    assert collector.invalid() == []  # the fake collector validates with validate_agent_message
+    beat.containers.add(id="f" * 64, node=NODE)
+    with pytest.raises(InvalidMessage, match=r"^agent_message.heartbeat.containers: 1025 "
+                                             r"entries, at most 1024$"):
+        validate_agent_message(message)
 
 
 def test_a_failing_heartbeat_callback_leaves_its_part_out(collector, spool_dir):
