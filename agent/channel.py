@@ -442,13 +442,6 @@ class CollectorChannel:
                 self._spool_full_logged = True
                 log.error("%s (logged once until the spool has room again)", exc)
             return None
-        except TypeError as exc:
-            # A text with undecodable bytes (surrogate escapes) that msgpack cannot store:
-            # keep the alert with U+FFFD in their place, as the wire would send it anyway.
-            log.warning("alert %s spooled with undecodable characters replaced: %s",
-                        data.get("id"), exc)
-            data = _replace_surrogates(data)
-            seq = self.spool.append([data])[0]
         self._spool_full_logged = False
         return seq
 
@@ -898,16 +891,6 @@ def _seqs_of_ids(in_flight: Mapping[int, str], ids: Iterable[str]) -> tuple[list
         else:
             rest.append(alert_id)
     return seqs, rest
-
-
-def _replace_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
-    if isinstance(value, dict):
-        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_replace_surrogates(v) for v in value]
-    return value
 
 
 def _describe(exc: grpc.RpcError) -> str:

@@ -19,6 +19,14 @@ Framing (both files; integers little-endian)
     Payload: msgpack ``[seq, alert dict]`` in ``alerts.spool``, msgpack ``[seq, ...]`` in
     ``acks.spool``.
 
+Texts are kept exactly
+    Kernel paths and argv are bytes, decoded with ``surrogateescape``: an undecodable byte
+    becomes a lone surrogate (U+DC80..U+DCFF), which strict UTF-8 cannot encode. msgpack strings
+    are therefore written and read with the ``surrogatepass`` error handler: a lone surrogate is
+    stored as the three bytes UTF-8 would give its code point and read back as that same code
+    point, so an alert leaves the spool exactly as it came in. Valid text is plain UTF-8 either
+    way, so spools written before this rule read unchanged.
+
 Crash safety
     One ``append`` or ``ack`` call is one ``write`` (+ ``fsync`` when ``fsync=True``). On open,
     a record whose length, CRC or payload is wrong (a write torn by a crash, a flipped bit) is
@@ -86,6 +94,7 @@ RECORD_MAGIC = b"DWR1"
 _RECORD_HEADER = struct.Struct("<4sII")
 _LENGTH = struct.Struct("<I")
 MAX_RECORD_BYTES = 16 << 20  # a length above this is damage, not an alert
+_TEXT_ERRORS = "surrogatepass"  # lone surrogates round-trip (module docstring)
 
 
 class SpoolError(DriftwardenError):
@@ -181,7 +190,7 @@ def _record_at(data: bytes, pos: int, valid) -> tuple[int, Any] | None:
     if zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length))) != crc:
         return None
     try:
-        obj = msgpack.unpackb(payload, raw=False)
+        obj = msgpack.unpackb(payload, raw=False, unicode_errors=_TEXT_ERRORS)
     except Exception:
         return None
     return (end - pos, obj) if valid(obj) else None
@@ -304,7 +313,8 @@ class AlertSpool:
             records = []
             for seq, alert in zip(seqs, alerts, strict=True):
                 try:
-                    payload = msgpack.packb([seq, alert], use_bin_type=True)
+                    payload = msgpack.packb([seq, alert], use_bin_type=True,
+                                            unicode_errors=_TEXT_ERRORS)
                 except (TypeError, ValueError, OverflowError) as exc:
                     raise TypeError(f"spool append: alert {alert['id']} cannot be encoded: "
                                     f"{exc}") from exc

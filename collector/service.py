@@ -13,9 +13,16 @@ AgentChannel.Connect
     second stream for a node replaces the first (which ends ABORTED). An ``alert_batch`` is
     stored in one transaction, its NEW/UPDATED alerts are published to subscribers and run
     through the policy, then ``ack`` echoes its ids and ``spool_seqs``. A batch holding an alert
-    of another node is rejected whole: a ``notice`` says why, nothing is stored or acked.
+    of another node is rejected whole: a ``notice`` says why, nothing is stored or acked. Once
+    stored, a batch is acked whatever fails after (a replay would be DUPLICATE and skip that
+    work for good): such an error is logged, counted and audited. The policy's decisions for a
+    batch (actions and audit entries) are stored in one transaction, then sent.
     ``heartbeat`` updates the agent's row and the node's container list (used to route
     actions); ``action_result`` finishes an action the collector sent to that node.
+
+Actions left pending by a collector that stopped
+    At start the service fails them (``INTERRUPTED_MESSAGE``, audited): nobody waits for them
+    any more. An agent's late result for one still replaces that failure.
 
 Alerts.Subscribe / List, Actions.Request / List, Agents.List
     Operator calls. Subscribe sends initial metadata (``driftwarden-subscribed: 1``) once the
@@ -37,12 +44,9 @@ beyond), leaving pool threads for unary calls.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
-import hashlib
+import contextlib
 import hmac
-import json
 import logging
 import threading
 import time
@@ -61,7 +65,6 @@ from driftwarden.certs import (
 )
 from driftwarden.collector.fanout import (
     DEFAULT_MAX_QUEUE,
-    ContainerSelector,
     FanoutHub,
     FilterError,
     SubscriberFilter,
@@ -69,8 +72,8 @@ from driftwarden.collector.fanout import (
 from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
 from driftwarden.collector.store import (
     MAX_CANDIDATES,
-    MAX_PAGE_SIZE,
     MIN_ID_PREFIX,
+    ActionFilter,
     ActionRecord,
     ActionStatus,
     AlertFilter,
@@ -97,7 +100,9 @@ log = logging.getLogger(__name__)
 SUBSCRIBED_METADATA = ("driftwarden-subscribed", "1")
 POLICY_ACTOR = "policy"
 DEFAULT_PAGE_SIZE = 100
-_ACTION_TOKEN_VERSION = "a1"
+INTERRUPTED_MESSAGE = ("the collector restarted before the agent reported a result; check the "
+                       "container's state and repeat the action if needed (a late result from "
+                       "the agent replaces this one)")
 
 
 @dataclass(frozen=True)
@@ -242,13 +247,13 @@ def _type_proto(text: str) -> int:
         return 0
 
 
-def action_message(record: ActionRecord, with_pause: bool = False) -> actions_pb2.Action:
+def action_message(record: ActionRecord) -> actions_pb2.Action:
     msg = actions_pb2.Action(
         action_id=record.action_id, type=_type_proto(record.type),
         status=_status_proto(record.status), message=record.message,
         container_id=record.container_id, container_name=record.container_name or "",
         node=record.node, reason=record.reason, requested_by=record.requested_by,
-        with_pause=with_pause, alert_id=record.alert_id or "",
+        with_pause=record.with_pause, alert_id=record.alert_id or "",
         requested_at=wire.to_timestamp(record.created_at))
     if record.finished_at is not None:
         msg.finished_at.CopyFrom(wire.to_timestamp(record.finished_at))
@@ -365,11 +370,11 @@ class CollectorService:
         self._live: dict[str, dict[str, ContainerMatch]] = {}  # node -> heartbeat containers
         self._hostnames: dict[str, str] = {}
         self._waiters: dict[str, _Waiter] = {}
-        self._with_pause: dict[str, bool] = {}  # action id -> with_pause (the store lacks it)
         self._streams = threading.BoundedSemaphore(config.max_streams)
         self._closed = threading.Event()
         self.metrics = metrics if metrics is not None else MetricsRegistry()
         self._register_metrics(self.metrics)
+        self._fail_interrupted_actions()
 
     # - lifecycle --------------------------------------------------------------------------
 
@@ -410,8 +415,15 @@ class CollectorService:
         self._actions_total = registry.counter(
             prefix + "actions", "Actions by type and final status (skipped: a policy brake; "
             "failed: includes agents not connected)", ("type", "status"))
+        self._actions_interrupted = registry.counter(
+            prefix + "actions_interrupted", "Actions a stopped collector left pending, failed "
+            "at start (not in actions unless the agent's late result arrives)")
         self._invalid_messages = registry.counter(
             prefix + "invalid_messages", "Calls ended because a message was invalid", ("rpc",))
+        self._batch_errors = registry.counter(
+            prefix + "batch_errors", "Errors after an alert batch was stored (it is acked "
+            "anyway; each is logged and audited), by stage: publish, policy, route",
+            ("stage",))
         registry.gauge_callback(prefix + "subscribers", "Open Alerts.Subscribe streams",
                                 lambda: len(self.hub))
         registry.counter_callback(prefix + "subscriber_dropped",
@@ -476,8 +488,8 @@ class CollectorService:
     def heartbeat(self, session: AgentSession, beat: agent_pb2.Heartbeat) -> None:
         counters = {c.kind: {"emitted": c.emitted, "suppressed": c.suppressed,
                              "dropped": c.dropped} for c in beat.counters}
-        live = {c.id: ContainerMatch(c.id, c.name if c.HasField("name") else None,
-                                     session.node)
+        # an empty name is as unknown as none (the store refuses "" as a name)
+        live = {c.id: ContainerMatch(c.id, c.name or None, session.node)
                 for c in beat.containers if c.HasField("id") and c.id}
         with self._lock:
             if self._sessions.get(session.node) is not session:
@@ -488,7 +500,11 @@ class CollectorService:
                                     spool_depth=beat.spool_depth, peer=session.peer)
 
     def alert_batch(self, session: AgentSession, batch: agent_pb2.AlertBatch) -> None:
-        """Store, publish, run the policy, ack (module docstring)."""
+        """Store, publish, run the policy, ack (module docstring).
+
+        Once the batch is stored it is acked, whatever fails after: a replay would only be
+        DUPLICATE and never published or decided again, so such a failure is logged, counted
+        (``batch_errors``) and audited instead of ending the stream before the ack."""
         node = session.node
         for i, alert in enumerate(batch.alerts):
             claimed = alert.container.node
@@ -507,24 +523,44 @@ class CollectorService:
             alert.container.node = node
             docs.append(wire.alert_dict_from_proto(alert))
         outcomes = self.store.insert_alerts(docs)  # ValueError: INVALID_ARGUMENT, not stored
-        changed: list[dict[str, Any]] = []
-        for doc, outcome in zip(docs, outcomes, strict=True):
+        for outcome in outcomes:
             self._alerts_received.labels(outcome.value).inc()
-            if outcome is InsertOutcome.NEW:
-                changed.append(doc)
-            elif outcome is InsertOutcome.UPDATED:
-                changed.append(self.store.get_alert(doc["id"]) or doc)
+        changed: list[dict[str, Any]] = []
+        with self._contained("publish", node, f"batch of {len(docs)} alerts"):
+            changed = self._changed_alerts(docs, outcomes)
         for doc in changed:
-            published = _PublishedAlert(doc)
-            published.event = alerts_pb2.AlertEvent(alert=alert_message(doc))
-            self.hub.publish(published)
-        for doc in changed:
-            try:
-                self._apply_policy(session, doc)
-            except StoreError as exc:  # the alerts are stored: still ack them
-                log.error("policy on alert %s failed: %s", doc["id"], exc)
+            with self._contained("publish", node, doc["id"]):
+                published = _PublishedAlert(doc)
+                published.event = alerts_pb2.AlertEvent(alert=alert_message(doc))
+                self.hub.publish(published)
+        self._apply_policy(session, changed)
         session.send(agent_pb2.CollectorCommand(ack=agent_pb2.Ack(
             alert_ids=[a.id for a in batch.alerts], spool_seqs=list(batch.spool_seqs))))
+
+    def _changed_alerts(self, docs: list[dict[str, Any]], outcomes: list[InsertOutcome],
+                        ) -> list[dict[str, Any]]:
+        """The NEW alerts as delivered and the UPDATED ones as now stored, in batch order."""
+        updated = [d["id"] for d, o in zip(docs, outcomes, strict=True)
+                   if o is InsertOutcome.UPDATED]
+        stored = self.store.get_alerts(updated) if updated else {}
+        return [stored.get(d["id"], d) if o is InsertOutcome.UPDATED else d
+                for d, o in zip(docs, outcomes, strict=True) if o is not InsertOutcome.DUPLICATE]
+
+    @contextlib.contextmanager
+    def _contained(self, stage: str, node: str, subject: str) -> Iterator[None]:
+        """Work after a batch was stored: an error is logged, counted and audited, and the
+        caller goes on (see alert_batch)."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("agent %s: %s for %s failed; the alerts stay stored and are acked",
+                          node, stage, subject)
+            self._batch_errors.labels(stage).inc()
+            try:
+                self.store.audit("collector", stage, subject, "error",
+                                 f"{type(exc).__name__}: {exc}", {"node": node})
+            except (StoreError, ValueError) as audit_exc:
+                log.error("cannot audit that error either: %s", audit_exc)
 
     def action_result(self, session: AgentSession, result: agent_pb2.ActionResult) -> None:
         record = self.store.get_action(result.action_id)
@@ -535,19 +571,38 @@ class CollectorService:
             self.store.audit(session.node, "action-result", result.action_id, "rejected", text)
             session.send(agent_pb2.CollectorCommand(notice=agent_pb2.Notice(text=text)))
             return
-        if record.finished:
+        if record.finished and not record.interrupted:
             log.debug("action %s: result replayed, already %s", record.action_id, record.status)
             self._wake(record)
             return
         status = _status_from_proto(result.status)
-        record = self.store.finish_action(record.action_id, status, result.message)
-        self.store.audit(session.node, record.type, record.container_id, status.value,
-                         result.message, {"action_id": record.action_id,
-                                          "requested_by": record.requested_by})
+        details: dict[str, Any] = {"action_id": record.action_id,
+                                   "requested_by": record.requested_by}
+        if record.interrupted:  # failed by a collector restart: the agent knows better
+            details["replaces"] = record.message
+            log.info("action %s: the agent's late result (%s) replaces the failure recorded "
+                     "when the collector restarted", record.action_id, status.value)
+        with self.store.transaction():
+            record = self.store.finish_action(record.action_id, status, result.message)
+            self.store.audit(session.node, record.type, record.container_id, status.value,
+                             result.message, details)
         self._finished(record)
         self._wake(record)
 
     # - actions ----------------------------------------------------------------------------
+
+    def _fail_interrupted_actions(self) -> None:
+        """Actions a stopped collector left pending have no waiter and no route any more:
+        fail them, audited (the store's fail_pending_actions); the agent's late result still
+        replaces that (action_result)."""
+        records = self.store.fail_pending_actions(INTERRUPTED_MESSAGE)
+        if not records:
+            return
+        self._actions_interrupted.inc(len(records))
+        shown = ", ".join(f"{r.type} {r.container_id[:12]} on {r.node}" for r in records[:10])
+        more = f" and {len(records) - 10} more" if len(records) > 10 else ""
+        log.warning("%d actions were still pending when the collector stopped; marked failed "
+                    "(check those containers): %s%s", len(records), shown, more)
 
     def resolve_container(self, text: str, node: str = "") -> ContainerMatch:
         """An operator's container reference -> the container and its node: the nodes'
@@ -579,18 +634,31 @@ class CollectorService:
         action_type = wire.ACTION_TYPE.from_proto(request.type)
         claimed = request.requested_by.strip()
         requested_by = f"{operator}:{claimed}" if claimed and claimed != operator else operator
-        self.store.audit(requested_by, action_type, match.container_id, "request",
-                         request.reason, {"node": match.node, "with_pause": request.with_pause,
-                                          "container": request.container})
-        waiter = _Waiter()
-        record = self._dispatch(match, action_type, request.reason, requested_by,
-                                with_pause=request.with_pause, waiter=waiter)
-        if record.finished:
+        session = self._session(match.node)
+        with self.store.transaction():
+            self.store.audit(requested_by, action_type, match.container_id, "request",
+                             request.reason, {"node": match.node,
+                                              "with_pause": request.with_pause,
+                                              "container": request.container})
+            record = self.store.record_action(
+                container_id=match.container_id, container_name=match.name, node=match.node,
+                type=action_type, reason=request.reason, requested_by=requested_by,
+                with_pause=request.with_pause, **_unless_online(session is not None, match.node))
+            if session is None:
+                self._audit_offline(record)
+        if session is None:
+            self._finished(record)
             return record
-        # the policy leaves a container an operator just acted on alone for its cooldown
-        self.engine.record_manual(match.container_id, action_type)
-        deadline = time.monotonic() + self.config.action_timeout
+        waiter = _Waiter()
+        with self._lock:
+            self._waiters[record.action_id] = waiter
         try:
+            record = self._send(record, session)
+            if record.finished:  # the stream closed meanwhile
+                return record
+            # the policy leaves a container an operator just acted on alone for its cooldown
+            self.engine.record_manual(match.container_id, action_type)
+            deadline = time.monotonic() + self.config.action_timeout
             while not waiter.done.is_set() and not self._closed.is_set() and is_active():
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -601,92 +669,103 @@ class CollectorService:
                 self._waiters.pop(record.action_id, None)
         return waiter.record or self.store.get_action(record.action_id) or record
 
-    def _apply_policy(self, session: AgentSession, alert: Mapping[str, Any]) -> None:
-        decision = self.engine.decide(alert)
-        if decision.outcome is Outcome.NO_MATCH:
+    def _apply_policy(self, session: AgentSession, alerts: list[dict[str, Any]]) -> None:
+        """The policy for a stored batch's NEW/UPDATED alerts: decide each; record every
+        decision (its action and audit entries) in one transaction; then send the actions and
+        publish the events. Errors are contained per alert (see alert_batch)."""
+        node = session.node
+        decided: list[tuple[dict[str, Any], Decision]] = []
+        for alert in alerts:
+            with self._contained("policy", node, alert["id"]):
+                decision = self.engine.decide(alert)
+                if decision.outcome is not Outcome.NO_MATCH:
+                    decided.append((alert, decision))
+        if not decided:
             return
+        online = self._session(node) is session
+        recorded: list[tuple[dict[str, Any], ActionRecord]] = []
+        with self._contained("policy", node, f"{len(decided)} decisions"):
+            try:
+                with self.store.transaction():
+                    for alert, decision in decided:
+                        # a savepoint each: one that fails is undone alone
+                        with self._contained("policy", node, alert["id"]), \
+                                self.store.transaction():
+                            recorded.append(
+                                (alert, self._record_decision(node, alert, decision, online)))
+            except BaseException:
+                recorded.clear()  # rolled back: nothing of it is stored
+                raise
+        for alert, record in recorded:
+            with self._contained("route", node, record.action_id):
+                if record.status is ActionStatus.PENDING:
+                    record = self._send(record, session, alert)
+                else:
+                    self._finished(record, alert)
+                if record.status is not ActionStatus.SKIPPED:
+                    log.info("policy: %s %s on %s: %s", record.type, record.container_id[:12],
+                             node, record.status.value)
+
+    def _record_decision(self, node: str, alert: Mapping[str, Any], decision: Decision,
+                         online: bool) -> ActionRecord:
+        """Store one act/skip decision as an action, audited (call within a transaction)."""
         container = alert.get("container") or {}
-        match = ContainerMatch(container["id"], container.get("name"), session.node)
-        details = {"rule": decision.rule, "alert_id": alert["id"], "node": session.node,
+        action_type = decision.action.value
+        details = {"rule": decision.rule, "alert_id": alert["id"], "node": node,
                    "with_pause": decision.with_pause,
                    "brake": decision.brake.value if decision.brake else None}
-        if decision.outcome is Outcome.SKIP:
-            record = self.store.record_action(
-                container_id=match.container_id, container_name=match.name, node=match.node,
-                type=decision.action.value, reason=decision.reason, requested_by=POLICY_ACTOR,
-                alert_id=alert["id"], status=ActionStatus.SKIPPED, message=decision.reason)
-            self.store.audit(POLICY_ACTOR, decision.action.value, match.container_id, "skip",
-                             decision.reason, {**details, "action_id": record.action_id})
-            self._finished(record, with_pause=decision.with_pause, match_alert=alert)
-            return
-        self._act(decision, match, alert, details)
-
-    def _act(self, decision: Decision, match: ContainerMatch, alert: Mapping[str, Any],
-             details: dict[str, Any]) -> None:
-        record = self._dispatch(match, decision.action.value, decision.reason, POLICY_ACTOR,
-                                with_pause=decision.with_pause, alert=alert,
-                                audit=lambda rec: self.store.audit(
-                                    POLICY_ACTOR, decision.action.value, match.container_id,
-                                    "act", decision.reason,
-                                    {**details, "action_id": rec.action_id}))
-        log.info("policy: %s %s on %s: %s", decision.action.value, match.container_id[:12],
-                 match.node, record.status.value)
-
-    def _dispatch(self, match: ContainerMatch, action_type: str, reason: str,
-                  requested_by: str, *, with_pause: bool = False,
-                  alert: Mapping[str, Any] | None = None, waiter: _Waiter | None = None,
-                  audit: Callable[[ActionRecord], object] | None = None) -> ActionRecord:
-        """Record the action and send it to the node's agent; FAILED when it is not there."""
-        with self._lock:
-            session = self._sessions.get(match.node)
-        common = {"container_id": match.container_id, "container_name": match.name,
-                  "node": match.node, "type": action_type, "reason": reason,
-                  "requested_by": requested_by, "alert_id": alert["id"] if alert else None}
-        offline = f"agent for node {match.node} is not connected"
-        if session is None:
-            record = self.store.record_action(**common, status=ActionStatus.FAILED,
-                                              message=offline)
-            if audit is not None:
-                audit(record)
-            self.store.audit("collector", action_type, match.container_id, "failed", offline,
-                             {"action_id": record.action_id})
-            self._finished(record, with_pause=with_pause, match_alert=alert)
-            return record
-        record = self.store.record_action(**common)
-        if audit is not None:
-            audit(record)
-        with self._lock:
-            self._with_pause[record.action_id] = with_pause
-            if waiter is not None:
-                self._waiters[record.action_id] = waiter
-        self._publish_action(record, with_pause, alert)
-        command = agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(
-            action_id=record.action_id, container_id=match.container_id,
-            type=wire.ACTION_TYPE.to_proto(action_type), reason=reason,
-            requested_by=requested_by, with_pause=with_pause))
-        if not session.send(command):
-            record = self.store.finish_action(record.action_id, ActionStatus.FAILED,
-                                              f"{offline} (its stream closed)")
-            self.store.audit("collector", action_type, match.container_id, "failed",
-                             record.message, {"action_id": record.action_id})
-            self._finished(record, with_pause=with_pause, match_alert=alert)
+        status: dict[str, Any] = ({"status": ActionStatus.SKIPPED, "message": decision.reason}
+                                  if decision.outcome is Outcome.SKIP
+                                  else _unless_online(online, node))
+        record = self.store.record_action(
+            container_id=container.get("id"), container_name=container.get("name") or None,
+            node=node, type=action_type, reason=decision.reason, requested_by=POLICY_ACTOR,
+            alert_id=alert["id"], with_pause=decision.with_pause, **status)
+        self.store.audit(POLICY_ACTOR, action_type, record.container_id,
+                         "skip" if decision.outcome is Outcome.SKIP else "act", decision.reason,
+                         {**details, "action_id": record.action_id})
+        if decision.outcome is Outcome.ACT and not online:
+            self._audit_offline(record)
         return record
 
-    def _finished(self, record: ActionRecord, *, with_pause: bool | None = None,
+    def _session(self, node: str) -> AgentSession | None:
+        with self._lock:
+            return self._sessions.get(node)
+
+    def _audit_offline(self, record: ActionRecord) -> None:
+        self.store.audit("collector", record.type, record.container_id, "failed",
+                         record.message, {"action_id": record.action_id})
+
+    def _send(self, record: ActionRecord, session: AgentSession,
+              alert: Mapping[str, Any] | None = None) -> ActionRecord:
+        """Publish a pending action and send it to its agent; it fails when the agent's
+        stream closed meanwhile (then returned finished)."""
+        self._publish_action(record, alert)
+        command = agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(
+            action_id=record.action_id, container_id=record.container_id,
+            type=wire.ACTION_TYPE.to_proto(record.type), reason=record.reason,
+            requested_by=record.requested_by, with_pause=record.with_pause))
+        if session.send(command):
+            return record
+        with self.store.transaction():
+            record = self.store.finish_action(
+                record.action_id, ActionStatus.FAILED,
+                f"{_offline_message(record.node)} (its stream closed)")
+            self._audit_offline(record)
+        self._finished(record, alert)
+        return record
+
+    def _finished(self, record: ActionRecord,
                   match_alert: Mapping[str, Any] | None = None) -> None:
         """An action reached its final status: count it and tell subscribers."""
-        with self._lock:
-            stored_pause = self._with_pause.pop(record.action_id, False)
         self._actions_total.labels(record.type, record.status.value).inc()
         if match_alert is None and record.alert_id:
             match_alert = self.store.get_alert(record.alert_id)
-        self._publish_action(record, stored_pause if with_pause is None else with_pause,
-                             match_alert)
+        self._publish_action(record, match_alert)
 
-    def _publish_action(self, record: ActionRecord, with_pause: bool,
-                        alert: Mapping[str, Any] | None) -> None:
+    def _publish_action(self, record: ActionRecord, alert: Mapping[str, Any] | None) -> None:
         match = alert if alert is not None else self._container_view(record)
-        event = alerts_pb2.AlertEvent(action=action_message(record, with_pause))
+        event = alerts_pb2.AlertEvent(action=action_message(record))
         self.hub.publish_event(record.status.value, {"action": record.to_dict(), "match": match,
                                                      "message": event}, match)
 
@@ -711,14 +790,8 @@ class CollectorService:
 
     def list_alerts(self, request: alerts_pb2.ListAlertsRequest) -> alerts_pb2.ListAlertsResponse:
         wire.validate_list_alerts_request(request)
-        f = request.filter
         alert_filter = AlertFilter(
-            kinds=tuple(wire.ALERT_KIND.from_proto(k) for k in f.kinds),
-            min_severity=(wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None),
-            nodes=tuple(f.nodes), namespaces=tuple(f.namespaces), images=tuple(f.images),
-            containers=tuple(f.containers), exclude_images=tuple(f.exclude_images),
-            exclude_namespaces=tuple(f.exclude_namespaces),
-            exclude_containers=tuple(f.exclude_containers),
+            **_filter_args(request.filter),
             since=wire.from_timestamp(request.since) if request.HasField("since") else None,
             until=wire.from_timestamp(request.until) if request.HasField("until") else None)
         docs, token = self.store.list_alerts(alert_filter, request.page_size or DEFAULT_PAGE_SIZE,
@@ -728,43 +801,17 @@ class CollectorService:
 
     def list_actions(self, request: actions_pb2.ListActionsRequest,
                      ) -> actions_pb2.ListActionsResponse:
-        """Newest first by (requested time, id). Filters apply to the newest MAX_PAGE_SIZE
-        actions the store returns (the store has no keyset paging for actions yet)."""
+        """Newest first by (requested time, id); filtered and paged by the store's SQL."""
         wire.validate_list_actions_request(request)
-        nodes = set(request.nodes)
-        selector = ContainerSelector(request.containers)
-        types = {wire.ACTION_TYPE.from_proto(t) for t in request.types}
-        since = wire.from_timestamp(request.since) if request.HasField("since") else None
-        until = wire.from_timestamp(request.until) if request.HasField("until") else None
-        fingerprint = hashlib.sha256(repr((sorted(nodes), list(request.containers),
-                                           sorted(types), since, until)).encode()
-                                     ).hexdigest()[:16]
-        after = _decode_action_token(request.page_token, fingerprint)
-        single_node = next(iter(nodes)) if len(nodes) == 1 else None
-        records = self.store.list_actions(node=single_node, limit=MAX_PAGE_SIZE)
-        records.sort(key=lambda r: (r.created_at, r.action_id), reverse=True)
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        page: list[ActionRecord] = []
-        more = False
-        for r in records:
-            if after is not None and (r.created_at, r.action_id) >= after:
-                continue
-            if ((nodes and r.node not in nodes)
-                    or (selector and not selector.matches(r.container_id, r.container_name))
-                    or (types and r.type not in types)
-                    or (since is not None and r.created_at < since)
-                    or (until is not None and r.created_at >= until)):
-                continue
-            if len(page) == size:
-                more = True
-                break
-            page.append(r)
-        with self._lock:
-            pauses = {r.action_id: self._with_pause.get(r.action_id, False) for r in page}
-        token = (_encode_action_token(page[-1].created_at, page[-1].action_id, fingerprint)
-                 if more else "")
-        return actions_pb2.ListActionsResponse(
-            actions=[action_message(r, pauses[r.action_id]) for r in page], next_page_token=token)
+        action_filter = ActionFilter(
+            nodes=tuple(request.nodes), containers=tuple(request.containers),
+            types=tuple(wire.ACTION_TYPE.from_proto(t) for t in request.types),
+            since=wire.from_timestamp(request.since) if request.HasField("since") else None,
+            until=wire.from_timestamp(request.until) if request.HasField("until") else None)
+        records, token = self.store.page_actions(
+            action_filter, request.page_size or DEFAULT_PAGE_SIZE, request.page_token or None)
+        return actions_pb2.ListActionsResponse(actions=[action_message(r) for r in records],
+                                               next_page_token=token or "")
 
     def list_agents(self) -> agent_pb2.ListAgentsResponse:
         with self._lock:
@@ -787,28 +834,25 @@ class CollectorService:
         return agent_pb2.ListAgentsResponse(agents=agents)
 
 
-def _encode_action_token(when: float, action_id: str, fingerprint: str) -> str:
-    data = json.dumps({"t": when, "i": action_id, "f": fingerprint}, separators=(",", ":"))
-    body = base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
-    return f"{_ACTION_TOKEN_VERSION}.{body}"
+def _offline_message(node: str) -> str:
+    return f"agent for node {node} is not connected"
 
 
-def _decode_action_token(token: str, fingerprint: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    bad = ValueError("invalid page token: pass back exactly the next_page_token of the previous "
-                     "page with the same filter, or no token to start from the newest action")
-    version, _, body = token.partition(".")
-    if version != _ACTION_TOKEN_VERSION:
-        raise bad
-    try:
-        data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        when, action_id, token_filter = float(data["t"]), str(data["i"]), data["f"]
-    except (binascii.Error, ValueError, UnicodeDecodeError, KeyError, TypeError):
-        raise bad from None
-    if token_filter != fingerprint:
-        raise bad
-    return when, action_id
+def _unless_online(online: bool, node: str) -> dict[str, Any]:
+    """record_action arguments for an action to send: pending, or failed when its node's
+    agent is not connected."""
+    return {} if online else {"status": ActionStatus.FAILED, "message": _offline_message(node)}
+
+
+def _filter_args(f: alerts_pb2.AlertFilter) -> dict[str, Any]:
+    """A request's AlertFilter as AlertFilter / SubscriberFilter arguments: Alerts.List and
+    Alerts.Subscribe read it the same way."""
+    return {"kinds": [wire.ALERT_KIND.from_proto(k) for k in f.kinds],
+            "min_severity": wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None,
+            "nodes": list(f.nodes), "namespaces": list(f.namespaces), "images": list(f.images),
+            "containers": list(f.containers), "exclude_images": list(f.exclude_images),
+            "exclude_namespaces": list(f.exclude_namespaces),
+            "exclude_containers": list(f.exclude_containers)}
 
 
 # -- servicers -----------------------------------------------------------------------------------
@@ -969,16 +1013,11 @@ def _subscriber_filters(request: alerts_pb2.SubscribeRequest,
                         ) -> tuple[SubscriberFilter, SubscriberFilter | None]:
     """The alert filter (actions: all or none), and for action events the same filter without
     kinds and severity (an action is about a container, not a kind of alert)."""
-    f = request.filter
-    where = {"nodes": list(f.nodes), "namespaces": list(f.namespaces), "images": list(f.images),
-             "containers": list(f.containers), "exclude_images": list(f.exclude_images),
-             "exclude_namespaces": list(f.exclude_namespaces),
-             "exclude_containers": list(f.exclude_containers)}
-    alert_filter = SubscriberFilter(
-        kinds=[wire.ALERT_KIND.from_proto(k) for k in f.kinds],
-        min_severity=wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None,
-        actions="all" if request.include_actions else "none", **where)
-    return alert_filter, SubscriberFilter(**where) if request.include_actions else None
+    args = _filter_args(request.filter)
+    alert_filter = SubscriberFilter(**args,
+                                    actions="all" if request.include_actions else "none")
+    del args["kinds"], args["min_severity"]
+    return alert_filter, SubscriberFilter(**args) if request.include_actions else None
 
 
 def _events(sub, request: alerts_pb2.SubscribeRequest, container_filter: SubscriberFilter | None,
@@ -1048,6 +1087,7 @@ def service_names() -> list[str]:
 
 
 __all__ = [
+    "INTERRUPTED_MESSAGE",
     "POLICY_ACTOR",
     "SUBSCRIBED_METADATA",
     "ActionsServicer",

@@ -5,6 +5,7 @@ collector outages and agent restarts, size limits, actions, heartbeats; the agen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -139,6 +140,22 @@ def test_hello_first_then_a_heartbeat_then_alerts_acked_and_spool_empty(collecto
     assert [alert_from_proto(a) for a in received] == alerts  # nothing lost on the way
     assert collector.invalid() == []
     assert spooled_ids(spool_dir) == []
+
+
+def test_undecodable_path_bytes_are_spooled_exactly_and_sent_as_replacement_chars(collector,
+                                                                                  spool_dir):
+    # the kernel's bytes decode with surrogate escapes; the spool keeps them, the wire's
+    # strings are UTF-8, so they arrive as U+FFFD (the JSON events keep the escapes)
+    odd = dataclasses.replace(make_alert(1), process={
+        **make_alert(1).process, "exe": "/tmp/\udcff\udcfe", "argv": ["/tmp/\udcff"]})
+    with CollectorChannel(config(collector.address), spool_dir) as channel:
+        channel.emit(odd)
+        assert channel.wait_idle(10)
+        assert channel.stats.acked == 1
+    [received] = [a for b in collector.batches() for a in b.alerts]
+    assert (received.process.exe, list(received.process.argv)) == (
+        "/tmp/\ufffd\ufffd", ["/tmp/\ufffd"])
+    assert collector.invalid() == []
 
 
 def test_acks_by_alert_id_when_the_collector_sends_no_seqs(spool_dir):

@@ -12,6 +12,7 @@ from driftwarden.collector.fanout import (
     SubscriberFilter,
     image_repository,
 )
+from driftwarden.collector.store import AlertFilter
 from driftwarden.errors import UsageError
 
 CID = "0123456789ab" + "cd" * 26
@@ -112,6 +113,15 @@ def test_filter_errors(kwargs: dict[str, Any], message: str) -> None:
         SubscriberFilter(**kwargs)
     assert str(info.value) == message
     assert isinstance(info.value, ValueError) and isinstance(info.value, UsageError)
+
+
+def test_the_matching_rules_are_the_stores_alert_filter() -> None:
+    # one definition (store.AlertFilter); test_collector_store runs one table through both
+    f = SubscriberFilter(kinds=["DRIFT"], min_severity=" ", containers=[" web "],
+                         images=["nginx"])
+    assert f.alert_filter == AlertFilter(kinds=("drift",), containers=("web",),
+                                         images=("nginx",))
+    assert (f.unfiltered, SubscriberFilter(min_severity="").unfiltered) == (False, True)
 
 
 def test_a_lone_string_is_one_value() -> None:

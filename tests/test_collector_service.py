@@ -32,7 +32,11 @@ from driftwarden.collector.server import (
     CollectorServer,
     TlsFiles,
 )
-from driftwarden.collector.service import SUBSCRIBED_METADATA, service_names
+from driftwarden.collector.service import (
+    INTERRUPTED_MESSAGE,
+    SUBSCRIBED_METADATA,
+    service_names,
+)
 from driftwarden.collector.store import ActionStatus, AlertStore
 from driftwarden.errors import UsageError
 from driftwarden.v1 import (
@@ -853,3 +857,165 @@ def test_collector_command_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- actions: persistence, restarts, listing -----------------------------------------------------
+
+PAUSE_RULE = parse_policy(
+    f"version: 1\nrules:\n  - name: {RULE}\n    match: {{kinds: [drift]}}\n"
+    "    action: quarantine\n    with_pause: true\n")
+
+
+def test_with_pause_is_stored_and_listed_for_policy_actions(make_server, channels):
+    server = make_server(policy=PAUSE_RULE)
+    channel = channels(server)
+    agent = connect(channel)
+    agent.send_alerts([make_alert("drift", name="web")], [1])
+    command = agent.recv_kind("action")
+    assert (command.type, command.with_pause) == (actions_pb2.ACTION_TYPE_QUARANTINE, True)
+    agent.recv_kind("ack")
+    assert server.store.get_action(command.action_id).with_pause is True
+    listed = actions_pb2_grpc.ActionsStub(channel).List(actions_pb2.ListActionsRequest(),
+                                                        timeout=5).actions
+    assert [(a.action_id, a.with_pause, a.status) for a in listed] == [
+        (command.action_id, True, actions_pb2.ACTION_STATUS_PENDING)]
+
+
+def test_an_action_left_pending_by_a_stopped_collector_fails_at_start_and_a_late_result_wins(
+        make_server, channels):
+    first = make_server(policy=NO_RULES, action_timeout=0.2)
+    agent = connect(channels(first))
+    cid = container_id("web")
+    agent.send(heartbeat=heartbeat([(cid, "web")]))
+    wait_for_containers(channels(first), "node-a", 1)
+    response = actions_pb2_grpc.ActionsStub(channels(first)).Request(actions_pb2.ActionRequest(
+        container="web", type=actions_pb2.ACTION_TYPE_QUARANTINE, with_pause=True,
+        reason="investigating"), timeout=5)
+    assert response.status == actions_pb2.ACTION_STATUS_PENDING
+    assert agent.recv_kind("action").action_id == response.action_id
+    first.stop(0.5)  # before the agent answered
+
+    second = make_server(policy=NO_RULES)  # the same SQLite file
+    record = second.store.get_action(response.action_id)
+    assert (record.status, record.message, record.interrupted, record.with_pause) == (
+        ActionStatus.FAILED, INTERRUPTED_MESSAGE, True, True)
+    assert second.store.stats()["actions_pending"] == 0
+    failed = second.store.list_audit()[-1]
+    assert (failed.actor, failed.action, failed.target, failed.decision, failed.reason) == (
+        "collector", "quarantine", cid, "failed", INTERRUPTED_MESSAGE)
+    assert second.service._actions_interrupted.value() == 1
+    channel = channels(second)
+    listed = actions_pb2_grpc.ActionsStub(channel).List(actions_pb2.ListActionsRequest(),
+                                                        timeout=5).actions
+    assert [(a.action_id, a.status, a.message, a.with_pause) for a in listed] == [
+        (response.action_id, actions_pb2.ACTION_STATUS_FAILED, INTERRUPTED_MESSAGE, True)]
+
+    late = connect(channel)  # the agent reconnects and reports what it did
+    late.send(action_result=agent_pb2.ActionResult(
+        action_id=response.action_id, status=actions_pb2.ACTION_STATUS_DONE,
+        message="quarantined and paused", finished_at=wire.to_timestamp(time.time())))
+    wait_until(lambda: second.store.get_action(response.action_id).status is ActionStatus.DONE,
+               "the late result")
+    record = second.store.get_action(response.action_id)
+    assert (record.message, record.interrupted) == ("quarantined and paused", False)
+    done = second.store.list_audit()[-1]
+    assert (done.actor, done.decision, done.reason, done.details["replaces"]) == (
+        "node-a", "done", "quarantined and paused", INTERRUPTED_MESSAGE)
+    assert second.service._actions_total.value("quarantine", "done") == 1
+
+
+def test_actions_list_filters_and_pages_in_the_store(server, channels):
+    old = server.store.record_action(container_id=container_id("old"), container_name="old",
+                                     node="node-old", type="kill", reason="r",
+                                     requested_by="alice", now=1.0)
+    with server.store.transaction():  # more than the store's largest page, all newer
+        recent = [server.store.record_action(
+            container_id=container_id("web"), container_name="web", node="node-a",
+            type="pause", reason="r", requested_by="alice", now=100.0 + i // 2).action_id
+            for i in range(1100)]
+    stub = actions_pb2_grpc.ActionsStub(channels(server))
+
+    def action_ids(**request) -> tuple[list[str], str]:
+        page = stub.List(actions_pb2.ListActionsRequest(**request), timeout=5)
+        return [a.action_id for a in page.actions], page.next_page_token
+
+    assert action_ids(nodes=["node-old"]) == ([old.action_id], "")
+    assert action_ids(containers=["old"]) == ([old.action_id], "")
+    assert action_ids(containers=[container_id("old")[:6]],
+                      types=[actions_pb2.ACTION_TYPE_KILL]) == ([old.action_id], "")
+    assert action_ids(until=wire.to_timestamp(100.0)) == ([old.action_id], "")
+    walked, token, pages = [], "", 0
+    while True:
+        page, token = action_ids(types=[actions_pb2.ACTION_TYPE_PAUSE], page_size=400,
+                                 page_token=token)
+        walked += page
+        pages += 1
+        if not token:
+            break
+    by_time = sorted(recent, key=lambda i: (server.store.get_action(i).created_at, i),
+                     reverse=True)
+    assert (pages, walked) == (3, by_time)
+    err = rpc_error(lambda: stub.List(actions_pb2.ListActionsRequest(page_token="garbage"),
+                                      timeout=5))
+    assert (err.code(), err.details().startswith("invalid page token")) == (
+        CODE.INVALID_ARGUMENT, True)
+
+
+# -- what an error after the store commit must not cost -------------------------------------------
+
+
+def test_a_container_without_a_name_is_acted_on_by_policy_and_operators(make_server, channels):
+    server = make_server()  # DEFAULT_POLICY: quarantine protect-mode high drift
+    channel = channels(server)
+    agent = connect(channel)
+    unnamed, api = make_alert("unnamed", name=""), make_alert("api", name="api")
+    assert unnamed.container.HasField("name") and unnamed.container.name == ""
+    agent.send_alerts([unnamed, api], [1, 2])
+    commands = [agent.recv_kind("action"), agent.recv_kind("action")]
+    assert [c.container_id for c in commands] == [unnamed.container.id, api.container.id]
+    assert list(agent.recv_kind("ack").spool_seqs) == [1, 2]
+    assert [(a.container_name, a.status) for a in server.store.list_actions()] == [
+        ("api", ActionStatus.PENDING), (None, ActionStatus.PENDING)]
+    assert server.service._batch_errors.value("policy") == 0
+    # a heartbeat listing a container with an empty name: an operator can act on it too
+    cid = container_id("nameless")
+    agent.send(heartbeat=heartbeat([(cid, "")]))
+    wait_for_containers(channel, "node-a", 1)
+    future = actions_pb2_grpc.ActionsStub(channel).Request.future(actions_pb2.ActionRequest(
+        container=cid[:8], type=actions_pb2.ACTION_TYPE_PAUSE), timeout=5)
+    command = agent.recv_kind("action")
+    agent.send(action_result=agent_pb2.ActionResult(
+        action_id=command.action_id, status=actions_pb2.ACTION_STATUS_DONE,
+        finished_at=wire.to_timestamp(time.time())))
+    assert future.result().status == actions_pb2.ACTION_STATUS_DONE
+    assert server.store.get_action(command.action_id).container_name is None
+
+
+def test_a_stored_batch_is_acked_when_the_policy_fails_for_one_of_its_alerts(
+        make_server, channels, monkeypatch):
+    server = make_server()
+    bad, good = make_alert("bad", name="web"), make_alert("good", name="api")
+    decide = server.engine.decide
+
+    def failing_decide(alert):
+        if alert["id"] == bad.id:
+            raise RuntimeError("boom")
+        return decide(alert)
+
+    monkeypatch.setattr(server.engine, "decide", failing_decide)
+    channel = channels(server)
+    events = subscribe(channel)
+    agent = connect(channel)
+    agent.send_alerts([bad, good], [1, 2])
+    assert agent.recv_kind("action").container_id == good.container.id
+    assert list(agent.recv_kind("ack").spool_seqs) == [1, 2]
+    assert ids(take(events, 2)) == [bad.id, good.id]  # both published
+    assert server.store.count_alerts() == 2
+    assert server.service._batch_errors.value("policy") == 1
+    error = server.store.list_audit()[0]
+    assert (error.actor, error.action, error.target, error.decision, error.reason,
+            error.details) == ("collector", "policy", bad.id, "error", "RuntimeError: boom",
+                               {"node": "node-a"})
+    agent.send(heartbeat=heartbeat())  # the stream is still up
+    wait_for_containers(channel, "node-a", 0)
+    assert agent.pending() == []

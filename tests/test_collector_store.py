@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.collector.fanout import SubscriberFilter
 from driftwarden.collector.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
+    ActionFilter,
     ActionStatus,
     AlertFilter,
     AlertStore,
@@ -140,7 +143,7 @@ def test_alerts_that_would_corrupt_the_store_are_refused(store, change, message)
     assert store.stats()["alerts"] == 0
 
 
-# -- filters -------------------------------------------------------------------------------------
+# -- filters: one table, three matchers ------------------------------------------------------------
 
 A1 = make_alert("a1", 100.0, kind=AlertKind.DRIFT, severity=Severity.HIGH, node="node-1",
                 cid=CID_WEB, name="web", image="nginx:1.25", image_id="sha256:" + "aa" * 32,
@@ -156,58 +159,111 @@ A4 = make_alert("a4", 400.0, kind=AlertKind.DRIFT, severity=Severity.CRITICAL, n
                 image_id="sha256:" + "dd" * 32, namespace=None)
 A5 = make_alert("a5", 500.0, kind=AlertKind.NOVEL, severity=Severity.MEDIUM, node="node-3",
                 cid=None, name=None, image=None, image_id=None, namespace=None)
-FILTER_SET = [A1, A2, A3, A4, A5]
+# upper-case ids, a name that looks like an id prefix, empty texts (as unknown as null)
+A6 = make_alert("a6", 600.0, kind=AlertKind.ANOMALY, severity=Severity.HIGH, node="node-3",
+                cid="DEADBEEF" + "0" * 56, name="0123", image="",
+                image_id="SHA256:" + "EF" * 32, namespace="")
+# a container id that is not hex, an image by digest, an image id without "sha256:"
+A7 = make_alert("a7", 700.0, kind=AlertKind.DRIFT, severity=Severity.LOW, node="node-1",
+                cid="web-canary-1", name="web-canary", image="nginx@sha256:" + "12" * 32,
+                image_id="3f1c" * 16, namespace="kube-system")
+FILTER_SET = [A1, A2, A3, A4, A5, A6, A7]
+ALL = ["a7", "a6", "a5", "a4", "a3", "a2", "a1"]
+
+# Arguments both AlertFilter and SubscriberFilter take, and the alerts they select.
+SHARED_CASES = [
+    ({}, ALL),
+    ({"kinds": ["DRIFT"]}, ["a7", "a4", "a1"]),  # any case
+    ({"kinds": "novel"}, ["a5", "a2"]),  # a lone string is one term
+    ({"min_severity": "high"}, ["a6", "a4", "a1"]),
+    ({"min_severity": Severity.CRITICAL}, ["a4"]),
+    ({"min_severity": 2}, ["a6", "a5", "a4", "a3", "a1"]),
+    ({"nodes": ["node-2", "node-3"]}, ["a6", "a5", "a4", "a3"]),
+    ({"namespaces": ["prod"]}, ["a2", "a1"]),
+    ({"exclude_namespaces": ["prod", "kube-system"]}, ["a6", "a5", "a4", "a3"]),  # unknown kept
+    ({"images": ["nginx"]}, ["a7", "a2", "a1"]),  # the repository: every tag and digest
+    ({"images": ["nginx:1.25"]}, ["a1"]),
+    ({"images": ["bb" * 32]}, ["a2"]),  # an image id without sha256:
+    ({"images": ["sha256:" + "cc" * 32]}, ["a3"]),
+    ({"images": ["reg.local:5000/tools/sh"]}, ["a4"]),
+    ({"images": ["efef"]}, ["a6"]),  # an id prefix; the stored id is upper case
+    ({"images": ["SHA256:3F1C"]}, ["a7"]),  # the stored id has no sha256:
+    ({"images": ["sha256:3f1"]}, []),  # 3 hex digits: no prefix
+    ({"exclude_images": ["nginx", "redis:7"]}, ["a6", "a5", "a4"]),
+    ({"containers": ["web"]}, ["a1"]),  # a name, exactly
+    ({"containers": [" web "]}, ["a1"]),  # terms are stripped
+    ({"containers": [CID_API]}, ["a2"]),
+    ({"containers": ["aaaa"]}, ["a4", "a1"]),  # an id prefix
+    ({"containers": ["AAAA1111"]}, ["a1"]),  # case ignored
+    ({"containers": ["aaa"]}, []),  # shorter than MIN_ID_PREFIX
+    ({"containers": ["deadbeef"]}, ["a6"]),
+    ({"containers": ["0123"]}, ["a6"]),  # the name (no id starts with it)
+    ({"containers": ["web-canary-1"]}, ["a7"]),  # a full id that is not hex
+    ({"containers": ["web-"]}, []),  # not hex: a name, never a prefix
+    ({"exclude_containers": ["aaaa", "cache"]}, ["a7", "a6", "a5", "a2"]),
+    ({"kinds": ["drift"], "min_severity": "critical", "nodes": ["node-2"]}, ["a4"]),
+    ({"namespaces": ["prod"], "exclude_containers": ["web"]}, ["a2"]),
+    ({"images": ["nginx"], "exclude_images": ["nginx:1.26"], "containers": ["web", "aaaa4444"]},
+     ["a1"]),
+]
+# Conditions only the store's AlertFilter has (Alerts.List), checked in SQL and in Python.
+STORE_CASES = [
+    ({"exclude_kinds": ["drift", "novel"]}, ["a6", "a3"]),
+    ({"exclude_nodes": ["node-1", "node-2"]}, ["a6", "a5"]),
+    ({"since": 200.0, "until": 400.0}, ["a3", "a2"]),  # since inclusive, until exclusive
+    ({"since": 600.0}, ["a7", "a6"]),
+    ({"until": 100.0}, []),
+]
 
 
-@pytest.mark.parametrize(("alert_filter", "expected"), [
-    (AlertFilter(), ["a5", "a4", "a3", "a2", "a1"]),
-    (AlertFilter(kinds=("drift",)), ["a4", "a1"]),
-    (AlertFilter(kinds="novel"), ["a5", "a2"]),
-    (AlertFilter(exclude_kinds=("drift", "novel")), ["a3"]),
-    (AlertFilter(min_severity="medium"), ["a5", "a4", "a3", "a1"]),
-    (AlertFilter(min_severity=Severity.CRITICAL), ["a4"]),
-    (AlertFilter(min_severity=3), ["a4", "a1"]),
-    (AlertFilter(nodes=("node-2",)), ["a4", "a3"]),
-    (AlertFilter(exclude_nodes=("node-1", "node-2")), ["a5"]),
-    (AlertFilter(namespaces=("prod",)), ["a2", "a1"]),
-    (AlertFilter(exclude_namespaces=("prod",)), ["a5", "a4", "a3"]),  # unknown namespace kept
-    (AlertFilter(images=("nginx",)), ["a2", "a1"]),  # the repository
-    (AlertFilter(images=("nginx:1.25",)), ["a1"]),
-    (AlertFilter(images=("bb" * 32,)), ["a2"]),  # image id without sha256:
-    (AlertFilter(images=("sha256:" + "cc" * 32,)), ["a3"]),
-    (AlertFilter(images=("reg.local:5000/tools/sh",)), ["a4"]),
-    (AlertFilter(exclude_images=("nginx", "redis:7")), ["a5", "a4"]),
-    (AlertFilter(containers=("web",)), ["a1"]),
-    (AlertFilter(containers=(CID_API,)), ["a2"]),
-    (AlertFilter(containers=("aaaa",)), ["a4", "a1"]),  # id prefix
-    (AlertFilter(containers=("aaa",)), []),  # shorter than MIN_ID_PREFIX
-    (AlertFilter(exclude_containers=("aaaa", "cache")), ["a5", "a2"]),
-    (AlertFilter(since=200.0, until=400.0), ["a3", "a2"]),  # since inclusive, until exclusive
-    (AlertFilter(since=500.0), ["a5"]),
-    (AlertFilter(until=100.0), []),
-    (AlertFilter(kinds=("drift",), min_severity="critical", nodes=("node-2",)), ["a4"]),
-    (AlertFilter(namespaces=("prod",), exclude_containers=("web",)), ["a2"]),
-])
-def test_filters_select_exactly_in_sql_and_in_python(store, alert_filter, expected):
-    store.insert_alerts(FILTER_SET)
-    listed, token = store.list_alerts(alert_filter)
-    assert ids(listed) == expected
+@pytest.fixture(scope="module")
+def filter_store(tmp_path_factory):
+    with AlertStore.open(tmp_path_factory.mktemp("filters") / "collector.db") as s:
+        s.insert_alerts(FILTER_SET)
+        yield s
+
+
+def selected(filter_store: AlertStore, kwargs: dict, subscriber: bool) -> dict:
+    alert_filter = AlertFilter(**kwargs)
+    listed, token = filter_store.list_alerts(alert_filter)
     assert token is None
-    assert store.count_alerts(alert_filter) == len(expected)
-    assert [a["id"] for a in reversed(FILTER_SET) if alert_filter.matches(a)] == expected
+    stored = [filter_store.get_alert(i) for i in ALL]  # what the hub is given, newest first
+    out = {"sql": ids(listed), "count": filter_store.count_alerts(alert_filter),
+           "python": [a["id"] for a in stored if alert_filter.matches(a)]}
+    if subscriber:
+        subscription = SubscriberFilter(**kwargs)
+        out["subscriber"] = [a["id"] for a in stored if subscription.matches(a)]
+    return out
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), SHARED_CASES)
+def test_subscribers_and_listings_select_the_same_alerts(filter_store, kwargs, expected):
+    assert selected(filter_store, kwargs, subscriber=True) == {
+        "sql": expected, "count": len(expected), "python": expected, "subscriber": expected}
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), STORE_CASES)
+def test_store_only_conditions_agree_in_sql_and_python(filter_store, kwargs, expected):
+    assert selected(filter_store, kwargs, subscriber=False) == {
+        "sql": expected, "count": len(expected), "python": expected}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"kinds": ("weird",)}, "unknown kind 'weird'"),
-    ({"min_severity": "huge"}, "unknown severity 'huge'"),
-    ({"min_severity": 9}, "is not 1..4"),
-    ({"nodes": ("",)}, "terms must be non-empty strings"),
-    ({"since": 10.0, "until": 5.0}, "since \\(10.0\\) is after until \\(5.0\\)"),
-    ({"since": "yesterday"}, "since must be seconds since the epoch"),
+    ({"kinds": ("drift", "weird")}, "kinds[1]: unknown kind 'weird'; allowed: drift, novel, "
+                                    "anomaly"),
+    ({"min_severity": "huge"}, "min_severity: unknown severity 'huge'; allowed: low, medium, "
+                               "high, critical"),
+    ({"min_severity": 9}, "min_severity: 9 is not 1..4 (low..critical)"),
+    ({"min_severity": 2.5}, "min_severity: 2.5 is not a severity"),
+    ({"nodes": ("",)}, "nodes[0]: empty value; leave the list empty to match any"),
+    ({"containers": ("web", 7)}, "containers[1]: must be a string, got int"),
+    ({"since": 10.0, "until": 5.0}, "since (10.0) is after until (5.0)"),
+    ({"since": "yesterday"}, "since must be seconds since the epoch, got 'yesterday'"),
 ])
 def test_bad_filters_say_what_is_wrong(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as info:
         AlertFilter(**kwargs)
+    assert str(info.value) == message
 
 
 def test_image_repository():
@@ -327,6 +383,151 @@ def test_actions_decided_at_once_are_finished_and_lists_filter(store):
         store.record_action(container_id="", node="node-1", type="kill", reason="x",
                             requested_by="alice")
     assert store.stats()["actions"] == 3
+
+
+def test_actions_keep_with_pause(db_path):
+    with AlertStore.open(db_path) as store:
+        paused = store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
+                                     reason="r", requested_by="policy", with_pause=True, now=1.0)
+        plain = store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
+                                    reason="r", requested_by="alice", now=2.0)
+        assert (paused.with_pause, plain.with_pause) == (True, False)
+        assert paused.to_dict()["with_pause"] is True
+        assert [a.with_pause for a in store.list_actions()] == [False, True]
+        done = store.finish_action(paused.action_id, "done", now=3.0)
+        assert (done.with_pause, done.interrupted) == (True, False)
+        with pytest.raises(ValueError, match="with_pause must be True or False, got 1"):
+            store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
+                                reason="r", requested_by="alice", with_pause=1)
+    with AlertStore.open(db_path) as store:
+        assert store.get_action(paused.action_id) == done
+        assert store.get_action(plain.action_id) == plain
+
+
+def test_a_schema_1_store_is_migrated_and_keeps_its_actions(db_path):
+    raw = sqlite3.connect(db_path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+                "applied_at REAL NOT NULL)")
+    raw.executescript(";\n".join(MIGRATIONS[0]))
+    raw.execute("INSERT INTO schema_version VALUES (1, 0)")
+    raw.execute("INSERT INTO actions VALUES ('old', 5.0, ?, 'web', 'node-1', 'quarantine', "
+                "'r', 'alice', NULL, 'done', 'ok', 6.0)", (CID_WEB,))
+    raw.commit()
+    raw.close()
+    with AlertStore.open(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        old = store.get_action("old")
+        assert (old.status, old.with_pause, old.interrupted, old.finished_at) == (
+            ActionStatus.DONE, False, False, 6.0)
+        assert store.page_actions() == ([old], None)
+
+
+def test_pending_actions_of_a_stopped_collector_fail_once_audited(db_path):
+    with AlertStore.open(db_path) as store:
+        first = store.record_action(container_id=CID_WEB, container_name="web", node="node-1",
+                                    type="quarantine", reason="r", requested_by="policy",
+                                    alert_id="a1", with_pause=True, now=1.0)
+        second = store.record_action(container_id=CID_API, node="node-2", type="kill",
+                                     reason="r", requested_by="alice", now=2.0)
+        done = store.record_action(container_id=CID_API, node="node-2", type="pause",
+                                   reason="r", requested_by="alice", now=0.5)
+        store.finish_action(done.action_id, "done", now=0.7)
+    # the collector stopped before the agents answered; the next one opens the same file
+    with AlertStore.open(db_path) as store:
+        failed = store.fail_pending_actions("restarted", now=10.0)
+        assert [(a.action_id, a.status, a.message, a.finished_at, a.interrupted, a.with_pause)
+                for a in failed] == [
+            (first.action_id, ActionStatus.FAILED, "restarted", 10.0, True, True),
+            (second.action_id, ActionStatus.FAILED, "restarted", 10.0, True, False)]
+        assert store.get_action(done.action_id).status is ActionStatus.DONE
+        assert [(e.actor, e.action, e.target, e.decision, e.reason, e.details)
+                for e in store.list_audit()] == [
+            ("collector", "quarantine", CID_WEB, "failed", "restarted",
+             {"action_id": first.action_id, "node": "node-1", "requested_by": "policy",
+              "requested_at": 1.0}),
+            ("collector", "kill", CID_API, "failed", "restarted",
+             {"action_id": second.action_id, "node": "node-2", "requested_by": "alice",
+              "requested_at": 2.0})]
+        assert store.fail_pending_actions("again") == []
+        assert store.stats()["actions_pending"] == 0
+        # the agent's late result replaces the guess; after that the first result wins again
+        late = store.finish_action(first.action_id, "done", "quarantined", now=11.0)
+        assert (late.status, late.message, late.finished_at, late.interrupted) == (
+            ActionStatus.DONE, "quarantined", 11.0, False)
+        assert store.finish_action(first.action_id, "failed", "replayed", now=12.0) == late
+    with AlertStore.open(db_path) as store:
+        assert store.get_action(second.action_id) == failed[1]
+        assert store.get_action(first.action_id) == late
+
+
+def test_actions_page_newest_first_filtered_in_sql(store):
+    made = []
+    for i in range(9):  # three per second: equal times are ordered by id across pages
+        made.append(store.record_action(
+            container_id=(CID_WEB, CID_API, CID_JOB)[i % 3],
+            container_name=("web", "api", None)[i % 3], node=f"node-{i % 2}",
+            type=("kill", "pause", "quarantine")[i % 3], reason="r", requested_by="alice",
+            action_id=f"act-{i}", now=100.0 + i // 3))
+    newest_first = [a.action_id for a in sorted(made, key=lambda a: (a.created_at, a.action_id),
+                                                reverse=True)]
+    walked, token, pages = [], None, 0
+    while True:
+        page, token = store.page_actions(page_size=4, page_token=token)
+        walked += [a.action_id for a in page]
+        pages += 1
+        if token is None:
+            break
+    assert (walked, pages) == (newest_first, 3)
+
+    def listed(**kwargs) -> list[str]:
+        page, token = store.page_actions(ActionFilter(**kwargs), page_size=100)
+        assert token is None
+        return [a.action_id for a in page]
+
+    assert listed(nodes=["node-1"]) == ["act-7", "act-5", "act-3", "act-1"]
+    assert listed(containers=["web"]) == ["act-6", "act-3", "act-0"]  # a name
+    assert listed(containers=["AAAA"]) == ["act-8", "act-6", "act-5", "act-3", "act-2",
+                                           "act-0"]  # an id prefix of web and job
+    assert listed(types=["pause", "quarantine"], nodes=["node-0"]) == ["act-8", "act-4", "act-2"]
+    assert listed(since=101.0, until=102.0) == ["act-5", "act-4", "act-3"]
+    first, token = store.page_actions(ActionFilter(nodes=["node-1"]), page_size=2)
+    assert [a.action_id for a in first] == ["act-7", "act-5"]
+    with pytest.raises(ValueError, match="another filter"):
+        store.page_actions(ActionFilter(nodes=["node-0"]), page_size=2, page_token=token)
+    store.insert_alerts([make_alert("a1", 1.0), make_alert("a2", 2.0)])
+    _, alerts_token = store.list_alerts(page_size=1)
+    with pytest.raises(ValueError, match="another filter"):  # an alert listing's token
+        store.page_actions(page_token=alerts_token)
+    with pytest.raises(ValueError, match="invalid page token"):
+        store.page_actions(page_token="garbage")
+
+
+def test_a_transaction_is_all_or_nothing_and_a_failed_write_inside_undoes_itself(store):
+    with pytest.raises(RuntimeError, match="changed my mind"), store.transaction():
+        store.audit("alice", "kill", CID_WEB, "request", "r")
+        store.record_action(container_id=CID_WEB, node="node-1", type="kill", reason="r",
+                            requested_by="alice", action_id="act-1")
+        raise RuntimeError("changed my mind")
+    assert (store.list_audit(), store.list_actions()) == ([], [])
+    with store.transaction():
+        store.record_action(container_id=CID_WEB, node="node-1", type="kill", reason="r",
+                            requested_by="alice", action_id="act-1")
+        with pytest.raises(RuntimeError), store.transaction():  # a savepoint
+            store.audit("alice", "kill", CID_WEB, "request", "undone")
+            raise RuntimeError("only this")
+        with pytest.raises(StoreError, match="'act-1' is already stored"):
+            store.record_action(container_id=CID_WEB, node="node-1", type="pause",
+                                reason="r", requested_by="alice", action_id="act-1")
+        store.audit("alice", "kill", CID_WEB, "request", "kept")
+    assert [a.action_id for a in store.list_actions()] == ["act-1"]
+    assert [e.reason for e in store.list_audit()] == ["kept"]
+
+
+def test_get_alerts_reads_many_in_one_call(store):
+    store.insert_alerts([make_alert(f"g{i}", 100.0 + i) for i in range(600)])
+    found = store.get_alerts([f"g{i}" for i in range(0, 600, 2)] + ["nope", "g0"])
+    assert sorted(found) == sorted(f"g{i}" for i in range(0, 600, 2))
+    assert found["g4"] == store.get_alert("g4")
 
 
 # -- agents --------------------------------------------------------------------------------------

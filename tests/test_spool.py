@@ -1,4 +1,5 @@
-"""The alert spool: order, acks by id and by seq, restarts, torn writes, compaction, full."""
+"""The alert spool: order, acks by id and by seq, restarts, torn writes, compaction, full,
+texts from the kernel kept exactly."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import sys
 import threading
 from pathlib import Path
 
+import msgpack
 import pytest
 from driftwarden import spool as spool_module
+from driftwarden.probes.decode import Decoder
 from driftwarden.spool import ACKS_NAME, DATA_NAME, AlertSpool, SpoolError, SpoolFull
+
+from tests.test_decode import LIMITS, exec_record
 
 A, B, C, D = ("a" * 24, "b" * 24, "c" * 24, "d" * 24)
 
@@ -312,3 +317,42 @@ def test_killed_writer_loses_nothing_it_reported(tmp_path: Path) -> None:
         assert len(seqs) >= 30 * 100
         assert seqs == list(range(len(seqs)))  # nothing lost, nothing out of order
         assert spool.append([alert(A)]) == [len(seqs)]
+
+
+# -- texts from the kernel -----------------------------------------------------------------------
+
+
+def test_undecodable_kernel_bytes_and_lone_surrogates_round_trip_exactly(tmp_path: Path) -> None:
+    # an exec whose filename and argv hold bytes that are not UTF-8, decoded as the probes do
+    event = Decoder(LIMITS).decode(exec_record(b"/tmp/\xff\xfe-x", [b"x", b"caf\xe9", "na\xefve"]))
+    assert (event.filename, event.argv) == ("/tmp/\udcff\udcfe-x", ("x", "caf\udce9", "na\xefve"))
+    lone = "/srv/\ud800odd"  # a surrogate no decoder made: kept as well
+    written = alert(A, events=[{"kind": "exec", "path": event.filename,
+                                "argv": list(event.argv)}],
+                    process={"exe": event.filename, "argv": list(event.argv)},
+                    paths={lone: "\udc80", "emoji": "\U0001f600"})
+    with AlertSpool(tmp_path, fsync=False) as spool:
+        assert spool.append([written, alert(B)]) == [0, 1]
+        assert spool.pending() == [(0, written), (1, alert(B))]
+    with AlertSpool(tmp_path, fsync=False) as spool:
+        (seq, back), _ = spool.pending()
+        assert (seq, back) == (0, written)
+        assert back["events"][0]["path"].encode("utf-8", "surrogateescape") == b"/tmp/\xff\xfe-x"
+        assert back["process"]["argv"][1].encode("utf-8", "surrogateescape") == b"caf\xe9"
+        assert spool.stats.corrupt_skipped == 0
+    data = (tmp_path / DATA_NAME).read_bytes()
+    assert "/tmp/\udcff\udcfe-x".encode("utf-8", "surrogatepass") in data
+
+
+def test_a_spool_written_before_surrogatepass_still_reads(tmp_path: Path) -> None:
+    # the former format: strict UTF-8 strings, framed the same way
+    old = [alert(A, text="na\xefve \u65e5\u672c"), alert(B)]
+    records = [spool_module._frame(msgpack.packb([seq, a], use_bin_type=True))
+               for seq, a in enumerate(old)]
+    (tmp_path / DATA_NAME).write_bytes(spool_module._file_header(0) + b"".join(records))
+    with AlertSpool(tmp_path, fsync=False) as spool:
+        assert spool.pending() == [(0, old[0]), (1, old[1])]
+        assert spool.append([alert(C, path="/tmp/\udcff")]) == [2]
+        assert spool.stats.to_dict()["recovered"] == 2
+    with AlertSpool(tmp_path, fsync=False) as spool:
+        assert spool.pending() == [(0, old[0]), (1, old[1]), (2, alert(C, path="/tmp/\udcff"))]
