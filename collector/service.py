@@ -507,11 +507,14 @@ class CollectorService:
         (``batch_errors``) and audited instead of ending the stream before the ack."""
         node = session.node
         for i, alert in enumerate(batch.alerts):
-            claimed = alert.container.node
+            claimed = alert.container.node or self._connected_host_of(alert.container.id, node)
             if claimed and claimed != node:
-                reason = (f"alert_batch rejected: alerts[{i}] (id {alert.id}) claims node "
-                          f"{claimed!r} but this stream is node {node!r}; nothing of the batch "
-                          "is stored or acked")
+                problem = (f"claims node {claimed!r}" if alert.container.node else
+                           f"is about container {alert.container.id[:12]}, which node "
+                           f"{claimed!r} runs,")
+                reason = (f"alert_batch rejected: alerts[{i}] (id {alert.id}) {problem} "
+                          f"but this stream is node {node!r}; nothing of the batch is stored "
+                          "or acked")
                 self._alerts_received.labels("rejected").inc(len(batch.alerts))
                 self.store.audit(node, "alert-batch", node, "rejected", reason,
                                  {"alerts": len(batch.alerts), "claimed_node": claimed})
@@ -536,6 +539,19 @@ class CollectorService:
         self._apply_policy(session, changed)
         session.send(agent_pb2.CollectorCommand(ack=agent_pb2.Ack(
             alert_ids=[a.id for a in batch.alerts], spool_seqs=list(batch.spool_seqs))))
+
+    def _connected_host_of(self, container_id: str, asking: str) -> str | None:
+        """Another connected node whose heartbeat lists the container: an agent reports and
+        acts for its own node's containers only, also when its alert leaves the node unset.
+        (Only connected nodes count: a node renamed while its containers ran is not locked
+        out of them by its old name's last heartbeat.)"""
+        if not container_id:
+            return None
+        with self._lock:
+            for other, live in self._live.items():
+                if other != asking and other in self._sessions and container_id in live:
+                    return other
+        return None
 
     def _changed_alerts(self, docs: list[dict[str, Any]], outcomes: list[InsertOutcome],
                         ) -> list[dict[str, Any]]:

@@ -290,7 +290,7 @@ def test_protect_mode_drift_is_quarantined_automatically(stack, bb_image):
 
         # The alerts are published before the policy runs on them, in the order they came:
         # once the DONE event is here, an action for the monitor drift would be too.
-        events = sub.wait_for_actions(lambda a: a.status == DONE, 1, "the quarantine", stack)
+        sub.wait_for_actions(lambda a: a.status == DONE, 1, "the quarantine", stack)
         events = sub.actions()
         assert [event_fields(e) for e in events] == [
             policy_event(c, alert, PENDING, ACT_REASON),
