@@ -12,14 +12,22 @@ Client flags (every client command)
     given). :func:`operator_channel` builds the channel from them.
 
 Output
-    ``alerts``: a table (TIME KIND SEV CONTAINER IMAGE NODE REASON; UTC times; one line per alert,
-    cut to the terminal width) or, with ``--json``, one ``wire.alert_dict_from_proto`` object per
-    line; action events are ``{"action": {...}}`` lines and stream notices ``{"notice": {...}}``.
+    On a terminal (stdout a TTY, not ``--json`` or ``--plain``, TERM not ``dumb``): rich tables
+    (driftwarden._alert_table): ``alerts`` and ``agents`` print one; ``alerts --follow`` keeps
+    a live table of the newest alerts, actions, overflow notices and connection events, bounded
+    to the terminal's height, with a status line, redrawn at most 4 times a second from a
+    thread of its own so a slow terminal never holds up the stream. ``NO_COLOR`` turns colours
+    off.
+
+    Otherwise (a pipe or a file, or ``--plain``), ``alerts`` prints plain lines: a table (TIME
+    KIND SEV CONTAINER IMAGE NODE REASON; UTC times; one line per alert, cut to the terminal
+    width) or, with ``--json``, one ``wire.alert_dict_from_proto`` object per line; action
+    events are ``{"action": {...}}`` lines and stream notices ``{"notice": {...}}``.
     In the table, action events and notices are lines of their own after the time:
     ``>> quarantine web-1: done (policy rule R)`` and ``!! 12 alerts dropped (slow reader)``.
     Lines about the connection start with ``--`` (on stderr with ``--json``). Every line is
     flushed as written. Texts from the collector are printed with control characters replaced
-    by ``?`` (a container name must not drive the terminal).
+    by ``?`` (a container name must not drive the terminal), in every output.
 
 Exit codes: 0 success; 1 a failed call or action (the reason is one line on stderr, or the
 action's outcome on stdout); 2 bad input (:class:`UsageError`, printed by the CLI; also a request
@@ -48,7 +56,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from driftwarden import _alert_table as rich_table
 from driftwarden import wire
+from driftwarden._alert_table import (
+    action_target,
+    action_time,
+    alert_cells,
+    clean_text,
+    format_time,
+    notice_text,
+    requested_by_text,
+)
+from driftwarden._alert_table import enum_text as _enum_text
 from driftwarden.errors import UsageError
 from driftwarden.netaddr import host_port, is_loopback
 from driftwarden.v1 import (
@@ -61,6 +80,7 @@ from driftwarden.v1 import (
     common_pb2,
 )
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +196,6 @@ def describe_rpc_error(code: grpc.StatusCode, details: str, *, collector: str,
     return f"the call to the collector at {collector} failed: {code.name}{said}", 1
 
 
-def clean_text(text: str) -> str:
-    """`text` with every non-printable character (newline, ESC, ...) as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def format_time(ts: Timestamp | None) -> str:
-    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
-        return "-"
-    return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def format_age(seconds: float) -> str:
     """Seconds since something -> ``"4s ago"``, ``"12m ago"``, ``"3h ago"``, ``"2d ago"``."""
     seconds = max(0, int(seconds))
@@ -194,13 +203,6 @@ def format_age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
-
-
-def _enum_text(enum: wire.EnumText, number: int) -> str:
-    try:
-        return enum.from_proto(number)
-    except wire.InvalidMessage:
-        return "-" if number == 0 else str(number)
 
 
 def _fit(text: str, width: int) -> str:
@@ -248,26 +250,6 @@ ALERT_COLUMNS = (Column("TIME", 20), Column("KIND", 7), Column("SEV", 8),
                  Column("REASON", None))
 
 
-def alert_cells(msg: common_pb2.Alert) -> list[str]:
-    container = msg.container
-    if container.HasField("name"):
-        name = container.name
-    else:
-        name = container.id[:12] if container.HasField("id") else "-"
-    image = container.image
-    if image.HasField("name"):
-        image_text = image.name
-    else:
-        image_text = image.id[:19] if image.HasField("id") else "-"
-    reason = "-"
-    if msg.reasons:
-        reason = msg.reasons[0].text or msg.reasons[0].code
-    cells = [format_time(msg.time if msg.HasField("time") else None),
-             _enum_text(wire.ALERT_KIND, msg.kind), _enum_text(wire.SEVERITY, msg.severity),
-             name, image_text, container.node or "-", reason]
-    return [clean_text(c) or "-" for c in cells]
-
-
 class AlertTable:
     """The alert table's lines for a terminal `width`. ``fit_rows``: size the middle columns to
     these rows (a listing); None: fixed widths (a live view, rows unknown in advance)."""
@@ -295,22 +277,14 @@ class AlertTable:
 
 def action_event_text(action: actions_pb2.Action) -> str:
     """``quarantine web-1: done (policy rule quarantine-protect-drift)``."""
-    target = action.container_name or action.container_id[:12] or "?"
     status = _enum_text(wire.ACTION_STATUS, action.status)
-    text = f"{_enum_text(wire.ACTION_TYPE, action.type)} {target}: {status}"
+    text = f"{_enum_text(wire.ACTION_TYPE, action.type)} {action_target(action)}: {status}"
     if action.message:
         text += f": {action.message}"
-    who = action.requested_by
-    if who.startswith("policy:"):
-        text += f" (policy rule {who.removeprefix('policy:')})"
-    elif who:
-        text += f" (by {who.replace(':', ' ', 1)})"
+    who = requested_by_text(action.requested_by)
+    if who:
+        text += f" ({who})"
     return clean_text(text)
-
-
-def notice_text(notice: alerts_pb2.StreamNotice) -> str:
-    noun = "alert" if notice.dropped == 1 else "alerts"
-    return clean_text(f"{notice.dropped} {noun} dropped ({notice.text or 'slow reader'})")
 
 
 def _timestamp_json(msg: Any, field: str) -> float | None:
@@ -330,13 +304,6 @@ def action_dict(action: actions_pb2.Action) -> dict[str, Any]:
 def notice_dict(notice: alerts_pb2.StreamNotice) -> dict[str, Any]:
     return {"dropped": notice.dropped, "text": notice.text,
             "time": _timestamp_json(notice, "time")}
-
-
-def _action_time(action: actions_pb2.Action) -> Timestamp | None:
-    for field in ("finished_at", "requested_at"):
-        if action.HasField(field):
-            return getattr(action, field)
-    return None
 
 
 # -- the channel ---------------------------------------------------------------------------------
@@ -529,9 +496,12 @@ class _Printer:
         stream.write(line + "\n")
         stream.flush()
 
-    def header(self) -> None:
+    def start(self) -> None:
         if not self.json_lines:
             self._write(self.table.header())
+
+    def finish(self) -> None:
+        pass
 
     def alert(self, msg: common_pb2.Alert) -> None:
         if not self.json_lines:
@@ -549,7 +519,7 @@ class _Printer:
         if self.json_lines:
             self._write(json.dumps({"action": action_dict(action)}))
         else:
-            self._write(self.table.event(_action_time(action), ">> " + action_event_text(action)))
+            self._write(self.table.event(action_time(action), ">> " + action_event_text(action)))
 
     def notice(self, notice: alerts_pb2.StreamNotice) -> None:
         if self.json_lines:
@@ -558,9 +528,51 @@ class _Printer:
             when = notice.time if notice.HasField("time") else None
             self._write(self.table.event(when, "!! " + notice_text(notice)))
 
-    def info(self, text: str) -> None:
+    def info(self, text: str, state: str | None = None) -> None:
         """A line about the connection: stdout in the table, stderr beside JSON lines."""
         self._write(f"-- {text}", self.err if self.json_lines else self.out)
+
+
+class _LivePrinter:
+    """``alerts --follow`` on a terminal: the same calls as :class:`_Printer`, drawn as a live
+    table (driftwarden._alert_table). Adding a row never waits for the terminal."""
+
+    def __init__(self, console: Console, collector: str, clock: Callable[[], float]) -> None:
+        self.view = rich_table.LiveAlertView(collector)
+        self.display = rich_table.LiveDisplay(console, self.view)
+        self.clock = clock
+
+    def start(self) -> None:
+        self.view.set_state("following")
+        self.display.start()
+
+    def finish(self) -> None:
+        if self.view.state != "ended":
+            self.view.set_state("stopped")
+        self.display.stop()
+
+    def alert(self, msg: common_pb2.Alert) -> None:
+        self.view.add_alert(msg)
+
+    def action(self, action: actions_pb2.Action) -> None:
+        self.view.add_action(action)
+
+    def notice(self, notice: alerts_pb2.StreamNotice) -> None:
+        self.view.add_notice(notice)
+
+    def info(self, text: str, state: str | None = None) -> None:
+        self.view.add_info(self.clock(), text, state)
+
+
+def _rich_console(args: argparse.Namespace, out: TextIO) -> Console | None:
+    """A rich console when `out` is a terminal and neither --json nor --plain was given
+    (TERM=dumb counts as no terminal); None: the plain output."""
+    if args.json or args.plain or os.environ.get("TERM") == "dumb":
+        return None
+    isatty = getattr(out, "isatty", None)
+    if isatty is None or not isatty():
+        return None
+    return rich_table.terminal_console(out, os.environ)
 
 
 def run_alerts(args: argparse.Namespace, *, out: TextIO | None = None,
@@ -571,11 +583,17 @@ def run_alerts(args: argparse.Namespace, *, out: TextIO | None = None,
     err = err or sys.stderr
     since = parse_since(args.since, clock()) if args.since else None
     request_filter = alert_filter(args)
-    width = shutil.get_terminal_size().columns
+    console = _rich_console(args, out)
     with operator_channel(args) as channel:
         if args.follow:
+            printer: _Printer | _LivePrinter
+            if console is not None:
+                printer = _LivePrinter(console, collector_address(args), clock)
+            else:
+                printer = _Printer(out, err, json_lines=args.json,
+                                   table=AlertTable(shutil.get_terminal_size().columns))
             with _stop_event(stop) as halt:
-                return _Follower(args, channel, request_filter, out, err, width, halt,
+                return _Follower(args, channel, request_filter, printer, err, halt,
                                  clock).run(since)
         try:
             alerts = _list_alerts(alerts_pb2_grpc.AlertsStub(channel), request_filter, since,
@@ -584,13 +602,19 @@ def run_alerts(args: argparse.Namespace, *, out: TextIO | None = None,
                                      args.limit) if args.actions else [])
         except grpc.RpcError as exc:
             return _report_rpc_error(exc, args, err)
-    table = AlertTable(width, [alert_cells(a) for a in alerts])
-    printer = _Printer(out, err, json_lines=args.json, table=table)
     if not alerts and not actions:
         if not args.json:
             print("no alerts", file=out, flush=True)
         return 0
-    printer.header()
+    if console is not None:
+        rows = [rich_table.alert_row(item) if isinstance(item, common_pb2.Alert)
+                else rich_table.action_row(item) for _, _, item in _oldest_first(alerts, actions)]
+        console.print(rich_table.alerts_table(rows, rich_table.column_widths(console.width,
+                                                                             rows)))
+        return 0
+    table = AlertTable(shutil.get_terminal_size().columns, [alert_cells(a) for a in alerts])
+    printer = _Printer(out, err, json_lines=args.json, table=table)
+    printer.start()
     for _, _, item in _oldest_first(alerts, actions):
         if isinstance(item, common_pb2.Alert):
             printer.alert(item)
@@ -606,7 +630,7 @@ def _oldest_first(alerts: Sequence[common_pb2.Alert],
     for i, alert in enumerate(reversed(alerts)):
         items.append((alert.time.ToNanoseconds(), i, alert))
     for i, action in enumerate(reversed(actions)):
-        when = _action_time(action)
+        when = action_time(action)
         items.append((when.ToNanoseconds() if when else 0, len(alerts) + i, action))
     items.sort(key=lambda item: (item[0], item[1]))
     return items
@@ -633,8 +657,8 @@ class _Follower:
     backoff when the collector goes away."""
 
     def __init__(self, args: argparse.Namespace, channel: grpc.Channel,
-                 request_filter: alerts_pb2.AlertFilter, out: TextIO, err: TextIO, width: int,
-                 stop: threading.Event, clock: Callable[[], float]) -> None:
+                 request_filter: alerts_pb2.AlertFilter, printer: _Printer | _LivePrinter,
+                 err: TextIO, stop: threading.Event, clock: Callable[[], float]) -> None:
         self.args = args
         self.clock = clock
         self.channel = channel
@@ -642,7 +666,7 @@ class _Follower:
         self.request_filter = request_filter
         self.request = alerts_pb2.SubscribeRequest(filter=request_filter, include_notices=True,
                                                    include_actions=args.actions)
-        self.printer = _Printer(out, err, json_lines=args.json, table=AlertTable(width))
+        self.printer = printer
         self.err = err
         self.stop = stop
         self.address = collector_address(args)
@@ -664,9 +688,10 @@ class _Follower:
             self._done.set()
             self._set_call(None)
             watcher.join()
+            self.printer.finish()
 
     def _loop(self, since: float | None) -> int:
-        self.printer.header()
+        self.printer.start()
         backlog = since is not None
         delay = RECONNECT_BACKOFF[0]
         while not self.stop.is_set():
@@ -684,20 +709,23 @@ class _Follower:
                 if self.stop.is_set():
                     return 0
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    self.printer.finish()  # the last frame first, then the error below it
                     return _report_rpc_error(exc, self.args, self.err)
                 lost_at = self.clock()
-                self.printer.info(f"lost the collector at {self.address}; reconnecting...")
+                self.printer.info(f"lost the collector at {self.address}; reconnecting...",
+                                  "reconnecting")
                 if not self._reconnect(delay):
                     return 0
                 delay = min(delay * 2, RECONNECT_BACKOFF[1])
                 since_text = datetime.fromtimestamp(int(lost_at), UTC).strftime(
                     "%Y-%m-%dT%H:%M:%SZ")
                 self.printer.info(f"reconnected to {self.address}; alerts stored meanwhile may "
-                                  f"be missing here (driftwarden alerts --since {since_text})")
+                                  f"be missing here (driftwarden alerts --since {since_text})",
+                                  "following")
                 continue
             if self.stop.is_set():
                 return 0
-            self.printer.info("the collector ended the stream")
+            self.printer.info("the collector ended the stream", "ended")
             return 0
         return 0
 
@@ -886,6 +914,10 @@ def run_agents(args: argparse.Namespace, *, out: TextIO | None = None,
         return 0
     now = clock()
     rows = [agent_cells(a, now) for a in agents]
+    console = _rich_console(args, out)
+    if console is not None:
+        console.print(rich_table.agents_table([(c.name, c.right) for c in AGENT_COLUMNS], rows))
+        return 0
     widths = _widths(AGENT_COLUMNS, rows)
     for cells in [[c.name for c in AGENT_COLUMNS], *rows]:
         print(_row(AGENT_COLUMNS, widths, cells), file=out, flush=True)
@@ -952,14 +984,23 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
                        "deployments; this build is loopback-only by default)")
 
 
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="one JSON object per line")
+    group.add_argument("--plain", action="store_true",
+                       help="plain text lines even on a terminal (the output for pipes and "
+                       "files; NO_COLOR only turns colours off)")
+
+
 def _add_alerts(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "alerts", help="list stored alerts, or follow new ones live",
-        description="List the collector's stored alerts (newest last), or with --follow print "
-        "alerts as they arrive until Ctrl-C. Filters apply on the collector.")
+        description="List the collector's stored alerts (newest last), or with --follow show "
+        "alerts as they arrive until Ctrl-C (on a terminal: a live table). Filters apply on "
+        "the collector.")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream new alerts (with --since: the stored ones first)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_output_flags(p)
     p.add_argument("--kind", type=_kind_list, action="append", default=[], metavar="LIST",
                    help=f"only these kinds: comma list of {','.join(wire.ALERT_KIND.texts)}")
     p.add_argument("--min-severity", choices=wire.SEVERITY.texts, default=None,
@@ -1006,7 +1047,7 @@ def _add_agents(subparsers: argparse._SubParsersAction) -> None:
         "agents", help="the agents the collector knows",
         description="Every agent that connected since the collector started: connection, "
         "version, mode, containers watched, spool depth, dropped events, last heartbeat.")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_output_flags(p)
     _add_client_flags(p)
     p.set_defaults(func=run_agents)
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import pty
+import re
 import shutil
 import signal
 import socket
@@ -372,6 +375,10 @@ class _Tap(io.StringIO):
         with self._changed:
             return self._changed.wait_for(lambda: self.getvalue().count("\n") >= n, timeout)
 
+    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: text in self.getvalue(), timeout)
+
 
 def _follow_in_thread(args: argparse.Namespace, out: io.StringIO, stop: threading.Event,
                       **kw) -> tuple[threading.Thread, list[int]]:
@@ -694,6 +701,215 @@ def test_no_agents(api: FakeOperatorApi) -> None:
     out = io.StringIO()
     assert run_agents(parse("agents", "--collector", api.address), out=out) == 0
     assert lines(out) == ["no agents have connected to this collector"]
+
+
+# -- on a terminal: rich tables ------------------------------------------------------------------
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class _Terminal(_Tap):
+    """What the commands take for a terminal (stdout a TTY)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> _Terminal:
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    return _Terminal()
+
+
+def screen(out: io.StringIO) -> list[str]:
+    """What a terminal shows at the end: for a live display its last frame (what follows the
+    last erase-line code), without colours, trailing spaces dropped."""
+    text = _ANSI.sub("", out.getvalue().split("\x1b[2K")[-1])
+    return [line.rstrip() for line in text.splitlines()]
+
+
+def test_alerts_on_a_terminal_is_a_rich_table(api: FakeOperatorApi, terminal: _Terminal) -> None:
+    api.alerts = [A2, A1]
+    api.actions = [QUARANTINE]
+    assert run_alerts(parse("alerts", "--actions", "--collector", api.address),
+                      out=terminal) == 0
+    assert screen(terminal) == [
+        "TIME                  SEV       KIND     NODE    CONTAINER     IMAGE                "
+        "REASON                                             COUNT",
+        "─" * 140,
+        "2023-11-14T22:13:25Z  high      drift    node-a  web-1         nginx:1.25           "
+        "ran /tmp/x, which the image does not contain (ad…      1",
+        "2023-11-14T22:13:27Z            action   node-a  web-1         -                    "
+        "quarantine done (policy rule quarantine-protect-…",
+        "2023-11-14T22:14:25Z  medium    novel    node-b  f00dcafef00d  sha256:abababababab  "
+        "connected to 127.0.0.1:4444, never seen for this…      1"]
+    assert "\x1b[1;31mhigh" in terminal.getvalue()  # coloured
+
+
+def test_plain_json_and_dumb_terminals_keep_the_plain_output(api: FakeOperatorApi,
+                                                             terminal: _Terminal,
+                                                             monkeypatch) -> None:
+    api.alerts = [A3, A2, A1]
+    assert run_alerts(parse("alerts", "--plain", "--collector", api.address), out=terminal) == 0
+    assert lines(terminal) == [HEADER, ROW1, ROW2, ROW3]
+    out = _Terminal()
+    assert run_alerts(parse("alerts", "--json", "--collector", api.address), out=out) == 0
+    assert [json.loads(line)["id"] for line in lines(out)] == [A1.id, A2.id, A3.id]
+    monkeypatch.setenv("TERM", "dumb")
+    out = _Terminal()
+    assert run_alerts(parse("alerts", "--collector", api.address), out=out) == 0
+    assert lines(out) == [HEADER, ROW1, ROW2, ROW3]
+
+
+def test_json_and_plain_exclude_each_other(capsys) -> None:
+    for command in ("alerts", "agents"):
+        with pytest.raises(SystemExit):
+            parse(command, "--json", "--plain")
+        assert "argument --plain: not allowed with argument --json" in capsys.readouterr().err
+
+
+def test_agents_on_a_terminal(api: FakeOperatorApi, terminal: _Terminal, monkeypatch) -> None:
+    api.agents = AGENTS
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert run_agents(parse("agents", "--collector", api.address), out=terminal,
+                      clock=lambda: float(T0)) == 0
+    assert screen(terminal) == [
+        "NODE    CONNECTED  VERSION  MODE     CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
+        "─" * 79,
+        "node-a  yes        0.5.0    learn            12      0       14  4s ago",
+        "node-b  no         0.4.0    monitor           0   1234        0  2h ago",
+        "node-c  no         -        -                 0      0        0  never"]
+    assert re.findall(r"\x1b\[[0-9;]*(?:3[0-7]|4[0-7])m", terminal.getvalue()) == []
+    assert "\x1b[1mNODE" in terminal.getvalue()  # NO_COLOR keeps bold
+
+
+def test_follow_on_a_terminal_is_a_live_table(api: FakeOperatorApi,
+                                              terminal: _Terminal) -> None:
+    api.subscribe_script = [SubscribeScript(events=[
+        _event(alert=A1), _event(notice=NOTICE), _event(action=QUARANTINE), _event(alert=A2)])]
+    args = parse("alerts", "--follow", "--actions", "--collector", api.address)
+    assert run_alerts(args, out=terminal, stop=threading.Event(),
+                      clock=lambda: T0 + 1000.0) == 0
+    raw = terminal.getvalue()
+    assert raw.startswith("\x1b[?25l")  # the cursor hidden while live,
+    assert raw.endswith("\x1b[?25h")  # and back
+    assert screen(terminal) == [
+        "TIME                  SEV       KIND     NODE    CONTAINER     IMAGE                "
+        "REASON                                             COUNT",
+        "─" * 140,
+        "2023-11-14T22:13:25Z  high      drift    node-a  web-1         nginx:1.25           "
+        "ran /tmp/x, which the image does not contain (ad…      1",
+        "2023-11-14T22:14:30Z            notice                                              "
+        "12 alerts dropped (slow reader)",
+        "2023-11-14T22:13:27Z            action   node-a  web-1         -                    "
+        "quarantine done (policy rule quarantine-protect-…",
+        "2023-11-14T22:14:25Z  medium    novel    node-b  f00dcafef00d  sha256:abababababab  "
+        "connected to 127.0.0.1:4444, never seen for this…      1",
+        "2023-11-14T22:30:00Z                                                                "
+        "the collector ended the stream",
+        "the collector ended the stream | 2 alerts, 1 action | 12 dropped by the collector "
+        "(slow reader)"]
+
+
+def test_follow_on_a_terminal_shows_the_newest_rows_that_fit(api: FakeOperatorApi,
+                                                             terminal: _Terminal,
+                                                             monkeypatch) -> None:
+    monkeypatch.setenv("LINES", "10")
+    alerts = [_alert(100 + n, T0 + n, AlertKind.DRIFT, Severity.LOW,
+                     _container(f"{n:064x}", f"c{n}", "img", None), "n", f"r{n}")
+              for n in range(12)]
+    api.subscribe_script = [SubscribeScript(events=[_event(alert=a) for a in alerts])]
+    assert run_alerts(parse("alerts", "-f", "--collector", api.address), out=terminal,
+                      stop=threading.Event(), clock=lambda: T0 + 1000.0) == 0
+    shown = screen(terminal)
+    assert len(shown) == 10 - 1
+    assert [line.split()[4] for line in shown[2:-2]] == ["c7", "c8", "c9", "c10", "c11"]
+    assert shown[-2] == ("2023-11-14T22:30:00Z                                             the "
+                         "collector ended the stream")
+    assert shown[-1] == "the collector ended the stream | 12 alerts, 0 actions"
+
+
+def test_follow_on_a_terminal_reconnects(api: FakeOperatorApi, terminal: _Terminal) -> None:
+    api.subscribe_script = [
+        SubscribeScript(events=[_event(alert=A1)],
+                        end=(grpc.StatusCode.UNAVAILABLE, "collector shutting down")),
+        SubscribeScript(events=[_event(alert=A2)], end="hold")]
+    stop = threading.Event()
+    thread, result = _follow_in_thread(parse("alerts", "-f", "--collector", api.address),
+                                       terminal, stop, clock=lambda: T0 + 1000.0)
+    try:  # the status line has the whole hint (the row's reason column cuts it)
+        assert terminal.wait_for(f"reconnected to {api.address}; alerts stored meanwhile may "
+                                 f"be missing here (driftwarden alerts --since "
+                                 f"2023-11-14T22:30:00Z)")
+        assert terminal.wait_for("f00dcafef00d")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert result == [0]
+    shown = screen(terminal)
+    assert [(line[:20], line[84:105]) for line in shown[2:-1]] == [
+        ("2023-11-14T22:13:25Z", "ran /tmp/x, which the"),
+        ("2023-11-14T22:30:00Z", "lost the collector at"),
+        ("2023-11-14T22:30:00Z", "reconnected to 127.0."),
+        ("2023-11-14T22:14:25Z", "connected to 127.0.0.")]
+    assert shown[-1] == "stopped | 2 alerts, 0 actions"
+
+
+def test_follow_on_a_terminal_reports_a_refused_subscription_below_the_table(
+        api: FakeOperatorApi, terminal: _Terminal) -> None:
+    api.errors["Alerts.Subscribe"] = (grpc.StatusCode.UNAUTHENTICATED, "missing token")
+    err = io.StringIO()
+    assert run_alerts(parse("alerts", "-f", "--collector", api.address), out=terminal,
+                      err=err, stop=threading.Event()) == 1
+    assert terminal.getvalue().endswith("\x1b[?25h")  # the display ended before the error
+    assert screen(terminal)[-1] == "stopped | 0 alerts, 0 actions"
+    assert lines(err) == [f"driftwarden: error: the collector at {api.address} refused our "
+                          f"credentials (missing token): check --token-file (or the operator "
+                          f"certificate given with --tls-cert/--tls-key)"]
+
+
+def test_follow_on_a_pseudo_terminal_ends_cleanly_on_ctrl_c(api: FakeOperatorApi) -> None:
+    api.subscribe_script = [SubscribeScript(events=[_event(alert=A1)], end="hold")]
+    main, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "12"}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FOLLOW_MAIN, "alerts", "-f", "--collector", api.address],
+            stdin=subprocess.DEVNULL, stdout=child, stderr=subprocess.PIPE, env=env,
+            cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(child)
+    shown = _Tap()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            shown.write(data.decode("utf-8", "replace"))
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        assert shown.wait_for("web-1")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main)
+    assert (proc.returncode, err) == (0, b"")
+    raw = shown.getvalue()
+    assert raw.endswith("\x1b[?25h")  # the cursor is back
+    assert screen(shown)[2].startswith("2023-11-14T22:13:25Z  high      drift    node-a  web-1")
+    assert screen(shown)[-1] == "stopped | 1 alert, 0 actions"
 
 
 # -- certs and mutual TLS ------------------------------------------------------------------------
