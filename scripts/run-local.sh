@@ -40,7 +40,7 @@ driftwarden: collector on $ADDR (alerts in $STATE/collector.db, log $STATE/colle
 driftwarden: agent learning every container (baselines in $STATE/agent, log $STATE/agent.log)
 driftwarden: metrics at http://127.0.0.1:9464/metrics (collector) and :9465 (agent)
 driftwarden: live alerts below; Ctrl-C stops everything. In another shell, try:
-  docker run --rm --network none <image> sh -c 'cp /bin/busybox /tmp/x; /tmp/x true'
+  docker run --rm --network none <image> sh -c 'cp /bin/busybox /tmp/ls; /tmp/ls /'
   $PY -m driftwarden agents --collector $ADDR
 MSG
 "$PY" -m driftwarden alerts --collector "$ADDR" --follow --actions || true
