@@ -116,6 +116,7 @@ class RuntimeState:
     status: str  # the runtime's word: running, paused, exited, created, restarting, dead, ...
     running: bool
     paused: bool
+    pid: int = 0  # the container's init process on this host; 0 when not running
 
 
 class ContainerRuntime(Protocol):
@@ -146,7 +147,8 @@ class DockerRuntime:
         info = self._call("inspect", lambda api: api.inspect_container(container_id))
         state = info.get("State") or {}
         return RuntimeState(status=str(state.get("Status", "unknown")),
-                            running=bool(state.get("Running")), paused=bool(state.get("Paused")))
+                            running=bool(state.get("Running")), paused=bool(state.get("Paused")),
+                            pid=int(state.get("Pid") or 0))
 
     def pause(self, container_id: str) -> None:
         self._call("pause", lambda api: api.pause(container_id))
@@ -441,6 +443,22 @@ def container_cgroup_candidates(cgroup_root: Path, container_id: str) -> tuple[P
             cgroup_root / "system.slice" / f"docker-{container_id}.scope")
 
 
+def cgroup_dir_of_process(cgroup_root: Path, proc_root: Path, pid: int) -> Path | None:
+    """The cgroup v2 directory of a process, from its ``/proc/PID/cgroup`` ("0::/path" line):
+    where a container lives whatever made its cgroup (kubelet's kubepods slices, a runtime's
+    own parent). None when the process is gone or has no v2 entry."""
+    try:
+        text = (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::/"):
+            path = cgroup_root / line[4:].strip()
+            # "/" is the root cgroup: never a container's, and never quarantined
+            return path if path != cgroup_root and path.is_dir() else None
+    return None
+
+
 class ContainerActions:
     """Runs actions on this host's containers; see the module docstring for the outcomes.
 
@@ -450,9 +468,11 @@ class ContainerActions:
     """
 
     def __init__(self, runtime: ContainerRuntime, *, cgroup_root: str | os.PathLike | None = None,
-                 quarantine: QuarantineBackend | None = None) -> None:
+                 quarantine: QuarantineBackend | None = None,
+                 proc_root: str | os.PathLike = "/proc") -> None:
         self.runtime = runtime
         self._cgroup_root = Path(cgroup_root) if cgroup_root is not None else None
+        self._proc_root = Path(proc_root)
         self.quarantine_backend: QuarantineBackend = quarantine or BpfQuarantine()
         self._lock = threading.Lock()
         self._counts: collections.Counter[tuple[str, ActionStatus]] = collections.Counter()
@@ -623,10 +643,19 @@ class ContainerActions:
         return result(ActionStatus.DONE, done_text, state)
 
     def _cgroup_dir(self, cid: str) -> Path | None:
+        """Docker's usual places first (no runtime call); else where the container's init
+        process is, which covers Kubernetes pods and other cgroup parents."""
         if self._cgroup_root is None:
             self._cgroup_root = find_cgroup2_root()
-        return next((p for p in container_cgroup_candidates(self._cgroup_root, cid)
-                     if p.is_dir()), None)
+        found = next((p for p in container_cgroup_candidates(self._cgroup_root, cid)
+                      if p.is_dir()), None)
+        if found is not None:
+            return found
+        try:
+            pid = self.runtime.state(cid).pid
+        except (ContainerNotFoundError, RuntimeActionError):
+            return None
+        return cgroup_dir_of_process(self._cgroup_root, self._proc_root, pid) if pid > 0 else None
 
     def _locate(self, action: str, cid: str) -> Path | ActionResult:
         try:
@@ -637,8 +666,9 @@ class ContainerActions:
             tried = ", ".join(str(p) for p in container_cgroup_candidates(
                 self._cgroup_root or Path("?"), cid))
             return ActionResult(action, cid, ActionStatus.CONTAINER_GONE,
-                                f"the container has no cgroup v2 directory (tried {tried}): "
-                                "it does not exist or is not running")
+                                f"the container has no cgroup v2 directory (tried {tried} and its "
+                                "init process's /proc/PID/cgroup): it does not exist or is not "
+                                "running")
         return cgroup_dir
 
     def _quarantine(self, cid: str, with_pause: bool) -> ActionResult:

@@ -5,9 +5,16 @@ CA and the certificates every party presents. Keys are EC P-256, certificates SH
 
     DIR/ca.crt ca.key                  the CA (keep ca.key off the nodes)
     DIR/collector.crt collector.key    server: SAN DNS:localhost, IP:127.0.0.1, IP:::1
+                                       (+ the collector names given, see below)
     DIR/operator.crt operator.key      client: CN=operator, OU=operator
     DIR/operator.token                 a random bearer token for operator calls
     DIR/agents/<node>.crt <node>.key   client: CN=<node>, OU=agent, SAN DNS:<node>
+
+The collector certificate always names the loopback addresses; ``collector_names`` (the CLI's
+``--collector-names LIST``) adds the DNS names and IP addresses agents and operators dial beyond
+loopback, e.g. ``driftwarden-collector.driftwarden.svc`` for the Kubernetes Service in
+``deploy/collector.yaml``: a TLS client checks the name it dialled against this list.
+:func:`parse_collector_names` checks the flag's text, :func:`collector_sans` makes the list.
 
 Subjects are ``CN=<name>,OU=<role>,O=driftwarden`` (RFC 2253 order): the OU says what a peer
 may do (``agent``, ``operator``, ``collector``). Only certificates issued by this CA are accepted
@@ -21,6 +28,7 @@ turns it into a :class:`PeerIdentity`. :func:`certificate_identity` does the sam
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -46,6 +54,11 @@ COLLECTOR_SANS = ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
 AGENTS_DIR = "agents"
 # A node name is a CN (at most 64 characters) and a DNS SAN: letters, digits, '-', '.'.
 _NODE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
+# A DNS name for a SAN (RFC 1123): dot-separated labels of 1-63 letters, digits and '-', not
+# starting or ending with '-'; 253 characters at most.
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_DNS_NAME_MAX = 253
+COLLECTOR_NAMES_FLAG = "--collector-names"
 _OPENSSL_TIMEOUT = 60.0
 
 
@@ -122,16 +135,85 @@ def validate_node_names(nodes: Sequence[str]) -> list[str]:
     return out
 
 
+def _collector_san(name: str, flag_value: str) -> str:
+    """``"10.0.0.5"`` -> ``"IP:10.0.0.5"``, ``"collector.example"`` -> ``"DNS:..."``."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"{COLLECTOR_NAMES_FLAG} {flag_value!r}: {name!r} {why}")
+
+    text = name.strip()
+    if text.startswith("[") and text.endswith("]"):  # [fd00::1], as in host:port notation
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        if getattr(address, "scope_id", None):
+            raise bad("has a zone (%...): a certificate names an address without one")
+        return f"IP:{address.compressed}"
+    if not text:
+        raise bad("is empty; give a comma list of DNS names or IP addresses")
+    if "://" in text or "/" in text:
+        raise bad("is not a host name; give the bare name, without scheme or path "
+                  "(e.g. driftwarden-collector.driftwarden.svc)")
+    if ":" in text:
+        raise bad("is neither an IP address nor a DNS name; give names without a port "
+                  "(e.g. driftwarden-collector.driftwarden.svc, not ...:50051)")
+    dns = text.removesuffix(".")  # a fully qualified "name." is the same name
+    labels = dns.split(".")
+    if len(dns) > _DNS_NAME_MAX or not all(_DNS_LABEL.match(label) for label in labels):
+        raise bad("is not a DNS name: use dot-separated labels of 1-63 letters, digits or '-' "
+                  "(not starting or ending with '-'), 253 characters at most")
+    if labels[-1].isdigit():  # 10.0.0.256 is a mistyped address, not a host name
+        raise bad("is not an IP address, and a DNS name cannot end in a numeric label")
+    return f"DNS:{dns}"
+
+
+def collector_sans(collector_names: Sequence[str] = ()) -> tuple[str, ...]:
+    """The collector certificate's subjectAltName entries: the loopback ones
+    (:data:`COLLECTOR_SANS`), then each of `collector_names` (DNS names or IP addresses) once.
+
+    UsageError naming ``--collector-names`` and the bad value for a name that is neither.
+    """
+    if isinstance(collector_names, str):
+        raise TypeError("collector_names is a sequence of names; use parse_collector_names "
+                        "for the flag's comma list")
+    flag_value = ",".join(collector_names)
+    out = list(COLLECTOR_SANS)
+    for name in collector_names:
+        san = _collector_san(name, flag_value)
+        if san.lower() not in (s.lower() for s in out):
+            out.append(san)
+    return tuple(out)
+
+
+def parse_collector_names(text: str) -> list[str]:
+    """``--collector-names`` text (a comma list) -> the names; UsageError naming the flag
+    when it holds no name or a name that is neither a DNS name nor an IP address."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{COLLECTOR_NAMES_FLAG} {text!r}: no names; give a comma list of DNS "
+                         f"names or IP addresses (e.g. driftwarden-collector.driftwarden.svc)")
+    for name in names:
+        _collector_san(name, text)
+    return names
+
+
 def init_certs(directory: str | os.PathLike[str], nodes: Sequence[str], days: int = 365,
-               openssl: str = "openssl", *, force: bool = False) -> CertBundle:
+               openssl: str = "openssl", *, force: bool = False,
+               collector_names: Sequence[str] = ()) -> CertBundle:
     """Make the CA, the collector's server certificate, one client certificate per node, the
     operator's client certificate and token in `directory` (layout in the module docstring).
+
+    ``collector_names``: DNS names or IP addresses added to the collector certificate's
+    subjectAltName (beyond loopback; see :func:`collector_sans`).
 
     Refuses a directory that is not empty unless ``force``; with ``force`` the files above are
     replaced and other agent certificates in ``agents/`` (signed by the old CA) are removed.
     """
     directory = Path(directory)
     nodes = validate_node_names(list(nodes))
+    sans = collector_sans(collector_names)
     if not isinstance(days, int) or days < 1:
         raise UsageError(f"certificate validity must be a whole number of days >= 1, got {days!r}")
     if directory.exists() and not directory.is_dir():
@@ -148,7 +230,7 @@ def init_certs(directory: str | os.PathLike[str], nodes: Sequence[str], days: in
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         made = _bundle(staging, nodes)
-        _make_all(_OpenSSL(binary, staging / ".work"), made, nodes, days)
+        _make_all(_OpenSSL(binary, staging / ".work"), made, nodes, days, sans)
         shutil.rmtree(staging / ".work")
         return _install(staging, directory, nodes)
     finally:
@@ -239,11 +321,12 @@ def _serial() -> str:
     return "0x" + secrets.token_hex(16)  # random, positive, well under the 20-byte limit
 
 
-def _make_all(ssl: _OpenSSL, made: CertBundle, nodes: Sequence[str], days: int) -> None:
+def _make_all(ssl: _OpenSSL, made: CertBundle, nodes: Sequence[str], days: int,
+              collector_sans: Sequence[str]) -> None:
     ca = KeyPair(made.ca_cert, made.ca_key)
     ssl.ca(ca, days)
     ssl.leaf(made.collector, ca, COLLECTOR_COMMON_NAME, ROLE_COLLECTOR, "serverAuth",
-             COLLECTOR_SANS, days)
+             collector_sans, days)
     ssl.leaf(made.operator, ca, OPERATOR_COMMON_NAME, ROLE_OPERATOR, "clientAuth", (), days)
     (made.directory / AGENTS_DIR).mkdir(mode=0o700)
     for node in nodes:
@@ -373,9 +456,12 @@ __all__ = [
     "PeerIdentity",
     "PeerIdentityError",
     "certificate_identity",
+    "collector_sans",
     "identity_from_auth_context",
     "identity_from_subject",
     "init_certs",
     "load_bundle",
+    "parse_collector_names",
     "parse_rfc2253",
+    "validate_node_names",
 ]

@@ -933,12 +933,14 @@ def _node_list(text: str) -> list[str]:
 
 def run_certs(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """`driftwarden certs init DIR`: make the certificates and say how to use them."""
-    from driftwarden.certs import init_certs
+    from driftwarden.certs import init_certs, parse_collector_names
 
     out = out or sys.stdout
     nodes = args.nodes if args.nodes is not None else [socket.gethostname()]
+    names = (parse_collector_names(args.collector_names)
+             if getattr(args, "collector_names", None) is not None else ())
     bundle = init_certs(Path(args.directory).absolute(), nodes, days=args.days,
-                        force=args.force)
+                        force=args.force, collector_names=names)
     d = bundle.directory
     lines = [f"created certificates in {d} (valid {args.days} days):",
              "  ca.crt ca.key                  the CA (keep ca.key off the nodes)",
@@ -1068,6 +1070,10 @@ def _add_certs(subparsers: argparse._SubParsersAction) -> None:
                       help="validity in days (default 365)")
     init.add_argument("--force", action="store_true",
                       help="replace the certificates in a non-empty DIR")
+    init.add_argument("--collector-names", default=None, metavar="LIST",
+                      help="extra DNS names or IP addresses agents and operators reach the "
+                      "collector by, comma list (e.g. driftwarden-collector.driftwarden.svc); "
+                      "localhost, 127.0.0.1 and ::1 are always in its certificate")
     init.set_defaults(func=run_certs)
 
 

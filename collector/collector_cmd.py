@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TextIO
 
 from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
-from driftwarden.collector.server import DEFAULT_LISTEN, CollectorConfig, CollectorServer, TlsFiles
+from driftwarden.collector.server import (
+    DEFAULT_LISTEN,
+    UNARY_RESERVE,
+    CollectorConfig,
+    CollectorServer,
+    TlsFiles,
+)
 from driftwarden.collector.store import StoreError
 from driftwarden.errors import UsageError
 
@@ -23,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
 DEFAULT_RETENTION_DAYS = 30.0
+# one stream per agent (node) plus one per live subscriber; each holds a pool thread (and an
+# agent's a reader thread too): 256 serves a few hundred nodes, raise it for more
+DEFAULT_MAX_STREAMS = 256
+MAX_STREAMS_LIMIT = 4096
 _DAY = 86400.0
 
 
@@ -65,11 +75,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         default=DEFAULT_RETENTION_DAYS, metavar="N",
                         help=f"delete alerts and audit entries older than N days, at start "
                              f"and hourly (default {DEFAULT_RETENTION_DAYS:g}; 0 keeps all)")
+    parser.add_argument("--max-streams", type=_max_streams, default=DEFAULT_MAX_STREAMS,
+                        metavar="N",
+                        help=f"streams served at once: agents (one each) plus live "
+                             f"subscribers; more are refused with RESOURCE_EXHAUSTED (each "
+                             f"holds a thread; default {DEFAULT_MAX_STREAMS})")
     parser.add_argument("--allow-non-loopback", action="store_true",
                         help="allow a non-loopback --listen address (real deployments; needs "
                              "the --tls-* flags)")
     parser.set_defaults(func=run_command)
     return parser
+
+
+def _max_streams(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_STREAMS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_STREAMS_LIMIT}, got {value}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> CollectorConfig:
@@ -101,7 +126,9 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         raise UsageError(f"--db {db}: directory {db.parent} does not exist; create it first")
     return CollectorConfig(db_path=db, listen=args.listen, policy=policy, tls=tls,
                            operator_token=token, metrics_listen=args.metrics,
-                           allow_non_loopback=args.allow_non_loopback)
+                           allow_non_loopback=args.allow_non_loopback,
+                           max_streams=args.max_streams,
+                           max_workers=args.max_streams + UNARY_RESERVE)
 
 
 def run_command(args: argparse.Namespace) -> int:

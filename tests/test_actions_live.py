@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -21,7 +22,9 @@ from driftwarden.actions import (
     ActionStatus,
     BpfSyscalls,
     ContainerActions,
+    cgroup_dir_of_process,
 )
+from driftwarden.probes.loader import find_cgroup2_root
 
 from tests.support.containers import RunningContainer, run_container
 
@@ -234,3 +237,12 @@ def test_kill_then_removed(actions, bb_image):
             False, False, False, None)
     finally:
         client.close()
+
+
+def test_the_init_process_names_the_cgroup_docker_made(actions, bb_image):
+    # the fallback used where Docker's paths do not apply (Kubernetes pods) agrees with them
+    with run_container(bb_image, ["sleep", "300"]) as c:
+        state = actions.runtime.state(c.id)
+        root = find_cgroup2_root()
+        assert state.pid == c.pid > 0
+        assert cgroup_dir_of_process(root, Path("/proc"), state.pid) == root / "docker" / c.id

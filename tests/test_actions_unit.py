@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -278,8 +279,39 @@ def test_quarantine_without_cgroup_dir_is_gone(actions, cgroup_root, quarantine,
     assert result.status is ActionStatus.CONTAINER_GONE
     assert result.message == (
         f"the container has no cgroup v2 directory (tried {cgroup_root}/docker/{CID}, "
-        f"{cgroup_root}/system.slice/docker-{CID}.scope): it does not exist or is not running")
+        f"{cgroup_root}/system.slice/docker-{CID}.scope and its init process's "
+        "/proc/PID/cgroup): it does not exist or is not running")
     assert quarantine.attach_calls == []
+
+
+POD_CGROUP = ("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/"
+              f"docker-{CID}.scope")
+
+
+@pytest.mark.parametrize(("cgroup_file", "found"), [
+    (f"12:pids:/{POD_CGROUP}\n0::/{POD_CGROUP}\n", True),  # hybrid host: the v2 line counts
+    (f"12:pids:/{POD_CGROUP}\n", False),  # no cgroup v2 entry
+    ("0::/\n", False),  # the root cgroup is never a container's
+    (None, False),  # the process is gone
+])
+def test_quarantine_finds_a_pods_cgroup_through_the_init_process(tmp_path, quarantine,
+                                                                   cgroup_file, found):
+    cgroup_root, proc = tmp_path / "cgroup", tmp_path / "proc"
+    (cgroup_root / POD_CGROUP).mkdir(parents=True)  # not where Docker alone would put it
+    if cgroup_file is not None:
+        (proc / "4242").mkdir(parents=True)
+        (proc / "4242" / "cgroup").write_text(cgroup_file)
+    runtime = FakeRuntime({CID: dataclasses.replace(RUNNING, pid=4242)})
+    actions = ContainerActions(runtime, cgroup_root=cgroup_root, quarantine=quarantine,
+                               proc_root=proc)
+    result = actions.quarantine(CID)
+    if found:
+        assert result.status is ActionStatus.DONE, result
+        assert dict(result.details)["cgroup"] == str(cgroup_root / POD_CGROUP)
+        assert [path for path, _ in quarantine.attach_calls] == [cgroup_root / POD_CGROUP]
+    else:
+        assert result.status is ActionStatus.CONTAINER_GONE, result
+        assert quarantine.attach_calls == []
 
 
 def test_cgroup_removed_while_quarantining_is_gone(actions, quarantine):

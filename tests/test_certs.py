@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,14 +17,17 @@ from driftwarden.certs import (
     PeerIdentity,
     PeerIdentityError,
     certificate_identity,
+    collector_sans,
     identity_from_auth_context,
     init_certs,
     load_bundle,
+    parse_collector_names,
     parse_rfc2253,
 )
 from driftwarden.errors import HostSupportError, UsageError
 
 NODES = ["node-a", "node-b.example"]
+SERVICE_NAME = "driftwarden-collector.driftwarden.svc"  # what deploy/daemonset.yaml dials
 SERVICE = "driftwarden.test.Who"
 METHOD = f"/{SERVICE}/Who"
 NO_PROXY = (("grpc.enable_http_proxy", 0),)  # loopback only, whatever the environment says
@@ -88,6 +92,82 @@ def test_subjects_sans_and_key_type(bundle: CertBundle) -> None:
     assert "CA:TRUE" in field(bundle.ca_cert, "-ext", "basicConstraints")
     token = bundle.operator_token.read_text()
     assert token.endswith("\n") and len(token.strip()) == 43  # token_urlsafe(32)
+
+
+def _san(cert: Path) -> str:
+    done = openssl("x509", "-in", cert, "-noout", "-ext", "subjectAltName")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[1].strip()
+
+
+@pytest.fixture(scope="module")
+def named_bundle(tmp_path_factory) -> CertBundle:
+    return init_certs(tmp_path_factory.mktemp("pki") / "named", ["node-a"], days=30,
+                      collector_names=[SERVICE_NAME, "10.96.0.10", "[fd00::a]", "localhost"])
+
+
+def test_collector_names_extend_the_collector_san(named_bundle: CertBundle) -> None:
+    assert _san(named_bundle.collector.cert) == (
+        "DNS:localhost, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1, "
+        f"DNS:{SERVICE_NAME}, IP Address:10.96.0.10, IP Address:FD00:0:0:0:0:0:0:A")
+    assert _san(named_bundle.agents["node-a"].cert) == "DNS:node-a"  # agents are unchanged
+    done = openssl("verify", "-CAfile", named_bundle.ca_cert, "-purpose", "sslserver",
+                   named_bundle.collector.cert)
+    assert done.returncode == 0, done.stderr
+
+
+def test_collector_sans_and_parse_collector_names() -> None:
+    assert collector_sans() == ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
+    # loopback names are always in; repeats and other spellings of one address count once
+    assert collector_sans(["a.example", "A.example.", "::1", "0:0::1", "127.0.0.1",
+                           "10.0.0.1", "[fd00::1]", "fd00:0::1"]) == (
+        "DNS:localhost", "IP:127.0.0.1", "IP:::1", "DNS:a.example", "IP:10.0.0.1", "IP:fd00::1")
+    assert parse_collector_names(f" {SERVICE_NAME} ,, 10.0.0.1,") == [SERVICE_NAME, "10.0.0.1"]
+    with pytest.raises(TypeError, match="use parse_collector_names"):
+        collector_sans("a.example")
+
+
+_NOT_DNS = ("is not a DNS name: use dot-separated labels of 1-63 letters, digits or '-' (not "
+            "starting or ending with '-'), 253 characters at most")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (" , ", "--collector-names ' , ': no names; give a comma list of DNS names or IP addresses "
+            "(e.g. driftwarden-collector.driftwarden.svc)"),
+    ("ok.svc,bad name", f"--collector-names 'ok.svc,bad name': 'bad name' {_NOT_DNS}"),
+    (f"{SERVICE_NAME}:50051", f"--collector-names '{SERVICE_NAME}:50051': "
+                              f"'{SERVICE_NAME}:50051' is neither an IP address nor a DNS name; "
+                              f"give names without a port (e.g. {SERVICE_NAME}, not ...:50051)"),
+    ("https://c.example", "--collector-names 'https://c.example': 'https://c.example' is not a "
+                          "host name; give the bare name, without scheme or path (e.g. "
+                          f"{SERVICE_NAME})"),
+    ("10.0.0.256", "--collector-names '10.0.0.256': '10.0.0.256' is not an IP address, and a "
+                   "DNS name cannot end in a numeric label"),
+    ("*.svc", f"--collector-names '*.svc': '*.svc' {_NOT_DNS}"),
+    ("-c.svc", f"--collector-names '-c.svc': '-c.svc' {_NOT_DNS}"),
+    ("a..svc", f"--collector-names 'a..svc': 'a..svc' {_NOT_DNS}"),
+    ("x" * 64 + ".svc", f"--collector-names '{'x' * 64}.svc': '{'x' * 64}.svc' {_NOT_DNS}"),
+    ("fe80::1%eth0", "--collector-names 'fe80::1%eth0': 'fe80::1%eth0' has a zone (%...): a "
+                     "certificate names an address without one"),
+])
+def test_bad_collector_names(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_collector_names(text)
+    assert str(err.value) == message
+    names = [n for n in text.split(",") if n.strip()]
+    if names:  # the API call fails the same way, before anything is made
+        with pytest.raises(UsageError) as err:
+            init_certs(tmp_path / "certs", ["a"], collector_names=names)
+        assert str(err.value) == message
+    assert not (tmp_path / "certs").exists()
+
+
+def test_collector_name_length_limits() -> None:
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters: allowed
+    assert collector_sans([longest])[-1] == f"DNS:{longest}"
+    with pytest.raises(UsageError) as err:
+        collector_sans([longest + "b"])
+    assert str(err.value) == f"--collector-names '{longest}b': '{longest}b' {_NOT_DNS}"
 
 
 def test_certificate_identity(bundle: CertBundle) -> None:
@@ -189,6 +269,12 @@ def _who(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 @pytest.fixture(scope="module")
 def mtls_port(bundle: CertBundle) -> Iterator[int]:
+    with _who_server(bundle) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _who_server(bundle: CertBundle) -> Iterator[int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         SERVICE, {"Who": grpc.unary_unary_rpc_method_handler(_who)}),))
@@ -272,4 +358,32 @@ def test_mtls_client_rejects_a_server_from_another_ca(bundle: CertBundle, mtls_p
         NO_PROXY)
     with pytest.raises(grpc.RpcError) as err:
         _call(channel)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("name", [SERVICE_NAME, "10.96.0.10", "localhost"])
+def test_mtls_client_accepts_a_collector_name_from_collector_names(
+        named_bundle: CertBundle, name: str) -> None:
+    # A client that dials the Service name (checked against the certificate as the target
+    # name) accepts the collector only because --collector-names put it in the SAN.
+    with _who_server(named_bundle) as port:
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{port}", _client_credentials(named_bundle, named_bundle.agents["node-a"]),
+            (*NO_PROXY, ("grpc.ssl_target_name_override", name)))
+        assert _call(channel) == b"node-a|agent|driftwarden"
+
+
+@pytest.mark.parametrize(("pki", "name"), [
+    ("bundle", SERVICE_NAME),  # made without --collector-names: loopback names only
+    ("named_bundle", "other.driftwarden.svc"),  # a name its --collector-names did not list
+])
+def test_mtls_client_rejects_a_collector_name_not_in_its_certificate(
+        request: pytest.FixtureRequest, pki: str, name: str) -> None:
+    made: CertBundle = request.getfixturevalue(pki)
+    with _who_server(made) as port:
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{port}", _client_credentials(made, made.agents["node-a"]),
+            (*NO_PROXY, ("grpc.ssl_target_name_override", name)))
+        with pytest.raises(grpc.RpcError) as err:
+            _call(channel)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

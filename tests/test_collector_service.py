@@ -804,6 +804,18 @@ def test_collector_command_flag_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == ("driftwarden collector: error: argument --retention-days: must be a number of "
                    "days >= 0, got -1 (see `driftwarden collector --help`)\n")
+    for bad, why in (("0", "must be 1..4096, got 0"), ("lots", "expected a whole number, got "
+                                                            "'lots'")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["collector", "--db", "x.db", "--max-streams", bad])
+        assert capsys.readouterr().err == (
+            f"driftwarden collector: error: argument --max-streams: {why} "
+            "(see `driftwarden collector --help`)\n")
+    sized = config_from_args(parser.parse_args(["collector", "--db", str(tmp_path / "c.db"),
+                                                "--max-streams", "500"]))
+    assert (sized.streams, sized.max_workers) == (500, 504)
+    default = config_from_args(parser.parse_args(["collector", "--db", str(tmp_path / "c.db")]))
+    assert (default.streams, default.max_workers) == (256, 260)
 
     def usage(*argv: str) -> str:
         args = parser.parse_args(["collector", "--db", str(tmp_path / "c.db"), *argv])

@@ -957,6 +957,20 @@ def test_certs_init_refuses_a_non_empty_directory(certs_dir) -> None:
         run_certs(parse("certs", "init", str(d), "--nodes", "x"), out=io.StringIO())
 
 
+def test_certs_init_names_the_collector_as_agents_reach_it(tmp_path) -> None:
+    d = tmp_path / "certs"
+    run_certs(parse("certs", "init", str(d), "--nodes", "x", "--collector-names",
+                    "driftwarden-collector.driftwarden.svc, 10.0.0.5"), out=io.StringIO())
+    sans = subprocess.run(["openssl", "x509", "-in", str(d / "collector.crt"), "-noout", "-ext",
+                           "subjectAltName"], capture_output=True, text=True, check=True).stdout
+    assert sans.split("\n")[1].strip() == (
+        "DNS:localhost, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1, "
+        "DNS:driftwarden-collector.driftwarden.svc, IP Address:10.0.0.5")
+    with pytest.raises(UsageError, match=r"^--collector-names 'x:50051': 'x:50051' is neither"):
+        run_certs(parse("certs", "init", str(tmp_path / "other"), "--nodes", "x",
+                        "--collector-names", "x:50051"), out=io.StringIO())
+
+
 @pytest.fixture
 def tls_api(certs_dir) -> Iterator[FakeOperatorApi]:
     d, _ = certs_dir

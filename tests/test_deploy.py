@@ -1,0 +1,515 @@
+"""deploy/: the image and the Kubernetes manifests, checked without a cluster or a registry.
+
+Every deploy/*.yaml is parsed. The agent's and the collector's container args are expanded the
+way the kubelet does ($(NODE_NAME) from the downward API), run through the real CLI parser
+(driftwarden.cli.build_parser) and the commands' own validation (agent_cmd.options_from_args +
+channel_config, collector_cmd.config_from_args), with the pod's volumes materialised in tmp_path
+from the objects that fill them: the Secrets that scripts/k8s-secrets.sh makes from a real
+`certs init` directory, the policy ConfigMap, empty dirs for the PVC and host paths. The
+collector is then started from its config on loopback and health-checked with the agent
+Secret's files under the name the DaemonSet dials.
+
+Not covered here: building the image (no registry), the kubelet and API server themselves
+(scheduling, DNS, PVC provisioning, fsGroup ownership), and the agent's probes (BPF, Docker).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from driftwarden.agent_cmd import channel_config, options_from_args, parse_metrics_address
+from driftwarden.certs import CertBundle, certificate_identity, init_certs
+from driftwarden.cli import build_parser
+from driftwarden.collector.collector_cmd import config_from_args
+from driftwarden.collector.policy import load_policy
+from driftwarden.collector.server import CollectorServer, parse_address
+from driftwarden.errors import UsageError
+from driftwarden.netaddr import is_loopback
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+SCRIPT = REPO / "scripts" / "k8s-secrets.sh"
+MANIFESTS = ("daemonset.yaml", "collector.yaml")
+NAMESPACE = "driftwarden"
+SERVICE_HOST = "driftwarden-collector.driftwarden.svc"
+NODES = ["node-a", "node-b.example"]
+NODE = NODES[1]  # the node the pod under test is scheduled on
+NO_PROXY = (("grpc.enable_http_proxy", 0),)
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+# -- reading the files ---------------------------------------------------------------------------
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    with open(DEPLOY / name, encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def only(items: list[dict[str, Any]]) -> dict[str, Any]:
+    assert len(items) == 1, items
+    return items[0]
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, rest) per instruction, continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines()
+                                           if not line.lstrip().startswith("#")))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def exec_form(instructions: list[tuple[str, str]], word: str) -> list[str]:
+    value = yaml.safe_load(only([{"v": rest} for w, rest in instructions if w == word])["v"])
+    assert isinstance(value, list), f"{word} must be in exec form (a JSON list)"
+    return value
+
+
+# -- what the kubelet does with a container --------------------------------------------------------
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args: a defined VAR is replaced, `$$` is a literal `$`,
+    anything else stays as written."""
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+    return _VAR.sub(one, text)
+
+
+def container_env(container: dict[str, Any], node: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = expand(var["value"], env)
+        else:
+            field = var["valueFrom"]["fieldRef"]["fieldPath"]
+            assert field == "spec.nodeName", f"env {var['name']}: unexpected source {field}"
+            env[var["name"]] = node
+    return env
+
+
+def argv(container: dict[str, Any], node: str, image_entrypoint: list[str]) -> list[str]:
+    """The command line the container runs (the image's ENTRYPOINT unless `command` is set)."""
+    env = container_env(container, node)
+    command = container.get("command", image_entrypoint)
+    line = [expand(word, env) for word in [*command, *container.get("args", [])]]
+    left = [word for word in line if "$(" in word]
+    assert not left, f"undefined variables left in {container['name']}'s args: {left}"
+    return line
+
+
+class Pod:
+    """A pod spec's volumes materialised under `root`, and its paths mapped there."""
+
+    def __init__(self, spec: dict[str, Any], container: dict[str, Any],
+                 objects: list[dict[str, Any]], root: Path) -> None:
+        self.spec = spec
+        self.container = container
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        self.mounts: dict[str, Path] = {}  # mountPath -> local directory or file
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
+            local = root / mount["name"]
+            _fill(volumes[mount["name"]], local, objects)
+            self.mounts[mount["mountPath"]] = local
+
+    def local(self, path: str) -> Path:
+        """Where `path` (absolute, in the container) is under the materialised volumes."""
+        for mount_path in sorted(self.mounts, key=len, reverse=True):
+            if path == mount_path or path.startswith(mount_path.rstrip("/") + "/"):
+                return self.mounts[mount_path] / path[len(mount_path):].lstrip("/")
+        raise AssertionError(f"{path} is on no volume of {self.container['name']}: it would "
+                             f"not exist in the image or not survive the pod")
+
+    def localise(self, words: list[str]) -> list[str]:
+        return [str(self.local(w)) if w.startswith("/") else w for w in words]
+
+
+def _fill(volume: dict[str, Any], local: Path, objects: list[dict[str, Any]]) -> None:
+    if "secret" in volume:
+        data = {k: base64.b64decode(v) for k, v in
+                find(objects, "Secret", volume["secret"]["secretName"])["data"].items()}
+    elif "configMap" in volume:
+        data = {k: v.encode() for k, v in
+                find(objects, "ConfigMap", volume["configMap"]["name"])["data"].items()}
+    elif "persistentVolumeClaim" in volume:
+        find(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        data = {}
+    elif "hostPath" in volume or "emptyDir" in volume:
+        if volume.get("hostPath", {}).get("type") in ("Socket", "File"):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.touch()  # stands for the host's file
+            return
+        data = {}
+    else:
+        raise AssertionError(f"volume {volume['name']}: unexpected type {sorted(volume)}")
+    local.mkdir(parents=True)
+    for key, value in data.items():
+        assert "/" not in key, f"volume {volume['name']}: key {key!r}"
+        (local / key).write_bytes(value)
+
+
+def pod_of(docs: list[dict[str, Any]], kind: str, name: str) -> tuple[dict, dict]:
+    workload = find(docs, kind, name)
+    spec = workload["spec"]["template"]["spec"]
+    return workload, spec
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> CertBundle:
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is required (apt-get install openssl)")
+    return init_certs(tmp_path_factory.mktemp("pki") / "dw-certs", NODES, days=2,
+                      collector_names=[SERVICE_HOST])
+
+
+def run_script(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), str(directory)], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def secrets(bundle: CertBundle) -> list[dict[str, Any]]:
+    done = run_script(bundle.directory)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+
+
+@pytest.fixture(scope="module")
+def cluster(secrets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every object the README applies: the script's output, then the manifests."""
+    return [*secrets, *(doc for name in MANIFESTS for doc in load(name))]
+
+
+@pytest.fixture(scope="module")
+def entrypoint() -> list[str]:
+    return exec_form(dockerfile(), "ENTRYPOINT")
+
+
+# -- every file ---------------------------------------------------------------------------------
+
+
+def test_every_deploy_yaml_parses_and_is_known() -> None:
+    names = sorted(p.name for p in DEPLOY.glob("*.yaml"))
+    # a new manifest must be added to MANIFESTS (and so to these tests)
+    assert names == sorted([*MANIFESTS, "policy.example.yaml"])
+    kinds = {}
+    for name in MANIFESTS:
+        docs = load(name)
+        for doc in docs:
+            assert set(doc) >= {"apiVersion", "kind", "metadata"}, (name, doc)
+            if doc["kind"] == "Namespace":
+                assert doc == {"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": NAMESPACE}}
+            else:
+                assert doc["metadata"]["namespace"] == NAMESPACE, (name, doc["metadata"])
+        kinds[name] = [d["kind"] for d in docs]
+    assert kinds == {"daemonset.yaml": ["Namespace", "DaemonSet"],
+                     "collector.yaml": ["Namespace", "ConfigMap", "PersistentVolumeClaim",
+                                        "Deployment", "Service"]}
+    assert isinstance(load("policy.example.yaml")[0]["rules"], list)
+
+
+def test_dockerfile_copies_every_package_dir_and_runs_the_cli(entrypoint: list[str]) -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_dirs = pyproject["tool"]["setuptools"]["package-dir"]
+    instructions = dockerfile()
+    copies = [shlex.split(rest) for word, rest in instructions if word == "COPY"]
+    copied_as_is = {src.rstrip("/") for *srcs, dst in copies for src in srcs
+                    if len(srcs) == 1 and src.rstrip("/") == dst.rstrip("/")}
+    for package, directory in package_dirs.items():
+        top = directory.split("/")[0]
+        assert top in copied_as_is, f"{package} ({directory}) is not copied to ./{top}"
+    assert {"agent", "probes", "models", "collector", "proto"} <= copied_as_is
+    assert ["pyproject.toml", "README.md", "./"] in copies  # `pip install .` needs both
+    steps = [word for word, _ in instructions]
+    last_copy = max(i for i, w in enumerate(steps) if w == "COPY")
+    install = next(i for i, (w, rest) in enumerate(instructions)
+                   if w == "RUN" and "pip install" in rest)
+    assert install > last_copy, "pip install runs before every package is copied"
+    assert entrypoint == list(pyproject["project"]["scripts"])  # ["driftwarden"]
+
+    cmd = exec_form(instructions, "CMD")
+    args = build_parser().parse_args(cmd)
+    assert args.command == "agent"
+    options = options_from_args(args)
+    assert channel_config(options) is None  # no collector: alerts as JSON lines on stdout
+    assert options.alerts_file == "-"
+
+
+def test_policy_configmap_is_the_example_policy(tmp_path: Path) -> None:
+    configmap = find(load("collector.yaml"), "ConfigMap", "driftwarden-policy")
+    example = (DEPLOY / "policy.example.yaml").read_text()
+    assert configmap["data"] == {"policy.yaml": example}
+    path = tmp_path / "policy.yaml"
+    path.write_text(configmap["data"]["policy.yaml"])
+    assert [rule.name for rule in load_policy(path).rules] == [
+        "hands-off-payments-db", "freeze-edge-critical", "quarantine-protect-drift",
+        "pause-protect-anomaly"]
+
+
+# -- the Secrets script -------------------------------------------------------------------------
+
+
+def test_secrets_script_makes_the_two_secrets(bundle: CertBundle,
+                                              secrets: list[dict[str, Any]]) -> None:
+    assert [(d["kind"], d["metadata"]["name"]) for d in secrets] == [
+        ("Namespace", NAMESPACE), ("Secret", "driftwarden-collector-tls"),
+        ("Secret", "driftwarden-agent-tls")]
+    collector = {k: base64.b64decode(v) for k, v in secrets[1]["data"].items()}
+    agent = {k: base64.b64decode(v) for k, v in secrets[2]["data"].items()}
+    assert collector == {"ca.crt": bundle.ca_cert.read_bytes(),
+                         "collector.crt": bundle.collector.cert.read_bytes(),
+                         "collector.key": bundle.collector.key.read_bytes()}
+    expected = {"ca.crt": bundle.ca_cert.read_bytes()}
+    for node, pair in bundle.agents.items():
+        expected[f"{node}.crt"] = pair.cert.read_bytes()
+        expected[f"{node}.key"] = pair.key.read_bytes()
+    assert agent == expected
+    for doc in secrets[1:]:
+        assert doc["metadata"]["namespace"] == NAMESPACE and doc["type"] == "Opaque"
+    secret_values = {v for doc in secrets[1:] for v in doc["data"].values()}
+    for private in (bundle.ca_key, bundle.operator.key, bundle.operator_token):
+        assert base64.b64encode(private.read_bytes()).decode() not in secret_values
+
+
+def test_manifests_mount_exactly_the_secrets_the_script_makes(
+        secrets: list[dict[str, Any]]) -> None:
+    mounted = {v["secret"]["secretName"]
+               for name in MANIFESTS for doc in load(name) if "template" in doc.get("spec", {})
+               for v in doc["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}
+    assert mounted == {d["metadata"]["name"] for d in secrets if d["kind"] == "Secret"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("no-san", f"collector.crt does not name {SERVICE_HOST}, which the agents dial; remake it"),
+    ("node-ca", "a node named 'ca' would collide with the CA's key ca.crt in the Secret"),
+    ("no-agents", "agents has no agent certificates; run `driftwarden certs init"),
+    ("no-key", "agents/node-a.crt has no key"),
+    ("no-collector-key", "collector.key is missing; is"),
+    ("huge", "exceed what one Secret holds"),
+])
+def test_secrets_script_refuses_what_would_not_work(bundle: CertBundle, tmp_path: Path,
+                                                   change: str, message: str) -> None:
+    if change == "no-san":
+        directory = init_certs(tmp_path / "certs", ["node-a"], days=1).directory
+    else:
+        directory = Path(shutil.copytree(bundle.directory, tmp_path / "certs"))
+        agents = directory / "agents"
+        if change == "node-ca":
+            shutil.copy(agents / "node-a.crt", agents / "ca.crt")
+            shutil.copy(agents / "node-a.key", agents / "ca.key")
+        elif change == "no-agents":
+            shutil.rmtree(agents)
+        elif change == "no-key":
+            (agents / "node-a.key").unlink()
+        elif change == "no-collector-key":
+            (directory / "collector.key").unlink()
+        elif change == "huge":
+            (agents / "node-a.crt").write_bytes(b"x" * 800_000)  # 1.07 MB in base64
+    done = run_script(directory)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert message in done.stderr, done.stderr
+    assert done.stderr.startswith("k8s-secrets.sh: error: ")
+
+
+def test_secrets_script_usage() -> None:
+    for bad in ([], ["a", "b"], ["--help"]):
+        done = subprocess.run(["bash", str(SCRIPT), *bad], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 2
+        assert done.stderr.startswith("k8s-secrets.sh: error: usage: scripts/k8s-secrets.sh "
+                                      "CERTS_DIR"), done.stderr
+
+
+# -- the agent ----------------------------------------------------------------------------------
+
+
+def test_agent_pod_is_privileged_with_its_host_mounts() -> None:
+    daemonset, spec = pod_of(load("daemonset.yaml"), "DaemonSet", "driftwarden-agent")
+    assert daemonset["spec"]["selector"]["matchLabels"] == \
+        daemonset["spec"]["template"]["metadata"]["labels"]
+    assert spec["hostPID"] is True
+    assert spec.get("hostNetwork", False) is False  # it dials the Service through cluster DNS
+    container = only(spec["containers"])
+    assert container["securityContext"] == {"privileged": True}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert sorted(m["name"] for m in mounts.values()) == sorted(volumes)  # none unused
+    for path in ("/sys", "/lib/modules", "/usr/src", "/var/run/docker.sock"):
+        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path, path
+    assert volumes[mounts["/var/run/docker.sock"]["name"]]["hostPath"]["type"] == "Socket"
+    # baselines and the spool live on the host: they survive pod restarts and upgrades
+    state = volumes[mounts["/var/lib/driftwarden"]["name"]]
+    assert state["hostPath"] == {"path": "/var/lib/driftwarden/agent",
+                                 "type": "DirectoryOrCreate"}
+    assert mounts["/etc/driftwarden/tls"]["readOnly"] is True
+    assert container_env(container, "n1") == {"NODE_NAME": "n1"}
+    assert not container.get("ports")  # the metrics listen on loopback: nothing to expose
+
+
+def test_agent_args_pass_the_cli_and_the_agent_validation(cluster: list[dict[str, Any]],
+                                                          entrypoint: list[str],
+                                                          tmp_path: Path) -> None:
+    _, spec = pod_of(cluster, "DaemonSet", "driftwarden-agent")
+    container = only(spec["containers"])
+    pod = Pod(spec, container, cluster, tmp_path)
+    line = argv(container, NODE, entrypoint)
+    assert line[0] == "driftwarden"
+    args = build_parser().parse_args(pod.localise(line[1:]))
+    assert args.command == "agent"
+    options = options_from_args(args)
+    config = channel_config(options)  # reads the TLS files from the materialised Secret
+    tls = pod.local("/etc/driftwarden/tls")
+    assert (config.address, config.node) == (f"{SERVICE_HOST}:50051", NODE)
+    assert (config.tls.cert, config.tls.key, config.tls.ca) == (
+        tls / f"{NODE}.crt", tls / f"{NODE}.key", tls / "ca.crt")
+    # the collector takes the node from the certificate's CN: it must be --node
+    assert certificate_identity(config.tls.cert.read_bytes()).common_name == NODE
+    assert options.state_dir == str(pod.local("/var/lib/driftwarden"))
+    assert options.allow_non_loopback is True
+    assert options.alerts_file is None  # to the collector only
+    assert parse_metrics_address(options.metrics) == ("127.0.0.1", 9465)
+
+
+def test_agent_on_a_node_without_a_certificate_fails_clearly(
+        cluster: list[dict[str, Any]], entrypoint: list[str], tmp_path: Path) -> None:
+    _, spec = pod_of(cluster, "DaemonSet", "driftwarden-agent")
+    container = only(spec["containers"])
+    pod = Pod(spec, container, cluster, tmp_path)
+    args = build_parser().parse_args(pod.localise(argv(container, "node-new", entrypoint)[1:]))
+    with pytest.raises(UsageError) as err:
+        channel_config(options_from_args(args))
+    key = pod.local("/etc/driftwarden/tls/node-new.key")
+    assert str(err.value) == f"cannot read --tls-key {key}: No such file or directory"
+
+
+# -- the collector ------------------------------------------------------------------------------
+
+
+def test_collector_workload_service_and_storage() -> None:
+    docs = load("collector.yaml")
+    deployment, spec = pod_of(docs, "Deployment", "driftwarden-collector")
+    assert deployment["spec"]["replicas"] == 1  # SQLite: one writer
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two pods on the db
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels
+    container = only(spec["containers"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert sorted(m["name"] for m in container["volumeMounts"]) == sorted(volumes)
+    pvc = find(docs, "PersistentVolumeClaim", volumes["db"]["persistentVolumeClaim"]["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    service = find(docs, "Service", "driftwarden-collector")
+    assert service["spec"]["selector"] == labels
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051}
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(50051, "grpc")]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"] == {"port": "grpc"}, probe
+
+
+def test_collector_args_pass_the_cli_and_the_collector_validation(
+        cluster: list[dict[str, Any]], entrypoint: list[str], tmp_path: Path) -> None:
+    _, spec = pod_of(cluster, "Deployment", "driftwarden-collector")
+    container = only(spec["containers"])
+    pod = Pod(spec, container, cluster, tmp_path)
+    line = argv(container, NODE, entrypoint)
+    args = build_parser().parse_args(pod.localise(line[1:]))
+    assert args.command == "collector"
+    config = config_from_args(args)  # reads the TLS files, loads the policy, checks the db dir
+    tls = pod.local("/etc/driftwarden/tls")
+    assert (config.tls.cert, config.tls.key, config.tls.client_ca) == (
+        tls / "collector.crt", tls / "collector.key", tls / "ca.crt")
+    assert config.db_path == pod.local("/var/lib/driftwarden/collector.db")
+    assert config.policy == load_policy(pod.local("/etc/driftwarden/policy/policy.yaml"))
+    assert config.allow_non_loopback is True
+    assert config.operator_token is None  # operators use the operator certificate
+    # the ports the pod declares are the ones it serves beyond loopback, and only those
+    host, port = parse_address(config.listen, allow_non_loopback=True)
+    assert not is_loopback(host)
+    assert {p["containerPort"] for p in container["ports"]} == {port}
+    metrics_host, metrics_port = parse_address(config.metrics_listen, what="--metrics")
+    assert is_loopback(metrics_host) and metrics_port != port
+    # listening beyond loopback is refused without TLS: the manifest's TLS flags are needed
+    plain = pod.localise(line[1:])
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+        at = plain.index(flag)
+        del plain[at:at + 2]
+    with pytest.raises(UsageError, match="listening beyond loopback needs TLS"):
+        config_from_args(build_parser().parse_args(plain))
+
+
+@pytest.fixture
+def running_collector(cluster: list[dict[str, Any]], entrypoint: list[str],
+                      tmp_path: Path) -> Iterator[CollectorServer]:
+    """The collector from its manifest's args, on loopback instead of the pod's addresses."""
+    _, spec = pod_of(cluster, "Deployment", "driftwarden-collector")
+    container = only(spec["containers"])
+    pod = Pod(spec, container, cluster, tmp_path / "collector")
+    args = build_parser().parse_args(pod.localise(argv(container, NODE, entrypoint)[1:]))
+    config = dataclasses.replace(config_from_args(args), listen="127.0.0.1:0",
+                                 metrics_listen="127.0.0.1:0")
+    with CollectorServer(config) as server:
+        yield server
+
+
+def test_agent_secret_reaches_the_collector_by_its_service_name(
+        running_collector: CollectorServer, cluster: list[dict[str, Any]],
+        entrypoint: list[str], tmp_path: Path) -> None:
+    # Dial the collector under the name the DaemonSet's --collector gives, with the files the
+    # agent's Secret puts in the pod: the collector certificate must name it, the agent's
+    # certificate must be signed by the CA the collector trusts.
+    _, spec = pod_of(cluster, "DaemonSet", "driftwarden-agent")
+    container = only(spec["containers"])
+    pod = Pod(spec, container, cluster, tmp_path / "agent")
+    config = channel_config(options_from_args(build_parser().parse_args(
+        pod.localise(argv(container, NODE, entrypoint)[1:]))))
+    ca, key, cert = config.tls.read()
+    dialled_host = config.address.rpartition(":")[0]
+    assert dialled_host == SERVICE_HOST
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                               certificate_chain=cert)
+    with grpc.secure_channel(f"127.0.0.1:{running_collector.port}", credentials,
+                             (*NO_PROXY, ("grpc.ssl_target_name_override", dialled_host))) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=20)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_agent_collector_address_is_the_service() -> None:
+    agent = only(pod_of(load("daemonset.yaml"), "DaemonSet", "driftwarden-agent")[1]
+                 ["containers"])
+    args = agent["args"]
+    host, _, port = args[args.index("--collector") + 1].rpartition(":")
+    service = find(load("collector.yaml"), "Service", "driftwarden-collector")
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
