@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: setup run trace test lint bench clean
+.PHONY: setup run trace test lint bench bench-collector clean
 
 setup:
 	bash scripts/setup-host.sh
@@ -22,6 +22,9 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench.probe_overhead --out bench/RESULTS.md $(ARGS)
+
+bench-collector: setup
+	$(PY) -m bench.collector_e2e --out bench/COLLECTOR-RESULTS.md $(ARGS)
 
 clean:
 	rm -rf .venv .setup build *.egg-info .pytest_cache

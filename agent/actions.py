@@ -372,7 +372,9 @@ class BpfQuarantine:
     def detach(self, cgroup_dir: Path) -> int:
         detached = 0
         with _open_dir(cgroup_dir) as fd:
-            for hook in QUARANTINE_HOOKS:
+            # packets flow again before connect() is allowed: the other way round, a connect
+            # made in between loses its SYN and TCP retries only a second later
+            for hook in reversed(QUARANTINE_HOOKS):
                 for program in self.syscalls.attached_programs(fd, hook.attach_type):
                     if not _is_ours(program):
                         continue

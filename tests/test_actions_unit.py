@@ -499,8 +499,9 @@ def test_bpf_backend_finds_and_detaches_only_ours(tmp_path):
     backend = BpfQuarantine(syscalls=syscalls)  # type: ignore[arg-type]
     assert backend.attached(tmp_path) == ("connect4", "egress")
     assert backend.detach(tmp_path) == 3
-    assert syscalls.detached == [(1, connect4.attach_type), (2, egress.attach_type),
-                                 (4, egress.attach_type)]
+    # the packet drop first, then the connect block
+    assert syscalls.detached == [(2, egress.attach_type), (4, egress.attach_type),
+                                 (1, connect4.attach_type)]
     assert syscalls.programs == foreign
     assert backend.attached(tmp_path) == ()
     for fd in syscalls.open_fds:  # every program fd it opened was closed again
