@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 UNARY_RESERVE = 4  # pool threads kept free of streams by default
+STOP_SLACK_SECONDS = 5.0  # past stop_grace, how long stop() waits for gRPC to finish
 
 
 class CollectorError(DriftwardenError):
@@ -254,8 +255,13 @@ class CollectorServer:
             self._health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.close()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        # grpcio can leave a call it failed to deserialize counted as running (seen with a
+        # malformed message on a stream): its shutdown event then never fires. The streams are
+        # ended and the store is about to close, so a stop that waits is bounded.
+        if (self._server is not None
+                and not self._server.stop(grace).wait(grace + STOP_SLACK_SECONDS)):
+            log.warning("gRPC server still not stopped %.0f s after the stop; going on",
+                        grace + STOP_SLACK_SECONDS)
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.store is not None:

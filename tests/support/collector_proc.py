@@ -48,7 +48,8 @@ class CollectorProcess:
                 [sys.executable, "-m", "driftwarden", "collector",
                  "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd="/",
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                # faulthandler: a collector that hangs is made to dump its threads (stop)
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log()[offset:])
@@ -69,9 +70,13 @@ class CollectorProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"collector ignored SIGTERM for {timeout} s:\n{self.log()}"
-                                 ) from None
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            raise AssertionError(f"collector ignored SIGTERM for {timeout} s (its threads at "
+                                 f"the end of the log):\n{self.log()}") from None
 
     def kill(self) -> None:
         """SIGKILL: the collector vanishes without closing its streams (an outage, a crash)."""
