@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 UNARY_RESERVE = 4  # pool threads kept free of streams by default
 STOP_SLACK_SECONDS = 5.0  # past stop_grace, how long stop() waits for gRPC to finish
+CHECKPOINT_SECONDS = 1.0  # the store's WAL is checkpointed by a thread this often
 
 
 class CollectorError(DriftwardenError):
@@ -187,7 +188,8 @@ class CollectorServer:
         config = self.config
         host, port = parse_address(config.listen, allow_non_loopback=config.allow_non_loopback)
         tls = config.tls.read() if config.tls is not None else None
-        self.store = AlertStore.open(config.db_path, clock=self._clock)
+        self.store = AlertStore.open(config.db_path, clock=self._clock,
+                                     checkpoint_interval=CHECKPOINT_SECONDS)
         stale = self.store.mark_all_agents_disconnected()
         if stale:
             log.info("marked %d agents disconnected (streams do not survive a restart)", stale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -761,3 +762,35 @@ def test_concurrent_batches_from_four_threads(db_path):
         assert flat.count(UPDATED) == 0
         assert store.stats()["alerts"] == 600
         assert store.count_alerts(AlertFilter(containers=("web",))) == 200
+
+
+# -- background WAL checkpoints ---------------------------------------------------------------
+
+
+def _wait_until(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_background_checkpoints_replace_the_automatic_ones(db_path):
+    with AlertStore.open(db_path, checkpoint_interval=0.05) as store:
+        with store._read() as conn:
+            assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for i in range(120):  # ~19 pages an alert: well past the automatic 1000-page mark
+            store.insert_alert(make_alert(f"c{i:03}"))
+        _wait_until(lambda: store.checkpoint_stats["checkpoints"] >= 2, "two checkpoints")
+        thread = store._checkpointer._thread
+    assert not thread.is_alive()  # close() stopped it, after a last checkpoint
+    assert store.checkpoint_stats["errors"] == 0
+    with AlertStore.open(db_path) as reopened:
+        assert len(reopened.list_alerts(page_size=500)[0]) == 120
+        with reopened._read() as conn:  # without the option: SQLite's automatic checkpoints
+            assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+
+
+def test_checkpoint_interval_must_be_positive(db_path):
+    with pytest.raises(ValueError, match=r"^checkpoint_interval must be > 0 seconds, got 0$"):
+        AlertStore.open(db_path, checkpoint_interval=0)
+    assert not db_path.exists()
