@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.support.processes import FAULTHANDLER_ENV, terminate
 
 READY_TEXT = "agent running"
 
@@ -41,7 +42,7 @@ class AgentProcess:
         cmd = [sys.executable, "-m", "driftwarden", "agent", "--state-dir", str(self.state_dir),
                "--alerts-out", str(self.alerts_out), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd="/",
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, **FAULTHANDLER_ENV})
         log.close()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
@@ -53,15 +54,7 @@ class AgentProcess:
         raise AssertionError(f"agent not ready after {self.ready_timeout} s:\n{self.log()}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"agent ignored SIGTERM for {timeout} s:\n{self.log()}") from None
+        return terminate(self.proc, timeout, "agent", self.log)
 
     def log(self) -> str:
         try:

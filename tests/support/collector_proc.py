@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tests.support.processes import FAULTHANDLER_ENV, terminate
 
 LISTENING = re.compile(r"driftwarden collector listening on 127\.0\.0\.1:(\d+) ")
 
@@ -48,8 +49,7 @@ class CollectorProcess:
                 [sys.executable, "-m", "driftwarden", "collector",
                  "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd="/",
-                # faulthandler: a collector that hangs is made to dump its threads (stop)
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+                env={**os.environ, **FAULTHANDLER_ENV})
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log()[offset:])
@@ -63,20 +63,8 @@ class CollectorProcess:
         raise AssertionError(f"collector did not start:\n{self.log()}")
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (a clean shutdown), then SIGKILL if it does not exit in `timeout` s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            raise AssertionError(f"collector ignored SIGTERM for {timeout} s (its threads at "
-                                 f"the end of the log):\n{self.log()}") from None
+        """SIGTERM (a clean shutdown); see processes.terminate for one that hangs."""
+        return terminate(self.proc, timeout, "collector", self.log)
 
     def kill(self) -> None:
         """SIGKILL: the collector vanishes without closing its streams (an outage, a crash)."""
