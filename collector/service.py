@@ -435,6 +435,12 @@ class CollectorService:
                                 self._store_rows, ("table",))
         registry.counter_callback(prefix + "policy_decisions", "Policy decisions by outcome",
                                   self._policy_counts, ("outcome",))
+        registry.counter_callback(prefix + "store_checkpoints", "Background WAL checkpoints "
+                                  "of the store, by outcome (errors: the WAL grows until one "
+                                  "succeeds)", lambda: {
+                                      "done": self.store.checkpoint_stats["checkpoints"],
+                                      "error": self.store.checkpoint_stats["errors"]},
+                                  ("outcome",))
 
     def _store_rows(self) -> dict[str, int]:
         stats = self.store.stats()

@@ -723,13 +723,20 @@ def test_metrics_are_served_over_http(make_server, channels):
     agent = connect(channels(server))
     agent.send_alerts([make_alert("one"), make_alert("two")])
     agent.recv_kind("ack")
+    # the store's background WAL checkpoints run every second (collector/server.py)
+    wait_until(lambda: server.store.checkpoint_stats["checkpoints"] >= 1, "a checkpoint")
     with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
         text = reply.read().decode()
     for line in ('driftwarden_collector_alerts_received_total{outcome="new"} 2',
                  "driftwarden_collector_agents_connected 1",
                  'driftwarden_collector_store_rows{table="alerts"} 2',
-                 "driftwarden_collector_subscribers 0"):
+                 "driftwarden_collector_subscribers 0",
+                 'driftwarden_collector_store_checkpoints_total{outcome="error"} 0'):
         assert line + "\n" in text
+    done = re.search(r'^driftwarden_collector_store_checkpoints_total\{outcome="done"\} (\d+)$',
+                     text, re.M)
+    assert done is not None, text
+    assert 1 <= int(done.group(1)) <= server.store.checkpoint_stats["checkpoints"]
 
 
 def test_a_port_in_use_is_an_error(server, tmp_path):
