@@ -54,7 +54,8 @@ def monotonic_to_wall_offset_ns() -> int:
 
 
 class LiveCapture:
-    """The kernel ring buffer, drained on a short timer (the probes submit without wake-ups)."""
+    """The kernel ring buffer, drained on a short timer (the probes submit without wake-ups,
+    except for the kinds of ProbeConfig.wake_kinds, execs by default)."""
 
     def __init__(self, probes: ProbeSet, *, drain_interval: float = 0.01) -> None:
         self.probes = probes
@@ -71,7 +72,8 @@ class LiveCapture:
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            time.sleep(min(self.drain_interval, left))
+            # an epoll wait: an exec wakes it at once, anything else is drained on the timer
+            self.probes.wait(min(self.drain_interval, left))
 
     def counters(self) -> dict[str, dict[str, int]]:
         return self.probes.counters()

@@ -48,6 +48,11 @@
 #ifndef DW_WAKEUP
 #define DW_WAKEUP BPF_RB_NO_WAKEUP          /* userspace drains on a timer */
 #endif
+#ifndef DW_WAKE_KINDS
+#define DW_WAKE_KINDS 0                     /* kinds (a bit each) that wake the reader at once:
+                                             * execs are rare next to writes, and an exec is
+                                             * what drift alerts are about */
+#endif
 
 /* Keeps clang from re-deriving a clamped length from its unclamped source, which the
  * verifier would then reject as unbounded. */
@@ -241,7 +246,9 @@ static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind)
     DW_BARRIER(size);
     if (size > max)
         size = max;
-    if (events.ringbuf_output(data, size, DW_WAKEUP) == 0)
+    /* forced: the default wake-up is skipped while earlier records (sent without one) wait */
+    u64 flags = ((DW_WAKE_KINDS) & (1 << kind)) ? BPF_RB_FORCE_WAKEUP : DW_WAKEUP;
+    if (events.ringbuf_output(data, size, flags) == 0)
         dw_count(kind, DW_CNT_EMITTED);
     else
         dw_count(kind, DW_CNT_DROPPED);

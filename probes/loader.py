@@ -35,12 +35,18 @@ class ProbeConfig:
     dedup_entries: int = 16384
     ringbuf_pages: int = 1024  # 4 MiB; must be a power of two
     wakeup: bool = False  # True: wake the reader per event (costly; for comparisons only)
+    # kinds whose events wake the reader at once; the rest wait for the drain timer (~10 ms)
+    wake_kinds: frozenset[str] = frozenset({"exec"})
     open_result: bool = False  # True: report opens at syscall exit, with their result (costlier)
     limits: Limits = field(default_factory=Limits)
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
     extra_skip_cgroup_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown_wake = set(self.wake_kinds) - set(SELECTABLE_KINDS)
+        if unknown_wake:
+            raise UsageError(f"unknown event kind(s) {sorted(unknown_wake)} to wake on: "
+                             f"choose from {','.join(SELECTABLE_KINDS)}")
         unknown = set(self.kinds) - set(SELECTABLE_KINDS)
         if unknown or not self.kinds:
             raise UsageError(
@@ -56,8 +62,12 @@ class ProbeConfig:
             raise UsageError("dedup entries must be >= 1")
 
     def kind_mask(self) -> int:
+        return self._mask(self.kinds)
+
+    @staticmethod
+    def _mask(kinds: frozenset[str]) -> int:
         mask = 0
-        for name in self.kinds:
+        for name in kinds:
             mask |= 1 << int(SELECTABLE_KINDS[name])
         return mask
 
@@ -74,6 +84,7 @@ class ProbeConfig:
             f"-DDW_DEDUP_ENTRIES={self.dedup_entries}",
             f"-DDW_RINGBUF_PAGES={self.ringbuf_pages}",
             f"-DDW_WAKEUP={0 if self.wakeup else 'BPF_RB_NO_WAKEUP'}",
+            f"-DDW_WAKE_KINDS={self._mask(self.wake_kinds)}",
             f"-DDW_OPEN_RESULT={int(self.open_result)}",
             *self.limits.cflags(),
         ]
@@ -202,6 +213,12 @@ class ProbeSet:
         self._bpf.ring_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds, less when the kernel wakes the reader (events of
+        ProbeConfig.wake_kinds); what arrived is then taken by drain()."""
+        self._require()
+        self._bpf.ring_buffer_poll(max(0, int(timeout * 1000)))
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per kind: emitted, suppressed, dropped, read_failed (summed over CPUs)."""

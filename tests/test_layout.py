@@ -266,3 +266,22 @@ def test_limits_boundaries_accepted(kwargs):
     limits = Limits(**kwargs)
     for key, value in kwargs.items():
         assert getattr(limits, key) == value
+
+
+def test_wake_kinds_become_a_kind_mask_define():
+    from driftwarden.errors import UsageError
+    from driftwarden.probes.loader import SELECTABLE_KINDS, ProbeConfig
+
+    def wake_define(config: ProbeConfig) -> str:
+        [flag] = [f for f in config.cflags() if f.startswith("-DDW_WAKE_KINDS=")]
+        return flag
+
+    exec_bit = 1 << int(SELECTABLE_KINDS["exec"])
+    assert wake_define(ProbeConfig()) == f"-DDW_WAKE_KINDS={exec_bit}"  # execs wake by default
+    assert wake_define(ProbeConfig(wake_kinds=frozenset())) == "-DDW_WAKE_KINDS=0"
+    both = exec_bit | 1 << int(SELECTABLE_KINDS["connect"])
+    assert wake_define(ProbeConfig(wake_kinds=frozenset({"exec", "connect"}))) == (
+        f"-DDW_WAKE_KINDS={both}")
+    with pytest.raises(UsageError, match=r"^unknown event kind\(s\) \['fork'\] to wake on: "
+                                         r"choose from exec,connect,write$"):
+        ProbeConfig(wake_kinds=frozenset({"fork"}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
 import time
 import uuid
 
@@ -374,3 +375,32 @@ def test_dirfd_relative_paths_of_a_closed_fd_are_marked_unresolved(live_trace, s
                                                      ("/data/fo/renamed.txt", True)}
     absolute = _one(_writes(records, "truncate"), "truncate(2) of an absolute path")
     assert (absolute.path, absolute.path_resolved) == ("/data/fo/creat.txt", True)
+
+
+def test_an_exec_wakes_the_reader_at_once(kernel_ok, bb_image):
+    """Execs are submitted with a wake-up (ProbeConfig.wake_kinds), so a reader waiting on the
+    ring buffer returns with the exec instead of sleeping out its timeout. The 60 s wait and
+    the 30 s bound only tell "woken" from "timed out"; they measure nothing."""
+    from driftwarden.probes.decode import Decoder
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    config = ProbeConfig(kinds=frozenset({"exec"}))
+    with ProbeSet(config) as probes, run_container(bb_image, ["sleep", "3600"]) as c:
+        probes.drain()
+        waited = []
+
+        def wait_for_exec() -> None:
+            started = time.monotonic()
+            probes.wait(60.0)
+            waited.append(time.monotonic() - started)
+
+        waiter = threading.Thread(target=wait_for_exec)
+        waiter.start()
+        time.sleep(0.2)  # the waiter is in epoll by now
+        c.exec(["/bin/true"])
+        waiter.join(90)
+        raws = probes.drain()
+    assert waited and waited[0] < 30, waited
+    execs = [e for e in Decoder(config.limits).decode_many(raws)
+             if e.header.kind.name == "EXEC" and e.header.cgroup_id == c.cgroup_id]
+    assert [e.filename for e in execs] == ["/bin/true"]
