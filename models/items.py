@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from driftwarden.models.canonical import canonical_path, canonical_unix_socket, pattern_matches
+from driftwarden.models.features import is_shell
 from driftwarden.probes._layout import FileOp
 from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent
 
@@ -373,6 +374,8 @@ class ItemSet:
         self.overflowed: dict[str, int] = dict.fromkeys(KINDS, 0)
         # learned write patterns with a wildcard, by op: see covers()
         self._wild_writes: dict[str, list[str]] = {}
+        # children of learned lineages: see covers()
+        self._lineage_children: set[str] = set()
 
     def add(self, item: Item) -> bool:
         bucket = self._items[item.KIND]
@@ -384,16 +387,26 @@ class ItemSet:
             bucket[item] = None
             if isinstance(item, WriteItem) and "*" in item.path:
                 self._wild_writes.setdefault(item.op, []).append(item.path)
+            elif isinstance(item, LineageItem):
+                self._lineage_children.add(item.child)
         return True
 
     def covers(self, item: Item) -> bool:
         """Whether a learned pattern takes in `item` though its own pattern differs: a write
         whose path a learned wildcard write of the same op matches (``/tmp/req.*`` covers
         ``/tmp/req.JADRCI``, a mktemp name that canonicalisation could not tell from a word).
-        Called only for items not in the set, so the scan stays off the common path."""
+        Called only for items not in the set, so the scan stays off the common path.
+
+        A lineage whose parent is unknown (``?``: it was gone before the agent could look, e.g.
+        a web server's connection child while the agent was busy) is covered by any learned
+        lineage of the same child: it says nothing new about that program, whose exec item is
+        checked on its own. Shells are the exception: who started a shell is the point."""
         if isinstance(item, WriteItem):
             patterns = self._wild_writes.get(item.op)
             return bool(patterns) and any(pattern_matches(p, item.path) for p in patterns)
+        if isinstance(item, LineageItem) and item.parent == UNKNOWN:
+            return (item.child in self._lineage_children
+                    and not is_shell(*item.child.rsplit(":", 1)))
         return False
 
     def update(self, items: Iterable[Item]) -> int:

@@ -352,6 +352,19 @@ def test_learned_wildcard_write_covers_a_name_canonicalisation_kept():
     assert not items.covers(WriteItem("/etc/req.JADRCI", "create"))
 
 
+def test_a_lineage_whose_parent_is_unknown_is_covered_by_the_childs_learned_lineage():
+    items = ItemSet()
+    items.add(LineageItem("/bin/busybox:httpd", "/www/cgi-bin/app:app"))
+    items.add(LineageItem("/www/cgi-bin/app:app", "/bin/busybox:sh"))
+    # the CGI's parent (httpd's connection child) was gone when the agent looked
+    assert items.covers(LineageItem("?", "/www/cgi-bin/app:app"))
+    assert not items.covers(LineageItem("?", "/tmp/dropper:dropper"))  # never a learned child
+    assert not items.covers(LineageItem("?", "/bin/busybox:sh"))  # who starts a shell matters
+    assert not items.covers(LineageItem("/bin/busybox:nc", "/www/cgi-bin/app:app"))  # known parent
+    reloaded = ItemSet.from_msgpack_obj(items.to_msgpack_obj())
+    assert reloaded.covers(LineageItem("?", "/www/cgi-bin/app:app"))
+
+
 def test_profile_observe_treats_covered_writes_as_known():
     from driftwarden.models.profile import LearningPolicy, Mode, Profile
 
