@@ -368,6 +368,7 @@ class CollectorService:
         self._lock = threading.Lock()
         self._sessions: dict[str, AgentSession] = {}
         self._live: dict[str, dict[str, ContainerMatch]] = {}  # node -> heartbeat containers
+        self._host_of: dict[str, str] = {}  # container id -> the node whose heartbeat lists it
         self._hostnames: dict[str, str] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._streams = threading.BoundedSemaphore(config.max_streams)
@@ -500,6 +501,11 @@ class CollectorService:
         with self._lock:
             if self._sessions.get(session.node) is not session:
                 return  # a replaced stream's late heartbeat
+            gone = self._live.get(session.node, {}).keys() - live.keys()
+            for cid in gone:
+                if self._host_of.get(cid) == session.node:
+                    del self._host_of[cid]
+            self._host_of.update(dict.fromkeys(live, session.node))
             self._live[session.node] = live
             self.store.upsert_agent(session.node, counters=counters,
                                     containers_watched=beat.containers_watched,
@@ -513,11 +519,14 @@ class CollectorService:
         (``batch_errors``) and audited instead of ending the stream before the ack."""
         node = session.node
         for i, alert in enumerate(batch.alerts):
-            claimed = alert.container.node or self._connected_host_of(alert.container.id, node)
-            if claimed and claimed != node:
-                problem = (f"claims node {claimed!r}" if alert.container.node else
-                           f"is about container {alert.container.id[:12]}, which node "
+            named = alert.container.node
+            if named and named != node:
+                claimed, problem = named, f"claims node {named!r}"
+            else:  # its own node or none named: still not a container another node runs
+                claimed = self._connected_host_of(alert.container.id, node)
+                problem = (f"is about container {alert.container.id[:12]}, which node "
                            f"{claimed!r} runs,")
+            if claimed:
                 reason = (f"alert_batch rejected: alerts[{i}] (id {alert.id}) {problem} "
                           f"but this stream is node {node!r}; nothing of the batch is stored "
                           "or acked")
@@ -553,16 +562,14 @@ class CollectorService:
 
     def _connected_host_of(self, container_id: str, asking: str) -> str | None:
         """Another connected node whose heartbeat lists the container: an agent reports and
-        acts for its own node's containers only, also when its alert leaves the node unset.
+        acts for its own node's containers only, whatever node its alert names (one lookup per
+        alert: the heartbeats keep the container -> node index).
         (Only connected nodes count: a node renamed while its containers ran is not locked
         out of them by its old name's last heartbeat.)"""
-        if not container_id:
-            return None
         with self._lock:
-            for other, live in self._live.items():
-                if other != asking and other in self._sessions and container_id in live:
-                    return other
-        return None
+            host = self._host_of.get(container_id)
+            return host if host is not None and host != asking and host in self._sessions \
+                else None
 
     def _changed_alerts(self, docs: list[dict[str, Any]], outcomes: list[InsertOutcome],
                         ) -> list[dict[str, Any]]:

@@ -230,6 +230,30 @@ def test_a_batch_with_an_alert_of_another_node_is_rejected_whole(server, channel
     assert list(agent.recv_kind("ack").spool_seqs) == [3]
 
 
+@pytest.mark.parametrize("named", ["", "node-b"])  # none, or its own node
+def test_an_alert_about_a_container_another_connected_node_runs_is_rejected(server, channels,
+                                                                             named):
+    channel = channels(server)
+    web = container_id("node-a-web")
+    owner = connect(channel, "node-a")
+    owner.send(heartbeat=heartbeat([(web, "web")]))
+    wait_until(lambda: server.service._connected_host_of(web, "node-b") == "node-a",
+               "node-a's heartbeat")
+    forger = connect(channel, "node-b")
+    forged = make_alert("forged", cid=web, node=named)
+    forger.send_alerts([forged], [1])
+    notice = forger.recv_kind("notice")
+    assert notice.text == (f"alert_batch rejected: alerts[0] (id {forged.id}) is about container "
+                           f"{web[:12]}, which node 'node-a' runs, but this stream is node "
+                           "'node-b'; nothing of the batch is stored or acked")
+    assert forger.pending() == [] and server.store.count_alerts() == 0
+    owner.send_alerts([make_alert("real", cid=web)], [1])  # the node that runs it may
+    assert list(owner.recv_kind("ack").spool_seqs) == [1]
+    owner.send(heartbeat=heartbeat([]))  # gone from node-a: nobody's container any more
+    wait_until(lambda: server.service._connected_host_of(web, "node-b") is None,
+               "node-a's next heartbeat")
+
+
 def test_a_second_stream_for_a_node_replaces_the_first(server, channels):
     channel = channels(server)
     first = connect(channel)
