@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from driftwarden.argtypes import POSITIVE_SECONDS
 from driftwarden.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,6 @@ class AgentOptions:
         return None if self.collector else "-"
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_collector_flags(parser: argparse.ArgumentParser) -> None:
     """The `agent` flags for the collector connection and metrics (called from cli.py).
 
@@ -97,7 +88,7 @@ def add_collector_flags(parser: argparse.ArgumentParser) -> None:
                        help="the client certificate's private key")
     group.add_argument("--tls-ca", metavar="FILE", default=None,
                        help="the CA certificate that signed the collector's certificate")
-    group.add_argument("--heartbeat", type=_seconds, default=None, metavar="SECONDS",
+    group.add_argument("--heartbeat", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                        help=f"heartbeat interval towards the collector (default "
                        f"{DEFAULT_HEARTBEAT_SECONDS:g})")
     group.add_argument("--metrics", metavar="HOST:PORT", default=None,

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from driftwarden import __version__
+from driftwarden.argtypes import NON_NEGATIVE_SECONDS, POSITIVE_SECONDS
 from driftwarden.errors import DriftwardenError, UsageError
 
 log = logging.getLogger(__name__)
@@ -28,26 +29,6 @@ def _stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _signum, _frame: stop.set())
     return stop
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _kinds(text: str) -> frozenset[str]:
@@ -78,7 +59,7 @@ def _add_trace(subparsers) -> None:
                    help="only this container (name or id prefix); repeatable")
     p.add_argument("--kinds", type=_kinds, default=None, metavar="LIST",
                    help="comma list of exec,connect,write (default: all)")
-    p.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="stop after this many seconds")
     p.add_argument("--include-host", action="store_true",
                    help="also report processes outside containers")
@@ -87,7 +68,7 @@ def _add_trace(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--record", metavar="FILE", help="also write the raw events to FILE")
     src.add_argument("--replay", metavar="FILE", help="read events from FILE, not the kernel")
-    p.add_argument("--dedup-interval", type=_non_negative_float, default=1.0, metavar="SECONDS",
+    p.add_argument("--dedup-interval", type=NON_NEGATIVE_SECONDS, default=1.0, metavar="SECONDS",
                    help="suppress repeats of an event within this interval in the kernel "
                    "(0 disables; default 1)")
     p.add_argument("--ringbuf-pages", type=int, default=1024, metavar="N",
@@ -139,17 +120,17 @@ def _add_agent(subparsers) -> None:
     p.add_argument("--alerts-out", default="-", metavar="FILE",
                    help="append alerts here as JSON lines (default: stdout; with --collector: "
                    "none unless given, - = stdout)")
-    p.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
+    p.add_argument("--window", type=POSITIVE_SECONDS, default=10.0, metavar="SECONDS",
                    help="feature window length (default 10)")
-    p.add_argument("--startup-grace", type=_non_negative_float, default=10.0, metavar="SECONDS",
+    p.add_argument("--startup-grace", type=NON_NEGATIVE_SECONDS, default=10.0, metavar="SECONDS",
                    help="a container's first SECONDS after it (re)started are left out of the "
                    "anomaly model: neither learned nor scored (novelty and drift still apply; "
                    "default 10, 0 = none)")
-    p.add_argument("--learn-for", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--learn-for", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="end learning after this long even if not yet stable")
     p.add_argument("--mode", choices=("learn", "monitor"), default="learn",
                    help="mode of an image seen for the first time (default learn)")
-    p.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="stop after this many seconds")
     p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
                    help="Docker Engine API address for container metadata")

@@ -68,6 +68,7 @@ from driftwarden._alert_table import (
     requested_by_text,
 )
 from driftwarden._alert_table import enum_text as _enum_text
+from driftwarden.argtypes import POSITIVE_INT
 from driftwarden.errors import UsageError
 from driftwarden.netaddr import host_port, is_loopback
 from driftwarden.v1 import (
@@ -420,16 +421,6 @@ def _kind_list(text: str) -> list[str]:
             f"unknown alert kind(s) {','.join(unknown) or '(empty)'}; choose from "
             f"{','.join(wire.ALERT_KIND.texts)}")
     return kinds
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def alert_filter(args: argparse.Namespace) -> alerts_pb2.AlertFilter:
@@ -1018,7 +1009,7 @@ def _add_alerts(subparsers: argparse._SubParsersAction) -> None:
                        help=f"leave out this {what}; repeatable")
     p.add_argument("--since", default=None, metavar="WHEN",
                    help="alerts since a duration ago (30s, 10m, 2h, 1d) or an ISO time")
-    p.add_argument("--limit", type=_positive_int, default=DEFAULT_LIMIT, metavar="N",
+    p.add_argument("--limit", type=POSITIVE_INT, default=DEFAULT_LIMIT, metavar="N",
                    help=f"at most N stored alerts (default {DEFAULT_LIMIT})")
     p.add_argument("--actions", action="store_true",
                    help="also show actions taken, skipped or failed on the containers")
@@ -1066,7 +1057,7 @@ def _add_certs(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--nodes", type=_node_list, default=None, metavar="LIST",
                       help="comma list of node names to make agent certificates for "
                       "(default: this host's name)")
-    init.add_argument("--days", type=_positive_int, default=365, metavar="N",
+    init.add_argument("--days", type=POSITIVE_INT, default=365, metavar="N",
                       help="validity in days (default 365)")
     init.add_argument("--force", action="store_true",
                       help="replace the certificates in a non-empty DIR")

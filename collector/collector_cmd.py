@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from driftwarden.argtypes import number
 from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
 from driftwarden.collector.server import (
     DEFAULT_LISTEN,
@@ -33,17 +34,9 @@ DEFAULT_RETENTION_DAYS = 30.0
 # agent's a reader thread too): 256 serves a few hundred nodes, raise it for more
 DEFAULT_MAX_STREAMS = 256
 MAX_STREAMS_LIMIT = 4096
+MAX_STREAMS = number(int, minimum=1, maximum=MAX_STREAMS_LIMIT)
+RETENTION_DAYS = number(float, unit="days", bound="a number of days >= 0")
 _DAY = 86400.0
-
-
-def _retention_days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -71,11 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="operator calls must send this token as 'authorization: Bearer'")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback)")
-    parser.add_argument("--retention-days", type=_retention_days,
+    parser.add_argument("--retention-days", type=RETENTION_DAYS,
                         default=DEFAULT_RETENTION_DAYS, metavar="N",
                         help=f"delete alerts and audit entries older than N days, at start "
                              f"and hourly (default {DEFAULT_RETENTION_DAYS:g}; 0 keeps all)")
-    parser.add_argument("--max-streams", type=_max_streams, default=DEFAULT_MAX_STREAMS,
+    parser.add_argument("--max-streams", type=MAX_STREAMS, default=DEFAULT_MAX_STREAMS,
                         metavar="N",
                         help=f"streams served at once: agents (one each) plus live "
                              f"subscribers; more are refused with RESOURCE_EXHAUSTED (each "
@@ -85,16 +78,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "the --tls-* flags)")
     parser.set_defaults(func=run_command)
     return parser
-
-
-def _max_streams(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_STREAMS_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1..{MAX_STREAMS_LIMIT}, got {value}")
-    return value
 
 
 def config_from_args(args: argparse.Namespace) -> CollectorConfig:
