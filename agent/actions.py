@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from driftwarden.errors import DriftwardenError, HostSupportError, ProbeLoadError
+from driftwarden.core.errors import DriftwardenError, HostSupportError, ProbeLoadError
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from driftwarden.errors import AttributionError
+from driftwarden.core.errors import AttributionError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from driftwarden.attribution import (
+from driftwarden.agent.attribution import (
     Attribution,
     AttributionState,
     Attributor,
@@ -13,8 +13,8 @@ from driftwarden.attribution import (
     DockerMetadata,
     MetadataUnavailableError,
 )
-from driftwarden.errors import UsageError
-from driftwarden.pipeline import ContainerView
+from driftwarden.core.errors import UsageError
+from driftwarden.core.records import ContainerView
 
 log = logging.getLogger(__name__)
 

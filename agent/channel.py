@@ -1,8 +1,8 @@
 """The agent's side of the collector connection: alerts spooled on disk, streamed, acknowledged.
 
 :class:`CollectorChannel` is an AlertSink (``emit``/``flush``/``close``), so it stands where
-:class:`~driftwarden.alerts.JsonLinesAlertSink` does, behind the AlertAggregator. ``emit``
-appends the alert to an :class:`~driftwarden.spool.AlertSpool` and wakes the sender; it never
+:class:`~driftwarden.agent.alerts.JsonLinesAlertSink` does, behind the AlertAggregator. ``emit``
+appends the alert to an :class:`~driftwarden.agent.spool.AlertSpool` and wakes the sender; it never
 waits on the network. An alert leaves the spool only when the collector acknowledges it.
 
 Threads
@@ -40,7 +40,7 @@ the stream stayed up ``stable_seconds``). One warning per outage, not per retry;
 when the collector is back.
 
 Actions: ``action`` commands run on the worker through ``actions.run(type, container_id,
-[with_pause=True])`` (a :class:`~driftwarden.actions.ContainerActions`) when
+[with_pause=True])`` (a :class:`~driftwarden.agent.actions.ContainerActions`) when
 ``is_local(container_id)`` says the container is on this host, else they are answered
 CONTAINER_GONE. A command whose ``action_id`` was already run is answered with the earlier
 result, not run again. Results not yet sent when a stream ends go out on the next stream.
@@ -63,13 +63,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from driftwarden import __version__
-from driftwarden.alerts import Alert, AlertKind, AlertReason, AlertSink, Severity
-from driftwarden.errors import DriftwardenError, UsageError
-from driftwarden.netaddr import host_port, is_loopback
-from driftwarden.spool import DEFAULT_MAX_BYTES, AlertSpool, SpoolFull
-from driftwarden.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from driftwarden.wire import (
+from driftwarden.agent.alerts import AlertSink
+from driftwarden.agent.spool import DEFAULT_MAX_BYTES, AlertSpool, SpoolFull
+from driftwarden.core import __version__
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.netaddr import host_port, is_loopback
+from driftwarden.core.wire import (
     ACTION_STATUS,
     ACTION_TYPE,
     DEFAULT_LIMITS,
@@ -81,6 +81,7 @@ from driftwarden.wire import (
     validate_alert,
     validate_collector_command,
 )
+from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Backoff:
 
 
 class Actions(Protocol):
-    """What the channel needs of :class:`~driftwarden.actions.ContainerActions`."""
+    """What the channel needs of :class:`~driftwarden.agent.actions.ContainerActions`."""
 
     def run(self, action: str, container_id: str, **options: Any) -> Any: ...
 
@@ -217,7 +218,7 @@ def docker_is_local(actions: Any, cgroup_root: str | Path | None = None) -> Call
     """``is_local`` for a ContainerActions: the runtime knows the container; when the runtime
     cannot answer, a cgroup v2 directory of the container exists; when neither can be checked,
     True (the action then reports what is wrong itself)."""
-    from driftwarden.actions import (
+    from driftwarden.agent.actions import (
         ContainerNotFoundError,
         RuntimeActionError,
         container_cgroup_candidates,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from driftwarden.errors import DriftwardenError, UsageError
+from driftwarden.core.errors import DriftwardenError, UsageError
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import Profile, ProfileStore
 

@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from driftwarden.alerts import AlertKind, AlertReason, Severity, build_alert
-from driftwarden.errors import UsageError
+from driftwarden.agent.alerts import build_alert
+from driftwarden.agent.processes import PROC_SELF_EXE
+from driftwarden.core.alerts import AlertKind, AlertReason, Severity
+from driftwarden.core.errors import UsageError
+from driftwarden.core.modes import Mode
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.drift import (
     DriftKind,
     Layers,
@@ -41,9 +45,7 @@ from driftwarden.models.items import (
     write_ops,
 )
 from driftwarden.models.items import extract_items as items_of
-from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
-from driftwarden.pipeline import ContainerView, TraceRecord
-from driftwarden.processes import PROC_SELF_EXE
+from driftwarden.models.profile import LearningPolicy, Profile, ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +588,7 @@ class LiveProfiles:
         return list(live.values())
 
     def get(self, image: str) -> Profile:
-        from driftwarden.control import resolve_image
+        from driftwarden.agent.control import resolve_image
 
         profile = resolve_image(image, self.all())
         return self.detector.profiles.setdefault(profile.image_id, profile)

@@ -520,7 +520,7 @@ def _load_child() -> None:
 def _run_load_child(keys: Sequence[str], timeout: float) -> dict[str, str | None]:
     # A subprocess keeps a clang/LLVM crash or hang on a broken host from taking the
     # doctor down with it, and its stderr (verifier/compile noise) stays captured.
-    code = "from driftwarden.doctor import _load_child; _load_child()"
+    code = "from driftwarden.agent.doctor import _load_child; _load_child()"
     try:
         proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(keys)),
                               capture_output=True, text=True, timeout=timeout,

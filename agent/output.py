@@ -8,7 +8,8 @@ import json
 import shlex
 from typing import TextIO
 
-from driftwarden.pipeline import TraceRecord, TraceSummary
+from driftwarden.agent.pipeline import TraceSummary
+from driftwarden.core.records import TraceRecord
 from driftwarden.probes._layout import FileOp, Flag
 from driftwarden.probes.events import ConnectEvent, ExecEvent, FileEvent, open_flag_names
 

@@ -11,14 +11,15 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
+from driftwarden.agent.processes import PROC_SELF_EXE, ProcessTable, ResolvedPath
+from driftwarden.agent.procfs import ProcReader
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp
 from driftwarden.probes.capture import CaptureSource, CaptureWriter
 from driftwarden.probes.decode import Decoder
 from driftwarden.probes.events import ChdirEvent, ConnectEvent, ExecEvent, FileEvent, KernelEvent
-from driftwarden.processes import PROC_SELF_EXE, ProcessTable, ResolvedPath
-from driftwarden.procfs import ProcReader
 
 log = logging.getLogger(__name__)
 
@@ -30,71 +31,8 @@ USER_KINDS = ("exec", "connect", "write")
 _WAIT_STATES = frozenset({"pending", "unknown"})
 
 
-@dataclass(frozen=True, slots=True)
-class ContainerView:
-    """What an event is attributed to, in a form that can be printed, recorded and replayed."""
-
-    state: str  # host | container | pending | not-container | unknown
-    cgroup_id: int
-    cgroup_path: str | None = None
-    id: str | None = None
-    name: str | None = None
-    image: str | None = None
-    image_id: str | None = None
-    runtime: str | None = None
-    pod: str | None = None
-    namespace: str | None = None
-    labels: tuple[tuple[str, str], ...] = ()
-    metadata_error: str | None = None
-    started_at: float | None = None  # when the container's current run began (epoch s)
-
-    def to_dict(self) -> dict:
-        return {
-            "state": self.state,
-            "cgroup_id": self.cgroup_id,
-            "cgroup_path": self.cgroup_path,
-            "id": self.id,
-            "name": self.name,
-            "image": self.image,
-            "image_id": self.image_id,
-            "runtime": self.runtime,
-            "pod": self.pod,
-            "namespace": self.namespace,
-            "labels": dict(self.labels),
-            "metadata_error": self.metadata_error,
-            "started_at": self.started_at,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ContainerView:
-        values = dict(data)
-        values["labels"] = tuple(sorted((values.get("labels") or {}).items()))
-        return cls(**values)
-
-    def matches(self, selector: str) -> bool:
-        """A --container selector: exact name, or a prefix of the container id."""
-        if self.name is not None and selector.lstrip("/") == self.name:
-            return True
-        return bool(self.id) and len(selector) >= 4 and self.id.startswith(selector)
-
-
 class AttributionLookup(Protocol):
     def lookup(self, cgroup_id: int) -> ContainerView: ...
-
-
-class TraceRecord(NamedTuple):
-    """An event with its resolved paths and container; a NamedTuple for construction speed."""
-
-    event: KernelEvent
-    kind: str
-    container: ContainerView
-    ppid: int
-    path: str | None = None
-    path_resolved: bool = True
-    path2: str | None = None
-    path2_resolved: bool = True
-    exe: str | None = None
-    runtime_setup: bool = False
 
 
 class Sink(Protocol):

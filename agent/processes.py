@@ -13,8 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from driftwarden.agent.procfs import ProcReader
 from driftwarden.probes._layout import AT_FDCWD
-from driftwarden.procfs import ProcReader
 
 _MAX_PARENT_HOPS = 8
 PROC_SELF_EXE = "/proc/self/exe"

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
-from driftwarden.errors import DriftwardenError
+from driftwarden.core.errors import DriftwardenError
 
 log = logging.getLogger(__name__)
 

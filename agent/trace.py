@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass
 from typing import TextIO
 
-from driftwarden.output import HumanSink, JsonSink, format_summary
-from driftwarden.pipeline import (
+from driftwarden.agent.output import HumanSink, JsonSink, format_summary
+from driftwarden.agent.pipeline import (
     USER_KINDS,
     ReplayAttribution,
     ReplayProcReader,
@@ -104,10 +104,10 @@ def _replay(options, trace_filter, stop, stdout, stderr) -> int:
 
 
 def _live(options, trace_filter, stop, stdout, stderr) -> int:
-    from driftwarden.attribution_view import LiveAttribution
+    from driftwarden.agent.attribution_view import LiveAttribution
+    from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.probes.capture import CaptureWriter, LiveCapture
     from driftwarden.probes.loader import ProbeSet, find_cgroup2_root
-    from driftwarden.procfs import LiveProcReader
 
     config = _probe_config(options)
     cgroup_root = options.cgroup_root or str(find_cgroup2_root())

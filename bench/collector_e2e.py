@@ -329,7 +329,7 @@ class Subscriber:
     the exec's path, action events by their alert id."""
 
     def __init__(self, channel: Any, alert_filter: Any, *, include_actions: bool) -> None:
-        from driftwarden.v1 import alerts_pb2, alerts_pb2_grpc
+        from driftwarden.proto.v1 import alerts_pb2, alerts_pb2_grpc
 
         self._cond = threading.Condition()
         self.by_path: dict[str, Received] = {}
@@ -389,7 +389,7 @@ class Subscriber:
 
     def action_events(self, alert_id: str, timeout: float) -> list[Received]:
         """The alert's action events once one with a final status (not PENDING) is in."""
-        from driftwarden.v1 import actions_pb2
+        from driftwarden.proto.v1 import actions_pb2
 
         def final() -> list[Received] | None:
             events = self.actions.get(alert_id) or []
@@ -498,7 +498,7 @@ class _Stack:
 
     def run(self) -> E2EResult:
         import grpc
-        from driftwarden.v1 import alerts_pb2, common_pb2
+        from driftwarden.proto.v1 import alerts_pb2, common_pb2
 
         from tests.support.agent_proc import AgentProcess
         from tests.support.collector_proc import CollectorProcess
@@ -588,7 +588,7 @@ class _Stack:
     # - steps ------------------------------------------------------------------------------
 
     def _wait_connected(self) -> None:
-        from driftwarden.v1 import agent_pb2, agent_pb2_grpc
+        from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc
 
         stub = agent_pb2_grpc.AgentsStub(self.channel)
 
@@ -602,7 +602,7 @@ class _Stack:
             raise BenchError(f"{exc}\n{self._logs()}") from None
 
     def _agent_counters(self) -> dict[str, dict[str, int]]:
-        from driftwarden.v1 import agent_pb2, agent_pb2_grpc
+        from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc
 
         agents = agent_pb2_grpc.AgentsStub(self.channel).List(
             agent_pb2.ListAgentsRequest(), timeout=5).agents
@@ -649,7 +649,7 @@ class _Stack:
                              f"{proc.stdout}{proc.stderr}")
 
     def _quarantine_trial(self, index: int) -> QuarantineTrial:
-        from driftwarden.v1 import actions_pb2
+        from driftwarden.proto.v1 import actions_pb2
 
         trial = QuarantineTrial(index, f"{DRIFT_DIR}/q{index}/true")
         _wait(lambda: _mono() - self.listener.last() < 50_000_000, 10,
@@ -694,7 +694,7 @@ class _Stack:
         return last if last > after else None
 
     def _release(self, trial: QuarantineTrial) -> None:
-        from driftwarden.v1 import actions_pb2, actions_pb2_grpc
+        from driftwarden.proto.v1 import actions_pb2, actions_pb2_grpc
 
         trial.release_requested = _mono()
         response = actions_pb2_grpc.ActionsStub(self.channel).Request(
@@ -738,9 +738,9 @@ class _Stack:
 def agent_settings() -> list[tuple[str, str, str]]:
     """(setting, value, where) of the defaults that bound the exec -> subscriber latency, read
     from the code so the report stays true when they change."""
-    from driftwarden.channel import ChannelConfig
+    from driftwarden.agent.channel import ChannelConfig
+    from driftwarden.agent.pipeline import TracePipeline
     from driftwarden.collector.service import ServiceConfig
-    from driftwarden.pipeline import TracePipeline
     from driftwarden.probes.capture import LiveCapture
     from driftwarden.probes.loader import ProbeConfig
 
@@ -778,8 +778,8 @@ def agent_settings() -> list[tuple[str, str, str]]:
 
 def _alert_template(node: str) -> Any:
     """A drift alert shaped like the agent's (one exec event, provenance-free), as a message."""
-    from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
-    from driftwarden.wire import alert_to_proto, validate_alert
+    from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+    from driftwarden.core.wire import alert_to_proto, validate_alert
 
     now = time.time()
     path = "/tmp/payload/run"
@@ -836,9 +836,9 @@ def _agent_worker(address: str, index: int, count: int, batch: int, window: int,
     readied = False
     try:
         import grpc
-        from driftwarden import __version__
-        from driftwarden.v1 import agent_pb2, common_pb2
-        from driftwarden.wire import MAX_MESSAGE_BYTES, to_timestamp
+        from driftwarden.core import __version__
+        from driftwarden.core.wire import MAX_MESSAGE_BYTES, to_timestamp
+        from driftwarden.proto.v1 import agent_pb2, common_pb2
 
         node = f"{NODE}-{index}"
         template = _alert_template(node)
@@ -926,8 +926,8 @@ def _subscriber_worker(address: str, index: int, expected: int, ready: Any, stop
     readied = False
     try:
         import grpc
-        from driftwarden.v1 import alerts_pb2, alerts_pb2_grpc
-        from driftwarden.wire import MAX_MESSAGE_BYTES
+        from driftwarden.core.wire import MAX_MESSAGE_BYTES
+        from driftwarden.proto.v1 import alerts_pb2, alerts_pb2_grpc
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         with grpc.insecure_channel(address, options=options) as channel:

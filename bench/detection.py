@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from driftwarden.alerts import ListAlertSink
-from driftwarden.detect import Detector, DetectorConfig
+from driftwarden.agent.alerts import ListAlertSink
+from driftwarden.agent.detect import Detector, DetectorConfig
+from driftwarden.agent.pipeline import ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.core.records import ContainerView
 from driftwarden.models.features import FEATURES
 from driftwarden.models.forest import WindowModel
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import LearningPolicy, ProfileStore
-from driftwarden.pipeline import ContainerView, ReplayAttribution, ReplayProcReader, TracePipeline
 from driftwarden.probes._layout import FileOp, Limits
 from driftwarden.probes.capture import CaptureWriter, ReplayCapture
 

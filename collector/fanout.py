@@ -42,7 +42,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from driftwarden.alerts import Severity
 from driftwarden.collector.store import (
     MIN_ID_PREFIX,
     AlertFilter,
@@ -50,7 +49,8 @@ from driftwarden.collector.store import (
     ImageSelector,
     image_repository,
 )
-from driftwarden.errors import UsageError
+from driftwarden.core.alerts import Severity
+from driftwarden.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -68,10 +68,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from driftwarden.alerts import AlertKind, Severity
 from driftwarden.collector.fanout import ImageSelector
-from driftwarden.errors import UsageError
-from driftwarden.models.profile import Mode
+from driftwarden.core.alerts import AlertKind, Severity
+from driftwarden.core.errors import UsageError
+from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
 

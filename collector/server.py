@@ -39,10 +39,10 @@ from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig, add_servicers
 from driftwarden.collector.store import AlertStore
-from driftwarden.errors import DriftwardenError, UsageError
-from driftwarden.metrics import MetricsRegistry, MetricsServer
-from driftwarden.netaddr import host_port, is_loopback
-from driftwarden.wire import MAX_MESSAGE_BYTES
+from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.metrics import MetricsRegistry, MetricsServer
+from driftwarden.core.netaddr import host_port, is_loopback
+from driftwarden.core.wire import MAX_MESSAGE_BYTES
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 

@@ -9,7 +9,7 @@ AgentChannel.Connect
     The first message must be ``hello`` (else FAILED_PRECONDITION); with mutual TLS the node is
     the agent certificate's CN and a hello naming another node is PERMISSION_DENIED. Messages
     are numbered from 1, one more each (else INVALID_ARGUMENT), and validated with
-    :mod:`driftwarden.wire` (INVALID_ARGUMENT with the validator's text; nothing is stored). A
+    :mod:`driftwarden.core.wire` (INVALID_ARGUMENT with the validator's text; nothing is stored). A
     second stream for a node replaces the first (which ends ABORTED). An ``alert_batch`` is
     stored in one transaction, its NEW/UPDATED alerts are published to subscribers and run
     through the policy, then ``ack`` echoes its ids and ``spool_seqs``. A batch holding an alert
@@ -55,14 +55,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from driftwarden import wire
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.certs import (
-    ROLE_AGENT,
-    ROLE_OPERATOR,
-    PeerIdentityError,
-    identity_from_auth_context,
-)
 from driftwarden.collector.fanout import (
     DEFAULT_MAX_QUEUE,
     FanoutHub,
@@ -84,8 +76,16 @@ from driftwarden.collector.store import (
     StoreError,
     UnknownContainer,
 )
-from driftwarden.metrics import MetricsRegistry
-from driftwarden.v1 import (
+from driftwarden.core import wire
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.certs import (
+    ROLE_AGENT,
+    ROLE_OPERATOR,
+    PeerIdentityError,
+    identity_from_auth_context,
+)
+from driftwarden.core.metrics import MetricsRegistry
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,

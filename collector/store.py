@@ -7,7 +7,7 @@ The schema is versioned (table ``schema_version``, one row per applied migration
 applies the missing migrations in order and refuses a store newer than this code.
 
 Alerts
-    An alert is the dict of ``driftwarden.alerts.Alert.to_dict()`` plus a top-level ``"node"``
+    An alert is the dict of ``driftwarden.core.alerts.Alert.to_dict()`` plus a top-level ``"node"``
     (the agent's node name). The store keeps one row per alert id; the row's columns serve the
     filters and the full dict is kept as JSON and returned as stored.
 
@@ -82,8 +82,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from driftwarden.alerts import AlertKind, Severity
-from driftwarden.errors import DriftwardenError
+from driftwarden.core.alerts import AlertKind, Severity
+from driftwarden.core.errors import DriftwardenError
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from driftwarden.pipeline import TraceRecord
+from driftwarden.core.records import TraceRecord
 from driftwarden.probes._layout import FileOp
 from driftwarden.probes.events import ConnectEvent, ConnectResult, ExecEvent, Family, FileEvent
 

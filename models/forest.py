@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from driftwarden.errors import DriftwardenError
+from driftwarden.core.errors import DriftwardenError
 from driftwarden.models.features import FEATURES
 from sklearn.ensemble import IsolationForest
 

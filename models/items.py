@@ -10,7 +10,7 @@ what goes into msgpack) and whose ``from_key()`` rebuilds it:
 * ``ConnectItem(family, addr_class, address, port, protocol, exe)``: where a process connected.
 * ``WriteItem(path, op)``: where something was written and how (see :func:`write_ops`).
 
-:func:`extract_items` turns one :class:`~driftwarden.pipeline.TraceRecord` into its items.
+:func:`extract_items` turns one :class:`~driftwarden.core.records.TraceRecord` into its items.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from driftwarden.probes._layout import FileOp
 from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent
 
 if TYPE_CHECKING:
-    from driftwarden.pipeline import TraceRecord
+    from driftwarden.core.records import TraceRecord
 
 UNKNOWN = "?"
 UNRESOLVED_PREFIX = "?rel:"  # relative path the pipeline could not resolve (never starts "/")

@@ -17,7 +17,6 @@ truncated file is moved aside (kept for inspection) and the image relearns.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import os
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from driftwarden.errors import DriftwardenError, UsageError
+from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ MAX_WINDOWS = 2000  # training windows kept per image (oldest dropped first)
 
 class BaselineError(DriftwardenError):
     """A baseline file could not be used (corrupt, truncated, another image, other version)."""
-
-
-class Mode(enum.StrEnum):
-    LEARN = "learn"
-    MONITOR = "monitor"
-    PROTECT = "protect"
 
 
 @dataclass(frozen=True)

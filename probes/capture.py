@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
-from driftwarden.errors import CaptureFileError
+from driftwarden.core.errors import CaptureFileError
 from driftwarden.probes._layout import Limits
 from driftwarden.probes.loader import ProbeSet
 

@@ -1,7 +1,7 @@
 """Typed kernel events: what the decoder makes of ring-buffer records.
 
 These carry exactly what the kernel saw (paths as given, dirfds, host pids). Resolution of
-relative paths and container attribution happen downstream (driftwarden.pipeline).
+relative paths and container attribution happen downstream (driftwarden.agent.pipeline).
 
 Events are immutable NamedTuples rather than frozen dataclasses: one is built per kernel record
 and frozen-dataclass construction costs 2.5x more (1.5 us vs 0.6 us for 11 fields, measured).

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from driftwarden.errors import HostSupportError, ProbeLoadError, UsageError
+from driftwarden.core.errors import HostSupportError, ProbeLoadError, UsageError
 from driftwarden.probes._layout import COUNTER_MAX, Counter, EventKind, Limits
 
 log = logging.getLogger(__name__)

@@ -130,18 +130,18 @@ class LiveTrace:
 
 
 def _brief(record) -> str:
-    from driftwarden.output import format_line
+    from driftwarden.agent.output import format_line
 
     return format_line(record, 0)
 
 
 @contextlib.contextmanager
 def start_live_trace(config, *, include_host: bool = False) -> Iterator[LiveTrace]:
-    from driftwarden.attribution_view import LiveAttribution
-    from driftwarden.pipeline import TraceFilter, TracePipeline
+    from driftwarden.agent.attribution_view import LiveAttribution
+    from driftwarden.agent.pipeline import TraceFilter, TracePipeline
+    from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.probes.capture import LiveCapture
     from driftwarden.probes.loader import ProbeSet, find_cgroup2_root
-    from driftwarden.procfs import LiveProcReader
 
     live = LiveTrace()
     stop = threading.Event()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from driftwarden.actions import (
+from driftwarden.agent.actions import (
     HOOK_NAMES,
     QUARANTINE_HOOKS,
     ActionStatus,
@@ -108,7 +108,7 @@ def _programs_on(c: RunningContainer) -> dict[str, list[str]]:
 def _in_fresh_process(action: str, cid: str) -> dict:
     """Run one action from a new Python process, like a restarted agent; its result as a dict."""
     script = ("import json, sys\n"
-              "from driftwarden.actions import ContainerActions\n"
+              "from driftwarden.agent.actions import ContainerActions\n"
               "with ContainerActions.for_docker() as acts:\n"
               "    print(json.dumps(acts.run(sys.argv[1], sys.argv[2]).to_dict()))\n")
     done = subprocess.run([sys.executable, "-c", script, action, cid], capture_output=True,

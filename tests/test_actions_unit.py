@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from driftwarden.actions import (
+from driftwarden.agent.actions import (
     HOOK_NAMES,
     QUARANTINE_HOOKS,
     ActionResult,
@@ -25,7 +25,7 @@ from driftwarden.actions import (
     RuntimeActionError,
     RuntimeState,
 )
-from driftwarden.errors import ProbeLoadError
+from driftwarden.core.errors import ProbeLoadError
 
 CID = "ab" * 32
 OTHER = "cd" * 32
@@ -430,7 +430,7 @@ def test_run_refuses_bad_requests(actions, runtime, action, options, message):
 
 
 def test_counts_and_log(actions, runtime, caplog):
-    caplog.set_level(logging.INFO, logger="driftwarden.actions")
+    caplog.set_level(logging.INFO, logger="driftwarden.agent.actions")
     actions.pause(CID)
     actions.pause(CID)
     actions.kill(OTHER)

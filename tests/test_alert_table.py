@@ -1,4 +1,4 @@
-"""driftwarden._alert_table: row cells, column layout, rich tables, the live view and its
+"""driftwarden.ops.tables: row cells, column layout, rich tables, the live view and its
 display thread. Rendering goes to rich consoles on StringIO (no terminal needed)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import re
 import threading
 
 import pytest
-from driftwarden import _alert_table as table
-from driftwarden import wire
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.v1 import actions_pb2, alerts_pb2, common_pb2
+from driftwarden.core import wire
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.ops import tables as table
+from driftwarden.proto.v1 import actions_pb2, alerts_pb2, common_pb2
 from rich.console import Console
 from rich.text import Text
 

@@ -7,22 +7,24 @@ import io
 import json
 
 import pytest
-from driftwarden.alerts import (
+from driftwarden.agent.alerts import (
+    AlertAggregator,
+    JsonLinesAlertSink,
+    ListAlertSink,
+    build_alert,
+)
+from driftwarden.agent.output import record_to_dict
+from driftwarden.core.alerts import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
     Alert,
-    AlertAggregator,
     AlertKind,
     AlertReason,
-    JsonLinesAlertSink,
-    ListAlertSink,
     Severity,
     alert_id,
-    build_alert,
 )
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.drift import DriftKind, DriftVerdict
-from driftwarden.output import record_to_dict
-from driftwarden.pipeline import ContainerView, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp, Flag
 from driftwarden.probes.events import ExecEvent, FileEvent, Header
 

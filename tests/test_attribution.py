@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from driftwarden import attribution
-from driftwarden.attribution import (
+from driftwarden.agent import attribution
+from driftwarden.agent.attribution import (
     NO_PROVIDER_ERROR,
     NOT_FOUND_ERROR,
     Attribution,
@@ -33,7 +33,7 @@ from driftwarden.attribution import (
     parse_cgroup_path,
     parse_docker_event,
 )
-from driftwarden.errors import AttributionError
+from driftwarden.core.errors import AttributionError
 
 ID_A = "a" * 64
 ID_B = "0123456789abcdef" * 4

@@ -10,10 +10,11 @@ import sys
 import threading
 
 import pytest
-from driftwarden.control import SOCKET_NAME, BaselineService, ControlServer
-from driftwarden.detect import Detector, DetectorConfig, LiveProfiles
+from driftwarden.agent.control import SOCKET_NAME, BaselineService, ControlServer
+from driftwarden.agent.detect import Detector, DetectorConfig, LiveProfiles
+from driftwarden.core.modes import Mode
 from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
-from driftwarden.models.profile import LearningPolicy, Mode, Profile, ProfileStore
+from driftwarden.models.profile import LearningPolicy, Profile, ProfileStore
 
 WEB = "sha256:" + "1a" * 32
 DB = "sha256:" + "2b" * 32
@@ -130,7 +131,7 @@ def test_control_socket_rejects_bad_requests(running_agent, tmp_path):
 
 def test_accept_a_novel_alert_through_the_running_agent(tmp_path):
     """A NOVEL alert's behaviour accepted by an operator is learned: it stays quiet after."""
-    from driftwarden.alerts import ListAlertSink
+    from driftwarden.agent.alerts import ListAlertSink
 
     from tests.test_alerts import WEB as VIEW
     from tests.test_alerts import exec_record

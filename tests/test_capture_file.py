@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from driftwarden.errors import CaptureFileError
+from driftwarden.core.errors import CaptureFileError
 from driftwarden.probes._layout import Limits
 from driftwarden.probes.capture import (
     FORMAT_VERSION,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driftwarden.certs import (
+from driftwarden.core.certs import (
     CertBundle,
     CertError,
     PeerIdentity,
@@ -24,7 +24,7 @@ from driftwarden.certs import (
     parse_collector_names,
     parse_rfc2253,
 )
-from driftwarden.errors import HostSupportError, UsageError
+from driftwarden.core.errors import HostSupportError, UsageError
 
 NODES = ["node-a", "node-b.example"]
 SERVICE_NAME = "driftwarden-collector.driftwarden.svc"  # what deploy/daemonset.yaml dials

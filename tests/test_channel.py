@@ -20,34 +20,28 @@ from typing import Any
 
 import grpc
 import pytest
-from driftwarden import __version__, agent_cmd, cli
-from driftwarden.actions import ActionResult, ActionStatus
-from driftwarden.alerts import (
-    Alert,
-    AlertKind,
-    AlertReason,
-    JsonLinesAlertSink,
-    ListAlertSink,
-    Severity,
-)
-from driftwarden.channel import (
+from driftwarden.agent import command as agent_cmd
+from driftwarden.agent.actions import ActionResult, ActionStatus
+from driftwarden.agent.alerts import JsonLinesAlertSink, ListAlertSink
+from driftwarden.agent.channel import (
     Backoff,
     ChannelConfig,
     CollectorChannel,
     TeeSink,
     TlsFiles,
-    alert_from_dict,
     parse_collector_address,
 )
-from driftwarden.errors import UsageError
-from driftwarden.spool import AlertSpool
-from driftwarden.v1 import actions_pb2, common_pb2
-from driftwarden.wire import (
+from driftwarden.agent.spool import AlertSpool
+from driftwarden.core import __version__
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity, alert_from_dict
+from driftwarden.core.errors import UsageError
+from driftwarden.core.wire import (
     MAX_MESSAGE_BYTES,
     InvalidMessage,
     alert_from_proto,
     validate_agent_message,
 )
+from driftwarden.proto.v1 import actions_pb2, common_pb2
 
 from tests.support.fake_collector import FakeCollector
 
@@ -171,7 +165,7 @@ def test_acks_by_alert_id_when_the_collector_sends_no_seqs(spool_dir):
 
 
 def test_collector_down_at_start_alerts_wait_in_the_spool_then_all_arrive(spool_dir, caplog):
-    caplog.set_level(logging.INFO, logger="driftwarden.channel")
+    caplog.set_level(logging.INFO, logger="driftwarden.agent.channel")
     port = free_port()
     channel = CollectorChannel(config(f"127.0.0.1:{port}"), spool_dir).start()
     try:
@@ -207,7 +201,7 @@ def test_a_refused_stream_is_an_error_logged_once_and_alerts_stay_spooled(spool_
     assert stats.last_error == f"PERMISSION_DENIED: {refusal[1]}"
     assert (stats.acked, stats.spool_depth) == (0, 1)
     assert [s.bodies() for s in collector.streams[:3]] == [["hello"]] * 3
-    errors = [r for r in caplog.records if r.name == "driftwarden.channel"
+    errors = [r for r in caplog.records if r.name == "driftwarden.agent.channel"
               and r.levelno >= logging.WARNING]
     assert [r.levelno for r in errors] == [logging.ERROR]
     assert spooled_ids(spool_dir) == [f"{1:024x}"]
@@ -518,7 +512,7 @@ def test_an_action_for_a_container_on_another_node_is_container_gone(collector, 
 
 
 def test_mutual_tls_delivers_and_the_collector_sees_the_node_certificate(tmp_path, spool_dir):
-    from driftwarden.certs import init_certs
+    from driftwarden.core.certs import init_certs
 
     bundle = init_certs(tmp_path / "certs", [NODE])
     key, cert = bundle.collector.read()
@@ -588,7 +582,7 @@ def test_non_loopback_collector_needs_the_flag():
 def agent_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()
-    cli._add_agent(subparsers)
+    agent_cmd._add_agent(subparsers)
     agent_parser = subparsers.choices["agent"]
     if "--collector" not in agent_parser._option_string_actions:  # until cli.py calls it
         agent_cmd.add_collector_flags(agent_parser)
@@ -649,7 +643,7 @@ def test_metrics_address_must_be_loopback():
 
 
 def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
-    from driftwarden.metrics import MetricsRegistry
+    from driftwarden.core.metrics import MetricsRegistry
 
     class Probes:
         def counters(self):

@@ -98,7 +98,7 @@ def test_unknown_container_is_refused_before_loading(kernel_ok, docker_ok):
 
 @pytest.mark.integration
 def test_missing_tracefs_is_a_clear_error(kernel_ok):
-    from driftwarden.errors import HostSupportError
+    from driftwarden.core.errors import HostSupportError
     from driftwarden.probes.loader import ProbeConfig, ProbeSet
 
     with pytest.raises(HostSupportError, match=r"tracefs is not mounted; run `mount -t tracefs"):

@@ -13,7 +13,7 @@ from driftwarden.collector.fanout import (
     image_repository,
 )
 from driftwarden.collector.store import AlertFilter
-from driftwarden.errors import UsageError
+from driftwarden.core.errors import UsageError
 
 CID = "0123456789ab" + "cd" * 26
 CID2 = "fedcba987654" + "32" * 26

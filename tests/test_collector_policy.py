@@ -25,7 +25,7 @@ from driftwarden.collector.policy import (
     load_policy,
     parse_policy,
 )
-from driftwarden.errors import UsageError
+from driftwarden.core.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 CID = "0123456789ab" + "cd" * 26

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driftwarden import wire
-from driftwarden.alerts import Alert, AlertKind, Severity
-from driftwarden.certs import init_certs
-from driftwarden.cli import _Parser
-from driftwarden.collector.collector_cmd import add_parser, config_from_args, run_collector
+from driftwarden.collector.command import add_parser, config_from_args, run_collector
 from driftwarden.collector.policy import parse_policy
 from driftwarden.collector.server import (
     CollectorConfig,
@@ -38,8 +34,12 @@ from driftwarden.collector.service import (
     service_names,
 )
 from driftwarden.collector.store import ActionStatus, AlertStore
-from driftwarden.errors import UsageError
-from driftwarden.v1 import (
+from driftwarden.core import wire
+from driftwarden.core.alerts import Alert, AlertKind, Severity
+from driftwarden.core.argtypes import CommandParser
+from driftwarden.core.certs import init_certs
+from driftwarden.core.errors import UsageError
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,
@@ -794,8 +794,8 @@ def test_config_refuses_what_it_cannot_serve(tmp_path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="driftwarden")
-    add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    parser = CommandParser(prog="driftwarden")
+    add_parser(parser.add_subparsers(dest="command", parser_class=CommandParser))
     return parser
 
 
@@ -873,10 +873,10 @@ def test_collector_command_flag_errors_are_one_line(tmp_path, capsys):
 
 _SCRIPT = """
 import sys
-from driftwarden.cli import _Parser
-from driftwarden.collector.collector_cmd import add_parser
-parser = _Parser(prog="driftwarden")
-add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+from driftwarden.core.argtypes import CommandParser
+from driftwarden.collector.command import add_parser
+parser = CommandParser(prog="driftwarden")
+add_parser(parser.add_subparsers(dest="command", parser_class=CommandParser))
 args = parser.parse_args(sys.argv[1:])
 sys.exit(args.func(args))
 """

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
 from driftwarden.collector.fanout import SubscriberFilter
 from driftwarden.collector.store import (
     MIGRATIONS,
@@ -27,7 +26,8 @@ from driftwarden.collector.store import (
     UnknownContainer,
     image_repository,
 )
-from driftwarden.errors import DriftwardenError
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.errors import DriftwardenError
 
 NEW, UPDATED, DUPLICATE = InsertOutcome.NEW, InsertOutcome.UPDATED, InsertOutcome.DUPLICATE
 CID_WEB = "aaaa1111" * 8

@@ -2,7 +2,7 @@
 
 Every deploy/*.yaml is parsed. The agent's and the collector's container args are expanded the
 way the kubelet does ($(NODE_NAME) from the downward API), run through the real CLI parser
-(driftwarden.cli.build_parser) and the commands' own validation (agent_cmd.options_from_args +
+(driftwarden.cli.main.build_parser) and the commands' own validation (agent_cmd.options_from_args +
 channel_config, collector_cmd.config_from_args), with the pod's volumes materialised in tmp_path
 from the objects that fill them: the Secrets that scripts/k8s-secrets.sh makes from a real
 `certs init` directory, the policy ConfigMap, empty dirs for the PVC and host paths. The
@@ -29,14 +29,14 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from driftwarden.agent_cmd import channel_config, options_from_args, parse_metrics_address
-from driftwarden.certs import CertBundle, certificate_identity, init_certs
-from driftwarden.cli import build_parser
-from driftwarden.collector.collector_cmd import config_from_args
+from driftwarden.agent.command import channel_config, options_from_args, parse_metrics_address
+from driftwarden.cli.main import build_parser
+from driftwarden.collector.command import config_from_args
 from driftwarden.collector.policy import load_policy
 from driftwarden.collector.server import CollectorServer, parse_address
-from driftwarden.errors import UsageError
-from driftwarden.netaddr import is_loopback
+from driftwarden.core.certs import CertBundle, certificate_identity, init_certs
+from driftwarden.core.errors import UsageError
+from driftwarden.core.netaddr import is_loopback
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,16 +241,21 @@ def test_every_deploy_yaml_parses_and_is_known() -> None:
 
 def test_dockerfile_copies_every_package_dir_and_runs_the_cli(entrypoint: list[str]) -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    package_dirs = pyproject["tool"]["setuptools"]["package-dir"]
+    setuptools = pyproject["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"driftwarden": "."}  # import name = place on disk
     instructions = dockerfile()
     copies = [shlex.split(rest) for word, rest in instructions if word == "COPY"]
     copied_as_is = {src.rstrip("/") for *srcs, dst in copies for src in srcs
                     if len(srcs) == 1 and src.rstrip("/") == dst.rstrip("/")}
-    for package, directory in package_dirs.items():
-        top = directory.split("/")[0]
-        assert top in copied_as_is, f"{package} ({directory}) is not copied to ./{top}"
-    assert {"agent", "probes", "models", "collector", "proto"} <= copied_as_is
-    assert ["pyproject.toml", "README.md", "./"] in copies  # `pip install .` needs both
+    for package in setuptools["packages"]:
+        if package == "driftwarden":
+            continue
+        top = package.split(".")[1]
+        assert top in copied_as_is, f"{package} is not copied to ./{top}"
+    assert {"core", "agent", "probes", "models", "collector", "ops", "cli", "proto"} \
+        <= copied_as_is
+    # `pip install .` needs the project files, and `python -m driftwarden` the root's __main__
+    assert ["pyproject.toml", "README.md", "__main__.py", "./"] in copies
     steps = [word for word, _ in instructions]
     last_copy = max(i for i, w in enumerate(steps) if w == "COPY")
     install = next(i for i, (w, rest) in enumerate(instructions)

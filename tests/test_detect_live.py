@@ -25,15 +25,15 @@ NORMAL_LOOP = (
 @pytest.fixture
 def detecting(kernel_ok, docker_ok, tmp_path):
     """Probes + pipeline + Detector in a thread; yields (detector, alert list)."""
-    from driftwarden.alerts import ListAlertSink
-    from driftwarden.attribution_view import LiveAttribution
-    from driftwarden.detect import Detector, DetectorConfig, LayersCache
+    from driftwarden.agent.alerts import ListAlertSink
+    from driftwarden.agent.attribution_view import LiveAttribution
+    from driftwarden.agent.detect import Detector, DetectorConfig, LayersCache
+    from driftwarden.agent.pipeline import TracePipeline
+    from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.models.items import ItemSet
     from driftwarden.models.profile import LearningPolicy, ProfileStore
-    from driftwarden.pipeline import TracePipeline
     from driftwarden.probes.capture import LiveCapture
     from driftwarden.probes.loader import ProbeConfig, ProbeSet, find_cgroup2_root
-    from driftwarden.procfs import LiveProcReader
 
     sink = ListAlertSink()
     stop = threading.Event()

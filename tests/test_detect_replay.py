@@ -8,12 +8,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from driftwarden.alerts import ListAlertSink
-from driftwarden.detect import Detector, DetectorConfig
+from driftwarden.agent.alerts import ListAlertSink
+from driftwarden.agent.detect import Detector, DetectorConfig
+from driftwarden.agent.pipeline import ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.core.modes import Mode
+from driftwarden.core.records import ContainerView
 from driftwarden.models.drift import Layers
 from driftwarden.models.items import ItemSet
-from driftwarden.models.profile import LearningPolicy, Mode, ProfileStore
-from driftwarden.pipeline import ContainerView, ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.models.profile import LearningPolicy, ProfileStore
 from driftwarden.probes._layout import FileOp, Limits
 from driftwarden.probes.capture import CaptureWriter, ReplayCapture
 
@@ -191,7 +193,7 @@ def test_drift_alert_names_the_process_that_wrote_the_binary(tmp_path):
 
 
 def test_layers_cache_falls_back_to_the_runtimes_record_and_never_caches_a_miss(tmp_path):
-    from driftwarden.detect import LayersCache
+    from driftwarden.agent.detect import LayersCache
 
     proc = tmp_path / "proc"
     (proc / "10").mkdir(parents=True)

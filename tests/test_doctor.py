@@ -14,8 +14,8 @@ import types
 from pathlib import Path
 
 import pytest
-from driftwarden import doctor
-from driftwarden.doctor import Check, DoctorEnv
+from driftwarden.agent import doctor
+from driftwarden.agent.doctor import Check, DoctorEnv
 
 RELEASE = "6.9.9-test"
 ALL_CAPS = "000001ffffffffff"
@@ -665,7 +665,7 @@ def test_host_cli_json_end_to_end(capsys):
 def test_host_cli_subprocess_table():
     _host_prerequisites()
     code = ("import argparse, sys\n"
-            "from driftwarden import doctor\n"
+            "from driftwarden.agent import doctor\n"
             "p = argparse.ArgumentParser(); s = p.add_subparsers()\n"
             "doctor.add_parser(s)\n"
             "a = p.parse_args(['doctor'])\n"

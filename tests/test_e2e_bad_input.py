@@ -24,9 +24,9 @@ from typing import Any
 
 import grpc
 import pytest
-from driftwarden import wire
-from driftwarden.certs import CertBundle, KeyPair, init_certs
-from driftwarden.v1 import (
+from driftwarden.core import wire
+from driftwarden.core.certs import CertBundle, KeyPair, init_certs
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,

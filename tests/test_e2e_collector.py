@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driftwarden.v1 import (
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from driftwarden.v1 import (
+from driftwarden.proto.v1 import (
     actions_pb2,
     agent_pb2,
     agent_pb2_grpc,

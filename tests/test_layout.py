@@ -269,7 +269,7 @@ def test_limits_boundaries_accepted(kwargs):
 
 
 def test_wake_kinds_become_a_kind_mask_define():
-    from driftwarden.errors import UsageError
+    from driftwarden.core.errors import UsageError
     from driftwarden.probes.loader import SELECTABLE_KINDS, ProbeConfig
 
     def wake_define(config: ProbeConfig) -> str:

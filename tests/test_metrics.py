@@ -6,7 +6,7 @@ import http.client
 import logging
 
 import pytest
-from driftwarden.metrics import CONTENT_TYPE, MetricsRegistry, MetricsServer, format_value
+from driftwarden.core.metrics import CONTENT_TYPE, MetricsRegistry, MetricsServer, format_value
 
 
 def small_registry() -> MetricsRegistry:
@@ -96,7 +96,7 @@ def test_failing_or_misshapen_callbacks_are_left_out(caplog) -> None:
     registry.gauge_callback("arity", "wrong label count", lambda: {("a", "b"): 1},
                             labelnames=("k",))
     registry.gauge_callback("text", "not a number", lambda: "7")
-    with caplog.at_level(logging.WARNING, logger="driftwarden.metrics"):
+    with caplog.at_level(logging.WARNING, logger="driftwarden.core.metrics"):
         assert registry.render() == "# HELP ok fine\n# TYPE ok gauge\nok 1\n"
     assert sorted(r.getMessage().split()[1] for r in caplog.records) == [
         "arity", "boom", "shape", "text"]

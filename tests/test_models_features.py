@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.features import (
     FEATURES,
     WindowAggregator,
@@ -11,7 +12,6 @@ from driftwarden.models.features import (
     is_writable_location,
     vector_dict,
 )
-from driftwarden.pipeline import ContainerView, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp, Flag
 from driftwarden.probes.events import (
     ChdirEvent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-from driftwarden.errors import DriftwardenError
+from driftwarden.core.errors import DriftwardenError
 from driftwarden.models.features import FEATURES, INDEX
 from driftwarden.models.forest import (
     RISK_FEATURES,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.items import (
     ConnectItem,
     ExecItem,
@@ -14,7 +15,6 @@ from driftwarden.models.items import (
     extract_items,
     item_from_key,
 )
-from driftwarden.pipeline import ContainerView, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, RESULT_UNKNOWN, EventKind, FileOp, Flag
 from driftwarden.probes.events import (
     ConnectEvent,
@@ -366,7 +366,8 @@ def test_a_lineage_whose_parent_is_unknown_is_covered_by_the_childs_learned_line
 
 
 def test_profile_observe_treats_covered_writes_as_known():
-    from driftwarden.models.profile import LearningPolicy, Mode, Profile
+    from driftwarden.core.modes import Mode
+    from driftwarden.models.profile import LearningPolicy, Profile
 
     profile = Profile(image_id="sha256:" + "1" * 64, image_name="web", items=ItemSet(),
                       created_at=0.0, updated_at=0.0)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from driftwarden.errors import UsageError
+from driftwarden.core.errors import UsageError
+from driftwarden.core.modes import Mode
 from driftwarden.models.profile import (
     BaselineError,
     LearningPolicy,
-    Mode,
     Profile,
     ProfileStore,
     baseline_filename,

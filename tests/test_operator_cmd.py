@@ -21,10 +21,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driftwarden import wire
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.errors import UsageError
-from driftwarden.operator_cmd import (
+from driftwarden.core import wire
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.errors import UsageError
+from driftwarden.ops.command import (
     add_parsers,
     collector_target,
     describe_rpc_error,
@@ -38,7 +38,7 @@ from driftwarden.operator_cmd import (
     run_certs,
     split_collector_address,
 )
-from driftwarden.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 
 from tests.support.fake_operator_api import FakeOperatorApi, ServerTls, SubscribeScript
 
@@ -403,7 +403,7 @@ def test_follow_stops_on_the_stop_event(api: FakeOperatorApi) -> None:
 
 _FOLLOW_MAIN = """
 import argparse, sys
-from driftwarden.operator_cmd import add_parsers
+from driftwarden.ops.command import add_parsers
 parser = argparse.ArgumentParser(prog="driftwarden")
 add_parsers(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

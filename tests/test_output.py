@@ -7,14 +7,15 @@ import json
 from collections import Counter
 
 import pytest
-from driftwarden.output import (
+from driftwarden.agent.output import (
     HumanSink,
     JsonSink,
     format_line,
     format_summary,
     record_to_dict,
 )
-from driftwarden.pipeline import ContainerView, TraceRecord, TraceSummary
+from driftwarden.agent.pipeline import TraceSummary
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp, Flag
 from driftwarden.probes.events import (
     ConnectEvent,

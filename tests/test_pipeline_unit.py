@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from driftwarden.output import record_to_dict
-from driftwarden.pipeline import (
-    ContainerView,
+from driftwarden.agent.output import record_to_dict
+from driftwarden.agent.pipeline import (
     ReplayAttribution,
     ReplayProcReader,
     TraceFilter,
     TracePipeline,
-    TraceRecord,
 )
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.probes._layout import FileOp, Limits
 from driftwarden.probes.capture import CaptureWriter, ReplayCapture
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from driftwarden.agent.processes import ProcessTable, ResolvedPath, normalize
 from driftwarden.probes._layout import AT_FDCWD
-from driftwarden.processes import ProcessTable, ResolvedPath, normalize
 
 
 class FakeProc:

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO_DIR = ROOT / "proto" / "driftwarden" / "v1"
+PROTO_DIR = ROOT / "proto" / "v1"
 PROTO_NAMES = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
 GENERATED = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
 
@@ -26,7 +26,7 @@ def test_committed_generated_code_is_what_the_protos_generate(tmp_path):
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr
-    fresh = generated_files(tmp_path / "driftwarden" / "v1")
+    fresh = generated_files(tmp_path)
     committed = generated_files(PROTO_DIR)
     assert len(fresh) == 3 * len(PROTO_NAMES)
     stale = sorted(name for name in fresh.keys() | committed.keys()
@@ -35,7 +35,7 @@ def test_committed_generated_code_is_what_the_protos_generate(tmp_path):
 
 
 def file_descriptors():
-    return [importlib.import_module(f"driftwarden.v1.{name}_pb2").DESCRIPTOR
+    return [importlib.import_module(f"driftwarden.proto.v1.{name}_pb2").DESCRIPTOR
             for name in PROTO_NAMES]
 
 
@@ -60,7 +60,7 @@ def test_every_file_is_in_package_driftwarden_v1_at_its_path():
     assert PROTO_NAMES == ["actions", "agent", "alerts", "common"]
     for fd, name in zip(file_descriptors(), PROTO_NAMES, strict=True):
         assert fd.package == "driftwarden.v1"
-        assert fd.name == f"driftwarden/v1/{name}.proto"
+        assert fd.name == f"driftwarden/proto/v1/{name}.proto"  # its import path
 
 
 def test_every_enum_zero_value_is_unspecified():
@@ -126,6 +126,6 @@ def test_unary_methods_have_their_own_request_and_response():
     ("actions_pb2_grpc", ["ActionsStub", "ActionsServicer", "add_ActionsServicer_to_server"]),
 ])
 def test_grpc_modules_import_from_the_installed_package(module, names):
-    mod = importlib.import_module(f"driftwarden.v1.{module}")
+    mod = importlib.import_module(f"driftwarden.proto.v1.{module}")
     assert Path(mod.__file__).resolve().parent == PROTO_DIR
     assert all(hasattr(mod, n) for n in names)

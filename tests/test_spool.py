@@ -14,9 +14,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from driftwarden import spool as spool_module
+from driftwarden.agent import spool as spool_module
+from driftwarden.agent.spool import ACKS_NAME, DATA_NAME, AlertSpool, SpoolError, SpoolFull
 from driftwarden.probes.decode import Decoder
-from driftwarden.spool import ACKS_NAME, DATA_NAME, AlertSpool, SpoolError, SpoolFull
 
 from tests.test_decode import LIMITS, exec_record
 
@@ -294,7 +294,7 @@ def test_killed_writer_loses_nothing_it_reported(tmp_path: Path) -> None:
     # A real crash: SIGKILL a process in the middle of appending, then recover its spool.
     script = (
         "import sys\n"
-        "from driftwarden.spool import AlertSpool\n"
+        "from driftwarden.agent.spool import AlertSpool\n"
         "spool = AlertSpool(sys.argv[1], fsync=False)\n"
         "b = 0\n"
         "while True:\n"

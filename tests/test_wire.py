@@ -1,4 +1,4 @@
-"""driftwarden.wire: alerts <-> driftwarden.v1 messages without loss, enum texts, validation."""
+"""driftwarden.core.wire: alerts <-> driftwarden.v1 messages without loss, enum texts, checks."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import json
 import random
 
 import pytest
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity, build_alert
-from driftwarden.output import record_to_dict
-from driftwarden.pipeline import ContainerView, TraceRecord
-from driftwarden.probes._layout import AT_FDCWD, RESULT_UNKNOWN, EventKind, FileOp, Flag
-from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent, Header, SockType
-from driftwarden.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
-from driftwarden.wire import (
+from driftwarden.agent.alerts import build_alert
+from driftwarden.agent.output import record_to_dict
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.core.wire import (
     ACTION_STATUS,
     ACTION_TYPE,
     AGENT_ACTION_STATUSES,
@@ -35,6 +33,9 @@ from driftwarden.wire import (
     validate_list_alerts_request,
     validate_subscribe_request,
 )
+from driftwarden.probes._layout import AT_FDCWD, RESULT_UNKNOWN, EventKind, FileOp, Flag
+from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent, Header, SockType
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 OFFSET = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z

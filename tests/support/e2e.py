@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import grpc
 import pytest
-from driftwarden.v1 import actions_pb2, alerts_pb2, alerts_pb2_grpc, common_pb2
+from driftwarden.proto.v1 import actions_pb2, alerts_pb2, alerts_pb2_grpc, common_pb2
 
 
 class HasLogs(Protocol):

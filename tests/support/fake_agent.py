@@ -10,9 +10,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
-from driftwarden import wire
-from driftwarden.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from driftwarden.core import wire
+from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 _END = object()
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from driftwarden.v1 import agent_pb2, agent_pb2_grpc
-from driftwarden.wire import MAX_MESSAGE_BYTES, InvalidMessage, validate_agent_message
+from driftwarden.core.wire import MAX_MESSAGE_BYTES, InvalidMessage, validate_agent_message
+from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from driftwarden.v1 import (
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,

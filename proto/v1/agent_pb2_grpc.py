@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from driftwarden.v1 import agent_pb2 as driftwarden_dot_v1_dot_agent__pb2
+from driftwarden.proto.v1 import agent_pb2 as driftwarden_dot_proto_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in driftwarden/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in driftwarden/proto/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class AgentChannelStub:
         """
         self.Connect = channel.stream_stream(
                 '/driftwarden.v1.AgentChannel/Connect',
-                request_serializer=driftwarden_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
-                response_deserializer=driftwarden_dot_v1_dot_agent__pb2.CollectorCommand.FromString,
+                request_serializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
+                response_deserializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.CollectorCommand.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +58,8 @@ def add_AgentChannelServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=driftwarden_dot_v1_dot_agent__pb2.AgentMessage.FromString,
-                    response_serializer=driftwarden_dot_v1_dot_agent__pb2.CollectorCommand.SerializeToString,
+                    request_deserializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.AgentMessage.FromString,
+                    response_serializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.CollectorCommand.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class AgentChannel:
             request_iterator,
             target,
             '/driftwarden.v1.AgentChannel/Connect',
-            driftwarden_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
-            driftwarden_dot_v1_dot_agent__pb2.CollectorCommand.FromString,
+            driftwarden_dot_proto_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
+            driftwarden_dot_proto_dot_v1_dot_agent__pb2.CollectorCommand.FromString,
             options,
             channel_credentials,
             insecure,
@@ -113,8 +113,8 @@ class AgentsStub:
         """
         self.List = channel.unary_unary(
                 '/driftwarden.v1.Agents/List',
-                request_serializer=driftwarden_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
-                response_deserializer=driftwarden_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
+                request_serializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
 
 
@@ -134,8 +134,8 @@ def add_AgentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=driftwarden_dot_v1_dot_agent__pb2.ListAgentsRequest.FromString,
-                    response_serializer=driftwarden_dot_v1_dot_agent__pb2.ListAgentsResponse.SerializeToString,
+                    request_deserializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsRequest.FromString,
+                    response_serializer=driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -164,8 +164,8 @@ class Agents:
             request,
             target,
             '/driftwarden.v1.Agents/List',
-            driftwarden_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
-            driftwarden_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
+            driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
+            driftwarden_dot_proto_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,8 +28,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from driftwarden import wire
-from driftwarden.v1 import actions_pb2, alerts_pb2, common_pb2
+from driftwarden.core import wire
+from driftwarden.proto.v1 import actions_pb2, alerts_pb2, common_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich import box
 from rich.cells import cell_len

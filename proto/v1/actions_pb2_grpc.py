@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from driftwarden.v1 import alerts_pb2 as driftwarden_dot_v1_dot_alerts__pb2
+from driftwarden.proto.v1 import actions_pb2 as driftwarden_dot_proto_dot_v1_dot_actions__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,15 +18,15 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in driftwarden/v1/alerts_pb2_grpc.py depends on'
+        + ' but the generated code in driftwarden/proto/v1/actions_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class AlertsStub:
-    """Alerts for operators: live with server-side filters, or from the store.
+class ActionsStub:
+    """Operators (and the collector's policy) act on containers through the agents.
     """
 
     def __init__(self, channel):
@@ -35,63 +35,63 @@ class AlertsStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Subscribe = channel.unary_stream(
-                '/driftwarden.v1.Alerts/Subscribe',
-                request_serializer=driftwarden_dot_v1_dot_alerts__pb2.SubscribeRequest.SerializeToString,
-                response_deserializer=driftwarden_dot_v1_dot_alerts__pb2.AlertEvent.FromString,
+        self.Request = channel.unary_unary(
+                '/driftwarden.v1.Actions/Request',
+                request_serializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionRequest.SerializeToString,
+                response_deserializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionResponse.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
-                '/driftwarden.v1.Alerts/List',
-                request_serializer=driftwarden_dot_v1_dot_alerts__pb2.ListAlertsRequest.SerializeToString,
-                response_deserializer=driftwarden_dot_v1_dot_alerts__pb2.ListAlertsResponse.FromString,
+                '/driftwarden.v1.Actions/List',
+                request_serializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsRequest.SerializeToString,
+                response_deserializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsResponse.FromString,
                 _registered_method=True)
 
 
-class AlertsServicer:
-    """Alerts for operators: live with server-side filters, or from the store.
+class ActionsServicer:
+    """Operators (and the collector's policy) act on containers through the agents.
     """
 
-    def Subscribe(self, request, context):
-        """New alerts as they are stored, from now on (List covers the past).
+    def Request(self, request, context):
+        """Asks the container's agent to act; the response says what happened (or that it is pending).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Stored alerts, newest first.
+        """The audit trail, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AlertsServicer_to_server(servicer, server):
+def add_ActionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Subscribe': grpc.unary_stream_rpc_method_handler(
-                    servicer.Subscribe,
-                    request_deserializer=driftwarden_dot_v1_dot_alerts__pb2.SubscribeRequest.FromString,
-                    response_serializer=driftwarden_dot_v1_dot_alerts__pb2.AlertEvent.SerializeToString,
+            'Request': grpc.unary_unary_rpc_method_handler(
+                    servicer.Request,
+                    request_deserializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionRequest.FromString,
+                    response_serializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=driftwarden_dot_v1_dot_alerts__pb2.ListAlertsRequest.FromString,
-                    response_serializer=driftwarden_dot_v1_dot_alerts__pb2.ListAlertsResponse.SerializeToString,
+                    request_deserializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsRequest.FromString,
+                    response_serializer=driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'driftwarden.v1.Alerts', rpc_method_handlers)
+            'driftwarden.v1.Actions', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('driftwarden.v1.Alerts', rpc_method_handlers)
+    server.add_registered_method_handlers('driftwarden.v1.Actions', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Alerts:
-    """Alerts for operators: live with server-side filters, or from the store.
+class Actions:
+    """Operators (and the collector's policy) act on containers through the agents.
     """
 
     @staticmethod
-    def Subscribe(request,
+    def Request(request,
             target,
             options=(),
             channel_credentials=None,
@@ -101,12 +101,12 @@ class Alerts:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
-            '/driftwarden.v1.Alerts/Subscribe',
-            driftwarden_dot_v1_dot_alerts__pb2.SubscribeRequest.SerializeToString,
-            driftwarden_dot_v1_dot_alerts__pb2.AlertEvent.FromString,
+            '/driftwarden.v1.Actions/Request',
+            driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionRequest.SerializeToString,
+            driftwarden_dot_proto_dot_v1_dot_actions__pb2.ActionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -131,9 +131,9 @@ class Alerts:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/driftwarden.v1.Alerts/List',
-            driftwarden_dot_v1_dot_alerts__pb2.ListAlertsRequest.SerializeToString,
-            driftwarden_dot_v1_dot_alerts__pb2.ListAlertsResponse.FromString,
+            '/driftwarden.v1.Actions/List',
+            driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsRequest.SerializeToString,
+            driftwarden_dot_proto_dot_v1_dot_actions__pb2.ListActionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-"""argparse value types for numeric flags: one parser and one wording for every command.
+"""argparse for every command: the parser class and the value types for numeric flags, so every
+command reports a bad flag in one line with one wording.
 
 ``number(int, ...)`` or ``number(float, unit=...)`` returns a converter for ``type=``; a bad value
 gives ``expected a whole number, got 'x'`` / ``expected a number of seconds, got 'x'``, and one out
@@ -39,3 +40,10 @@ def number(kind: type[int] | type[float], *, unit: str = "seconds", minimum: flo
 POSITIVE_SECONDS = number(float, exclusive=True)
 NON_NEGATIVE_SECONDS = number(float)
 POSITIVE_INT = number(int, minimum=1)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (what was wrong, where to look)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

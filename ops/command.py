@@ -1,7 +1,8 @@
 """Operator commands: `driftwarden alerts`, `action`, `agents` and `certs init`.
 
 The first three are clients of the collector's operator API (driftwarden.v1 Alerts, Actions,
-Agents); `certs init` makes the certificates for mutual TLS (:func:`driftwarden.certs.init_certs`).
+Agents); `certs init` makes the certificates for mutual TLS
+(:func:`driftwarden.core.certs.init_certs`).
 :func:`add_parsers` registers them all; each command's ``func(args)`` returns the exit code.
 
 Client flags (every client command)
@@ -13,7 +14,7 @@ Client flags (every client command)
 
 Output
     On a terminal (stdout a TTY, not ``--json`` or ``--plain``, TERM not ``dumb``): rich tables
-    (driftwarden._alert_table): ``alerts`` and ``agents`` print one; ``alerts --follow`` keeps
+    (driftwarden.ops.tables): ``alerts`` and ``agents`` print one; ``alerts --follow`` keeps
     a live table of the newest alerts, actions, overflow notices and connection events, bounded
     to the terminal's height, with a status line, redrawn at most 4 times a second from a
     thread of its own so a slow terminal never holds up the stream. ``NO_COLOR`` turns colours
@@ -56,9 +57,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from driftwarden import _alert_table as rich_table
-from driftwarden import wire
-from driftwarden._alert_table import (
+from driftwarden.core import wire
+from driftwarden.core.argtypes import POSITIVE_INT
+from driftwarden.core.errors import UsageError
+from driftwarden.core.netaddr import host_port, is_loopback
+from driftwarden.ops import tables as rich_table
+from driftwarden.ops.tables import (
     action_target,
     action_time,
     alert_cells,
@@ -67,11 +71,8 @@ from driftwarden._alert_table import (
     notice_text,
     requested_by_text,
 )
-from driftwarden._alert_table import enum_text as _enum_text
-from driftwarden.argtypes import POSITIVE_INT
-from driftwarden.errors import UsageError
-from driftwarden.netaddr import host_port, is_loopback
-from driftwarden.v1 import (
+from driftwarden.ops.tables import enum_text as _enum_text
+from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
     agent_pb2,
@@ -526,7 +527,7 @@ class _Printer:
 
 class _LivePrinter:
     """``alerts --follow`` on a terminal: the same calls as :class:`_Printer`, drawn as a live
-    table (driftwarden._alert_table). Adding a row never waits for the terminal."""
+    table (driftwarden.ops.tables). Adding a row never waits for the terminal."""
 
     def __init__(self, console: Console, collector: str, clock: Callable[[], float]) -> None:
         self.view = rich_table.LiveAlertView(collector)
@@ -924,7 +925,7 @@ def _node_list(text: str) -> list[str]:
 
 def run_certs(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """`driftwarden certs init DIR`: make the certificates and say how to use them."""
-    from driftwarden.certs import init_certs, parse_collector_names
+    from driftwarden.core.certs import init_certs, parse_collector_names
 
     out = out or sys.stdout
     nodes = args.nodes if args.nodes is not None else [socket.gethostname()]

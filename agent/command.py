@@ -1,9 +1,10 @@
 """`driftwarden agent`: probes -> attribution -> detection -> alerts.
 
-Alerts go to an AlertSink (driftwarden.alerts): `--alerts-out` writes JSON lines, `--collector`
-streams them to the collector through the spool in STATE_DIR/spool (driftwarden.channel); both
-may be given. Without `--collector` alerts go to stdout unless `--alerts-out` says otherwise;
-with it, to the collector only unless `--alerts-out` is given explicitly. The collector's action
+Alerts go to an AlertSink (driftwarden.agent.alerts): `--alerts-out` writes JSON lines,
+`--collector` streams them to the collector through the spool in STATE_DIR/spool
+(driftwarden.agent.channel); both may be given. Without `--collector` alerts go to stdout
+unless `--alerts-out` says otherwise; with it, to the collector only unless `--alerts-out` is
+given explicitly. The collector's action
 commands run through ContainerActions.for_docker().
 
 `--metrics HOST:PORT` serves Prometheus metrics (loopback only): ``driftwarden_agent_``
@@ -12,9 +13,9 @@ commands run through ContainerActions.for_docker().
 ``alerts_sent_total``, ``alerts_acked_total``, ``collector_reconnects_total`` and
 ``actions_total{type,status}``.
 
-The flags of this module (collector, TLS, heartbeat, metrics) are added to the `agent` parser by
-:func:`add_collector_flags`; :func:`options_from_args` turns the parsed flags into
-:class:`AgentOptions`.
+The agent's commands (`trace`, `agent`, `baseline` on a node's state dir, `doctor`) are added to
+the command line by :func:`add_parsers`; :func:`options_from_args` turns the parsed `agent` flags
+into :class:`AgentOptions`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import argparse
 import collections
 import contextlib
 import logging
+import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from driftwarden.argtypes import POSITIVE_SECONDS
-from driftwarden.errors import UsageError
+from driftwarden.core.argtypes import NON_NEGATIVE_SECONDS, POSITIVE_SECONDS
+from driftwarden.core.errors import UsageError
+from driftwarden.core.lifecycle import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +122,13 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
 def channel_config(options: AgentOptions) -> Any:
     """The ChannelConfig the options ask for (None without --collector); UsageError, naming
     the flag, for anything wrong."""
-    from driftwarden.certs import validate_node_names
-    from driftwarden.channel import ChannelConfig, ChannelError, TlsFiles, parse_collector_address
+    from driftwarden.agent.channel import (
+        ChannelConfig,
+        ChannelError,
+        TlsFiles,
+        parse_collector_address,
+    )
+    from driftwarden.core.certs import validate_node_names
 
     tls_values = (options.tls_cert, options.tls_key, options.tls_ca)
     if not options.collector:
@@ -157,7 +166,7 @@ def channel_config(options: AgentOptions) -> Any:
 
 
 def _is_loopback_target(address: str) -> bool:
-    from driftwarden.channel import parse_collector_address
+    from driftwarden.agent.channel import parse_collector_address
 
     try:
         parse_collector_address(address)
@@ -168,7 +177,7 @@ def _is_loopback_target(address: str) -> bool:
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
     """``host:port`` for --metrics -> (loopback host, port); UsageError otherwise."""
-    from driftwarden.metrics import loopback_host
+    from driftwarden.core.metrics import loopback_host
 
     host, _, port_text = text.strip().rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -200,7 +209,7 @@ class AlertCounter:
         self.sink.close()
 
     def by_kind(self) -> dict[str, int]:
-        from driftwarden.alerts import AlertKind
+        from driftwarden.core.alerts import AlertKind
 
         with self._lock:
             return {kind.value: self._by_kind[kind.value] for kind in AlertKind}
@@ -286,11 +295,11 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
 
 def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
               stderr: TextIO) -> int:
-    from driftwarden.alerts import AlertAggregator, JsonLinesAlertSink
-    from driftwarden.attribution_view import LiveAttribution
-    from driftwarden.channel import TeeSink
-    from driftwarden.control import BaselineService, ControlServer
-    from driftwarden.detect import (
+    from driftwarden.agent.alerts import AlertAggregator, JsonLinesAlertSink
+    from driftwarden.agent.attribution_view import LiveAttribution
+    from driftwarden.agent.channel import TeeSink
+    from driftwarden.agent.control import BaselineService, ControlServer
+    from driftwarden.agent.detect import (
         Detector,
         DetectorConfig,
         LayersCache,
@@ -298,13 +307,14 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         LockedSink,
         docker_graph_driver,
     )
-    from driftwarden.metrics import MetricsRegistry, MetricsServer
+    from driftwarden.agent.pipeline import TracePipeline
+    from driftwarden.agent.procfs import LiveProcReader
+    from driftwarden.core.metrics import MetricsRegistry, MetricsServer
+    from driftwarden.core.modes import Mode
     from driftwarden.models.items import ItemSet
-    from driftwarden.models.profile import LearningPolicy, Mode, ProfileStore
-    from driftwarden.pipeline import TracePipeline
+    from driftwarden.models.profile import LearningPolicy, ProfileStore
     from driftwarden.probes.capture import LiveCapture
     from driftwarden.probes.loader import ProbeConfig, ProbeSet, find_cgroup2_root
-    from driftwarden.procfs import LiveProcReader
 
     try:
         mode = Mode(options.mode)
@@ -392,9 +402,9 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
 @contextlib.contextmanager
 def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: Any,
                   stack: contextlib.ExitStack):
-    from driftwarden.actions import ContainerActions
-    from driftwarden.channel import SPOOL_DIR_NAME, ChannelError, CollectorChannel
-    from driftwarden.spool import SpoolError
+    from driftwarden.agent.actions import ContainerActions
+    from driftwarden.agent.channel import SPOOL_DIR_NAME, ChannelError, CollectorChannel
+    from driftwarden.agent.spool import SpoolError
 
     actions = stack.enter_context(ContainerActions.for_docker(options.docker_host))
     containers = DockerContainers(options.docker_host)
@@ -407,3 +417,190 @@ def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: A
         raise UsageError(f"cannot start the collector channel: {exc}") from exc
     with channel:
         yield channel
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def _kinds(text: str) -> frozenset[str]:
+    from driftwarden.agent.pipeline import USER_KINDS
+
+    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
+    unknown = kinds - set(USER_KINDS)
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind(s) {','.join(sorted(unknown)) or '(empty)'}; "
+            f"choose from {','.join(USER_KINDS)}"
+        )
+    return kinds
+
+
+def _add_trace(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "trace",
+        help="show exec, connect and file-write events from every container",
+        description="Attach the probes and print every container's exec, connect and file "
+        "writes, attributed to container and image. Ctrl-C stops and prints a summary.",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object per line")
+    out.add_argument("--summary-only", action="store_true",
+                     help="run the whole pipeline but print only the summary at exit")
+    p.add_argument("--container", action="append", default=[], metavar="NAME_OR_ID",
+                   help="only this container (name or id prefix); repeatable")
+    p.add_argument("--kinds", type=_kinds, default=None, metavar="LIST",
+                   help="comma list of exec,connect,write (default: all)")
+    p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
+                   help="stop after this many seconds")
+    p.add_argument("--include-host", action="store_true",
+                   help="also report processes outside containers")
+    p.add_argument("--show-runtime", action="store_true",
+                   help="also show the container runtime's own setup writes (runc init)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--record", metavar="FILE", help="also write the raw events to FILE")
+    src.add_argument("--replay", metavar="FILE", help="read events from FILE, not the kernel")
+    p.add_argument("--dedup-interval", type=NON_NEGATIVE_SECONDS, default=1.0, metavar="SECONDS",
+                   help="suppress repeats of an event within this interval in the kernel "
+                   "(0 disables; default 1)")
+    p.add_argument("--ringbuf-pages", type=int, default=1024, metavar="N",
+                   help="ring buffer size in 4 KiB pages, a power of two (default 1024)")
+    p.add_argument("--open-result", action="store_true",
+                   help="report opens at syscall exit with their result (costs a second "
+                   "tracepoint on every open; default: at entry, result null)")
+    p.add_argument("--print-bpf", action="store_true",
+                   help="print the final BPF program text and exit")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
+                   help="Docker Engine API address for container metadata")
+    p.add_argument("--cgroup-root", default="", help="cgroup v2 mount (default: detect)")
+    p.set_defaults(func=_run_trace)
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from driftwarden.agent.trace import TraceOptions, run_trace
+
+    options = TraceOptions(
+        json=args.json,
+        summary_only=args.summary_only,
+        containers=tuple(args.container),
+        kinds=args.kinds,
+        duration=args.duration,
+        include_host=args.include_host,
+        show_runtime=args.show_runtime,
+        record=args.record,
+        replay=args.replay,
+        dedup_interval_ns=int(args.dedup_interval * 1e9),
+        ringbuf_pages=args.ringbuf_pages,
+        print_bpf=args.print_bpf,
+        open_result=args.open_result,
+        docker_host=args.docker_host,
+        cgroup_root=args.cgroup_root,
+    )
+    return run_trace(options, stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
+
+
+def _add_agent(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "agent",
+        help="learn each image's behaviour and report drift, novelty and anomalies",
+        description="Run the probes, learn a baseline per image (learn -> monitor), and send "
+        "alerts to the collector (--collector) and/or JSON lines (--alerts-out). Baselines "
+        "and unacknowledged alerts live in --state-dir and survive restarts.",
+    )
+    p.add_argument("--state-dir", required=True, metavar="DIR",
+                   help="where baselines are kept (created if missing)")
+    p.add_argument("--alerts-out", default="-", metavar="FILE",
+                   help="append alerts here as JSON lines (default: stdout; with --collector: "
+                   "none unless given, - = stdout)")
+    p.add_argument("--window", type=POSITIVE_SECONDS, default=10.0, metavar="SECONDS",
+                   help="feature window length (default 10)")
+    p.add_argument("--startup-grace", type=NON_NEGATIVE_SECONDS, default=10.0, metavar="SECONDS",
+                   help="a container's first SECONDS after it (re)started are left out of the "
+                   "anomaly model: neither learned nor scored (novelty and drift still apply; "
+                   "default 10, 0 = none)")
+    p.add_argument("--learn-for", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
+                   help="end learning after this long even if not yet stable")
+    p.add_argument("--mode", choices=("learn", "monitor"), default="learn",
+                   help="mode of an image seen for the first time (default learn)")
+    p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
+                   help="stop after this many seconds")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
+                   help="Docker Engine API address for container metadata")
+    add_collector_flags(p)
+    p.set_defaults(func=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    return run_agent(options_from_args(args), stop_on_signals(), stdout=sys.stdout,
+                     stderr=sys.stderr)
+
+
+def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "baseline",
+        help="list, inspect and tune per-image baselines",
+        description="Works on a running agent through STATE_DIR/control.sock, or on the "
+        "baseline files when no agent runs. IMAGE is an image id (or a unique prefix of its "
+        "hex) or name[:tag].",
+    )
+    p.add_argument("--state-dir", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    ops = p.add_subparsers(dest="op", metavar="OP", parser_class=type(p))
+    ops.required = True
+    ops.add_parser("list", help="every baseline with its mode and size")
+    show = ops.add_parser("show", help="one baseline's items and mode history")
+    show.add_argument("image")
+    mode = ops.add_parser("mode", help="set a baseline's mode")
+    mode.add_argument("image")
+    mode.add_argument("mode", choices=("learn", "monitor", "protect"))
+    mode.add_argument("--reason", default="operator")
+    accept = ops.add_parser("accept", help="add a novel alert's behaviour to its baseline")
+    accept.add_argument("alert_id")
+    reset = ops.add_parser("reset", help="forget a baseline: the image learns again")
+    reset.add_argument("image")
+    export = ops.add_parser("export", help="write a baseline to a file")
+    export.add_argument("image")
+    export.add_argument("file")
+    imp = ops.add_parser("import", help="load a baseline file (starts in monitor)")
+    imp.add_argument("file")
+    imp.add_argument("--image", dest="image_id", default=None,
+                     help="the image id it is for (refused if the file is another image's)")
+    imp.add_argument("--force", action="store_true", help="use it for --image anyway")
+    diff = ops.add_parser("diff", help="what image A does that image B never did")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    p.set_defaults(func=_run_baseline)
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    import json
+
+    from driftwarden.agent.control import request
+
+    payload = {k: v for k, v in vars(args).items()
+               if k in ("op", "image", "mode", "reason", "file", "image_id", "force", "a", "b",
+                        "alert_id")
+               and v is not None}
+    if args.op == "mode":
+        payload["who"] = os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"
+    result = request(args.state_dir, payload)
+    if args.json or args.op in ("show", "diff"):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.op == "list":
+        print(f"{'IMAGE':<40} {'MODE':<8} {'VERSION':>7} {'ITEMS':>6} {'WINDOWS':>7}  ID")
+        for row in result:
+            flag = " (unstable)" if row["unstable"] else ""
+            print(f"{row['image']:<40} {row['mode']:<8} {row['version']:>7} {row['items']:>6} "
+                  f"{row['windows']:>7}  {row['image_id'][:19]}{flag}")
+    else:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """The agent's commands: trace, agent, baseline (local) and doctor."""
+    from driftwarden.agent import doctor
+
+    _add_trace(subparsers)
+    _add_agent(subparsers)
+    _add_baseline(subparsers)
+    doctor.add_parser(subparsers)

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from driftwarden.argtypes import number
 from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
 from driftwarden.collector.server import (
     DEFAULT_LISTEN,
@@ -24,7 +23,8 @@ from driftwarden.collector.server import (
     TlsFiles,
 )
 from driftwarden.collector.store import StoreError
-from driftwarden.errors import UsageError
+from driftwarden.core.argtypes import number
+from driftwarden.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,10 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from driftwarden.cli import _stop_on_signals
+    from driftwarden.core.lifecycle import stop_on_signals
 
     config = config_from_args(args)
-    return run_collector(config, _stop_on_signals(), retention_days=args.retention_days)
+    return run_collector(config, stop_on_signals(), retention_days=args.retention_days)
 
 
 def run_collector(config: CollectorConfig, stop: threading.Event, *,

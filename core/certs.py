@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftwarden.errors import DriftwardenError, HostSupportError, UsageError
+from driftwarden.core.errors import DriftwardenError, HostSupportError, UsageError
 
 ORGANIZATION = "driftwarden"
 ROLE_CA = "ca"

@@ -23,9 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from driftwarden.alerts import ID_HEX_CHARS, MAX_LABELS, Alert, AlertKind, AlertReason, Severity
-from driftwarden.errors import DriftwardenError
-from driftwarden.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.core.alerts import (
+    ID_HEX_CHARS,
+    MAX_LABELS,
+    Alert,
+    AlertKind,
+    AlertReason,
+    Severity,
+)
+from driftwarden.core.errors import DriftwardenError
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 

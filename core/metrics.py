@@ -26,7 +26,7 @@ from numbers import Real
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from driftwarden.netaddr import is_loopback
+from driftwarden.core.netaddr import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 import datetime
 
-from driftwarden.v1 import actions_pb2 as _actions_pb2
-from driftwarden.v1 import common_pb2 as _common_pb2
+from driftwarden.proto.v1 import actions_pb2 as _actions_pb2
+from driftwarden.proto.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

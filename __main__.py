@@ -1,0 +1,5 @@
+import sys
+
+from driftwarden.cli.main import main
+
+sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from driftwarden.cli import main
-
-sys.exit(main())

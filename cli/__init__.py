@@ -1,0 +1,1 @@
+"""The `driftwarden` command line: one parser that dispatches to each role's commands."""
