@@ -43,7 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from driftwarden.core.errors import DriftwardenError, HostSupportError, ProbeLoadError
+from driftwarden.core.errors import (
+    ContainerNotFoundError,
+    DriftwardenError,
+    HostSupportError,
+    ProbeLoadError,
+    RuntimeActionError,
+)
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
 
 log = logging.getLogger(__name__)
@@ -101,14 +107,6 @@ class ContainerState:
 
 
 # -- the runtime ---------------------------------------------------------------------------
-
-
-class ContainerNotFoundError(DriftwardenError):
-    """The runtime does not know the container (removed, or never existed)."""
-
-
-class RuntimeActionError(DriftwardenError):
-    """The runtime refused or failed a call; the message is its reason."""
 
 
 @dataclass(frozen=True)

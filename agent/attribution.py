@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from driftwarden.core.errors import AttributionError
+from driftwarden.core.errors import MetadataUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ __all__ = [
 RUNTIMES = frozenset({"docker", "containerd", "cri-o", "podman"})
 POD_NAME_LABEL = "io.kubernetes.pod.name"
 POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
-
-
-class MetadataUnavailableError(AttributionError):
-    """The container runtime could not be asked (socket missing, daemon down, timeout, 5xx)."""
 
 
 # --------------------------------------------------------------------------- cgroup path parsing

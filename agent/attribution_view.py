@@ -11,9 +11,8 @@ from driftwarden.agent.attribution import (
     Attributor,
     CgroupIndex,
     DockerMetadata,
-    MetadataUnavailableError,
 )
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import MetadataUnavailableError, UsageError
 from driftwarden.core.records import ContainerView
 
 log = logging.getLogger(__name__)

@@ -64,10 +64,16 @@ from typing import Any, Protocol
 
 import grpc
 from driftwarden.agent.alerts import AlertSink
-from driftwarden.agent.spool import DEFAULT_MAX_BYTES, AlertSpool, SpoolFull
+from driftwarden.agent.spool import DEFAULT_MAX_BYTES, AlertSpool
 from driftwarden.core import __version__
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.errors import (
+    ChannelError,
+    DriftwardenError,
+    InvalidMessage,
+    SpoolFull,
+    UsageError,
+)
 from driftwarden.core.netaddr import host_port, is_loopback
 from driftwarden.core.wire import (
     ACTION_STATUS,
@@ -75,7 +81,6 @@ from driftwarden.core.wire import (
     DEFAULT_LIMITS,
     MAX_MESSAGE_BYTES,
     MODE,
-    InvalidMessage,
     alert_to_proto,
     to_timestamp,
     validate_alert,
@@ -94,10 +99,6 @@ _MAX_RESULT_TEXT = 4000  # wire: texts of at most 4096 characters
 _REMEMBERED_ACTIONS = 256  # action ids whose results are kept (a repeated command is not rerun)
 _FRESH_LIMIT = 10_000  # new alerts queued in memory; beyond that the sender reads the spool
 _REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
-
-
-class ChannelError(DriftwardenError):
-    """The channel cannot be used (closed, or its TLS files cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -218,11 +219,8 @@ def docker_is_local(actions: Any, cgroup_root: str | Path | None = None) -> Call
     """``is_local`` for a ContainerActions: the runtime knows the container; when the runtime
     cannot answer, a cgroup v2 directory of the container exists; when neither can be checked,
     True (the action then reports what is wrong itself)."""
-    from driftwarden.agent.actions import (
-        ContainerNotFoundError,
-        RuntimeActionError,
-        container_cgroup_candidates,
-    )
+    from driftwarden.agent.actions import container_cgroup_candidates
+    from driftwarden.core.errors import ContainerNotFoundError, RuntimeActionError
     from driftwarden.probes.loader import find_cgroup2_root
 
     def is_local(container_id: str) -> bool:

@@ -122,13 +122,9 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
 def channel_config(options: AgentOptions) -> Any:
     """The ChannelConfig the options ask for (None without --collector); UsageError, naming
     the flag, for anything wrong."""
-    from driftwarden.agent.channel import (
-        ChannelConfig,
-        ChannelError,
-        TlsFiles,
-        parse_collector_address,
-    )
+    from driftwarden.agent.channel import ChannelConfig, TlsFiles, parse_collector_address
     from driftwarden.core.certs import validate_node_names
+    from driftwarden.core.errors import ChannelError
 
     tls_values = (options.tls_cert, options.tls_key, options.tls_ca)
     if not options.collector:
@@ -403,8 +399,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
 def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: Any,
                   stack: contextlib.ExitStack):
     from driftwarden.agent.actions import ContainerActions
-    from driftwarden.agent.channel import SPOOL_DIR_NAME, ChannelError, CollectorChannel
-    from driftwarden.agent.spool import SpoolError
+    from driftwarden.agent.channel import SPOOL_DIR_NAME, CollectorChannel
+    from driftwarden.core.errors import ChannelError, SpoolError
 
     actions = stack.enter_context(ContainerActions.for_docker(options.docker_host))
     containers = DockerContainers(options.docker_host)

@@ -22,7 +22,7 @@ import numpy as np
 from driftwarden.agent.alerts import build_alert
 from driftwarden.agent.processes import PROC_SELF_EXE
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import NotEnoughWindowsError, UsageError
 from driftwarden.core.modes import Mode
 from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.drift import (
@@ -34,7 +34,7 @@ from driftwarden.models.drift import (
     layers_from_mountinfo,
 )
 from driftwarden.models.features import WindowAggregator
-from driftwarden.models.forest import NotEnoughWindowsError, WindowModel
+from driftwarden.models.forest import WindowModel
 from driftwarden.models.items import (
     ConnectItem,
     ExecItem,

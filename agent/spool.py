@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import SpoolError, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,6 @@ _RECORD_HEADER = struct.Struct("<4sII")
 _LENGTH = struct.Struct("<I")
 MAX_RECORD_BYTES = 16 << 20  # a length above this is damage, not an alert
 _TEXT_ERRORS = "surrogatepass"  # lone surrogates round-trip (module docstring)
-
-
-class SpoolError(DriftwardenError):
-    """The spool cannot be opened or used (locked by another process, closed, I/O error)."""
-
-
-class SpoolFull(SpoolError):
-    """A batch was refused because the spool holds ``max_bytes`` already; nothing else is lost."""
-
-    def __init__(self, message: str, *, refused: int) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 @dataclass

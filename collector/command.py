@@ -22,9 +22,8 @@ from driftwarden.collector.server import (
     CollectorServer,
     TlsFiles,
 )
-from driftwarden.collector.store import StoreError
 from driftwarden.core.argtypes import number
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import StoreError, UsageError
 
 log = logging.getLogger(__name__)
 

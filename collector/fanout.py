@@ -50,16 +50,12 @@ from driftwarden.collector.store import (
     image_repository,
 )
 from driftwarden.core.alerts import Severity
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import FilterError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 1000
 ACTION_SCOPES = ("matching", "all", "none")
-
-
-class FilterError(UsageError, ValueError):
-    """A subscribe filter argument is invalid; the message says which one and what is allowed."""
 
 
 class SubscriberFilter:

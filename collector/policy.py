@@ -70,7 +70,7 @@ from typing import Any
 import yaml
 from driftwarden.collector.fanout import ImageSelector
 from driftwarden.core.alerts import AlertKind, Severity
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import PolicyError
 from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,6 @@ POLICY_VERSION = 1
 DEFAULT_MAX_CONTAINERS = 10_000  # containers whose action history is kept (LRU by last action)
 
 _SEVERITY_RANK = {s.text: int(s) for s in Severity}
-
-
-class PolicyError(UsageError, ValueError):
-    """A policy file is unreadable or invalid; the message says where and what is allowed."""
-
-    def __init__(self, source: str, path: str, problem: str) -> None:
-        self.source = source
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{source}: {path}: {problem}" if path else f"{source}: {problem}")
 
 
 class Action(enum.StrEnum):

@@ -39,7 +39,7 @@ from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig, add_servicers
 from driftwarden.collector.store import AlertStore
-from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.errors import CollectorError, UsageError
 from driftwarden.core.metrics import MetricsRegistry, MetricsServer
 from driftwarden.core.netaddr import host_port, is_loopback
 from driftwarden.core.wire import MAX_MESSAGE_BYTES
@@ -52,10 +52,6 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 UNARY_RESERVE = 4  # pool threads kept free of streams by default
 STOP_SLACK_SECONDS = 5.0  # past stop_grace, how long stop() waits for gRPC to finish
 CHECKPOINT_SECONDS = 1.0  # the store's WAL is checkpointed by a thread this often
-
-
-class CollectorError(DriftwardenError):
-    """The collector cannot start (address in use, unreadable files, ...)."""
 
 
 def parse_address(text: str, *, what: str = "--listen",

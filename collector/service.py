@@ -55,12 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from driftwarden.collector.fanout import (
-    DEFAULT_MAX_QUEUE,
-    FanoutHub,
-    FilterError,
-    SubscriberFilter,
-)
+from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub, SubscriberFilter
 from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
 from driftwarden.collector.store import (
     MAX_CANDIDATES,
@@ -70,19 +65,19 @@ from driftwarden.collector.store import (
     ActionStatus,
     AlertFilter,
     AlertStore,
-    AmbiguousContainer,
     ContainerMatch,
     InsertOutcome,
-    StoreError,
-    UnknownContainer,
 )
 from driftwarden.core import wire
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.core.certs import (
-    ROLE_AGENT,
-    ROLE_OPERATOR,
+from driftwarden.core.certs import ROLE_AGENT, ROLE_OPERATOR, identity_from_auth_context
+from driftwarden.core.errors import (
+    AmbiguousContainer,
+    FilterError,
     PeerIdentityError,
-    identity_from_auth_context,
+    RpcAbort,
+    StoreError,
+    UnknownContainer,
 )
 from driftwarden.core.metrics import MetricsRegistry
 from driftwarden.proto.v1 import (
@@ -127,15 +122,6 @@ class ServiceConfig:
                 raise ValueError(f"ServiceConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.operator_token is not None and not self.operator_token.strip():
             raise ValueError("ServiceConfig.operator_token is empty; give a token or None")
-
-
-class RpcAbort(Exception):
-    """End the current call with this status (raised by the service, mapped by servicers)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 # -- auth ----------------------------------------------------------------------------------------

@@ -83,7 +83,12 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from driftwarden.core.alerts import AlertKind, Severity
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import (
+    AmbiguousContainer,
+    StoreError,
+    UnknownAction,
+    UnknownContainer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +101,6 @@ _TOKEN_VERSION = "v1"
 # -- errors --------------------------------------------------------------------------------------
 
 
-class StoreError(DriftwardenError):
-    """The store cannot be opened or used (I/O, corruption, newer schema, closed store)."""
-
-
-class UnknownAction(StoreError):
-    """No action with that id is stored."""
-
-
 class ContainerMatch(NamedTuple):
     container_id: str
     name: str | None
@@ -112,29 +109,6 @@ class ContainerMatch(NamedTuple):
     def describe(self) -> str:
         name = self.name or "?"
         return f"{name} ({self.container_id[:12]}) on {self.node}"
-
-
-class UnknownContainer(StoreError):
-    """No known container matches the operator's text; ``candidates`` are similar ones."""
-
-    def __init__(self, text: str, candidates: Sequence[ContainerMatch] = ()) -> None:
-        self.text = text
-        self.candidates = tuple(candidates)
-        hint = (f"; similar: {', '.join(c.describe() for c in self.candidates)}"
-                if self.candidates else "")
-        super().__init__(
-            f"no container known from alerts matches {text!r}: give a full container id, a "
-            f"container name, or an id prefix of at least {MIN_ID_PREFIX} characters{hint}")
-
-
-class AmbiguousContainer(StoreError):
-    """Several known containers match the operator's text; ``candidates`` lists them."""
-
-    def __init__(self, text: str, candidates: Sequence[ContainerMatch], why: str) -> None:
-        self.text = text
-        self.candidates = tuple(candidates)
-        listed = ", ".join(c.describe() for c in self.candidates)
-        super().__init__(f"{text!r} is ambiguous ({why}): {listed}; give the full container id")
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -1454,7 +1428,7 @@ class AlertStore:
                                 "OR instr(container_id, ?) > 0 "
                                 "ORDER BY last_seen DESC, container_id LIMIT ?",
                                 (needle, needle, MAX_CANDIDATES)).fetchall()
-        raise UnknownContainer(text, [ContainerMatch(*r) for r in rows])
+        raise UnknownContainer(text, [ContainerMatch(*r) for r in rows], min_prefix=MIN_ID_PREFIX)
 
     # - retention and metrics ----------------------------------------------------------------
 

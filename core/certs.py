@@ -40,7 +40,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftwarden.core.errors import DriftwardenError, HostSupportError, UsageError
+from driftwarden.core.errors import (
+    CertError,
+    HostSupportError,
+    PeerIdentityError,
+    UsageError,
+)
 
 ORGANIZATION = "driftwarden"
 ROLE_CA = "ca"
@@ -60,14 +65,6 @@ _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DNS_NAME_MAX = 253
 COLLECTOR_NAMES_FLAG = "--collector-names"
 _OPENSSL_TIMEOUT = 60.0
-
-
-class CertError(DriftwardenError):
-    """Certificates could not be made or read."""
-
-
-class PeerIdentityError(CertError):
-    """A peer presented no usable certificate identity."""
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,12 @@ from driftwarden.core.alerts import (
     AlertReason,
     Severity,
 )
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import InvalidMessage
 from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc.max_send/receive_message_length, both ends
-
-
-class InvalidMessage(DriftwardenError, ValueError):
-    """A message from the wire is malformed or out of bounds; the text names the field."""
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import ModelStateError, NotEnoughWindowsError
 from driftwarden.models.features import FEATURES
 from sklearn.ensemble import IsolationForest
 
@@ -65,14 +65,6 @@ SHARE_SCALE = 100.0  # shares enter as log1p(percent of the window's activity)
 ENVIRONMENTAL_FEATURES = frozenset({"failed_connects"})
 
 STATE_VERSION = 1
-
-
-class NotEnoughWindowsError(DriftwardenError):
-    """Fewer training windows than `min_windows`: keep learning before fitting a model."""
-
-
-class ModelStateError(DriftwardenError):
-    """A stored model state is malformed, of an unknown version or for unknown features."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,17 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.errors import BaselineError, UsageError
 from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MAX_WINDOWS = 2000  # training windows kept per image (oldest dropped first)
-
-
-class BaselineError(DriftwardenError):
-    """A baseline file could not be used (corrupt, truncated, another image, other version)."""
 
 
 @dataclass(frozen=True)

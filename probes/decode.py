@@ -11,6 +11,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
+from driftwarden.core.errors import MalformedRecord
 from driftwarden.probes._layout import (
     AT_FDCWD,
     HEADER_SIZE,
@@ -55,10 +56,6 @@ def _cstr(buf: bytes, length: int) -> str:
     chunk = buf[:length]
     nul = chunk.find(b"\0")
     return (chunk if nul < 0 else chunk[:nul]).decode("utf-8", "surrogateescape")
-
-
-class MalformedRecord(ValueError):
-    """Raised inside decoders; the registry turns it into a counted error."""
 
 
 class Decoder:

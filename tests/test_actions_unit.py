@@ -18,14 +18,12 @@ from driftwarden.agent.actions import (
     BpfQuarantine,
     BpfSyscalls,
     ContainerActions,
-    ContainerNotFoundError,
     ContainerState,
     DockerRuntime,
     QuarantineHook,
-    RuntimeActionError,
     RuntimeState,
 )
-from driftwarden.core.errors import ProbeLoadError
+from driftwarden.core.errors import ContainerNotFoundError, ProbeLoadError, RuntimeActionError
 
 CID = "ab" * 32
 OTHER = "cd" * 32

@@ -27,13 +27,12 @@ from driftwarden.agent.attribution import (
     ContainerInfo,
     ContainerRef,
     DockerMetadata,
-    MetadataUnavailableError,
     container_info_from_docker,
     normalize_image_reference,
     parse_cgroup_path,
     parse_docker_event,
 )
-from driftwarden.core.errors import AttributionError
+from driftwarden.core.errors import AttributionError, MetadataUnavailableError
 
 ID_A = "a" * 64
 ID_B = "0123456789abcdef" * 4

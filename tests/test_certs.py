@@ -13,9 +13,7 @@ import grpc
 import pytest
 from driftwarden.core.certs import (
     CertBundle,
-    CertError,
     PeerIdentity,
-    PeerIdentityError,
     certificate_identity,
     collector_sans,
     identity_from_auth_context,
@@ -24,7 +22,7 @@ from driftwarden.core.certs import (
     parse_collector_names,
     parse_rfc2253,
 )
-from driftwarden.core.errors import HostSupportError, UsageError
+from driftwarden.core.errors import CertError, HostSupportError, PeerIdentityError, UsageError
 
 NODES = ["node-a", "node-b.example"]
 SERVICE_NAME = "driftwarden-collector.driftwarden.svc"  # what deploy/daemonset.yaml dials

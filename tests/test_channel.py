@@ -34,13 +34,8 @@ from driftwarden.agent.channel import (
 from driftwarden.agent.spool import AlertSpool
 from driftwarden.core import __version__
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity, alert_from_dict
-from driftwarden.core.errors import UsageError
-from driftwarden.core.wire import (
-    MAX_MESSAGE_BYTES,
-    InvalidMessage,
-    alert_from_proto,
-    validate_agent_message,
-)
+from driftwarden.core.errors import InvalidMessage, UsageError
+from driftwarden.core.wire import MAX_MESSAGE_BYTES, alert_from_proto, validate_agent_message
 from driftwarden.proto.v1 import actions_pb2, common_pb2
 
 from tests.support.fake_collector import FakeCollector

@@ -6,14 +6,9 @@ import threading
 from typing import Any
 
 import pytest
-from driftwarden.collector.fanout import (
-    FanoutHub,
-    FilterError,
-    SubscriberFilter,
-    image_repository,
-)
+from driftwarden.collector.fanout import FanoutHub, SubscriberFilter, image_repository
 from driftwarden.collector.store import AlertFilter
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import FilterError, UsageError
 
 CID = "0123456789ab" + "cd" * 26
 CID2 = "fedcba987654" + "32" * 26

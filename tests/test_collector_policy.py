@@ -19,13 +19,12 @@ from driftwarden.collector.policy import (
     Outcome,
     Policy,
     PolicyEngine,
-    PolicyError,
     RateLimit,
     Rule,
     load_policy,
     parse_policy,
 )
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import PolicyError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 CID = "0123456789ab" + "cd" * 26

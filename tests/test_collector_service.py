@@ -22,12 +22,7 @@ import grpc
 import pytest
 from driftwarden.collector.command import add_parser, config_from_args, run_collector
 from driftwarden.collector.policy import parse_policy
-from driftwarden.collector.server import (
-    CollectorConfig,
-    CollectorError,
-    CollectorServer,
-    TlsFiles,
-)
+from driftwarden.collector.server import CollectorConfig, CollectorServer, TlsFiles
 from driftwarden.collector.service import (
     INTERRUPTED_MESSAGE,
     SUBSCRIBED_METADATA,
@@ -38,7 +33,7 @@ from driftwarden.core import wire
 from driftwarden.core.alerts import Alert, AlertKind, Severity
 from driftwarden.core.argtypes import CommandParser
 from driftwarden.core.certs import init_certs
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import CollectorError, UsageError
 from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,

@@ -17,17 +17,19 @@ from driftwarden.collector.store import (
     ActionStatus,
     AlertFilter,
     AlertStore,
-    AmbiguousContainer,
     ContainerMatch,
     InsertOutcome,
     PruneResult,
-    StoreError,
-    UnknownAction,
-    UnknownContainer,
     image_repository,
 )
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import (
+    AmbiguousContainer,
+    DriftwardenError,
+    StoreError,
+    UnknownAction,
+    UnknownContainer,
+)
 
 NEW, UPDATED, DUPLICATE = InsertOutcome.NEW, InsertOutcome.UPDATED, InsertOutcome.DUPLICATE
 CID_WEB = "aaaa1111" * 8

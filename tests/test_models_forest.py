@@ -5,15 +5,9 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-from driftwarden.core.errors import DriftwardenError
+from driftwarden.core.errors import DriftwardenError, ModelStateError, NotEnoughWindowsError
 from driftwarden.models.features import FEATURES, INDEX
-from driftwarden.models.forest import (
-    RISK_FEATURES,
-    ModelStateError,
-    NotEnoughWindowsError,
-    Reason,
-    WindowModel,
-)
+from driftwarden.models.forest import RISK_FEATURES, Reason, WindowModel
 
 ATTACK = {"shells_spawned": 3, "execs_from_writable": 2, "connects_public": 1, "novel_exec": 2}
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from driftwarden.core.errors import UsageError
+from driftwarden.core.errors import BaselineError, UsageError
 from driftwarden.core.modes import Mode
 from driftwarden.models.profile import (
-    BaselineError,
     LearningPolicy,
     Profile,
     ProfileStore,

@@ -15,7 +15,8 @@ from pathlib import Path
 import msgpack
 import pytest
 from driftwarden.agent import spool as spool_module
-from driftwarden.agent.spool import ACKS_NAME, DATA_NAME, AlertSpool, SpoolError, SpoolFull
+from driftwarden.agent.spool import ACKS_NAME, DATA_NAME, AlertSpool
+from driftwarden.core.errors import SpoolError, SpoolFull
 from driftwarden.probes.decode import Decoder
 
 from tests.test_decode import LIMITS, exec_record

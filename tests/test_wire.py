@@ -10,6 +10,7 @@ import pytest
 from driftwarden.agent.alerts import build_alert
 from driftwarden.agent.output import record_to_dict
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.errors import InvalidMessage
 from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.core.wire import (
     ACTION_STATUS,
@@ -18,7 +19,6 @@ from driftwarden.core.wire import (
     ALERT_KIND,
     MODE,
     SEVERITY,
-    InvalidMessage,
     WireLimits,
     alert_dict_from_proto,
     alert_from_proto,

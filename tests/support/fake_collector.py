@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from driftwarden.core.wire import MAX_MESSAGE_BYTES, InvalidMessage, validate_agent_message
+from driftwarden.core.errors import InvalidMessage
+from driftwarden.core.wire import MAX_MESSAGE_BYTES, validate_agent_message
 from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc
 
 
