@@ -15,8 +15,8 @@ kernel error, a partial quarantine); REFUSED is a request this class will not ru
 action or option, an id that is not a full 64-hex container id: names are resolved by the caller
 and an id becomes part of a cgroup path, so it is checked strictly).
 
-Pause/resume/kill go through a :class:`ContainerRuntime` (Docker: :class:`DockerRuntime`; pause
-is the runtime's cgroup freezer, kill is SIGKILL). Quarantine attaches the cgroup BPF programs
+Pause/resume/kill go through a :class:`ContainerRuntime` (Docker: ``runtimes.docker.DockerRuntime``;
+pause is the runtime's cgroup freezer, kill is SIGKILL). Quarantine attaches the cgroup BPF programs
 of ``probes/quarantine.bpf.c`` to the container's cgroup v2 directory with BPF_F_ALLOW_MULTI:
 connect4/connect6 deny ``connect()`` (EPERM) and cgroup_skb egress/ingress drop every packet;
 the container keeps running. The programs stay attached when the agent exits. Quarantine state
@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import enum
 import errno
 import logging
 import os
@@ -43,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from driftwarden.agent.runtimes.base import RuntimeState
+from driftwarden.agent.runtimes.docker import DEFAULT_DOCKER_URL, DockerRuntime
+from driftwarden.core.actions import ActionStatus, ActionType
 from driftwarden.core.errors import (
     ContainerNotFoundError,
     DriftwardenError,
@@ -56,16 +58,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_SOURCE = PROBE_DIR / "quarantine.bpf.c"
 PROGRAM_PREFIX = "dw_q_"
-DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
-
-
-class ActionStatus(enum.StrEnum):
-    DONE = "done"  # the action changed the container's state
-    ALREADY = "already"  # the container was already in the requested state
-    CONTAINER_GONE = "container_gone"  # no such container (or it no longer runs: no cgroup)
-    FAILED = "failed"  # tried and failed; the message says why
-    REFUSED = "refused"  # not attempted: unknown action/option or an invalid container id
 
 
 @dataclass(frozen=True)
@@ -109,14 +102,6 @@ class ContainerState:
 # -- the runtime ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RuntimeState:
-    status: str  # the runtime's word: running, paused, exited, created, restarting, dead, ...
-    running: bool
-    paused: bool
-    pid: int = 0  # the container's init process on this host; 0 when not running
-
-
 class ContainerRuntime(Protocol):
     """Pause/unpause/kill/inspect by full container id. Raise ContainerNotFoundError for an
     unknown container and RuntimeActionError for any other failure."""
@@ -128,57 +113,6 @@ class ContainerRuntime(Protocol):
     def unpause(self, container_id: str) -> None: ...
 
     def kill(self, container_id: str) -> None: ...
-
-
-class DockerRuntime:
-    """ContainerRuntime over the Docker Engine API (the docker SDK's low-level client).
-
-    The client connects on first use (the SDK asks the daemon for its API version when it is
-    made), so an agent can start before the daemon does."""
-
-    def __init__(self, base_url: str = DEFAULT_DOCKER_URL, *, timeout: int = 30) -> None:
-        self.base_url = base_url
-        self.timeout = timeout
-        self._client: Any = None
-
-    def state(self, container_id: str) -> RuntimeState:
-        info = self._call("inspect", lambda api: api.inspect_container(container_id))
-        state = info.get("State") or {}
-        return RuntimeState(status=str(state.get("Status", "unknown")),
-                            running=bool(state.get("Running")), paused=bool(state.get("Paused")),
-                            pid=int(state.get("Pid") or 0))
-
-    def pause(self, container_id: str) -> None:
-        self._call("pause", lambda api: api.pause(container_id))
-
-    def unpause(self, container_id: str) -> None:
-        self._call("unpause", lambda api: api.unpause(container_id))
-
-    def kill(self, container_id: str) -> None:
-        self._call("kill", lambda api: api.kill(container_id, signal="SIGKILL"))
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def _call(self, what: str, call: Callable[[Any], Any]) -> Any:
-        import docker
-        import requests
-        from docker.errors import APIError, DockerException, NotFound
-
-        try:
-            if self._client is None:
-                self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
-            return call(self._client.api)
-        except NotFound as exc:
-            raise ContainerNotFoundError(f"docker {what}: {exc.explanation or exc}") from exc
-        except APIError as exc:
-            raise RuntimeActionError(f"docker {what}: {exc.explanation or exc}") from exc
-        except (DockerException, requests.exceptions.RequestException, OSError) as exc:
-            raise RuntimeActionError(
-                f"docker {what}: cannot reach the Docker daemon at {self.base_url} ({exc})"
-            ) from exc
 
 
 # -- the kernel side of quarantine -----------------------------------------------------------
@@ -432,7 +366,7 @@ def _open_dir(path: Path) -> Iterator[int]:
 
 # -- the actions -----------------------------------------------------------------------------
 
-ACTIONS = ("pause", "resume", "kill", "quarantine", "release")
+ACTIONS = tuple(t.value for t in ActionType)
 _OPTIONS = {"pause": (), "resume": (), "kill": (), "quarantine": ("with_pause",),
             "release": ("with_resume",)}
 

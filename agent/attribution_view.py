@@ -5,13 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from driftwarden.agent.attribution import (
-    Attribution,
-    AttributionState,
-    Attributor,
-    CgroupIndex,
-    DockerMetadata,
-)
+from driftwarden.agent.attribution import Attribution, AttributionState, Attributor
+from driftwarden.agent.cgroups import CgroupIndex
+from driftwarden.agent.runtimes.docker import DockerMetadata
 from driftwarden.core.errors import MetadataUnavailableError, UsageError
 from driftwarden.core.records import ContainerView
 

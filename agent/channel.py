@@ -67,14 +67,16 @@ from driftwarden.agent.alerts import AlertSink
 from driftwarden.agent.spool import DEFAULT_MAX_BYTES, AlertSpool
 from driftwarden.core import __version__
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.dial import dial
 from driftwarden.core.errors import (
+    CertError,
     ChannelError,
     DriftwardenError,
     InvalidMessage,
     SpoolFull,
     UsageError,
 )
-from driftwarden.core.netaddr import host_port, is_loopback
+from driftwarden.core.tls import TlsFiles
 from driftwarden.core.wire import (
     ACTION_STATUS,
     ACTION_TYPE,
@@ -102,30 +104,10 @@ _REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "INV
 
 
 @dataclass(frozen=True)
-class TlsFiles:
-    """Mutual TLS: this agent's certificate and key, and the CA that signed the collector's."""
-
-    cert: Path
-    key: Path
-    ca: Path
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """``(ca, key, cert)`` PEM bytes; ChannelError naming the file that cannot be read."""
-        out = []
-        for what, path in (("--tls-ca", self.ca), ("--tls-key", self.key),
-                           ("--tls-cert", self.cert)):
-            try:
-                out.append(Path(path).read_bytes())
-            except OSError as exc:
-                raise ChannelError(f"cannot read {what} {path}: {exc.strerror}") from exc
-        return out[0], out[1], out[2]
-
-
-@dataclass(frozen=True)
 class ChannelConfig:
     """Where the collector is and how to talk to it (defaults are the production values)."""
 
-    address: str  # host:port (see parse_collector_address)
+    address: str  # the gRPC target: host:port (netaddr.host_port)
     node: str
     mode: str = "learn"  # the agent's mode for images it sees first (hello.mode)
     hostname: str = field(default_factory=socket.gethostname)
@@ -146,6 +128,9 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if not self.node or not self.node.isprintable() or any(c.isspace() for c in self.node):
             raise UsageError(f"node name {self.node!r} must be printable text without spaces")
+        if self.tls is not None and not self.tls.has_pair:  # the collector knows nodes by it
+            raise UsageError("an agent with TLS presents its certificate: give --tls-cert and "
+                             "--tls-key with --tls-ca")
         try:
             MODE.to_proto(self.mode)
         except ValueError as exc:
@@ -167,25 +152,6 @@ class ChannelConfig:
         if self.max_in_flight < self.max_batch_alerts:
             raise UsageError(f"max_in_flight {self.max_in_flight} is below max_batch_alerts "
                              f"{self.max_batch_alerts}")
-
-
-def parse_collector_address(text: str, *, allow_non_loopback: bool = False) -> str:
-    """``host:port`` (``[v6]:port`` for IPv6) -> the gRPC target; UsageError when malformed or,
-    unless ``allow_non_loopback``, when the host is not loopback (the project's network rule)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        port_text = rest[1:] if bracket and rest.startswith(":") else ""
-    else:
-        host, _, port_text = text.rpartition(":")
-    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise UsageError(f"--collector {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or "
-                         f"[::1]:50051)")
-    if not is_loopback(host) and not allow_non_loopback:
-        raise UsageError(f"--collector {text!r}: {host} is not a loopback address; this build "
-                         f"talks to a collector on 127.0.0.0/8, ::1 or localhost only (add "
-                         f"--allow-non-loopback for a real deployment, with --tls-* files)")
-    return host_port(host, int(port_text))
 
 
 class Backoff:
@@ -478,8 +444,9 @@ class CollectorChannel:
         """Run one stream until it ends; returns why it ended."""
         stream = _Stream(self._counts["streams"] + 1)
         try:
-            channel = self._dial()
-        except ChannelError as exc:
+            # TLS files are read again at each dial: a renewed certificate is used at once
+            channel = dial(self.config.address, tls=self.config.tls)
+        except CertError as exc:
             return str(exc)
         with self._cond:
             self._stream = stream
@@ -506,16 +473,6 @@ class CollectorChannel:
                     self._stream = None
                 self._cond.notify_all()
             channel.close()
-
-    def _dial(self) -> grpc.Channel:
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        if self.config.tls is None:
-            return grpc.insecure_channel(self.config.address, options=options)
-        ca, key, cert = self.config.tls.read()  # again: certificates may have been renewed
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                                   certificate_chain=cert)
-        return grpc.secure_channel(self.config.address, credentials, options=options)
 
     def _cancel_stream(self) -> None:
         with self._cond:
@@ -906,8 +863,6 @@ __all__ = [
     "ChannelStats",
     "CollectorChannel",
     "TeeSink",
-    "TlsFiles",
     "alert_from_dict",
     "docker_is_local",
-    "parse_collector_address",
 ]

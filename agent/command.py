@@ -9,7 +9,10 @@ commands run through ContainerActions.for_docker().
 
 `--metrics HOST:PORT` serves Prometheus metrics (loopback only): ``driftwarden_agent_``
 ``events_total{kind,outcome=emitted|suppressed|dropped}`` (the probes' counters),
-``alerts_total{kind}``; with `--collector` also ``spool_depth``, ``collector_connected``,
+``alerts_total{kind}``, the histogram ``event_latency_seconds`` (kernel timestamp -> the
+detector takes the event up), ``containers_without_metadata_total{runtime}`` (containers the
+runtime did not describe: no image, so no detection) and ``container_metadata_unavailable``;
+with `--collector` also ``spool_depth``, ``collector_connected``,
 ``alerts_sent_total``, ``alerts_acked_total``, ``collector_reconnects_total`` and
 ``actions_total{type,status}``.
 
@@ -35,6 +38,12 @@ from typing import Any, TextIO
 from driftwarden.core.argtypes import NON_NEGATIVE_SECONDS, POSITIVE_SECONDS
 from driftwarden.core.errors import UsageError
 from driftwarden.core.lifecycle import stop_on_signals
+from driftwarden.core.netaddr import (
+    host_port,
+    is_loopback,
+    parse_host_port,
+    parse_metrics_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +131,8 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
 def channel_config(options: AgentOptions) -> Any:
     """The ChannelConfig the options ask for (None without --collector); UsageError, naming
     the flag, for anything wrong."""
-    from driftwarden.agent.channel import ChannelConfig, TlsFiles, parse_collector_address
-    from driftwarden.core.certs import validate_node_names
-    from driftwarden.core.errors import ChannelError
+    from driftwarden.agent.channel import ChannelConfig
+    from driftwarden.core.tls import TlsFiles, validate_node_names
 
     tls_values = (options.tls_cert, options.tls_key, options.tls_ca)
     if not options.collector:
@@ -135,20 +143,11 @@ def channel_config(options: AgentOptions) -> Any:
         if given:
             raise UsageError(f"{', '.join(given)} only make(s) sense with --collector HOST:PORT")
         return None
-    address = parse_collector_address(options.collector,
-                                      allow_non_loopback=options.allow_non_loopback)
-    tls = None
-    if any(tls_values):
-        missing = [flag for flag, value in zip(_TLS_FLAGS, tls_values, strict=True) if not value]
-        if missing:
-            raise UsageError(f"{', '.join(_TLS_FLAGS)} go together; missing {', '.join(missing)}")
-        tls = TlsFiles(cert=Path(options.tls_cert or ""), key=Path(options.tls_key or ""),
-                       ca=Path(options.tls_ca or ""))
-        try:
-            tls.read()
-        except ChannelError as exc:
-            raise UsageError(str(exc)) from None
-    elif options.allow_non_loopback and not _is_loopback_target(address):
+    host, port = parse_host_port(options.collector, flag="--collector",
+                                 allow_non_loopback=options.allow_non_loopback)
+    tls = TlsFiles.from_flags(ca=options.tls_ca, cert=options.tls_cert, key=options.tls_key,
+                              pair_required=True)
+    if tls is None and not is_loopback(host):
         raise UsageError(f"--collector {options.collector}: alerts would cross the network in "
                          f"plain text; give --tls-cert, --tls-key and --tls-ca")
     node = options.node or socket.gethostname()
@@ -157,32 +156,8 @@ def channel_config(options: AgentOptions) -> Any:
     except UsageError as exc:
         hint = "" if options.node else " (the host name; choose one with --node NAME)"
         raise UsageError(f"{exc}{hint}") from None
-    return ChannelConfig(address=address, node=node, mode=options.mode, tls=tls,
+    return ChannelConfig(address=host_port(host, port), node=node, mode=options.mode, tls=tls,
                          heartbeat_seconds=options.heartbeat or DEFAULT_HEARTBEAT_SECONDS)
-
-
-def _is_loopback_target(address: str) -> bool:
-    from driftwarden.agent.channel import parse_collector_address
-
-    try:
-        parse_collector_address(address)
-    except UsageError:
-        return False
-    return True
-
-
-def parse_metrics_address(text: str) -> tuple[str, int]:
-    """``host:port`` for --metrics -> (loopback host, port); UsageError otherwise."""
-    from driftwarden.core.metrics import loopback_host
-
-    host, _, port_text = text.strip().rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--metrics {text!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
-    try:
-        return loopback_host(host), int(port_text)
-    except ValueError as exc:
-        raise UsageError(f"--metrics {text!r}: {exc}") from None
 
 
 class AlertCounter:
@@ -211,52 +186,21 @@ class AlertCounter:
             return {kind.value: self._by_kind[kind.value] for kind in AlertKind}
 
 
-class DockerContainers:
-    """``(id, name, image_id, image_name)`` of the containers running here, for heartbeats.
-
-    When Docker cannot answer, the last list is returned again (the collector keeps routing
-    actions here; they then report Docker's error) and the failure is logged once per streak.
-    """
-
-    def __init__(self, base_url: str, *, timeout: float = 5.0) -> None:
-        self.base_url = base_url
-        self.timeout = timeout
-        self._client: Any = None
-        self._last: tuple[tuple[str, str | None, str | None, str | None], ...] = ()
-        self._failing = False
-
-    def __call__(self) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
-        import docker
-
-        try:
-            if self._client is None:
-                self._client = docker.APIClient(base_url=self.base_url, timeout=self.timeout,
-                                                version="auto")
-            rows = self._client.containers()
-        except Exception as exc:
-            self.close()
-            if not self._failing:
-                log.warning("cannot list containers for the collector (%s); sending the last "
-                            "known list", exc)
-            self._failing = True
-            return self._last
-        self._failing = False
-        self._last = tuple(
-            (row["Id"], (row.get("Names") or ["/"])[0].lstrip("/") or None,
-             row.get("ImageID") or None, row.get("Image") or None) for row in rows)
-        return self._last
-
-    def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
-
 def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
-                     channel: Any | None) -> None:
-    """The agent's metrics (see the module docstring) on `registry`, read at scrape time."""
+                     channel: Any | None, attributor: Any | None = None) -> Any:
+    """The agent's metrics (see the module docstring) on `registry`, read at scrape time.
+    Returns the detector's ``event_seen``: called with each event's kernel timestamp (ns)."""
+    from time import monotonic_ns
+
     outcomes = ("emitted", "suppressed", "dropped")
+    latency = registry.histogram(
+        "driftwarden_agent_event_latency_seconds", "Seconds from a kernel event's timestamp "
+        "(taken by the probe, CLOCK_MONOTONIC) to the detector taking it up: the ring buffer's "
+        "drain wait, decoding, process table, attribution (a container's first events wait "
+        "for its metadata)")
+
+    def event_seen(ts_ns: int) -> None:
+        latency.observe(max(monotonic_ns() - ts_ns, 0) / 1e9)
 
     def events() -> dict[tuple[str, str], int]:
         return {(kind, outcome): values.get(outcome, 0)
@@ -268,8 +212,18 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
         ("kind", "outcome"))
     registry.counter_callback("driftwarden_agent_alerts_total", "Alerts raised, per kind",
                               counter.by_kind, ("kind",))
+    if attributor is not None:
+        registry.counter_callback(
+            "driftwarden_agent_containers_without_metadata_total",
+            "Containers whose runtime did not describe them (unknown to it, or it could not be "
+            "asked), counted once each by the runtime their cgroup path names: their events "
+            "have no image, so no detection (only Docker is asked so far)",
+            attributor.without_metadata, ("runtime",))
+        registry.gauge_callback("driftwarden_agent_container_metadata_unavailable",
+                                "1 while the container runtime cannot be asked for metadata",
+                                lambda: int(attributor.metadata_unavailable))
     if channel is None:
-        return
+        return event_seen
     registry.gauge_callback("driftwarden_agent_spool_depth",
                             "Alerts in the spool waiting for the collector's acknowledgement",
                             lambda: channel.stats.spool_depth)
@@ -287,6 +241,7 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
     registry.counter_callback("driftwarden_agent_actions_total",
                               "Collector actions answered, per type and status",
                               lambda: dict(channel.stats.actions), ("type", "status"))
+    return event_seen
 
 
 def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
@@ -294,17 +249,16 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     from driftwarden.agent.alerts import AlertAggregator, JsonLinesAlertSink
     from driftwarden.agent.attribution_view import LiveAttribution
     from driftwarden.agent.channel import TeeSink
-    from driftwarden.agent.control import BaselineService, ControlServer
+    from driftwarden.agent.control import BaselineService, ControlServer, LiveProfiles
     from driftwarden.agent.detect import (
         Detector,
         DetectorConfig,
         LayersCache,
-        LiveProfiles,
         LockedSink,
-        docker_graph_driver,
     )
     from driftwarden.agent.pipeline import TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
+    from driftwarden.agent.runtimes.docker import DockerGraphDriver
     from driftwarden.core.metrics import MetricsRegistry, MetricsServer
     from driftwarden.core.modes import Mode
     from driftwarden.models.items import ItemSet
@@ -353,9 +307,11 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             sinks.append(channel)
         counter = AlertCounter(sinks[0] if len(sinks) == 1 else TeeSink(*sinks))
         aggregator = AlertAggregator(counter)
+        event_seen = None
         if metrics_address is not None:
             registry = MetricsRegistry()
-            register_metrics(registry, probes, counter, channel)
+            event_seen = register_metrics(registry, probes, counter, channel,
+                                          attribution.attributor)
             try:
                 server = stack.enter_context(MetricsServer(registry, *metrics_address))
             except OSError as exc:
@@ -365,14 +321,17 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         source = LiveCapture(probes)
         pipeline = TracePipeline(source, proc=LiveProcReader(), attribution=attribution,
                                  sinks=[])
+        graph_driver = DockerGraphDriver(options.docker_host)
+        stack.callback(graph_driver.close)
         detector = Detector(
             DetectorConfig(window_seconds=options.window, policy=policy, initial_mode=mode,
                            startup_seconds=options.startup_grace),
             store, aggregator,
             exe_of=pipeline.processes.exe_before_exec,
-            layers_of=LayersCache(graph_driver_of=docker_graph_driver(options.docker_host)).get,
+            layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
+            event_seen=event_seen,
         )
         lock = threading.Lock()
         pipeline.sinks.append(LockedSink(detector, lock))
@@ -400,6 +359,7 @@ def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: A
                   stack: contextlib.ExitStack):
     from driftwarden.agent.actions import ContainerActions
     from driftwarden.agent.channel import SPOOL_DIR_NAME, CollectorChannel
+    from driftwarden.agent.runtimes.docker import DockerContainers
     from driftwarden.core.errors import ChannelError, SpoolError
 
     actions = stack.enter_context(ContainerActions.for_docker(options.docker_host))
@@ -556,8 +516,12 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
     export = ops.add_parser("export", help="write a baseline to a file")
     export.add_argument("image")
     export.add_argument("file")
-    imp = ops.add_parser("import", help="load a baseline file (starts in monitor)")
+    imp = ops.add_parser("import", help="load a baseline file (starts in monitor unless "
+                         "--mode says otherwise)")
     imp.add_argument("file")
+    imp.add_argument("--mode", choices=("learn", "monitor", "protect"), default=None,
+                     help="the mode it starts in (default monitor, whatever mode the file was "
+                     "exported in)")
     imp.add_argument("--image", dest="image_id", default=None,
                      help="the image id it is for (refused if the file is another image's)")
     imp.add_argument("--force", action="store_true", help="use it for --image anyway")
@@ -576,8 +540,10 @@ def _run_baseline(args: argparse.Namespace) -> int:
                if k in ("op", "image", "mode", "reason", "file", "image_id", "force", "a", "b",
                         "alert_id")
                and v is not None}
-    if args.op == "mode":
+    if args.op in ("mode", "import"):
         payload["who"] = os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"
+    if "file" in payload:  # a running agent has its own working directory
+        payload["file"] = os.path.abspath(payload["file"])
     result = request(args.state_dir, payload)
     if args.json or args.op in ("show", "diff"):
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -17,11 +17,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.modes import Mode
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import Profile, ProfileStore
+
+if TYPE_CHECKING:
+    from driftwarden.agent.detect import Detector
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,33 @@ class FileProfiles:
         path = self.store.path_for(image_id)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+class LiveProfiles:
+    """The running agent's profiles (callers hold the lock the pipeline writes under)."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+
+    def all(self) -> list[Profile]:
+        live = dict(self.detector.profiles)
+        for profile in self.detector.store.list():
+            live.setdefault(profile.image_id, profile)
+        return list(live.values())
+
+    def get(self, image: str) -> Profile:
+        profile = resolve_image(image, self.all())
+        return self.detector.profiles.setdefault(profile.image_id, profile)
+
+    def put(self, profile: Profile) -> None:
+        self.detector.profiles[profile.image_id] = profile
+        self.detector.store.save(profile)
+
+    def accept(self, alert_id: str) -> tuple[Profile, list]:
+        return self.detector.accept(alert_id)
+
+    def drop(self, image_id: str) -> None:
+        self.detector.forget(image_id)
 
 
 def resolve_image(image: str, profiles: list[Profile]) -> Profile:
@@ -133,8 +164,15 @@ class BaselineService:
         return {"image_id": profile.image_id, "file": str(path)}
 
     def op_import(self, request) -> dict[str, Any]:
+        """An imported baseline starts in monitor (whatever mode it was exported in: a file
+        exported in protect would switch automatic response on at once), or in the mode the
+        operator names."""
+        mode = request.get("mode") or Mode.MONITOR.value
+        if mode not in {m.value for m in Mode}:
+            raise UsageError(f"unknown mode {mode!r}: choose learn, monitor or protect")
         profile = self.store.import_file(_arg(request, "file"), image_id=request.get("image_id"),
-                                         force=bool(request.get("force")))
+                                         force=bool(request.get("force")), mode=Mode(mode),
+                                         who=request.get("who") or "operator")
         self.source.put(profile)
         return summary(profile)
 

@@ -129,8 +129,11 @@ class Detector:
         clock_offset_ns: int = 0,
         drops: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
+        event_seen: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
+        # called with each record's kernel timestamp as it arrives (the agent's latency metric)
+        self._event_seen = event_seen
         self.store = store
         self._submit = getattr(alerts, "submit", None) or alerts.emit
         self._alerts = alerts
@@ -194,6 +197,8 @@ class Detector:
     # -- per record (Sink.write) ---------------------------------------------------
 
     def write(self, record: TraceRecord) -> None:
+        if self._event_seen is not None:
+            self._event_seen(record.event.header.ts_ns)
         view = record.container
         if record.runtime_setup or view.state != "container" or not view.id:
             if view.state == "unknown" and not record.runtime_setup:
@@ -420,6 +425,14 @@ class Detector:
             self.save()
         return profile, added
 
+    def forget(self, image_id: str) -> None:
+        """Drops an image's baseline (memory, fitted models and file): the image learns again."""
+        self.profiles.pop(image_id, None)
+        self._dirty.discard(image_id)
+        self._models = {key: model for key, model in self._models.items()
+                        if key[0] != image_id}
+        self.store.path_for(image_id).unlink(missing_ok=True)
+
     # -- per tick (Sink.flush) -------------------------------------------------
 
     def flush(self) -> None:
@@ -507,7 +520,8 @@ class Detector:
 class LayersCache:
     """Container id -> its overlay layers (bounded LRU), read from /proc/PID/mountinfo, or,
     when that process is already gone or not yet inside the container's root (runc init), from
-    the runtime's record of the container (`graph_driver_of`: Docker's GraphDriver data)."""
+    the runtime's record of the container (`graph_driver_of`: Docker's GraphDriver data, from
+    runtimes.docker.DockerGraphDriver)."""
 
     MISS_SECONDS = 5.0  # a container the runtime could not describe is not asked again sooner
 
@@ -555,58 +569,6 @@ class LayersCache:
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
         return layers
-
-
-def docker_graph_driver(docker_host: str) -> Callable[[str], dict | None]:
-    """`container id -> GraphDriver` through the Docker Engine API (None when unknown)."""
-    holder: dict = {}
-
-    def lookup(container_id: str) -> dict | None:
-        try:
-            if "client" not in holder:
-                import docker
-
-                holder["client"] = docker.APIClient(base_url=docker_host, timeout=5)
-            return holder["client"].inspect_container(container_id).get("GraphDriver")
-        except Exception as exc:  # the container is gone, or Docker is down: no layers
-            log.debug("no GraphDriver for %s: %s", container_id[:12], exc)
-            return None
-
-    return lookup
-
-
-class LiveProfiles:
-    """The running agent's profiles as a control.ProfileSource (callers hold the lock)."""
-
-    def __init__(self, detector: Detector) -> None:
-        self.detector = detector
-
-    def all(self) -> list[Profile]:
-        live = dict(self.detector.profiles)
-        for profile in self.detector.store.list():
-            live.setdefault(profile.image_id, profile)
-        return list(live.values())
-
-    def get(self, image: str) -> Profile:
-        from driftwarden.agent.control import resolve_image
-
-        profile = resolve_image(image, self.all())
-        return self.detector.profiles.setdefault(profile.image_id, profile)
-
-    def put(self, profile: Profile) -> None:
-        self.detector.profiles[profile.image_id] = profile
-        self.detector.store.save(profile)
-
-    def accept(self, alert_id: str) -> tuple[Profile, list]:
-        return self.detector.accept(alert_id)
-
-    def drop(self, image_id: str) -> None:
-        self.detector.profiles.pop(image_id, None)
-        self.detector._models = {k: v for k, v in self.detector._models.items()
-                                 if k[0] != image_id}
-        path = self.detector.store.path_for(image_id)
-        if path.exists():
-            path.unlink()
 
 
 class LockedSink:

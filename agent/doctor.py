@@ -1,13 +1,15 @@
 """`driftwarden doctor`: check that this host has everything the agent needs.
 
 Each check returns one `Check` row with a one-line fix hint. Required checks decide the
-exit code; optional ones (BTF, Docker, which extra BPF program types load) only inform.
+exit code; optional ones (BTF, Docker, containers under runtimes the agent cannot ask yet,
+which extra BPF program types load) only inform.
 Every path the checks read comes from `DoctorEnv`, so unit tests run on fixture trees.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -19,7 +21,6 @@ import logging
 import os
 import platform
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from driftwarden.agent.cgroups import running_containers
+from driftwarden.agent.runtimes.docker import DockerEngine
+from driftwarden.core.errors import HostSupportError, RuntimeActionError
+from driftwarden.probes.loader import find_cgroup2_root
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ class DoctorEnv:
     sys_root: str = "/sys"
     modules_root: str = "/lib/modules"
     docker_socket: str = "/var/run/docker.sock"
+    run_root: str = "/run"  # where containerd, CRI-O and podman put their sockets
     kernel_release: str = field(default_factory=lambda: os.uname().release)
 
     def sys(self, *parts: str) -> Path:
@@ -337,7 +344,18 @@ def probe_tracepoints(source: str | os.PathLike[str] | None = None) -> tuple[str
     return names or DEFAULT_TRACEPOINTS
 
 
-def check_tracepoints(env: DoctorEnv, tracepoints: Sequence[str]) -> Check:
+def attached_tracepoints() -> str:
+    """How many tracepoints the agent attaches with every kind, and what --open-result adds."""
+    from driftwarden.probes.loader import ProbeConfig
+
+    every = ProbeConfig()
+    more = len(ProbeConfig(open_result=True).tracepoint_names()) - len(every.tracepoint_names())
+    return f"all kinds attach {every.describe_tracepoints()}, --open-result {more} more"
+
+
+def check_tracepoints(env: DoctorEnv, tracepoints: Sequence[str], *,
+                      attached: str = "") -> Check:
+    """`attached`: what the probes attach of them, appended to the ok row."""
     name = "tracepoints"
     try:
         root = _tracefs_root(env)
@@ -358,7 +376,8 @@ def check_tracepoints(env: DoctorEnv, tracepoints: Sequence[str]) -> Check:
                      f"{len(missing)}/{len(tracepoints)} missing: {shown}",
                      "use a kernel with these syscall tracepoints "
                      "(CONFIG_FTRACE_SYSCALLS), or drop them from the probes")
-    return Check(name, True, "ok", f"all {len(tracepoints)} used by the probes exist",
+    detail = f"all {len(tracepoints)} used by the probes exist"
+    return Check(name, True, "ok", f"{detail}; {attached}" if attached else detail,
                  "use a kernel with CONFIG_FTRACE_SYSCALLS")
 
 
@@ -386,25 +405,55 @@ def check_docker(env: DoctorEnv, timeout: float = 2.0) -> Check:
     if not os.path.exists(path):
         return Check(name, False, "info", f"no socket at {path}", fix)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(4096):
-                chunks.append(chunk)
-    except OSError as exc:
-        reason = errno.errorcode.get(exc.errno or 0) or type(exc).__name__
-        return Check(name, False, "info", f"{path} not answering: {reason}", fix)
-    head, _, _ = b"".join(chunks).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split()
-    if len(parts) < 2 or parts[1] != "200":
-        return Check(name, False, "info", f"{path} /_ping answered {lines[0]!r}", fix)
-    api = next((ln.split(":", 1)[1].strip() for ln in lines[1:]
-                if ln.lower().startswith("api-version:")), None)
+        with DockerEngine(f"unix://{path}", timeout=timeout) as engine:
+            api = engine.ping()
+    except RuntimeActionError as exc:
+        return Check(name, False, "info", str(exc), fix)
     suffix = f" (API {api})" if api else ""
     return Check(name, False, "ok", f"{path} answers /_ping{suffix}", fix)
+
+
+# Where the runtimes the agent cannot ask yet listen, under DoctorEnv.run_root.
+RUNTIME_SOCKETS = {
+    "containerd": "containerd/containerd.sock",
+    "cri-o": "crio/crio.sock",
+    "podman": "podman/podman.sock",
+}
+
+
+def check_container_runtimes(env: DoctorEnv) -> Check:
+    """Containers running under a runtime the agent cannot ask for metadata yet (it asks
+    Docker only): their events have no image, so they get no detection. Read from the cgroup
+    tree, which names each container's runtime, so it needs no runtime to answer."""
+    name = "container runtimes"
+    fix = ("until CRI (containerd, CRI-O) and podman support lands only Docker's containers "
+           "are watched: run the workloads to watch under Docker; the agent counts the others "
+           "in driftwarden_agent_containers_without_metadata_total")
+    try:
+        root = find_cgroup2_root(env.sys("fs", "cgroup"))
+    except HostSupportError:
+        return Check(name, False, "info", "cannot check: no cgroup v2 hierarchy", fix)
+    try:
+        refs = running_containers(root)
+    except OSError as exc:
+        return Check(name, False, "info", f"cannot read {root}: {exc.strerror or exc}", fix)
+    counts = collections.Counter(ref.runtime for ref in refs)
+    docker = counts.pop("docker", 0)
+    if not counts:
+        detail = (f"{docker} running, all under Docker (named through its API)" if docker
+                  else "no containers running")
+        return Check(name, False, "ok", detail, fix)
+    others = []
+    for runtime, count in sorted(counts.items()):
+        socket_path = Path(env.run_root, RUNTIME_SOCKETS[runtime])
+        where = f" (socket {socket_path})" if socket_path.exists() else ""
+        others.append(f"{count} under {runtime}{where}")
+    asked = "these runtimes" if len(counts) > 1 else "this runtime"
+    detail = (f"{', '.join(others)}: the agent cannot ask {asked} for names and images yet, "
+              "so these containers get no detection")
+    if docker:
+        detail += f"; {docker} under Docker are watched"
+    return Check(name, False, "warn", detail, fix)
 
 
 def kprobes_attachable(env: DoctorEnv) -> bool:
@@ -578,6 +627,7 @@ def run_checks(env: DoctorEnv, *, probe_program_types: bool = True,
                tracepoints: Sequence[str] | None = None) -> list[Check]:
     """Every check in display order. `tracepoints` defaults to those the probes use."""
     tps = tuple(tracepoints) if tracepoints is not None else probe_tracepoints()
+    attached = attached_tracepoints() if tracepoints is None else ""
     checks = [
         _guard("privileges", True, lambda: check_privileges(env)),
         _guard("bpf syscall", True, lambda: check_bpf_syscall(env)),
@@ -585,9 +635,10 @@ def run_checks(env: DoctorEnv, *, probe_program_types: bool = True,
         _guard("tracefs", True, lambda: check_tracefs(env)),
         _guard("kernel headers", True, lambda: check_kernel_headers(env)),
         _guard("bcc", True, lambda: check_bcc(env)),
-        _guard("tracepoints", True, lambda: check_tracepoints(env, tps)),
+        _guard("tracepoints", True, lambda: check_tracepoints(env, tps, attached=attached)),
         _guard("cgroup v2", True, lambda: check_cgroup_v2(env)),
         _guard("docker socket", False, lambda: check_docker(env)),
+        _guard("container runtimes", False, lambda: check_container_runtimes(env)),
     ]
     if probe_program_types and checks[0].status == "fail":
         # Every load would fail with EPERM for lack of privilege, which says nothing
@@ -646,7 +697,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "doctor",
         help="check this host has what the agent needs",
         description="Check privileges, BPF, tracefs, kernel headers, bcc, tracepoints, "
-                    "cgroup v2 and Docker; exit 1 when a required item fails.",
+                    "cgroup v2, Docker and the containers' runtimes; exit 1 when a required item "
+                    "fails.",
     )
     parser.add_argument("--json", action="store_true", help="print the checks as a JSON list")
     parser.add_argument("--no-load-tests", action="store_true",

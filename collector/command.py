@@ -20,10 +20,10 @@ from driftwarden.collector.server import (
     UNARY_RESERVE,
     CollectorConfig,
     CollectorServer,
-    TlsFiles,
 )
 from driftwarden.core.argtypes import number
 from driftwarden.core.errors import StoreError, UsageError
+from driftwarden.core.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace) -> CollectorConfig:
     """The flags as a CollectorConfig; UsageError (one line) for anything wrong."""
-    tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
-                 "--tls-client-ca": args.tls_client_ca}
-    given = [flag for flag, value in tls_flags.items() if value]
-    if given and len(given) != len(tls_flags):
-        missing = [flag for flag in tls_flags if flag not in given]
-        raise UsageError(f"{', '.join(given)} given without {', '.join(missing)}: TLS needs "
-                         "all three")
-    tls = (TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca))
-           if given else None)
-    if tls is not None:
-        tls.read()  # unreadable or not PEM: fail now, with the flag's name
+    # unreadable or not PEM: fail now, with the flag's name
+    tls = TlsFiles.from_flags(ca=args.tls_client_ca, cert=args.tls_cert, key=args.tls_key,
+                              ca_flag="--tls-client-ca", pair_required=True)
     token = None
     if args.token_file:
         try:

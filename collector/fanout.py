@@ -21,7 +21,7 @@ Items a subscription yields (2-tuples; the dicts are shared between subscribers:
         up in one notice), so a slow subscriber always learns how much it missed.
 
 Filter semantics (:class:`SubscriberFilter`; every argument optional, empty = no constraint)
-    Exactly those of :class:`driftwarden.collector.store.AlertFilter` (kinds, min_severity,
+    Exactly those of :class:`driftwarden.collector.filters.AlertFilter` (kinds, min_severity,
     nodes, namespaces, images, containers and the exclude lists), which the store's SQL applies
     too, so a subscription and an ``Alerts.List`` with the same filter select the same alerts.
     ``actions`` says which action events the subscriber gets: "matching" (default: events whose
@@ -42,13 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from driftwarden.collector.store import (
-    MIN_ID_PREFIX,
-    AlertFilter,
-    ContainerSelector,
-    ImageSelector,
-    image_repository,
-)
+from driftwarden.collector.filters import AlertFilter
 from driftwarden.core.alerts import Severity
 from driftwarden.core.errors import FilterError
 
@@ -336,12 +330,7 @@ class FanoutHub:
 __all__ = [
     "ACTION_SCOPES",
     "DEFAULT_MAX_QUEUE",
-    "MIN_ID_PREFIX",
-    "ContainerSelector",
     "FanoutHub",
-    "FilterError",
-    "ImageSelector",
     "SubscriberFilter",
     "Subscription",
-    "image_repository",
 ]

@@ -36,7 +36,7 @@ Format (version 1)::
 
     Lists hold alternatives (any may match) and must not be empty (leave the key out to match
     anything). Label values are strings: quote ``"true"``, ``"1"`` (YAML reads them otherwise
-    as a boolean or a number). Images are matched as in :mod:`driftwarden.collector.fanout`.
+    as a boolean or a number). Images are matched as in :mod:`driftwarden.collector.filters`.
     ``exempt``, ``limits`` and ``rules`` may be null (= left out); ``match`` may not (write
     ``{}`` to match every alert).
 
@@ -68,7 +68,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from driftwarden.collector.fanout import ImageSelector
+from driftwarden.collector.filters import ImageSelector
+from driftwarden.core.actions import ActionType
 from driftwarden.core.alerts import AlertKind, Severity
 from driftwarden.core.errors import PolicyError
 from driftwarden.core.modes import Mode
@@ -82,13 +83,17 @@ _SEVERITY_RANK = {s.text: int(s) for s in Severity}
 
 
 class Action(enum.StrEnum):
+    """A rule's action: none, or one of the action types the policy takes on its own."""
+
     NONE = "none"
-    PAUSE = "pause"
-    KILL = "kill"
-    QUARANTINE = "quarantine"
+    PAUSE = ActionType.PAUSE.value
+    KILL = ActionType.KILL.value
+    QUARANTINE = ActionType.QUARANTINE.value
 
 
 class Outcome(enum.StrEnum):
+    """What a decision says (module docstring: decisions)."""
+
     ACT = "act"
     SKIP = "skip"
     NO_MATCH = "no-match"

@@ -13,8 +13,9 @@ Transport
       number of agents plus subscribers.
     - Messages are limited to ``wire.MAX_MESSAGE_BYTES`` both ways (grpc answers
       RESOURCE_EXHAUSTED beyond). SO_REUSEPORT is off, so a port in use is an error.
-    - With ``tls`` the server listens with TLS only and requires a client certificate issued by
-      ``client_ca`` (``driftwarden certs init`` makes them).
+    - With ``tls`` (:class:`~driftwarden.core.tls.TlsFiles`: its CA is ``--tls-client-ca``) the
+      server listens with TLS only and requires a client certificate issued by that CA
+      (``driftwarden certs init`` makes them).
     - Loopback addresses only, unless ``allow_non_loopback`` (which then requires TLS).
     - ``grpc.health.v1.Health`` reports SERVING for "" and each service until ``stop()``, and
       server reflection (v1alpha) lists every service.
@@ -32,70 +33,33 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
-from driftwarden.collector.service import CollectorService, ServiceConfig, add_servicers
+from driftwarden.collector.service import CollectorService, ServiceConfig
+from driftwarden.collector.servicers import add_servicers
 from driftwarden.collector.store import AlertStore
 from driftwarden.core.errors import CollectorError, UsageError
 from driftwarden.core.metrics import MetricsRegistry, MetricsServer
-from driftwarden.core.netaddr import host_port, is_loopback
+from driftwarden.core.netaddr import (
+    COLLECTOR_PORT,
+    host_port,
+    is_loopback,
+    parse_host_port,
+    parse_metrics_address,
+)
+from driftwarden.core.tls import TlsFiles
 from driftwarden.core.wire import MAX_MESSAGE_BYTES
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_LISTEN = f"127.0.0.1:{COLLECTOR_PORT}"
 UNARY_RESERVE = 4  # pool threads kept free of streams by default
 STOP_SLACK_SECONDS = 5.0  # past stop_grace, how long stop() waits for gRPC to finish
 CHECKPOINT_SECONDS = 1.0  # the store's WAL is checkpointed by a thread this often
-
-
-def parse_address(text: str, *, what: str = "--listen",
-                  allow_non_loopback: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); UsageError when malformed, or
-    when not loopback and `allow_non_loopback` is false."""
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 or "
-                         "[::1]:50051 (port 0 picks a free port)")
-    if not allow_non_loopback and not is_loopback(host):
-        raise UsageError(f"{what} {text!r}: this build listens on loopback only "
-                         "(127.0.0.0/8, ::1, localhost); for a real deployment pass "
-                         "--allow-non-loopback with --tls-cert/--tls-key/--tls-client-ca")
-    return host, int(port_text)
-
-
-format_address = host_port  # kept as the collector's name for it
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The collector's certificate and key, and the CA that signs client certificates."""
-
-    cert: Path
-    key: Path
-    client_ca: Path
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """(key, cert, client CA) PEM bytes; UsageError naming a file that cannot be read."""
-        out = []
-        for flag, path in (("--tls-key", self.key), ("--tls-cert", self.cert),
-                           ("--tls-client-ca", self.client_ca)):
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror}); run "
-                                 "`driftwarden certs init DIR` to make certificates") from None
-            if b"-----BEGIN" not in data:
-                raise UsageError(f"{flag} {path}: not a PEM file")
-            out.append(data)
-        return out[0], out[1], out[2]
 
 
 @dataclass(frozen=True)
@@ -118,12 +82,15 @@ class CollectorConfig:
     poll_seconds: float = 0.5
 
     def __post_init__(self) -> None:
-        host, _ = parse_address(self.listen, allow_non_loopback=self.allow_non_loopback)
+        host, _ = self.listen_address
         if not is_loopback(host) and self.tls is None:
             raise UsageError(f"--listen {self.listen}: listening beyond loopback needs TLS "
                              "(--tls-cert, --tls-key, --tls-client-ca)")
+        if self.tls is not None and not self.tls.has_pair:
+            raise UsageError("a TLS collector presents its certificate: give --tls-cert and "
+                             "--tls-key with --tls-client-ca")
         if self.metrics_listen is not None:
-            parse_address(self.metrics_listen, what="--metrics")
+            parse_metrics_address(self.metrics_listen)  # malformed or beyond loopback: refuse now
         if self.max_workers < 2:
             raise UsageError(f"max_workers must be >= 2, got {self.max_workers}")
         streams = self.streams
@@ -134,6 +101,19 @@ class CollectorConfig:
             raise UsageError("the operator token is empty")
         if not str(self.db_path):
             raise UsageError("--db: give the path of the collector's SQLite file")
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """``--listen`` as (host, port); UsageError when malformed or not allowed."""
+        return parse_host_port(self.listen, flag="--listen", listen=True,
+                               allow_non_loopback=self.allow_non_loopback)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``--metrics`` as (loopback host, port), None when off."""
+        if self.metrics_listen is None:
+            return None
+        return parse_metrics_address(self.metrics_listen)
 
     @property
     def streams(self) -> int:
@@ -182,8 +162,8 @@ class CollectorServer:
 
     def _start(self) -> None:
         config = self.config
-        host, port = parse_address(config.listen, allow_non_loopback=config.allow_non_loopback)
-        tls = config.tls.read() if config.tls is not None else None
+        host, port = config.listen_address
+        credentials = config.tls.server_credentials() if config.tls is not None else None
         self.store = AlertStore.open(config.db_path, clock=self._clock,
                                      checkpoint_interval=CHECKPOINT_SECONDS)
         stale = self.store.mark_all_agents_disconnected()
@@ -193,7 +173,7 @@ class CollectorServer:
         self.engine = PolicyEngine(config.policy)
         self.service = CollectorService(
             self.store, self.hub, self.engine,
-            ServiceConfig(operator_token=config.operator_token, tls=tls is not None,
+            ServiceConfig(operator_token=config.operator_token, tls=credentials is not None,
                           subscriber_queue=config.subscriber_queue,
                           action_timeout=config.action_timeout,
                           hello_timeout=config.hello_timeout, max_streams=config.streams,
@@ -218,12 +198,9 @@ class CollectorServer:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = format_address(host, port)
+        address = host_port(host, port)
         try:
-            if tls is not None:
-                key, cert, ca = tls
-                credentials = grpc.ssl_server_credentials(
-                    [(key, cert)], root_certificates=ca, require_client_auth=True)
+            if credentials is not None:
                 bound = server.add_secure_port(address, credentials)
             else:
                 bound = server.add_insecure_port(address)
@@ -234,15 +211,15 @@ class CollectorServer:
                                  "address is not on this host")
         self._port = bound
         server.start()
-        if config.metrics_listen is not None:
-            m_host, m_port = parse_address(config.metrics_listen, what="--metrics")
+        if config.metrics_address is not None:
+            m_host, m_port = config.metrics_address
             try:
                 self.metrics_server = MetricsServer(self.metrics, m_host, m_port).start()
             except OSError as exc:
                 raise CollectorError(f"--metrics {config.metrics_listen}: cannot listen "
                                      f"({exc.strerror})") from None
         log.info("collector listening on %s (%s), store %s", self.address,
-                 "mTLS" if tls else "plaintext", self.store.path)
+                 "mTLS" if credentials is not None else "plaintext", self.store.path)
 
     def stop(self, grace: float | None = None) -> None:
         with self._lock:
@@ -278,14 +255,13 @@ class CollectorServer:
 
     @property
     def host(self) -> str:
-        host, _ = parse_address(self.config.listen,
-                                allow_non_loopback=self.config.allow_non_loopback)
+        host, _ = self.config.listen_address
         return host
 
     @property
     def address(self) -> str:
         """``HOST:PORT`` clients dial (with the bound port)."""
-        return format_address(self.host, self.port)
+        return host_port(self.host, self.port)
 
     @property
     def metrics_url(self) -> str | None:
@@ -297,8 +273,4 @@ __all__ = [
     "CollectorConfig",
     "CollectorError",
     "CollectorServer",
-    "TlsFiles",
-    "format_address",
-    "is_loopback",
-    "parse_address",
 ]

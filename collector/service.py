@@ -1,9 +1,11 @@
-"""The collector's gRPC services: AgentChannel, Alerts, Actions and Agents (driftwarden.v1).
+"""The collector's domain service: agents' sessions, alert ingest, actions and the policy.
 
-:class:`CollectorService` holds the state the services share (the store, the fan-out hub, the
-policy engine, the connected agents' streams, the actions waiting for a result) and does the
-work; the four ``*Servicer`` classes adapt gRPC calls to it and map errors to status codes.
-Semantics are those of ``notes/protocol.md``; in short:
+:class:`CollectorService` holds the state the gRPC services share (the store, the fan-out hub,
+the policy engine, the connected agents' sessions, the actions waiting for a result) and does
+the work; :mod:`~driftwarden.collector.servicers` adapts gRPC calls to it and maps errors to
+status codes, :mod:`~driftwarden.collector.auth` says who may call what, and
+:mod:`~driftwarden.collector.convert` turns records into messages. Semantics are those of
+``notes/protocol.md``; in short:
 
 AgentChannel.Connect
     The first message must be ``hello`` (else FAILED_PRECONDITION); with mutual TLS the node is
@@ -30,12 +32,6 @@ Alerts.Subscribe / List, Actions.Request / List, Agents.List
     (``include_actions``: events about containers the filter's node/namespace/image/container
     lists match) until the client cancels or the collector stops.
 
-Auth (:class:`Authorizer`)
-    With a token configured, operator calls need ``authorization: Bearer <token>``
-    (UNAUTHENTICATED otherwise); with TLS an operator certificate (OU=operator) is enough.
-    Agent certificates may only call Connect, other identities may not call it
-    (PERMISSION_DENIED). Without TLS, Connect trusts ``hello.node`` (loopback dev mode).
-
 Threads: gRPC runs each call in its pool; a Connect stream also runs one reader thread of its
 own (the gRPC thread writes the stream's responses). Every stream (Connect and Subscribe) holds
 a pool thread for its whole life, so at most ``max_streams`` run at once (RESOURCE_EXHAUSTED
@@ -46,53 +42,41 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub, SubscriberFilter
+from driftwarden.collector.auth import Authorizer
+from driftwarden.collector.convert import (
+    PublishedAlert,
+    action_command,
+    action_message,
+    agent_message,
+    alert_message,
+    filter_args,
+)
+from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
+from driftwarden.collector.filters import MIN_ID_PREFIX, ActionFilter, AlertFilter
 from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
 from driftwarden.collector.store import (
     MAX_CANDIDATES,
-    MIN_ID_PREFIX,
-    ActionFilter,
     ActionRecord,
-    ActionStatus,
-    AlertFilter,
-    AlertStore,
+    CollectorStore,
     ContainerMatch,
     InsertOutcome,
 )
 from driftwarden.core import wire
-from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
-from driftwarden.core.certs import ROLE_AGENT, ROLE_OPERATOR, identity_from_auth_context
-from driftwarden.core.errors import (
-    AmbiguousContainer,
-    FilterError,
-    PeerIdentityError,
-    RpcAbort,
-    StoreError,
-    UnknownContainer,
-)
+from driftwarden.core.actions import ActionStatus
+from driftwarden.core.errors import AmbiguousContainer, RpcAbort, StoreError, UnknownContainer
 from driftwarden.core.metrics import MetricsRegistry
-from driftwarden.proto.v1 import (
-    actions_pb2,
-    actions_pb2_grpc,
-    agent_pb2,
-    agent_pb2_grpc,
-    alerts_pb2,
-    alerts_pb2_grpc,
-    common_pb2,
-)
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBED_METADATA = ("driftwarden-subscribed", "1")
 POLICY_ACTOR = "policy"
 DEFAULT_PAGE_SIZE = 100
 INTERRUPTED_MESSAGE = ("the collector restarted before the agent reported a result; check the "
@@ -124,169 +108,34 @@ class ServiceConfig:
             raise ValueError("ServiceConfig.operator_token is empty; give a token or None")
 
 
-# -- auth ----------------------------------------------------------------------------------------
-
-
-class Authorizer:
-    """Who is calling, and may they (module docstring). Stateless after construction."""
-
-    def __init__(self, token: str | None, tls: bool) -> None:
-        self._token = token.encode() if token else None
-        self.tls = tls
-
-    def _certificate(self, context: grpc.ServicerContext):
-        if not self.tls:
-            return None
-        try:
-            return identity_from_auth_context(context.auth_context())
-        except PeerIdentityError:
-            return None
-
-    def _bearer_ok(self, context: grpc.ServicerContext) -> bool:
-        if self._token is None:
-            return False
-        for key, value in context.invocation_metadata() or ():
-            if key.lower() != "authorization":
-                continue
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(
-                    token.strip().encode(), self._token):
-                return True
-        return False
-
-    def operator(self, context: grpc.ServicerContext) -> str:
-        """The operator's name for the audit trail ("operator" for the token, else the
-        certificate's CN); raises RpcAbort when the caller may not make operator calls."""
-        identity = self._certificate(context)
-        if identity is not None and identity.role == ROLE_AGENT:
-            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
-                           f"agent certificate {identity.common_name!r} may only call "
-                           "AgentChannel.Connect; use an operator certificate or token")
-        if identity is not None and identity.role == ROLE_OPERATOR:
-            return identity.common_name
-        if self._token is not None:
-            if self._bearer_ok(context):
-                return "operator"
-            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or wrong operator token: send metadata "
-                           "'authorization: Bearer <token>' with the collector's token")
-        if self.tls:
-            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
-                           "operator calls need an operator certificate (OU=operator)")
-        return "operator"  # loopback dev mode: no TLS, no token
-
-    def agent_node(self, context: grpc.ServicerContext) -> str | None:
-        """The node an agent certificate names (None without TLS: hello.node is trusted);
-        raises RpcAbort for anyone but an agent."""
-        if not self.tls:
-            return None
-        identity = self._certificate(context)
-        if identity is None or identity.role != ROLE_AGENT:
-            who = "no client certificate" if identity is None else (
-                f"certificate {identity.common_name!r} (OU={identity.role})")
-            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
-                           f"only agent certificates (OU=agent) may call AgentChannel.Connect, "
-                           f"not {who}")
-        return identity.common_name
-
-
-# -- conversions ---------------------------------------------------------------------------------
-
-
-class _PublishedAlert(dict):
-    """An alert dict as published to the hub, carrying its AlertEvent built once for all
-    subscribers (read-only once published)."""
-
-    __slots__ = ("event",)
-
-
-def alert_from_dict(doc: Mapping[str, Any]) -> Alert:
-    """The store's alert dict (``Alert.to_dict()`` plus ``"node"``) back as an Alert."""
-    return Alert(
-        id=doc["id"], time=doc["time"], kind=AlertKind(doc["kind"]),
-        severity=Severity.parse(doc["severity"]), score=doc["score"],
-        reasons=tuple(AlertReason(r["code"], r["text"], tuple((r.get("details") or {}).items()))
-                      for r in doc.get("reasons") or ()),
-        container=dict(doc.get("container") or {}), process=doc.get("process"),
-        events=tuple(doc.get("events") or ()), baseline_version=doc["baseline_version"],
-        baseline_mode=doc.get("baseline_mode") or "monitor", count=doc.get("count", 1),
-        first_seen=doc.get("first_seen"), last_seen=doc.get("last_seen"))
-
-
-def alert_message(doc: Mapping[str, Any]) -> common_pb2.Alert:
-    return wire.alert_to_proto(alert_from_dict(doc), doc.get("node") or "")
-
-
-def _status_proto(status: ActionStatus) -> int:
-    return wire.ACTION_STATUS.to_proto(status.value.replace("_", "-"))
-
-
-def _status_from_proto(number: int) -> ActionStatus:
-    return ActionStatus(wire.ACTION_STATUS.from_proto(number).replace("-", "_"))
-
-
-def _type_proto(text: str) -> int:
-    try:
-        return wire.ACTION_TYPE.to_proto(text)
-    except ValueError:
-        return 0
-
-
-def action_message(record: ActionRecord) -> actions_pb2.Action:
-    msg = actions_pb2.Action(
-        action_id=record.action_id, type=_type_proto(record.type),
-        status=_status_proto(record.status), message=record.message,
-        container_id=record.container_id, container_name=record.container_name or "",
-        node=record.node, reason=record.reason, requested_by=record.requested_by,
-        with_pause=record.with_pause, alert_id=record.alert_id or "",
-        requested_at=wire.to_timestamp(record.created_at))
-    if record.finished_at is not None:
-        msg.finished_at.CopyFrom(wire.to_timestamp(record.finished_at))
-    return msg
-
-
-def _abort_on(exc: Exception) -> RpcAbort:
-    """A known error -> the call's status."""
-    if isinstance(exc, RpcAbort):
-        return exc
-    if isinstance(exc, wire.InvalidMessage | FilterError | ValueError):
-        return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, UnknownContainer):
-        return RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, AmbiguousContainer):
-        return RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, StoreError):
-        return RpcAbort(grpc.StatusCode.UNAVAILABLE, f"collector store error: {exc}")
-    raise exc
-
-
 # -- an agent's stream ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Close:
+class Close:
+    """How an agent's stream ends (OK: the agent closed it)."""
+
     code: grpc.StatusCode
     details: str
 
 
-class _Outbox:
+class Outbox:
     """Commands for one agent stream, then (once) how the stream ends. Thread-safe."""
 
     def __init__(self, limit: int) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._items: collections.deque[agent_pb2.CollectorCommand] = collections.deque()
         self._limit = limit
-        self.closed: _Close | None = None
+        self.closed: Close | None = None
 
     def put(self, command: agent_pb2.CollectorCommand) -> bool:
         with self._cond:
             if self.closed is not None:
                 return False
             if len(self._items) >= self._limit:
-                self.closed = _Close(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"the agent did not read its commands ({self._limit} "
-                                     "queued); reconnect")
+                self.closed = Close(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the agent did not read its commands ({self._limit} "
+                                    "queued); reconnect")
                 self._cond.notify_all()
                 return False
             self._items.append(command)
@@ -298,11 +147,11 @@ class _Outbox:
         with self._cond:
             if self.closed is not None:
                 return False
-            self.closed = _Close(code, details)
+            self.closed = Close(code, details)
             self._cond.notify_all()
             return True
 
-    def get(self, timeout: float) -> agent_pb2.CollectorCommand | _Close | None:
+    def get(self, timeout: float) -> agent_pb2.CollectorCommand | Close | None:
         """The next command, else the close, else None after `timeout`."""
         with self._cond:
             if not self._items and self.closed is None:
@@ -315,7 +164,7 @@ class _Outbox:
 class AgentSession:
     """One Connect stream of one node, from its hello on."""
 
-    def __init__(self, node: str, peer: str, hostname: str, outbox: _Outbox) -> None:
+    def __init__(self, node: str, peer: str, hostname: str, outbox: Outbox) -> None:
         self.node = node
         self.peer = peer
         self.hostname = hostname
@@ -343,7 +192,7 @@ class _Waiter:
 class CollectorService:
     """The collector's shared state and logic behind the servicers. Thread-safe."""
 
-    def __init__(self, store: AlertStore, hub: FanoutHub, engine: PolicyEngine,
+    def __init__(self, store: CollectorStore, hub: FanoutHub, engine: PolicyEngine,
                  config: ServiceConfig = ServiceConfig(),
                  metrics: MetricsRegistry | None = None) -> None:
         self.store = store
@@ -411,6 +260,17 @@ class CollectorService:
             prefix + "batch_errors", "Errors after an alert batch was stored (it is acked "
             "anyway; each is logged and audited), by stage: publish, policy, route",
             ("stage",))
+        self._store_latency = registry.histogram(
+            prefix + "alert_store_latency_seconds", "Seconds from a new alert's time (its "
+            "triggering kernel event, or when the agent raised a window's alert; the agent's "
+            "clock) to the commit of its batch in the store: the agent's detection, spool and "
+            "send, the network, the collector's checks, and for alerts replayed from a spool the "
+            "time they waited; a clock difference between the hosts adds to it (below 0 counts "
+            "as 0)")
+        self.subscriber_latency = registry.histogram(
+            prefix + "subscriber_latency_seconds", "Seconds from the store's commit of an "
+            "alert (new or updated) to a subscriber's stream taking it from its queue, once per "
+            "subscriber: publishing, the queue wait, the stream thread's wake-up")
         registry.gauge_callback(prefix + "subscribers", "Open Alerts.Subscribe streams",
                                 lambda: len(self.hub))
         registry.counter_callback(prefix + "subscriber_dropped",
@@ -446,7 +306,7 @@ class CollectorService:
 
     # - agents -----------------------------------------------------------------------------
 
-    def attach(self, node: str, peer: str, hello: agent_pb2.Hello, outbox: _Outbox,
+    def attach(self, node: str, peer: str, hello: agent_pb2.Hello, outbox: Outbox,
                ) -> AgentSession:
         """A stream said hello: it becomes the node's stream (closing an older one)."""
         session = AgentSession(node, peer, hello.hostname, outbox)
@@ -527,8 +387,11 @@ class CollectorService:
             alert.container.node = node
             docs.append(wire.alert_dict_from_proto(alert))
         outcomes = self.store.insert_alerts(docs)  # ValueError: INVALID_ARGUMENT, not stored
-        for outcome in outcomes:
+        stored_at, stored_wall = time.monotonic(), time.time()
+        for doc, outcome in zip(docs, outcomes, strict=True):
             self._alerts_received.labels(outcome.value).inc()
+            if outcome is InsertOutcome.NEW:
+                self._store_latency.observe(max(stored_wall - doc["time"], 0.0))
         changed: list[dict[str, Any]] = []
         with self._contained("publish", node, f"batch of {len(docs)} alerts"):
             changed = self._changed_alerts(docs, outcomes)
@@ -537,7 +400,8 @@ class CollectorService:
         received = {id(doc): msg for doc, msg in zip(docs, batch.alerts, strict=True)}
         for doc in changed:
             with self._contained("publish", node, doc["id"]):
-                published = _PublishedAlert(doc)
+                published = PublishedAlert(doc)
+                published.stored_at = stored_at
                 message = received.get(id(doc))
                 published.event = alerts_pb2.AlertEvent(
                     alert=message if message is not None else alert_message(doc))
@@ -595,7 +459,7 @@ class CollectorService:
             log.debug("action %s: result replayed, already %s", record.action_id, record.status)
             self._wake(record)
             return
-        status = _status_from_proto(result.status)
+        status = wire.action_status_from_proto(result.status)
         details: dict[str, Any] = {"action_id": record.action_id,
                                    "requested_by": record.requested_by}
         if record.interrupted:  # failed by a collector restart: the agent knows better
@@ -761,11 +625,7 @@ class CollectorService:
         """Publish a pending action and send it to its agent; it fails when the agent's
         stream closed meanwhile (then returned finished)."""
         self._publish_action(record, alert)
-        command = agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(
-            action_id=record.action_id, container_id=record.container_id,
-            type=wire.ACTION_TYPE.to_proto(record.type), reason=record.reason,
-            requested_by=record.requested_by, with_pause=record.with_pause))
-        if session.send(command):
+        if session.send(action_command(record)):
             return record
         with self.store.transaction():
             record = self.store.finish_action(
@@ -811,7 +671,7 @@ class CollectorService:
     def list_alerts(self, request: alerts_pb2.ListAlertsRequest) -> alerts_pb2.ListAlertsResponse:
         wire.validate_list_alerts_request(request)
         alert_filter = AlertFilter(
-            **_filter_args(request.filter),
+            **filter_args(request.filter),
             since=wire.from_timestamp(request.since) if request.HasField("since") else None,
             until=wire.from_timestamp(request.until) if request.HasField("until") else None)
         docs, token = self.store.list_alerts(alert_filter, request.page_size or DEFAULT_PAGE_SIZE,
@@ -836,21 +696,8 @@ class CollectorService:
     def list_agents(self) -> agent_pb2.ListAgentsResponse:
         with self._lock:
             hostnames = dict(self._hostnames)
-        agents = []
-        for rec in self.store.list_agents():
-            msg = agent_pb2.Agent(
-                node=rec.node, agent_version=rec.agent_version or "",
-                mode=wire.MODE.to_proto(rec.mode) if rec.mode in wire.MODE.texts else 0,
-                connected=rec.connected, containers_watched=rec.containers_watched or 0,
-                spool_depth=rec.spool_depth or 0, peer=rec.peer or "",
-                hostname=hostnames.get(rec.node, ""),
-                last_heartbeat=wire.to_timestamp(rec.last_seen),
-                counters=[common_pb2.KindCounters(kind=k, **{f: int(v.get(f, 0)) for f in (
-                    "emitted", "suppressed", "dropped")}) for k, v in sorted(rec.counters.items())
-                    if isinstance(v, Mapping)])
-            if rec.connected_at is not None:
-                msg.connected_at.CopyFrom(wire.to_timestamp(rec.connected_at))
-            agents.append(msg)
+        agents = [agent_message(rec, hostnames.get(rec.node, ""))
+                  for rec in self.store.list_agents()]
         return agent_pb2.ListAgentsResponse(agents=agents)
 
 
@@ -864,264 +711,13 @@ def _unless_online(online: bool, node: str) -> dict[str, Any]:
     return {} if online else {"status": ActionStatus.FAILED, "message": _offline_message(node)}
 
 
-def _filter_args(f: alerts_pb2.AlertFilter) -> dict[str, Any]:
-    """A request's AlertFilter as AlertFilter / SubscriberFilter arguments: Alerts.List and
-    Alerts.Subscribe read it the same way."""
-    return {"kinds": [wire.ALERT_KIND.from_proto(k) for k in f.kinds],
-            "min_severity": wire.SEVERITY.from_proto(f.min_severity) if f.min_severity else None,
-            "nodes": list(f.nodes), "namespaces": list(f.namespaces), "images": list(f.images),
-            "containers": list(f.containers), "exclude_images": list(f.exclude_images),
-            "exclude_namespaces": list(f.exclude_namespaces),
-            "exclude_containers": list(f.exclude_containers)}
-
-
-# -- servicers -----------------------------------------------------------------------------------
-
-
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    abort = _abort_on(exc)
-    context.abort(abort.code, abort.details)
-
-
-class _AgentStream:
-    """Reads one Connect stream in its own thread; the gRPC thread writes the outbox."""
-
-    def __init__(self, service: CollectorService, cert_node: str | None, peer: str) -> None:
-        self.service = service
-        self.cert_node = cert_node
-        self.peer = peer
-        self.outbox = _Outbox(service.config.outbox_limit)
-        self.session: AgentSession | None = None
-        self.hello_seen = threading.Event()
-
-    def read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
-        try:
-            self._read(messages)
-        except RpcAbort as exc:
-            self.outbox.close(exc.code, exc.details)
-        except Exception as exc:  # a bug: end the stream, the agent reconnects
-            log.exception("agent stream from %s failed", self.peer)
-            self.outbox.close(grpc.StatusCode.INTERNAL, f"collector error: {exc}")
-        finally:
-            self.hello_seen.set()
-
-    def _read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
-        expected = 1
-        try:
-            for msg in messages:
-                if self.outbox.closed is not None:
-                    return
-                self._handle(msg, expected)
-                expected += 1
-        except grpc.RpcError:
-            pass  # the call ended (cancelled by the agent or the server)
-        self.outbox.close(grpc.StatusCode.OK, "")
-
-    def _handle(self, msg: agent_pb2.AgentMessage, expected: int) -> None:
-        service = self.service
-        body = msg.WhichOneof("body")
-        if self.session is None and body != "hello":
-            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"the first message must be hello, got {body or 'an empty message'}")
-        if self.session is not None and body == "hello":
-            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
-                           "hello was already sent on this stream")
-        try:
-            wire.validate_agent_message(msg)
-        except wire.InvalidMessage as exc:
-            service.invalid_message("AgentChannel.Connect")
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if msg.seq != expected:
-            service.invalid_message("AgentChannel.Connect")
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"agent_message.seq: expected {expected}, got {msg.seq} (messages "
-                           "are numbered from 1, one more each)")
-        try:
-            if body == "hello":
-                self._hello(msg.hello)
-            elif body == "alert_batch":
-                service.alert_batch(self.session, msg.alert_batch)
-            elif body == "heartbeat":
-                service.heartbeat(self.session, msg.heartbeat)
-            else:
-                service.action_result(self.session, msg.action_result)
-        except (ValueError, StoreError) as exc:
-            raise _abort_on(exc) from None
-
-    def _hello(self, hello: agent_pb2.Hello) -> None:
-        if self.cert_node is not None and hello.node != self.cert_node:
-            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
-                           f"hello.node {hello.node!r} is not the node of this agent's "
-                           f"certificate ({self.cert_node!r})")
-        self.session = self.service.attach(hello.node, self.peer, hello, self.outbox)
-        self.hello_seen.set()
-
-
-class AgentChannelServicer(agent_pb2_grpc.AgentChannelServicer):
-    def __init__(self, service: CollectorService) -> None:
-        self._service = service
-
-    def Connect(self, request_iterator, context):
-        service = self._service
-        try:
-            cert_node = service.auth.agent_node(context)
-            service.acquire_stream()
-        except RpcAbort as exc:
-            _abort(context, exc)
-        stream = _AgentStream(service, cert_node, context.peer())
-        context.add_callback(lambda: stream.outbox.close(grpc.StatusCode.CANCELLED,
-                                                         "the call ended"))
-        reader = threading.Thread(target=stream.read, args=(request_iterator,), daemon=True,
-                                  name=f"driftwarden-agent-{context.peer()}")
-        try:
-            reader.start()
-            if not stream.hello_seen.wait(service.config.hello_timeout):
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no hello within {service.config.hello_timeout:g} s")
-            while True:
-                item = stream.outbox.get(service.config.poll_seconds)
-                if isinstance(item, _Close):
-                    if item.code is not grpc.StatusCode.OK:
-                        context.abort(item.code, item.details)
-                    return
-                if item is not None:
-                    yield item
-        finally:
-            if stream.session is not None:
-                service.detach(stream.session)
-            service.release_stream()
-
-
-class AlertsServicer(alerts_pb2_grpc.AlertsServicer):
-    def __init__(self, service: CollectorService) -> None:
-        self._service = service
-
-    def Subscribe(self, request, context):
-        service = self._service
-        try:
-            who = service.auth.operator(context)
-            wire.validate_subscribe_request(request)
-            alert_filter, container_filter = _subscriber_filters(request)
-            service.acquire_stream()
-        except Exception as exc:
-            _abort(context, exc)
-        try:
-            try:
-                sub = service.hub.subscribe(alert_filter, service.config.subscriber_queue,
-                                            name=f"{who}@{context.peer()}")
-            except RuntimeError:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
-            with sub:
-                context.add_callback(sub.close)
-                context.send_initial_metadata((SUBSCRIBED_METADATA,))
-                yield from _events(sub, request, container_filter, service.config.poll_seconds,
-                                   context.is_active)
-            if service.closed:  # followers reconnect on UNAVAILABLE; a clean end means "done"
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
-        finally:
-            service.release_stream()
-
-    def List(self, request, context):
-        try:
-            self._service.auth.operator(context)
-            return self._service.list_alerts(request)
-        except Exception as exc:
-            _abort(context, exc)
-
-
-def _subscriber_filters(request: alerts_pb2.SubscribeRequest,
-                        ) -> tuple[SubscriberFilter, SubscriberFilter | None]:
-    """The alert filter (actions: all or none), and for action events the same filter without
-    kinds and severity (an action is about a container, not a kind of alert)."""
-    args = _filter_args(request.filter)
-    alert_filter = SubscriberFilter(**args,
-                                    actions="all" if request.include_actions else "none")
-    del args["kinds"], args["min_severity"]
-    return alert_filter, SubscriberFilter(**args) if request.include_actions else None
-
-
-def _events(sub, request: alerts_pb2.SubscribeRequest, container_filter: SubscriberFilter | None,
-            poll_seconds: float, is_active: Callable[[], bool]) -> Iterable[alerts_pb2.AlertEvent]:
-    for kind, item in sub.items(poll_seconds, stop=lambda: not is_active()):
-        if kind == "alert":
-            event = getattr(item, "event", None)
-            yield event if event is not None else alerts_pb2.AlertEvent(alert=alert_message(item))
-        elif kind == "notice":
-            if request.include_notices:
-                yield alerts_pb2.AlertEvent(notice=alerts_pb2.StreamNotice(
-                    dropped=item["dropped"], text=item["text"],
-                    time=wire.to_timestamp(time.time())))
-        elif container_filter is not None and container_filter.matches(item["match"]):
-            yield item["message"]
-
-
-class ActionsServicer(actions_pb2_grpc.ActionsServicer):
-    def __init__(self, service: CollectorService) -> None:
-        self._service = service
-
-    def Request(self, request, context):
-        service = self._service
-        try:
-            who = service.auth.operator(context)
-            record = service.request_action(request, who, context.is_active)
-        except Exception as exc:
-            _abort(context, exc)
-        return actions_pb2.ActionResponse(
-            action_id=record.action_id, status=_status_proto(record.status),
-            message=record.message, container_id=record.container_id, node=record.node)
-
-    def List(self, request, context):
-        try:
-            self._service.auth.operator(context)
-            return self._service.list_actions(request)
-        except Exception as exc:
-            _abort(context, exc)
-
-
-class AgentsServicer(agent_pb2_grpc.AgentsServicer):
-    def __init__(self, service: CollectorService) -> None:
-        self._service = service
-
-    def List(self, request, context):
-        try:
-            self._service.auth.operator(context)
-            return self._service.list_agents()
-        except Exception as exc:
-            _abort(context, exc)
-
-
-def add_servicers(service: CollectorService, server: grpc.Server) -> list[str]:
-    """Register the four services on `server`; returns their full names."""
-    agent_pb2_grpc.add_AgentChannelServicer_to_server(AgentChannelServicer(service), server)
-    agent_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(service), server)
-    alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsServicer(service), server)
-    actions_pb2_grpc.add_ActionsServicer_to_server(ActionsServicer(service), server)
-    return service_names()
-
-
-def service_names() -> list[str]:
-    return [agent_pb2.DESCRIPTOR.services_by_name["AgentChannel"].full_name,
-            agent_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
-            alerts_pb2.DESCRIPTOR.services_by_name["Alerts"].full_name,
-            actions_pb2.DESCRIPTOR.services_by_name["Actions"].full_name]
-
 
 __all__ = [
     "INTERRUPTED_MESSAGE",
     "POLICY_ACTOR",
-    "SUBSCRIBED_METADATA",
-    "ActionsServicer",
-    "AgentChannelServicer",
     "AgentSession",
-    "AgentsServicer",
-    "AlertsServicer",
-    "Authorizer",
+    "Close",
     "CollectorService",
-    "RpcAbort",
+    "Outbox",
     "ServiceConfig",
-    "action_message",
-    "add_servicers",
-    "alert_from_dict",
-    "alert_message",
-    "service_names",
 ]

@@ -1,10 +1,13 @@
-"""The collector's SQLite store: alerts, actions, agents, known containers and the audit log.
+"""The collector's store: alerts, actions, agents, known containers and the audit log.
 
-One :class:`AlertStore` owns one SQLite file (WAL journal, ``synchronous=NORMAL``) through one
-connection guarded by a lock, so any thread of the gRPC server may call it. Every write is one
-``BEGIN IMMEDIATE`` transaction; a batch of alerts is one transaction (all stored or none).
-The schema is versioned (table ``schema_version``, one row per applied migration); opening a store
-applies the missing migrations in order and refuses a store newer than this code.
+:class:`CollectorStore` is what the collector asks of a store (the service, the server and the
+command use nothing else); :class:`AlertStore` is the SQLite backend, the embedded default. The
+records, the outcomes and the checks of what a caller gives are the same for every backend;
+what is SQLite's (the connection, its pragmas and transactions, the statements, the background
+WAL checkpoints) is in the SQLite section below and in :mod:`~driftwarden.collector.migrations`
+(its schema). The filter language and the page tokens every backend reads are in
+:mod:`~driftwarden.collector.filters`. Another backend (PostgreSQL for replicas) is one more
+module with a class that has CollectorStore's methods and keeps these semantics:
 
 Alerts
     An alert is the dict of ``driftwarden.core.alerts.Alert.to_dict()`` plus a top-level ``"node"``
@@ -23,20 +26,16 @@ Repeated ids (what ``insert_alerts`` returns per alert, in order)
       ``last_seen`` = the delivery's. Everything else (severity, score, reasons, process, events,
       container fields) comes from the delivery, except ``time``, which stays the first
       delivery's: an alert keeps its place in time order, so paging cursors stay valid.
-    A batch is processed in order, so a batch may hold the same id several times.
+    A batch is processed in order, so a batch may hold the same id several times; a batch is
+    one transaction (all stored or none).
 
 Listing (``list_alerts``)
-    Newest first by ``(time, id)`` (both descending), paged with a keyset cursor: the opaque page
-    token holds the last returned ``(time, id)`` and a fingerprint of the filter. A page never
-    repeats an alert of an earlier page and never skips one that was stored when the walk
-    started; alerts stored during the walk appear in it when they sort after the cursor (an
-    older ``time``) and not when they sort before it (newer ones: start a new walk to see them).
+    Newest first by ``(time, id)`` (both descending), paged with a keyset cursor
+    (:func:`~driftwarden.collector.filters.encode_page_token`). A page never repeats an alert
+    of an earlier page and never skips one that was stored when the walk started; alerts stored
+    during the walk appear in it when they sort after the cursor (an older ``time``) and not
+    when they sort before it (newer ones: start a new walk to see them).
     ``time`` bounds: ``since <= time < until``.
-
-Filters (``AlertFilter``, ``ActionFilter``, ``ImageSelector``, ``ContainerSelector``)
-    The single definition of what a filter matches, for the store's SQL and, through
-    ``fanout.SubscriberFilter``, for the subscriber streams: each condition is written in Python
-    and in SQL side by side, and one table of test cases checks that both agree.
 
 Actions
     One row per action, with the operator's or policy's ``with_pause``. ``page_actions`` pages
@@ -59,29 +58,42 @@ Containers (``find_container``)
     prefix of at least ``MIN_ID_PREFIX`` characters, tried in that order (as Docker does). A name
     used by several containers on one node means the latest seen; on several nodes it is
     ambiguous.
+
+SQLite
+    One :class:`AlertStore` owns one SQLite file (WAL journal, ``synchronous=NORMAL``) through
+    one connection guarded by a lock, so any thread of the gRPC server may call it. Every write
+    is one ``BEGIN IMMEDIATE`` transaction. Opening a store applies the missing schema
+    migrations (:mod:`~driftwarden.collector.migrations`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
 import enum
-import hashlib
 import json
 import logging
-import math
 import os
 import sqlite3
-import string
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
+from driftwarden.collector.filters import (
+    MIN_ID_PREFIX,
+    ActionFilter,
+    AlertFilter,
+    decode_page_token,
+    encode_page_token,
+    finite_number,
+    image_repository,
+    sql_marks,
+)
+from driftwarden.collector.migrations import SCHEMA_VERSION, migrate
+from driftwarden.core.actions import ActionStatus
 from driftwarden.core.alerts import AlertKind, Severity
 from driftwarden.core.errors import (
     AmbiguousContainer,
@@ -92,13 +104,11 @@ from driftwarden.core.errors import (
 
 log = logging.getLogger(__name__)
 
-MIN_ID_PREFIX = 4  # shortest container id prefix accepted (filters and find_container)
 MAX_PAGE_SIZE = 1000
 MAX_CANDIDATES = 10  # listed in AmbiguousContainer / UnknownContainer
-_TOKEN_VERSION = "v1"
 
 
-# -- errors --------------------------------------------------------------------------------------
+# -- records -------------------------------------------------------------------------------------
 
 
 class ContainerMatch(NamedTuple):
@@ -111,31 +121,12 @@ class ContainerMatch(NamedTuple):
         return f"{name} ({self.container_id[:12]}) on {self.node}"
 
 
-# -- records -------------------------------------------------------------------------------------
-
-
 class InsertOutcome(enum.StrEnum):
+    """What ``insert_alerts`` did with one alert (module docstring: repeated ids)."""
+
     NEW = "new"
     UPDATED = "updated"
     DUPLICATE = "duplicate"
-
-
-class ActionStatus(enum.StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    ALREADY = "already"  # the container was already in the requested state
-    CONTAINER_GONE = "container_gone"
-    FAILED = "failed"
-    REFUSED = "refused"  # the agent refused (e.g. an exempt container)
-    SKIPPED = "skipped"  # policy decided not to act (dry run, rate limit, exemption)
-
-    @classmethod
-    def parse(cls, value: str | ActionStatus) -> ActionStatus:
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(s.value for s in cls)
-            raise ValueError(f"unknown action status {value!r} (one of {names})") from None
 
 
 @dataclass(frozen=True)
@@ -179,9 +170,6 @@ class AgentRecord:
     spool_depth: int | None
     peer: str | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class AuditEntry:
@@ -194,9 +182,6 @@ class AuditEntry:
     reason: str
     details: dict[str, Any]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -205,410 +190,74 @@ class PruneResult:
     containers: int
 
 
-# -- filters -------------------------------------------------------------------------------------
-#
-# The one definition of what a filter term matches: each condition is written twice, in Python
-# (``matches``: the subscriber streams, through fanout.SubscriberFilter) and in SQL (``sql``: the
-# store's listings), next to each other. tests/test_collector_store.py runs one table of cases
-# through the SQL, AlertFilter.matches and SubscriberFilter.matches and requires the same answer.
-
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # SQLite's lower()
-_HEX_DIGITS = frozenset("0123456789abcdef")
-_DIGEST = "sha256:"
-_KIND_VALUES = tuple(k.value for k in AlertKind)
-_SEVERITY_NAMES = {s.text: s for s in Severity}
-
-
-def image_repository(image: str) -> str:
-    """``registry:5000/team/app:1.2@sha256:...`` -> ``registry:5000/team/app``."""
-    name = image.split("@", 1)[0]
-    colon = name.rfind(":")
-    return name[:colon] if colon > name.rfind("/") else name
-
-
-def _id_prefix(term: str) -> str | None:
-    """The id prefix a term can be: its hex digits in lower case without ``sha256:``; None
-    when it is not hex or shorter than MIN_ID_PREFIX (then it is only a name)."""
-    digits = term.translate(_ASCII_LOWER).removeprefix(_DIGEST)
-    return digits if len(digits) >= MIN_ID_PREFIX and _HEX_DIGITS.issuperset(digits) else None
-
-
-class _Selector:
-    """Terms that name things exactly, plus the hex id prefixes among them. Empty = nothing."""
-
-    __slots__ = ("names", "prefixes")
-
-    def __init__(self, terms: Iterable[str]) -> None:
-        self.names = tuple(dict.fromkeys(t.strip() for t in terms))
-        self.prefixes = tuple(dict.fromkeys(
-            p for t in self.names if (p := _id_prefix(t)) is not None))
-
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
-    def _id_matches(self, value: str | None) -> bool:
-        """The id is a term, or starts with an id prefix (case and ``sha256:`` aside)."""
-        if not value:
-            return False
-        if value in self.names:
-            return True
-        low = value.translate(_ASCII_LOWER)
-        return any(low.startswith(p) or low.startswith(_DIGEST + p) for p in self.prefixes)
-
-    def _id_sql(self, column: str) -> tuple[list[str], list[Any]]:
-        parts = [f"{column} IN ({_marks(self.names)})"]
-        params: list[Any] = list(self.names)
-        for p in self.prefixes:
-            parts.append(f"substr(lower({column}), 1, ?) = ? "
-                         f"OR substr(lower({column}), 1, ?) = ?")
-            params.extend([len(p), p, len(_DIGEST) + len(p), _DIGEST + p])
-        return parts, params
-
-
-class ImageSelector(_Selector):
-    """Images by the name an alert shows (``nginx:1.25``), its repository (``nginx``: every tag
-    and digest of it), or the image id (``sha256:<hex>``, the bare hex, or a prefix of at least
-    MIN_ID_PREFIX hex digits). Empty = nothing."""
-
-    __slots__ = ()
-
-    def matches(self, image: str | None, image_id: str | None) -> bool:
-        if image and (image in self.names or image_repository(image) in self.names):
-            return True
-        return self._id_matches(image_id)
-
-    def sql(self) -> tuple[str, list[Any]]:
-        """The same over the alerts table's image, image_repo and image_id columns."""
-        marks = _marks(self.names)
-        parts, params = self._id_sql("image_id")
-        return (" OR ".join([f"image IN ({marks})", f"image_repo IN ({marks})", *parts]),
-                [*self.names, *self.names, *params])
-
-
-class ContainerSelector(_Selector):
-    """Containers by name, full id, or an id prefix of at least MIN_ID_PREFIX hex digits.
-    Empty = nothing."""
-
-    __slots__ = ()
-
-    def matches(self, container_id: str | None, name: str | None) -> bool:
-        if name and name in self.names:
-            return True
-        return self._id_matches(container_id)
-
-    def sql(self, id_column: str = "container_id",
-            name_column: str = "container_name") -> tuple[str, list[Any]]:
-        """The same over a table's container id and name columns."""
-        parts, params = self._id_sql(id_column)
-        return (" OR ".join([f"{name_column} IN ({_marks(self.names)})", *parts]),
-                [*self.names, *params])
-
-
-def _terms(field: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):  # one term given bare, not a tuple of its characters
-        value = (value,)
-    out = []
-    for i, term in enumerate(value):
-        if not isinstance(term, str):
-            raise ValueError(f"{field}[{i}]: must be a string, got {type(term).__name__}")
-        if not term.strip():
-            raise ValueError(f"{field}[{i}]: empty value; leave the list empty to match any")
-        out.append(term.strip())
-    return tuple(out)
-
-
-def _kinds(field: str, value: Any) -> tuple[str, ...]:
-    out = []
-    for i, term in enumerate(_terms(field, value)):
-        kind = term.lower()
-        if kind not in _KIND_VALUES:
-            raise ValueError(f"{field}[{i}]: unknown kind {kind!r}; allowed: "
-                             + ", ".join(_KIND_VALUES))
-        out.append(kind)
-    return tuple(out)
-
-
-def _severity(value: Any) -> Severity | None:
-    if value is None or isinstance(value, Severity):
-        return value
-    if isinstance(value, str):
-        severity = _SEVERITY_NAMES.get(value.strip().lower())
-        if severity is None:
-            raise ValueError(f"min_severity: unknown severity {value!r}; allowed: "
-                             + ", ".join(_SEVERITY_NAMES))
-        return severity
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return Severity(value)
-        except ValueError:
-            raise ValueError(f"min_severity: {value!r} is not 1..4 (low..critical)") from None
-    raise ValueError(f"min_severity: {value!r} is not a severity")
-
-
-def _time_bound(field: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{field} must be seconds since the epoch, got {value!r}")
-    return float(value)
-
-
-def _time_range(since: Any, until: Any) -> tuple[float | None, float | None]:
-    since, until = _time_bound("since", since), _time_bound("until", until)
-    if since is not None and until is not None and since > until:
-        raise ValueError(f"since ({since}) is after until ({until})")
-    return since, until
-
-
-def _fingerprint(kind: str, filter: Any) -> str:
-    """Short hash of a filter: a page token is only valid with the listing it came from."""
-    data = {f.name: getattr(filter, f.name) for f in dataclasses.fields(filter) if f.init}
-    text = json.dumps([kind, data], sort_keys=True, default=int)  # default: Severity
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class AlertFilter:
-    """Which alerts to list or stream. Empty means "any"; all given conditions must hold.
-
-    - ``kinds`` / ``exclude_kinds``: alert kind ("drift", "novel", "anomaly"; any case).
-    - ``min_severity``: severity at least this ("low" < "medium" < "high" < "critical").
-    - ``nodes``, ``namespaces``: exact.
-    - ``images``: see :class:`ImageSelector`; ``containers``: see :class:`ContainerSelector`.
-    - ``exclude_*``: the same matches, negated. An unknown (null or empty) field matches no
-      term: an include list rejects the alert, an exclude list keeps it.
-    - ``since`` <= time < ``until`` (seconds since the epoch).
-    Terms are stripped of surrounding white space; a lone string is one term.
-    ``matches()`` (for streams) and ``sql()`` (for the store) apply exactly the same rules.
-    """
-
-    kinds: tuple[str, ...] = ()
-    min_severity: Severity | None = None
-    nodes: tuple[str, ...] = ()
-    namespaces: tuple[str, ...] = ()
-    images: tuple[str, ...] = ()
-    containers: tuple[str, ...] = ()
-    exclude_kinds: tuple[str, ...] = ()
-    exclude_nodes: tuple[str, ...] = ()
-    exclude_namespaces: tuple[str, ...] = ()
-    exclude_images: tuple[str, ...] = ()
-    exclude_containers: tuple[str, ...] = ()
-    since: float | None = None
-    until: float | None = None
-    _images: ImageSelector = field(init=False, repr=False, compare=False)
-    _exclude_images: ImageSelector = field(init=False, repr=False, compare=False)
-    _containers: ContainerSelector = field(init=False, repr=False, compare=False)
-    _exclude_containers: ContainerSelector = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        for name in ("nodes", "namespaces", "images", "containers", "exclude_nodes",
-                     "exclude_namespaces", "exclude_images", "exclude_containers"):
-            put(name, _terms(name, getattr(self, name)))
-        for name in ("kinds", "exclude_kinds"):
-            put(name, _kinds(name, getattr(self, name)))
-        put("min_severity", _severity(self.min_severity))
-        since, until = _time_range(self.since, self.until)
-        put("since", since)
-        put("until", until)
-        put("_images", ImageSelector(self.images))
-        put("_exclude_images", ImageSelector(self.exclude_images))
-        put("_containers", ContainerSelector(self.containers))
-        put("_exclude_containers", ContainerSelector(self.exclude_containers))
-
-    @property
-    def empty(self) -> bool:
-        """No condition at all: every alert matches."""
-        return not (self.kinds or self.nodes or self.namespaces or self.images
-                    or self.containers or self.exclude_kinds or self.exclude_nodes
-                    or self.exclude_namespaces or self.exclude_images
-                    or self.exclude_containers) and (self.min_severity, self.since,
-                                                     self.until) == (None, None, None)
-
-    # - in Python, for streams ---------------------------------------------------------------
-
-    def matches(self, alert: Mapping[str, Any]) -> bool:
-        """Whether an alert dict (the store's shape: ``to_dict()`` plus ``"node"``) passes."""
-        kind = alert.get("kind")
-        if self.kinds and kind not in self.kinds:
-            return False
-        if kind in self.exclude_kinds:
-            return False
-        if self.min_severity is not None:
-            try:  # as the store parses it on insert
-                severity = Severity.parse(str(alert.get("severity")))
-            except ValueError:
-                return False
-            if severity < self.min_severity:
-                return False
-        node = alert.get("node")
-        if self.nodes and node not in self.nodes:
-            return False
-        if node in self.exclude_nodes:
-            return False
-        container = alert.get("container") or {}
-        namespace = container.get("namespace")
-        if self.namespaces and namespace not in self.namespaces:
-            return False
-        if namespace in self.exclude_namespaces:
-            return False
-        image, image_id = container.get("image"), container.get("image_id")
-        if self.images and not self._images.matches(image, image_id):
-            return False
-        if self.exclude_images and self._exclude_images.matches(image, image_id):
-            return False
-        cid, name = container.get("id"), container.get("name")
-        if self.containers and not self._containers.matches(cid, name):
-            return False
-        if self.exclude_containers and self._exclude_containers.matches(cid, name):
-            return False
-        when = alert.get("time")
-        if self.since is not None and not (_number(when) and when >= self.since):
-            return False
-        return self.until is None or (_number(when) and when < self.until)
-
-    # - in SQL, for the store ----------------------------------------------------------------
-
-    def sql(self) -> tuple[str, list[Any]]:
-        """A WHERE expression over the alerts table and its parameters (``"1"`` for none)."""
-        where = _Where()
-        if self.kinds:
-            where.include(f"kind IN ({_marks(self.kinds)})", self.kinds)
-        if self.exclude_kinds:
-            where.exclude(f"kind IN ({_marks(self.exclude_kinds)})", self.exclude_kinds)
-        if self.min_severity is not None:
-            where.include("severity >= ?", [int(self.min_severity)])
-        if self.nodes:
-            where.include(f"node IN ({_marks(self.nodes)})", self.nodes)
-        if self.exclude_nodes:
-            where.exclude(f"node IN ({_marks(self.exclude_nodes)})", self.exclude_nodes)
-        if self.namespaces:
-            where.include(f"namespace IN ({_marks(self.namespaces)})", self.namespaces)
-        if self.exclude_namespaces:
-            where.exclude(f"namespace IN ({_marks(self.exclude_namespaces)})",
-                          self.exclude_namespaces)
-        if self.images:
-            where.include(*self._images.sql())
-        if self.exclude_images:
-            where.exclude(*self._exclude_images.sql())
-        if self.containers:
-            where.include(*self._containers.sql())
-        if self.exclude_containers:
-            where.exclude(*self._exclude_containers.sql())
-        where.time_range("time", self.since, self.until)
-        return where.done()
-
-    def fingerprint(self) -> str:
-        """Short hash of the filter: a page token is only valid with the filter it came from."""
-        return _fingerprint("alerts", self)
-
-
-@dataclass(frozen=True)
-class ActionFilter:
-    """Which actions to list. Empty means "any"; all given conditions must hold.
-
-    - ``nodes``: exact; ``types``: action types ("pause", "quarantine", ...), exact.
-    - ``containers``: see :class:`ContainerSelector` (over the action's container id and name).
-    - ``since`` <= requested time < ``until`` (seconds since the epoch).
-    """
-
-    nodes: tuple[str, ...] = ()
-    containers: tuple[str, ...] = ()
-    types: tuple[str, ...] = ()
-    since: float | None = None
-    until: float | None = None
-    _containers: ContainerSelector = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("nodes", "containers", "types"):
-            object.__setattr__(self, name, _terms(name, getattr(self, name)))
-        since, until = _time_range(self.since, self.until)
-        object.__setattr__(self, "since", since)
-        object.__setattr__(self, "until", until)
-        object.__setattr__(self, "_containers", ContainerSelector(self.containers))
-
-    def sql(self) -> tuple[str, list[Any]]:
-        """A WHERE expression over the actions table and its parameters (``"1"`` for none)."""
-        where = _Where()
-        if self.nodes:
-            where.include(f"node IN ({_marks(self.nodes)})", self.nodes)
-        if self.containers:
-            where.include(*self._containers.sql())
-        if self.types:
-            where.include(f"type IN ({_marks(self.types)})", self.types)
-        where.time_range("created_at", self.since, self.until)
-        return where.done()
-
-    def fingerprint(self) -> str:
-        return _fingerprint("actions", self)
-
-
-class _Where:
-    """AND-ed SQL conditions and their parameters."""
-
-    def __init__(self) -> None:
-        self.clauses: list[str] = []
-        self.params: list[Any] = []
-
-    def include(self, expr: str, values: Sequence[Any]) -> None:
-        self.clauses.append(f"({expr})")
-        self.params.extend(values)
-
-    def exclude(self, expr: str, values: Sequence[Any]) -> None:
-        # NOT(NULL) is NULL, which would drop rows whose field is unknown
-        self.clauses.append(f"NOT coalesce(({expr}), 0)")
-        self.params.extend(values)
-
-    def time_range(self, column: str, since: float | None, until: float | None) -> None:
-        if since is not None:
-            self.include(f"{column} >= ?", [since])
-        if until is not None:
-            self.include(f"{column} < ?", [until])
-
-    def done(self) -> tuple[str, list[Any]]:
-        return (" AND ".join(self.clauses) or "1"), self.params
-
-
-def _marks(values: Sequence[Any]) -> str:
-    return ", ".join("?" * len(values))
-
-
-# -- page tokens ---------------------------------------------------------------------------------
-
-
-def _encode_token(when: float, alert_id: str, fingerprint: str) -> str:
-    data = json.dumps({"t": when, "i": alert_id, "f": fingerprint}, separators=(",", ":"))
-    return f"{_TOKEN_VERSION}.{base64.urlsafe_b64encode(data.encode()).decode().rstrip('=')}"
-
-
-def _decode_token(token: str, fingerprint: str) -> tuple[float, str]:
-    bad = ("invalid page token: pass back exactly the next_page_token of the previous page, "
-           "or no token to start from the newest entry")
-    if not isinstance(token, str):
-        raise ValueError(bad)
-    version, _, body = token.partition(".")
-    if version != _TOKEN_VERSION or not body:
-        raise ValueError(bad)
-    try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        data = json.loads(raw)
-        when, alert_id, token_filter = data["t"], data["i"], data["f"]
-    except (binascii.Error, ValueError, UnicodeDecodeError, KeyError, TypeError):
-        raise ValueError(bad) from None
-    if (isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when)
-            or not isinstance(alert_id, str) or not isinstance(token_filter, str)):
-        raise ValueError(bad)
-    if token_filter != fingerprint:
-        raise ValueError("invalid page token: it belongs to a listing with another filter; "
-                         "keep the filter unchanged while paging, or start without a token")
-    return float(when), alert_id
-
-
-# -- alert validation ----------------------------------------------------------------------------
+# -- the interface -------------------------------------------------------------------------------
+
+
+class CollectorStore(Protocol):
+    """What the collector asks of its store, whatever keeps it (module docstring for the
+    semantics). Every method may be called from any thread; a failure of the store itself
+    raises StoreError, a bad argument ValueError."""
+
+    path: str  # where the store is, for messages (a file name, a server address)
+    checkpoint_stats: dict[str, int]  # background maintenance: "checkpoints", "errors"
+
+    def close(self) -> None: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def insert_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> list[InsertOutcome]: ...
+
+    def get_alert(self, alert_id: str) -> dict[str, Any] | None: ...
+
+    def get_alerts(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+
+    def list_alerts(self, alert_filter: AlertFilter | None = None, page_size: int = 100,
+                    page_token: str | None = None,
+                    ) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    def record_action(self, *, container_id: str, node: str, type: str, reason: str,
+                      requested_by: str, container_name: str | None = None,
+                      alert_id: str | None = None,
+                      status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
+                      with_pause: bool = False, action_id: str | None = None,
+                      now: float | None = None) -> ActionRecord: ...
+
+    def finish_action(self, action_id: str, status: ActionStatus | str, message: str = "", *,
+                      now: float | None = None) -> ActionRecord: ...
+
+    def fail_pending_actions(self, message: str, *, actor: str = "collector",
+                             now: float | None = None) -> list[ActionRecord]: ...
+
+    def get_action(self, action_id: str) -> ActionRecord | None: ...
+
+    def page_actions(self, action_filter: ActionFilter | None = None, page_size: int = 100,
+                     page_token: str | None = None,
+                     ) -> tuple[list[ActionRecord], str | None]: ...
+
+    def upsert_agent(self, node: str, *, agent_version: str | None = None,
+                     mode: str | None = None, peer: str | None = None,
+                     counters: Mapping[str, Any] | None = None,
+                     containers_watched: int | None = None, spool_depth: int | None = None,
+                     now: float | None = None) -> AgentRecord: ...
+
+    def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
+                                now: float | None = None) -> bool: ...
+
+    def mark_all_agents_disconnected(self, *, now: float | None = None) -> int: ...
+
+    def list_agents(self, *, connected: bool | None = None) -> list[AgentRecord]: ...
+
+    def audit(self, actor: str, action: str, target: str, decision: str, reason: str = "",
+              details: Mapping[str, Any] | None = None, *, now: float | None = None) -> int: ...
+
+    def find_container(self, text: str) -> ContainerMatch: ...
+
+    def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+# -- what every backend checks before it writes --------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,10 +282,6 @@ class _AlertRow:
     text: str  # the alert as JSON, validated
 
 
-def _number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, int | float)
-            and math.isfinite(value))
-
 
 def _parse_alert(doc: Any, index: int) -> _AlertRow:
     if not isinstance(doc, Mapping):
@@ -651,7 +296,7 @@ def _parse_alert(doc: Any, index: int) -> _AlertRow:
         return ValueError(f"{where}: {what}")
 
     when = doc.get("time")
-    if not _number(when):
+    if not finite_number(when):
         raise fail(f"'time' must be a finite number of seconds, got {when!r}")
     try:
         kind = AlertKind(doc.get("kind")).value
@@ -666,7 +311,7 @@ def _parse_alert(doc: Any, index: int) -> _AlertRow:
     except ValueError as exc:
         raise fail(str(exc)) from None
     score = doc.get("score")
-    if not _number(score):
+    if not finite_number(score):
         raise fail(f"'score' must be a finite number, got {score!r}")
     node = doc.get("node")
     if not isinstance(node, str) or not node:
@@ -694,7 +339,7 @@ def _parse_alert(doc: Any, index: int) -> _AlertRow:
         first_seen = when
     if last_seen is None:
         last_seen = when
-    if not _number(first_seen) or not _number(last_seen):
+    if not finite_number(first_seen) or not finite_number(last_seen):
         raise fail(f"'first_seen' and 'last_seen' must be finite numbers, "
                    f"got {first_seen!r} and {last_seen!r}")
     if first_seen > last_seen:
@@ -738,100 +383,7 @@ def _limit(value: Any, what: str = "limit") -> int:
     return value
 
 
-# -- schema --------------------------------------------------------------------------------------
-
-_STATUSES = ", ".join(f"'{s.value}'" for s in ActionStatus)
-
-# MIGRATIONS[n] brings a store from schema version n to n + 1. Append, never edit.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE alerts (
-            id TEXT PRIMARY KEY,
-            time REAL NOT NULL,
-            kind TEXT NOT NULL,
-            severity INTEGER NOT NULL,
-            score REAL NOT NULL,
-            node TEXT NOT NULL,
-            container_id TEXT,
-            container_name TEXT,
-            image TEXT,
-            image_repo TEXT,
-            image_id TEXT,
-            namespace TEXT,
-            pod TEXT,
-            baseline_mode TEXT,
-            count INTEGER NOT NULL,
-            first_seen REAL NOT NULL,
-            last_seen REAL NOT NULL,
-            received_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            json TEXT NOT NULL)""",
-        "CREATE INDEX alerts_time ON alerts (time, id)",
-        "CREATE INDEX alerts_kind ON alerts (kind, time)",
-        "CREATE INDEX alerts_severity ON alerts (severity, time)",
-        "CREATE INDEX alerts_node ON alerts (node, time)",
-        "CREATE INDEX alerts_namespace ON alerts (namespace, time)",
-        "CREATE INDEX alerts_container_id ON alerts (container_id)",
-        "CREATE INDEX alerts_container_name ON alerts (container_name)",
-        "CREATE INDEX alerts_image ON alerts (image)",
-        "CREATE INDEX alerts_image_repo ON alerts (image_repo)",
-        "CREATE INDEX alerts_image_id ON alerts (image_id)",
-        "CREATE INDEX alerts_last_seen ON alerts (last_seen)",
-        f"""CREATE TABLE actions (
-            action_id TEXT PRIMARY KEY,
-            created_at REAL NOT NULL,
-            container_id TEXT NOT NULL,
-            container_name TEXT,
-            node TEXT NOT NULL,
-            type TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            requested_by TEXT NOT NULL,
-            alert_id TEXT,
-            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-            message TEXT NOT NULL,
-            finished_at REAL)""",
-        "CREATE INDEX actions_created ON actions (created_at)",
-        "CREATE INDEX actions_container ON actions (container_id)",
-        "CREATE INDEX actions_status ON actions (status)",
-        "CREATE INDEX actions_alert ON actions (alert_id)",
-        """CREATE TABLE agents (
-            node TEXT PRIMARY KEY,
-            agent_version TEXT,
-            mode TEXT,
-            connected INTEGER NOT NULL,
-            connected_at REAL,
-            disconnected_at REAL,
-            last_seen REAL NOT NULL,
-            counters TEXT NOT NULL,
-            containers_watched INTEGER,
-            spool_depth INTEGER,
-            peer TEXT)""",
-        """CREATE TABLE audit (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            time REAL NOT NULL,
-            actor TEXT NOT NULL,
-            action TEXT NOT NULL,
-            target TEXT NOT NULL,
-            decision TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            details TEXT NOT NULL)""",
-        "CREATE INDEX audit_time ON audit (time)",
-        """CREATE TABLE containers (
-            container_id TEXT PRIMARY KEY,
-            name TEXT,
-            node TEXT NOT NULL,
-            last_seen REAL NOT NULL)""",
-        "CREATE INDEX containers_name ON containers (name)",
-        "CREATE INDEX containers_last_seen ON containers (last_seen)",
-    ),
-    (  # 2: actions keep with_pause and whether a restart failed them; keyset paging index
-        "ALTER TABLE actions ADD COLUMN with_pause INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE actions ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0",
-        "DROP INDEX actions_created",
-        "CREATE INDEX actions_created_id ON actions (created_at, action_id)",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+# -- the SQLite backend --------------------------------------------------------------------------
 
 _ACTION_COLUMNS = ("action_id, created_at, container_id, container_name, node, type, reason, "
                    "requested_by, alert_id, status, message, finished_at, with_pause, "
@@ -865,9 +417,6 @@ def _agent(row: tuple[Any, ...]) -> AgentRecord:
                        connected_at=connected_at, disconnected_at=disconnected_at,
                        last_seen=last_seen, counters=json.loads(counters),
                        containers_watched=watched, spool_depth=spool, peer=peer)
-
-
-# -- the store -----------------------------------------------------------------------------------
 
 
 class AlertStore:
@@ -906,7 +455,7 @@ class AlertStore:
                 # the WAL is copied back by a thread of its own, not by the commit that crosses
                 # 1000 pages (15-25 ms on one commit in ~50: the alert stream's p99)
                 conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._migrate(conn)
+            migrate(conn, self.path, self._clock)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot open store {self.path}: {exc} (is it a driftwarden "
@@ -949,29 +498,6 @@ class AlertStore:
         self.close()
 
     # - plumbing -----------------------------------------------------------------------------
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")  # two collectors opening one new file: one migrates
-        try:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                         "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version"
-                                   ).fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"store {self.path} has schema version {current}, newer than "
-                                 f"this driftwarden supports ({SCHEMA_VERSION}): upgrade "
-                                 "driftwarden or use another store file")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version - 1]:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                             (version, self._clock()))
-                log.info("store %s: applied schema migration %d", self.path, version)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -1111,7 +637,7 @@ class AlertStore:
             for start in range(0, len(ids), 500):  # SQLite's bound on parameters
                 chunk = ids[start:start + 500]
                 out.update((r[0], json.loads(r[1])) for r in conn.execute(
-                    f"SELECT id, json FROM alerts WHERE id IN ({_marks(chunk)})", chunk))
+                    f"SELECT id, json FROM alerts WHERE id IN ({sql_marks(chunk)})", chunk))
         return out
 
     def list_alerts(self, alert_filter: AlertFilter | None = None, page_size: int = 100,
@@ -1140,7 +666,7 @@ class AlertStore:
         page_size = _limit(page_size, "page_size")
         clause, params = where
         if page_token:
-            when, last_id = _decode_token(page_token, fingerprint)
+            when, last_id = decode_page_token(page_token, fingerprint)
             clause = f"({clause}) AND ({key[0]}, {key[1]}) < (?, ?)"
             params = [*params, when, last_id]
         with self._read() as conn:
@@ -1151,7 +677,7 @@ class AlertStore:
         page = rows[:page_size]
         token = None
         if len(rows) > page_size:
-            token = _encode_token(page[-1][0], page[-1][1], fingerprint)
+            token = encode_page_token(page[-1][0], page[-1][1], fingerprint)
         return page, token
 
     # - actions ------------------------------------------------------------------------------
@@ -1184,7 +710,7 @@ class AlertStore:
         try:
             with self._write() as conn:
                 conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}) "
-                             f"VALUES ({_marks(values)})", values)
+                             f"VALUES ({sql_marks(values)})", values)
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise StoreError(f"action id {record.action_id!r} is already stored; "
@@ -1233,7 +759,7 @@ class AlertStore:
                 chunk = ids[start:start + 500]
                 conn.execute("UPDATE actions SET status = 'failed', message = ?, "
                              f"finished_at = ?, interrupted = 1 WHERE action_id IN "
-                             f"({_marks(chunk)})", (message, now, *chunk))
+                             f"({sql_marks(chunk)})", (message, now, *chunk))
             records = []
             for action_id in ids:
                 record = _action(conn.execute(
@@ -1264,7 +790,7 @@ class AlertStore:
                 params.append(value)
         wanted = [ActionStatus.parse(s).value for s in statuses]
         if wanted:
-            clauses.append(f"status IN ({_marks(wanted)})")
+            clauses.append(f"status IN ({sql_marks(wanted)})")
             params.extend(wanted)
         where = " AND ".join(clauses) or "1"
         with self._read() as conn:
@@ -1326,7 +852,7 @@ class AlertStore:
                     old.spool_depth if old else None),
                 peer=peer if peer is not None else (old.peer if old else None))
             conn.execute(f"INSERT OR REPLACE INTO agents ({_AGENT_COLUMNS}) "
-                         f"VALUES ({_marks(range(11))})",
+                         f"VALUES ({sql_marks(range(11))})",
                          (record.node, record.agent_version, record.mode, 1,
                           record.connected_at, record.disconnected_at, record.last_seen,
                           json.dumps(record.counters, sort_keys=True),
@@ -1434,7 +960,7 @@ class AlertStore:
 
     def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult:
         """Delete what is older than ``now - older_than_seconds`` (module docstring)."""
-        if not _number(older_than_seconds) or older_than_seconds < 0:
+        if not finite_number(older_than_seconds) or older_than_seconds < 0:
             raise ValueError(f"older_than_seconds must be a number >= 0, "
                              f"got {older_than_seconds!r}")
         cutoff = self._now(now) - older_than_seconds
@@ -1498,25 +1024,16 @@ class _Checkpointer:
         self._thread.join(timeout)
 
 
+
 __all__ = [
+    "MAX_CANDIDATES",
     "MAX_PAGE_SIZE",
-    "MIN_ID_PREFIX",
-    "SCHEMA_VERSION",
-    "ActionFilter",
     "ActionRecord",
-    "ActionStatus",
     "AgentRecord",
-    "AlertFilter",
     "AlertStore",
-    "AmbiguousContainer",
     "AuditEntry",
+    "CollectorStore",
     "ContainerMatch",
-    "ContainerSelector",
-    "ImageSelector",
     "InsertOutcome",
     "PruneResult",
-    "StoreError",
-    "UnknownAction",
-    "UnknownContainer",
-    "image_repository",
 ]

@@ -143,7 +143,7 @@ class SpoolFull(SpoolError):
 
 
 class ChannelError(DriftwardenError):
-    """The channel cannot be used (closed, or its TLS files cannot be read)."""
+    """The channel cannot be used (it is closed; unreadable TLS files are a CertError)."""
 
 
 class CertError(DriftwardenError):

@@ -1,37 +1,47 @@
-"""Prometheus metrics in the text exposition format 0.0.4, without a client library.
+"""Prometheus metrics through prometheus-client, one registry per process, served on loopback.
 
-:class:`MetricsRegistry` holds counters and gauges (set by the code that counts) and callbacks
-(read at scrape time from the stats objects the pipeline, spool and channel already keep);
-``render()`` produces the exposition text; :class:`MetricsServer` serves it at ``GET /metrics``
-on a loopback address only (the project's network rule: nothing listens beyond loopback).
+:class:`MetricsRegistry` owns a ``prometheus_client.CollectorRegistry`` of its own (never the
+library's global default registry) and makes the metrics on it: counters, gauges and histograms
+set by the code that counts (prometheus-client's own classes), and callback metrics read at
+scrape time from the stats objects the pipeline, spool, channel and store already keep (a
+custom collector yielding a ``CounterMetricFamily`` or ``GaugeMetricFamily`` per scrape).
+:class:`MetricsServer` serves the registry at ``GET /metrics`` through prometheus-client's WSGI
+exposition (the text format 0.0.4, or OpenMetrics when the scraper asks for it; gzip when
+accepted) on a loopback address only (the project's network rule: nothing listens beyond
+loopback); every other path is 404.
 
-Output rules: one ``# HELP`` and one ``# TYPE`` line per metric, metrics sorted by name,
-samples sorted by label values, counters named with a ``_total`` suffix (added when missing),
-label values escaped (``\\`` -> ``\\\\``, ``"`` -> ``\\"``, newline -> ``\\n``), help text
-escaped (``\\`` and newline). Integers print as integers, floats as Python's shortest repr,
-infinities and NaN as ``+Inf``, ``-Inf``, ``NaN``. A callback that raises or returns the wrong
-shape is logged and its metric left out of that scrape; the others are still served.
+Rules kept from the hand-written exporter: names and label names are the classic Prometheus
+ones (letters, digits, ``_``; ``:`` in names), checked when a metric is made; a counter is
+exposed as ``<name>_total`` whether or not the name given ends so (prometheus-client's
+counters also expose ``<name>_created``, the time the series started); a callback that raises
+or returns the wrong shape is logged and its metric left out of that scrape, the others are
+still served. Latencies are histograms in seconds over :data:`LATENCY_BUCKETS`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from driftwarden.core.netaddr import is_loopback
+from driftwarden.core.netaddr import host_port, loopback_host
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest, make_wsgi_app
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
+# Seconds; the benches measure each hop at 1-20 ms, a spool replayed after an outage at minutes.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 300.0)
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -39,245 +49,107 @@ Number = int | float
 CallbackResult = Number | Mapping[Any, Number]
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    number = float(value)
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "+Inf" if number > 0 else "-Inf"
-    return repr(number)
+class _CallbackCollector(Collector):
+    """One metric family read at scrape time: ``fn()`` returns a number, or (with labels) a
+    mapping of label-value tuples (a plain value for one label) to numbers."""
 
-
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _labels_text(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(f'{n}="{escape_label_value(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + pairs + "}"
-
-
-class _Metric:
-    """A metric family: name, help, type, label names, and where its samples come from."""
-
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str]) -> None:
+    def __init__(self, family: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str,
+                 help: str, labelnames: tuple[str, ...], fn: Callable[[], CallbackResult]) -> None:
+        self.family = family
         self.name = name
         self.help = help
-        self.labelnames = tuple(labelnames)
-
-    def samples(self) -> list[tuple[tuple[str, ...], Any]]:
-        raise NotImplementedError
-
-    def render(self) -> list[str]:
-        samples = sorted(self.samples(), key=lambda s: s[0])
-        lines = [f"# HELP {self.name} {escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        lines += [f"{self.name}{_labels_text(self.labelnames, labels)} {format_value(value)}"
-                  for labels, value in samples]
-        return lines
-
-    def _label_values(self, values: Sequence[Any], named: Mapping[str, Any]) -> tuple[str, ...]:
-        if values and named:
-            raise ValueError(f"metric {self.name}: give label values by position or by name, "
-                             f"not both")
-        if named:
-            unknown = set(named) - set(self.labelnames)
-            missing = set(self.labelnames) - set(named)
-            if unknown or missing:
-                raise ValueError(f"metric {self.name}: labels are {list(self.labelnames)}, got "
-                                 f"{sorted(named)}")
-            values = [named[n] for n in self.labelnames]
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"metric {self.name}: expected {len(self.labelnames)} label values "
-                             f"{list(self.labelnames)}, got {len(values)}")
-        return tuple(str(v) for v in values)
-
-
-class _ValueMetric(_Metric):
-    def __init__(self, name: str, help: str, labelnames: Sequence[str]) -> None:
-        super().__init__(name, help, labelnames)
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, ...], Number] = {} if labelnames else {(): 0}
-
-    def samples(self) -> list[tuple[tuple[str, ...], Any]]:
-        with self._lock:
-            return list(self._values.items())
-
-    def _add(self, key: tuple[str, ...], amount: Number) -> None:
-        with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
-
-    def _set(self, key: tuple[str, ...], value: Number) -> None:
-        with self._lock:
-            self._values[key] = value
-
-    def _unlabeled(self) -> tuple[str, ...]:
-        if self.labelnames:
-            raise ValueError(f"metric {self.name} has labels {list(self.labelnames)}: use "
-                             f".labels(...) first")
-        return ()
-
-    def value(self, *labelvalues: Any) -> Number:
-        """The current value (tests and status output)."""
-        with self._lock:
-            return self._values.get(self._label_values(labelvalues, {}), 0)
-
-
-def _check_number(name: str, value: Any) -> Number:
-    if not isinstance(value, Real):
-        raise TypeError(f"metric {name}: value must be a number, got {type(value).__name__}")
-    return value  # type: ignore[return-value]
-
-
-class Counter(_ValueMetric):
-    kind = "counter"
-
-    def inc(self, amount: Number = 1) -> None:
-        self._inc(self._unlabeled(), amount)
-
-    def labels(self, *values: Any, **named: Any) -> _CounterChild:
-        return _CounterChild(self, self._label_values(values, named))
-
-    def _inc(self, key: tuple[str, ...], amount: Number) -> None:
-        _check_number(self.name, amount)
-        if amount < 0:
-            raise ValueError(f"counter {self.name} can only go up; got inc({amount})")
-        self._add(key, amount)
-
-
-class _CounterChild:
-    def __init__(self, metric: Counter, key: tuple[str, ...]) -> None:
-        self._metric = metric
-        self._key = key
-
-    def inc(self, amount: Number = 1) -> None:
-        self._metric._inc(self._key, amount)
-
-
-class Gauge(_ValueMetric):
-    kind = "gauge"
-
-    def set(self, value: Number) -> None:
-        self._set(self._unlabeled(), _check_number(self.name, value))
-
-    def inc(self, amount: Number = 1) -> None:
-        self._add(self._unlabeled(), _check_number(self.name, amount))
-
-    def dec(self, amount: Number = 1) -> None:
-        self._add(self._unlabeled(), -_check_number(self.name, amount))
-
-    def labels(self, *values: Any, **named: Any) -> _GaugeChild:
-        return _GaugeChild(self, self._label_values(values, named))
-
-
-class _GaugeChild:
-    def __init__(self, metric: Gauge, key: tuple[str, ...]) -> None:
-        self._metric = metric
-        self._key = key
-
-    def set(self, value: Number) -> None:
-        self._metric._set(self._key, _check_number(self._metric.name, value))
-
-    def inc(self, amount: Number = 1) -> None:
-        self._metric._add(self._key, _check_number(self._metric.name, amount))
-
-    def dec(self, amount: Number = 1) -> None:
-        self._metric._add(self._key, -_check_number(self._metric.name, amount))
-
-
-class _CallbackMetric(_Metric):
-    def __init__(self, name: str, help: str, labelnames: Sequence[str], kind: str,
-                 fn: Callable[[], CallbackResult]) -> None:
-        super().__init__(name, help, labelnames)
-        self.kind = kind
+        self.labelnames = labelnames
         self.fn = fn
 
-    def samples(self) -> list[tuple[tuple[str, ...], Any]]:
+    def describe(self) -> Iterable[Metric]:
+        # the names this collector exposes, so the registry refuses a second metric of that name
+        return [self.family(self.name, self.help, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            family = self.family(self.name, self.help, labels=self.labelnames)
+            for labels, value in self._samples():
+                family.add_metric(labels, value)
+        except Exception as exc:
+            log.warning("%s left out of this scrape: %s", self.name, exc)
+            return []
+        return [family]
+
+    def _samples(self) -> list[tuple[list[str], Number]]:
         result = self.fn()
         if not self.labelnames:
             if isinstance(result, Mapping):
-                raise TypeError(f"metric {self.name} has no labels, so its callback must "
-                                f"return a number, not a mapping")
-            return [((), _check_number(self.name, result))]
+                raise TypeError("it has no labels, so its callback must return a number, not a "
+                                "mapping")
+            return [([], _number(result))]
         if not isinstance(result, Mapping):
-            raise TypeError(f"metric {self.name} has labels {list(self.labelnames)}, so its "
-                            f"callback must return a mapping of label values to numbers")
-        out = []
+            raise TypeError(f"it has labels {list(self.labelnames)}, so its callback must "
+                            "return a mapping of label values to numbers")
+        samples = []
         for key, value in result.items():
             values = key if isinstance(key, tuple) else (key,)
-            out.append((self._label_values(values, {}), _check_number(self.name, value)))
-        return out
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"expected {len(self.labelnames)} label values "
+                                 f"{list(self.labelnames)}, got {len(values)}: {values!r}")
+            samples.append(([str(v) for v in values], _number(value)))
+        return samples
 
 
-_M = TypeVar("_M", bound=_Metric)
+def _number(value: Any) -> Number:
+    if not isinstance(value, Real):
+        raise TypeError(f"a value must be a number, got {type(value).__name__} {value!r}")
+    return value  # type: ignore[return-value]
 
 
 class MetricsRegistry:
-    """The metrics one process exposes. Thread-safe; ``render()`` may run while others count."""
+    """The metrics one process exposes (module docstring). Thread-safe: a scrape may run while
+    others count. A name registered twice is a ValueError."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._metrics: dict[str, _Metric] = {}
+        self.prometheus = CollectorRegistry(auto_describe=True)
 
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        return self._register(Counter(_counter_name(name), help, _labelnames(name, labelnames)))
+        return Counter(_metric_name(name), help, _labelnames(name, labelnames),
+                       registry=self.prometheus)
 
     def gauge(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return self._register(Gauge(_metric_name(name), help, _labelnames(name, labelnames)))
+        return Gauge(_metric_name(name), help, _labelnames(name, labelnames),
+                     registry=self.prometheus)
+
+    def histogram(self, name: str, help: str, labelnames: Sequence[str] = (),
+                  buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
+        return Histogram(_metric_name(name), help, _labelnames(name, labelnames),
+                         buckets=buckets, registry=self.prometheus)
 
     def gauge_callback(self, name: str, help: str, fn: Callable[[], CallbackResult],
                        labelnames: Sequence[str] = ()) -> None:
         """A gauge read at scrape time: ``fn()`` returns a number, or (with labels) a mapping
-        of label-value tuples (a plain string for one label) to numbers."""
-        self._register(_CallbackMetric(_metric_name(name), help, _labelnames(name, labelnames),
-                                       "gauge", fn))
+        of label-value tuples (a plain value for one label) to numbers."""
+        self.prometheus.register(_CallbackCollector(
+            GaugeMetricFamily, _metric_name(name), help, _labelnames(name, labelnames), fn))
 
     def counter_callback(self, name: str, help: str, fn: Callable[[], CallbackResult],
                          labelnames: Sequence[str] = ()) -> None:
         """Like :meth:`gauge_callback` for a count that only goes up (e.g. a stats field)."""
-        self._register(_CallbackMetric(_counter_name(name), help, _labelnames(name, labelnames),
-                                       "counter", fn))
+        self.prometheus.register(_CallbackCollector(
+            CounterMetricFamily, _metric_name(name), help, _labelnames(name, labelnames), fn))
+
+    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """One sample's current value as a scrape would show it (``foo_total``,
+        ``foo_bucket`` with ``le``, ...), or None when there is none (tests, status output)."""
+        return self.prometheus.get_sample_value(name, dict(labels or {}))
 
     def render(self) -> str:
-        with self._lock:
-            metrics = sorted(self._metrics.values(), key=lambda m: m.name)
-        lines: list[str] = []
-        for metric in metrics:
-            try:
-                lines += metric.render()
-            except Exception as exc:
-                log.warning("metric %s left out of this scrape: %s", metric.name, exc)
-        return "".join(line + "\n" for line in lines)
-
-    def _register(self, metric: _M) -> _M:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} is registered twice")
-            self._metrics[metric.name] = metric
-        return metric
+        """The text exposition (format 0.0.4), as ``GET /metrics`` serves it by default."""
+        return generate_latest(self.prometheus).decode("utf-8")
 
 
 def _metric_name(name: str) -> str:
+    # prometheus-client would accept (and escape) any UTF-8 name; ours stay classic
     if not _METRIC_NAME.match(name):
         raise ValueError(f"metric name {name!r} is invalid: use letters, digits, '_' and ':', "
                          f"not starting with a digit")
     return name
-
-
-def _counter_name(name: str) -> str:
-    name = _metric_name(name)
-    return name if name.endswith("_total") else name + "_total"
 
 
 def _labelnames(metric: str, labelnames: Sequence[str]) -> tuple[str, ...]:
@@ -296,49 +168,28 @@ def _labelnames(metric: str, labelnames: Sequence[str]) -> tuple[str, ...]:
 # -- HTTP ----------------------------------------------------------------------------------------
 
 
-def loopback_host(host: str) -> str:
-    """`host` when it is a loopback address ("localhost" -> "127.0.0.1"), else ValueError."""
-    if not is_loopback(host):
-        raise ValueError(f"metrics server host {host!r} is not a loopback address; by the "
-                         f"project's network rule it listens only on 127.0.0.0/8 or ::1 (put "
-                         f"a proxy in front to expose it)")
-    return "127.0.0.1" if host.lower() == "localhost" else host
+def _metrics_path_only(app: Callable) -> Callable:
+    """prometheus-client's app answers on every path; ours only on /metrics."""
+
+    def serve(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return serve
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        if urlsplit(self.path).path != METRICS_PATH:
-            self._reply(404, b"not found: metrics are at /metrics\n", "text/plain; charset=utf-8")
-            return
-        try:
-            body = self.server.registry.render().encode("utf-8")
-        except Exception:
-            log.exception("rendering metrics failed")
-            self._reply(500, b"rendering metrics failed; see the agent log\n",
-                        "text/plain; charset=utf-8")
-            return
-        self._reply(200, body, CONTENT_TYPE)
-
-    def _reply(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _Handler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics %s: " + format, self.address_string(), *args)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the process's exit
 
-    def __init__(self, address: tuple[str, int], registry: MetricsRegistry, family) -> None:
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
-        self.registry = registry
         super().__init__(address, _Handler)
 
 
@@ -370,14 +221,14 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{METRICS_PATH}"
+        return f"http://{host_port(self.host, self.port)}{METRICS_PATH}"
 
     def start(self) -> MetricsServer:
         if self._server is not None:
             return self
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._server = _Server((self.host, self.requested_port), self.registry, family)
+        self._server = _Server((self.host, self.requested_port), family)
+        self._server.set_app(_metrics_path_only(make_wsgi_app(self.registry.prometheus)))
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.5},
                                         name="driftwarden-metrics", daemon=True)
@@ -397,13 +248,9 @@ class MetricsServer:
 
 
 __all__ = [
-    "CONTENT_TYPE",
-    "Counter",
-    "Gauge",
+    "LATENCY_BUCKETS",
+    "METRICS_PATH",
     "MetricsRegistry",
     "MetricsServer",
-    "escape_help",
-    "escape_label_value",
-    "format_value",
     "loopback_host",
 ]

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from driftwarden.core.actions import AGENT_RESULTS, ActionStatus
 from driftwarden.core.alerts import (
     ID_HEX_CHARS,
     MAX_LABELS,
@@ -133,9 +134,19 @@ MODE = EnumText(common_pb2.Mode, "MODE_", "mode")
 ACTION_TYPE = EnumText(actions_pb2.ActionType, "ACTION_TYPE_", "action type")
 ACTION_STATUS = EnumText(actions_pb2.ActionStatus, "ACTION_STATUS_", "action status")
 
+
+def action_status_to_proto(status: ActionStatus | str) -> int:
+    """``ActionStatus.CONTAINER_GONE`` (or ``"container_gone"``) -> its proto number."""
+    return ACTION_STATUS.to_proto(ActionStatus(status).value.replace("_", "-"))
+
+
+def action_status_from_proto(number: int) -> ActionStatus:
+    """The number -> its ActionStatus; InvalidMessage for the zero value or an unknown one."""
+    return ActionStatus(ACTION_STATUS.from_proto(number).replace("-", "_"))
+
+
 # What an agent may report in an ActionResult (PENDING and SKIPPED are the collector's).
-AGENT_ACTION_STATUSES = tuple(ACTION_STATUS.to_proto(t) for t in (
-    "done", "already", "container-gone", "failed", "refused"))
+AGENT_ACTION_STATUSES = tuple(action_status_to_proto(s) for s in AGENT_RESULTS)
 
 
 # -- times -----------------------------------------------------------------------------------
@@ -627,6 +638,8 @@ __all__ = [
     "EnumText",
     "InvalidMessage",
     "WireLimits",
+    "action_status_from_proto",
+    "action_status_to_proto",
     "alert_dict_from_proto",
     "alert_from_proto",
     "alert_to_proto",

@@ -297,9 +297,11 @@ class ProfileStore:
         return Path(dest)
 
     def import_file(self, source: str | os.PathLike, *, image_id: str | None = None,
-                    force: bool = False, now: float | None = None) -> Profile:
-        """Import an exported baseline. It starts in monitor mode (no cold start). Refused when
-        `image_id` is given and differs, unless forced."""
+                    force: bool = False, now: float | None = None, mode: Mode = Mode.MONITOR,
+                    who: str = "import") -> Profile:
+        """Import an exported baseline. It starts in `mode` (monitor: no cold start, and no
+        automatic response the file's own mode would bring), the change recorded in its
+        history. Refused when `image_id` is given and differs, unless forced."""
         profile = read_profile(Path(source), self._item_set_type)
         if image_id is not None and profile.image_id != image_id:
             if not force:
@@ -309,9 +311,7 @@ class ProfileStore:
                 )
             profile.image_id = image_id
         now = time.time() if now is None else now
-        if profile.mode is Mode.LEARN:
-            profile.set_mode(Mode.MONITOR, reason=f"imported from {source}", who="import",
-                             now=now)
+        profile.set_mode(mode, reason=f"imported from {source}", who=who, now=now)
         self.save(profile)
         return profile
 

@@ -3,10 +3,10 @@
  * driftwarden probes: exec, connect and file writes from every container.
  *
  * Only tracepoints, helpers and user-memory reads: no kernel struct is ever dereferenced,
- * so the program is correct with any kernel headers (see shared/HOST.md).
+ * so the program is correct with any kernel headers (see docs/host-setup.md).
  *
  * Cost model, cheapest check first:
- *   kind enabled (compile-time) -> write intent (opens) -> skipped cgroup / agent tgid
+ *   kind compiled in (an unselected kind has no tracepoint at all) -> write intent (opens) -> skipped cgroup / agent tgid
  *   -> stash args -> at syscall exit: read paths -> dedup (LRU) -> ring buffer, no wake-up.
  * Everything not sent is counted in `counters` (per CPU, per kind).
  *
@@ -42,8 +42,17 @@
 /* Opens are reported at entry by default: sys_exit_openat would fire for every open on the
  * host, read-only ones included, and a write-open would pay two tracepoints and a stash. */
 
-#ifndef DW_KINDS
-#define DW_KINDS ((1 << DW_KIND_EXEC) | (1 << DW_KIND_CONNECT) | (1 << DW_KIND_FILE))
+/* Which kinds are compiled in, 1 or 0 each: an unselected kind's tracepoints are not attached
+ * (probes/loader.py KIND_TRACEPOINTS lists them). Bookkeeping (fork, exit, chdir) always is:
+ * parent pids and relative paths need it. */
+#ifndef DW_WITH_EXEC
+#define DW_WITH_EXEC 1
+#endif
+#ifndef DW_WITH_CONNECT
+#define DW_WITH_CONNECT 1
+#endif
+#ifndef DW_WITH_FILE
+#define DW_WITH_FILE 1
 #endif
 #ifndef DW_WAKEUP
 #define DW_WAKEUP BPF_RB_NO_WAKEUP          /* userspace drains on a timer */
@@ -57,8 +66,6 @@
 /* Keeps clang from re-deriving a clamped length from its unclamped source, which the
  * verifier would then reject as unbounded. */
 #define DW_BARRIER(var) asm volatile("" : "+r"(var))
-
-#define DW_ENABLED(kind) ((DW_KINDS) & (1 << (kind)))
 
 #define DW_O_ACCMODE 00000003
 #define DW_O_CREAT   00000100
@@ -406,12 +413,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return dw_chdir_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return dw_chdir_exit(args->ret); }
 
 /* ------------------------------------------------------------------ exec */
+#if DW_WITH_EXEC
 
 static __always_inline int dw_exec_enter(const char *filename, const char *const *argv,
                                          int dirfd, u16 flags)
 {
-    if (!DW_ENABLED(DW_KIND_EXEC))
-        return 0;
     u64 cgid = bpf_get_current_cgroup_id();
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (dw_skipped(cgid, pid_tgid))
@@ -516,12 +522,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return dw_exec_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return dw_exec_exit(args->ret); }
 
+#endif /* DW_WITH_EXEC */
 /* ------------------------------------------------------------------ connect */
+#if DW_WITH_CONNECT
 
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {
-    if (!DW_ENABLED(DW_KIND_CONNECT))
-        return 0;
     int family = args->family;
     if (family != DW_AF_INET && family != DW_AF_INET6 && family != DW_AF_UNIX)
         return 0;
@@ -544,8 +550,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-    if (!DW_ENABLED(DW_KIND_CONNECT))
-        return 0;
     /* addrlen rides in the mode slot */
     return dw_stash(DW_KIND_CONNECT, 2, (const char *)args->uservaddr, 0, args->fd, 0, 0,
                     args->addrlen);
@@ -617,7 +621,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     return 0;
 }
 
+#endif /* DW_WITH_CONNECT */
 /* ------------------------------------------------------------------ file writes */
+#if DW_WITH_FILE
 
 static __always_inline int dw_wants_write(u32 flags)
 {
@@ -627,8 +633,6 @@ static __always_inline int dw_wants_write(u32 flags)
 static __always_inline int dw_file_enter(u16 op, const char *path, const char *path2, s32 dirfd,
                                          s32 dirfd2, u32 flags, u32 mode)
 {
-    if (!DW_ENABLED(DW_KIND_FILE))
-        return 0;
     return dw_stash(DW_KIND_FILE, op, path, path2, dirfd, dirfd2, flags, mode);
 }
 
@@ -720,8 +724,6 @@ static __always_inline int dw_open(const char *path, s32 dirfd, u32 flags, u32 m
 #if DW_OPEN_RESULT
     return dw_file_enter(DW_FILE_OPEN, path, 0, dirfd, 0, flags, mode);
 #else
-    if (!DW_ENABLED(DW_KIND_FILE))
-        return 0;
     u64 cgid = bpf_get_current_cgroup_id();
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (dw_skipped(cgid, pid_tgid))
@@ -886,3 +888,5 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mkdir) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_mkdirat) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_mknod) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_mknodat) { return dw_file_exit(args->ret); }
+
+#endif /* DW_WITH_FILE */

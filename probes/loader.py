@@ -27,6 +27,26 @@ EVENT_HEADER = PROBE_DIR / "dw_event.h"
 SELECTABLE_KINDS = {"exec": EventKind.EXEC, "connect": EventKind.CONNECT, "write": EventKind.FILE}
 
 
+def _syscalls(*names: str, sides: tuple[str, ...] = ("enter", "exit")) -> tuple[str, ...]:
+    return tuple(f"syscalls:sys_{side}_{name}" for name in names for side in sides)
+
+
+# The tracepoints each part of driftwarden.bpf.c attaches (its DW_WITH_* sections). Bookkeeping
+# is always attached: parent pids (fork, exit) and relative paths (chdir) need it.
+BOOKKEEPING_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit",
+                           *_syscalls("chdir", "fchdir"))
+_OPENS = ("open", "openat", "openat2", "creat")  # reported at entry unless open_result
+_FILE_OPS = ("truncate", "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir",
+             "chmod", "fchmod", "fchmodat", "fchmodat2", "link", "linkat", "symlink",
+             "symlinkat", "mkdir", "mkdirat", "mknod", "mknodat")
+KIND_TRACEPOINTS: dict[str, tuple[str, ...]] = {
+    "exec": _syscalls("execve", "execveat"),
+    "connect": _syscalls("socket", "connect"),  # socket(): TCP vs UDP per fd
+    "write": _syscalls(*_OPENS, sides=("enter",)) + _syscalls(*_FILE_OPS),
+}
+OPEN_RESULT_TRACEPOINTS = _syscalls(*_OPENS, sides=("exit",))
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     kinds: frozenset[str] = frozenset(SELECTABLE_KINDS)
@@ -61,8 +81,24 @@ class ProbeConfig:
         if self.dedup_entries < 1:
             raise UsageError("dedup entries must be >= 1")
 
-    def kind_mask(self) -> int:
-        return self._mask(self.kinds)
+    def tracepoints(self) -> dict[str, tuple[str, ...]]:
+        """What these settings attach, by part ("bookkeeping", then each selected kind)."""
+        parts = {"bookkeeping": BOOKKEEPING_TRACEPOINTS}
+        for kind in SELECTABLE_KINDS:
+            if kind in self.kinds:
+                extra = OPEN_RESULT_TRACEPOINTS if kind == "write" and self.open_result else ()
+                parts[kind] = KIND_TRACEPOINTS[kind] + extra
+        return parts
+
+    def tracepoint_names(self) -> tuple[str, ...]:
+        """Every "category:event" these settings attach."""
+        return tuple(tp for part in self.tracepoints().values() for tp in part)
+
+    def describe_tracepoints(self) -> str:
+        """'56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)'."""
+        parts = self.tracepoints()
+        counts = ", ".join(f"{part} {len(tps)}" for part, tps in parts.items())
+        return f"{sum(len(tps) for tps in parts.values())} tracepoints ({counts})"
 
     @staticmethod
     def _mask(kinds: frozenset[str]) -> int:
@@ -78,7 +114,8 @@ class ProbeConfig:
             f"-DDW_HOST_CGROUP_ID={host_cgroup_id}",
             f"-DDW_AGENT_TGID={agent_tgid}",
             f"-DDW_EXTRA_SKIP={int(bool(self.extra_skip_cgroup_ids))}",
-            f"-DDW_KINDS={self.kind_mask()}",
+            *(f"-DDW_WITH_{SELECTABLE_KINDS[kind].name}={int(kind in self.kinds)}"
+              for kind in SELECTABLE_KINDS),
             f"-DDW_INCLUDE_HOST={int(self.include_host)}",
             f"-DDW_DEDUP_NS={self.dedup_interval_ns}",
             f"-DDW_DEDUP_ENTRIES={self.dedup_entries}",
@@ -120,7 +157,10 @@ def bpf_text(config: ProbeConfig, *, host_cgroup_id: int | None = None,
             defines.append(f"#define {name} {value}")
     header = EVENT_HEADER.read_text()
     program = BPF_SOURCE.read_text().replace('#include "dw_event.h"', header)
-    return "/* driftwarden BPF program, as compiled */\n" + "\n".join(defines) + "\n" + program
+    attached = "".join(f"\n *   {tp}" for tp in config.tracepoint_names())
+    return (f"/* driftwarden BPF program, as compiled; it attaches "
+            f"{config.describe_tracepoints()}:{attached}\n */\n"
+            + "\n".join(defines) + "\n" + program)
 
 
 class ProbeSet:
@@ -185,13 +225,18 @@ class ProbeSet:
 
         self._callback = on_record  # keep a reference: bcc holds only a C pointer
         self._bpf[b"events"].open_ring_buffer(on_record)
-        log.info(
-            "probes attached: %d tracepoints, skipping cgroups %s and pid %d",
-            self._bpf.num_open_tracepoints(),
-            self.host_cgroup_ids,
-            os.getpid(),
-        )
+        attached = self.attached_tracepoints()
+        if set(attached) != set(self.config.tracepoint_names()):
+            log.warning("attached tracepoints differ from KIND_TRACEPOINTS: %s",
+                        sorted(set(attached) ^ set(self.config.tracepoint_names())))
+        log.info("probes attached: %d tracepoints, skipping cgroups %s and pid %d",
+                 len(attached), self.host_cgroup_ids, os.getpid())
         return self
+
+    def attached_tracepoints(self) -> tuple[str, ...]:
+        """"category:event" of every tracepoint bcc attached, as bcc reports them."""
+        self._require()
+        return tuple(tp.decode() for tp in self._bpf.tracepoint_fds)
 
     def stop(self) -> None:
         if self._bpf is not None:

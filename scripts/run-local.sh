@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: a collector (SQLite under STATE), an agent (learning) streaming to it, and the live
-# alert view in the foreground. Ctrl-C stops all three; the data stays for the next run.
+# alert view in the foreground, plus a small demo image to try drift on. Ctrl-C stops all three;
+# the data stays for the next run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,7 +9,85 @@ PY="$ROOT/.venv/bin/python"
 STATE="${DRIFTWARDEN_STATE:-/var/lib/driftwarden}"
 PORT="${DRIFTWARDEN_PORT:-50051}"
 ADDR="127.0.0.1:$PORT"
+AGENT_READY_SECONDS=180  # bcc compiles the probes first: seconds on a busy 2-core host
 mkdir -p "$STATE/agent"
+
+say() { printf 'driftwarden: %s\n' "$*"; }
+
+# collector_health ADDR PID SECONDS: exit 0 once the collector's gRPC health check answers
+# SERVING; 2 when process PID (0: none to watch) has exited; 1 after SECONDS (one try at 0).
+collector_health() {
+  "$PY" - "$@" <<'PY'
+import sys, time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+addr, pid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + seconds
+# a loopback address: never through an HTTP proxy from the environment
+with grpc.insecure_channel(addr, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    check = health_pb2_grpc.HealthStub(channel).Check
+    while True:
+        try:
+            reply = check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                sys.exit(0)
+        except grpc.RpcError:
+            pass
+        if pid:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "gone"
+            if state in ("Z", "X", "gone"):
+                sys.exit(2)
+        if time.monotonic() >= deadline:
+            sys.exit(1)
+        time.sleep(0.1)
+PY
+}
+
+# demo_image: a FROM scratch image of the host's static busybox (no registry needed), built
+# once per busybox version and reused; prints its tag.
+demo_image() {
+  local busybox=/bin/busybox tag ctx applet
+  if [ ! -x "$busybox" ]; then
+    echo "run-local.sh: $busybox missing; install busybox-static (make setup does)" >&2
+    return 1
+  fi
+  tag="driftwarden-demo:$(sha256sum "$busybox" | cut -c1-12)"
+  if ! docker image inspect "$tag" >/dev/null 2>&1; then
+    say "building the demo image $tag (FROM scratch + $busybox)" >&2
+    ctx="$(mktemp -d)"
+    mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/etc" "$ctx/rootfs/root" "$ctx/rootfs/tmp"
+    chmod 1777 "$ctx/rootfs/tmp"
+    cp "$busybox" "$ctx/rootfs/bin/busybox"
+    for applet in $("$busybox" --list); do
+      [ "$applet" = busybox ] || ln -s busybox "$ctx/rootfs/bin/$applet"
+    done
+    echo "root:x:0:0:root:/root:/bin/sh" >"$ctx/rootfs/etc/passwd"
+    echo "root:x:0:" >"$ctx/rootfs/etc/group"
+    printf 'FROM scratch\nCOPY rootfs/ /\nCMD ["/bin/sh"]\n' >"$ctx/Dockerfile"
+    if ! docker build -q -t "$tag" "$ctx" >"$ctx/build.log" 2>&1; then
+      cat "$ctx/build.log" >&2
+      rm -rf "$ctx"
+      echo "run-local.sh: building the demo image failed (log above)" >&2
+      return 1
+    fi
+    rm -rf "$ctx"
+    if ! docker run --rm --network none "$tag" true; then
+      docker rmi "$tag" >/dev/null 2>&1 || true
+      echo "run-local.sh: the demo image does not run: is $busybox static (busybox-static)?" >&2
+      return 1
+    fi
+  fi
+  echo "$tag"
+}
+
+# new_lines FILE OFFSET: what this run appended to FILE
+new_lines() { tail -c "+$(($2 + 1))" "$1" 2>/dev/null || true; }
 
 pids=()
 cleanup() {
@@ -18,29 +97,60 @@ cleanup() {
     kill -TERM "${pids[$i]}" 2>/dev/null || true
     wait "${pids[$i]}" 2>/dev/null || true
   done
-  echo "driftwarden: stopped; data kept in $STATE (alerts: $STATE/collector.db, baselines: $STATE/agent)"
+  [ "${#pids[@]}" -eq 0 ] ||
+    say "stopped; data kept in $STATE (alerts: $STATE/collector.db, baselines: $STATE/agent)"
 }
 trap cleanup EXIT INT TERM
 
+if collector_health "$ADDR" 0 0 2>/dev/null; then
+  echo "run-local.sh: a collector already answers on $ADDR (another \`make run\`?);" \
+       "stop it first (Ctrl-C where it runs)" >&2
+  exit 1
+fi
+DEMO="$(demo_image)"
+
+collector_log_start="$(stat -c %s "$STATE/collector.log" 2>/dev/null || echo 0)"
 "$PY" -m driftwarden collector --listen "$ADDR" --db "$STATE/collector.db" \
   --metrics 127.0.0.1:9464 >>"$STATE/collector.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-  grep -q "listening on" "$STATE/collector.log" 2>/dev/null && break
-  kill -0 "${pids[0]}" 2>/dev/null || { cat "$STATE/collector.log" >&2; exit 1; }
-  sleep 0.1
-done
+status=0
+collector_health "$ADDR" "${pids[0]}" 30 || status=$?
+if [ "$status" -ne 0 ]; then
+  new_lines "$STATE/collector.log" "$collector_log_start" >&2
+  [ "$status" -eq 2 ] && echo "run-local.sh: the collector exited (its log is above)" >&2 \
+    || echo "run-local.sh: the collector did not answer its health check on $ADDR in 30 s" >&2
+  exit 1
+fi
 
+agent_log_start="$(stat -c %s "$STATE/agent.log" 2>/dev/null || echo 0)"
 "$PY" -m driftwarden agent --state-dir "$STATE/agent" --collector "$ADDR" \
   --metrics 127.0.0.1:9465 "$@" >>"$STATE/agent.log" 2>&1 &
 pids+=($!)
+say "collector on $ADDR (alerts in $STATE/collector.db, log $STATE/collector.log)"
+say "agent loading its probes (log $STATE/agent.log) ..."
+for ((waited = 0; ; waited++)); do
+  new_lines "$STATE/agent.log" "$agent_log_start" | grep -q "agent running" && break
+  if ! kill -0 "${pids[1]}" 2>/dev/null; then
+    new_lines "$STATE/agent.log" "$agent_log_start" >&2
+    echo "run-local.sh: the agent exited (its log is above)" >&2
+    exit 1
+  fi
+  if [ "$waited" -ge $((AGENT_READY_SECONDS * 5)) ]; then
+    new_lines "$STATE/agent.log" "$agent_log_start" >&2
+    echo "run-local.sh: the agent was not running after ${AGENT_READY_SECONDS} s (log above)" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
 
 cat <<MSG
-driftwarden: collector on $ADDR (alerts in $STATE/collector.db, log $STATE/collector.log)
-driftwarden: agent learning every container (baselines in $STATE/agent, log $STATE/agent.log)
+driftwarden: agent learning every container (baselines in $STATE/agent)
 driftwarden: metrics at http://127.0.0.1:9464/metrics (collector) and :9465 (agent)
-driftwarden: live alerts below; Ctrl-C stops everything. In another shell, try:
-  docker run --rm --network none <image> sh -c 'cp /bin/busybox /tmp/ls; /tmp/ls /'
+driftwarden: live alerts below; Ctrl-C stops everything. In another shell, try drift: start a
+  container of the demo image, then drop a binary into it and run it (a DRIFT alert follows):
+  docker run -d --rm --name dw-demo --network none $DEMO sleep 600
+  docker exec dw-demo sh -c 'cp /bin/busybox /tmp/ls && /tmp/ls /'
+  docker rm -f dw-demo
   $PY -m driftwarden agents --collector $ADDR
 MSG
 "$PY" -m driftwarden alerts --collector "$ADDR" --follow --actions || true

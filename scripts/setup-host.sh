@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent host setup for driftwarden on a Debian 12 host (see README "Set-up").
-# Installs packages, links kernel headers when the running kernel has none, mounts
-# tracefs/debugfs, starts dockerd if none is running, and builds the .venv.
+# Idempotent host setup for driftwarden on a Debian 12 host (docs/host-setup.md explains each step).
+# Installs the Debian packages the agent, the tests and the benchmarks use (PKGS names each and
+# who needs it), links kernel headers when the running kernel has none, mounts tracefs/debugfs,
+# starts dockerd if none is running, and builds the .venv. Prints nothing when all is in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,31 +17,65 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-# 1. Debian packages ---------------------------------------------------------
-PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 docker.io busybox-static bpftrace python3-venv python3-dev make iproute2)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+# 1. Debian packages, each named for who needs it (nothing is assumed from the image) --------
+PKGS=(
+  # the agent, the collector and `make run`
+  python3              # the interpreter .venv is made from (Debian 12: 3.11)
+  python3-venv         # step 5's .venv
+  python3-bpfcc        # bcc: probes/loader.py compiles and loads the probes; `driftwarden doctor`
+  openssl              # core/certs.py (`driftwarden certs`), scripts/k8s-secrets.sh, tests/test_certs.py
+  docker.io            # dockerd + docker CLI: the runtime `make run` watches and the tests' containers
+  make                 # the Makefile
+  mount util-linux     # mount, mountpoint (step 3); setpriv (tests/test_cli_trace.py)
+  # the tests
+  busybox-static       # /bin/busybox: the userland of the test images (tests/support/images.py)
+  bash dash coreutils  # host binaries copied into the dw-host test image (tests/support/images.py)
+  libc-bin             # ldd: their libraries for that image (tests/support/images.py)
+  gcc                  # tests/test_layout.py (probes/dw_event.h vs probes/_layout.py); bench/storm.c
+  libc6-dev            # stdio.h for tests/test_layout.py; libc.a for the static dwstorm (bench/storm.c)
+  linux-libc-dev       # <linux/types.h>, which probes/dw_event.h includes (tests/test_layout.py)
+  python3-dev          # Python headers, for pip when a dependency has no wheel for this host
+  # the benchmarks (make bench)
+  bpftrace             # bench/probe_overhead.py's floor tool
+  bpfcc-tools          # execsnoop-/opensnoop-/tcpconnect-bpfcc: bench/probe_overhead.py's naive tools
+  git                  # bench/*.py record `git describe` with their results
+)
+apt_updated=0
+apt_install() {  # install those of the named packages that are missing; silent when none is
+  local p missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -gt 0 ] || return 0
   say "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  if [ "$apt_updated" -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-  say "packages present"
-fi
+}
+apt_install "${PKGS[@]}"
 
 # 2. Kernel headers for bcc -------------------------------------------------
+# Debian's own kernels have a linux-headers-$(uname -r) package that makes the build link; any
+# other kernel (a cloud or VM image's) gets the newest Debian headers for this architecture
+# linked in: the probes never read kernel structs, so another kernel's headers work.
 KDIR="/lib/modules/$(uname -r)"
 if [ ! -e "$KDIR/build" ]; then
-  hdr_arch="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)"
+  exact="linux-headers-$(uname -r)"
+  [ "$apt_updated" -eq 1 ] || { apt-get update -qq; apt_updated=1; }
+  if apt-cache show "$exact" >/dev/null 2>&1; then
+    apt_install "$exact"
+  fi
+fi
+if [ ! -e "$KDIR/build" ]; then
+  arch="$(dpkg --print-architecture)"
+  apt_install "linux-headers-$arch"
+  hdr_arch="$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -1)"
   hdr_common="$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)"
   if [ -z "$hdr_arch" ] || [ -z "$hdr_common" ]; then
-    echo "setup-host.sh: no kernel headers under /usr/src; install linux-headers-amd64" >&2
+    echo "setup-host.sh: no kernel headers under /usr/src; install linux-headers-$arch" >&2
     exit 1
   fi
-  say "linking $KDIR/build -> $hdr_arch (probes never read kernel structs, see HOST.md)"
+  say "linking $KDIR/build -> $hdr_arch (the probes read no kernel structs: any headers do; see docs/host-setup.md)"
   mkdir -p "$KDIR"
   ln -sfn "$hdr_arch" "$KDIR/build"
   ln -sfn "$hdr_common" "$KDIR/source"
@@ -62,8 +97,6 @@ if ! docker info >/dev/null 2>&1; then
     sleep 0.5
   done
   docker info >/dev/null 2>&1 || { echo "setup-host.sh: dockerd did not come up; see /var/log/driftwarden-dockerd.log" >&2; exit 1; }
-else
-  say "docker daemon already running"
 fi
 
 # 5. venv -------------------------------------------------------------------
@@ -77,8 +110,5 @@ if [ "$(cat "$STAMP_DIR/pip.hash" 2>/dev/null)" != "$req_hash" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$req_hash" > "$STAMP_DIR/pip.hash"
-else
-  say "venv up to date"
 fi
 "$VENV/bin/python" -c "import bcc" || { echo "setup-host.sh: bcc not importable from $VENV; check python3-bpfcc" >&2; exit 1; }
-say "done"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,9 @@ def _kernel_prerequisites() -> str | None:
         import bcc  # noqa: F401
     except ImportError:
         return "bcc (python3-bpfcc) is not importable"
-    if not os.path.isdir("/sys/kernel/tracing/events/syscalls"):
+    # the loader accepts either place tracefs is mounted
+    if not any(os.path.isdir(f"{d}/events/syscalls")
+               for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
         return "tracefs is not mounted"
     return None
 
@@ -56,6 +59,14 @@ def docker_ok() -> None:
     reason = _docker_prerequisite()
     if reason:
         missing_prerequisite(reason)
+
+
+@pytest.fixture(scope="session")
+def gcc_ok() -> None:
+    """A C compiler with libc and Linux UAPI headers (tests/test_layout.py)."""
+    if shutil.which("gcc") is None:
+        missing_prerequisite("gcc is not installed (apt-get install gcc libc6-dev linux-libc-dev,"
+                             " or `make setup`)")
 
 
 @pytest.fixture(scope="session")

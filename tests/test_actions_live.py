@@ -245,4 +245,5 @@ def test_the_init_process_names_the_cgroup_docker_made(actions, bb_image):
         state = actions.runtime.state(c.id)
         root = find_cgroup2_root()
         assert state.pid == c.pid > 0
-        assert cgroup_dir_of_process(root, Path("/proc"), state.pid) == root / "docker" / c.id
+        made_by_docker = root / c.docker_cgroup_path.lstrip("/")  # its driver and CgroupParent
+        assert cgroup_dir_of_process(root, Path("/proc"), state.pid) == made_by_docker

@@ -14,22 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from driftwarden.agent import attribution
+from driftwarden.agent import cgroups
 from driftwarden.agent.attribution import (
     NO_PROVIDER_ERROR,
     NOT_FOUND_ERROR,
     Attribution,
     AttributionState,
     Attributor,
-    CgroupIndex,
+)
+from driftwarden.agent.cgroups import CgroupIndex, ContainerRef, parse_cgroup_path
+from driftwarden.agent.runtimes.base import (
     ContainerEvent,
     ContainerEventAction,
     ContainerInfo,
-    ContainerRef,
+    normalize_image_reference,
+)
+from driftwarden.agent.runtimes.docker import (
     DockerMetadata,
     container_info_from_docker,
-    normalize_image_reference,
-    parse_cgroup_path,
     parse_docker_event,
 )
 from driftwarden.core.errors import AttributionError, MetadataUnavailableError
@@ -46,7 +48,7 @@ STATIC_POD_UID = "6a4b0e0a9f3c2d1e8b7a6c5d4e3f2a1b"
 # --------------------------------------------------------------------------- parse_cgroup_path
 
 PARSE_CASES = [
-    # docker, cgroupfs driver (this host)
+    # docker, cgroupfs driver
     (f"/docker/{ID_A}", ContainerRef("docker", ID_A)),
     # docker, systemd driver
     (f"/system.slice/docker-{ID_B}.scope", ContainerRef("docker", ID_B)),
@@ -286,7 +288,7 @@ def test_index_survives_directories_vanishing_mid_walk(
             raise FileNotFoundError(2, "No such file or directory", victim)
         return real_scandir(path)
 
-    monkeypatch.setattr(attribution.os, "scandir", scandir_losing_victim)
+    monkeypatch.setattr(cgroups.os, "scandir", scandir_losing_victim)
     index = CgroupIndex(cgroup_root, clock=clock)
     assert index.path_of(cgroup_id(cgroup_root, f"docker/{ID_B}")) == f"/docker/{ID_B}"
     # The vanished directory itself was listed before it went; its children were not.
@@ -660,6 +662,100 @@ def test_attributor_keeps_known_info_when_refresh_fails(
     assert result.metadata_error == "docker unreachable: daemon restarting"
 
 
+ID_E = "e" * 64
+ID_F = "f0" * 32
+NO_CONTAINERS_WITHOUT_METADATA = {"containerd": 0, "cri-o": 0, "docker": 0, "podman": 0}
+
+
+def test_attributor_counts_each_container_without_metadata_once_per_runtime(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path, fake: FakeMetadata
+) -> None:
+    """Until a CRI and a podman provider exist, Docker is asked about every container and knows
+    only its own: the others get no image (no detection), and are counted, not silent."""
+    cri = f"kubepods.slice/kubepods-pod{POD_UID_SYSTEMD}.slice/cri-containerd-{ID_E}.scope"
+    podman = f"machine.slice/libpod-{ID_F}.scope"
+    for relative in (cri, podman):
+        (cgroup_root / relative).mkdir(parents=True)
+    cgids = [cgroup_id(cgroup_root, relative)
+             for relative in (f"docker/{ID_A}", f"docker/{ID_B}", cri, podman)]
+    attributor = make_attributor(fake)
+    assert attributor.without_metadata() == NO_CONTAINERS_WITHOUT_METADATA
+    with attributor:
+        for cgid in cgids:
+            assert attributor.lookup(cgid).state is AttributionState.PENDING
+        assert attributor.wait_idle(5)
+        for _ in range(3):  # every batch of events looks its container up again
+            states = [(r.state, r.info is None, r.metadata_error)
+                      for r in map(attributor.lookup, cgids)]
+    assert states == [(AttributionState.CONTAINER, False, None)] + [
+        (AttributionState.CONTAINER, True, NOT_FOUND_ERROR)] * 3
+    assert attributor.without_metadata() == {"containerd": 1, "cri-o": 0, "docker": 1,
+                                             "podman": 1}
+    assert attributor.stats()["without_metadata"] == 3
+
+
+def test_attributor_does_not_count_a_removed_container_it_once_described(
+    make_attributor: Callable[..., Attributor],
+    cgroup_root: Path,
+    fake: FakeMetadata,
+    clock: FakeClock,
+) -> None:
+    attributor = make_attributor(fake, ttl=10.0)
+    cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    with attributor:
+        attributor.lookup(cgid)
+        assert attributor.wait_idle(5)
+        del fake.containers[ID_A]  # docker rm: its late events outlive the cache entry
+        clock.advance(11)
+        attributor.lookup(cgid)
+        assert attributor.wait_idle(5)
+        gone = attributor.lookup(cgid)
+    assert (gone.info, gone.metadata_error) == (None, NOT_FOUND_ERROR)
+    assert attributor.without_metadata() == NO_CONTAINERS_WITHOUT_METADATA
+
+
+def test_attributor_counts_containers_first_seen_while_the_runtime_is_unreachable(
+    make_attributor: Callable[..., Attributor],
+    cgroup_root: Path,
+    fake: FakeMetadata,
+    clock: FakeClock,
+) -> None:
+    fake.unreachable = "docker unreachable at unix:///nowhere: Connection refused (ECONNREFUSED)"
+    attributor = make_attributor(fake, negative_ttl=5.0)
+    cgid_a = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    cgid_c = cgroup_id(cgroup_root, f"kubepods/burstable/pod{POD_UID}/{ID_C}")
+    with attributor:
+        assert not attributor.metadata_unavailable
+        attributor.lookup(cgid_a)
+        assert attributor.wait_idle(5)
+        assert attributor.metadata_unavailable
+        attributor.lookup(cgid_a)
+        attributor.lookup(cgid_c)  # a known outage: answered at once, counted at once
+        assert attributor.wait_idle(5)
+        attributor.lookup(cgid_c)
+        assert attributor.without_metadata() == {**NO_CONTAINERS_WITHOUT_METADATA,
+                                                 "docker": 1, "containerd": 1}
+        fake.unreachable = None  # back: they are described now, and stay counted once
+        clock.advance(5.1)
+        attributor.lookup(cgid_a)
+        assert attributor.wait_idle(5)
+        assert attributor.lookup(cgid_a).info == fake.containers[ID_A]
+        assert not attributor.metadata_unavailable
+    assert attributor.without_metadata() == {**NO_CONTAINERS_WITHOUT_METADATA,
+                                             "docker": 1, "containerd": 1}
+
+
+def test_attributor_without_provider_counts_containers_without_metadata(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path
+) -> None:
+    attributor = make_attributor(None)
+    for _ in range(2):
+        result = attributor.lookup(cgroup_id(cgroup_root, f"docker/{ID_B}"))
+        assert (result.state, result.metadata_error) == (AttributionState.CONTAINER,
+                                                         NO_PROVIDER_ERROR)
+    assert attributor.without_metadata() == {**NO_CONTAINERS_WITHOUT_METADATA, "docker": 1}
+
+
 def test_attributor_survives_a_crashing_provider(
     make_attributor: Callable[..., Attributor],
     cgroup_root: Path,
@@ -839,11 +935,13 @@ def prerequisite_missing(reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def cgroup2() -> Path:
-    # Hybrid hosts mount v2 at .../unified; pure v2 hosts at /sys/fs/cgroup itself.
-    for candidate in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
-        if (candidate / "cgroup.controllers").exists():
-            return candidate
-    prerequisite_missing("no cgroup v2 hierarchy under /sys/fs/cgroup")
+    """The host's cgroup v2 mount, from /proc/self/mountinfo (.../unified on a hybrid host)."""
+    from tests.support.host import cgroup2_root
+
+    try:
+        return cgroup2_root()
+    except FileNotFoundError as exc:
+        prerequisite_missing(str(exc))
     raise AssertionError("unreachable")
 
 
@@ -1053,17 +1151,17 @@ def test_docker_metadata_inspect_by_id_and_unknown(docker_ok: None, bb_image: st
 
 
 @pytest.mark.integration
-def test_new_cgroup_found_by_file_handle_without_a_walk(docker_ok, bb_image):
+def test_new_cgroup_found_by_file_handle_without_a_walk(docker_ok, bb_image, cgroup2):
     """A new container's cgroup resolves in one syscall even while rescans are rate-limited."""
     from tests.support.containers import run_container
 
     now = [1000.0]
-    index = CgroupIndex("/sys/fs/cgroup/unified", clock=lambda: now[0],
-                        min_rescan_interval=3600.0)
+    index = CgroupIndex(str(cgroup2), clock=lambda: now[0], min_rescan_interval=3600.0)
     index.rescan()  # the walk happens once, before the container exists
     with run_container(bb_image, ["sleep", "60"]) as container:
         path = index.path_of(container.cgroup_id)
-    assert path == f"/docker/{container.id}"
+        real_path = "/" + container.cgroup_path.relative_to(cgroup2).as_posix()
+    assert path == real_path  # /docker/ID (cgroupfs driver), /system.slice/docker-ID.scope, ...
     stats = index.stats
     assert stats["handle_hits"] == 1 and stats["rescans"] == 1
     assert index.path_of(987654321987) is None  # no such cgroup: ESTALE, then rate-limited

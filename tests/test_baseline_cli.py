@@ -4,14 +4,15 @@ control socket (the change lands in its live profiles)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 
 import pytest
-from driftwarden.agent.control import SOCKET_NAME, BaselineService, ControlServer
-from driftwarden.agent.detect import Detector, DetectorConfig, LiveProfiles
+from driftwarden.agent.control import SOCKET_NAME, BaselineService, ControlServer, LiveProfiles
+from driftwarden.agent.detect import Detector, DetectorConfig
 from driftwarden.core.modes import Mode
 from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
 from driftwarden.models.profile import LearningPolicy, Profile, ProfileStore
@@ -21,9 +22,10 @@ DB = "sha256:" + "2b" * 32
 T0 = 1_700_000_000.0
 
 
-def cli(state_dir, *args: str):
+def cli(state_dir, *args: str, env: dict | None = None, cwd=None):
     return subprocess.run([sys.executable, "-m", "driftwarden", "baseline", "--state-dir",
-                           str(state_dir), *args], capture_output=True, text=True, timeout=60)
+                           str(state_dir), *args], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=cwd)
 
 
 def seed(state_dir) -> ProfileStore:
@@ -81,10 +83,56 @@ def test_mode_reset_diff_export_import_on_files(tmp_path):
     assert refused.returncode == 2 and "pass --force" in refused.stderr
     imported = cli(tmp_path / "b", "import", str(exported), "--image", WEB)
     assert imported.returncode == 0, imported.stderr
-    assert json.loads(imported.stdout)["mode"] == "protect"  # exported in protect: kept
+    assert json.loads(imported.stdout)["mode"] == "monitor"  # exported in protect: not kept
 
     assert cli(tmp_path / "a", "reset", "shop/db").returncode == 0
     assert store.load(DB) is None
+
+
+def exported_in_protect(tmp_path):
+    store = seed(tmp_path / "ci")
+    web = store.load(WEB)
+    web.set_mode(Mode.PROTECT, reason="ci said so", who="ci", now=T0 + 10)
+    store.save(web)
+    return store.export(WEB, tmp_path / "web.baseline")
+
+
+def test_import_starts_in_monitor_whatever_mode_the_file_was_exported_in(tmp_path):
+    exported = exported_in_protect(tmp_path)
+    env = dict(os.environ, USER="alice")
+    env.pop("SUDO_USER", None)
+    # a relative file name is the operator's, not the agent's working directory
+    imported = cli(tmp_path / "node", "import", "web.baseline", env=env, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["mode"] == "monitor"
+    stored = ProfileStore(tmp_path / "node", ItemSet).load(WEB)
+    assert stored.mode is Mode.MONITOR
+    assert [(h["from"], h["to"], h["by"]) for h in stored.history] == [
+        ("learn", "protect", "ci"), ("protect", "monitor", "alice")]
+    assert stored.history[-1]["reason"] == f"imported from {exported}"
+
+
+@pytest.mark.parametrize(("mode", "history"), [
+    ("protect", [("learn", "protect", "ci")]),  # already there: no change to record
+    ("learn", [("learn", "protect", "ci"), ("protect", "learn", "bob")]),
+])
+def test_import_in_the_mode_the_operator_names(tmp_path, mode, history):
+    exported = exported_in_protect(tmp_path)
+    env = dict(os.environ, SUDO_USER="bob")
+    imported = cli(tmp_path / "node", "import", str(exported), "--mode", mode, env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["mode"] == mode
+    stored = ProfileStore(tmp_path / "node", ItemSet).load(WEB)
+    assert stored.mode is Mode(mode)
+    assert [(h["from"], h["to"], h["by"]) for h in stored.history] == history
+
+
+def test_import_with_an_unknown_mode_is_a_usage_error(tmp_path):
+    exported = exported_in_protect(tmp_path)
+    result = cli(tmp_path / "node", "import", str(exported), "--mode", "enforce")
+    assert result.returncode == 2
+    assert "argument --mode: invalid choice: 'enforce'" in result.stderr
+    assert ProfileStore(tmp_path / "node", ItemSet).load(WEB) is None
 
 
 @pytest.fixture
@@ -111,6 +159,27 @@ def test_mode_change_reaches_the_running_agent(running_agent, tmp_path):
     assert live.mode is Mode.MONITOR  # in the agent's memory, not only on disk
     assert live.history[-1]["reason"] == "rolled out v1.2"
     assert store.load(WEB).mode is Mode.MONITOR
+
+
+def test_import_through_the_running_agent_lands_in_its_live_profiles(running_agent, tmp_path):
+    detector, store = running_agent
+    exported = exported_in_protect(tmp_path / "elsewhere")
+    result = cli(tmp_path, "import", str(exported), "--image", WEB)
+    assert result.returncode == 0, result.stderr
+    live = detector.profiles[WEB]
+    assert live.mode is Mode.MONITOR
+    assert live.history[-1]["reason"] == f"imported from {exported}"
+    assert store.load(WEB).mode is Mode.MONITOR
+
+
+def test_reset_through_the_running_agent_forgets_the_live_profile(running_agent, tmp_path):
+    detector, store = running_agent
+    assert cli(tmp_path, "show", "shop/web").returncode == 0
+    assert WEB in detector.profiles  # asked for: now held live
+    result = cli(tmp_path, "reset", "shop/web")
+    assert result.returncode == 0, result.stderr
+    assert WEB not in detector.profiles
+    assert store.load(WEB) is None
 
 
 def test_control_socket_rejects_bad_requests(running_agent, tmp_path):

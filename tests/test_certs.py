@@ -11,18 +11,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driftwarden.core.certs import (
-    CertBundle,
+from driftwarden.core.errors import CertError, HostSupportError, PeerIdentityError, UsageError
+from driftwarden.core.tls import (
     PeerIdentity,
     certificate_identity,
-    collector_sans,
     identity_from_auth_context,
+    parse_rfc2253,
+)
+from driftwarden.ops.certs import (
+    CertBundle,
+    collector_sans,
     init_certs,
     load_bundle,
     parse_collector_names,
-    parse_rfc2253,
 )
-from driftwarden.core.errors import CertError, HostSupportError, PeerIdentityError, UsageError
 
 NODES = ["node-a", "node-b.example"]
 SERVICE_NAME = "driftwarden-collector.driftwarden.svc"  # what deploy/daemonset.yaml dials

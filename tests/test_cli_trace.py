@@ -58,10 +58,43 @@ def test_print_bpf_shows_settings_and_program():
     assert result.returncode == 0
     text = result.stdout
     assert "#define DW_DEDUP_NS 250000000" in text
-    assert "#define DW_KINDS 10" in text  # (1 << exec) | (1 << file)
+    assert "#define DW_WITH_EXEC 1\n#define DW_WITH_CONNECT 0\n#define DW_WITH_FILE 1\n" in text
+    assert text.startswith("/* driftwarden BPF program, as compiled; it attaches 52 tracepoints "
+                           "(bookkeeping 6, exec 4, write 42):\n *   sched:sched_process_fork\n")
     assert "struct dw_exec_event {" in text  # the shared header is inlined
     assert '#include "dw_event.h"' not in text
     assert "TRACEPOINT_PROBE(syscalls, sys_enter_execve)" in text
+
+
+@pytest.mark.parametrize(("kinds", "shown"), [
+    ("exec", "10 tracepoints (bookkeeping 6, exec 4)"),
+    ("connect", "10 tracepoints (bookkeeping 6, connect 4)"),
+    ("exec,connect,write", "56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)"),
+])
+def test_print_bpf_counts_and_names_the_tracepoints_the_kinds_attach(kinds, shown):
+    from driftwarden.probes.loader import ProbeConfig
+
+    result = trace("--print-bpf", "--kinds", kinds)
+    assert result.returncode == 0, result.stderr
+    comment = result.stdout.split("*/", 1)[0]
+    assert comment.splitlines()[0].endswith(f"it attaches {shown}:")
+    listed = [line.removeprefix(" *   ") for line in comment.splitlines()[1:-1]]
+    assert listed == list(ProbeConfig(kinds=frozenset(kinds.split(","))).tracepoint_names())
+    assert ("syscalls:sys_enter_openat" in listed) == ("write" in kinds)
+
+
+def test_kind_tracepoint_table_matches_the_probe_source():
+    """probes/loader.py's table and driftwarden.bpf.c's TRACEPOINT_PROBEs name the same 60,
+    each in exactly one part (the live tests check what bcc attaches)."""
+    from driftwarden.agent.doctor import probe_tracepoints
+    from driftwarden.probes.loader import ProbeConfig
+
+    every = ProbeConfig(open_result=True).tracepoints()
+    names = [tp for part in every.values() for tp in part]
+    assert len(names) == len(set(names)) == 60
+    assert set(names) == set(probe_tracepoints())
+    assert ProbeConfig().describe_tracepoints() == (
+        "56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)")
 
 
 def test_replay_missing_file(tmp_path):

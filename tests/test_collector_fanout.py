@@ -6,8 +6,8 @@ import threading
 from typing import Any
 
 import pytest
-from driftwarden.collector.fanout import FanoutHub, SubscriberFilter, image_repository
-from driftwarden.collector.store import AlertFilter
+from driftwarden.collector.fanout import FanoutHub, SubscriberFilter
+from driftwarden.collector.filters import AlertFilter, image_repository
 from driftwarden.core.errors import FilterError, UsageError
 
 CID = "0123456789ab" + "cd" * 26

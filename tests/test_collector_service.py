@@ -22,18 +22,17 @@ import grpc
 import pytest
 from driftwarden.collector.command import add_parser, config_from_args, run_collector
 from driftwarden.collector.policy import parse_policy
-from driftwarden.collector.server import CollectorConfig, CollectorServer, TlsFiles
-from driftwarden.collector.service import (
-    INTERRUPTED_MESSAGE,
-    SUBSCRIBED_METADATA,
-    service_names,
-)
-from driftwarden.collector.store import ActionStatus, AlertStore
+from driftwarden.collector.server import CollectorConfig, CollectorServer
+from driftwarden.collector.service import INTERRUPTED_MESSAGE
+from driftwarden.collector.servicers import SUBSCRIBED_METADATA, service_names
+from driftwarden.collector.store import AlertStore
 from driftwarden.core import wire
+from driftwarden.core.actions import ActionStatus
 from driftwarden.core.alerts import Alert, AlertKind, Severity
 from driftwarden.core.argtypes import CommandParser
-from driftwarden.core.certs import init_certs
 from driftwarden.core.errors import CollectorError, UsageError
+from driftwarden.core.tls import TlsFiles
+from driftwarden.ops.certs import init_certs
 from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,
@@ -144,6 +143,12 @@ def ids(events) -> list[str]:
     return [e.alert.id for e in events]
 
 
+def counted(server: CollectorServer, counter: str, **labels: str) -> float:
+    """``driftwarden_collector_<counter>_total{labels}`` now; 0 before its first count."""
+    value = server.metrics.sample(f"driftwarden_collector_{counter}_total", labels)
+    return 0.0 if value is None else value
+
+
 # -- the agent channel ---------------------------------------------------------------------------
 
 
@@ -164,7 +169,7 @@ def test_invalid_message_is_rejected_with_the_validator_text_and_not_stored(serv
         CODE.INVALID_ARGUMENT,
         "agent_message.alert_batch.alerts[1].count: must be at least 1, got 0")
     assert server.store.count_alerts() == 0
-    assert server.service._invalid_messages.value("AgentChannel.Connect") == 1
+    assert counted(server, "invalid_messages", rpc="AgentChannel.Connect") == 1
 
 
 def test_a_stream_without_hello_times_out(make_server, channels):
@@ -202,8 +207,8 @@ def test_alerts_are_stored_and_acked_with_their_spool_seqs_and_replays_are_not_d
     agent.send_alerts([make_alert("one", when=100.0, count=3, last_seen=150.0)])
     assert list(agent.recv_kind("ack").spool_seqs) == []
     assert server.store.get_alert(alerts[0].id)["count"] == 4
-    counter = server.service._alerts_received
-    assert [counter.value(o) for o in ("new", "duplicate", "updated", "rejected")] == [2, 2, 1, 0]
+    assert [counted(server, "alerts_received", outcome=o)
+            for o in ("new", "duplicate", "updated", "rejected")] == [2, 2, 1, 0]
     assert agent.pending() == []
 
 
@@ -220,7 +225,7 @@ def test_a_batch_with_an_alert_of_another_node_is_rejected_whole(server, channel
     [entry] = server.store.list_audit()
     assert (entry.actor, entry.action, entry.decision, entry.reason) == (
         "node-a", "alert-batch", "rejected", notice.text)
-    assert server.service._alerts_received.value("rejected") == 2
+    assert counted(server, "alerts_received", outcome="rejected") == 2
     agent.send_alerts([make_alert("mine", node="node-a")], [3])  # the stream goes on
     assert list(agent.recv_kind("ack").spool_seqs) == [3]
 
@@ -376,8 +381,7 @@ def test_a_slow_subscriber_gets_a_notice_with_the_exact_dropped_count(make_serve
             seen += 1
     assert dropped >= len(published) - 10 - 2  # the queue plus what was in flight
     assert server.hub.stats()["dropped"] == dropped
-    assert f"driftwarden_collector_subscriber_dropped_total {dropped}\n" in (
-        server.metrics.render())
+    assert server.metrics.sample("driftwarden_collector_subscriber_dropped_total") == dropped
 
 
 # -- listing alerts ------------------------------------------------------------------------------
@@ -464,7 +468,7 @@ def test_an_action_is_routed_to_the_agent_and_its_result_returned_and_stored(ser
     listed = stub.List(actions_pb2.ListActionsRequest(), timeout=5).actions
     assert [(a.action_id, a.status) for a in listed] == [
         (command.action_id, actions_pb2.ACTION_STATUS_DONE)]
-    assert server.service._actions_total.value("quarantine", "done") == 1
+    assert counted(server, "actions", type="quarantine", status="done") == 1
 
 
 def test_an_action_for_a_node_whose_agent_is_offline_fails_with_the_reason(server, channels):
@@ -660,7 +664,8 @@ def _credentials(certs, pair) -> grpc.ChannelCredentials:
 
 def test_tls_binds_the_node_to_the_certificate_and_roles_to_calls(make_server, channels, certs):
     server = make_server(policy=NO_RULES, tls=TlsFiles(
-        certs.collector.cert, certs.collector.key, certs.ca_cert))
+        ca=certs.ca_cert, cert=certs.collector.cert, key=certs.collector.key,
+        ca_flag="--tls-client-ca"))
     node_a = channels(server, credentials=_credentials(certs, certs.agent("node-a")))
     operator = channels(server, credentials=_credentials(certs, certs.operator))
 
@@ -738,24 +743,59 @@ def test_streams_beyond_the_limit_are_refused(make_server, channels):
 
 
 def test_metrics_are_served_over_http(make_server, channels):
+    from prometheus_client.parser import text_string_to_metric_families
+
     server = make_server(policy=NO_RULES, metrics_listen="127.0.0.1:0")
-    agent = connect(channels(server))
-    agent.send_alerts([make_alert("one"), make_alert("two")])
+    channel = channels(server)
+    call = subscribe(channel)
+    agent = connect(channel)
+    now = time.time()
+    # raised 0.7 s ago; from an agent whose clock is an hour ahead (counts as 0 s)
+    one, two = make_alert("one", when=now - 0.7), make_alert("two", when=now + 3600)
+    agent.send_alerts([one, two])
     agent.recv_kind("ack")
+    agent.send_alerts([one])  # a replay: DUPLICATE, neither published nor timed again
+    agent.recv_kind("ack")
+    assert ids(take(call, 2)) == [one.id, two.id]
     # the store's background WAL checkpoints run every second (collector/server.py)
     wait_until(lambda: server.store.checkpoint_stats["checkpoints"] >= 1, "a checkpoint")
     with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = reply.read().decode()
-    for line in ('driftwarden_collector_alerts_received_total{outcome="new"} 2',
-                 "driftwarden_collector_agents_connected 1",
-                 'driftwarden_collector_store_rows{table="alerts"} 2',
-                 "driftwarden_collector_subscribers 0",
-                 'driftwarden_collector_store_checkpoints_total{outcome="error"} 0'):
-        assert line + "\n" in text
-    done = re.search(r'^driftwarden_collector_store_checkpoints_total\{outcome="done"\} (\d+)$',
-                     text, re.M)
-    assert done is not None, text
-    assert 1 <= int(done.group(1)) <= server.store.checkpoint_stats["checkpoints"]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text)
+               if not family.name.endswith("_created") for s in family.samples}
+    done = samples.pop(("driftwarden_collector_store_checkpoints_total", (("outcome", "done"),)))
+    assert 1 <= done <= server.store.checkpoint_stats["checkpoints"]
+    latencies = {key: samples.pop(key) for key in list(samples) if "latency" in key[0]}
+    assert samples == {
+        ("driftwarden_collector_agents_connected", ()): 1.0,
+        ("driftwarden_collector_alerts_received_total", (("outcome", "duplicate"),)): 1.0,
+        ("driftwarden_collector_alerts_received_total", (("outcome", "new"),)): 2.0,
+        ("driftwarden_collector_actions_interrupted_total", ()): 0.0,
+        **{("driftwarden_collector_policy_decisions_total", (("outcome", outcome),)): value
+           for outcome, value in (("act", 0.0), ("no-match", 2.0), ("skip", 0.0))},
+        ("driftwarden_collector_store_checkpoints_total", (("outcome", "error"),)): 0.0,
+        **{("driftwarden_collector_store_rows", (("table", table),)): value
+           for table, value in (("actions", 0.0), ("agents", 1.0), ("alerts", 2.0),
+                                ("audit", 0.0), ("containers", 1.0))},
+        ("driftwarden_collector_subscriber_dropped_total", ()): 0.0,
+        ("driftwarden_collector_subscribers", ()): 1.0,
+    }
+
+    def histogram(name: str) -> tuple[dict[str, float], float, float]:
+        buckets = {dict(labels)["le"]: value for (sample, labels), value in latencies.items()
+                   if sample == name + "_bucket"}
+        return buckets, latencies[(name + "_count", ())], latencies[(name + "_sum", ())]
+
+    buckets, count, total = histogram("driftwarden_collector_alert_store_latency_seconds")
+    assert (count, buckets["0.0005"], buckets["0.5"], buckets["2.5"], buckets["+Inf"]) == (
+        2, 1, 1, 2, 2)
+    assert 0.7 <= total < 2.5
+    buckets, count, total = histogram("driftwarden_collector_subscriber_latency_seconds")
+    assert (count, buckets["2.5"], buckets["+Inf"]) == (2, 2, 2)
+    assert 0 < total < 5
+    assert len(buckets) == 18  # LATENCY_BUCKETS and +Inf
 
 
 def test_a_port_in_use_is_an_error(server, tmp_path):
@@ -774,15 +814,21 @@ def test_config_refuses_what_it_cannot_serve(tmp_path):
         return str(info.value)
 
     assert config(listen="0.0.0.0:50051") == (
-        "--listen '0.0.0.0:50051': this build listens on loopback only (127.0.0.0/8, ::1, "
-        "localhost); for a real deployment pass --allow-non-loopback with "
-        "--tls-cert/--tls-key/--tls-client-ca")
+        "--listen '0.0.0.0:50051': 0.0.0.0 is not a loopback address; this build listens on "
+        "127.0.0.0/8, ::1 and localhost only (pass --allow-non-loopback for a real deployment, "
+        "with TLS: the --tls-* flags)")
     assert config(listen="0.0.0.0:50051", allow_non_loopback=True) == (
         "--listen 0.0.0.0:50051: listening beyond loopback needs TLS (--tls-cert, --tls-key, "
         "--tls-client-ca)")
-    assert config(listen="50051").startswith("--listen '50051': expected HOST:PORT")
-    assert config(metrics_listen="10.0.0.1:9464").startswith(
-        "--metrics '10.0.0.1:9464': this build listens on loopback only")
+    assert config(listen="50051") == (
+        "--listen '50051': a port alone, no host; expected HOST:PORT (e.g. 127.0.0.1:50051 or "
+        "[::1]:50051; port 0 picks a free port)")
+    assert config(metrics_listen="10.0.0.1:9464") == (
+        "--metrics '10.0.0.1:9464': 10.0.0.1 is not a loopback address; it listens on "
+        "127.0.0.0/8, ::1 and localhost only (put a proxy in front to expose it)")
+    assert config(tls=TlsFiles(ca=tmp_path / "ca.crt")) == (
+        "a TLS collector presents its certificate: give --tls-cert and --tls-key with "
+        "--tls-client-ca")
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -850,14 +896,16 @@ def test_collector_command_flag_errors_are_one_line(tmp_path, capsys):
         return str(info.value)
 
     assert usage("--tls-cert", "c.crt") == (
-        "--tls-cert given without --tls-key, --tls-client-ca: TLS needs all three")
-    assert usage("--tls-cert", "c.crt", "--tls-key", "k", "--tls-client-ca", "ca").startswith(
-        "--tls-key k: cannot read it (No such file or directory)")
+        "--tls-cert given without --tls-client-ca, --tls-key: TLS needs all three "
+        "(`driftwarden certs init DIR` makes them)")
+    assert usage("--tls-cert", "c.crt", "--tls-key", "k", "--tls-client-ca", "ca") == (
+        "--tls-client-ca ca: cannot read it (No such file or directory); run `driftwarden "
+        "certs init DIR` to make certificates")
     (tmp_path / "empty").write_text("\n")
     assert usage("--token-file", str(tmp_path / "empty")) == (
         f"--token-file {tmp_path / 'empty'}: the file is empty")
     assert usage("--listen", "0.0.0.0:50051").startswith(
-        "--listen '0.0.0.0:50051': this build listens on loopback only")
+        "--listen '0.0.0.0:50051': 0.0.0.0 is not a loopback address; this build listens on ")
     (tmp_path / "bad.yaml").write_text("version: 1\ndry_run: maybe\n")
     assert usage("--policy", str(tmp_path / "bad.yaml")).startswith(
         f"{tmp_path / 'bad.yaml'}: dry_run: ")
@@ -941,7 +989,7 @@ def test_an_action_left_pending_by_a_stopped_collector_fails_at_start_and_a_late
     failed = second.store.list_audit()[-1]
     assert (failed.actor, failed.action, failed.target, failed.decision, failed.reason) == (
         "collector", "quarantine", cid, "failed", INTERRUPTED_MESSAGE)
-    assert second.service._actions_interrupted.value() == 1
+    assert counted(second, "actions_interrupted") == 1
     channel = channels(second)
     listed = actions_pb2_grpc.ActionsStub(channel).List(actions_pb2.ListActionsRequest(),
                                                         timeout=5).actions
@@ -959,7 +1007,7 @@ def test_an_action_left_pending_by_a_stopped_collector_fails_at_start_and_a_late
     done = second.store.list_audit()[-1]
     assert (done.actor, done.decision, done.reason, done.details["replaces"]) == (
         "node-a", "done", "quarantined and paused", INTERRUPTED_MESSAGE)
-    assert second.service._actions_total.value("quarantine", "done") == 1
+    assert counted(second, "actions", type="quarantine", status="done") == 1
 
 
 def test_actions_list_filters_and_pages_in_the_store(server, channels):
@@ -1014,7 +1062,7 @@ def test_a_container_without_a_name_is_acted_on_by_policy_and_operators(make_ser
     assert list(agent.recv_kind("ack").spool_seqs) == [1, 2]
     assert [(a.container_name, a.status) for a in server.store.list_actions()] == [
         ("api", ActionStatus.PENDING), (None, ActionStatus.PENDING)]
-    assert server.service._batch_errors.value("policy") == 0
+    assert counted(server, "batch_errors", stage="policy") == 0
     # a heartbeat listing a container with an empty name: an operator can act on it too
     cid = container_id("nameless")
     agent.send(heartbeat=heartbeat([(cid, "")]))
@@ -1049,7 +1097,7 @@ def test_a_stored_batch_is_acked_when_the_policy_fails_for_one_of_its_alerts(
     assert list(agent.recv_kind("ack").spool_seqs) == [1, 2]
     assert ids(take(events, 2)) == [bad.id, good.id]  # both published
     assert server.store.count_alerts() == 2
-    assert server.service._batch_errors.value("policy") == 1
+    assert counted(server, "batch_errors", stage="policy") == 1
     error = server.store.list_audit()[0]
     assert (error.actor, error.action, error.target, error.decision, error.reason,
             error.details) == ("collector", "policy", bad.id, "error", "RuntimeError: boom",

@@ -26,17 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
-from driftwarden.agent.command import channel_config, options_from_args, parse_metrics_address
+from driftwarden.agent.command import channel_config, options_from_args
 from driftwarden.cli.main import build_parser
 from driftwarden.collector.command import config_from_args
 from driftwarden.collector.policy import load_policy
-from driftwarden.collector.server import CollectorServer, parse_address
-from driftwarden.core.certs import CertBundle, certificate_identity, init_certs
+from driftwarden.collector.server import CollectorServer
+from driftwarden.core.dial import dial
 from driftwarden.core.errors import UsageError
-from driftwarden.core.netaddr import is_loopback
+from driftwarden.core.netaddr import is_loopback, parse_metrics_address
+from driftwarden.core.tls import certificate_identity
+from driftwarden.ops.certs import CertBundle, init_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,6 @@ NAMESPACE = "driftwarden"
 SERVICE_HOST = "driftwarden-collector.driftwarden.svc"
 NODES = ["node-a", "node-b.example"]
 NODE = NODES[1]  # the node the pod under test is scheduled on
-NO_PROXY = (("grpc.enable_http_proxy", 0),)
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -415,8 +415,9 @@ def test_agent_on_a_node_without_a_certificate_fails_clearly(
     args = build_parser().parse_args(pod.localise(argv(container, "node-new", entrypoint)[1:]))
     with pytest.raises(UsageError) as err:
         channel_config(options_from_args(args))
-    key = pod.local("/etc/driftwarden/tls/node-new.key")
-    assert str(err.value) == f"cannot read --tls-key {key}: No such file or directory"
+    cert = pod.local("/etc/driftwarden/tls/node-new.crt")
+    assert str(err.value) == (f"--tls-cert {cert}: cannot read it (No such file or directory); "
+                              f"run `driftwarden certs init DIR` to make certificates")
 
 
 # -- the collector ------------------------------------------------------------------------------
@@ -453,17 +454,17 @@ def test_collector_args_pass_the_cli_and_the_collector_validation(
     assert args.command == "collector"
     config = config_from_args(args)  # reads the TLS files, loads the policy, checks the db dir
     tls = pod.local("/etc/driftwarden/tls")
-    assert (config.tls.cert, config.tls.key, config.tls.client_ca) == (
-        tls / "collector.crt", tls / "collector.key", tls / "ca.crt")
+    assert (config.tls.cert, config.tls.key, config.tls.ca, config.tls.ca_flag) == (
+        tls / "collector.crt", tls / "collector.key", tls / "ca.crt", "--tls-client-ca")
     assert config.db_path == pod.local("/var/lib/driftwarden/collector.db")
     assert config.policy == load_policy(pod.local("/etc/driftwarden/policy/policy.yaml"))
     assert config.allow_non_loopback is True
     assert config.operator_token is None  # operators use the operator certificate
     # the ports the pod declares are the ones it serves beyond loopback, and only those
-    host, port = parse_address(config.listen, allow_non_loopback=True)
+    host, port = config.listen_address
     assert not is_loopback(host)
     assert {p["containerPort"] for p in container["ports"]} == {port}
-    metrics_host, metrics_port = parse_address(config.metrics_listen, what="--metrics")
+    metrics_host, metrics_port = config.metrics_address
     assert is_loopback(metrics_host) and metrics_port != port
     # listening beyond loopback is refused without TLS: the manifest's TLS flags are needed
     plain = pod.localise(line[1:])
@@ -499,13 +500,11 @@ def test_agent_secret_reaches_the_collector_by_its_service_name(
     pod = Pod(spec, container, cluster, tmp_path / "agent")
     config = channel_config(options_from_args(build_parser().parse_args(
         pod.localise(argv(container, NODE, entrypoint)[1:]))))
-    ca, key, cert = config.tls.read()
     dialled_host = config.address.rpartition(":")[0]
     assert dialled_host == SERVICE_HOST
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                               certificate_chain=cert)
-    with grpc.secure_channel(f"127.0.0.1:{running_collector.port}", credentials,
-                             (*NO_PROXY, ("grpc.ssl_target_name_override", dialled_host))) as ch:
+    # the agent's own dial, with its TLS files, to where the Service would route
+    with dial(f"127.0.0.1:{running_collector.port}", tls=config.tls,
+              options=[("grpc.ssl_target_name_override", dialled_host)]) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=20)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 

@@ -217,3 +217,27 @@ def test_layers_cache_falls_back_to_the_runtimes_record_and_never_caches_a_miss(
     assert layers == Layers(upper=tmp_path / "up", lowers=(tmp_path / "l1", tmp_path / "l2"))
     assert cache.get(CID, 12345) is layers and asked.count(CID) == 1
     assert cache.stats == {"mountinfo": 0, "graph_driver": 1, "unknown": 2}
+
+
+def test_the_detector_reports_each_records_kernel_timestamp_as_it_takes_it_up(tmp_path):
+    """The agent's kernel -> agent latency histogram is fed from here (agent/command.py)."""
+    raws = _normal(0, 1)
+    stray = file_record(int(FileOp.OPEN), "/x", open_flags=0o1101, mode=0o600,
+                        cgroup_id=UNKNOWN_CG, tgid=7, pid=7, ppid=1, ts_ns=int(0.55 * SECOND))
+    source = ReplayCapture(_capture(tmp_path / "c.dwcap", [*raws[:15], stray, *raws[15:]],
+                                    unknown=True), batch_size=256)
+    pipeline = TracePipeline(source, proc=ReplayProcReader(source.facts),
+                             attribution=ReplayAttribution(source.facts), sinks=[],
+                             pending_timeout=0)
+    seen: list[int] = []
+    detector = Detector(DetectorConfig(event_time_windows=True),
+                        ProfileStore(tmp_path / "s", ItemSet), ListAlertSink(),
+                        exe_of=pipeline.processes.exe_before_exec,
+                        layers_of=lambda _c, _t: None, clock=lambda: 1e9, event_seen=seen.append)
+    pipeline.sinks.append(detector)
+    pipeline.run(poll_interval=0)
+    detector.close()
+    # every record once, in the order it reaches the detector: the unattributed one last (it
+    # waited for its container's metadata until the end of its batch)
+    assert seen == [*(int(i / 10 * SECOND) for i in range(10) for _ in range(3)),
+                    int(0.55 * SECOND)]

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from driftwarden.core import wire
-from driftwarden.core.certs import CertBundle, KeyPair, init_certs
+from driftwarden.ops.certs import CertBundle, KeyPair, init_certs
 from driftwarden.proto.v1 import (
     actions_pb2,
     actions_pb2_grpc,

@@ -8,7 +8,6 @@ constant added on the C side without a Python counterpart fails the test too.
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -37,8 +36,6 @@ HEADER = PROBES / "dw_event.h"
 STRUCTS = ("dw_event_header", "dw_exec_event", "dw_connect_event", "dw_file_event",
            "dw_chdir_event")
 NON_DEFAULT = Limits(path_max=256, max_args=16, max_arg_len=128, args_size=2048)
-
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
 
 def _c_program(limits: Limits, constants: list[str]) -> str:
@@ -100,7 +97,8 @@ def _compile_and_run(limits: Limits, tmp: Path) -> tuple[dict, dict, dict]:
 
 
 @pytest.fixture(scope="module", params=[Limits(), NON_DEFAULT], ids=["default", "small"])
-def compiled(request, tmp_path_factory):
+def compiled(request, tmp_path_factory, gcc_ok):
+    # gcc_ok (tests/conftest.py): skips without gcc, fails under DRIFTWARDEN_REQUIRE_INTEGRATION=1
     limits = request.param
     return limits, _compile_and_run(limits, tmp_path_factory.mktemp("layout"))
 
@@ -163,7 +161,7 @@ def test_limits_reach_the_compiler(compiled):
     assert consts["DW_ARGS_SIZE"] == limits.args_size
 
 
-def test_default_limits_are_the_header_defaults(tmp_path):
+def test_default_limits_are_the_header_defaults(tmp_path, gcc_ok):
     """Limits() and the header's #ifndef defaults agree (compile with no -D at all)."""
     src = tmp_path / "d.c"
     src.write_text('#include <stdio.h>\n#include "dw_event.h"\nint main(void) {\n'

@@ -24,23 +24,20 @@ import pytest
 from driftwarden.core import wire
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
 from driftwarden.core.errors import UsageError
+from driftwarden.ops.client import collector_target, describe_rpc_error, operator_channel
 from driftwarden.ops.command import (
     add_parsers,
-    collector_target,
-    describe_rpc_error,
-    format_age,
-    operator_channel,
     parse_duration,
     parse_since,
     run_action,
     run_agents,
     run_alerts,
     run_certs,
-    split_collector_address,
 )
 from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
 
 from tests.support.fake_operator_api import FakeOperatorApi, ServerTls, SubscribeScript
+from tests.support.terminal import FakeTerminal, Tap, screen
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 NO_FILTER = alerts_pb2.AlertFilter()  # set, empty: every alert
@@ -71,14 +68,18 @@ A3 = _alert(3, T0 + 125, AlertKind.ANOMALY, Severity.LOW,
                        "registry.example:5000/team/some-image:1.2.3", None), "node-a",
             "exec rate 40/window is outside the learned range 0-3")
 
-HEADER = ("TIME                  KIND     SEV     CONTAINER           IMAGE                     "
-          "NODE    REASON")
-ROW1 = ("2023-11-14T22:13:25Z  drift    high    web-1               nginx:1.25                "
-        "node-a  ran /tmp/x, which the image does not contain...")
-ROW2 = ("2023-11-14T22:14:25Z  novel    medium  f00dcafef00d        sha256:abababababab       "
-        "node-b  connected to 127.0.0.1:4444, never seen for ...")
-ROW3 = ("2023-11-14T22:15:25Z  anomaly  low     a-very-long-con...  registry.example:5000...  "
-        "node-a  exec rate 40/window is outside the learned r...")
+# Plain lines (pipes, files, --plain): aligned by the widest cell, never cut.
+HEADER = ("TIME                  KIND     SEV     CONTAINER                                "
+          "IMAGE                                        NODE    COUNT  REASON")
+ROW1 = ("2023-11-14T22:13:25Z  drift    high    web-1                                    "
+        "nginx:1.25                                   node-a      1  ran /tmp/x, which the "
+        "image does not contain (added at run time)")
+ROW2 = ("2023-11-14T22:14:25Z  novel    medium  f00dcafef00d                             "
+        "sha256:abababababab                          node-b      1  connected to "
+        "127.0.0.1:4444, never seen for this image")
+ROW3 = ("2023-11-14T22:15:25Z  anomaly  low     a-very-long-container-name-that-goes-on  "
+        "registry.example:5000/team/some-image:1.2.3  node-a      1  exec rate 40/window is "
+        "outside the learned range 0-3")
 
 QUARANTINE = actions_pb2.Action(
     action_id="act-1", type=actions_pb2.ACTION_TYPE_QUARANTINE,
@@ -156,25 +157,36 @@ def test_parse_since() -> None:
 
 
 def test_collector_addresses_and_the_loopback_rule() -> None:
-    assert split_collector_address("127.0.0.1:6000") == ("127.0.0.1", 6000)
-    assert split_collector_address("[::1]:6000") == ("::1", 6000)
-    assert split_collector_address("localhost") == ("localhost", 50051)
-    assert split_collector_address("::1") == ("::1", 50051)
+    assert collector_target("127.0.0.1:6000") == "127.0.0.1:6000"
     assert collector_target("[::1]:6000") == "[::1]:6000"
+    assert collector_target("localhost") == "localhost:50051"  # a host alone: the default port
+    assert collector_target("::1") == "[::1]:50051"
     assert collector_target("127.0.0.2:1") == "127.0.0.2:1"
-    assert collector_target("localhost:7") == "localhost:7"
     assert collector_target("10.1.2.3:50051", allow_non_loopback=True) == "10.1.2.3:50051"
-    with pytest.raises(UsageError, match=r"'10.1.2.3:50051' is not a loopback address: this "
-                                         r"build talks only to 127.0.0.0/8, ::1 or localhost "
-                                         r"\(pass --allow-non-loopback"):
+    with pytest.raises(UsageError) as info:
         collector_target("10.1.2.3:50051")
+    assert str(info.value) == (
+        "--collector '10.1.2.3:50051': 10.1.2.3 is not a loopback address; this build talks to "
+        "127.0.0.0/8, ::1 and localhost only (pass --allow-non-loopback for a real deployment, "
+        "with TLS: the --tls-* flags)")
     with pytest.raises(UsageError, match="not a loopback address"):
         collector_target("collector.example.com:50051")
     for bad, message in (("127.0.0.1:99999", "port '99999' is not 1-65535"),
-                         ("unix:///tmp/s", "not a URI"), ("[::1", "expected \\[IPv6\\]:port"),
-                         (":50051", "has no host")):
-        with pytest.raises(UsageError, match=message):
-            split_collector_address(bad)
+                         ("unix:///tmp/s", "a URI, not an address"),
+                         ("[::1", r"unbalanced brackets"), (":50051", "no host")):
+        with pytest.raises(UsageError, match=rf"^--collector '{re.escape(bad)}': {message}; "
+                                             r"expected HOST:PORT \(e\.g\. 127\.0\.0\.1:50051"):
+            collector_target(bad)
+
+
+def test_a_bad_address_in_the_environment_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv("DRIFTWARDEN_COLLECTOR", "collector:notaport")
+    with pytest.raises(UsageError, match=r"^\$DRIFTWARDEN_COLLECTOR 'collector:notaport': port "
+                                         r"'notaport' is not 1-65535"):
+        operator_channel(parse("agents"))
+    # the flag wins over the variable, and is what the error names
+    with pytest.raises(UsageError, match=r"^--collector '10\.0\.0\.1': 10\.0\.0\.1 is not"):
+        operator_channel(parse("agents", "--collector", "10.0.0.1"))
 
 
 def test_non_loopback_collector_is_refused_before_any_connection() -> None:
@@ -185,41 +197,78 @@ def test_non_loopback_collector_is_refused_before_any_connection() -> None:
         run_agents(args)
 
 
-def test_format_age() -> None:
-    assert [format_age(s) for s in (-3, 0, 59.9, 60, 3599, 3600, 86399, 86400 * 3)] == [
-        "0s ago", "0s ago", "59s ago", "1m ago", "59m ago", "1h ago", "23h ago", "3d ago"]
-
-
 # -- alerts: listing -----------------------------------------------------------------------------
 
 
-def test_alerts_table_newest_last_cut_to_the_terminal_width(api: FakeOperatorApi) -> None:
+def test_alerts_table_newest_last_never_cut(api: FakeOperatorApi) -> None:
     api.alerts = [A3, A2, A1]
     out = io.StringIO()
     assert run_alerts(parse("alerts", "--collector", api.address), out=out) == 0
     assert lines(out) == [HEADER, ROW1, ROW2, ROW3]
-    assert {len(line) for line in lines(out)[1:]} == {140}
     assert api.requests("Alerts.List") == [
         alerts_pb2.ListAlertsRequest(filter=NO_FILTER, page_size=50)]
 
 
-def test_alerts_table_narrow_terminal(api: FakeOperatorApi, monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "60")
-    api.alerts = [A1]
+LONG_REASON = "ran /tmp/" + "x" * 280 + ", which the image does not contain"  # 323 characters
+
+
+@pytest.mark.parametrize("columns", ["40", "80", "140"])
+def test_piped_alerts_lines_are_never_cut(api: FakeOperatorApi, monkeypatch,
+                                          columns: str) -> None:
+    monkeypatch.setenv("COLUMNS", columns)  # a terminal size in the environment changes nothing
+    long = _alert(7, T0 + 5, AlertKind.DRIFT, Severity.HIGH,
+                  _container(WEB_ID, "web-1", "nginx:1.25", None), "node-a", LONG_REASON)
+    api.alerts = [long]
+    api.subscribe_script = [SubscribeScript(events=[_event(alert=long)])]
+    listed, followed = io.StringIO(), io.StringIO()
+    assert run_alerts(parse("alerts", "--collector", api.address), out=listed) == 0
+    assert run_alerts(parse("alerts", "-f", "--collector", api.address), out=followed,
+                      stop=threading.Event()) == 0
+    assert lines(listed) == [
+        "TIME                  KIND   SEV   CONTAINER  IMAGE       NODE    COUNT  REASON",
+        "2023-11-14T22:13:25Z  drift  high  web-1      nginx:1.25  node-a      1  " + LONG_REASON]
+    assert lines(followed)[1] == (
+        "2023-11-14T22:13:25Z  drift    high      web-1               nginx:1.25                "
+        "node-a            1  " + LONG_REASON)
+    for line in (lines(listed)[1], lines(followed)[1]):  # awk sees the same fields
+        assert line.split(maxsplit=7) == ["2023-11-14T22:13:25Z", "drift", "high", "web-1",
+                                          "nginx:1.25", "node-a", "1", LONG_REASON]
+
+
+def test_following_plain_a_wider_cell_widens_its_column_from_there_on(
+        api: FakeOperatorApi) -> None:
+    wide = _alert(8, T0 + 1, AlertKind.DRIFT, Severity.LOW,
+                  _container("8" * 64, "checkout-service-7d9f8b6c5-x2x4q", "shop/checkout:2.1",
+                             None), "node-a", "ran /tmp/a")
+    api.subscribe_script = [SubscribeScript(events=[_event(alert=A1), _event(alert=wide),
+                                                    _event(alert=A2)])]
     out = io.StringIO()
-    assert run_alerts(parse("alerts", "--collector", api.address), out=out) == 0
-    assert lines(out) == ["TIME                  KIND   SEV   CONTAINER  IMAGE      ...",
-                          "2023-11-14T22:13:25Z  drift  high  web-1      nginx:1.25 ..."]
+    assert run_alerts(parse("alerts", "-f", "--collector", api.address), out=out,
+                      stop=threading.Event()) == 0
+    assert lines(out)[1:4] == [
+        FOLLOW_ROW1,
+        "2023-11-14T22:13:21Z  drift    low       checkout-service-7d9f8b6c5-x2x4q  "
+        "shop/checkout:2.1         node-a            1  ran /tmp/a",
+        "2023-11-14T22:14:25Z  novel    medium    f00dcafef00d                      "
+        "sha256:abababababab       node-b            1  connected to 127.0.0.1:4444, never "
+        "seen for this image"]
 
 
 def test_alerts_control_characters_are_not_printed(api: FakeOperatorApi) -> None:
     evil = _alert(9, T0, AlertKind.DRIFT, Severity.CRITICAL,
-                  _container("e" * 64, "x\x1b[2Jy", "img\nz", None), "n\t1", "bad\rreason")
+                  _container("e" * 64, "x\x1b[2Jy", "img\nz", None), "n\t1",
+                  "bad\rreason\x1b]0;title\x07" + "!" * 300)
     api.alerts = [evil]
     out = io.StringIO()
     run_alerts(parse("alerts", "--collector", api.address), out=out)
     assert lines(out)[1] == ("2023-11-14T22:13:20Z  drift  critical  x?[2Jy     img?z  n?1   "
-                             "bad?reason")
+                             "    1  bad?reason?]0;title?" + "!" * 300)
+    out = io.StringIO()  # JSON keeps the texts, every control character escaped
+    run_alerts(parse("alerts", "--json", "--collector", api.address), out=out)
+    text = out.getvalue()
+    assert [c for c in text if not c.isprintable()] == ["\n"]  # one line, no terminal codes
+    assert json.loads(text)["container"]["name"] == "x\x1b[2Jy"
+    assert json.loads(text)["reasons"][0]["text"].startswith("bad\rreason\x1b]0;title\x07")
 
 
 def test_alerts_json_lines(api: FakeOperatorApi) -> None:
@@ -284,13 +333,15 @@ def test_alerts_with_actions_are_merged_by_time(api: FakeOperatorApi) -> None:
     api.actions = [QUARANTINE]
     out = io.StringIO()
     assert run_alerts(parse("alerts", "--actions", "--collector", api.address), out=out) == 0
-    assert lines(out) == [  # the columns fit these two alerts
-        "TIME                  KIND   SEV     CONTAINER     IMAGE                NODE    REASON",
-        "2023-11-14T22:13:25Z  drift  high    web-1         nginx:1.25           node-a  ran /tmp"
-        "/x, which the image does not contain (added at ru...",
-        "2023-11-14T22:13:27Z  >> quarantine web-1: done (policy rule quarantine-protect-drift)",
-        "2023-11-14T22:14:25Z  novel  medium  f00dcafef00d  sha256:abababababab  node-b  connecte"
-        "d to 127.0.0.1:4444, never seen for this image"]
+    assert lines(out) == [  # the columns fit these rows; an action is a row of KIND action
+        "TIME                  KIND    SEV     CONTAINER     IMAGE                NODE    COUNT  "
+        "REASON",
+        "2023-11-14T22:13:25Z  drift   high    web-1         nginx:1.25           node-a      1  "
+        "ran /tmp/x, which the image does not contain (added at run time)",
+        "2023-11-14T22:13:27Z  action  -       web-1         -                    node-a      -  "
+        "quarantine done (policy rule quarantine-protect-drift)",
+        "2023-11-14T22:14:25Z  novel   medium  f00dcafef00d  sha256:abababababab  node-b      1  "
+        "connected to 127.0.0.1:4444, never seen for this image"]
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -312,12 +363,15 @@ def _event(**kw) -> alerts_pb2.AlertEvent:
     return alerts_pb2.AlertEvent(**kw)
 
 
+# Following, plain: each column at its usual width (rows are not known yet), never cut.
 FOLLOW_HEADER = ("TIME                  KIND     SEV       CONTAINER           IMAGE         "
-                 "            NODE          REASON")
+                 "            NODE          COUNT  REASON")
 FOLLOW_ROW1 = ("2023-11-14T22:13:25Z  drift    high      web-1               nginx:1.25    "
-               "            node-a        ran /tmp/x, which the image does not...")
+               "            node-a            1  ran /tmp/x, which the image does not contain "
+               "(added at run time)")
 FOLLOW_ROW2 = ("2023-11-14T22:14:25Z  novel    medium    f00dcafef00d        sha256:ababab"
-               "ababab       node-b        connected to 127.0.0.1:4444, never s...")
+               "ababab       node-b            1  connected to 127.0.0.1:4444, never seen for "
+               "this image")
 
 
 def test_follow_prints_alerts_notices_and_actions_until_the_stream_ends(
@@ -330,8 +384,10 @@ def test_follow_prints_alerts_notices_and_actions_until_the_stream_ends(
     assert run_alerts(args, out=out, stop=threading.Event()) == 0
     assert lines(out) == [
         FOLLOW_HEADER, FOLLOW_ROW1,
-        "2023-11-14T22:14:30Z  !! 12 alerts dropped (slow reader)",
-        "2023-11-14T22:13:27Z  >> quarantine web-1: done (policy rule quarantine-protect-drift)",
+        "2023-11-14T22:14:30Z  notice   -         -                   -                         "
+        "-                 -  12 alerts dropped (slow reader)",
+        "2023-11-14T22:13:27Z  action   -         web-1               -                         "
+        "node-a            -  quarantine done (policy rule quarantine-protect-drift)",
         FOLLOW_ROW2,
         "-- the collector ended the stream"]
     assert api.requests("Alerts.Subscribe") == [alerts_pb2.SubscribeRequest(
@@ -358,28 +414,6 @@ def test_follow_json_lines(api: FakeOperatorApi) -> None:
     assert api.requests("Alerts.Subscribe")[0].include_actions is False
 
 
-class _Tap(io.StringIO):
-    """A StringIO that can wait until it has received a number of lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._changed = threading.Condition()
-
-    def write(self, text: str) -> int:
-        with self._changed:
-            written = super().write(text)
-            self._changed.notify_all()
-        return written
-
-    def wait_lines(self, n: int, timeout: float = 10.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.getvalue().count("\n") >= n, timeout)
-
-    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: text in self.getvalue(), timeout)
-
-
 def _follow_in_thread(args: argparse.Namespace, out: io.StringIO, stop: threading.Event,
                       **kw) -> tuple[threading.Thread, list[int]]:
     result: list[int] = []
@@ -391,7 +425,7 @@ def _follow_in_thread(args: argparse.Namespace, out: io.StringIO, stop: threadin
 
 def test_follow_stops_on_the_stop_event(api: FakeOperatorApi) -> None:
     api.subscribe_script = [SubscribeScript(events=[_event(alert=A1)], end="hold")]
-    out, stop = _Tap(), threading.Event()
+    out, stop = Tap(), threading.Event()
     thread, result = _follow_in_thread(parse("alerts", "-f", "--collector", api.address),
                                        out, stop)
     assert out.wait_lines(2)
@@ -466,7 +500,7 @@ def test_follow_survives_a_collector_restart() -> None:
     first = FakeOperatorApi(subscribe_script=[SubscribeScript([_event(alert=A1)], "hold")])
     first.start()
     address = first.address
-    out, stop = _Tap(), threading.Event()
+    out, stop = Tap(), threading.Event()
     thread, result = _follow_in_thread(parse("alerts", "-f", "--collector", address), out, stop,
                                        clock=lambda: T0 + 1000.0)
     try:
@@ -529,7 +563,7 @@ def test_bad_token_files(tmp_path: Path) -> None:
     empty.write_text("\n")
     spaced = tmp_path / "spaced"
     spaced.write_text("two words\n")
-    for path, message in ((tmp_path / "missing", "cannot read --token-file"),
+    for path, message in ((tmp_path / "missing", "--token-file .*: cannot read it"),
                           (empty, "is empty"), (spaced, "one word of printable ASCII")):
         with pytest.raises(UsageError, match=message):
             operator_channel(parse("agents", "--token-file", str(path)))
@@ -706,59 +740,42 @@ def test_no_agents(api: FakeOperatorApi) -> None:
 # -- on a terminal: rich tables ------------------------------------------------------------------
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-class _Terminal(_Tap):
-    """What the commands take for a terminal (stdout a TTY)."""
-
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.fixture
-def terminal(monkeypatch) -> _Terminal:
+def terminal(monkeypatch) -> FakeTerminal:
     monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.delenv("NO_COLOR", raising=False)
-    return _Terminal()
+    return FakeTerminal()
 
 
-def screen(out: io.StringIO) -> list[str]:
-    """What a terminal shows at the end: for a live display its last frame (what follows the
-    last erase-line code), without colours, trailing spaces dropped."""
-    text = _ANSI.sub("", out.getvalue().split("\x1b[2K")[-1])
-    return [line.rstrip() for line in text.splitlines()]
-
-
-def test_alerts_on_a_terminal_is_a_rich_table(api: FakeOperatorApi, terminal: _Terminal) -> None:
+def test_alerts_on_a_terminal_is_a_rich_table(api: FakeOperatorApi, terminal: FakeTerminal) -> None:
     api.alerts = [A2, A1]
     api.actions = [QUARANTINE]
     assert run_alerts(parse("alerts", "--actions", "--collector", api.address),
                       out=terminal) == 0
-    assert screen(terminal) == [
-        "TIME                  SEV       KIND     NODE    CONTAINER     IMAGE                "
-        "REASON                                             COUNT",
+    assert screen(terminal) == [  # the plain table's columns, fitted to the terminal
+        "TIME                  KIND     SEV       CONTAINER     IMAGE                NODE    "
+        "COUNT  REASON",
         "─" * 140,
-        "2023-11-14T22:13:25Z  high      drift    node-a  web-1         nginx:1.25           "
-        "ran /tmp/x, which the image does not contain (ad…      1",
-        "2023-11-14T22:13:27Z            action   node-a  web-1         -                    "
-        "quarantine done (policy rule quarantine-protect-…",
-        "2023-11-14T22:14:25Z  medium    novel    node-b  f00dcafef00d  sha256:abababababab  "
-        "connected to 127.0.0.1:4444, never seen for this…      1"]
+        "2023-11-14T22:13:25Z  drift    high      web-1         nginx:1.25           node-a  "
+        "    1  ran /tmp/x, which the image does not contain (ad…",
+        "2023-11-14T22:13:27Z  action             web-1                              node-a  "
+        "       quarantine done (policy rule quarantine-protect-…",
+        "2023-11-14T22:14:25Z  novel    medium    f00dcafef00d  sha256:abababababab  node-b  "
+        "    1  connected to 127.0.0.1:4444, never seen for this…"]
     assert "\x1b[1;31mhigh" in terminal.getvalue()  # coloured
 
 
 def test_plain_json_and_dumb_terminals_keep_the_plain_output(api: FakeOperatorApi,
-                                                             terminal: _Terminal,
+                                                             terminal: FakeTerminal,
                                                              monkeypatch) -> None:
     api.alerts = [A3, A2, A1]
     assert run_alerts(parse("alerts", "--plain", "--collector", api.address), out=terminal) == 0
     assert lines(terminal) == [HEADER, ROW1, ROW2, ROW3]
-    out = _Terminal()
+    out = FakeTerminal()
     assert run_alerts(parse("alerts", "--json", "--collector", api.address), out=out) == 0
     assert [json.loads(line)["id"] for line in lines(out)] == [A1.id, A2.id, A3.id]
     monkeypatch.setenv("TERM", "dumb")
-    out = _Terminal()
+    out = FakeTerminal()
     assert run_alerts(parse("alerts", "--collector", api.address), out=out) == 0
     assert lines(out) == [HEADER, ROW1, ROW2, ROW3]
 
@@ -770,7 +787,7 @@ def test_json_and_plain_exclude_each_other(capsys) -> None:
         assert "argument --plain: not allowed with argument --json" in capsys.readouterr().err
 
 
-def test_agents_on_a_terminal(api: FakeOperatorApi, terminal: _Terminal, monkeypatch) -> None:
+def test_agents_on_a_terminal(api: FakeOperatorApi, terminal: FakeTerminal, monkeypatch) -> None:
     api.agents = AGENTS
     monkeypatch.setenv("NO_COLOR", "1")
     assert run_agents(parse("agents", "--collector", api.address), out=terminal,
@@ -786,7 +803,7 @@ def test_agents_on_a_terminal(api: FakeOperatorApi, terminal: _Terminal, monkeyp
 
 
 def test_follow_on_a_terminal_is_a_live_table(api: FakeOperatorApi,
-                                              terminal: _Terminal) -> None:
+                                              terminal: FakeTerminal) -> None:
     api.subscribe_script = [SubscribeScript(events=[
         _event(alert=A1), _event(notice=NOTICE), _event(action=QUARANTINE), _event(alert=A2)])]
     args = parse("alerts", "--follow", "--actions", "--collector", api.address)
@@ -796,25 +813,25 @@ def test_follow_on_a_terminal_is_a_live_table(api: FakeOperatorApi,
     assert raw.startswith("\x1b[?25l")  # the cursor hidden while live,
     assert raw.endswith("\x1b[?25h")  # and back
     assert screen(terminal) == [
-        "TIME                  SEV       KIND     NODE    CONTAINER     IMAGE                "
-        "REASON                                             COUNT",
+        "TIME                  KIND     SEV       CONTAINER     IMAGE                NODE    "
+        "COUNT  REASON",
         "─" * 140,
-        "2023-11-14T22:13:25Z  high      drift    node-a  web-1         nginx:1.25           "
-        "ran /tmp/x, which the image does not contain (ad…      1",
-        "2023-11-14T22:14:30Z            notice                                              "
-        "12 alerts dropped (slow reader)",
-        "2023-11-14T22:13:27Z            action   node-a  web-1         -                    "
-        "quarantine done (policy rule quarantine-protect-…",
-        "2023-11-14T22:14:25Z  medium    novel    node-b  f00dcafef00d  sha256:abababababab  "
-        "connected to 127.0.0.1:4444, never seen for this…      1",
+        "2023-11-14T22:13:25Z  drift    high      web-1         nginx:1.25           node-a  "
+        "    1  ran /tmp/x, which the image does not contain (ad…",
+        "2023-11-14T22:14:30Z  notice                                                        "
+        "       12 alerts dropped (slow reader)",
+        "2023-11-14T22:13:27Z  action             web-1                              node-a  "
+        "       quarantine done (policy rule quarantine-protect-…",
+        "2023-11-14T22:14:25Z  novel    medium    f00dcafef00d  sha256:abababababab  node-b  "
+        "    1  connected to 127.0.0.1:4444, never seen for this…",
         "2023-11-14T22:30:00Z                                                                "
-        "the collector ended the stream",
+        "       the collector ended the stream",
         "the collector ended the stream | 2 alerts, 1 action | 12 dropped by the collector "
         "(slow reader)"]
 
 
 def test_follow_on_a_terminal_shows_the_newest_rows_that_fit(api: FakeOperatorApi,
-                                                             terminal: _Terminal,
+                                                             terminal: FakeTerminal,
                                                              monkeypatch) -> None:
     monkeypatch.setenv("LINES", "10")
     alerts = [_alert(100 + n, T0 + n, AlertKind.DRIFT, Severity.LOW,
@@ -825,13 +842,13 @@ def test_follow_on_a_terminal_shows_the_newest_rows_that_fit(api: FakeOperatorAp
                       stop=threading.Event(), clock=lambda: T0 + 1000.0) == 0
     shown = screen(terminal)
     assert len(shown) == 10 - 1
-    assert [line.split()[4] for line in shown[2:-2]] == ["c7", "c8", "c9", "c10", "c11"]
-    assert shown[-2] == ("2023-11-14T22:30:00Z                                             the "
-                         "collector ended the stream")
+    assert [line.split()[3] for line in shown[2:-2]] == ["c7", "c8", "c9", "c10", "c11"]
+    assert shown[-2] == ("2023-11-14T22:30:00Z                                                    "
+                         "the collector ended the stream")
     assert shown[-1] == "the collector ended the stream | 12 alerts, 0 actions"
 
 
-def test_follow_on_a_terminal_reconnects(api: FakeOperatorApi, terminal: _Terminal) -> None:
+def test_follow_on_a_terminal_reconnects(api: FakeOperatorApi, terminal: FakeTerminal) -> None:
     api.subscribe_script = [
         SubscribeScript(events=[_event(alert=A1)],
                         end=(grpc.StatusCode.UNAVAILABLE, "collector shutting down")),
@@ -849,7 +866,7 @@ def test_follow_on_a_terminal_reconnects(api: FakeOperatorApi, terminal: _Termin
         thread.join(10)
     assert result == [0]
     shown = screen(terminal)
-    assert [(line[:20], line[84:105]) for line in shown[2:-1]] == [
+    assert [(line[:20], line[91:112]) for line in shown[2:-1]] == [
         ("2023-11-14T22:13:25Z", "ran /tmp/x, which the"),
         ("2023-11-14T22:30:00Z", "lost the collector at"),
         ("2023-11-14T22:30:00Z", "reconnected to 127.0."),
@@ -858,7 +875,7 @@ def test_follow_on_a_terminal_reconnects(api: FakeOperatorApi, terminal: _Termin
 
 
 def test_follow_on_a_terminal_reports_a_refused_subscription_below_the_table(
-        api: FakeOperatorApi, terminal: _Terminal) -> None:
+        api: FakeOperatorApi, terminal: FakeTerminal) -> None:
     api.errors["Alerts.Subscribe"] = (grpc.StatusCode.UNAUTHENTICATED, "missing token")
     err = io.StringIO()
     assert run_alerts(parse("alerts", "-f", "--collector", api.address), out=terminal,
@@ -881,7 +898,7 @@ def test_follow_on_a_pseudo_terminal_ends_cleanly_on_ctrl_c(api: FakeOperatorApi
             cwd=Path(__file__).resolve().parents[1])
     finally:
         os.close(child)
-    shown = _Tap()
+    shown = Tap()
 
     def read_terminal() -> None:
         while True:
@@ -908,7 +925,7 @@ def test_follow_on_a_pseudo_terminal_ends_cleanly_on_ctrl_c(api: FakeOperatorApi
     assert (proc.returncode, err) == (0, b"")
     raw = shown.getvalue()
     assert raw.endswith("\x1b[?25h")  # the cursor is back
-    assert screen(shown)[2].startswith("2023-11-14T22:13:25Z  high      drift    node-a  web-1")
+    assert screen(shown)[2].startswith("2023-11-14T22:13:25Z  drift    high      web-1  ")
     assert screen(shown)[-1] == "stopped | 1 alert, 0 actions"
 
 
@@ -996,7 +1013,7 @@ def test_operator_calls_over_mutual_tls(certs_dir, tls_api: FakeOperatorApi) -> 
     assert call.metadata["authorization"] == "Bearer " + (d / "operator.token").read_text().strip()
 
 
-def test_tls_mistakes(certs_dir, tls_api: FakeOperatorApi) -> None:
+def test_tls_mistakes(certs_dir, tls_api: FakeOperatorApi, tmp_path: Path) -> None:
     d, _ = certs_dir
     err = io.StringIO()
     no_client_cert = parse("agents", "--collector", tls_api.address, "--tls-ca", str(d / "ca.crt"))
@@ -1009,9 +1026,16 @@ def test_tls_mistakes(certs_dir, tls_api: FakeOperatorApi) -> None:
                       err=err) == 1
     assert "(if it runs with TLS, pass --tls-ca, --tls-cert and --tls-key)" in err.getvalue()
     assert tls_api.calls == []
-    with pytest.raises(UsageError, match="--tls-cert and --tls-key go together"):
+    with pytest.raises(UsageError, match=r"^--tls-ca, --tls-cert given without --tls-key: a "
+                                         r"client certificate needs --tls-cert, --tls-key and "
+                                         r"--tls-ca \(`driftwarden certs init DIR` makes them\)$"):
         operator_channel(parse("agents", "--tls-ca", "x", "--tls-cert", "y"))
-    with pytest.raises(UsageError, match="--tls-cert needs --tls-ca"):
+    with pytest.raises(UsageError, match=r"^--tls-cert, --tls-key given without --tls-ca: "):
         operator_channel(parse("agents", "--tls-cert", "y", "--tls-key", "z"))
-    with pytest.raises(UsageError, match=r"cannot read --tls-ca /nonexistent/ca\.crt"):
+    with pytest.raises(UsageError, match=r"^--tls-ca /nonexistent/ca\.crt: cannot read it \(No "
+                                         r"such file or directory\); run `driftwarden certs"):
         operator_channel(parse("agents", "--tls-ca", "/nonexistent/ca.crt"))
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(UsageError, match=rf"^--tls-ca {re.escape(str(not_pem))}: not a PEM "):
+        operator_channel(parse("agents", "--tls-ca", str(not_pem)))

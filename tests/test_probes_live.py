@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from tests.support.containers import run_container
+from tests.support.host import in_root_cgroup
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +196,7 @@ def test_real_binaries_container(live_trace, host_image):
 
 def test_host_processes_not_reported(live_trace, bb_image):
     marker = f"/tmp/dw-host-{uuid.uuid4().hex}"
-    subprocess.run(["touch", marker], check=True)
+    subprocess.run(in_root_cgroup(["touch", marker]), check=True)
     os.unlink(marker)
     with run_container(bb_image, ["sleep", "3600"], name="hostcheck") as c:
         _sh(c, "echo x > /tmp/container-marker")
@@ -217,7 +218,8 @@ def test_include_host_reports_host_but_never_the_agent(kernel_ok, docker_ok):
         child = f"/tmp/dw-child-{uuid.uuid4().hex}"
         with open(own, "w") as fh:  # the agent's own process: skipped in the kernel
             fh.write("x")
-        subprocess.run(["touch", child], check=True)  # another host process: reported
+        # another host process (in the root cgroup, also on a systemd host): reported
+        subprocess.run(in_root_cgroup(["touch", child]), check=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if [r for r in live.snapshot() if r.path == child]:
@@ -299,13 +301,48 @@ def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
     assert counts["suppressed"] == base["suppressed"]
 
 
+BOOKKEEPING = {"sched:sched_process_fork", "sched:sched_process_exit",
+               "syscalls:sys_enter_chdir", "syscalls:sys_exit_chdir",
+               "syscalls:sys_enter_fchdir", "syscalls:sys_exit_fchdir"}
+OPEN_EXITS = {"syscalls:sys_exit_open", "syscalls:sys_exit_openat", "syscalls:sys_exit_openat2",
+              "syscalls:sys_exit_creat"}
+
+
+def test_every_kind_attaches_every_tracepoint_of_the_source_but_open_exits(live_trace):
+    """All kinds: the source's 60 tracepoints less the 4 open exits (opens are reported at
+    entry unless --open-result), as bcc reports them."""
+    from driftwarden.agent.doctor import probe_tracepoints
+
+    attached = live_trace.probes.attached_tracepoints()
+    assert len(attached) == live_trace.probes._bpf.num_open_tracepoints() == 56
+    assert set(attached) == set(probe_tracepoints()) - OPEN_EXITS
+    assert len(probe_tracepoints()) == 60
+
+
+def test_kinds_exec_attaches_only_exec_and_bookkeeping(kernel_ok):
+    """`--kinds exec`: the other kinds are not compiled in, so none of their tracepoints is
+    attached (the README's promise); bookkeeping stays for parent pids and relative paths."""
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    config = ProbeConfig(kinds=frozenset({"exec"}))
+    with ProbeSet(config) as probes:
+        attached = probes.attached_tracepoints()
+        assert probes._bpf.num_open_tracepoints() == 10
+    assert sorted(attached) == sorted(BOOKKEEPING | {
+        "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
+        "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat"})
+    assert set(attached) == set(config.tracepoint_names())
+
+
 @pytest.mark.parametrize("settings", [
     {"ringbuf_pages": 1, "dedup_interval_ns": 0, "kinds": frozenset({"write"})},
     {"kinds": frozenset({"exec"}), "include_host": True},
     {"limits": (256, 16, 128, 2048)},
     {"limits": (4096, 32, 1024, 8192)},
     {"open_result": True, "dedup_interval_ns": 0},
-], ids=["tiny-ring-no-dedup", "exec-only-host", "small-limits", "large-limits", "open-result"])
+    {"kinds": frozenset({"connect"})},
+], ids=["tiny-ring-no-dedup", "exec-only-host", "small-limits", "large-limits", "open-result",
+        "connect-only"])
 def test_every_configuration_passes_the_verifier(kernel_ok, settings):
     """Settings are -D defines; each combination is its own program for the verifier."""
     from driftwarden.probes._layout import Limits
@@ -316,8 +353,10 @@ def test_every_configuration_passes_the_verifier(kernel_ok, settings):
         path_max, max_args, max_arg_len, args_size = settings["limits"]
         settings["limits"] = Limits(path_max=path_max, max_args=max_args,
                                     max_arg_len=max_arg_len, args_size=args_size)
-    with ProbeSet(ProbeConfig(**settings)) as probes:
+    config = ProbeConfig(**settings)
+    with ProbeSet(config) as probes:
         assert probes.counters()["exec"]["dropped"] == 0
+        assert sorted(probes.attached_tracepoints()) == sorted(config.tracepoint_names())
 
 
 def test_rare_file_syscalls_and_dirfd_relative_paths(live_trace, storm_image):

@@ -19,6 +19,7 @@ from tests.support.containers import (
     run_container,
     unique_name,
 )
+from tests.support.host import cgroup2_root
 
 integration = pytest.mark.integration
 
@@ -228,8 +229,8 @@ def test_dwstorm_listen_counts_connects(docker_ready: None) -> None:
 def test_cgroup_id_is_the_cgroup_dir_inode(storm: RunningContainer) -> None:
     path = storm.cgroup_path
     assert storm.cgroup_id == os.stat(path).st_ino
-    if Path("/sys/fs/cgroup/unified").is_dir():
-        assert path == Path("/sys/fs/cgroup/unified/docker") / storm.id
+    # where /proc says the init runs is where Docker's cgroup driver says it put the container
+    assert path == cgroup2_root() / storm.docker_cgroup_path.lstrip("/")
     assert str(storm.pid) in (path / "cgroup.procs").read_text().split()
 
 

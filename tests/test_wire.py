@@ -9,6 +9,7 @@ import random
 import pytest
 from driftwarden.agent.alerts import build_alert
 from driftwarden.agent.output import record_to_dict
+from driftwarden.core.actions import AGENT_RESULTS, ActionStatus, ActionType
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
 from driftwarden.core.errors import InvalidMessage
 from driftwarden.core.records import ContainerView, TraceRecord
@@ -20,6 +21,8 @@ from driftwarden.core.wire import (
     MODE,
     SEVERITY,
     WireLimits,
+    action_status_from_proto,
+    action_status_to_proto,
     alert_dict_from_proto,
     alert_from_proto,
     alert_to_proto,
@@ -294,6 +297,24 @@ def test_enum_texts_map_both_ways():
     assert ACTION_TYPE.from_proto(actions_pb2.ACTION_TYPE_QUARANTINE) == "quarantine"
     assert MODE.from_proto(common_pb2.MODE_PROTECT) == "protect"
     assert AGENT_ACTION_STATUSES == (1, 2, 3, 4, 5)
+
+
+def test_the_action_vocabulary_is_the_wire_s():
+    # core.actions names what the proto enums carry; the store's texts use "_", the wire's "-"
+    assert ACTION_TYPE.texts == tuple(t.value for t in ActionType)
+    assert [action_status_to_proto(s) for s in ActionStatus] == [
+        actions_pb2.ACTION_STATUS_PENDING, actions_pb2.ACTION_STATUS_DONE,
+        actions_pb2.ACTION_STATUS_ALREADY, actions_pb2.ACTION_STATUS_CONTAINER_GONE,
+        actions_pb2.ACTION_STATUS_FAILED, actions_pb2.ACTION_STATUS_REFUSED,
+        actions_pb2.ACTION_STATUS_SKIPPED]
+    assert action_status_to_proto("container_gone") == actions_pb2.ACTION_STATUS_CONTAINER_GONE
+    for status in ActionStatus:
+        assert action_status_from_proto(action_status_to_proto(status)) is status
+    assert tuple(action_status_to_proto(s) for s in AGENT_RESULTS) == AGENT_ACTION_STATUSES
+    with pytest.raises(InvalidMessage, match=r"^action status: unspecified$"):
+        action_status_from_proto(0)
+    with pytest.raises(ValueError, match="'container-gone' is not a valid ActionStatus"):
+        action_status_to_proto("container-gone")
 
 
 def test_enum_text_errors():

@@ -23,6 +23,8 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.models.containers import Container
 
+from .host import cgroup2_root, docker_cgroup_path, process_cgroup_dir
+
 NAME_PREFIX = "dwtest-"
 TEST_LABEL = "driftwarden.test"
 # "none" keeps the container in its own netns with only lo; "host" shares the host's netns,
@@ -44,8 +46,8 @@ def docker_client(timeout: int = 120) -> docker.DockerClient:
         client.ping()
     except (DockerException, requests.exceptions.RequestException, OSError) as exc:
         raise DockerUnavailableError(
-            f"cannot reach the Docker daemon ({exc}); start it as HOST.md step 5 says "
-            "(`make setup` runs scripts/setup-host.sh)"
+            f"cannot reach the Docker daemon ({exc}); start it with `make setup` "
+            "(scripts/setup-host.sh starts dockerd when none answers)"
         ) from exc
     return client
 
@@ -78,47 +80,38 @@ def check_network(network: str, kwargs: dict[str, Any]) -> None:
     if network not in ALLOWED_NETWORKS:
         raise ValueError(
             f"network {network!r} not allowed: test containers use only "
-            f"{sorted(ALLOWED_NETWORKS)} (loopback-only traffic, see HOST.md)"
+            f"{sorted(ALLOWED_NETWORKS)} (loopback-only traffic)"
         )
     bad = _FORBIDDEN_KWARGS & kwargs.keys()
     if bad:
         raise ValueError(f"pass the network via network=..., not {sorted(bad)}")
 
 
-def cgroup_dir(container_id: str, pid: int | None = None) -> Path:
-    """The container's cgroup v2 directory (its inode is bpf_get_current_cgroup_id())."""
-    candidates = (
-        Path("/sys/fs/cgroup/unified/docker") / container_id,  # hybrid, cgroupfs driver
-        Path("/sys/fs/cgroup/docker") / container_id,  # pure v2, cgroupfs driver
-        Path("/sys/fs/cgroup/system.slice") / f"docker-{container_id}.scope",  # v2, systemd
-        Path("/sys/fs/cgroup/unified/system.slice") / f"docker-{container_id}.scope",
-    )
-    for path in candidates:
-        if path.is_dir():
-            return path
-    if pid:
-        found = _cgroup_dir_from_proc(pid)
-        if found is not None:
-            return found
+def cgroup_dir(container: Container) -> Path:
+    """The container's cgroup v2 directory (its inode is bpf_get_current_cgroup_id()): where its
+    init process runs, as /proc/PID/cgroup says; once the init is gone, where Docker's cgroup
+    driver put it, while that directory lasts."""
+    container.reload()
+    pid = int(container.attrs["State"]["Pid"])
+    found = process_cgroup_dir(pid) if pid else None
+    if found is not None:
+        return found
+    root = cgroup2_root()
+    path = root / docker_cgroup_path_of(container).lstrip("/")
+    if path.is_dir():
+        return path
     raise FileNotFoundError(
-        f"no cgroup v2 directory for container {container_id[:12]} (tried "
-        f"{', '.join(str(p) for p in candidates)}); has it exited?"
+        f"no cgroup v2 directory for container {str(container.id)[:12]} (init pid {pid}, "
+        f"tried /proc/{pid}/cgroup and {path}); has it exited?"
     )
 
 
-def _cgroup_dir_from_proc(pid: int) -> Path | None:
-    """Fallback for unusual layouts: the "0::" line of /proc/PID/cgroup under the v2 mount."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    rel = next((ln[3:] for ln in lines if ln.startswith("0::")), None)
-    if rel is None:
-        return None
-    unified = Path("/sys/fs/cgroup/unified")
-    root = unified if (unified / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
-    path = root / rel.lstrip("/")
-    return path if path.is_dir() else None
+def docker_cgroup_path_of(container: Container) -> str:
+    """Where Docker put the container's cgroup, relative to the cgroup v2 root: from the daemon's
+    cgroup driver and the container's CgroupParent, not from /proc."""
+    driver = container.client.info()["CgroupDriver"]
+    parent = container.attrs["HostConfig"].get("CgroupParent") or ""
+    return docker_cgroup_path(str(container.id), driver, parent)
 
 
 class RunningContainer:
@@ -144,7 +137,12 @@ class RunningContainer:
 
     @property
     def cgroup_path(self) -> Path:
-        return cgroup_dir(self.id, self.pid)
+        return cgroup_dir(self.container)
+
+    @property
+    def docker_cgroup_path(self) -> str:
+        """Docker's own idea of the cgroup path (e.g. /docker/ID, /system.slice/docker-ID.scope)."""
+        return docker_cgroup_path_of(self.container)
 
     @property
     def cgroup_id(self) -> int:

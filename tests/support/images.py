@@ -175,7 +175,7 @@ def _copy_file(src: Path, dest: Path) -> None:
 def _require_file(path: Path, package: str) -> Path:
     if not path.exists():
         raise ImageBuildError(
-            f"locate {path}", "file not found", f"install {package} (see HOST.md step 1)"
+            f"locate {path}", "file not found", f"install {package} (`make setup` does)"
         )
     return path
 
@@ -319,7 +319,7 @@ def _build(client: docker.DockerClient, ctx: Path, tag: str) -> None:
         raise ImageBuildError(
             f"docker build {tag}",
             f"{exc.msg}\n{log[-2000:]}",
-            "read the build log above; the context was assembled from host files (HOST.md step 6)",
+            "read the build log above; the context was assembled from host files",
         ) from exc
     except (APIError, DockerException) as exc:
         raise ImageBuildError(

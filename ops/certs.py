@@ -1,4 +1,5 @@
-"""Certificates for mutual TLS between agents, the collector and operators (`driftwarden certs`).
+"""Certificates for mutual TLS between agents, the collector and operators
+(`driftwarden certs init`): the operator's tool that makes them.
 
 :func:`init_certs` makes, with the ``openssl`` command (no Python crypto dependency), a private
 CA and the certificates every party presents. Keys are EC P-256, certificates SHA-256, files::
@@ -16,14 +17,10 @@ loopback, e.g. ``driftwarden-collector.driftwarden.svc`` for the Kubernetes Serv
 ``deploy/collector.yaml``: a TLS client checks the name it dialled against this list.
 :func:`parse_collector_names` checks the flag's text, :func:`collector_sans` makes the list.
 
-Subjects are ``CN=<name>,OU=<role>,O=driftwarden`` (RFC 2253 order): the OU says what a peer
-may do (``agent``, ``operator``, ``collector``). Only certificates issued by this CA are accepted
-by the collector, so the OU is as trustworthy as the CA key. Keys and the token are 0600, the
-directory 0700, certificates 0644.
-
-Who is calling: gRPC's ``context.auth_context()`` carries the verified peer certificate's
-subject as ``x509_subject`` (RFC 2253, printed by OpenSSL); :func:`identity_from_auth_context`
-turns it into a :class:`PeerIdentity`. :func:`certificate_identity` does the same for a PEM file.
+Subjects are ``CN=<name>,OU=<role>,O=driftwarden`` (the roles and the parsing of subjects, which
+the collector uses to tell who calls, are :mod:`driftwarden.core.tls`). Only certificates issued
+by this CA are accepted by the collector, so the OU is as trustworthy as the CA key. Keys and
+the token are 0600, the directory 0700, certificates 0644.
 """
 
 from __future__ import annotations
@@ -40,31 +37,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftwarden.core.errors import (
-    CertError,
-    HostSupportError,
-    PeerIdentityError,
-    UsageError,
+from driftwarden.core.errors import CertError, HostSupportError, UsageError
+from driftwarden.core.tls import (
+    OPENSSL_TIMEOUT,
+    ORGANIZATION,
+    ROLE_AGENT,
+    ROLE_CA,
+    ROLE_COLLECTOR,
+    ROLE_OPERATOR,
+    validate_node_names,
 )
 
-ORGANIZATION = "driftwarden"
-ROLE_CA = "ca"
-ROLE_AGENT = "agent"
-ROLE_OPERATOR = "operator"
-ROLE_COLLECTOR = "collector"
 CA_COMMON_NAME = "driftwarden-ca"
 COLLECTOR_COMMON_NAME = "driftwarden-collector"
 OPERATOR_COMMON_NAME = "operator"
 COLLECTOR_SANS = ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
 AGENTS_DIR = "agents"
-# A node name is a CN (at most 64 characters) and a DNS SAN: letters, digits, '-', '.'.
-_NODE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
 # A DNS name for a SAN (RFC 1123): dot-separated labels of 1-63 letters, digits and '-', not
 # starting or ending with '-'; 253 characters at most.
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DNS_NAME_MAX = 253
 COLLECTOR_NAMES_FLAG = "--collector-names"
-_OPENSSL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,14 +90,6 @@ class CertBundle:
                              f"including it") from None
 
 
-@dataclass(frozen=True)
-class PeerIdentity:
-    common_name: str
-    role: str | None  # the OU: agent | operator | collector (None when the cert has no OU)
-    organization: str | None
-    subject: str  # the RFC 2253 subject it was parsed from
-
-
 def _bundle(directory: Path, nodes: Iterable[str]) -> CertBundle:
     agents = {n: KeyPair(directory / AGENTS_DIR / f"{n}.crt", directory / AGENTS_DIR / f"{n}.key")
               for n in sorted(nodes)}
@@ -117,19 +102,6 @@ def _bundle(directory: Path, nodes: Iterable[str]) -> CertBundle:
         operator_token=directory / "operator.token",
         agents=types.MappingProxyType(agents),
     )
-
-
-def validate_node_names(nodes: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for node in nodes:
-        if not _NODE_NAME.match(node):
-            raise UsageError(f"node name {node!r} is not usable in a certificate: use 1-64 "
-                             f"letters, digits, '-' or '.', starting and ending with a letter or "
-                             f"digit")
-        if node in out:
-            raise UsageError(f"node name {node!r} is given twice")
-        out.append(node)
-    return out
 
 
 def _collector_san(name: str, flag_value: str) -> str:
@@ -268,7 +240,7 @@ class _OpenSSL:
         env = {**os.environ, "OPENSSL_CONF": str(self.config)}
         try:
             done = subprocess.run(argv, capture_output=True, text=True, env=env, umask=0o077,
-                                  timeout=_OPENSSL_TIMEOUT, check=False)
+                                  timeout=OPENSSL_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CertError(f"running {' '.join(argv[:2])} failed: {exc}") from exc
         if done.returncode != 0:
@@ -361,104 +333,11 @@ def _replace_files(staging: Path, directory: Path) -> None:
             os.replace(path, directory / path.relative_to(staging))
 
 
-# -- identities ----------------------------------------------------------------------------------
-
-
-def parse_rfc2253(subject: str) -> list[tuple[str, str]]:
-    """``"CN=a\\,b,OU=agent+O=x"`` -> ``[("CN", "a,b"), ("OU", "agent"), ("O", "x")]``.
-
-    Handles backslash escapes (``\\,`` and ``\\XX`` hex bytes, UTF-8) and multi-valued RDNs
-    (``+``); a ``#hex`` value (an unknown attribute dumped as DER) is returned as written.
-    """
-    out: list[tuple[str, str]] = []
-    i, n = 0, len(subject)
-    while i < n:
-        eq = subject.find("=", i)
-        if eq < 0:
-            raise PeerIdentityError(f"certificate subject {subject!r} is not RFC 2253 "
-                                    f"(an attribute without '=')")
-        name = subject[i:eq].strip()
-        value = bytearray()
-        i = eq + 1
-        while i < n and subject[i] not in ",+;":
-            ch = subject[i]
-            if ch == "\\" and i + 1 < n:
-                pair = subject[i + 1:i + 3]
-                if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
-                    value.append(int(pair, 16))
-                    i += 3
-                    continue
-                value += subject[i + 1].encode()
-                i += 2
-                continue
-            value += ch.encode()
-            i += 1
-        out.append((name, value.decode("utf-8", "replace")))
-        i += 1  # past the separator
-    return out
-
-
-def identity_from_subject(subject: str) -> PeerIdentity:
-    attributes = parse_rfc2253(subject)
-
-    def first(name: str) -> str | None:
-        return next((v for k, v in attributes if k.upper() == name), None)
-
-    common_name = first("CN")
-    if not common_name:
-        raise PeerIdentityError(f"certificate subject {subject!r} has no common name (CN)")
-    return PeerIdentity(common_name=common_name, role=first("OU"),
-                        organization=first("O"), subject=subject)
-
-
-def identity_from_auth_context(auth: Mapping[str, Sequence[bytes]]) -> PeerIdentity:
-    """The verified client certificate's identity from gRPC's ``context.auth_context()``.
-
-    Raises :class:`PeerIdentityError` when the call carries no certificate (no TLS, or TLS
-    without a client certificate).
-    """
-    subjects = auth.get("x509_subject") or []
-    if subjects:
-        return identity_from_subject(subjects[0].decode("utf-8", "replace"))
-    names = auth.get("x509_common_name") or []
-    if names:  # older gRPC cores: only the CN is known
-        cn = names[0].decode("utf-8", "replace")
-        return PeerIdentity(common_name=cn, role=None, organization=None, subject=f"CN={cn}")
-    security = b",".join(auth.get("transport_security_type") or []).decode() or "none"
-    raise PeerIdentityError(f"the peer presented no client certificate (transport security: "
-                            f"{security}); connect with mutual TLS")
-
-
-def certificate_identity(pem: bytes | str, openssl: str = "openssl") -> PeerIdentity:
-    """The identity in a PEM certificate (for tools and tests; servers use the auth context)."""
-    data = pem.encode() if isinstance(pem, str) else pem
-    try:
-        done = subprocess.run([openssl, "x509", "-noout", "-subject", "-nameopt", "RFC2253"],
-                              input=data, capture_output=True, timeout=_OPENSSL_TIMEOUT,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CertError(f"running {openssl} x509 failed: {exc}") from exc
-    if done.returncode != 0:
-        raise CertError("not a PEM certificate: "
-                        + (done.stderr.decode(errors="replace").strip().splitlines()
-                           or ["openssl x509 failed"])[-1])
-    line = done.stdout.decode("utf-8", "replace").strip()
-    return identity_from_subject(line.removeprefix("subject=").strip())
-
-
 __all__ = [
     "CertBundle",
-    "CertError",
     "KeyPair",
-    "PeerIdentity",
-    "PeerIdentityError",
-    "certificate_identity",
     "collector_sans",
-    "identity_from_auth_context",
-    "identity_from_subject",
     "init_certs",
     "load_bundle",
     "parse_collector_names",
-    "parse_rfc2253",
-    "validate_node_names",
 ]

@@ -1,0 +1,298 @@
+"""The collector's gRPC services (driftwarden.v1): AgentChannel, Alerts, Actions and Agents.
+
+Each servicer checks the caller (:class:`~driftwarden.collector.auth.Authorizer`), hands the
+call to :class:`~driftwarden.collector.service.CollectorService` (whose docstring says what each
+call does) and maps known errors to status codes: a bad request or filter INVALID_ARGUMENT, an
+unknown container NOT_FOUND, an ambiguous one FAILED_PRECONDITION, a store failure
+UNAVAILABLE. A Connect stream is read by a thread of its own while the gRPC thread writes the
+agent's commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from driftwarden.collector.convert import action_response, alert_message, filter_args
+from driftwarden.collector.fanout import SubscriberFilter
+from driftwarden.collector.service import AgentSession, Close, CollectorService, Outbox
+from driftwarden.core import wire
+from driftwarden.core.errors import (
+    AmbiguousContainer,
+    FilterError,
+    RpcAbort,
+    StoreError,
+    UnknownContainer,
+)
+from driftwarden.proto.v1 import (
+    actions_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
+    alerts_pb2,
+    alerts_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_METADATA = ("driftwarden-subscribed", "1")
+
+
+def _abort_on(exc: Exception) -> RpcAbort:
+    """A known error -> the call's status."""
+    if isinstance(exc, RpcAbort):
+        return exc
+    if isinstance(exc, wire.InvalidMessage | FilterError | ValueError):
+        return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, UnknownContainer):
+        return RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, AmbiguousContainer):
+        return RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, StoreError):
+        return RpcAbort(grpc.StatusCode.UNAVAILABLE, f"collector store error: {exc}")
+    raise exc
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    abort = _abort_on(exc)
+    context.abort(abort.code, abort.details)
+
+
+class _Servicer:
+    """What every servicer shares: the service, and the shape of an operator's unary call."""
+
+    def __init__(self, service: CollectorService) -> None:
+        self._service = service
+
+    def _operator_call(self, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
+        """Check the caller may make operator calls, then answer with `call()`; a known
+        error ends the call with its status."""
+        try:
+            self._service.auth.operator(context)
+            return call()
+        except Exception as exc:
+            _abort(context, exc)
+
+
+# -- AgentChannel --------------------------------------------------------------------------------
+
+
+class _AgentStream:
+    """Reads one Connect stream in its own thread; the gRPC thread writes the outbox."""
+
+    def __init__(self, service: CollectorService, cert_node: str | None, peer: str) -> None:
+        self.service = service
+        self.cert_node = cert_node
+        self.peer = peer
+        self.outbox = Outbox(service.config.outbox_limit)
+        self.session: AgentSession | None = None
+        self.hello_seen = threading.Event()
+
+    def read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
+        try:
+            self._read(messages)
+        except RpcAbort as exc:
+            self.outbox.close(exc.code, exc.details)
+        except Exception as exc:  # a bug: end the stream, the agent reconnects
+            log.exception("agent stream from %s failed", self.peer)
+            self.outbox.close(grpc.StatusCode.INTERNAL, f"collector error: {exc}")
+        finally:
+            self.hello_seen.set()
+
+    def _read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
+        expected = 1
+        try:
+            for msg in messages:
+                if self.outbox.closed is not None:
+                    return
+                self._handle(msg, expected)
+                expected += 1
+        except grpc.RpcError:
+            pass  # the call ended (cancelled by the agent or the server)
+        self.outbox.close(grpc.StatusCode.OK, "")
+
+    def _handle(self, msg: agent_pb2.AgentMessage, expected: int) -> None:
+        service = self.service
+        body = msg.WhichOneof("body")
+        if self.session is None and body != "hello":
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"the first message must be hello, got {body or 'an empty message'}")
+        if self.session is not None and body == "hello":
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           "hello was already sent on this stream")
+        try:
+            wire.validate_agent_message(msg)
+        except wire.InvalidMessage as exc:
+            service.invalid_message("AgentChannel.Connect")
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if msg.seq != expected:
+            service.invalid_message("AgentChannel.Connect")
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"agent_message.seq: expected {expected}, got {msg.seq} (messages "
+                           "are numbered from 1, one more each)")
+        try:
+            if body == "hello":
+                self._hello(msg.hello)
+            elif body == "alert_batch":
+                service.alert_batch(self.session, msg.alert_batch)
+            elif body == "heartbeat":
+                service.heartbeat(self.session, msg.heartbeat)
+            else:
+                service.action_result(self.session, msg.action_result)
+        except (ValueError, StoreError) as exc:
+            raise _abort_on(exc) from None
+
+    def _hello(self, hello: agent_pb2.Hello) -> None:
+        if self.cert_node is not None and hello.node != self.cert_node:
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                           f"hello.node {hello.node!r} is not the node of this agent's "
+                           f"certificate ({self.cert_node!r})")
+        self.session = self.service.attach(hello.node, self.peer, hello, self.outbox)
+        self.hello_seen.set()
+
+
+class AgentChannelServicer(_Servicer, agent_pb2_grpc.AgentChannelServicer):
+    def Connect(self, request_iterator, context):
+        service = self._service
+        try:
+            cert_node = service.auth.agent_node(context)
+            service.acquire_stream()
+        except RpcAbort as exc:
+            _abort(context, exc)
+        stream = _AgentStream(service, cert_node, context.peer())
+        context.add_callback(lambda: stream.outbox.close(grpc.StatusCode.CANCELLED,
+                                                         "the call ended"))
+        reader = threading.Thread(target=stream.read, args=(request_iterator,), daemon=True,
+                                  name=f"driftwarden-agent-{context.peer()}")
+        try:
+            reader.start()
+            if not stream.hello_seen.wait(service.config.hello_timeout):
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no hello within {service.config.hello_timeout:g} s")
+            while True:
+                item = stream.outbox.get(service.config.poll_seconds)
+                if isinstance(item, Close):
+                    if item.code is not grpc.StatusCode.OK:
+                        context.abort(item.code, item.details)
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            if stream.session is not None:
+                service.detach(stream.session)
+            service.release_stream()
+
+
+# -- operator calls ------------------------------------------------------------------------------
+
+
+class AlertsServicer(_Servicer, alerts_pb2_grpc.AlertsServicer):
+    def Subscribe(self, request, context):
+        service = self._service
+        try:
+            who = service.auth.operator(context)
+            wire.validate_subscribe_request(request)
+            alert_filter, container_filter = _subscriber_filters(request)
+            service.acquire_stream()
+        except Exception as exc:
+            _abort(context, exc)
+        try:
+            try:
+                sub = service.hub.subscribe(alert_filter, service.config.subscriber_queue,
+                                            name=f"{who}@{context.peer()}")
+            except RuntimeError:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+            with sub:
+                context.add_callback(sub.close)
+                context.send_initial_metadata((SUBSCRIBED_METADATA,))
+                yield from _events(sub, request, container_filter, service.config.poll_seconds,
+                                   context.is_active, service.subscriber_latency.observe)
+            if service.closed:  # followers reconnect on UNAVAILABLE; a clean end means "done"
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+        finally:
+            service.release_stream()
+
+    def List(self, request, context):
+        return self._operator_call(context, lambda: self._service.list_alerts(request))
+
+
+def _subscriber_filters(request: alerts_pb2.SubscribeRequest,
+                        ) -> tuple[SubscriberFilter, SubscriberFilter | None]:
+    """The alert filter (actions: all or none), and for action events the same filter without
+    kinds and severity (an action is about a container, not a kind of alert)."""
+    args = filter_args(request.filter)
+    alert_filter = SubscriberFilter(**args,
+                                    actions="all" if request.include_actions else "none")
+    del args["kinds"], args["min_severity"]
+    return alert_filter, SubscriberFilter(**args) if request.include_actions else None
+
+
+def _events(sub, request: alerts_pb2.SubscribeRequest, container_filter: SubscriberFilter | None,
+            poll_seconds: float, is_active: Callable[[], bool],
+            latency: Callable[[float], None]) -> Iterable[alerts_pb2.AlertEvent]:
+    for kind, item in sub.items(poll_seconds, stop=lambda: not is_active()):
+        if kind == "alert":
+            stored_at = getattr(item, "stored_at", None)
+            if stored_at is not None:  # the subscriber's stream takes it now
+                latency(time.monotonic() - stored_at)
+            event = getattr(item, "event", None)
+            yield event if event is not None else alerts_pb2.AlertEvent(alert=alert_message(item))
+        elif kind == "notice":
+            if request.include_notices:
+                yield alerts_pb2.AlertEvent(notice=alerts_pb2.StreamNotice(
+                    dropped=item["dropped"], text=item["text"],
+                    time=wire.to_timestamp(time.time())))
+        elif container_filter is not None and container_filter.matches(item["match"]):
+            yield item["message"]
+
+
+class ActionsServicer(_Servicer, actions_pb2_grpc.ActionsServicer):
+    def Request(self, request, context):
+        service = self._service
+        try:
+            who = service.auth.operator(context)
+            record = service.request_action(request, who, context.is_active)
+        except Exception as exc:
+            _abort(context, exc)
+        return action_response(record)
+
+    def List(self, request, context):
+        return self._operator_call(context, lambda: self._service.list_actions(request))
+
+
+class AgentsServicer(_Servicer, agent_pb2_grpc.AgentsServicer):
+    def List(self, request, context):
+        return self._operator_call(context, self._service.list_agents)
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def add_servicers(service: CollectorService, server: grpc.Server) -> list[str]:
+    """Register the four services on `server`; returns their full names."""
+    agent_pb2_grpc.add_AgentChannelServicer_to_server(AgentChannelServicer(service), server)
+    agent_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(service), server)
+    alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsServicer(service), server)
+    actions_pb2_grpc.add_ActionsServicer_to_server(ActionsServicer(service), server)
+    return service_names()
+
+
+def service_names() -> list[str]:
+    """The full names of the services add_servicers registers (health and reflection list
+    them): ``driftwarden.v1.AgentChannel``, ..."""
+    package = agent_pb2.DESCRIPTOR.package  # the package of every file of the API
+    return [f"{package}.{name}" for name in ("AgentChannel", "Agents", "Alerts", "Actions")]
+
+
+__all__ = [
+    "SUBSCRIBED_METADATA",
+    "ActionsServicer",
+    "AgentChannelServicer",
+    "AgentsServicer",
+    "AlertsServicer",
+    "add_servicers",
+    "service_names",
+]
