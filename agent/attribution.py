@@ -237,14 +237,7 @@ class Attributor:
                 return Attribution(AttributionState.NOT_CONTAINER, cgroup_id, cgroup_path=path)
             if self._metadata is None:
                 self._counters.unavailable += 1
-                self._count_without_metadata_locked(ref)
-                return Attribution(
-                    AttributionState.CONTAINER,
-                    cgroup_id,
-                    cgroup_path=path,
-                    ref=ref,
-                    metadata_error=NO_PROVIDER_ERROR,
-                )
+                return self._without_metadata_locked(cgroup_id, path, ref, NO_PROVIDER_ERROR)
             return self._container_attribution_locked(cgroup_id, path, ref)
 
     def _parse_locked(self, path: str) -> ContainerRef | None:
@@ -272,29 +265,23 @@ class Attributor:
             else:
                 self._counters.hits += 1
             if cached.info is None:
-                self._count_without_metadata_locked(ref)
-            return Attribution(
-                AttributionState.CONTAINER,
-                cgroup_id,
-                cgroup_path=path,
-                ref=ref,
-                info=cached.info,
-                metadata_error=cached.error,
-            )
+                return self._without_metadata_locked(cgroup_id, path, ref, cached.error)
+            return Attribution(AttributionState.CONTAINER, cgroup_id, cgroup_path=path, ref=ref,
+                               info=cached.info, metadata_error=cached.error)
         self._enqueue_locked(container_id, even_if_in_flight=False)
         if self._outage_error is not None:
             # Known outage: say so now instead of making the caller buffer for nothing.
             self._counters.unavailable += 1
-            self._count_without_metadata_locked(ref)
-            return Attribution(
-                AttributionState.CONTAINER,
-                cgroup_id,
-                cgroup_path=path,
-                ref=ref,
-                metadata_error=self._outage_error,
-            )
+            return self._without_metadata_locked(cgroup_id, path, ref, self._outage_error)
         self._counters.pending += 1
         return Attribution(AttributionState.PENDING, cgroup_id, cgroup_path=path, ref=ref)
+
+    def _without_metadata_locked(self, cgroup_id: int, path: str, ref: ContainerRef,
+                                 error: str | None) -> Attribution:
+        """A container the runtime did not describe: attributed by its cgroup only, counted."""
+        self._count_without_metadata_locked(ref)
+        return Attribution(AttributionState.CONTAINER, cgroup_id, cgroup_path=path, ref=ref,
+                           metadata_error=error)
 
     def _count_without_metadata_locked(self, ref: ContainerRef) -> None:
         if self._remember_accounted_locked(ref.container_id):

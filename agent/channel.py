@@ -66,7 +66,7 @@ import grpc
 from driftwarden.agent.alerts import AlertSink
 from driftwarden.agent.spool import DEFAULT_MAX_BYTES, AlertSpool
 from driftwarden.core import __version__
-from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
+from driftwarden.core.alerts import Alert, alert_from_dict
 from driftwarden.core.dial import dial
 from driftwarden.core.errors import (
     CertError,
@@ -799,23 +799,6 @@ class TeeSink:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def alert_from_dict(data: Mapping[str, Any]) -> Alert:
-    """The Alert of an ``Alert.to_dict()`` object (as read back from the spool)."""
-    return Alert(
-        id=data["id"], time=float(data["time"]), kind=AlertKind(data["kind"]),
-        severity=Severity.parse(data["severity"]), score=float(data["score"]),
-        reasons=tuple(AlertReason(code=r["code"], text=r["text"],
-                                  details=tuple((r.get("details") or {}).items()))
-                      for r in data["reasons"]),
-        container=dict(data["container"]),
-        process=dict(data["process"]) if data.get("process") is not None else None,
-        events=tuple(data.get("events") or ()),
-        baseline_version=int(data["baseline_version"]),
-        baseline_mode=str(data.get("baseline_mode", "monitor")),
-        count=int(data.get("count", 1)),
-        first_seen=data.get("first_seen"), last_seen=data.get("last_seen"))
-
-
 def _alert_message(data: Any, node: str) -> common_pb2.Alert:
     if not isinstance(data, Mapping):
         raise TypeError(f"spool record is a {type(data).__name__}, not an alert")
@@ -863,6 +846,5 @@ __all__ = [
     "ChannelStats",
     "CollectorChannel",
     "TeeSink",
-    "alert_from_dict",
     "docker_is_local",
 ]
