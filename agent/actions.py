@@ -52,6 +52,7 @@ from driftwarden.core.errors import (
     ProbeLoadError,
     RuntimeActionError,
 )
+from driftwarden.core.lifecycle import Service
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
 
 log = logging.getLogger(__name__)
@@ -393,7 +394,7 @@ def cgroup_dir_of_process(cgroup_root: Path, proc_root: Path, pid: int) -> Path 
     return None
 
 
-class ContainerActions:
+class ContainerActions(Service):
     """Runs actions on this host's containers; see the module docstring for the outcomes.
 
     ``runtime`` does pause/resume/kill; ``cgroup_root`` is the cgroup v2 mount (None: found
@@ -404,6 +405,7 @@ class ContainerActions:
     def __init__(self, runtime: ContainerRuntime, *, cgroup_root: str | os.PathLike | None = None,
                  quarantine: QuarantineBackend | None = None,
                  proc_root: str | os.PathLike = "/proc") -> None:
+        super().__init__()
         self.runtime = runtime
         self._cgroup_root = Path(cgroup_root) if cgroup_root is not None else None
         self._proc_root = Path(proc_root)
@@ -416,17 +418,11 @@ class ContainerActions:
                    cgroup_root: str | os.PathLike | None = None) -> ContainerActions:
         return cls(DockerRuntime(base_url), cgroup_root=cgroup_root)
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         for part in (self.quarantine_backend, self.runtime):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
-
-    def __enter__(self) -> ContainerActions:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def counts(self) -> dict[str, int]:

@@ -39,6 +39,7 @@ from driftwarden.agent.runtimes.base import (
     short_reason,
 )
 from driftwarden.core.errors import MetadataUnavailableError
+from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,15 @@ class _Counters:
     evicted: int = 0
 
 
-class Attributor:
+class Attributor(Service):
     """cgroup id -> Attribution, without ever waiting on the container runtime.
 
     `start()` runs the metadata worker (and the runtime event watcher when the provider has one);
     without it, container lookups stay PENDING. An expired entry is still served while its
     refresh is queued, so long-lived containers never flap back to PENDING.
     """
+
+    STOP_TIMEOUT = 5.0
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class Attributor:
         max_containers: int = 4096,
         max_queued: int = 4096,
     ) -> None:
+        super().__init__()
         self._cgroups = cgroups
         self._metadata = metadata
         self._ttl = ttl
@@ -166,17 +170,12 @@ class Attributor:
 
     # ---- lifecycle
 
-    def start(self) -> None:
+    def _start(self) -> None:
         with self._cond:
-            if self._running:
-                return
             self._running = True
         if self._metadata is None:
             return
-        self._worker = threading.Thread(
-            target=self._work, args=(self._metadata,), name="driftwarden-attribution", daemon=True
-        )
-        self._worker.start()
+        self._worker = start_daemon_thread(self._work, "driftwarden-attribution", self._metadata)
         if isinstance(self._metadata, WatchableMetadataProvider):
             try:
                 self._watcher = self._metadata.watch(self.on_container_event)
@@ -185,7 +184,7 @@ class Attributor:
                 log.warning("container events unavailable, relying on TTLs: %s", exc)
                 self._watcher = None
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def _stop(self, timeout: float | None) -> None:
         with self._cond:
             self._running = False
             self._cond.notify_all()
@@ -193,18 +192,8 @@ class Attributor:
         if watcher is not None:
             watcher.stop()
         worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.join(timeout)
-            if worker.is_alive():
-                # Stuck in a runtime call that has its own timeout; it is a daemon thread.
-                log.warning("attribution worker did not stop within %.1fs", timeout)
-
-    def __enter__(self) -> Attributor:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        # it may be stuck in a runtime call that has its own timeout
+        join_or_warn(worker, timeout, "attribution worker")
 
     @property
     def watching(self) -> bool:

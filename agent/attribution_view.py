@@ -9,6 +9,7 @@ from driftwarden.agent.attribution import Attribution, AttributionState, Attribu
 from driftwarden.agent.cgroups import CgroupIndex
 from driftwarden.agent.runtimes.docker import DockerMetadata
 from driftwarden.core.errors import MetadataUnavailableError, UsageError
+from driftwarden.core.lifecycle import Service
 from driftwarden.core.records import ContainerView
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,21 @@ def view_of(attribution: Attribution) -> ContainerView:
     )
 
 
-class LiveAttribution:
+class LiveAttribution(Service):
     """cgroup id -> ContainerView from the cgroup tree and the Docker Engine API."""
 
     def __init__(self, cgroup_root: str, docker_host: str) -> None:
+        super().__init__()
         self.metadata = DockerMetadata(base_url=docker_host)
         host_ids = frozenset({os.stat(cgroup_root).st_ino})
         self.attributor = Attributor(CgroupIndex(cgroup_root), self.metadata,
                                      host_cgroup_ids=host_ids)
 
-    def __enter__(self) -> LiveAttribution:
+    def _start(self) -> None:
         self.attributor.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.attributor.stop()
+    def _stop(self, timeout: float | None) -> None:
+        self.attributor.stop(timeout)
         self.metadata.close()
 
     def lookup(self, cgroup_id: int) -> ContainerView:

@@ -76,6 +76,7 @@ from driftwarden.core.errors import (
     SpoolFull,
     UsageError,
 )
+from driftwarden.core.lifecycle import Service
 from driftwarden.core.tls import TlsFiles
 from driftwarden.core.wire import (
     ACTION_STATUS,
@@ -252,7 +253,7 @@ class _Stream:
         return msg
 
 
-class CollectorChannel:
+class CollectorChannel(Service):
     """Alerts to the collector through the spool; see the module docstring.
 
     ``counters()`` -> ``{kind: {"emitted": n, "suppressed": n, "dropped": n, ...}}`` (the probes'
@@ -268,6 +269,7 @@ class CollectorChannel:
                  counters: Callable[[], Mapping[str, Mapping[str, int]]] | None = None,
                  containers: Callable[[], Iterable[tuple[Any, ...]]] | None = None,
                  random: Callable[[], float] = random.random) -> None:
+        super().__init__()
         self.config = config
         if config.tls is not None:
             config.tls.read()  # fail now, with the file's name, not on every redial
@@ -294,8 +296,7 @@ class CollectorChannel:
         self._warned: set[str] = set()
         self._spool_full_logged = False
         self._stopping = threading.Event()
-        self._closed = False
-        self._started = False
+        self._closed = False  # emit() reads it under _cond
         self._done_actions: collections.OrderedDict[str, agent_pb2.ActionResult] = (
             collections.OrderedDict())
         self._action_queue: queue.Queue[agent_pb2.ActionCommand | None] = queue.Queue()
@@ -306,41 +307,30 @@ class CollectorChannel:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> CollectorChannel:
-        with self._cond:
-            if self._closed:
-                raise ChannelError("the collector channel is closed")
-            if self._started:
-                return self
-            self._started = True
+    def _start(self) -> None:
         self._thread.start()
         self._action_thread.start()
         log.info("collector channel to %s as node %s; %d alerts pending in %s",
                  self.config.address, self.config.node, self.spool.depth, self.spool.directory)
-        return self
 
-    def __enter__(self) -> CollectorChannel:
-        return self.start()
+    def _restart_refused(self) -> Exception:
+        return ChannelError("the collector channel is closed")
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         """Stop the threads, send a last heartbeat if connected; pending alerts stay spooled."""
         with self._cond:
-            if self._closed:
-                return
             self._closed = True
             self._stopping.set()
             self._cond.notify_all()
+        bound = self.config.close_timeout if timeout is None else timeout
         if self._thread.is_alive():
-            self._thread.join(self.config.close_timeout)
+            self._thread.join(bound)
             if self._thread.is_alive():
                 self._cancel_stream()
-                self._thread.join(self.config.close_timeout)
+                self._thread.join(bound)
         self._action_queue.put(None)
         if self._action_thread.is_alive():
-            self._action_thread.join(self.config.close_timeout)
+            self._action_thread.join(bound)
         depth = self.spool.depth
         self.spool.close()
         log.info("collector channel closed; %d alerts kept in the spool for the next start",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from driftwarden.core.errors import DriftwardenError, UsageError
+from driftwarden.core.lifecycle import Service, start_daemon_thread
 from driftwarden.core.modes import Mode
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import Profile, ProfileStore
@@ -202,34 +203,33 @@ def _arg(request: dict[str, Any], name: str) -> str:
     return value
 
 
-class ControlServer:
+class ControlServer(Service):
     """Serves a BaselineService on STATE_DIR/control.sock (root-only: mode 0600)."""
+
+    STOP_TIMEOUT = 2.0
 
     def __init__(self, service: BaselineService, state_dir: str | os.PathLike,
                  lock: threading.Lock) -> None:
+        super().__init__()
         self.service = service
         self.path = Path(state_dir) / SOCKET_NAME
         self.lock = lock
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
-    def start(self) -> ControlServer:
+    def _start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket from a previous run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
         sock.listen(8)
         sock.settimeout(0.2)
-        self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name="driftwarden-control",
-                                        daemon=True)
-        self._thread.start()
-        return self
+        self._thread = start_daemon_thread(self._serve, "driftwarden-control")
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
             except TimeoutError:
@@ -267,20 +267,14 @@ class ControlServer:
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _stop(self, timeout: float | None) -> None:
+        self._stopping.set()
         if self._sock is not None:
             self._sock.close()
         if self._thread is not None:
-            self._thread.join(timeout=2)
+            self._thread.join(timeout)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-    def __enter__(self) -> ControlServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def request(state_dir: str | os.PathLike, payload: dict[str, Any]) -> Any:

@@ -15,7 +15,6 @@ import ctypes
 import dataclasses
 import errno
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -33,22 +32,20 @@ from typing import Literal
 from driftwarden.agent.cgroups import running_containers
 from driftwarden.agent.runtimes.docker import DockerEngine
 from driftwarden.core.errors import HostSupportError, RuntimeActionError
-from driftwarden.probes.loader import find_cgroup2_root
+from driftwarden.probes.loader import (
+    ProbeConfig,
+    ProbePlan,
+    absent_syscalls,
+    describe_missing,
+    find_cgroup2_root,
+    find_tracefs,
+    missing_required,
+)
 
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "fail", "warn", "info"]
 STATUSES: tuple[str, ...] = ("ok", "fail", "warn", "info")
-
-# Fallback when the probe source cannot be found; the normal list is parsed from it.
-DEFAULT_TRACEPOINTS: tuple[str, ...] = (
-    "syscalls:sys_enter_execve",
-    "syscalls:sys_enter_openat",
-    "syscalls:sys_enter_connect",
-    "sched:sched_process_fork",
-)
-
-PROBE_SOURCE = "driftwarden.bpf.c"
 
 # Capability bit numbers (include/uapi/linux/capability.h).
 CAP_NET_ADMIN = 12
@@ -253,11 +250,9 @@ def check_btf(env: DoctorEnv) -> Check:
 
 
 def _tracefs_root(env: DoctorEnv) -> Path | None:
-    # bcc 0.26 uses debugfs's tracing dir when present, else /sys/kernel/tracing: accept both.
-    for root in (env.sys("kernel", "tracing"), env.sys("kernel", "debug", "tracing")):
-        if (root / "events").is_dir():
-            return root
-    return None
+    return find_tracefs(Path(env.proc_root, "self", "mountinfo"),
+                        (str(env.sys("kernel", "tracing")),
+                         str(env.sys("kernel", "debug", "tracing"))))
 
 
 def _tracefs_fix(env: DoctorEnv) -> str:
@@ -319,66 +314,31 @@ def check_bcc(env: DoctorEnv) -> Check:
     return Check("bcc", True, "ok", f"bcc {version} ({where})", fix)
 
 
-def _strip_c_comments(text: str) -> str:
-    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
-
-
-def probe_tracepoints(source: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
-    """"category:event" for every TRACEPOINT_PROBE in the probe source, in source order.
-
-    Parsing the source keeps this list equal to what bcc will attach: one missing
-    tracepoint makes the whole probe module fail to compile. Falls back to
-    DEFAULT_TRACEPOINTS when the source is not found.
-    """
-    path: Path | None = Path(source) if source is not None else None
-    if path is None:
-        spec = importlib.util.find_spec("driftwarden.probes")  # locates, does not import
-        locations = spec.submodule_search_locations if spec else None
-        if locations:
-            path = Path(next(iter(locations)), PROBE_SOURCE)
-    if path is None or not path.is_file():
-        return DEFAULT_TRACEPOINTS
-    text = _strip_c_comments(path.read_text())
-    found = re.findall(r"(?<![A-Za-z_])TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", text)
-    names = tuple(dict.fromkeys(f"{cat}:{ev}" for cat, ev in found))
-    return names or DEFAULT_TRACEPOINTS
-
-
-def attached_tracepoints() -> str:
-    """How many tracepoints the agent attaches with every kind, and what --open-result adds."""
-    from driftwarden.probes.loader import ProbeConfig
-
-    every = ProbeConfig()
-    more = len(ProbeConfig(open_result=True).tracepoint_names()) - len(every.tracepoint_names())
-    return f"all kinds attach {every.describe_tracepoints()}, --open-result {more} more"
-
-
-def check_tracepoints(env: DoctorEnv, tracepoints: Sequence[str], *,
-                      attached: str = "") -> Check:
-    """`attached`: what the probes attach of them, appended to the ok row."""
+def check_tracepoints(env: DoctorEnv) -> Check:
+    """What the probes attach on this kernel with every kind, what --open-result adds, and the
+    tracepoints of optional syscalls this kernel lacks (compiled out, so never attached)."""
     name = "tracepoints"
+    fix = "use Linux 5.8+ with CONFIG_FTRACE_SYSCALLS (syscall tracepoints)"
     try:
         root = _tracefs_root(env)
         if root is None:
             return Check(name, True, "fail", "cannot check: tracefs not mounted",
                          _tracefs_fix(env))
-        missing = []
-        for tp in tracepoints:
-            category, _, event = tp.partition(":")
-            if not (root / "events" / category / event).is_dir():
-                missing.append(event or category)
+        missing = missing_required(ProbeConfig(open_result=True), root)
+        absent = absent_syscalls(root)
     except PermissionError as exc:
         return _denied(name, exc)
     if missing:
-        more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
-        shown = ", ".join(missing[:6]) + more
-        return Check(name, True, "fail",
-                     f"{len(missing)}/{len(tracepoints)} missing: {shown}",
-                     "use a kernel with these syscall tracepoints "
-                     "(CONFIG_FTRACE_SYSCALLS), or drop them from the probes")
-    detail = f"all {len(tracepoints)} used by the probes exist"
-    return Check(name, True, "ok", f"{detail}; {attached}" if attached else detail,
-                 "use a kernel with CONFIG_FTRACE_SYSCALLS")
+        count = sum(len(tps) for tps in missing.values())
+        return Check(name, True, "fail", f"{count} required missing: {describe_missing(missing)}",
+                     fix)
+    every = ProbePlan(ProbeConfig(), absent)
+    more = (len(ProbePlan(ProbeConfig(open_result=True), absent).tracepoint_names())
+            - len(every.tracepoint_names()))
+    detail = f"all kinds attach {every.describe()}, --open-result {more} more"
+    if every.absent_tracepoints():
+        detail += f"; not on this kernel: {every.describe_absent()}"
+    return Check(name, True, "ok", detail, fix)
 
 
 def check_cgroup_v2(env: DoctorEnv) -> Check:
@@ -623,11 +583,8 @@ def _guard(name: str, required: bool, fn: Callable[[], Check]) -> Check:
                      "report this as a driftwarden bug")
 
 
-def run_checks(env: DoctorEnv, *, probe_program_types: bool = True,
-               tracepoints: Sequence[str] | None = None) -> list[Check]:
-    """Every check in display order. `tracepoints` defaults to those the probes use."""
-    tps = tuple(tracepoints) if tracepoints is not None else probe_tracepoints()
-    attached = attached_tracepoints() if tracepoints is None else ""
+def run_checks(env: DoctorEnv, *, probe_program_types: bool = True) -> list[Check]:
+    """Every check in display order."""
     checks = [
         _guard("privileges", True, lambda: check_privileges(env)),
         _guard("bpf syscall", True, lambda: check_bpf_syscall(env)),
@@ -635,7 +592,7 @@ def run_checks(env: DoctorEnv, *, probe_program_types: bool = True,
         _guard("tracefs", True, lambda: check_tracefs(env)),
         _guard("kernel headers", True, lambda: check_kernel_headers(env)),
         _guard("bcc", True, lambda: check_bcc(env)),
-        _guard("tracepoints", True, lambda: check_tracepoints(env, tps, attached=attached)),
+        _guard("tracepoints", True, lambda: check_tracepoints(env)),
         _guard("cgroup v2", True, lambda: check_cgroup_v2(env)),
         _guard("docker socket", False, lambda: check_docker(env)),
         _guard("container runtimes", False, lambda: check_container_runtimes(env)),

@@ -79,6 +79,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 from driftwarden.core.errors import SpoolError, SpoolFull
+from driftwarden.core.lifecycle import Service
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class AlertSpool:
+class AlertSpool(Service):
     """Alerts kept on disk until acknowledged; see the module docstring for format and rules.
 
     ``append(alerts)`` -> their sequence numbers; ``pending(limit)`` -> ``[(seq, alert)]`` oldest
@@ -236,6 +237,7 @@ class AlertSpool:
                  compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES) -> None:
         if max_bytes < 4096:
             raise ValueError(f"spool max_bytes must be at least 4096, got {max_bytes}")
+        super().__init__()
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.fsync = fsync
@@ -258,12 +260,6 @@ class AlertSpool:
             raise
 
     # -- public --------------------------------------------------------------------------------
-
-    def __enter__(self) -> AlertSpool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def depth(self) -> int:
@@ -393,7 +389,7 @@ class AlertSpool:
             self._check_open()
             self._compact()
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         with self._lock:
             self._close_fds()
 

@@ -45,6 +45,7 @@ from typing import Any
 from driftwarden.collector.filters import AlertFilter
 from driftwarden.core.alerts import Severity
 from driftwarden.core.errors import FilterError
+from driftwarden.core.lifecycle import Service
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class _Gap:
         self.count = 1
 
 
-class Subscription:
+class Subscription(Service):
     """One subscriber's bounded queue. Made by :meth:`FanoutHub.subscribe`.
 
     ``get(timeout)`` returns the next item, or None on timeout or once closed; ``items()`` (and
@@ -127,6 +128,7 @@ class Subscription:
 
     def __init__(self, hub: FanoutHub, sub_id: int, filter: SubscriberFilter,
                  max_queue: int, name: str) -> None:
+        super().__init__()
         self.id = sub_id
         self.name = name
         self.filter = filter
@@ -211,11 +213,9 @@ class Subscription:
                     "pending": self._queued, "matched": self.matched,
                     "delivered": self.delivered, "dropped": self.dropped}
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         """Unsubscribe, discard what is queued and wake a reader blocked in ``get``."""
         with self._cond:
-            if self._closed:
-                return
             self._closed = True
             self.discarded = self._queued
             self._queue.clear()
@@ -223,21 +223,16 @@ class Subscription:
             self._cond.notify_all()
         self._hub._retire(self)
 
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (f"Subscription(id={self.id}, name={self.name!r}, pending={self._queued}, "
                 f"dropped={self.dropped}, closed={self._closed})")
 
 
-class FanoutHub:
+class FanoutHub(Service):
     """Fans published alerts and action events out to subscriptions (module docstring)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._subs: tuple[Subscription, ...] = ()  # replaced, never mutated: publish reads it
         self._ids = itertools.count(1)
@@ -296,7 +291,7 @@ class FanoutHub:
         totals["dropped"] += sum(s["dropped"] for s in per)
         return {"subscribers": len(per), **totals, "per_subscriber": per}
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         """Close every subscription (waking blocked readers); later publishes are ignored."""
         with self._lock:
             self._closed = True
@@ -319,12 +314,6 @@ class FanoutHub:
                 self._retired_dropped += sub.dropped
         log.debug("subscriber %d left: delivered %d, dropped %d", sub.id, sub.delivered,
                   sub.dropped)
-
-    def __enter__(self) -> FanoutHub:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = [

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -41,6 +40,7 @@ from driftwarden.collector.service import CollectorService, ServiceConfig
 from driftwarden.collector.servicers import add_servicers
 from driftwarden.collector.store import AlertStore
 from driftwarden.core.errors import CollectorError, UsageError
+from driftwarden.core.lifecycle import Service
 from driftwarden.core.metrics import MetricsRegistry, MetricsServer
 from driftwarden.core.netaddr import (
     COLLECTOR_PORT,
@@ -122,15 +122,16 @@ class CollectorConfig:
         return max(1, self.max_workers - UNARY_RESERVE)
 
 
-class CollectorServer:
-    """The running collector (module docstring). ``start()`` binds and serves; ``stop()``
-    (idempotent) ends streams, stops gRPC and closes the store."""
+class CollectorServer(Service):
+    """The running collector (module docstring). ``start()`` binds and serves (a failed start
+    tears down what it made, with no grace); ``stop()`` (idempotent) ends streams, stops gRPC
+    and closes the store."""
 
     def __init__(self, config: CollectorConfig, *,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self.config = config
         self._clock = clock
-        self._lock = threading.Lock()
         self.store: AlertStore | None = None
         self.hub: FanoutHub | None = None
         self.engine: PolicyEngine | None = None
@@ -142,23 +143,6 @@ class CollectorServer:
         self._port: int | None = None
 
     # - lifecycle --------------------------------------------------------------------------
-
-    def __enter__(self) -> CollectorServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> CollectorServer:
-        with self._lock:
-            if self._server is not None:
-                return self
-            try:
-                self._start()
-            except BaseException:
-                self._teardown(0)
-                raise
-        return self
 
     def _start(self) -> None:
         config = self.config
@@ -222,10 +206,11 @@ class CollectorServer:
                  "mTLS" if credentials is not None else "plaintext", self.store.path)
 
     def stop(self, grace: float | None = None) -> None:
-        with self._lock:
-            self._teardown(self.config.stop_grace if grace is None else grace)
+        """`grace`: seconds unary calls get to finish (None: ``config.stop_grace``)."""
+        super().stop(grace)
 
-    def _teardown(self, grace: float) -> None:
+    def _stop(self, timeout: float | None) -> None:
+        grace = self.config.stop_grace if timeout is None else timeout
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self.service is not None:

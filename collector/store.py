@@ -101,6 +101,7 @@ from driftwarden.core.errors import (
     UnknownAction,
     UnknownContainer,
 )
+from driftwarden.core.lifecycle import Service
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ def _agent(row: tuple[Any, ...]) -> AgentRecord:
                        containers_watched=watched, spool_depth=spool, peer=peer)
 
 
-class AlertStore:
+class AlertStore(Service):
     """The collector's store in one SQLite file. Thread-safe; a context manager.
 
     ``clock`` (default ``time.time``) stamps received/created/finished times and is the default
@@ -432,6 +433,7 @@ class AlertStore:
         if checkpoint_interval is not None and not checkpoint_interval > 0:
             raise ValueError(f"checkpoint_interval must be > 0 seconds, got "
                              f"{checkpoint_interval}")
+        super().__init__()
         self.path = os.fspath(path)
         self._clock = clock
         self._checkpointer: _Checkpointer | None = None
@@ -478,7 +480,7 @@ class AlertStore:
         checkpoints)."""
         return cls(path, clock=clock, checkpoint_interval=checkpoint_interval)
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
@@ -490,12 +492,6 @@ class AlertStore:
     @property
     def closed(self) -> bool:
         return self._conn is None
-
-    def __enter__(self) -> AlertStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # - plumbing -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from driftwarden.core.lifecycle import Service, start_daemon_thread
 from driftwarden.core.netaddr import host_port, loopback_host
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -193,25 +194,20 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().__init__(address, _Handler)
 
 
-class MetricsServer:
+class MetricsServer(Service):
     """Serves ``GET /metrics`` from `registry` on a loopback address; a context manager.
 
     The socket is bound by ``start()`` (or entering the context); ``port`` is then the bound
-    port (useful with ``port=0``).
+    port (useful with ``port=0``). ``close()`` (or ``stop()``) waits for the serving thread.
     """
 
     def __init__(self, registry: MetricsRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__()
         self.registry = registry
         self.host = loopback_host(host)
         self.requested_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def port(self) -> int:
@@ -223,26 +219,22 @@ class MetricsServer:
     def url(self) -> str:
         return f"http://{host_port(self.host, self.port)}{METRICS_PATH}"
 
-    def start(self) -> MetricsServer:
-        if self._server is not None:
-            return self
+    def _start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._server = _Server((self.host, self.requested_port), family)
         self._server.set_app(_metrics_path_only(make_wsgi_app(self.registry.prometheus)))
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.5},
-                                        name="driftwarden-metrics", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon_thread(self._server.serve_forever, "driftwarden-metrics",
+                                           poll_interval=0.5)
         log.info("metrics at %s", self.url)
-        return self
 
-    def close(self) -> None:
+    def _stop(self, timeout: float | None) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever: only once it ran
+            self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
         self._server = None
         self._thread = None
 

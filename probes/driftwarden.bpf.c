@@ -10,7 +10,8 @@
  *   -> stash args -> at syscall exit: read paths -> dedup (LRU) -> ring buffer, no wake-up.
  * Everything not sent is counted in `counters` (per CPU, per kind).
  *
- * Settings are -D defines (probes/loader.py ProbeConfig), never spliced text.
+ * Settings are -D defines (probes/loader.py ProbeConfig), never spliced text; so is what the
+ * kernel offers (DW_HAVE_*: a syscall this kernel lacks is not compiled, so not attached).
  */
 #include <uapi/linux/ptrace.h>
 #include "dw_event.h"
@@ -61,6 +62,48 @@
 #define DW_WAKE_KINDS 0                     /* kinds (a bit each) that wake the reader at once:
                                              * execs are rare next to writes, and an exec is
                                              * what drift alerts are about */
+#endif
+/* Syscalls a supported kernel may lack (probes/loader.py OPTIONAL_SYSCALLS says which and why),
+ * 1 or 0 each: the loader reads tracefs, and one the kernel lacks is neither compiled nor
+ * attached (a kernel without a syscall runs no process that calls it). */
+#ifndef DW_HAVE_OPEN
+#define DW_HAVE_OPEN 1
+#endif
+#ifndef DW_HAVE_CREAT
+#define DW_HAVE_CREAT 1
+#endif
+#ifndef DW_HAVE_OPENAT2
+#define DW_HAVE_OPENAT2 1
+#endif
+#ifndef DW_HAVE_RENAME
+#define DW_HAVE_RENAME 1
+#endif
+#ifndef DW_HAVE_RENAMEAT
+#define DW_HAVE_RENAMEAT 1
+#endif
+#ifndef DW_HAVE_UNLINK
+#define DW_HAVE_UNLINK 1
+#endif
+#ifndef DW_HAVE_RMDIR
+#define DW_HAVE_RMDIR 1
+#endif
+#ifndef DW_HAVE_CHMOD
+#define DW_HAVE_CHMOD 1
+#endif
+#ifndef DW_HAVE_FCHMODAT2
+#define DW_HAVE_FCHMODAT2 1
+#endif
+#ifndef DW_HAVE_LINK
+#define DW_HAVE_LINK 1
+#endif
+#ifndef DW_HAVE_SYMLINK
+#define DW_HAVE_SYMLINK 1
+#endif
+#ifndef DW_HAVE_MKDIR
+#define DW_HAVE_MKDIR 1
+#endif
+#ifndef DW_HAVE_MKNOD
+#define DW_HAVE_MKNOD 1
 #endif
 
 /* Keeps clang from re-deriving a clamped length from its unclamped source, which the
@@ -188,11 +231,12 @@ static __always_inline u64 dw_mix(u64 h, u64 v)
     return h * DW_FNV_PRIME;
 }
 
-/* FNV-1a over 8-byte words of a NUL-terminated buffer of `len` bytes (NUL included).
- * Bytes past `len` are stale scratch memory, so the last word is masked. */
-static __always_inline u64 dw_hash_path(const char *buf, u32 len, u64 h)
+/* FNV-1a over 8-byte words of a NUL-terminated buffer of `len` bytes (NUL included), at most
+ * `max_words` words: a constant at every call, so the verifier sees a bounded loop. Bytes past
+ * `len` are stale scratch memory, so the last word is masked. */
+static __always_inline u64 dw_hash_words(const char *buf, u32 len, const u32 max_words, u64 h)
 {
-    for (int i = 0; i < DW_PATH_MAX / 8; i++) {
+    for (int i = 0; i < max_words; i++) {
         u32 off = i * 8;
         if (off >= len)
             break;
@@ -205,19 +249,14 @@ static __always_inline u64 dw_hash_path(const char *buf, u32 len, u64 h)
     return h;
 }
 
+static __always_inline u64 dw_hash_path(const char *buf, u32 len, u64 h)
+{
+    return dw_hash_words(buf, len, DW_PATH_MAX / 8, h);
+}
+
 static __always_inline u64 dw_hash_args(const char *buf, u32 len, u64 h)
 {
-    for (int i = 0; i < DW_ARGS_SIZE / 8; i++) {
-        u32 off = i * 8;
-        if (off >= len)
-            break;
-        u64 w = *(const u64 *)(buf + off);
-        u32 left = len - off;
-        if (left < 8)
-            w &= (1ULL << (left * 8)) - 1;
-        h = dw_mix(h, w);
-    }
-    return h;
+    return dw_hash_words(buf, len, DW_ARGS_SIZE / 8, h);
 }
 
 /* Returns 1 when the event repeats a key sent less than DW_DEDUP_NS ago (it is counted and
@@ -736,12 +775,19 @@ static __always_inline int dw_open(const char *path, s32 dirfd, u32 flags, u32 m
 
 #define DW_CREAT_FLAGS (DW_O_CREAT | DW_O_WRONLY | DW_O_TRUNC)
 
+/* Each syscall's entry and exit, together; an optional one (DW_HAVE_*) is compiled as a pair.
+ * Opens are reported at entry unless DW_OPEN_RESULT. */
+#if DW_HAVE_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
 {
     if (!dw_wants_write(args->flags))
         return 0;
     return dw_open(args->filename, DW_AT_FDCWD, args->flags, args->mode);
 }
+#if DW_OPEN_RESULT
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return dw_file_exit(args->ret); }
+#endif
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
@@ -749,7 +795,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
         return 0;
     return dw_open(args->filename, args->dfd, args->flags, args->mode);
 }
+#if DW_OPEN_RESULT
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return dw_file_exit(args->ret); }
+#endif
 
+#if DW_HAVE_OPENAT2
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
 {
     u64 how[2] = {};
@@ -759,134 +809,156 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
         return 0;
     return dw_open(args->filename, args->dfd, how[0], how[1]);
 }
+#if DW_OPEN_RESULT
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return dw_file_exit(args->ret); }
+#endif
+#endif
 
+#if DW_HAVE_CREAT
 TRACEPOINT_PROBE(syscalls, sys_enter_creat)
 {
     return dw_open(args->pathname, DW_AT_FDCWD, DW_CREAT_FLAGS, args->mode);
 }
+#if DW_OPEN_RESULT
+TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return dw_file_exit(args->ret); }
+#endif
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
 {
     return dw_file_enter(DW_FILE_TRUNCATE, args->path, 0, DW_AT_FDCWD, 0, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_RENAME
 TRACEPOINT_PROBE(syscalls, sys_enter_rename)
 {
     return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return dw_file_exit(args->ret); }
+#endif
 
+#if DW_HAVE_RENAMEAT
 TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
 {
     return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, args->olddfd, args->newdfd, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
 {
     return dw_file_enter(DW_FILE_RENAME, args->oldname, args->newname, args->olddfd, args->newdfd,
                          args->flags, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_UNLINK
 TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
 {
     return dw_file_enter(DW_FILE_UNLINK, args->pathname, 0, DW_AT_FDCWD, 0, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
 {
     u16 op = (args->flag & DW_AT_REMOVEDIR) ? DW_FILE_RMDIR : DW_FILE_UNLINK;
     return dw_file_enter(op, args->pathname, 0, args->dfd, 0, args->flag, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_RMDIR
 TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
 {
     return dw_file_enter(DW_FILE_RMDIR, args->pathname, 0, DW_AT_FDCWD, 0, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return dw_file_exit(args->ret); }
+#endif
 
+#if DW_HAVE_CHMOD
 TRACEPOINT_PROBE(syscalls, sys_enter_chmod)
 {
     return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, DW_AT_FDCWD, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fchmod)
 {
     return dw_file_enter(DW_FILE_CHMOD, 0, 0, args->fd, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmod) { return dw_file_exit(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat)
 {
     return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, args->dfd, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_FCHMODAT2
 TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat2)
 {
     return dw_file_enter(DW_FILE_CHMOD, args->filename, 0, args->dfd, 0, args->flags, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat2) { return dw_file_exit(args->ret); }
+#endif
 
+#if DW_HAVE_LINK
 TRACEPOINT_PROBE(syscalls, sys_enter_link)
 {
     return dw_file_enter(DW_FILE_LINK, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_link) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_linkat)
 {
     return dw_file_enter(DW_FILE_LINK, args->oldname, args->newname, args->olddfd, args->newdfd,
                          args->flags, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_linkat) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_SYMLINK
 TRACEPOINT_PROBE(syscalls, sys_enter_symlink)
 {
     return dw_file_enter(DW_FILE_SYMLINK, args->oldname, args->newname, DW_AT_FDCWD, DW_AT_FDCWD, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlink) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_symlinkat)
 {
     return dw_file_enter(DW_FILE_SYMLINK, args->oldname, args->newname, DW_AT_FDCWD, args->newdfd, 0, 0);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlinkat) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_MKDIR
 TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)
 {
     return dw_file_enter(DW_FILE_MKDIR, args->pathname, 0, DW_AT_FDCWD, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdir) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mkdirat)
 {
     return dw_file_enter(DW_FILE_MKDIR, args->pathname, 0, args->dfd, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdirat) { return dw_file_exit(args->ret); }
 
+#if DW_HAVE_MKNOD
 TRACEPOINT_PROBE(syscalls, sys_enter_mknod)
 {
     return dw_file_enter(DW_FILE_MKNOD, args->filename, 0, DW_AT_FDCWD, 0, 0, args->mode);
 }
+TRACEPOINT_PROBE(syscalls, sys_exit_mknod) { return dw_file_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mknodat)
 {
     return dw_file_enter(DW_FILE_MKNOD, args->filename, 0, args->dfd, 0, 0, args->mode);
 }
-
-#if DW_OPEN_RESULT
-TRACEPOINT_PROBE(syscalls, sys_exit_open) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return dw_file_exit(args->ret); }
-#endif
-TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fchmod) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat2) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_link) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_linkat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_symlink) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_symlinkat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_mkdir) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_mkdirat) { return dw_file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_mknod) { return dw_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_mknodat) { return dw_file_exit(args->ret); }
 
 #endif /* DW_WITH_FILE */

@@ -1,7 +1,9 @@
 """Compile, load and attach the BPF programs; drain the ring buffer; read the counters.
 
-Settings reach the C side only as -D defines (ProbeConfig.cflags), so the program text is
-the same file for every configuration; `bpf_text()` shows what is compiled.
+Settings reach the C side only as -D defines (ProbeConfig.cflags), and so does what the kernel
+offers: ProbePlan.cflags adds DW_HAVE_<SYSCALL> for each optional syscall, read from tracefs, so
+a syscall the kernel lacks is neither compiled nor attached. The program text is the same file
+for every configuration and kernel; `bpf_text()` shows what is compiled.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from driftwarden.core.errors import HostSupportError, ProbeLoadError, UsageError
+from driftwarden.core.lifecycle import Service
 from driftwarden.probes._layout import COUNTER_MAX, Counter, EventKind, Limits
 
 log = logging.getLogger(__name__)
@@ -26,13 +30,18 @@ EVENT_HEADER = PROBE_DIR / "dw_event.h"
 # Kinds a user can select; chdir is bookkeeping and always on.
 SELECTABLE_KINDS = {"exec": EventKind.EXEC, "connect": EventKind.CONNECT, "write": EventKind.FILE}
 
+MOUNTINFO = "/proc/self/mountinfo"
+# Where tracefs usually is when mountinfo does not say (bcc 0.26 prefers debugfs's tracing/).
+USUAL_TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
 
 def _syscalls(*names: str, sides: tuple[str, ...] = ("enter", "exit")) -> tuple[str, ...]:
     return tuple(f"syscalls:sys_{side}_{name}" for name in names for side in sides)
 
 
-# The tracepoints each part of driftwarden.bpf.c attaches (its DW_WITH_* sections). Bookkeeping
-# is always attached: parent pids (fork, exit) and relative paths (chdir) need it.
+# The tracepoints each part of driftwarden.bpf.c attaches (its DW_WITH_* sections), on a kernel
+# that has every syscall. Bookkeeping is always attached: parent pids (fork, exit) and relative
+# paths (chdir) need it.
 BOOKKEEPING_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit",
                            *_syscalls("chdir", "fchdir"))
 _OPENS = ("open", "openat", "openat2", "creat")  # reported at entry unless open_result
@@ -45,6 +54,27 @@ KIND_TRACEPOINTS: dict[str, tuple[str, ...]] = {
     "write": _syscalls(*_OPENS, sides=("enter",)) + _syscalls(*_FILE_OPS),
 }
 OPEN_RESULT_TRACEPOINTS = _syscalls(*_OPENS, sides=("exit",))
+
+# Syscalls a kernel the probes support (Linux 5.8+) may lack, by version or architecture, and
+# which kernels lack them. Each is compiled in only under its DW_HAVE_<NAME> define, set from
+# tracefs, so one the kernel lacks is neither compiled nor attached; no process can call it
+# there, so nothing is missed. Every other tracepoint above is required.
+_LEGACY = "legacy, not on arm64"  # arm64 has only the *at() forms
+OPTIONAL_SYSCALLS: dict[str, str] = {
+    "open": _LEGACY, "creat": _LEGACY, "rename": _LEGACY, "unlink": _LEGACY, "rmdir": _LEGACY,
+    "chmod": _LEGACY, "link": _LEGACY, "symlink": _LEGACY, "mkdir": _LEGACY, "mknod": _LEGACY,
+    "renameat": "superseded by renameat2, not on riscv64",
+    "openat2": "Linux 5.6+",
+    "fchmodat2": "Linux 6.6+",
+}
+
+
+def _syscall_of(tracepoint: str) -> str:
+    """'syscalls:sys_exit_fchmodat2' -> 'fchmodat2'; '' for a tracepoint of another category."""
+    category, _, event = tracepoint.partition(":")
+    if category != "syscalls":
+        return ""
+    return event.removeprefix("sys_enter_").removeprefix("sys_exit_")
 
 
 @dataclass(frozen=True)
@@ -82,23 +112,14 @@ class ProbeConfig:
             raise UsageError("dedup entries must be >= 1")
 
     def tracepoints(self) -> dict[str, tuple[str, ...]]:
-        """What these settings attach, by part ("bookkeeping", then each selected kind)."""
+        """What these settings attach on a kernel with every syscall, by part ("bookkeeping",
+        then each selected kind); ProbePlan.tracepoints() leaves out what a kernel lacks."""
         parts = {"bookkeeping": BOOKKEEPING_TRACEPOINTS}
         for kind in SELECTABLE_KINDS:
             if kind in self.kinds:
                 extra = OPEN_RESULT_TRACEPOINTS if kind == "write" and self.open_result else ()
                 parts[kind] = KIND_TRACEPOINTS[kind] + extra
         return parts
-
-    def tracepoint_names(self) -> tuple[str, ...]:
-        """Every "category:event" these settings attach."""
-        return tuple(tp for part in self.tracepoints().values() for tp in part)
-
-    def describe_tracepoints(self) -> str:
-        """'56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)'."""
-        parts = self.tracepoints()
-        counts = ", ".join(f"{part} {len(tps)}" for part, tps in parts.items())
-        return f"{sum(len(tps) for tps in parts.values())} tracepoints ({counts})"
 
     @staticmethod
     def _mask(kinds: frozenset[str]) -> int:
@@ -139,43 +160,187 @@ def find_cgroup2_root(sys_fs_cgroup: str | os.PathLike = "/sys/fs/cgroup") -> Pa
     )
 
 
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, \n, \ as \ooo
+
+
+def find_tracefs(mountinfo: str | os.PathLike = MOUNTINFO,
+                 usual: tuple[str, ...] = USUAL_TRACEFS) -> Path | None:
+    """The tracing directory, the one that holds events/: a tracefs mount listed in
+    `mountinfo`, else a debugfs mount's tracing/, else the first of `usual` that has events/.
+    None when tracefs is not mounted; PermissionError when not root (tracefs is 0700)."""
+    listed = []
+    with contextlib.suppress(OSError):
+        for line in Path(mountinfo).read_text().splitlines():
+            mount, _, filesystem = line.partition(" - ")
+            fields, fstype = mount.split(), (filesystem.split() or [""])[0]
+            if len(fields) < 5 or fstype not in ("tracefs", "debugfs"):
+                continue
+            mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            listed.append(mount_point if fstype == "tracefs" else f"{mount_point}/tracing")
+    for candidate in dict.fromkeys([*listed, *usual]):
+        if Path(candidate, "events").is_dir():
+            return Path(candidate)
+    return None
+
+
+def require_tracefs(tracefs: str | os.PathLike | None = None) -> Path:
+    """`tracefs`, or the one find_tracefs() finds, checked to hold syscall tracepoints."""
+    root = Path(tracefs) if tracefs is not None else find_tracefs()
+    if root is None or not (root / "events").is_dir():
+        where = root or " or ".join(USUAL_TRACEFS)
+        raise HostSupportError(
+            f"no tracepoints under {where}: tracefs is not mounted; run "
+            f"`mount -t tracefs nodev {USUAL_TRACEFS[0]}`"
+        )
+    if not (root / "events" / "syscalls").is_dir():
+        raise HostSupportError(
+            f"no syscall tracepoints under {root}/events: the kernel was built without "
+            "CONFIG_FTRACE_SYSCALLS; use a kernel with syscall tracepoints"
+        )
+    return root
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """What one ProbeConfig compiles and attaches on one kernel: `absent` holds the optional
+    syscalls (OPTIONAL_SYSCALLS) that kernel lacks. plan_probes() reads them from tracefs."""
+
+    config: ProbeConfig
+    absent: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.absent) - set(OPTIONAL_SYSCALLS)
+        if unknown:
+            raise ValueError(f"not optional syscalls: {sorted(unknown)}")
+
+    def tracepoints(self) -> dict[str, tuple[str, ...]]:
+        """What is attached, by part ("bookkeeping", then each selected kind)."""
+        return {part: tuple(tp for tp in tps if _syscall_of(tp) not in self.absent)
+                for part, tps in self.config.tracepoints().items()}
+
+    def tracepoint_names(self) -> tuple[str, ...]:
+        """Every "category:event" attached."""
+        return tuple(tp for part in self.tracepoints().values() for tp in part)
+
+    def absent_tracepoints(self) -> tuple[str, ...]:
+        """The tracepoints the settings would use that this kernel lacks (compiled out)."""
+        return tuple(tp for part in self.config.tracepoints().values() for tp in part
+                     if _syscall_of(tp) in self.absent)
+
+    def describe(self) -> str:
+        """'56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)'."""
+        parts = self.tracepoints()
+        counts = ", ".join(f"{part} {len(tps)}" for part, tps in parts.items())
+        return f"{sum(len(tps) for tps in parts.values())} tracepoints ({counts})"
+
+    def describe_absent(self) -> str:
+        """'sys_enter_fchmodat2, sys_exit_fchmodat2 (Linux 6.6+)', one group per reason joined
+        by '; '; '' when nothing is left out."""
+        by_reason: dict[str, list[str]] = {}
+        for tp in self.absent_tracepoints():
+            by_reason.setdefault(OPTIONAL_SYSCALLS[_syscall_of(tp)], []).append(
+                tp.partition(":")[2])
+        return "; ".join(f"{', '.join(tps)} ({why})" for why, tps in by_reason.items())
+
+    def cflags(self, *, host_cgroup_id: int = 1, agent_tgid: int = 0) -> list[str]:
+        """The settings' -D flags, then DW_HAVE_<SYSCALL> 1 or 0 for each optional syscall."""
+        return [*self.config.cflags(host_cgroup_id=host_cgroup_id, agent_tgid=agent_tgid),
+                *(f"-DDW_HAVE_{name.upper()}={int(name not in self.absent)}"
+                  for name in OPTIONAL_SYSCALLS)]
+
+
+def _has_tracepoint(tracefs: str | os.PathLike, tracepoint: str) -> bool:
+    category, _, event = tracepoint.partition(":")
+    return Path(tracefs, "events", category, event).is_dir()
+
+
+def absent_syscalls(tracefs: str | os.PathLike) -> frozenset[str]:
+    """The optional syscalls (OPTIONAL_SYSCALLS) this kernel lacks: one counts as present only
+    with both its tracepoints under `tracefs`/events."""
+    return frozenset(name for name in OPTIONAL_SYSCALLS
+                     if not all(_has_tracepoint(tracefs, tp) for tp in _syscalls(name)))
+
+
+def missing_required(config: ProbeConfig,
+                     tracefs: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    """The required tracepoints `config` uses that the kernel lacks, by part; {} when none."""
+    missing = {part: tuple(tp for tp in tps if _syscall_of(tp) not in OPTIONAL_SYSCALLS
+                           and not _has_tracepoint(tracefs, tp))
+               for part, tps in config.tracepoints().items()}
+    return {part: tps for part, tps in missing.items() if tps}
+
+
+def describe_missing(missing: dict[str, tuple[str, ...]]) -> str:
+    """'syscalls:sys_enter_openat, syscalls:sys_exit_openat (for write)', one group per part."""
+    return "; ".join(f"{', '.join(tps)} (for {part})" for part, tps in missing.items())
+
+
+def plan_probes(config: ProbeConfig, tracefs: str | os.PathLike) -> ProbePlan:
+    """What `config` compiles and attaches on the kernel whose tracefs is at `tracefs`; a
+    required tracepoint it lacks is a ProbeLoadError naming it."""
+    missing = missing_required(config, tracefs)
+    if missing:
+        hint = "" if "bookkeeping" in missing else ", or leave those kinds out with --kinds"
+        raise ProbeLoadError(
+            f"this kernel lacks tracepoints the probes need (none under {tracefs}/events): "
+            f"{describe_missing(missing)}; use Linux 5.8+ with CONFIG_FTRACE_SYSCALLS{hint}"
+        )
+    return ProbePlan(config, absent_syscalls(tracefs))
+
+
 def bpf_text(config: ProbeConfig, *, host_cgroup_id: int | None = None,
-             agent_tgid: int | None = None) -> str:
+             agent_tgid: int | None = None, tracefs: str | os.PathLike | None = None) -> str:
     """The final BPF program text: settings as defines, then the event header, then the program.
-    Without explicit ids it shows what this process would load (its pid, this host's root)."""
+    Without explicit ids it shows what this process would load (its pid, this host's root);
+    without `tracefs`, the syscalls of the kernel find_tracefs() finds (all of them when it
+    cannot read one: not root, or not mounted)."""
     if host_cgroup_id is None:
         try:
             host_cgroup_id = os.stat(config.cgroup_root or find_cgroup2_root()).st_ino
         except (OSError, HostSupportError):
             host_cgroup_id = 1
+    note = ""
+    if tracefs is None:
+        try:
+            tracefs = find_tracefs()
+        except PermissionError:
+            tracefs = None
+        if tracefs is None:
+            note = "\n * (tracefs not readable here: shown as for a kernel with every syscall)"
+    plan = plan_probes(config, tracefs) if tracefs is not None else ProbePlan(config)
     defines = []
-    flags = config.cflags(host_cgroup_id=host_cgroup_id,
-                          agent_tgid=os.getpid() if agent_tgid is None else agent_tgid)
+    flags = plan.cflags(host_cgroup_id=host_cgroup_id,
+                        agent_tgid=os.getpid() if agent_tgid is None else agent_tgid)
     for flag in flags:
         if flag.startswith("-D"):
             name, _, value = flag[2:].partition("=")
             defines.append(f"#define {name} {value}")
     header = EVENT_HEADER.read_text()
     program = BPF_SOURCE.read_text().replace('#include "dw_event.h"', header)
-    attached = "".join(f"\n *   {tp}" for tp in config.tracepoint_names())
+    attached = "".join(f"\n *   {tp}" for tp in plan.tracepoint_names())
+    absent = plan.describe_absent()
+    left_out = f"\n * not on this kernel, so not compiled: {absent}" if absent else ""
     return (f"/* driftwarden BPF program, as compiled; it attaches "
-            f"{config.describe_tracepoints()}:{attached}\n */\n"
+            f"{plan.describe()}:{attached}{left_out}{note}\n */\n"
             + "\n".join(defines) + "\n" + program)
 
 
-class ProbeSet:
-    """The loaded BPF programs. Use as a context manager; `drain()` returns raw records."""
+class ProbeSet(Service):
+    """The loaded BPF programs. Use as a context manager; `drain()` returns raw records;
+    stopping detaches them."""
 
     def __init__(
         self,
         config: ProbeConfig,
         *,
         sys_fs_cgroup: str = "/sys/fs/cgroup",
-        tracefs_dirs: tuple[str, ...] = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"),
+        tracefs: str | None = None,  # None: find_tracefs()
     ) -> None:
+        super().__init__()
         self.config = config
         self._sys_fs_cgroup = sys_fs_cgroup
-        self._tracefs_dirs = tracefs_dirs
+        self._tracefs = tracefs
+        self.plan: ProbePlan | None = None  # what start() compiled for this kernel
         self._bpf = None
         self._batch: list[bytes] = []
         self._callback = None
@@ -183,7 +348,7 @@ class ProbeSet:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self) -> ProbeSet:
+    def _start(self) -> None:
         if os.geteuid() != 0:
             raise HostSupportError(
                 "loading BPF programs needs root (or CAP_BPF+CAP_PERFMON): re-run with sudo"
@@ -198,13 +363,9 @@ class ProbeSet:
         cgroup_root = Path(self.config.cgroup_root) if self.config.cgroup_root else (
             find_cgroup2_root(self._sys_fs_cgroup)
         )
-        if not any(Path(d, "events", "syscalls").is_dir() for d in self._tracefs_dirs):
-            raise HostSupportError(
-                f"no syscall tracepoints under {' or '.join(self._tracefs_dirs)}: tracefs is not "
-                "mounted; run `mount -t tracefs nodev /sys/kernel/tracing`"
-            )
+        self.plan = plan_probes(self.config, require_tracefs(self._tracefs))
         host_cgroup_id = os.stat(cgroup_root).st_ino
-        cflags = self.config.cflags(host_cgroup_id=host_cgroup_id, agent_tgid=os.getpid())
+        cflags = self.plan.cflags(host_cgroup_id=host_cgroup_id, agent_tgid=os.getpid())
         log.info("compiling BPF program with %s", " ".join(cflags))
         try:
             with _quiet_stderr():
@@ -226,29 +387,30 @@ class ProbeSet:
         self._callback = on_record  # keep a reference: bcc holds only a C pointer
         self._bpf[b"events"].open_ring_buffer(on_record)
         attached = self.attached_tracepoints()
-        if set(attached) != set(self.config.tracepoint_names()):
-            log.warning("attached tracepoints differ from KIND_TRACEPOINTS: %s",
-                        sorted(set(attached) ^ set(self.config.tracepoint_names())))
-        log.info("probes attached: %d tracepoints, skipping cgroups %s and pid %d",
-                 len(attached), self.host_cgroup_ids, os.getpid())
-        return self
+        if set(attached) != set(self.plan.tracepoint_names()):
+            log.warning("attached tracepoints differ from the plan: %s",
+                        sorted(set(attached) ^ set(self.plan.tracepoint_names())))
+        log.info("probes attached: %d tracepoints, skipping cgroups %s and pid %d%s",
+                 len(attached), self.host_cgroup_ids, os.getpid(),
+                 f"; not on this kernel: {self.plan.describe_absent()}"
+                 if self.plan.absent_tracepoints() else "")
 
     def attached_tracepoints(self) -> tuple[str, ...]:
         """"category:event" of every tracepoint bcc attached, as bcc reports them."""
         self._require()
         return tuple(tp.decode() for tp in self._bpf.tracepoint_fds)
 
-    def stop(self) -> None:
+    def absent_tracepoints(self) -> tuple[str, ...]:
+        """"category:event" of every tracepoint the settings would use that this kernel lacks,
+        so it was neither compiled nor attached (ProbePlan.describe_absent() says why)."""
+        self._require()
+        return self.plan.absent_tracepoints()
+
+    def _stop(self, timeout: float | None) -> None:
         if self._bpf is not None:
             with contextlib.suppress(Exception):
-                self._bpf.cleanup()
+                self._bpf.cleanup()  # detaches every program
             self._bpf = None
-
-    def __enter__(self) -> ProbeSet:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- data -----------------------------------------------------------------
 

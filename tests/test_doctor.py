@@ -17,10 +17,20 @@ from pathlib import Path
 import pytest
 from driftwarden.agent import doctor
 from driftwarden.agent.doctor import Check, DoctorEnv
+from driftwarden.probes.loader import ProbeConfig, find_tracefs, plan_probes
 
 RELEASE = "6.9.9-test"
 ALL_CAPS = "000001ffffffffff"
-TPS = ("syscalls:sys_enter_execve", "syscalls:sys_enter_connect", "sched:sched_process_fork")
+# every tracepoint the probes can use, on a kernel with every syscall
+TPS = tuple(tp for tps in ProbeConfig(open_result=True).tracepoints().values() for tp in tps)
+LEGACY = ("open", "creat", "rename", "unlink", "rmdir", "chmod", "link", "symlink", "mkdir",
+          "mknod")
+
+
+def without(*syscalls: str) -> tuple[str, ...]:
+    """TPS less both tracepoints of each syscall named."""
+    gone = {f"syscalls:sys_{side}_{name}" for name in syscalls for side in ("enter", "exit")}
+    return tuple(tp for tp in TPS if tp not in gone)
 
 
 def make_host(
@@ -205,7 +215,7 @@ def test_tracefs_permission_denied(tmp_path, monkeypatch):
 
     monkeypatch.setattr(doctor, "_tracefs_root", denied)
     env = make_host(tmp_path)
-    for c in (doctor.check_tracefs(env), doctor.check_tracepoints(env, TPS)):
+    for c in (doctor.check_tracefs(env), doctor.check_tracepoints(env)):
         assert c.status == "fail" and c.detail == "permission denied: /sys/kernel/tracing/events"
         assert "run as root" in c.fix
     assert doctor.kprobes_attachable(env) is False
@@ -261,52 +271,58 @@ def test_bcc_present_ok(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ tracepoints
 
+EVERY_KIND_ON_A_FULL_KERNEL = ("all kinds attach 56 tracepoints (bookkeeping 6, exec 4, "
+                               "connect 4, write 42), --open-result 4 more")
+
+
 def test_tracepoints_all_present(tmp_path):
-    c = doctor.check_tracepoints(make_host(tmp_path), TPS)
+    c = doctor.check_tracepoints(make_host(tmp_path))
     assert (c.required, c.status) == (True, "ok")
-    assert c.detail == "all 3 used by the probes exist"
+    assert c.detail == EVERY_KIND_ON_A_FULL_KERNEL
 
 
-def test_tracepoints_row_says_how_many_the_probes_attach(tmp_path):
-    c = doctor.check_tracepoints(make_host(tmp_path), TPS, attached=doctor.attached_tracepoints())
-    assert c.detail == ("all 3 used by the probes exist; all kinds attach 56 tracepoints "
-                        "(bookkeeping 6, exec 4, connect 4, write 42), --open-result 4 more")
+def test_tracepoints_linux_6_1_without_fchmodat2_is_ok_and_says_so(tmp_path):
+    c = doctor.check_tracepoints(make_host(tmp_path, tracepoints=without("fchmodat2")))
+    assert (c.required, c.status) == (True, "ok")
+    assert c.detail == ("all kinds attach 54 tracepoints (bookkeeping 6, exec 4, connect 4, "
+                        "write 40), --open-result 4 more; not on this kernel: "
+                        "sys_enter_fchmodat2, sys_exit_fchmodat2 (Linux 6.6+)")
 
 
-def test_tracepoints_missing_named(tmp_path):
-    env = make_host(tmp_path, tracepoints=TPS[:1])
-    c = doctor.check_tracepoints(env, TPS)
-    assert c.status == "fail"
-    assert c.detail == "2/3 missing: sys_enter_connect, sched_process_fork"
-    assert c.fix
+def test_tracepoints_arm64_without_legacy_syscalls_is_ok_and_says_so(tmp_path):
+    c = doctor.check_tracepoints(make_host(tmp_path, tracepoints=without(*LEGACY)))
+    assert c.status == "ok"
+    assert c.detail.startswith("all kinds attach 38 tracepoints (bookkeeping 6, exec 4, "
+                               "connect 4, write 24), --open-result 2 more; not on this "
+                               "kernel: sys_enter_open, sys_enter_creat, sys_enter_rename, ")
+    assert c.detail.endswith(", sys_exit_mknod (legacy, not on arm64)")
+
+
+def test_tracepoints_missing_required_named(tmp_path):
+    lacking = {"syscalls:sys_enter_connect", "sched:sched_process_fork"}
+    env = make_host(tmp_path, tracepoints=tuple(tp for tp in TPS if tp not in lacking))
+    c = doctor.check_tracepoints(env)
+    assert (c.required, c.status) == (True, "fail")
+    assert c.detail == ("2 required missing: sched:sched_process_fork (for bookkeeping); "
+                        "syscalls:sys_enter_connect (for connect)")
+    assert c.fix == "use Linux 5.8+ with CONFIG_FTRACE_SYSCALLS (syscall tracepoints)"
 
 
 def test_tracepoints_without_tracefs_fails_with_mount_fix(tmp_path):
-    c = doctor.check_tracepoints(make_host(tmp_path, tracefs=None), TPS)
+    c = doctor.check_tracepoints(make_host(tmp_path, tracefs=None))
     assert c.status == "fail" and c.fix.startswith("mount -t tracefs")
 
 
-def test_probe_tracepoints_parses_source(tmp_path):
-    src = tmp_path / "p.bpf.c"
-    src.write_text(
-        "/* TRACEPOINT_PROBE(syscalls, sys_enter_commented) */\n"
-        "TRACEPOINT_PROBE(syscalls, sys_enter_execve) {}\n"
-        "// TRACEPOINT_PROBE(syscalls, sys_enter_linecomment)\n"
-        "RAW_TRACEPOINT_PROBE(sys_enter) {}\n"
-        "TRACEPOINT_PROBE( sched , sched_process_fork ) {}\n"
-        "TRACEPOINT_PROBE(syscalls, sys_enter_execve) {}\n"
-    )
-    assert doctor.probe_tracepoints(src) == ("syscalls:sys_enter_execve",
-                                             "sched:sched_process_fork")
-
-
-def test_probe_tracepoints_fallback(tmp_path):
-    assert doctor.probe_tracepoints(tmp_path / "absent.c") == doctor.DEFAULT_TRACEPOINTS
-
-
-def test_probe_tracepoints_real_source_covers_core_list():
-    found = doctor.probe_tracepoints()
-    assert set(doctor.DEFAULT_TRACEPOINTS) <= set(found)
+def test_tracefs_found_where_mountinfo_says(tmp_path):
+    env = make_host(tmp_path, tracefs=None)
+    elsewhere = tmp_path / "elsewhere"
+    for tp in TPS:
+        category, _, event = tp.partition(":")
+        (elsewhere / "events" / category / event).mkdir(parents=True)
+    Path(env.proc_root, "self", "mountinfo").write_text(
+        f"45 23 0:13 / {elsewhere} rw,relatime - tracefs nodev rw\n")
+    assert doctor.check_tracefs(env).detail == f"{elsewhere}/events/syscalls present"
+    assert doctor.check_tracepoints(env).detail == EVERY_KIND_ON_A_FULL_KERNEL
 
 
 # ------------------------------------------------------------------ cgroup v2
@@ -528,7 +544,7 @@ def test_load_child_timeout_reported(monkeypatch):
 
 def test_run_checks_on_fixture_tree(tmp_path):
     env = make_host(tmp_path, tracefs=None, headers=None, cgroup="v1", capeff="0")
-    checks = doctor.run_checks(env, probe_program_types=False, tracepoints=TPS)
+    checks = doctor.run_checks(env, probe_program_types=False)
     by = {c.name: c for c in checks}
     assert [c.name for c in checks] == ["privileges", "bpf syscall", "btf", "tracefs",
                                         "kernel headers", "bcc", "tracepoints", "cgroup v2",
@@ -548,7 +564,7 @@ def test_run_checks_on_fixture_tree(tmp_path):
 def test_run_checks_skips_load_tests_without_privilege(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "program_type_checks",
                         lambda env: pytest.fail("load tests must not run unprivileged"))
-    checks = doctor.run_checks(make_host(tmp_path, capeff="0"), tracepoints=TPS)
+    checks = doctor.run_checks(make_host(tmp_path, capeff="0"))
     assert checks[-1].name == "prog types"
     assert checks[-1].detail == "not tested: needs root or CAP_BPF+CAP_PERFMON"
 
@@ -683,6 +699,19 @@ def test_host_required_checks_ok(host_checks):
         c = host_checks[name]
         assert c.required and c.status == "ok", (name, c.detail)
     assert doctor.exit_code(list(host_checks.values())) == 0
+
+
+@pytest.mark.integration
+def test_host_tracepoints_row_is_what_this_kernel_offers(host_checks):
+    """Counted from the host's tracefs, not from one kernel's numbers."""
+    tracefs = find_tracefs()
+    every = plan_probes(ProbeConfig(), tracefs)
+    more = len(plan_probes(ProbeConfig(open_result=True), tracefs).tracepoint_names()) - len(
+        every.tracepoint_names())
+    absent = every.describe_absent()
+    assert host_checks["tracepoints"].detail == (
+        f"all kinds attach {every.describe()}, --open-result {more} more"
+        + (f"; not on this kernel: {absent}" if absent else ""))
 
 
 @pytest.mark.integration

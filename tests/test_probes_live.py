@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.containers import run_container
 from tests.support.host import in_root_cgroup
+from tests.support.probe_source import source_tracepoints
 
 pytestmark = pytest.mark.integration
 
@@ -308,30 +309,84 @@ OPEN_EXITS = {"syscalls:sys_exit_open", "syscalls:sys_exit_openat", "syscalls:sy
               "syscalls:sys_exit_creat"}
 
 
-def test_every_kind_attaches_every_tracepoint_of_the_source_but_open_exits(live_trace):
-    """All kinds: the source's 60 tracepoints less the 4 open exits (opens are reported at
-    entry unless --open-result), as bcc reports them."""
-    from driftwarden.agent.doctor import probe_tracepoints
+def _on_this_kernel(tracepoints) -> set[str]:
+    """Those of `tracepoints` that this host's tracefs lists."""
+    from driftwarden.probes.loader import find_tracefs
 
-    attached = live_trace.probes.attached_tracepoints()
-    assert len(attached) == live_trace.probes._bpf.num_open_tracepoints() == 56
-    assert set(attached) == set(probe_tracepoints()) - OPEN_EXITS
-    assert len(probe_tracepoints()) == 60
+    tracefs = find_tracefs()
+    return {tp for tp in tracepoints if (tracefs / "events" / tp.replace(":", "/")).is_dir()}
+
+
+def _tracefs_like_this_kernel(root, *, lacking: set[str]):
+    """A tracefs tree listing this kernel's tracepoints of the probes less both sides of each
+    syscall in `lacking`: the probes load as on a kernel without those syscalls."""
+
+    gone = {f"syscalls:sys_{side}_{name}" for name in lacking for side in ("enter", "exit")}
+    for tp in _on_this_kernel(source_tracepoints()) - gone:
+        (root / "events" / tp.replace(":", "/")).mkdir(parents=True)
+    return root
+
+
+def test_every_kind_attaches_what_this_kernel_has_of_the_source_but_open_exits(live_trace):
+    """All kinds: the source's tracepoints that this kernel's tracefs lists, less the open
+    exits (opens are reported at entry unless --open-result), as bcc reports them; the source's
+    others are reported absent, not attached."""
+
+    source = set(source_tracepoints())
+    probes = live_trace.probes
+    attached = probes.attached_tracepoints()
+    assert len(attached) == len(set(attached)) == probes._bpf.num_open_tracepoints()
+    assert set(attached) == _on_this_kernel(source) - OPEN_EXITS
+    assert set(probes.absent_tracepoints()) == source - _on_this_kernel(source) - OPEN_EXITS
+    assert probes.plan.describe().startswith(f"{len(attached)} tracepoints (bookkeeping 6, ")
 
 
 def test_kinds_exec_attaches_only_exec_and_bookkeeping(kernel_ok):
     """`--kinds exec`: the other kinds are not compiled in, so none of their tracepoints is
-    attached (the README's promise); bookkeeping stays for parent pids and relative paths."""
+    attached (the README's promise); bookkeeping stays for parent pids and relative paths.
+    All ten are required tracepoints: every kernel the probes load on has them."""
     from driftwarden.probes.loader import ProbeConfig, ProbeSet
 
     config = ProbeConfig(kinds=frozenset({"exec"}))
     with ProbeSet(config) as probes:
         attached = probes.attached_tracepoints()
         assert probes._bpf.num_open_tracepoints() == 10
+        assert set(attached) == set(probes.plan.tracepoint_names())
+        assert probes.absent_tracepoints() == ()
     assert sorted(attached) == sorted(BOOKKEEPING | {
         "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
         "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat"})
-    assert set(attached) == set(config.tracepoint_names())
+
+
+def test_a_syscall_the_kernel_lacks_is_compiled_out_and_not_attached(kernel_ok, tmp_path):
+    """As on Debian 12's 6.1: no fchmodat2 in tracefs -> DW_HAVE_FCHMODAT2=0, its two
+    tracepoints neither compiled nor attached, every other one attached."""
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    fchmodat2 = {"syscalls:sys_enter_fchmodat2", "syscalls:sys_exit_fchmodat2"}
+    tracefs = _tracefs_like_this_kernel(tmp_path / "tracing", lacking={"fchmodat2"})
+    with ProbeSet(ProbeConfig(), tracefs=str(tracefs)) as probes:
+        attached = set(probes.attached_tracepoints())
+        assert "-DDW_HAVE_FCHMODAT2=0" in probes.plan.cflags()
+        assert fchmodat2 <= set(probes.absent_tracepoints())
+    assert not attached & fchmodat2
+    assert attached == _on_this_kernel(source_tracepoints()) - OPEN_EXITS - fchmodat2
+
+
+def test_only_required_syscalls_still_load_and_pass_the_verifier(kernel_ok, tmp_path):
+    """Every optional syscall switched off, --open-result on: the smallest program the source
+    compiles to (every DW_HAVE_* 0) passes the verifier and attaches exactly the required ones."""
+    from driftwarden.probes.loader import OPTIONAL_SYSCALLS, ProbeConfig, ProbeSet
+
+    tracefs = _tracefs_like_this_kernel(tmp_path / "tracing", lacking=set(OPTIONAL_SYSCALLS))
+    with ProbeSet(ProbeConfig(open_result=True), tracefs=str(tracefs)) as probes:
+        attached = set(probes.attached_tracepoints())
+        absent = set(probes.absent_tracepoints())
+    optional = {tp for tp in source_tracepoints()
+                if tp.partition(":")[2].split("_", 2)[-1] in OPTIONAL_SYSCALLS}
+    assert len(optional) == 2 * len(OPTIONAL_SYSCALLS)
+    assert absent == optional
+    assert attached == _on_this_kernel(source_tracepoints()) - optional
 
 
 @pytest.mark.parametrize("settings", [
@@ -356,7 +411,7 @@ def test_every_configuration_passes_the_verifier(kernel_ok, settings):
     config = ProbeConfig(**settings)
     with ProbeSet(config) as probes:
         assert probes.counters()["exec"]["dropped"] == 0
-        assert sorted(probes.attached_tracepoints()) == sorted(config.tracepoint_names())
+        assert sorted(probes.attached_tracepoints()) == sorted(probes.plan.tracepoint_names())
 
 
 def test_rare_file_syscalls_and_dirfd_relative_paths(live_trace, storm_image):

@@ -47,6 +47,7 @@ from driftwarden.core.errors import (
     MetadataUnavailableError,
     RuntimeActionError,
 )
+from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ class DockerMetadata(_EngineUser):
         return DockerEventWatcher(self._engine.base_url, on_event, timeout=self._engine.timeout)
 
 
-class DockerEventWatcher:
+class DockerEventWatcher(Service):
     """Follows Docker container events on a thread and hands them to a callback.
 
     Reconnects with backoff when the daemon goes away and sends a RESYNC event on every
@@ -348,6 +349,7 @@ class DockerEventWatcher:
     """
 
     _FOLLOWED = ("start", "die", "destroy", "rename")
+    STOP_TIMEOUT = 5.0
 
     def __init__(
         self,
@@ -358,6 +360,7 @@ class DockerEventWatcher:
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
     ) -> None:
+        super().__init__()
         self._base_url = base_url
         self._on_event = on_event
         self._timeout = timeout
@@ -374,30 +377,14 @@ class DockerEventWatcher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._run, name="driftwarden-docker-events", daemon=True
-        )
-        self._thread.start()
+    def _start(self) -> None:
+        self._thread = start_daemon_thread(self._run, "driftwarden-docker-events")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def _stop(self, timeout: float | None) -> None:
         self._stopping.set()
         self._close_connection()
         thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("docker event watcher did not stop within %.1fs", timeout)
-
-    def __enter__(self) -> DockerEventWatcher:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        join_or_warn(thread, timeout, "docker event watcher")
 
     def _run(self) -> None:
         backoff = self._initial_backoff
