@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from driftwarden.core.errors import DriftwardenError, UsageError
-from driftwarden.core.lifecycle import Service, start_daemon_thread
+from driftwarden.core.lifecycle import Service, serve_accepts, start_daemon_thread
 from driftwarden.core.modes import Mode
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import Profile, ProfileStore
@@ -229,18 +229,10 @@ class ControlServer(Service):
         self._thread = start_daemon_thread(self._serve, "driftwarden-control")
 
     def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                self._answer(conn)
+        serve_accepts(self._sock, self._stopping, self._answer)
 
     def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
         data = b""
         try:
             while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:

@@ -44,7 +44,6 @@ import queue
 import random
 import select
 import shlex
-import signal
 import socket
 import sqlite3
 import statistics
@@ -57,6 +56,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from driftwarden.core.lifecycle import Service, join_or_warn, serve_accepts, start_daemon_thread
+
+from bench.common import BenchError, run_bench
 
 NODE = "bench-node"
 TARGET_P99_MS = 100.0
@@ -81,10 +84,6 @@ rules:
     action: quarantine
     with_pause: false
 """
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -217,10 +216,13 @@ def _other_containers() -> int:
 # ---- what the bench process watches ----------------------------------------------------------
 
 
-class AcceptRecorder:
+class AcceptRecorder(Service):
     """A loopback TCP listener that accepts, closes and remembers when (monotonic ns)."""
 
+    STOP_TIMEOUT = 5.0
+
     def __init__(self) -> None:
+        super().__init__()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -228,28 +230,18 @@ class AcceptRecorder:
         self._sock.settimeout(0.2)
         self.port = self._sock.getsockname()[1]
         self.times: list[int] = []  # appended by one thread, read by others (append is atomic)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-accept", daemon=True)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> AcceptRecorder:
-        self._thread.start()
-        return self
+    def _start(self) -> None:
+        self._thread = start_daemon_thread(
+            serve_accepts, "bench-accept", self._sock, self._stopping,
+            lambda _conn: self.times.append(_mono()))
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def _stop(self, timeout: float | None) -> None:
+        self._stopping.set()
+        join_or_warn(self._thread, timeout, "bench accept thread")
         self._sock.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.times.append(_mono())
-            conn.close()
 
     def last(self) -> int:
         return self.times[-1] if self.times else 0
@@ -262,14 +254,16 @@ class AcceptRecorder:
         return times[0] if times else None
 
 
-class AlertsFileTail:
+class AlertsFileTail(Service):
     """When each alert id first appears in the agent's --alerts-out file (inotify, monotonic
     ns at the wake-up): the moment the agent emitted it, just before its collector channel
     spooled it (the JSON sink comes first in the agent's TeeSink)."""
 
     IN_MODIFY = 0x2
+    STOP_TIMEOUT = 5.0
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = Path(path)
         self.seen: dict[str, int] = {}
         libc = ctypes.CDLL(None, use_errno=True)
@@ -282,22 +276,21 @@ class AlertsFileTail:
                              f"{os.strerror(ctypes.get_errno())}")
         self._offset = 0
         self._partial = b""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-tail", daemon=True)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> AlertsFileTail:
-        self._thread.start()
-        return self
+    def _start(self) -> None:
+        self._thread = start_daemon_thread(self._run, "bench-tail")
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def _stop(self, timeout: float | None) -> None:
+        self._stopping.set()
+        join_or_warn(self._thread, timeout, "bench tail thread")
         os.close(self._fd)
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             if not poller.poll(200):
                 continue
             now = _mono()
@@ -1366,10 +1359,6 @@ def raw_data(result: BenchResult) -> dict[str, Any]:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def _raise_interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.collector_e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1398,20 +1387,10 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(base, **changes)
     except ValueError as exc:
         p.error(str(exc))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        result = run_benchmark(config)
-    except KeyboardInterrupt:
-        print("bench: interrupted; processes stopped, containers removed", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    report = render_report(result)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
-        print(f"bench: report written to {args.out}", file=sys.stderr)
+    code, result = run_bench(lambda: run_benchmark(config), render_report, out=args.out,
+                             cleaned_up="processes stopped, containers removed")
+    if result is None:
+        return code
     if args.raw:
         Path(args.raw).write_text(json.dumps(raw_data(result), indent=1) + "\n")
     return 0

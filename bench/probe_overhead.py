@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.common import BenchError, run_bench
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "bench" / "RESULTS.md"
 READY_AGENT = "driftwarden: tracing"
@@ -46,10 +48,6 @@ READY_BPFTRACE = "bench: ready"
 
 # Target ratios (on/off) for driftwarden, by event kind.
 TARGETS = {"exec": 1.02, "connect": 1.05, "write": 1.25}
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
 
 
 # ---- storms ----------------------------------------------------------------------------------
@@ -1127,10 +1125,6 @@ def run_snoop(kind: str) -> int:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def _raise_interrupt(_signum, _frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.probe_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1175,20 +1169,9 @@ def main(argv: list[str] | None = None) -> int:
         loss_variants=BenchConfig.loss_variants if loss_seconds else (),
         command=" ".join(["python -m bench.probe_overhead", *map(shlex.quote, sys.argv[1:])]),
     )
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        result = run_benchmark(config)
-    except KeyboardInterrupt:
-        print("bench: interrupted; tools stopped, containers removed", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    report = render_report(result)
-    Path(args.out).write_text(report)
-    print(report)
-    print(f"bench: report written to {args.out}", file=sys.stderr)
-    return 0
+    code, _ = run_bench(lambda: run_benchmark(config), render_report, out=args.out,
+                        cleaned_up="tools stopped, containers removed")
+    return code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
@@ -128,4 +129,20 @@ def join_or_warn(thread: threading.Thread | None, timeout: float | None, what: s
     return True
 
 
-__all__ = ["Service", "ServiceState", "join_or_warn", "start_daemon_thread", "stop_on_signals"]
+def serve_accepts(sock: socket.socket, stopping: threading.Event,
+                  handle: Callable[[socket.socket], None]) -> None:
+    """Accept connections on `sock` (which has a timeout, so `stopping` is looked at) until
+    `stopping` is set or the socket is closed; each one goes to ``handle`` and is closed after."""
+    while not stopping.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        with conn:
+            handle(conn)
+
+
+__all__ = ["Service", "ServiceState", "join_or_warn", "serve_accepts", "start_daemon_thread",
+           "stop_on_signals"]

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from driftwarden.core.mountinfo import parse_mountinfo
+
 # Where an image's programs and libraries live. A write below one of these changes what the
 # container will run.
 BINARY_DIRS = (
@@ -125,36 +127,13 @@ def normalize_container_path(path: str) -> str:
     return "/" if out in ("/", "//") else out
 
 
-def _unescape_mountinfo(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \\ooo octal
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 3 < len(text) + 1 and text[i + 1:i + 4].isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
 def layers_from_mountinfo(text: str) -> Layers | None:
     """The overlay mounted at "/" in a /proc/PID/mountinfo text, or None (not overlay)."""
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields = left.split()
-        if len(fields) < 5 or fields[4] != "/":
-            continue
-        fstype, _source, *options = right.split()
-        if fstype != "overlay" or not options:
-            return None
-        opts = {}
-        for option in options[0].split(","):
-            key, _, value = option.partition("=")
-            opts[key] = _unescape_mountinfo(value)
-        return _layers(opts.get("upperdir"), opts.get("lowerdir"))
+    for mount in parse_mountinfo(text):
+        if mount.mount_point == "/":
+            if mount.fstype != "overlay" or not mount.options:
+                return None
+            return _layers(mount.options.get("upperdir"), mount.options.get("lowerdir"))
     return None
 
 

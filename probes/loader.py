@@ -12,13 +12,13 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from driftwarden.core.errors import HostSupportError, ProbeLoadError, UsageError
 from driftwarden.core.lifecycle import Service
+from driftwarden.core.mountinfo import parse_mountinfo
 from driftwarden.probes._layout import COUNTER_MAX, Counter, EventKind, Limits
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,6 @@ def find_cgroup2_root(sys_fs_cgroup: str | os.PathLike = "/sys/fs/cgroup") -> Pa
     )
 
 
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, \n, \ as \ooo
-
-
 def find_tracefs(mountinfo: str | os.PathLike = MOUNTINFO,
                  usual: tuple[str, ...] = USUAL_TRACEFS) -> Path | None:
     """The tracing directory, the one that holds events/: a tracefs mount listed in
@@ -170,13 +167,11 @@ def find_tracefs(mountinfo: str | os.PathLike = MOUNTINFO,
     None when tracefs is not mounted; PermissionError when not root (tracefs is 0700)."""
     listed = []
     with contextlib.suppress(OSError):
-        for line in Path(mountinfo).read_text().splitlines():
-            mount, _, filesystem = line.partition(" - ")
-            fields, fstype = mount.split(), (filesystem.split() or [""])[0]
-            if len(fields) < 5 or fstype not in ("tracefs", "debugfs"):
-                continue
-            mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-            listed.append(mount_point if fstype == "tracefs" else f"{mount_point}/tracing")
+        for mount in parse_mountinfo(Path(mountinfo).read_text()):
+            if mount.fstype == "tracefs":
+                listed.append(mount.mount_point)
+            elif mount.fstype == "debugfs":
+                listed.append(f"{mount.mount_point}/tracing")
     for candidate in dict.fromkeys([*listed, *usual]):
         if Path(candidate, "events").is_dir():
             return Path(candidate)

@@ -24,30 +24,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from driftwarden.core.mountinfo import parse_mountinfo
+
 PROC = Path("/proc")
 BOOT = Path("/boot")
 
 # ---- cgroup v2 -------------------------------------------------------------------------------
 
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def cgroup2_mount_points(mountinfo: str) -> list[Path]:
     """Mount points of whole cgroup2 hierarchies in a /proc/PID/mountinfo text, in mount order.
     A bind mount of a sub-tree (root field other than "/") is not the hierarchy's root."""
     found = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        separator = fields.index("-", 6)
-        if fields[separator + 1 : separator + 2] == ["cgroup2"] and fields[3] == "/":
-            found.append(Path(_unescape(fields[4])))
+    for mount in parse_mountinfo(mountinfo):
+        if mount.fstype == "cgroup2" and mount.root == "/":
+            found.append(Path(mount.mount_point))
     return found
 
 
