@@ -15,11 +15,18 @@ kernel error, a partial quarantine); REFUSED is a request this class will not ru
 action or option, an id that is not a full 64-hex container id: names are resolved by the caller
 and an id becomes part of a cgroup path, so it is checked strictly).
 
-Pause/resume/kill go through a :class:`ContainerRuntime` (Docker: ``runtimes.docker.DockerRuntime``;
-pause is the runtime's cgroup freezer, kill is SIGKILL). Quarantine attaches the cgroup BPF programs
-of ``probes/quarantine.bpf.c`` to the container's cgroup v2 directory with BPF_F_ALLOW_MULTI:
-connect4/connect6 deny ``connect()`` (EPERM) and cgroup_skb egress/ingress drop every packet;
-the container keeps running. The programs stay attached when the agent exits. Quarantine state
+Pause/resume/kill go through a :class:`ContainerRuntime`: the node's runtimes together
+(``runtimes.registry.RuntimeRouter``, :meth:`ContainerActions.for_endpoints`), each container by
+the runtime that owns it. Docker (``runtimes.docker.DockerRuntime``): pause is the runtime's
+cgroup freezer, kill is SIGKILL. A CRI runtime (``runtimes.cri.CriActions``), which has no
+pause: pause/resume freeze the container's cgroup (``agent/freezer.py``: cgroup v2's
+``cgroup.freeze``, else the v1 freezer), kill is ``StopContainer`` with timeout 0 (SIGKILL);
+under Kubernetes the kubelet then starts a new container in its place.
+
+Quarantine attaches the cgroup BPF programs of ``probes/quarantine.bpf.c`` to the container's
+cgroup v2 directory (whatever runtime made it) with BPF_F_ALLOW_MULTI: connect4/connect6 deny
+``connect()`` (EPERM) and cgroup_skb egress/ingress drop every packet; the container keeps
+running. The programs stay attached when the agent exits. Quarantine state
 is read from the kernel (BPF_PROG_QUERY on the cgroup, then each program's name: ours start with
 ``dw_q_``), so a restarted agent sees and releases what an earlier one attached, and release
 detaches exactly our programs, never anyone else's.
@@ -37,10 +44,10 @@ import platform
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from driftwarden.agent.runtimes.base import RuntimeState
 from driftwarden.agent.runtimes.docker import DEFAULT_DOCKER_URL, DockerRuntime
@@ -54,6 +61,9 @@ from driftwarden.core.errors import (
 )
 from driftwarden.core.lifecycle import Service
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
+
+if TYPE_CHECKING:
+    from driftwarden.agent.runtimes.registry import RuntimeEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +427,15 @@ class ContainerActions(Service):
     def for_docker(cls, base_url: str = DEFAULT_DOCKER_URL, *,
                    cgroup_root: str | os.PathLike | None = None) -> ContainerActions:
         return cls(DockerRuntime(base_url), cgroup_root=cgroup_root)
+
+    @classmethod
+    def for_endpoints(cls, endpoints: Sequence[RuntimeEndpoint], *,
+                      cgroup_root: str | os.PathLike | None = None) -> ContainerActions:
+        """Actions on the containers of every runtime in `endpoints`
+        (runtimes.registry.resolve_endpoints), each done by the runtime that owns it."""
+        from driftwarden.agent.runtimes.registry import RuntimeRouter
+
+        return cls(RuntimeRouter.open(endpoints), cgroup_root=cgroup_root)
 
     def _stop(self, timeout: float | None) -> None:
         for part in (self.quarantine_backend, self.runtime):

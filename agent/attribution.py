@@ -5,16 +5,28 @@ container, which image, which pod" for the event pipeline:
 
 1. `cgroups.CgroupIndex` maps the id to its cgroup path;
 2. `cgroups.parse_cgroup_path` recognises the container in the path;
-3. a `runtimes.base.MetadataProvider` (today `runtimes.docker.DockerMetadata`) names the
-   container, its image and its Kubernetes pod.
+3. a `runtimes.base.MetadataProvider` names the container, its image and its Kubernetes pod:
+   one runtime's (`runtimes.docker.DockerMetadata`, `runtimes.cri.CriMetadata`), or a node's
+   runtimes together (`runtimes.registry.RuntimeSet`), which is asked with the runtime the
+   cgroup path names so that runtime answers first.
 
 `Attributor.lookup` never waits for the container runtime: metadata is fetched by a background
-worker, cached with a TTL and kept current by runtime events. While it is missing, lookups say
-PENDING; when the runtime cannot be reached or does not know the container they still say
-CONTAINER (cgroup-only attribution) with `metadata_error` set, so tracing goes on without
-Docker. Such a container has no image, so detection skips it: each one is counted once, per
-runtime its cgroup path names (`without_metadata`), because until a CRI and a podman provider
-exist that is every containerd, CRI-O and podman container.
+worker, cached with a TTL and kept current by runtime events. A container is described when the
+runtime says it was created (or started), before its first exec, and what was said is kept for
+its whole life and `removed_grace` seconds after the runtime removed it: a container that lives
+a few milliseconds (`docker run --rm`, a Kubernetes Job, an attacker's one-shot run) is gone
+before its events are looked at, and they are still attributed. While metadata is missing,
+lookups say PENDING; when the runtime cannot be reached or does not know the container they
+still say CONTAINER (cgroup-only attribution) with `metadata_error` set, so tracing goes on
+without the runtime. Such a container has no image, so detection skips it: each one is counted once,
+per runtime its cgroup path names (`without_metadata`). An outage is kept per runtime when the
+provider routes by runtime (one runtime down does not hold up the others' new containers).
+
+Layers: drift needs a container's overlay layers, and a short-lived container's processes are
+gone when detection asks. `graph_driver(container_id)` answers from the runtime's record
+(`ContainerInfo.graph_driver`: Docker's GraphDriver, a CRI container's init's root), else from
+what a lookup saw: the first lookups of a container without layers read the root mount of a
+process in its cgroup (cheap, on the caller's thread, retried with a backoff).
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -35,7 +47,9 @@ from driftwarden.agent.runtimes.base import (
     ContainerInfo,
     EventWatcher,
     MetadataProvider,
+    RoutingMetadataProvider,
     WatchableMetadataProvider,
+    root_overlay,
     short_reason,
 )
 from driftwarden.core.errors import MetadataUnavailableError
@@ -90,6 +104,7 @@ class Attribution:
 
 
 NO_PROVIDER_ERROR = "no metadata provider configured"
+ANY_RUNTIME = "*"  # the outage key of a provider that does not route by runtime
 NOT_FOUND_ERROR = "container not found by the runtime"
 
 
@@ -98,6 +113,8 @@ class _CachedMetadata:
     info: ContainerInfo | None  # None: not found, or never fetched because of an error
     error: str | None
     expires_at: float
+    # the runtime removed it: served as it was until expires_at (the grace), never refreshed
+    removed: bool = False
 
 
 @dataclass(slots=True)
@@ -116,6 +133,8 @@ class _Counters:
     events: int = 0
     queue_dropped: int = 0
     evicted: int = 0
+    removed_hits: int = 0  # lookups answered with a removed container's kept metadata
+    layers_captured: int = 0  # containers whose layers a lookup read from their processes
 
 
 class Attributor(Service):
@@ -139,12 +158,16 @@ class Attributor(Service):
         host_cgroup_ids: frozenset[int] = frozenset({1}),
         max_containers: int = 4096,
         max_queued: int = 4096,
+        removed_grace: float = 60.0,
+        proc_root: str = "/proc",
     ) -> None:
         super().__init__()
         self._cgroups = cgroups
         self._metadata = metadata
         self._ttl = ttl
         self._negative_ttl = negative_ttl
+        self._removed_grace = removed_grace
+        self._proc_root = proc_root
         self._clock = clock
         self._host_cgroup_ids = frozenset(host_cgroup_ids)
         self._max_containers = max_containers
@@ -156,7 +179,12 @@ class Attributor(Service):
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._in_flight: str | None = None
-        self._outage_error: str | None = None  # set while the provider is unreachable
+        # while a runtime cannot be asked: its name (ANY_RUNTIME for a provider that does not
+        # route by runtime) -> the error
+        self._outages: dict[str, str] = {}
+        self._routing = isinstance(metadata, RoutingMetadataProvider)
+        # container id -> the runtime its cgroup path names, for the worker to route by
+        self._runtime_of: OrderedDict[str, str] = OrderedDict()
         self._counters = _Counters()
         # containers served without metadata (no image: no detection), counted once each, by
         # the runtime their cgroup path names
@@ -164,6 +192,10 @@ class Attributor(Service):
         # ids already counted there, or described by the runtime once (a later "not found" is
         # a removal, not a runtime the agent cannot ask); bounded like the cache
         self._accounted: OrderedDict[str, None] = OrderedDict()
+        # container id -> layers read from one of its processes (see graph_driver), and when to
+        # try again for one whose processes showed none yet: (next try, backoff)
+        self._layers: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
+        self._layer_tries: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._running = False
         self._worker: threading.Thread | None = None
         self._watcher: EventWatcher | None = None
@@ -227,7 +259,11 @@ class Attributor(Service):
             if self._metadata is None:
                 self._counters.unavailable += 1
                 return self._without_metadata_locked(cgroup_id, path, ref, NO_PROVIDER_ERROR)
-            return self._container_attribution_locked(cgroup_id, path, ref)
+            result = self._container_attribution_locked(cgroup_id, path, ref)
+            capture = self._layers_due_locked(ref.container_id, result.info)
+        if capture:
+            self._capture_layers(ref.container_id, path)
+        return result
 
     def _parse_locked(self, path: str) -> ContainerRef | None:
         # Memoised: parsing costs more than the rest of a cached lookup put together.
@@ -245,10 +281,20 @@ class Attributor(Service):
         self, cgroup_id: int, path: str, ref: ContainerRef
     ) -> Attribution:
         container_id = ref.container_id
+        if container_id not in self._runtime_of:
+            self._runtime_of[container_id] = ref.runtime
+            if len(self._runtime_of) > self._max_containers:
+                self._runtime_of.popitem(last=False)
         cached = self._entries.get(container_id)
+        now = self._clock()
+        if cached is not None and cached.removed and now >= cached.expires_at:
+            del self._entries[container_id]  # its grace is over: late events ask again
+            cached = None
         if cached is not None:
             self._entries.move_to_end(container_id)
-            if self._clock() >= cached.expires_at:
+            if cached.removed:
+                self._counters.removed_hits += 1
+            elif now >= cached.expires_at:
                 self._counters.stale_hits += 1
                 self._enqueue_locked(container_id, even_if_in_flight=False)
             else:
@@ -258,10 +304,11 @@ class Attributor(Service):
             return Attribution(AttributionState.CONTAINER, cgroup_id, cgroup_path=path, ref=ref,
                                info=cached.info, metadata_error=cached.error)
         self._enqueue_locked(container_id, even_if_in_flight=False)
-        if self._outage_error is not None:
+        outage = self._outages.get(self._outage_key(ref.runtime) or ANY_RUNTIME)
+        if outage is not None:
             # Known outage: say so now instead of making the caller buffer for nothing.
             self._counters.unavailable += 1
-            return self._without_metadata_locked(cgroup_id, path, ref, self._outage_error)
+            return self._without_metadata_locked(cgroup_id, path, ref, outage)
         self._counters.pending += 1
         return Attribution(AttributionState.PENDING, cgroup_id, cgroup_path=path, ref=ref)
 
@@ -286,6 +333,59 @@ class Attributor(Service):
             self._accounted.popitem(last=False)
         return True
 
+    # ---- layers
+
+    def graph_driver(self, container_id: str) -> Mapping[str, Any] | None:
+        """The container's layers, GraphDriver-shaped (see the module docstring); None when
+        neither its runtime nor its processes showed them."""
+        with self._cond:
+            cached = self._entries.get(container_id)
+            if cached is not None and cached.info is not None and cached.info.graph_driver:
+                return cached.info.graph_driver
+            return self._layers.get(container_id)
+
+    _LAYER_RETRY_FIRST = 0.005  # seconds; doubling up to _LAYER_RETRY_MAX
+    _LAYER_RETRY_MAX = 5.0
+
+    def _layers_due_locked(self, container_id: str, info: ContainerInfo | None) -> bool:
+        if container_id in self._layers or (info is not None and info.graph_driver):
+            return False
+        now = self._clock()
+        next_try, backoff = self._layer_tries.get(container_id, (now, 0.0))
+        if now < next_try:
+            return False
+        backoff = min(max(backoff * 2, self._LAYER_RETRY_FIRST), self._LAYER_RETRY_MAX)
+        self._layer_tries[container_id] = (now + backoff, backoff)
+        self._layer_tries.move_to_end(container_id)
+        if len(self._layer_tries) > self._max_containers:
+            self._layer_tries.popitem(last=False)
+        return True
+
+    def _capture_layers(self, container_id: str, cgroup_path: str) -> None:
+        """The overlay at the root of a process of the container's cgroup, kept. None found
+        (runc still setting it up, a root that is no overlay, every process gone): the next
+        lookups try again (`_layers_due_locked`)."""
+        procs = self._cgroups.root / cgroup_path.lstrip("/") / "cgroup.procs"
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            return
+        for pid in pids[:8]:
+            try:
+                with open(f"{self._proc_root}/{pid}/mountinfo", encoding="utf-8",
+                          errors="surrogateescape") as mountinfo:
+                    data = root_overlay(mountinfo.read())
+            except OSError:
+                continue
+            if data is not None:
+                with self._cond:
+                    self._layers[container_id] = data
+                    self._layer_tries.pop(container_id, None)
+                    self._counters.layers_captured += 1
+                    while len(self._layers) > self._max_containers:
+                        self._layers.popitem(last=False)
+                return
+
     # ---- runtime events
 
     def on_container_event(self, event: ContainerEvent) -> None:
@@ -296,14 +396,17 @@ class Attributor(Service):
             if event.action is ContainerEventAction.RESYNC:
                 # Events may have been missed: serve what we have, but refresh on next use.
                 for container_id, cached in self._entries.items():
-                    if cached.expires_at > now:
+                    if cached.expires_at > now and not cached.removed:
                         self._entries[container_id] = replace(cached, expires_at=now)
                 return
             container_id = event.container_id
             if not container_id:
                 return
             cached = self._entries.get(container_id)
-            if event.action is ContainerEventAction.START:
+            if event.action is ContainerEventAction.CREATE:
+                # Described before it starts: its first exec may come a few ms after the start
+                self._enqueue_locked(container_id, even_if_in_flight=True)
+            elif event.action is ContainerEventAction.START:
                 # A restart: the cached metadata is right but for when this run began, which
                 # the event says before the re-inspect below answers.
                 if cached is not None and cached.info is not None and event.time is not None:
@@ -319,13 +422,29 @@ class Attributor(Service):
                 # Re-inspect as well: a fetch in flight may carry the old name.
                 self._enqueue_locked(container_id, even_if_in_flight=True)
             elif event.action is ContainerEventAction.DESTROY and cached is not None:
-                # Late events of the removed container keep their attribution for a short
-                # grace period; after that a refresh finds it gone (negative entry).
-                grace_end = min(cached.expires_at, now + self._negative_ttl)
-                self._entries[container_id] = replace(cached, expires_at=grace_end)
-            # DIE: a stopped container can be restarted as is; its metadata stays valid.
+                self._entries[container_id] = self._removed_locked(cached, now)
+            # DIE: a stopped container can be restarted as is; its metadata stays valid (and
+            # once it is removed, it is kept for the grace period).
+
+    def _removed_locked(self, cached: _CachedMetadata, now: float) -> _CachedMetadata:
+        """What stays of a container the runtime removed: its metadata, if it had any, for
+        `removed_grace` seconds (late and held-back events are still attributed); a negative
+        entry otherwise."""
+        if cached.removed:
+            return cached
+        if cached.info is None:
+            return replace(cached, expires_at=min(cached.expires_at, now + self._negative_ttl))
+        return _CachedMetadata(cached.info, None, now + self._removed_grace, removed=True)
 
     # ---- background fetching
+
+    def _outage_key(self, runtime: str | None) -> str | None:
+        """Whose outage an answer tells: the runtime asked (routing), or the provider as a
+        whole; None for a routed lookup of a container no cgroup path named yet (a runtime
+        event's), which tells nothing about any one runtime."""
+        if not self._routing:
+            return ANY_RUNTIME
+        return runtime
 
     def _enqueue_locked(self, container_id: str, *, even_if_in_flight: bool) -> None:
         if container_id in self._queued:
@@ -349,41 +468,58 @@ class Attributor(Service):
                 container_id = self._queue.popleft()
                 self._queued.discard(container_id)
                 self._in_flight = container_id
+                runtime = self._runtime_of.get(container_id)
             info: ContainerInfo | None = None
             error: str | None = None
             try:
-                info = provider.inspect(container_id)
+                if isinstance(provider, RoutingMetadataProvider):
+                    info = provider.inspect_for(container_id, runtime)
+                else:
+                    info = provider.inspect(container_id)
             except MetadataUnavailableError as exc:
                 error = str(exc)
             except Exception as exc:  # a provider bug must not kill attribution
                 log.exception("metadata provider failed for %s", container_id)
                 error = f"metadata lookup failed: {short_reason(exc)}"
-            self._store_result(container_id, info, error)
+            self._store_result(container_id, info, error, runtime)
 
     def _store_result(
-        self, container_id: str, info: ContainerInfo | None, error: str | None
+        self, container_id: str, info: ContainerInfo | None, error: str | None,
+        runtime: str | None = None,
     ) -> None:
         now = self._clock()
+        outage_key = self._outage_key(runtime)
         with self._cond:
             self._in_flight = None
             self._counters.inspects += 1
             if error is not None:
                 self._counters.inspect_errors += 1
-                if self._outage_error is None:
-                    log.warning("container metadata unavailable: %s", error)
-                self._outage_error = error
+                if outage_key is not None:
+                    if outage_key not in self._outages:
+                        log.warning("container metadata unavailable: %s", error)
+                    self._outages[outage_key] = error
                 previous = self._entries.get(container_id)
                 # Keep what we knew: an old name beats no name while the runtime is away.
                 known = previous.info if previous is not None else None
-                entry = _CachedMetadata(known, error, now + self._negative_ttl)
+                entry = (previous if previous is not None and previous.removed
+                         else _CachedMetadata(known, error, now + self._negative_ttl))
             else:
-                if self._outage_error is not None:
-                    log.info("container metadata available again")
-                    self._outage_error = None
-                if info is None:
+                if outage_key is not None and self._outages.pop(outage_key, None) is not None:
+                    log.info("container metadata available again%s",
+                             "" if outage_key == ANY_RUNTIME else f" ({outage_key})")
+                previous = self._entries.get(container_id)
+                if info is None and previous is not None and previous.info is not None:
+                    # removed since it was described (a short-lived container, or a refresh
+                    # after its removal): what it was stays for the grace period
+                    entry = self._removed_locked(previous, now)
+                elif info is None:
                     self._counters.not_found += 1
                     entry = _CachedMetadata(None, NOT_FOUND_ERROR, now + self._negative_ttl)
                 else:
+                    if info.graph_driver is None and previous is not None \
+                            and previous.info is not None and previous.info.graph_driver:
+                        # asked again after its processes exited: the layers seen before hold
+                        info = replace(info, graph_driver=previous.info.graph_driver)
                     entry = _CachedMetadata(info, None, now + self._ttl)
                     self._remember_accounted_locked(container_id)
             self._entries[container_id] = entry
@@ -408,16 +544,22 @@ class Attributor(Service):
 
     @property
     def metadata_unavailable(self) -> bool:
-        """True while the metadata provider cannot be reached."""
+        """True while the metadata provider (or one of the runtimes it asks) cannot be
+        reached."""
         with self._cond:
-            return self._outage_error is not None
+            return bool(self._outages)
+
+    def unavailable_runtimes(self) -> dict[str, str]:
+        """The runtimes that cannot be asked now and why ("*": the provider as a whole)."""
+        with self._cond:
+            return dict(self._outages)
 
     def stats(self) -> dict[str, int]:
         with self._cond:
             counters = asdict(self._counters)
             counters["cached_containers"] = len(self._entries)
             counters["queued"] = len(self._queue)
-            counters["metadata_unavailable"] = int(self._outage_error is not None)
+            counters["metadata_unavailable"] = int(bool(self._outages))
             counters["without_metadata"] = sum(self._without_metadata.values())
         cgroup_stats = self._cgroups.stats
         counters["rescans"] = cgroup_stats["rescans"]

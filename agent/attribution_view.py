@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 from driftwarden.agent.attribution import Attribution, AttributionState, Attributor
-from driftwarden.agent.cgroups import CgroupIndex
-from driftwarden.agent.runtimes.docker import DockerMetadata
+from driftwarden.agent.cgroups import CgroupIndex, CgroupWatcher
+from driftwarden.agent.runtimes.registry import RuntimeEndpoint, RuntimeSet, resolve_endpoints
 from driftwarden.core.errors import MetadataUnavailableError, UsageError
 from driftwarden.core.lifecycle import Service
 from driftwarden.core.records import ContainerView
@@ -31,41 +32,64 @@ def view_of(attribution: Attribution) -> ContainerView:
         labels=info.labels if info else (),
         metadata_error=attribution.metadata_error,
         started_at=info.started_at if info else None,
+        # the cgroup path names a pod's uid even when the runtime could not be asked
+        pod_uid=(info.pod_uid if info else None) or (ref.pod_uid if ref else None),
+        workload=info.workload if info else None,
+        image_digest=info.image_digest if info else None,
     )
 
 
 class LiveAttribution(Service):
-    """cgroup id -> ContainerView from the cgroup tree and the Docker Engine API."""
+    """cgroup id -> ContainerView from the cgroup tree and the node's container runtimes.
 
-    def __init__(self, cgroup_root: str, docker_host: str) -> None:
+    `endpoints` are the runtimes to ask (runtimes.registry.resolve_endpoints: those given with
+    --runtime-endpoint / --docker-host, else the usual sockets that exist); a string is taken
+    as a Docker Engine API URL, as before there were other runtimes."""
+
+    def __init__(self, cgroup_root: str,
+                 endpoints: Sequence[RuntimeEndpoint] | str | None = None) -> None:
         super().__init__()
-        self.metadata = DockerMetadata(base_url=docker_host)
+        if isinstance(endpoints, str):
+            endpoints = resolve_endpoints(docker_host=endpoints)
+        elif endpoints is None:
+            endpoints = resolve_endpoints()
+        self.endpoints = list(endpoints)
+        self.metadata = RuntimeSet.open(self.endpoints)
         host_ids = frozenset({os.stat(cgroup_root).st_ino})
-        self.attributor = Attributor(CgroupIndex(cgroup_root), self.metadata,
-                                     host_cgroup_ids=host_ids)
+        index = CgroupIndex(cgroup_root)
+        # new cgroups as they are made: a container that lives a few ms is still named
+        self.cgroup_watcher = CgroupWatcher(index)
+        self.attributor = Attributor(index, self.metadata, host_cgroup_ids=host_ids)
 
     def _start(self) -> None:
+        log.info("container runtimes: %s", self.metadata.describe())
+        self.cgroup_watcher.start()
         self.attributor.start()
 
     def _stop(self, timeout: float | None) -> None:
         self.attributor.stop(timeout)
+        self.cgroup_watcher.stop(timeout)
         self.metadata.close()
 
     def lookup(self, cgroup_id: int) -> ContainerView:
         return view_of(self.attributor.lookup(cgroup_id))
 
     def check_selector(self, selector: str) -> None:
-        """Fail early, with one clear line, on a --container the runtime does not know."""
+        """Fail early, with one clear line, on a --container no runtime knows."""
         try:
             info = self.metadata.inspect(selector)
         except MetadataUnavailableError as exc:
             raise UsageError(
                 f"cannot check --container {selector!r}: the container runtime is unreachable "
-                f"({exc}); start dockerd or drop --container"
+                f"({exc}); start it, give its socket with --runtime-endpoint, or drop "
+                "--container"
             ) from exc
         if info is None:
+            listing = " or ".join(
+                "`crictl ps`" if endpoint.api == "cri" else f"`{endpoint.runtime} ps`"
+                for endpoint in self.endpoints)
             raise UsageError(
-                f"no container named or with id {selector!r}; `docker ps` lists the running ones"
+                f"no container named or with id {selector!r}; {listing} lists the running ones"
             )
 
 

@@ -4,7 +4,9 @@ Every kernel event carries the cgroup v2 id of the task, which is the inode numb
 id) of its cgroup directory:
 
 1. `CgroupIndex` maps cgroup ids to paths: one open_by_handle_at for a new id, else a walk of
-   the v2 hierarchy (cached, rescanned on a miss, rate limited).
+   the v2 hierarchy (cached, rescanned on a miss, rate limited). `CgroupWatcher` tells it of
+   every directory as it is made (inotify), so a container that lives a few milliseconds is
+   named even when its events are looked at after runc removed its cgroup.
 2. `parse_cgroup_path` recognises the container id in a path (Docker, containerd/CRI, CRI-O and
    podman layouts, cgroupfs and systemd drivers). Pure.
 3. `running_containers` walks the hierarchy once and lists the containers it holds (doctor).
@@ -13,9 +15,12 @@ id) of its cgroup directory:
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import re
+import select
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -23,12 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "RUNTIMES",
     "CgroupIndex",
+    "CgroupWatcher",
     "ContainerRef",
+    "child_dirs",
     "parse_cgroup_path",
     "running_containers",
     "walk_cgroups",
@@ -108,6 +117,20 @@ def parse_cgroup_path(path: str) -> ContainerRef | None:
 # --------------------------------------------------------------------------- walking the tree
 
 
+def child_dirs(directory: str | os.PathLike) -> list[tuple[str, int]]:
+    """``(name, inode)`` of a directory's subdirectories; those that vanish while it is read
+    (containers come and go) are left out. Raises OSError when `directory` cannot be read."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    found.append((entry.name, entry.stat(follow_symlinks=False).st_ino))
+            except OSError:
+                continue  # removed between readdir and stat
+    return found
+
+
 def walk_cgroups(root: str | Path) -> list[tuple[int, str]]:
     """``(inode, path relative to root)`` of every cgroup directory, the root itself as "/".
 
@@ -119,20 +142,14 @@ def walk_cgroups(root: str | Path) -> list[tuple[int, str]]:
     while pending:
         directory, relative = pending.pop()
         try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        if not entry.is_dir(follow_symlinks=False):
-                            continue
-                        inode = entry.stat(follow_symlinks=False).st_ino
-                    except OSError:
-                        continue  # removed between readdir and stat
-                    child = f"{relative}/{entry.name}"
-                    found.append((inode, child))
-                    pending.append((entry.path, child))
+            children = child_dirs(directory)
         except OSError:
             # Containers come and go during a walk; a vanished directory is normal.
             continue
+        for name, inode in children:
+            child = f"{relative}/{name}"
+            found.append((inode, child))
+            pending.append((os.path.join(directory, name), child))
     return found
 
 
@@ -241,6 +258,11 @@ class CgroupIndex:
             self._rescan_locked(now)
             return self._paths.get(cgroup_id)
 
+    def remember(self, cgroup_id: int, path: str) -> None:
+        """Record a cgroup seen elsewhere (CgroupWatcher: a directory just made)."""
+        with self._lock:
+            self._remember_locked(cgroup_id, path)
+
     def _remember_locked(self, cgroup_id: int, path: str) -> None:
         self._paths[cgroup_id] = path
         self._paths.move_to_end(cgroup_id)
@@ -299,3 +321,144 @@ class CgroupIndex:
         while len(self._paths) > self._max_entries:
             self._paths.popitem(last=False)
             self._stats["evicted"] += 1
+
+
+# --------------------------------------------------------------------------- new cgroups, as made
+
+
+_IN_CREATE, _IN_ISDIR, _IN_Q_OVERFLOW, _IN_IGNORED = 0x100, 0x40000000, 0x4000, 0x8000
+_IN_ONLYDIR = 0x01000000
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
+
+
+class CgroupWatcher(Service):
+    """Tells a CgroupIndex of every cgroup directory as it is made: inotify (IN_CREATE) on each
+    directory of the v2 hierarchy, a thread that stats each new one and watches it in turn.
+
+    runc makes a container's cgroup some 50-100 ms before its first exec and removes it a few
+    ms after its last process exits; the pipeline may look at the container's events later
+    than that (it lags when the host is loaded), and a removed cgroup has no path to find. At
+    most `max_watches` directories are watched (a warning says when the limit, or the kernel's
+    fs.inotify.max_user_watches, is reached); an overflowed inotify queue triggers a rescan.
+    Without inotify the index works as before (lookups, rescans)."""
+
+    STOP_TIMEOUT = 2.0
+
+    def __init__(self, index: CgroupIndex, *, max_watches: int = 65536) -> None:
+        super().__init__()
+        self._index = index
+        self._root = os.fspath(index.root).rstrip("/") or "/"
+        self._max_watches = max_watches
+        self._fd = -1
+        self._wake_r = self._wake_w = -1
+        self._paths: dict[int, str] = {}  # watch descriptor -> path relative to the root
+        self._warned = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"created": 0, "watches": 0, "overflows": 0, "watch_errors": 0}
+
+    def _start(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._libc = libc
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            err = ctypes.get_errno()
+            log.warning("cannot watch for new cgroups (inotify: %s); short-lived containers may "
+                        "be left unattributed", os.strerror(err))
+            return
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._watch_tree("/")
+        self._thread = start_daemon_thread(self._run, "driftwarden-cgroup-watch")
+
+    def _stop(self, timeout: float | None) -> None:
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        thread, self._thread = self._thread, None
+        join_or_warn(thread, timeout, "cgroup watcher")
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._wake_r = self._wake_w = -1
+
+    def _host_path(self, relative: str) -> str:
+        return self._root if relative == "/" else f"{self._root}{relative}"
+
+    def _watch(self, relative: str) -> bool:
+        if len(self._paths) >= self._max_watches:
+            self._warn_limit(f"{self._max_watches} directories are watched already")
+            return False
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(self._host_path(relative)),
+                                          _IN_CREATE | _IN_ONLYDIR)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSPC:
+                self._warn_limit("the kernel's fs.inotify.max_user_watches is reached")
+            elif err not in (errno.ENOENT, errno.ENOTDIR):  # removed meanwhile: nothing to do
+                self.stats["watch_errors"] += 1
+                log.debug("cannot watch %s: %s", relative, os.strerror(err))
+            return False
+        self._paths[wd] = relative
+        self.stats["watches"] = len(self._paths)
+        return True
+
+    def _warn_limit(self, why: str) -> None:
+        if not self._warned:
+            log.warning("new cgroups below some directories are not watched (%s): their "
+                        "short-lived containers may be left unattributed", why)
+            self._warned = True
+
+    def _watch_tree(self, relative: str) -> None:
+        """Watch a directory, then record and watch what it holds already (made before the
+        watch was in place)."""
+        if not self._watch(relative):
+            return
+        try:
+            children = child_dirs(self._host_path(relative))
+        except OSError:
+            return
+        for name, inode in children:
+            child = f"{relative.rstrip('/')}/{name}"
+            self._index.remember(inode, child)
+            self._watch_tree(child)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                ready, _, _ = select.select([self._fd, self._wake_r], [], [])
+            except OSError:
+                return
+            if self._wake_r in ready:
+                return
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                log.warning("cgroup watcher stops: %s", exc)
+                return
+            self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
+        offset = 0
+        while offset + _EVENT_HEADER.size <= len(data):
+            wd, mask, _, length = _EVENT_HEADER.unpack_from(data, offset)
+            name = data[offset + _EVENT_HEADER.size:offset + _EVENT_HEADER.size + length]
+            offset += _EVENT_HEADER.size + length
+            if mask & _IN_Q_OVERFLOW:
+                self.stats["overflows"] += 1
+                self._index.rescan()
+                continue
+            if mask & _IN_IGNORED:  # its directory was removed
+                self._paths.pop(wd, None)
+                self.stats["watches"] = len(self._paths)
+                continue
+            parent = self._paths.get(wd)
+            if parent is None or not (mask & _IN_CREATE and mask & _IN_ISDIR):
+                continue
+            child = f"{parent.rstrip('/')}/{os.fsdecode(name.rstrip(bytes(1)))}"
+            try:
+                inode = os.stat(self._host_path(child), follow_symlinks=False).st_ino
+            except OSError:
+                continue  # gone already
+            self.stats["created"] += 1
+            self._index.remember(inode, child)
+            self._watch_tree(child)

@@ -5,7 +5,9 @@ Alerts go to an AlertSink (driftwarden.agent.alerts): `--alerts-out` writes JSON
 (driftwarden.agent.channel); both may be given. Without `--collector` alerts go to stdout
 unless `--alerts-out` says otherwise; with it, to the collector only unless `--alerts-out` is
 given explicitly. The collector's action
-commands run through ContainerActions.for_docker().
+commands run through ContainerActions.for_endpoints(): each container's runtime does it (Docker,
+podman, or a CRI runtime, where pause is the cgroup freezer and kill is StopContainer), and the
+heartbeats list the running containers of every runtime.
 
 `--metrics HOST:PORT` serves Prometheus metrics (loopback only): ``driftwarden_agent_``
 ``events_total{kind,outcome=emitted|suppressed|dropped}`` (the probes' counters),
@@ -57,10 +59,13 @@ class AgentOptions:
     alerts_out: str | None = None  # None: stdout without a collector, no file with one
     window: float = 10.0
     startup_grace: float = 10.0  # seconds after a container's start the forest ignores
+    incident_window: float = 2.0  # seconds one cause's alerts fold into one (0 = no grouping)
     learn_for: float | None = None
     mode: str = "learn"
     duration: float | None = None
-    docker_host: str = "unix:///var/run/docker.sock"
+    docker_host: str | None = None  # one more runtime endpoint, for the Docker Engine API
+    # CRI or Docker sockets (unix:///path); none given: the usual sockets that exist
+    runtime_endpoints: tuple[str, ...] = ()
     collector: str | None = None  # host:port of the collector's gRPC endpoint
     allow_non_loopback: bool = False
     node: str | None = None  # None: this host's name
@@ -114,9 +119,11 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     """AgentOptions from the parsed `agent` flags (cli.py's and add_collector_flags')."""
     return AgentOptions(
         state_dir=args.state_dir, alerts_out=args.alerts_out, window=args.window,
-        startup_grace=getattr(args, "startup_grace", 10.0), learn_for=args.learn_for,
+        startup_grace=getattr(args, "startup_grace", 10.0),
+        incident_window=getattr(args, "incident_window", 2.0), learn_for=args.learn_for,
         mode=args.mode, duration=args.duration,
         docker_host=args.docker_host,
+        runtime_endpoints=tuple(getattr(args, "runtime_endpoint", None) or ()),
         collector=getattr(args, "collector", None),
         allow_non_loopback=getattr(args, "allow_non_loopback", False),
         node=getattr(args, "node", None),
@@ -217,7 +224,7 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
             "driftwarden_agent_containers_without_metadata_total",
             "Containers whose runtime did not describe them (unknown to it, or it could not be "
             "asked), counted once each by the runtime their cgroup path names: their events "
-            "have no image, so no detection (only Docker is asked so far)",
+            "have no image, so no detection",
             attributor.without_metadata, ("runtime",))
         registry.gauge_callback("driftwarden_agent_container_metadata_unavailable",
                                 "1 while the container runtime cannot be asked for metadata",
@@ -258,7 +265,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     )
     from driftwarden.agent.pipeline import TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
-    from driftwarden.agent.runtimes.docker import DockerGraphDriver
+    from driftwarden.agent.runtimes.registry import GraphDrivers, resolve_endpoints
     from driftwarden.core.metrics import MetricsRegistry, MetricsServer
     from driftwarden.core.modes import Mode
     from driftwarden.models.items import ItemSet
@@ -276,6 +283,9 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         raise UsageError(f"--window must be > 0 seconds, got {options.window}")
     if not options.startup_grace >= 0:
         raise UsageError(f"--startup-grace must be >= 0 seconds, got {options.startup_grace}")
+    if not options.incident_window >= 0:
+        raise UsageError(f"--incident-window must be >= 0 seconds (0 = no grouping), got "
+                         f"{options.incident_window}")
     config = channel_config(options)
     metrics_address = parse_metrics_address(options.metrics) if options.metrics else None
     policy = LearningPolicy(learn_for=options.learn_for)
@@ -297,8 +307,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                 raise UsageError(
                     f"cannot write --alerts-out {alerts_file}: {exc.strerror}") from exc
             sinks.append(JsonLinesAlertSink(out))
-        attribution = stack.enter_context(
-            LiveAttribution(str(find_cgroup2_root()), options.docker_host))
+        endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
+        attribution = stack.enter_context(LiveAttribution(str(find_cgroup2_root()), endpoints))
         probes = stack.enter_context(ProbeSet(ProbeConfig()))
         channel = None
         if config is not None:
@@ -306,7 +316,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                                                         stack))
             sinks.append(channel)
         counter = AlertCounter(sinks[0] if len(sinks) == 1 else TeeSink(*sinks))
-        aggregator = AlertAggregator(counter)
+        aggregator = AlertAggregator(counter, incident_seconds=options.incident_window)
         event_seen = None
         if metrics_address is not None:
             registry = MetricsRegistry()
@@ -319,15 +329,14 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                                  f"{exc.strerror or exc}") from exc
             stderr.write(f"driftwarden: metrics at {server.url}\n")
         source = LiveCapture(probes)
-        pipeline = TracePipeline(source, proc=LiveProcReader(), attribution=attribution,
-                                 sinks=[])
-        graph_driver = DockerGraphDriver(options.docker_host)
+        pipeline = TracePipeline(source, proc=LiveProcReader(cgroup_root=find_cgroup2_root()),
+                                 attribution=attribution, sinks=[])
+        graph_driver = GraphDrivers(endpoints, known=attribution.attributor.graph_driver)
         stack.callback(graph_driver.close)
         detector = Detector(
             DetectorConfig(window_seconds=options.window, policy=policy, initial_mode=mode,
                            startup_seconds=options.startup_grace),
             store, aggregator,
-            exe_of=pipeline.processes.exe_before_exec,
             layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
@@ -359,11 +368,12 @@ def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: A
                   stack: contextlib.ExitStack):
     from driftwarden.agent.actions import ContainerActions
     from driftwarden.agent.channel import SPOOL_DIR_NAME, CollectorChannel
-    from driftwarden.agent.runtimes.docker import DockerContainers
+    from driftwarden.agent.runtimes.registry import RunningContainers, resolve_endpoints
     from driftwarden.core.errors import ChannelError, SpoolError
 
-    actions = stack.enter_context(ContainerActions.for_docker(options.docker_host))
-    containers = DockerContainers(options.docker_host)
+    endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
+    actions = stack.enter_context(ContainerActions.for_endpoints(endpoints))
+    containers = RunningContainers(endpoints)
     stack.callback(containers.close)
     spool_dir = state_dir / SPOOL_DIR_NAME
     try:
@@ -389,6 +399,29 @@ def _kinds(text: str) -> frozenset[str]:
             f"choose from {','.join(USER_KINDS)}"
         )
     return kinds
+
+
+def _runtime_endpoint(text: str) -> str:
+    from driftwarden.agent.runtimes.registry import parse_runtime_endpoint
+
+    try:
+        parse_runtime_endpoint(text, flag="")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return text
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """`--runtime-endpoint` (repeatable) and `--docker-host`: the runtimes asked for metadata."""
+    parser.add_argument("--runtime-endpoint", action="append", type=_runtime_endpoint,
+                        default=[], metavar="unix:///PATH",
+                        help="a container runtime's socket, as crictl takes it (a CRI runtime: "
+                        "containerd, CRI-O; or Docker's or podman's socket); repeatable. "
+                        "Default: the usual sockets that exist (/run/containerd/containerd.sock, "
+                        "/run/crio/crio.sock, /var/run/docker.sock, /run/podman/podman.sock)")
+    parser.add_argument("--docker-host", default=None, metavar="URL",
+                        help="the Docker Engine API address (one more endpoint; any URL Docker "
+                        "takes; default: probed like the others)")
 
 
 def _add_trace(subparsers: argparse._SubParsersAction) -> None:
@@ -425,8 +458,7 @@ def _add_trace(subparsers: argparse._SubParsersAction) -> None:
                    "tracepoint on every open; default: at entry, result null)")
     p.add_argument("--print-bpf", action="store_true",
                    help="print the final BPF program text and exit")
-    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
-                   help="Docker Engine API address for container metadata")
+    add_runtime_flags(p)
     p.add_argument("--cgroup-root", default="", help="cgroup v2 mount (default: detect)")
     p.set_defaults(func=_run_trace)
 
@@ -449,6 +481,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         print_bpf=args.print_bpf,
         open_result=args.open_result,
         docker_host=args.docker_host,
+        runtime_endpoints=tuple(args.runtime_endpoint),
         cgroup_root=args.cgroup_root,
     )
     return run_trace(options, stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
@@ -473,14 +506,19 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                    help="a container's first SECONDS after it (re)started are left out of the "
                    "anomaly model: neither learned nor scored (novelty and drift still apply; "
                    "default 10, 0 = none)")
+    p.add_argument("--incident-window", type=NON_NEGATIVE_SECONDS, default=2.0,
+                   metavar="SECONDS",
+                   help="alerts of one container and process tree within SECONDS are one "
+                   "incident: the first is sent at once, the others fold into it (all reasons, "
+                   "a count, the highest severity) and it is sent again when the window ends; "
+                   "drift is never folded into novelty nor delayed (default 2, 0 = no grouping)")
     p.add_argument("--learn-for", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="end learning after this long even if not yet stable")
     p.add_argument("--mode", choices=("learn", "monitor"), default="learn",
                    help="mode of an image seen for the first time (default learn)")
     p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="stop after this many seconds")
-    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
-                   help="Docker Engine API address for container metadata")
+    add_runtime_flags(p)
     add_collector_flags(p)
     p.set_defaults(func=_run_agent)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from driftwarden.core.errors import DriftwardenError, UsageError
 from driftwarden.core.lifecycle import Service, serve_accepts, start_daemon_thread
 from driftwarden.core.modes import Mode
-from driftwarden.models.items import ItemSet
+from driftwarden.models.items import ItemSet, item_from_key
 from driftwarden.models.profile import Profile, ProfileStore
 
 if TYPE_CHECKING:
@@ -118,7 +118,21 @@ def summary(profile: Profile) -> dict[str, Any]:
         "unstable": p.unstable,
         "learning_ended": p.end_reason,
         "updated_at": profile.updated_at,
+        "starts_seen": profile.starts_seen,
     }
+
+
+def startup_items(profile: Profile) -> list[dict[str, Any]]:
+    """The items a first container start taught outside learning, with that container."""
+    out = []
+    for entry in profile.startup_items:
+        try:
+            what = item_from_key(entry["kind"], entry["key"]).describe()
+        except ValueError:
+            what = f"{entry['kind']} {entry['key']!r}"
+        out.append({"item": what, "kind": entry["kind"], "container": entry["container"],
+                    "at": entry["at"]})
+    return out
 
 
 class BaselineService:
@@ -144,6 +158,7 @@ class BaselineService:
             for kind in ("exec", "lineage", "connect", "write")
         }
         out["history"] = profile.history
+        out["startup_items"] = startup_items(profile)
         return out
 
     def op_mode(self, request) -> dict[str, Any]:

@@ -7,11 +7,29 @@ mode: learning never makes a binary the image did not ship acceptable). Per wind
 feature windows are learned (clean ones, while learning) or scored in one batch per image by
 the isolation forest (ANOMALY). Profiles step through learn -> monitor on their own and are
 saved periodically and at close.
+
+Processes running before the agent started arrive as synthetic exec records (``before_agent``,
+agent/startup.py): their items are learned or checked like any exec's, and a drift among them
+says "(running before the agent started)"; they stay out of the windows (they are not this
+window's activity) and the latency metric.
+
+A container's start (its first ``startup_seconds`` after the runtime's start time; until the
+runtime has told it, after the run's first event: a restart into a new cgroup, a new container's
+first exec) is part of its image's behaviour. While a profile has not seen a start
+(``Profile.starts_seen``: the first start of a new container of the image, not a restart, that
+began after the agent did, watched through its startup), the novel items of its containers'
+startups are learned as start-up items (recorded with the container, shown by `baseline show`)
+instead of raising NOVEL, whatever the mode; once such a start has run its course (by event
+time) the profile has seen a start, and later starts are checked like anything else. A start
+that began while the image learned is learning's own: what it does after learning ended is
+checked. Drift is never learned, during a start either (nor the items of a record that
+drifted).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -19,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from driftwarden.agent.alerts import build_alert
-from driftwarden.agent.processes import PROC_SELF_EXE
+from driftwarden.agent.alerts import build_alert, container_key
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
 from driftwarden.core.errors import NotEnoughWindowsError, UsageError
 from driftwarden.core.modes import Mode
-from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.core.records import ContainerView, ProcKey, Program, TraceRecord
 from driftwarden.models.drift import (
     DriftKind,
     Layers,
@@ -42,6 +59,7 @@ from driftwarden.models.items import (
     ItemSet,
     LineageItem,
     WriteItem,
+    named_item,
     write_ops,
 )
 from driftwarden.models.items import extract_items as items_of
@@ -55,8 +73,15 @@ MAX_WRITERS = 16384  # (container, path) -> the write that made the file, for pr
 # write ops that put content or an exec bit on a path (write_ops names; a rename's target too)
 _WRITER_OPS = frozenset({"create", "truncate", "append", "write", "rename-to", "link", "chmod+x",
                          "setuid"})
-MAX_IMAGES = 32768  # processes whose program the detector remembers (LRU)
+MAX_IMAGES = 32768  # processes the detector remembers (LRU)
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
+_NOVELTY_FEATURES = frozenset(f"novel_{kind}" for kind in _WINDOW_NOVELTY)
+# a container's first exec may precede the runtime's recorded start time by a few ms
+_START_SLACK_SECONDS = 2.0
+_MAX_TREE_HOPS = 64  # a process tree's depth walked up to its root (a pid cycle ends it)
+# live, an idle container's window closes this long after it ended at the least: the agent's
+# lag (how late records reach the detector) when that is longer (Detector._window_horizon)
+MIN_LAG_ALLOWANCE_SECONDS = 1.0
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"})
 # writes here change who can log in, what runs at boot or how names resolve: never routine
 _SENSITIVE_WRITE_DIRS = ("/etc/", "/root/.ssh/", "/var/spool/cron/", "/boot/")
@@ -79,7 +104,9 @@ class DetectorConfig:
     policy: LearningPolicy = field(default_factory=LearningPolicy)
     initial_mode: Mode = Mode.LEARN  # mode of an image seen for the first time
     save_interval: float = 30.0
-    # windows follow event timestamps instead of the wall clock: for recorded captures
+    # Records count in the window of their event's own time, live and replayed. Live, a
+    # window closes once the newest event or the wall clock (minus the agent's lag) is past
+    # its end; True (recorded captures): the events' time alone closes windows.
     event_time_windows: bool = False
     # A container's first seconds after it (re)started are its startup: it creates its dirs,
     # runs its entrypoint and first requests at once. Windows that begin then are neither
@@ -104,6 +131,14 @@ def _real_exe(exe: str | None, layers: Layers | None) -> str | None:
         return exe
 
 
+def restates_novelty(outside: dict[str, float], alerted: dict[str, int]) -> bool:
+    """Whether an anomalous window only restates novelty already alerted: its out-of-range
+    features (`outside`: name -> value) are all novel_* counts, each no higher than the number of
+    that window's records whose novelty the container's NOVEL alerts reported (`alerted`)."""
+    return bool(outside) and all(name in _NOVELTY_FEATURES and value <= alerted.get(name, 0)
+                                 for name, value in outside.items())
+
+
 def novel_severity(item: Item) -> Severity:
     if isinstance(item, LineageItem):
         child = item.child.rsplit(":", 1)[-1]
@@ -124,7 +159,6 @@ class Detector:
         store: ProfileStore,
         alerts,  # AlertSink or AlertAggregator: .submit(alert) / .emit(alert)
         *,
-        exe_of: Callable[[int], str | None],
         layers_of: Callable[[str, int], Layers | None],
         clock_offset_ns: int = 0,
         drops: Callable[[], int] | None = None,
@@ -135,9 +169,11 @@ class Detector:
         # called with each record's kernel timestamp as it arrives (the agent's latency metric)
         self._event_seen = event_seen
         self.store = store
-        self._submit = getattr(alerts, "submit", None) or alerts.emit
+        # an AlertAggregator groups alerts of one cause (its incident argument); a bare sink not
+        submit = getattr(alerts, "submit", None)
+        self._submit = submit if submit is not None else (
+            lambda alert, incident=None: alerts.emit(alert))
         self._alerts = alerts
-        self._exe_of = exe_of
         self._layers_of = layers_of
         self._clock_offset_ns = clock_offset_ns
         self._drops = drops
@@ -156,10 +192,24 @@ class Detector:
         self._current: tuple[str, Layers | None] = ("", None)
         # latest view per container: window alerts name the container like event alerts do
         self._views: OrderedDict[str, ContainerView] = OrderedDict()
-        self._latest_event = 0.0  # seconds, for event_time_windows
-        # tgid -> the program it runs, canonical (see _canonical_exe, _remember_image)
-        self._images: OrderedDict[int, ExecItem] = OrderedDict()
+        self._latest_event = 0.0  # the newest event's time (wall-clock seconds)
+        # how late records reach the detector (wall clock - event time): the largest since the
+        # last tick (-inf: none), and the allowance the last tick that had records measured
+        self._tick_lag = float("-inf")
+        self._lag = 0.0
         self._writers: OrderedDict[tuple[str, str], tuple] = OrderedDict()  # -> (record, program)
+        # process -> (its container id, its parent) for those seen acting in a container: the
+        # process trees alerts are grouped by (_process_tree)
+        self._parents: OrderedDict[ProcKey, tuple[str, ProcKey]] = OrderedDict()
+        # container id -> [cgroup id, runtime start time seen, this run's start] (_run_start)
+        self._runs: OrderedDict[str, list] = OrderedDict()
+        # event times (epoch s) of the first and the latest kernel record: the agent's start,
+        # and how far the events have come (first starts end by it, whatever the lag)
+        self._agent_started: float | None = None
+        self._latest_live = 0.0
+        # image id -> (start, container id, began while learning) of the first start its
+        # profile watches, not yet over (_first_start)
+        self._first_starts: dict[str, tuple[float, str, bool]] = {}
 
     # -- profiles ------------------------------------------------------------
 
@@ -197,11 +247,21 @@ class Detector:
     # -- per record (Sink.write) ---------------------------------------------------
 
     def write(self, record: TraceRecord) -> None:
-        if self._event_seen is not None:
-            self._event_seen(record.event.header.ts_ns)
+        before = record.before_agent
+        at = (record.event.header.ts_ns + self._clock_offset_ns) / 1e9  # epoch s
+        if not before:
+            if self._event_seen is not None:
+                self._event_seen(record.event.header.ts_ns)
+            if self._agent_started is None:
+                self._agent_started = at
+            self._latest_live = max(self._latest_live, at)
+            if self._first_starts:
+                self._end_first_starts()
         view = record.container
+        if view.state == "container" and view.id:
+            self._run_start(view, at, before, record.runtime_setup or record.kind == "exec")
         if record.runtime_setup or view.state != "container" or not view.id:
-            if view.state == "unknown" and not record.runtime_setup:
+            if view.state == "unknown" and not record.runtime_setup and not before:
                 # an event we could not attribute may belong to any container's window
                 self.windows.mark_all_tainted("unattributed events",
                                               now=self._window_time(record))
@@ -218,21 +278,29 @@ class Detector:
             self._views.move_to_end(view.id)
             if len(self._views) > MAX_VIEWS:
                 self._views.popitem(last=False)
+        self._remember_parent(view.id, record)
         layers = self._layers_of(view.id, record.event.header.tgid)
         self._current = (view.id, layers)
         record = self._canonical_exe(record, layers)
         ops = write_ops(record) if record.kind == "write" else None
-        items = items_of(record, self._exe_in_container, ops=ops)
-        if record.kind == "exec" and items:
-            self._remember_image(record, items)
+        items = items_of(record, self._program_item, ops=ops)
         novel = profile.observe(items, now, self.config.policy)
         if novel and profile.mode is Mode.LEARN:
             self._dirty.add(profile.image_id)
-        self.windows.add(record, frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY,
-                         now=self._window_time(record))
+        verdicts = self._drift(record, layers, ops)
+        # a start the profile never saw teaches its items, except a drifting record's
+        if self._first_start(profile, view, at, before) and novel and not verdicts and (
+                profile.mode is not Mode.LEARN):
+            learned = profile.learn_startup(novel, container=view.id, now=at)
+            self.stats["startup_items"] += len(learned)
+            self._dirty.add(profile.image_id)
+            novel = []
+        novel_kinds = frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY
+        if not before:
+            self.windows.add(record, novel_kinds, now=self._window_time(record),
+                             alerted=novel_kinds if profile.mode is not Mode.LEARN else ())
         if ops:
             self._remember_writes(view.id, record, ops)
-        verdicts = self._drift(record, layers, ops)
         for verdict in verdicts:
             text, details, related = verdict.reason, [("path", verdict.path)], ()
             writer = (self._writers.get((view.id, verdict.path))
@@ -250,11 +318,14 @@ class Detector:
                             ("written_by_argv0", argv0), ("written_by_comm", h.comm),
                             ("written_at", when)]
                 related = (record_w,)
+            if before:
+                text += " (running before the agent started)"
+                details.append(("before_agent", True))
             self._raise(AlertKind.DRIFT, _DRIFT_SEVERITY[verdict.kind], 1.0,
                         [AlertReason(code=verdict.kind.value, text=text,
                                      details=tuple(details))],
                         record, view, profile, dedup_key=f"drift:{verdict.kind}:{verdict.path}",
-                        related=related)
+                        related=related, drifted=verdict.path)
         if profile.mode is not Mode.LEARN:
             for item in novel:
                 nearest = profile.items.nearest(item)
@@ -263,6 +334,9 @@ class Detector:
                 if nearest is not None:
                     details.append(("nearest_baseline_item", nearest.describe()))
                     text += f" (nearest learned: {nearest.describe()})"
+                if before:
+                    text += " (running before the agent started)"
+                    details.append(("before_agent", True))
                 self._raise(AlertKind.NOVEL, novel_severity(item), 1.0,
                             [AlertReason(code=f"new-{item.KIND}", text=text,
                                          details=tuple(details))],
@@ -270,44 +344,48 @@ class Detector:
                             items=(item,))
 
     def _canonical_exe(self, record: TraceRecord, layers: Layers | None) -> TraceRecord:
-        """An exec's program named the same however the race with /proc went, so a baseline
-        learns one item per program:
-
-        * ``execve(path)``: the file named, symlinks followed through the container's layers
-          (/bin/sh -> /bin/busybox); a script stays the script (its identity);
-        * ``execve("/proc/self/exe")`` (busybox applets): the binary the process was running,
-          i.e. the image of the process or of the parent it was forked from, and for a script
-          its interpreter.
-
-        The program is remembered per process (``_remember_image``) for the lineage, connect
-        and write items of its later events (``_exe_in_container``)."""
-        if record.kind != "exec" or layers is None:
+        """An exec record's `exe` as drift checks it: the binary of its program (see
+        _program_exe), a real path, not an item pattern. A deleted binary or a memfd (what a
+        process found at start-up runs, as /proc named it) is kept: that is the finding."""
+        if record.kind != "exec" or layers is None or record.event.retval != 0:
             return record
-        tgid = record.event.header.tgid
-        if record.event.retval != 0:
+        if record.exe is not None and (record.exe.endswith(" (deleted)")
+                                       or record.exe.startswith("/memfd:")):
             return record
-        if record.event.filename == PROC_SELF_EXE:
-            before = self._images.get(tgid) or self._images.get(record.ppid)
-            exe = self._binary(before.exe if before is not None else record.exe, layers)
-        elif record.path_resolved:
-            exe = _real_exe(record.path, layers)
-        else:
-            exe = _real_exe(record.exe, layers)
+        exe = self._program_exe(record.program)
+        if exe is None:
+            exe = _real_exe(record.path if record.path_resolved else record.exe, layers)
         return record if exe == record.exe else record._replace(exe=exe)
 
-    def _remember_image(self, record: TraceRecord, items: list) -> None:
-        """After an exec: the process now runs items[0]. When the same process ran something
-        we saw before (``nc -e /bin/sh``, ``exec httpd`` in a start script), the lineage is
-        "what it ran" -> "what it runs now": the parent process never saw this exec."""
-        tgid = record.event.header.tgid
-        before = self._images.get(tgid)
-        program = items[0]
-        if before is not None and len(items) > 1 and isinstance(items[1], LineageItem):
-            items[1] = LineageItem(before.compact(), program.compact())
-        self._images[tgid] = program
-        self._images.move_to_end(tgid)
-        if len(self._images) > MAX_IMAGES:
-            self._images.popitem(last=False)
+    def _program_exe(self, program: Program | None) -> str | None:
+        """A program's binary named through its container's layers, so a baseline learns one
+        item per program whatever path ran it:
+
+        * ``execve(path)``: the file named, symlinks followed (/bin/sh -> /bin/busybox); a
+          script stays the script (its identity);
+        * ``execve("/proc/self/exe")`` (busybox applets): the binary behind the program the
+          process ran before (the process table keeps it), and for a script its interpreter.
+
+        Cached per (container, path): asked for every record, and each resolution stats every
+        path component in every layer."""
+        if program is None or program.exe is None:
+            return None
+        container_id, layers = self._current
+        if layers is None:
+            return program.exe
+        if program.self_exec:
+            return self._binary(program.exe, layers)
+        key = (container_id, program.exe)
+        real = self._real_exes.get(key)
+        if real is None:
+            real = self._real_exes[key] = _real_exe(program.exe, layers)
+            if len(self._real_exes) > 8192:
+                self._real_exes.popitem(last=False)
+        return real
+
+    def _program_item(self, program: Program) -> ExecItem:
+        """A program's ExecItem (models.items.ProgramItem) in the current container."""
+        return named_item(program, self._program_exe(program))
 
     def _binary(self, exe: str | None, layers: Layers) -> str | None:
         """The binary behind `exe`: a script's interpreter, else `exe` (cached per container)."""
@@ -322,25 +400,6 @@ class Detector:
                 self._real_exes.popitem(last=False)
         return found
 
-    def _exe_in_container(self, tgid: int) -> str | None:
-        """A process's exe with symlinks followed through its container's layers. Cached per
-        (container, path): it is asked for every connect and write, and each resolution stats
-        every path component in every layer."""
-        program = self._images.get(tgid)
-        if program is not None:
-            return program
-        exe = self._exe_of(tgid)
-        container_id, layers = self._current
-        if exe is None or layers is None:
-            return exe
-        key = (container_id, exe)
-        real = self._real_exes.get(key)
-        if real is None:
-            real = self._real_exes[key] = _real_exe(exe, layers)
-            if len(self._real_exes) > 8192:
-                self._real_exes.popitem(last=False)
-        return real
-
     def _drift(self, record: TraceRecord, layers: Layers | None, ops) -> list:
         kind = record.kind
         if kind not in ("exec", "write"):
@@ -348,7 +407,8 @@ class Detector:
         if kind == "exec":
             if record.event.retval != 0:
                 return []
-            verdict = classify_exec(record.path or "", record.exe, layers)
+            verdict = classify_exec(record.path or "", record.exe, layers, written=lambda p: (
+                self._current[0], p) in self._writers)  # its layer gone: what it wrote (--rm)
             return [verdict] if verdict else []
         if record.event.result_known and record.event.retval < 0:
             return []
@@ -360,15 +420,30 @@ class Detector:
                     out.append(verdict)
         return out
 
-    def _window_time(self, record: TraceRecord) -> float | None:
-        """The time windows go by: the event's own (replays reproduce their windows) or, live,
-        the aggregator's wall clock (None), so idle windows still close."""
+    def _window_time(self, record: TraceRecord) -> float:
+        """The time a record counts at in the feature windows: its event's own (kernel time as
+        wall time, through the capture's clock offset), live and replayed alike, so a backlog
+        that reaches a lagging agent at once still falls into the windows it happened in. Notes
+        the newest event time and, live, how late the record arrived."""
+        t = (record.event.header.ts_ns + self._clock_offset_ns) / 1e9
+        if t > self._latest_event:
+            self._latest_event = t
         if not self.config.event_time_windows:
-            return None
-        h = record.event.header
-        t = (h.ts_ns + self._clock_offset_ns) / 1e9
-        self._latest_event = max(self._latest_event, t)
-        return self._latest_event
+            self._tick_lag = max(self._tick_lag, self._clock() - t)
+        return t
+
+    def _window_horizon(self) -> float:
+        """Windows that ended by this time are complete and close. The newest event processed
+        says so (the ring buffer delivers in order: nothing older is still on its way); so does,
+        for idle containers, the wall clock minus the lag allowance: max(1 s, how late the
+        records of the last tick that had any arrived), since records that late may still be
+        queued. A replay (event_time_windows) has no wall clock: its newest event alone."""
+        if self.config.event_time_windows:
+            return self._latest_event
+        if self._tick_lag != float("-inf"):
+            self._lag, self._tick_lag = self._tick_lag, float("-inf")
+        return max(self._latest_event,
+                   self._clock() - max(MIN_LAG_ALLOWANCE_SECONDS, self._lag))
 
     def _remember_writes(self, container_id: str, record: TraceRecord, ops) -> None:
         """The last write that created or changed each file (bounded LRU), so a drift alert
@@ -378,14 +453,15 @@ class Detector:
             if resolved and op in _WRITER_OPS:
                 key = (container_id, path)
                 if program is None:  # the writer may be gone when its file runs
-                    program = self._exe_in_container(record.event.header.tgid) or "?"
+                    known = record.program
+                    program = self._program_item(known) if known and known.exe else "?"
                 self._writers[key] = (record, program)
                 self._writers.move_to_end(key)
         while len(self._writers) > MAX_WRITERS:
             self._writers.popitem(last=False)
 
     def _raise(self, kind, severity, score, reasons, record, view, profile, *, dedup_key,
-               items=(), related=()):
+               items=(), related=(), drifted=None):
         alert = build_alert(kind, severity, score, reasons, record, container_view=view,
                             related=related, baseline_version=profile.version,
                             baseline_mode=profile.mode.value, dedup_key=dedup_key,
@@ -396,8 +472,42 @@ class Detector:
         self.recent_alerts.move_to_end(alert.id)
         while len(self.recent_alerts) > MAX_RECENT_ALERTS:
             self.recent_alerts.popitem(last=False)
-        self._submit(alert)
+        self._submit(alert, self._incident_of(view, record, drifted))
         return alert
+
+    def _incident_of(self, view: ContainerView, record: TraceRecord | None,
+                     drifted: str | None) -> tuple | None:
+        """The cause an alert belongs to (AlertAggregator folds one cause's alerts into one
+        incident): its container and process tree, and for a drift the file it is about (a
+        drift is never folded into novelty, nor into a drift about another file: chmod +x and
+        then the exec of one file are one cause, two dropped binaries are two). None for a
+        window's anomaly: it has no process."""
+        if record is None:
+            return None
+        return (container_key(view), self._process_tree(record), drifted)
+
+    def _remember_parent(self, container_id: str, record: TraceRecord) -> None:
+        h = record.event.header
+        key = ProcKey(h.tgid, h.start_ns)
+        self._parents[key] = (container_id, ProcKey(record.ppid, h.parent_start_ns))
+        self._parents.move_to_end(key)
+        if len(self._parents) > MAX_IMAGES:
+            self._parents.popitem(last=False)
+
+    def _process_tree(self, record: TraceRecord) -> ProcKey:
+        """The root of the record's process tree: walking up its parents, the last process
+        this detector saw act in the same container (the next one is outside it, or never acted
+        in it). The one place a process tree is named: walking the process table's parents
+        instead (agent.processes.ProcessTable.parent) would also join the processes that forked
+        without acting (a subshell between two of its children)."""
+        h = record.event.header
+        key, unseen = ProcKey(h.tgid, h.start_ns), ("", ProcKey(0, 0))
+        for _ in range(_MAX_TREE_HOPS):
+            parent = self._parents.get(key, unseen)[1]
+            if parent == key or self._parents.get(parent, unseen)[0] != record.container.id:
+                break
+            key = parent
+        return key
 
     def accept(self, alert_id: str) -> tuple[Profile, list]:
         """Adds a NOVEL alert's items to its image's baseline. Drift is never learned."""
@@ -437,8 +547,7 @@ class Detector:
 
     def flush(self) -> None:
         now = self._clock()
-        self._handle_windows(self.windows.tick(
-            self._latest_event if self.config.event_time_windows else None))
+        self._handle_windows(self.windows.tick(self._window_horizon()))
         if now - self._last_housekeeping >= 1.0:
             self._last_housekeeping = now
             if self._drops is not None:
@@ -452,9 +561,10 @@ class Detector:
                     self._dirty.add(profile.image_id)
                     log.warning("baseline %s: %s -> %s (%s)", profile.image_name,
                                 Mode.LEARN.value, transition.mode.value, transition.reason)
-            flush_due = getattr(self._alerts, "flush_due", None)
-            if flush_due is not None:
-                flush_due()
+        # every tick, not each second: an incident's merged alert goes out when it ends
+        flush_due = getattr(self._alerts, "flush_due", None)
+        if flush_due is not None:
+            flush_due()
         if now - self._last_save >= self.config.save_interval:
             self.save()
 
@@ -483,7 +593,13 @@ class Detector:
                                           strict=True):
                 if not bad:
                     continue
-                explained = model.explain(window.vector)
+                # every out-of-range feature decides; the top three explain
+                explained = model.explain(window.vector, top=len(model.feature_names))
+                outside = {r.feature: r.value for r in explained if r.outside}
+                if restates_novelty(outside, dict(window.alerted_novelty)):
+                    self.stats["anomaly_restating_novelty"] += 1
+                    continue
+                explained = explained[:3]
                 reasons = [AlertReason(code="feature-out-of-range", text=r.text,
                                        details=tuple(sorted(r.to_dict().items())))
                            for r in explained]
@@ -497,9 +613,86 @@ class Detector:
                             view, profile, dedup_key=f"anomaly:{shape}")
 
     def _in_startup(self, window) -> bool:
-        view = self._views.get(window.container_id)
-        started = view.started_at if view is not None else None
+        run = self._runs.get(window.container_id)
+        if run is not None:
+            started = run[2]
+        else:
+            view = self._views.get(window.container_id)
+            started = view.started_at if view is not None else None
         return started is not None and window.start < started + self.config.startup_seconds
+
+    # -- container starts ------------------------------------------------------------
+
+    def _run_start(self, view: ContainerView, at: float, before: bool, opens: bool
+                   ) -> float | None:
+        """When the container's current run began: the runtime's start time; until the
+        runtime has told it, the run's first event (`at`) when that shows a new run: a
+        restart into a new cgroup whose metadata still shows the previous run's start, or a
+        container described before it started whose first event opens a run (`opens`: the
+        runtime setting it up, or its first exec; a container that ran before the agent
+        shows its running processes first, `before`)."""
+        run = self._runs.get(view.id)
+        if run is None or run[0] != view.cgroup_id:
+            start = view.started_at
+            if run is not None and start is not None and start == run[1]:
+                start = None if before else at  # restarted: the start is the previous run's
+            elif start is None:
+                start = at if opens and not before else None
+            # [cgroup id, the runtime's start time as seen, this run's start, a restart]
+            run = self._runs[view.id] = [view.cgroup_id, view.started_at, start,
+                                         run is not None]
+            if len(self._runs) > MAX_VIEWS:
+                self._runs.popitem(last=False)
+        elif view.started_at != run[1] and view.started_at is not None:
+            run[1] = run[2] = view.started_at  # the runtime's own answer for this run
+        self._runs.move_to_end(view.id)
+        return run[2]
+
+    def _first_start(self, profile: Profile, view: ContainerView, at: float,
+                     before: bool) -> bool:
+        """Whether a record at `at` (epoch s) is in a container's startup that `profile`,
+        which has not seen a start, learns outside learning (module doc). The first start of a
+        new container (not a restart: a restart finds its dirs made) that began after the agent
+        did is watched until it is over (_end_first_starts); a restart, or a start seen in part
+        (it began before the agent), teaches what it shows but does not count as seen. A start
+        that began while the image learned belongs to learning: what it does after learning
+        ended is checked, and it counts as the start seen once over."""
+        grace = self.config.startup_seconds
+        if profile.starts_seen or grace <= 0:
+            return False
+        run = self._runs.get(view.id)
+        start = run[2] if run is not None else None
+        if start is None or not start - _START_SLACK_SECONDS <= at < start + grace:
+            return False
+        claim = self._first_starts.get(profile.image_id)
+        if (claim is None and not before and not run[3] and self._agent_started is not None
+                and start >= self._agent_started):
+            learning = profile.mode is Mode.LEARN
+            claim = self._first_starts[profile.image_id] = (start, view.id, learning)
+            if learning:
+                log.info("baseline %s: first container start seen while learning (%s)",
+                         profile.image_name, view.name or view.id[:12])
+            else:
+                log.warning("baseline %s: first container start seen (%s): its start-up "
+                            "items for %g s are learned, not alerted", profile.image_name,
+                            view.name or view.id[:12], grace)
+        return not (claim is not None and claim[2] and profile.mode is not Mode.LEARN)
+
+    def _end_first_starts(self) -> None:
+        """Watched first starts whose startup is over by event time: their profiles have now
+        seen a start."""
+        for image_id, (start, container_id, _) in list(self._first_starts.items()):
+            if self._latest_live < start + self.config.startup_seconds:
+                continue
+            del self._first_starts[image_id]
+            profile = self.profiles.get(image_id)
+            if profile is not None and profile.saw_start(container=container_id,
+                                                         now=self._clock()):
+                self._dirty.add(image_id)
+                log.warning("baseline %s: first container start learned (%d start-up items "
+                            "outside learning); later starts are checked", profile.image_name,
+                            sum(1 for e in profile.startup_items
+                                if e["container"] == container_id))
 
     def save(self) -> None:
         for image_id in sorted(self._dirty):
@@ -521,14 +714,21 @@ class LayersCache:
     """Container id -> its overlay layers (bounded LRU), read from /proc/PID/mountinfo, or,
     when that process is already gone or not yet inside the container's root (runc init), from
     the runtime's record of the container (`graph_driver_of`: Docker's GraphDriver data, from
-    runtimes.docker.DockerGraphDriver)."""
+    runtimes.docker.DockerGraphDriver).
+
+    Both give the layers' paths on the node. `host_root` is where the node's / is seen from
+    here: "/" for an agent on the node, `/proc/1/root` for one in a container (the DaemonSet's
+    pod, which shares the node's pid namespace but not its files). None: found out once, for
+    the real /proc (`node_root`)."""
 
     MISS_SECONDS = 5.0  # a container the runtime could not describe is not asked again sooner
 
     def __init__(self, proc_root: str = "/proc", capacity: int = 1024,
                  graph_driver_of: Callable[[str], dict | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 host_root: str | None = None) -> None:
         self._proc_root = proc_root
+        self._host_root = Path(node_root(proc_root) if host_root is None else host_root)
         self._capacity = capacity
         self._graph_driver_of = graph_driver_of
         self._clock = clock
@@ -565,10 +765,41 @@ class LayersCache:
                     self._misses.popitem(last=False)
         if layers is None:
             return None  # a live process of this container may tell us later
+        if self._host_root != Path("/"):
+            layers = Layers(upper=_under(self._host_root, layers.upper),
+                            lowers=tuple(_under(self._host_root, p) for p in layers.lowers))
         self._cache[container_id] = layers
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
         return layers
+
+
+def node_root(proc_root: str = "/proc") -> str:
+    """Where the node's / is seen from this process: "/" on the node itself (or for a test's
+    fake /proc), else `<proc_root>/<pid>/root` of the nearest ancestor in another mount
+    namespace: in a pod or container that shares the node's pid namespace, the runtime's shim
+    (containerd-shim, conmon) that started it, which lives in the node's (pid 1 may not be
+    ours to look at, even for root)."""
+    if proc_root != "/proc":
+        return "/"  # a test's fake /proc: its paths are this host's
+    try:
+        own = os.readlink(f"{proc_root}/self/ns/mnt")
+        pid = os.getppid()
+        while pid > 1:
+            if os.readlink(f"{proc_root}/{pid}/ns/mnt") != own:
+                root = f"{proc_root}/{pid}/root"
+                os.stat(root)  # reachable (root with CAP_SYS_PTRACE)
+                return root
+            with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        log.warning("cannot tell where the node's files are seen from here; reading container "
+                    "layers at their node paths", exc_info=log.isEnabledFor(logging.DEBUG))
+    return "/"
+
+
+def _under(root: Path, path: Path) -> Path:
+    return root / str(path).lstrip("/")
 
 
 class LockedSink:

@@ -1,8 +1,9 @@
 """`driftwarden doctor`: check that this host has everything the agent needs.
 
 Each check returns one `Check` row with a one-line fix hint. Required checks decide the
-exit code; optional ones (BTF, Docker, containers under runtimes the agent cannot ask yet,
-which extra BPF program types load) only inform.
+exit code; optional ones (BTF, Docker, each other container runtime found and whether it answers,
+containers under runtimes nobody answers for, which extra BPF program types load) only inform;
+a runtime endpoint given with --runtime-endpoint that does not answer is a failure.
 Every path the checks read comes from `DoctorEnv`, so unit tests run on fixture trees.
 """
 
@@ -30,8 +31,15 @@ from pathlib import Path
 from typing import Literal
 
 from driftwarden.agent.cgroups import running_containers
+from driftwarden.agent.runtimes.cri import CriRuntime
 from driftwarden.agent.runtimes.docker import DockerEngine
-from driftwarden.core.errors import HostSupportError, RuntimeActionError
+from driftwarden.agent.runtimes.registry import RuntimeEndpoint, parse_runtime_endpoint
+from driftwarden.core.errors import (
+    HostSupportError,
+    RuntimeActionError,
+    RuntimeNotServedError,
+    UsageError,
+)
 from driftwarden.probes.loader import (
     ProbeConfig,
     ProbePlan,
@@ -77,6 +85,8 @@ class DoctorEnv:
     docker_socket: str = "/var/run/docker.sock"
     run_root: str = "/run"  # where containerd, CRI-O and podman put their sockets
     kernel_release: str = field(default_factory=lambda: os.uname().release)
+    # --runtime-endpoint values; none: the usual sockets under run_root that exist
+    runtime_endpoints: tuple[str, ...] = ()
 
     def sys(self, *parts: str) -> Path:
         return Path(self.sys_root, *parts)
@@ -373,22 +383,75 @@ def check_docker(env: DoctorEnv, timeout: float = 2.0) -> Check:
     return Check(name, False, "ok", f"{path} answers /_ping{suffix}", fix)
 
 
-# Where the runtimes the agent cannot ask yet listen, under DoctorEnv.run_root.
+# Where the other runtimes listen, under DoctorEnv.run_root (Docker's is DoctorEnv.docker_socket).
 RUNTIME_SOCKETS = {
     "containerd": "containerd/containerd.sock",
     "cri-o": "crio/crio.sock",
     "podman": "podman/podman.sock",
 }
+_CRI_KINDS = frozenset({"containerd", "cri-o"})  # cgroup paths may not tell these apart
 
 
-def check_container_runtimes(env: DoctorEnv) -> Check:
-    """Containers running under a runtime the agent cannot ask for metadata yet (it asks
-    Docker only): their events have no image, so they get no detection. Read from the cgroup
-    tree, which names each container's runtime, so it needs no runtime to answer."""
+def runtime_endpoints(env: DoctorEnv) -> list[tuple[RuntimeEndpoint, bool]]:
+    """(endpoint, given) for each runtime the agent would ask besides env.docker_socket: those
+    given with --runtime-endpoint, else the usual sockets under env.run_root that exist."""
+    if env.runtime_endpoints:
+        return [(parse_runtime_endpoint(text), True) for text in env.runtime_endpoints]
+    found = []
+    for relative in RUNTIME_SOCKETS.values():
+        path = Path(env.run_root, relative)
+        if path.exists():
+            found.append((parse_runtime_endpoint(str(path)), False))
+    return found
+
+
+def check_runtime_endpoint(endpoint: RuntimeEndpoint, given: bool,
+                           timeout: float = 2.0) -> Check:
+    """Does the runtime at `endpoint` answer (CRI: Version; Docker API: /_ping)? A probed
+    socket that does not answer only warns; one given with --runtime-endpoint fails."""
+    name = f"runtime {endpoint.runtime}"
+    fix = (f"start {endpoint.runtime}, or give the socket it listens on with "
+           "--runtime-endpoint unix:///path; without it its containers keep cgroup ids but "
+           "lose names, images and detection")
+    try:
+        if endpoint.api == "cri":
+            with CriRuntime(endpoint.url, timeout=timeout) as client:
+                version = client.version()
+            detail = (f"{endpoint.url} answers: {version.runtime_name} "
+                      f"{version.runtime_version} (CRI {version.runtime_api_version})")
+        else:
+            with DockerEngine(endpoint.url, timeout=timeout) as engine:
+                api = engine.ping()
+            detail = f"{endpoint.url} answers /_ping" + (f" (API {api})" if api else "")
+    except RuntimeNotServedError as exc:
+        return Check(name, given, "fail" if given else "warn", str(exc),
+                     "if this node's containers run under it, enable its CRI plugin (remove "
+                     '"cri" from disabled_plugins in its config.toml); Docker\'s own containerd '
+                     "needs none")
+    except RuntimeActionError as exc:
+        return Check(name, given, "fail" if given else "warn", str(exc), fix)
+    return Check(name, given, "ok", detail, fix)
+
+
+def check_runtime_endpoints(env: DoctorEnv) -> list[Check]:
+    """One row per runtime endpoint found or given (see runtime_endpoints)."""
+    try:
+        endpoints = runtime_endpoints(env)
+    except UsageError as exc:
+        return [Check("runtime endpoints", True, "fail", str(exc),
+                      "give sockets as unix:///path/to.sock")]
+    return [check_runtime_endpoint(endpoint, given) for endpoint, given in endpoints]
+
+
+def check_container_runtimes(env: DoctorEnv, answering: frozenset[str] = frozenset()) -> Check:
+    """Containers running under a runtime no endpoint answers for (`answering`: the runtimes
+    whose endpoint answered): their events have no image, so they get no detection. Read from
+    the cgroup tree, which names each container's runtime, so it needs no runtime to answer."""
     name = "container runtimes"
-    fix = ("until CRI (containerd, CRI-O) and podman support lands only Docker's containers "
-           "are watched: run the workloads to watch under Docker; the agent counts the others "
-           "in driftwarden_agent_containers_without_metadata_total")
+    fix = ("give each runtime's socket with --runtime-endpoint unix:///path (containerd: "
+           "/run/containerd/containerd.sock, CRI-O: /run/crio/crio.sock, podman: "
+           "/run/podman/podman.sock, after `podman system service`); the agent counts "
+           "containers it cannot name in driftwarden_agent_containers_without_metadata_total")
     try:
         root = find_cgroup2_root(env.sys("fs", "cgroup"))
     except HostSupportError:
@@ -398,21 +461,30 @@ def check_container_runtimes(env: DoctorEnv) -> Check:
     except OSError as exc:
         return Check(name, False, "info", f"cannot read {root}: {exc.strerror or exc}", fix)
     counts = collections.Counter(ref.runtime for ref in refs)
-    docker = counts.pop("docker", 0)
     if not counts:
-        detail = (f"{docker} running, all under Docker (named through its API)" if docker
-                  else "no containers running")
-        return Check(name, False, "ok", detail, fix)
+        return Check(name, False, "ok", "no containers running", fix)
+
+    def answered(runtime: str) -> bool:
+        return runtime in answering or (runtime in _CRI_KINDS and bool(answering & _CRI_KINDS))
+
+    served = {runtime: count for runtime, count in counts.items() if answered(runtime)}
+    unserved = {runtime: count for runtime, count in counts.items() if not answered(runtime)}
+    if not unserved:
+        under = ", ".join(f"{count} under {runtime}" for runtime, count in sorted(served.items()))
+        return Check(name, False, "ok", f"{sum(counts.values())} running: {under}; their "
+                     "runtimes answer", fix)
     others = []
-    for runtime, count in sorted(counts.items()):
-        socket_path = Path(env.run_root, RUNTIME_SOCKETS[runtime])
+    for runtime, count in sorted(unserved.items()):
+        socket_path = (Path(env.docker_socket) if runtime == "docker"
+                       else Path(env.run_root, RUNTIME_SOCKETS[runtime]))
         where = f" (socket {socket_path})" if socket_path.exists() else ""
         others.append(f"{count} under {runtime}{where}")
-    asked = "these runtimes" if len(counts) > 1 else "this runtime"
-    detail = (f"{', '.join(others)}: the agent cannot ask {asked} for names and images yet, "
-              "so these containers get no detection")
-    if docker:
-        detail += f"; {docker} under Docker are watched"
+    asked = "these runtimes" if len(unserved) > 1 else "this runtime"
+    detail = (f"{', '.join(others)}: no endpoint of {asked} answers, so these containers get "
+              "no names, images or detection")
+    if served:
+        detail += "; " + ", ".join(f"{count} under {runtime}"
+                                   for runtime, count in sorted(served.items())) + " are watched"
     return Check(name, False, "warn", detail, fix)
 
 
@@ -585,6 +657,7 @@ def _guard(name: str, required: bool, fn: Callable[[], Check]) -> Check:
 
 def run_checks(env: DoctorEnv, *, probe_program_types: bool = True) -> list[Check]:
     """Every check in display order."""
+    docker_row = _guard("docker socket", False, lambda: check_docker(env))
     checks = [
         _guard("privileges", True, lambda: check_privileges(env)),
         _guard("bpf syscall", True, lambda: check_bpf_syscall(env)),
@@ -594,9 +667,22 @@ def run_checks(env: DoctorEnv, *, probe_program_types: bool = True) -> list[Chec
         _guard("bcc", True, lambda: check_bcc(env)),
         _guard("tracepoints", True, lambda: check_tracepoints(env)),
         _guard("cgroup v2", True, lambda: check_cgroup_v2(env)),
-        _guard("docker socket", False, lambda: check_docker(env)),
-        _guard("container runtimes", False, lambda: check_container_runtimes(env)),
+        docker_row,
     ]
+    try:
+        runtime_rows = check_runtime_endpoints(env)
+    except Exception as exc:  # as _guard does, for a list of rows
+        log.debug("runtime endpoint checks crashed", exc_info=True)
+        runtime_rows = [Check("runtime endpoints", False, "info",
+                              f"check crashed: {type(exc).__name__}: {exc}",
+                              "report this as a driftwarden bug")]
+    checks.extend(runtime_rows)
+    answering = frozenset(
+        row.name.removeprefix("runtime ") for row in runtime_rows if row.status == "ok")
+    if docker_row.status == "ok":
+        answering |= {"docker"}
+    checks.append(_guard("container runtimes", False,
+                         lambda: check_container_runtimes(env, answering)))
     if probe_program_types and checks[0].status == "fail":
         # Every load would fail with EPERM for lack of privilege, which says nothing
         # about what the kernel supports.
@@ -644,7 +730,8 @@ def checks_to_json(checks: Sequence[Check]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    checks = run_checks(DoctorEnv(), probe_program_types=not args.no_load_tests)
+    env = DoctorEnv(runtime_endpoints=tuple(getattr(args, "runtime_endpoint", None) or ()))
+    checks = run_checks(env, probe_program_types=not args.no_load_tests)
     print(checks_to_json(checks) if args.json else format_table(checks))
     return exit_code(checks)
 
@@ -654,11 +741,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "doctor",
         help="check this host has what the agent needs",
         description="Check privileges, BPF, tracefs, kernel headers, bcc, tracepoints, "
-                    "cgroup v2, Docker and the containers' runtimes; exit 1 when a required item "
-                    "fails.",
+                    "cgroup v2, Docker, each container runtime found (does it answer?) and the "
+                    "containers' runtimes; exit 1 when a required item fails.",
     )
     parser.add_argument("--json", action="store_true", help="print the checks as a JSON list")
     parser.add_argument("--no-load-tests", action="store_true",
                         help="skip loading test BPF programs of each optional type")
+    parser.add_argument("--runtime-endpoint", action="append", default=[],
+                        metavar="unix:///PATH",
+                        help="check this container runtime socket (repeatable; default: the "
+                        "usual containerd, CRI-O and podman sockets that exist)")
     parser.set_defaults(func=run_command)
     return parser

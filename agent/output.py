@@ -49,7 +49,8 @@ def container_to_dict(view) -> dict | None:
         return None
     return {
         "id": view.id, "name": view.name, "image": view.image, "image_id": view.image_id,
-        "runtime": view.runtime, "pod": view.pod, "namespace": view.namespace,
+        "image_digest": view.image_digest, "runtime": view.runtime, "pod": view.pod,
+        "namespace": view.namespace, "pod_uid": view.pod_uid, "workload": view.workload,
         "labels": dict(view.labels), "attribution": view.state,
         "metadata_error": view.metadata_error,
     }
@@ -73,6 +74,7 @@ def record_to_dict(record: TraceRecord, clock_offset_ns: int, *, clock: WallCloc
                     "gid": h.gid, "comm": h.comm},
         "suppressed_before": h.suppressed,
         "runtime_setup": record.runtime_setup,
+        "before_agent": record.before_agent,
     }
     if isinstance(event, ExecEvent):
         out["exec"] = {
@@ -185,6 +187,8 @@ def format_line(record: TraceRecord, clock_offset_ns: int) -> str:
     else:
         body = ""
     suffix = f" (+{h.suppressed} repeats)" if h.suppressed else ""
+    if record.before_agent:
+        suffix += " [running before the agent started]"
     return f"{head} {body}{suffix}"
 
 

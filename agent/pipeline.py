@@ -7,28 +7,54 @@ state that belongs to the flow itself (events waiting for container metadata, co
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from driftwarden.agent.processes import PROC_SELF_EXE, ProcessTable, ResolvedPath
-from driftwarden.agent.procfs import ProcReader
-from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.agent.processes import (
+    PROC_SELF_EXE,
+    ExecRepeats,
+    ExecTarget,
+    ProcessTable,
+    ResolvedPath,
+)
+from driftwarden.agent.procfs import ProcessSnapshot, ProcReader
+from driftwarden.agent.startup import (
+    SNAPSHOT_CLOCK_FACT,
+    SnapshotClock,
+    parents_first,
+    snapshot_record,
+)
+from driftwarden.core.records import ContainerView, ProcKey, TraceRecord
 from driftwarden.probes._layout import AT_FDCWD, EventKind, FileOp
 from driftwarden.probes.capture import CaptureSource, CaptureWriter
 from driftwarden.probes.decode import Decoder
-from driftwarden.probes.events import ChdirEvent, ConnectEvent, ExecEvent, FileEvent, KernelEvent
+from driftwarden.probes.events import (
+    ChdirEvent,
+    ConnectEvent,
+    ExecEvent,
+    ExecRepeatEvent,
+    ExitEvent,
+    FileEvent,
+    ForkEvent,
+    KernelEvent,
+)
 
 log = logging.getLogger(__name__)
 
 KIND_NAMES = {EventKind.EXEC: "exec", EventKind.CONNECT: "connect", EventKind.FILE: "write",
-              EventKind.CHDIR: "chdir"}
+              EventKind.CHDIR: "chdir", EventKind.FORK: "fork", EventKind.EXIT: "exit",
+              EventKind.EXEC_REPEAT: "exec_repeat"}
 USER_KINDS = ("exec", "connect", "write")
 # A brand-new container's first events can beat its cgroup directory into the index ("unknown")
 # and its metadata into the cache ("pending"): both wait, up to pending_timeout.
 _WAIT_STATES = frozenset({"pending", "unknown"})
+# an exec of another process's binary by its /proc link (a deleted file has no other name); the
+# pid is the container's view of it, so only the exec'ing process's own /proc/PID/exe tells
+_PROC_PID_EXE = re.compile(r"/proc/\d+/exe")
 
 
 class AttributionLookup(Protocol):
@@ -86,6 +112,9 @@ class TraceSummary:
         }
 
 
+SNAPSHOT_FACT = ("snapshot",)
+
+
 class RecordingProcReader:
     """Wraps a ProcReader and writes every answer to the capture file as a fact."""
 
@@ -105,11 +134,23 @@ class RecordingProcReader:
     def exe(self, tgid: int) -> str | None:
         return self._ask("exe", tgid)
 
-    def ppid(self, tgid: int) -> int | None:
-        return self._ask("ppid", tgid)
-
     def fd_path(self, tgid: int, fd: int) -> str | None:
         return self._ask("fd_path", tgid, fd)
+
+    def start_ticks(self, tgid: int) -> int | None:
+        return self._ask("start_ticks", tgid)
+
+    def snapshot(self) -> list[ProcessSnapshot]:
+        found = self._inner.snapshot()
+        # before the first record (seq -1): a replay seeds its table from it as the run did
+        self._writer.fact(SNAPSHOT_FACT, [p.to_dict() for p in found], self._writer.records - 1)
+        return found
+
+    def snapshot_clock(self) -> SnapshotClock | None:
+        clock = read_snapshot_clock(self._inner)
+        self._writer.fact(SNAPSHOT_CLOCK_FACT, clock.to_dict() if clock else None,
+                          self._writer.records - 1)
+        return clock
 
 
 class ReplayProcReader:
@@ -124,11 +165,26 @@ class ReplayProcReader:
     def exe(self, tgid: int) -> str | None:
         return self._facts.get(("exe", tgid))
 
-    def ppid(self, tgid: int) -> int | None:
-        return self._facts.get(("ppid", tgid))
-
     def fd_path(self, tgid: int, fd: int) -> str | None:
         return self._facts.get(("fd_path", tgid, fd))
+
+    def start_ticks(self, tgid: int) -> int | None:
+        return self._facts.get(("start_ticks", tgid))
+
+    def snapshot(self) -> list[ProcessSnapshot]:
+        return [ProcessSnapshot.from_dict(p) for p in self._facts.get(SNAPSHOT_FACT) or ()]
+
+    def snapshot_clock(self) -> SnapshotClock | None:
+        """None in a capture recorded without it: the synthetic records' times are 0."""
+        data = self._facts.get(SNAPSHOT_CLOCK_FACT)
+        return SnapshotClock.from_dict(data) if data else None
+
+
+def read_snapshot_clock(proc) -> SnapshotClock | None:
+    """The start-up snapshot's clock: the reader's (a replay's recorded one), else this host's
+    now."""
+    read = getattr(proc, "snapshot_clock", None)
+    return read() if read is not None else SnapshotClock.now()
 
 
 class ReplayAttribution:
@@ -169,7 +225,13 @@ class TracePipeline:
         self.recorder = recorder
         if recorder is not None:
             proc = RecordingProcReader(proc, recorder)
+        self.proc = proc
         self.processes = ProcessTable(proc)
+        # what recent execs ran, for the kernel's compact records of their suppressed repeats
+        self.exec_repeats = ExecRepeats()
+        # the processes running when the pipeline started (seed_processes): None until then
+        self.snapshot: list[ProcessSnapshot] | None = None
+        self.snapshot_clock: SnapshotClock | None = None
         self.attribution = attribution
         self.sinks = list(sinks)
         self.filter = trace_filter or TraceFilter()
@@ -183,18 +245,73 @@ class TracePipeline:
         self._recorded_views: dict[int, ContainerView] = {}
         self._pending_count = 0
         self._position_hook = getattr(source, "set_position_for", None)
-        self._enrichers: dict[type, Callable[[KernelEvent, ContainerView], TraceRecord | None]]
+        self._enrichers: dict[type, Callable[[KernelEvent, ContainerView], TraceRecord]]
         self._enrichers = {
             FileEvent: self._enrich_file,
             ExecEvent: self._enrich_exec,
             ConnectEvent: self._enrich_connect,
-            ChdirEvent: self._enrich_chdir,
+        }
+        # events that only update the process table: no record, no container lookup
+        self._bookkeeping: dict[type, Callable[[KernelEvent], None]] = {
+            ChdirEvent: self._on_chdir,
+            ForkEvent: self._on_fork,
+            ExitEvent: self._on_exit,
+            ExecRepeatEvent: self._on_exec_repeat,
         }
         self._records_seen = 0
+        # processes of the runtime that re-exec'd the runtime itself inside a container's cgroup
+        # (runc's `runc init`, from its clone of its own binary): still the runtime's
+        self._runtime_keys: OrderedDict[ProcKey, None] = OrderedDict()
+        # the start-up snapshot's processes outside containers (the runtime's shims among them)
+        self._host_keys: set[ProcKey] = set()
 
     # -- stages -------------------------------------------------------------
 
-    def _resolve(self, tgid: int, ppid: int, path: str | None, dirfd: int) -> ResolvedPath | None:
+    def seed_processes(self) -> list[ProcessSnapshot]:
+        """Reads the processes running now (the start-up snapshot, recorded into a capture and
+        replayed from one) into the process table; once, before the first event. Called by
+        run(); the probes must be attached already, so nothing starts unseen in between."""
+        if self.snapshot is None:
+            self.snapshot = self.proc.snapshot()
+            self.snapshot_clock = read_snapshot_clock(self.proc)
+            self.processes.seed(self.snapshot)
+            log.info("process table seeded with %d running processes", len(self.snapshot))
+            self._emit_snapshot()
+        return self.snapshot
+
+    def _emit_snapshot(self) -> None:
+        """One synthetic exec record (before_agent) per process found in a container, parents
+        first (agent/startup.py), attributed like the events: a container whose metadata is
+        pending waits, in front of its first events. Their attribution is recorded as of
+        before the first record (seq -1), so a replay sends them as the run did."""
+        now = self.clock()
+        lookup = self.attribution.lookup
+        views: dict[int, ContainerView] = {}
+        by_tgid = {p.tgid: p for p in self.snapshot}
+        emitted = 0
+        for snap in parents_first(self.snapshot):
+            if snap.cgroup_id is None:
+                continue
+            view = views.get(snap.cgroup_id)
+            if view is None:
+                view = views[snap.cgroup_id] = lookup(snap.cgroup_id)
+            if view.state != "container" and view.state not in _WAIT_STATES:
+                self._record_view(view, -1)  # a replay skips them too
+                self._host_keys.add(ProcKey(snap.tgid, 0))
+                continue  # the host's own processes
+            record = snapshot_record(snap, by_tgid.get(snap.ppid), view, self.processes,
+                                     self.snapshot_clock)
+            if record is None:
+                continue
+            emitted += 1
+            if snap.cgroup_id in self._pending or view.state in _WAIT_STATES:
+                self._enqueue(snap.cgroup_id, now, -1, record)
+            else:
+                self._deliver(self._attribute(record, view, -1))
+        log.info("%d processes were running in containers before the agent started",
+                 emitted)
+
+    def _resolve(self, key: ProcKey, path: str | None, dirfd: int) -> ResolvedPath | None:
         if path == "" and dirfd == AT_FDCWD:
             # the kernel could not read the path (or it was empty): never pretend it was the cwd
             return ResolvedPath("", False)
@@ -202,69 +319,161 @@ class TracePipeline:
             if dirfd == AT_FDCWD:
                 return None
             # fd-only syscalls (fchmod): the fd's path, if the process is still there
-            return self.processes.resolve(tgid, ppid, "", dirfd)
-        return self.processes.resolve(tgid, ppid, path, dirfd)
+            return self.processes.resolve(key, "", dirfd)
+        return self.processes.resolve(key, path, dirfd)
 
     def enrich(self, event: KernelEvent, view: ContainerView) -> TraceRecord | None:
-        """Resolves paths and lineage; `view` is the container as known now. None for
-        bookkeeping events (chdir), which only update process state."""
+        """Resolves paths and programs; `view` is the container as known now. None for
+        bookkeeping events (chdir, fork, exit), which only update the process table."""
+        bookkeeping = self._bookkeeping.get(type(event))
+        if bookkeeping is not None:
+            bookkeeping(event)
+            return None
         return self._enrichers[type(event)](event, view)
 
-    def _runtime_setup(self, h) -> bool:
-        return h.comm.startswith("runc") and _is_runtime_comm(h.comm) and (
-            not self.processes.exec_seen(h.tgid))
+    def _runtime_setup(self, h, key: ProcKey) -> bool:
+        """runc preparing a container: its comm, and no exec by this very process (its key:
+        a reused pid never inherits or loses that); or a process of the runtime (one whose
+        program the agent never saw inside a container, or that re-exec'd the runtime there)
+        under runc's names, "exe" included (runc's init runs as /proc/self/exe before it
+        names itself)."""
+        if h.comm.startswith("runc") and _is_runtime_comm(h.comm) and (
+                not self.processes.exec_seen(key)):
+            return True
+        return (h.comm == "exe" or _is_runtime_comm(h.comm)) and self._of_runtime(key)
+
+    def _of_runtime(self, key: ProcKey) -> bool:
+        """The process came into the container from the runtime: it re-exec'd the runtime
+        there, or it runs nothing the agent saw and neither does its parent inside a
+        container (a container's own processes inherit their programs at fork or come from
+        the start-up snapshot; runc's are forked outside, by runc or the shim)."""
+        if key in self._runtime_keys:
+            return True
+        table = self.processes
+        program = table.program(key)
+        if program is not None and program.exe is not None:
+            return False
+        parent = table.parent(key)
+        if parent is None or parent in self._host_keys:
+            return True
+        known = table.program(parent)
+        return known is None or known.exe is None
+
+    def _record(self, event, kind: str, view: ContainerView, key: ProcKey, **fields
+                ) -> TraceRecord:
+        """A connect or write record: the program its process runs, and its parent's."""
+        table = self.processes
+        return TraceRecord(
+            event=event, kind=kind, container=view, ppid=self._ppid(event.header, key),
+            runtime_setup=self._runtime_setup(event.header, key),
+            program=table.program(key), parent_program=table.parent_program(key), **fields)
+
+    def _ppid(self, h, key: ProcKey) -> int:
+        if h.ppid:
+            return h.ppid
+        parent = self.processes.parent(key)  # a process found at start-up: the snapshot's
+        return parent.tgid if parent is not None else 0
 
     def _enrich_file(self, event: FileEvent, view: ContainerView) -> TraceRecord:
-        h = event.header
-        tgid, ppid = h.tgid, h.ppid
-        first = self._resolve(tgid, ppid, event.path, event.dirfd)
+        key = self.processes.key_of(event.header)
+        first = self._resolve(key, event.path, event.dirfd)
         second = None
         if event.path2 is not None:
-            second = self._resolve(tgid, ppid, event.path2, event.dirfd2)
+            second = self._resolve(key, event.path2, event.dirfd2)
         path, path_ok = (first.path, first.resolved) if first else (event.path, False)
         if event.op is FileOp.SYMLINK:
             # a symlink's target is stored verbatim; only the new link's path is resolved
             path, path_ok = event.path, True
-        return self._count_unresolved(TraceRecord(
-            event=event, kind="write", container=view, ppid=ppid,
-            path=path, path_resolved=path_ok,
+        return self._count_unresolved(self._record(
+            event, "write", view, key, path=path, path_resolved=path_ok,
             path2=second.path if second else None,
             path2_resolved=second.resolved if second else True,
-            runtime_setup=self._runtime_setup(h),
         ))
 
     def _enrich_exec(self, event: ExecEvent, view: ContainerView) -> TraceRecord:
         h = event.header
-        tgid, ppid = h.tgid, h.ppid
-        runtime_setup = self._runtime_setup(h)
-        resolved = self._resolve(tgid, ppid, event.filename, event.dirfd)
+        table = self.processes
+        key = table.key_of(h)
+        runtime_setup = self._runtime_setup(h, key)
+        resolved = self._resolve(key, event.filename, event.dirfd)
+        parent_program = table.prior_program(key)
+        if event.ok and self._of_runtime(key):
+            # the runtime starts the container's program: it has no lineage in the image,
+            # unless this is runc re-exec'ing itself (`runc init`), which is setup
+            parent_program = None
+            if event.argv and event.argv[0].rsplit("/", 1)[-1] == "runc":
+                runtime_setup = True
+                self._runtime_keys[key] = None
+                if len(self._runtime_keys) > 4096:
+                    self._runtime_keys.popitem(last=False)
+            else:
+                self._runtime_keys.pop(key, None)
         exe = None
         if event.ok:
-            exe = self.processes.live_exe(tgid)
-            if exe is None:
-                if event.filename == PROC_SELF_EXE:
-                    # the image it ran before this exec; on_exec below replaces it
-                    exe = self.processes.exe_before_exec(tgid, ppid)
-                elif resolved is not None and resolved.resolved:
-                    exe = resolved.path
-            self.processes.on_exec(tgid, ppid, exe)
+            self_exec = event.filename == PROC_SELF_EXE
+            if not self_exec:
+                exe = self._exec_target(key, event, resolved)
+            target = ExecTarget(exe, event.argv[0] if event.argv else None, self_exec)
+            self.exec_repeats.remember(h.cgroup_id, event.dedup_key, target)
+            program = table.on_exec(key, target.exe, target.argv0, self_exec=self_exec)
+            exe = program.exe
+        else:
+            program = table.program(key)  # it still runs what it ran
         return self._count_unresolved(TraceRecord(
-            event=event, kind="exec", container=view, ppid=ppid or 0,
+            event=event, kind="exec", container=view, ppid=self._ppid(h, key),
             path=resolved.path if resolved else event.filename,
             path_resolved=resolved.resolved if resolved else False,
-            exe=exe, runtime_setup=runtime_setup,
+            exe=exe, runtime_setup=runtime_setup, program=program,
+            parent_program=parent_program,
         ))
 
-    def _enrich_connect(self, event: ConnectEvent, view: ContainerView) -> TraceRecord:
-        h = event.header
-        return TraceRecord(event=event, kind="connect", container=view, ppid=h.ppid,
-                           runtime_setup=self._runtime_setup(h))
+    def _exec_target(self, key: ProcKey, event: ExecEvent, resolved: ResolvedPath | None
+                     ) -> str | None:
+        """The file a successful exec ran: its resolved path; for an exec of a file descriptor
+        (execveat of an fd, /proc/self/fd/N), the fd's path, else, when the fd is already
+        closed, /proc/PID/exe (a memfd or an unlinked file has no other name); for an exec of
+        /proc/N/exe, the exec'ing process's /proc/PID/exe (N's binary, which may be deleted)."""
+        by_fd = event.filename == "" and event.dirfd != AT_FDCWD
+        if resolved is not None and resolved.resolved:
+            fd = self.processes.fd_of_path(resolved.path)
+            if fd is None:
+                if _PROC_PID_EXE.fullmatch(resolved.path):
+                    return self.processes.live_exe(key) or resolved.path
+                return resolved.path
+            target = self.processes.fd_path(key, fd)
+            if target is not None:
+                return target
+            by_fd = True
+        return self.processes.live_exe(key) if by_fd else None
 
-    def _enrich_chdir(self, event: ChdirEvent, view: ContainerView) -> None:
+    def _enrich_connect(self, event: ConnectEvent, view: ContainerView) -> TraceRecord:
+        return self._record(event, "connect", view, self.processes.key_of(event.header))
+
+    def _on_chdir(self, event: ChdirEvent) -> None:
         if event.retval == 0:
-            h = event.header
-            self.processes.on_chdir(h.tgid, h.ppid, event.path, event.fd,
-                                    base=event.cwd_base)
+            key = self.processes.key_of(event.header)
+            self.processes.on_chdir(key, event.path, event.fd, base=event.cwd_base)
+
+    def _on_fork(self, event: ForkEvent) -> None:
+        self.processes.on_fork(event.header, event.child_tgid, event.child_start_ns)
+
+    def _on_exit(self, event: ExitEvent) -> None:
+        h = event.header
+        self._runtime_keys.pop(ProcKey(h.tgid, h.start_ns), None)
+        self.processes.on_exit(event.header)
+
+    def _on_exec_repeat(self, event: ExecRepeatEvent) -> None:
+        """An exec the kernel's dedup suppressed: the process now runs what the full exec it
+        repeats ran (a loop running one script twice a second: its second run's children are
+        the script's). Not a record: detection counts it through the next full exec's
+        `suppressed`, as before."""
+        h = event.header
+        key = self.processes.key_of(h)
+        target = self.exec_repeats.lookup(h.cgroup_id, event.dedup_key)
+        if target is None:
+            self.processes.on_unknown_exec(key)
+        else:
+            self.processes.on_exec(key, target.exe, target.argv0, self_exec=target.self_exec)
 
     def _count_unresolved(self, record: TraceRecord) -> TraceRecord:
         if not record.path_resolved or not record.path2_resolved:
@@ -272,15 +481,18 @@ class TracePipeline:
         return record
 
     def _attribute(self, record: TraceRecord, view: ContainerView, seq: int) -> TraceRecord:
+        self._record_view(view, seq)
+        if record.container is view:
+            return record
+        return record._replace(container=view)
+
+    def _record_view(self, view: ContainerView, seq: int) -> None:
         if self.recorder is not None and self._recorded_views.get(view.cgroup_id) != view:
             # only changes are written: replay answers with the latest view as of each record
             self._recorded_views[view.cgroup_id] = view
             if len(self._recorded_views) > 4096:
                 self._recorded_views.pop(next(iter(self._recorded_views)))
             self.recorder.fact(("attr", view.cgroup_id), view.to_dict(), seq)
-        if record.container is view:
-            return record
-        return record._replace(container=view)
 
     def _deliver(self, record: TraceRecord) -> None:
         reason = self.filter.accepts(record)
@@ -308,6 +520,10 @@ class TracePipeline:
             event = self.decoder.decode(raw)
             if event is None:
                 continue
+            bookkeeping = self._bookkeeping.get(type(event))
+            if bookkeeping is not None:
+                bookkeeping(event)
+                continue
             cgid = event.header.cgroup_id
             # keep per-container order: behind the ones already waiting for metadata
             if cgid in pending:
@@ -316,9 +532,7 @@ class TracePipeline:
                 view = views.get(cgid)
                 if view is None:
                     view = views[cgid] = lookup(cgid)
-            record = self.enrich(event, view)
-            if record is None:
-                continue
+            record = self._enrichers[type(event)](event, view)
             if view.state in _WAIT_STATES:
                 self._enqueue(cgid, now, seq, record)
             else:
@@ -360,6 +574,7 @@ class TracePipeline:
     def run(self, *, duration: float | None = None, should_stop: Callable[[], bool] | None = None,
             poll_interval: float = 0.05) -> TraceSummary:
         started = self.clock()
+        self.seed_processes()
         try:
             while True:
                 if should_stop is not None and should_stop():

@@ -35,7 +35,9 @@ class TraceOptions:
     ringbuf_pages: int = 1024
     print_bpf: bool = False
     open_result: bool = False
-    docker_host: str = "unix:///var/run/docker.sock"
+    docker_host: str | None = None  # one more endpoint, for the Docker Engine API
+    # CRI or Docker sockets (unix:///path); none given: the usual sockets that exist
+    runtime_endpoints: tuple[str, ...] = ()
     cgroup_root: str = ""
 
 
@@ -106,12 +108,14 @@ def _replay(options, trace_filter, stop, stdout, stderr) -> int:
 def _live(options, trace_filter, stop, stdout, stderr) -> int:
     from driftwarden.agent.attribution_view import LiveAttribution
     from driftwarden.agent.procfs import LiveProcReader
+    from driftwarden.agent.runtimes.registry import resolve_endpoints
     from driftwarden.probes.capture import CaptureWriter, LiveCapture
     from driftwarden.probes.loader import ProbeSet, find_cgroup2_root
 
     config = _probe_config(options)
     cgroup_root = options.cgroup_root or str(find_cgroup2_root())
-    with LiveAttribution(cgroup_root, options.docker_host) as attribution:
+    endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
+    with LiveAttribution(cgroup_root, endpoints) as attribution:
         for selector in options.containers:
             attribution.check_selector(selector)  # raises UsageError for an unknown container
         with ProbeSet(config) as probes:
@@ -121,7 +125,7 @@ def _live(options, trace_filter, stop, stdout, stderr) -> int:
                 recorder = CaptureWriter(options.record, config.limits, source.clock_offset_ns)
             pipeline = TracePipeline(
                 source,
-                proc=LiveProcReader("/proc"),
+                proc=LiveProcReader("/proc", cgroup_root),
                 attribution=attribution,
                 sinks=_sinks(options, stdout, source.clock_offset_ns),
                 trace_filter=trace_filter,

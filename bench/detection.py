@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 from driftwarden.agent.alerts import ListAlertSink
 from driftwarden.agent.detect import Detector, DetectorConfig
-from driftwarden.agent.pipeline import ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.agent.pipeline import (
+    SNAPSHOT_FACT,
+    ReplayAttribution,
+    ReplayProcReader,
+    TracePipeline,
+)
+from driftwarden.agent.procfs import ProcessSnapshot
 from driftwarden.core.records import ContainerView
 from driftwarden.models.features import FEATURES
 from driftwarden.models.forest import WindowModel
@@ -67,8 +73,13 @@ def _write_capture(path: Path, n: int) -> None:
         view = ContainerView(state="container", cgroup_id=cg, id=cid, name=f"c{cg}",
                              image=image, image_id=iid, runtime="docker")
         writer.fact(("attr", cg), view.to_dict(), 0)
-    for tgid in range(1000, 1050):
-        writer.fact(("exe", tgid), "/bin/busybox", 0)
+    # the processes were running when the recording started: the start-up snapshot names them
+    running = [ProcessSnapshot(tgid=900, ppid=1, start_ticks=10, exe="/bin/busybox",
+                               argv=("sh",), cwd="/", cgroup_id=CONTAINERS[0][0])]
+    running += [ProcessSnapshot(tgid=tgid, ppid=900, start_ticks=20, exe="/bin/busybox",
+                                argv=("httpd",), cwd="/", cgroup_id=CONTAINERS[0][0])
+                for tgid in range(1000, 1050)]
+    writer.fact(SNAPSHOT_FACT, [p.to_dict() for p in running], -1)
     for raw in _records(n):
         writer.record(raw)
     writer.close({})
@@ -83,7 +94,6 @@ def _replay(path: Path, detect: bool, state_dir: Path) -> tuple[float, int, dict
     if detect:
         detector = Detector(DetectorConfig(window_seconds=1.0, policy=LearningPolicy()),
                             ProfileStore(state_dir, ItemSet), ListAlertSink(),
-                            exe_of=pipeline.processes.exe_before_exec,
                             layers_of=lambda _c, _t: None)
         pipeline.sinks.append(detector)
     started = time.process_time()

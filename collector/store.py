@@ -323,7 +323,8 @@ def _parse_alert(doc: Any, index: int) -> _AlertRow:
     if not isinstance(container, Mapping):
         raise fail(f"'container' must be a dict or null, got {type(container).__name__}")
     fields: dict[str, str | None] = {}
-    for key in ("id", "name", "image", "image_id", "pod", "namespace"):
+    for key in ("id", "name", "image", "image_id", "image_digest", "pod", "namespace",
+                "pod_uid", "workload"):
         value = container.get(key)
         if value is not None and not isinstance(value, str):
             raise fail(f"'container.{key}' must be a string or null, got {value!r}")

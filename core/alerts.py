@@ -30,10 +30,19 @@ JSON schema (``Alert.to_dict()``; one object per line from the agent's JSON line
              "details": {"path": "/tmp/x"}}        # str -> str/int/float/bool/null/list
           ],
           "container": {"id": "...", "name": "web", "image": "nginx:1.25",
-                        "image_id": "sha256:...", "pod": "web-0", "namespace": "prod",
+                        "image_id": "sha256:...",
+                        "image_digest": "docker.io/library/nginx@sha256:...",
+                        "pod": "web-7d4b9c8f6d-x2k9q", "namespace": "prod",
+                        "pod_uid": "0b5c...", "workload": "Deployment/web",
                         "labels": {"tier": "web"}},
-                                       # any value may be null when not known; labels: the
-                                       #   runtime's, at most 64 (first by key), {} if none
+                                       # any value may be null when not known; image_id: the
+                                       #   image's key (its repo digest's digest where known,
+                                       #   else its config digest); image_digest: the repo
+                                       #   digest it came from; pod_uid, workload: Kubernetes
+                                       #   (workload from the pod's owner labels: Deployment,
+                                       #   StatefulSet, DaemonSet, Job); labels: the runtime's,
+                                       #   at most 64 (first by key), {} if none. Alerts of an
+                                       #   older agent may lack image_digest, pod_uid, workload
           "process": {"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["x", "-v"],
                       "uid": 0, "comm": "x"},
                                        # null for alerts about a window (anomaly); "exe" may be

@@ -16,7 +16,8 @@ The command line maps :class:`UsageError` to exit code 2 and any other
     ├── AttributionError           container attribution failed
     │   └── MetadataUnavailableError   the runtime could not be asked
     ├── RuntimeActionError         the runtime refused or failed an action
-    │   └── ContainerNotFoundError the runtime does not know the container
+    │   ├── ContainerNotFoundError the runtime does not know the container
+    │   └── RuntimeNotServedError  the socket answers, but not with that API (CRI off)
     ├── BaselineError              a baseline file is unusable
     ├── ModelError                 the anomaly model
     │   ├── NotEnoughWindowsError  too few windows to fit
@@ -106,6 +107,11 @@ class RuntimeActionError(DriftwardenError):
 
 class ContainerNotFoundError(RuntimeActionError):
     """The runtime does not know the container (removed, or never existed)."""
+
+
+class RuntimeNotServedError(RuntimeActionError):
+    """The socket answers, but does not serve the API asked for (a containerd without its CRI
+    plugin, as Docker's own containerd runs)."""
 
 
 # -- baselines and models ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Event records as the stages after the pipeline see them: a kernel event with its resolved
-paths and the container it is attributed to. Shared by the agent, the models and the tools, so
-none of them needs the agent's pipeline to read one."""
+paths, the container it is attributed to and the programs involved. Shared by the agent, the
+models and the tools, so none of them needs the agent's pipeline to read one."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class ContainerView:
     labels: tuple[tuple[str, str], ...] = ()
     metadata_error: str | None = None
     started_at: float | None = None  # when the container's current run began (epoch s)
+    # Kubernetes: the pod's uid, the workload owning it ("Deployment/web"); the image's repo
+    # digest reference when the runtime knows one (image_id is the baseline's key)
+    pod_uid: str | None = None
+    workload: str | None = None
+    image_digest: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +49,9 @@ class ContainerView:
             "labels": dict(self.labels),
             "metadata_error": self.metadata_error,
             "started_at": self.started_at,
+            "pod_uid": self.pod_uid,
+            "workload": self.workload,
+            "image_digest": self.image_digest,
         }
 
     @classmethod
@@ -59,8 +67,36 @@ class ContainerView:
         return bool(self.id) and len(selector) >= 4 and self.id.startswith(selector)
 
 
+class ProcKey(NamedTuple):
+    """A process: its tgid and its start (kernel boot-clock ns at its fork). A reused pid is
+    another process. ``start_ns`` 0: the probes never saw it fork (it was running before they
+    attached): the start-up snapshot's entry for that tgid."""
+
+    tgid: int
+    start_ns: int
+
+
+class Program(NamedTuple):
+    """What a process runs, as the process sees it (paths inside its container), not
+    canonicalised: detection names it through the image's layers.
+
+    ``exe``: the exec'd path, resolved (None when unknown); ``argv0``: its argv[0] (busybox
+    applets are told apart by it). ``self_exec``: it came from ``execve("/proc/self/exe")`` (or
+    a fork of one), so ``exe`` is the program the process ran before and the binary that runs
+    is the one behind it (a script's interpreter, not the script)."""
+
+    exe: str | None
+    argv0: str | None
+    self_exec: bool = False
+
+
 class TraceRecord(NamedTuple):
-    """An event with its resolved paths and container; a NamedTuple for construction speed."""
+    """An event with its resolved paths and container; a NamedTuple for construction speed.
+
+    ``program``: what the process runs at the event (for an exec: after it). ``parent_program``:
+    for an exec, its lineage parent (what the same process ran before, if known, else what its
+    parent process runs); for other records the parent process's; None when truly unknown.
+    ``before_agent``: synthesised from the start-up snapshot, not a kernel event."""
 
     event: KernelEvent
     kind: str
@@ -72,3 +108,6 @@ class TraceRecord(NamedTuple):
     path2_resolved: bool = True
     exe: str | None = None
     runtime_setup: bool = False
+    program: Program | None = None
+    parent_program: Program | None = None
+    before_agent: bool = False

@@ -169,7 +169,8 @@ def from_timestamp(ts: Timestamp) -> float:
 
 # -- alerts: agent -> wire -------------------------------------------------------------------
 
-_CONTAINER_KEYS = ("id", "name", "image", "image_id", "pod", "namespace", "labels")
+_CONTAINER_KEYS = ("id", "name", "image", "image_id", "image_digest", "pod", "namespace",
+                   "pod_uid", "workload", "labels")
 _PROCESS_KEYS = ("pid", "ppid", "exe", "argv", "uid", "comm")
 
 
@@ -191,9 +192,10 @@ def alert_to_proto(alert: Alert, node: str) -> common_pb2.Alert:
         "container": _message(
             common_pb2.Container, id=container.get("id"), name=container.get("name"),
             image=_message(common_pb2.Image, id=container.get("image_id"),
-                           name=container.get("image")),
+                           name=container.get("image"), digest=container.get("image_digest")),
             pod=container.get("pod"), namespace=container.get("namespace"), node=node,
-            labels=container.get("labels") or None),
+            labels=container.get("labels") or None, pod_uid=container.get("pod_uid"),
+            workload=container.get("workload")),
         "baseline_version": alert.baseline_version,
         "baseline_mode": MODE.to_proto(alert.baseline_mode),
         "count": alert.count,
@@ -330,9 +332,12 @@ def _optional(msg: Message, field: str) -> Any:
 
 
 def _container_dict(msg: common_pb2.Container) -> dict[str, Any]:
+    """The alert's container dict, keys in core.alerts' order."""
     return {"id": _optional(msg, "id"), "name": _optional(msg, "name"),
             "image": _optional(msg.image, "name"), "image_id": _optional(msg.image, "id"),
+            "image_digest": _optional(msg.image, "digest"),
             "pod": _optional(msg, "pod"), "namespace": _optional(msg, "namespace"),
+            "pod_uid": _optional(msg, "pod_uid"), "workload": _optional(msg, "workload"),
             "labels": dict(sorted(msg.labels.items()))}
 
 

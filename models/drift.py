@@ -10,6 +10,11 @@ Decided from the container's own overlay layers, no learning needed:
 Layers come from /proc/PID/mountinfo (the overlay mounted at "/") or from Docker's GraphDriver
 data; both give host paths of the lower layers and the upper directory. Every check is a stat
 of a host path, so callers pass the layer directories in and tests use fixture trees.
+
+A container removed with its upper layer (`docker run --rm` deletes it some 20-40 ms after the
+exit, which a loaded agent may be slower than) leaves no upper to look in: then an exec of a
+file the caller saw the container write at run time (`written`) and the image lacks is taken as
+added (or, when the image has it, modified).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import enum
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +157,12 @@ def _layers(upper: str | None, lower: str | None) -> Layers | None:
     return Layers(upper=Path(upper), lowers=lowers)
 
 
-def classify_exec(path: str, exe: str | None, layers: Layers | None) -> DriftVerdict | None:
+def classify_exec(path: str, exe: str | None, layers: Layers | None, *,
+                  written: Callable[[str], bool] | None = None) -> DriftVerdict | None:
     """`path` is the exec'd file inside the container, `exe` the binary the kernel ran
-    (/proc/PID/exe text, which says " (deleted)" or "/memfd:name" when it applies)."""
+    (/proc/PID/exe text, which says " (deleted)" or "/memfd:name" when it applies).
+    `written(path)`: the container was seen writing that file at run time, asked only when its
+    upper layer is gone (see the module docstring)."""
     if exe is not None:
         if exe.startswith("/memfd:"):
             return DriftVerdict(DriftKind.EXEC_MEMFD, exe,
@@ -166,7 +174,10 @@ def classify_exec(path: str, exe: str | None, layers: Layers | None) -> DriftVer
     if layers is None:
         return None
     binary = normalize_container_path(exe or path) if (exe or path).startswith("/") else None
-    if binary is None or not layers.in_upper(binary):
+    if binary is None:
+        return None
+    if not layers.in_upper(binary) and not (
+            written is not None and not os.path.isdir(layers.upper) and written(binary)):
         return None
     if layers.in_image(binary):
         return DriftVerdict(DriftKind.EXEC_MODIFIED, binary,

@@ -3,7 +3,8 @@
 The anomaly model (driftwarden.models.forest) learns, per image, what these vectors look like and
 flags windows that look different. Exact novelty (a never-seen executable, destination or write
 location) is decided upstream by set lookups; the caller tells `WindowAggregator.add` which item
-kinds of a record were new and the window counts them (`novel_*`).
+kinds of a record were new and the window counts them (`novel_*`), and which of those it raised
+an alert for (`Window.alerted_novelty`: an anomaly that only restates them says nothing new).
 
 Feature vector
 --------------
@@ -54,6 +55,12 @@ Windows
 -------
 Windows are aligned to the clock (`[k*W, (k+1)*W)`), the same for every container, so one
 `tick()` closes the windows of all containers at once and the model scores them in one batch.
+A record counts in the window of the time the caller gives (`add(now=...)`: the agent gives the
+event's own kernel time as wall time, so a burst that reaches a lagging agent late still falls
+into the windows it happened in); a record whose window was already closed counts in its
+container's open window (`stats.late`). `tick(t)` closes the windows that ended by `t`: the
+caller decides when a window is complete (agent.detect: the newest event's time, or the wall
+clock minus the agent's lag when the container is idle).
 A container's state starts at its first record. A window in which the container did nothing is
 still emitted (idle is normal behaviour and the model must learn it) for up to `idle_windows`
 (default 3) consecutive silent windows; after more than that the container is dropped from the
@@ -214,6 +221,8 @@ class Window:
     tainted: bool = False
     taint_reasons: tuple[str, ...] = ()
     image: str | None = None  # name:tag, for people
+    # (novel_* feature, records counted in it whose novelty the caller alerted), non-zero only
+    alerted_novelty: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, float]:
         return vector_dict(self.vector)
@@ -222,8 +231,8 @@ class Window:
 class _Acc:
     """The open window of one container."""
 
-    __slots__ = ("counts", "dirs", "dsts", "events", "exes", "idle", "image", "image_id",
-                 "start", "taints")
+    __slots__ = ("alerted", "counts", "dirs", "dsts", "events", "exes", "idle", "image",
+                 "image_id", "start", "taints")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -235,6 +244,7 @@ class _Acc:
     def reset(self, start: float) -> None:
         self.start = start
         self.counts = [0] * len(FEATURES)
+        self.alerted: Counter[str] = Counter()  # novel_* feature -> records alerted
         self.exes: set = set()
         self.dsts: set = set()
         self.dirs: set = set()
@@ -255,6 +265,7 @@ class AggregatorStats:
     idle_windows: int = 0
     dropped_silent: int = 0
     evicted: int = 0
+    late: int = 0  # records whose window had closed: counted in the open one
 
 
 class WindowAggregator:
@@ -289,9 +300,10 @@ class WindowAggregator:
     # -- input ------------------------------------------------------------------------------
 
     def add(self, record: TraceRecord, novel: Iterable[str] = frozenset(), *,
-            now: float | None = None) -> None:
+            now: float | None = None, alerted: Iterable[str] = frozenset()) -> None:
         """Count one record into its container's open window. `novel`: the item kinds of this
-        record ("exec", "connect", "write") the caller found new for the image."""
+        record ("exec", "connect", "write") the caller found new for the image; `alerted`: those
+        of them it raised an alert for."""
         cid = record.container.id
         if not cid:
             self.stats.ignored[WhyIgnored.NO_CONTAINER] += 1
@@ -303,7 +315,10 @@ class WindowAggregator:
         if kind not in NOVEL_KINDS:
             self.stats.ignored[WhyIgnored.KIND] += 1
             return
-        acc = self._open(cid, self.clock() if now is None else now)
+        t = self.clock() if now is None else now
+        acc = self._open(cid, t)
+        if t < acc.start:
+            self.stats.late += 1
         view = record.container
         if view.image_id is not None:
             acc.image_id = view.image_id
@@ -320,6 +335,8 @@ class WindowAggregator:
             self._add_write(acc, record, event)
         for k in novel:
             counts[_NOVEL[k]] += 1
+        for k in alerted:
+            acc.alerted[FEATURES[_NOVEL[k]]] += 1
 
     def _add_exec(self, acc: _Acc, record: TraceRecord, event: ExecEvent) -> None:
         counts = acc.counts
@@ -356,8 +373,12 @@ class WindowAggregator:
 
     def mark_tainted(self, container_id: str, reason: str, *, now: float | None = None) -> None:
         """Taint the container's open window (events dropped by the kernel, unattributed events,
-        ...): it is still emitted and scored but must not be learned from."""
-        acc = self._open(container_id, self.clock() if now is None else now)
+        ...): it is still emitted and scored but must not be learned from. Without `now`, the
+        window open now, as it is: the clock must not close windows whose events may still be
+        on their way (windows go by the events' time)."""
+        acc = self._state.get(container_id) if now is None else None
+        if acc is None:
+            acc = self._open(container_id, self.clock() if now is None else now)
         if reason not in acc.taints:
             acc.taints.append(reason)
 
@@ -394,7 +415,8 @@ class WindowAggregator:
         self._closed.append(Window(
             container_id=cid, image_id=acc.image_id, start=acc.start, end=end,
             vector=tuple(float(c) for c in counts), events=acc.events,
-            tainted=bool(acc.taints), taint_reasons=tuple(acc.taints), image=acc.image))
+            tainted=bool(acc.taints), taint_reasons=tuple(acc.taints), image=acc.image,
+            alerted_novelty=tuple(sorted(acc.alerted.items()))))
         self.stats.windows += 1
 
     def _roll(self, cid: str, acc: _Acc, t: float) -> bool:

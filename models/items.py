@@ -6,11 +6,13 @@ what goes into msgpack) and whose ``from_key()`` rebuilds it:
 * ``ExecItem(exe, argv0)``: what ran. ``exe`` is the canonical path of the binary that actually
   ran (``/bin/busybox`` for every busybox applet, including re-execs through ``/proc/self/exe``),
   ``argv0`` the canonical basename of ``argv[0]`` (the applet: ``nc``, ``sh``, ...).
-* ``LineageItem(parent, child)``: ``"exe:argv0"`` of the parent process -> of the new program.
+* ``LineageItem(parent, child)``: ``"exe:argv0"`` of the program that started it (what the
+  process ran before, or its parent process) -> of the new program.
 * ``ConnectItem(family, addr_class, address, port, protocol, exe)``: where a process connected.
 * ``WriteItem(path, op)``: where something was written and how (see :func:`write_ops`).
 
-:func:`extract_items` turns one :class:`~driftwarden.core.records.TraceRecord` into its items.
+:func:`extract_items` turns one :class:`~driftwarden.core.records.TraceRecord` into its items,
+naming its programs (``record.program``, ``record.parent_program``) with a :data:`ProgramItem`.
 """
 
 from __future__ import annotations
@@ -23,17 +25,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from driftwarden.models.canonical import canonical_path, canonical_unix_socket, pattern_matches
-from driftwarden.models.features import is_shell
 from driftwarden.probes._layout import FileOp
 from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent
 
 if TYPE_CHECKING:
-    from driftwarden.core.records import TraceRecord
+    from driftwarden.core.records import Program, TraceRecord
 
 UNKNOWN = "?"
 UNRESOLVED_PREFIX = "?rel:"  # relative path the pipeline could not resolve (never starts "/")
 UNKNOWN_PATH = "?unknown"  # no path at all (an fd-only syscall on a vanished fd)
-PROC_SELF_EXE = "/proc/self/exe"
 
 O_APPEND, O_CREAT, O_TRUNC = 0o2000, 0o100, 0o1000
 O_TMPFILE = 0o20000000  # __O_TMPFILE: an unnamed file is created
@@ -83,7 +83,7 @@ class ExecItem:
 @dataclass(frozen=True, slots=True)
 class LineageItem:
     KIND: ClassVar[str] = "lineage"
-    parent: str  # ExecItem.compact() of the parent, "exe:?" when only its exe is known, or "?"
+    parent: str  # ExecItem.compact() of the program that started it
     child: str  # ExecItem.compact() of the program started
 
     def key(self) -> tuple[str, str]:
@@ -160,7 +160,9 @@ def item_from_key(kind: str, key: Sequence) -> Item:
 
 # -- extraction ---------------------------------------------------------------------------------
 
-ExeOf = Callable[[int], "str | ExecItem | None"]
+# A program's ExecItem: the detector names its binary through the container's layers
+# (/bin/sh -> /bin/busybox); program_item is the same without layers.
+ProgramItem = Callable[["Program"], ExecItem]
 
 
 def canonical_location(path: str | None, resolved: bool) -> str:
@@ -173,41 +175,33 @@ def canonical_location(path: str | None, resolved: bool) -> str:
     return UNRESOLVED_PREFIX + canonical_path(path)
 
 
-def _exe_text(known: str | ExecItem | None) -> str:
-    if known is None or known == "":
-        return UNKNOWN
-    if isinstance(known, ExecItem):
-        return known.exe
-    return canonical_path(known)
+def _argv0(name: str) -> str:
+    return canonical_path(os.path.basename(name.rstrip("/")) or name) or UNKNOWN
 
 
-def _parent_text(known: str | ExecItem | None) -> str:
-    if known is None or known == "":
-        return UNKNOWN
-    if isinstance(known, ExecItem):
-        return known.compact()
-    return f"{canonical_path(known)}:{UNKNOWN}"
+def named_item(program: Program, binary: str | None) -> ExecItem:
+    """The ExecItem of `program` whose binary is `binary` (a real path, canonicalised here;
+    None: unknown). argv0 is the canonical basename of its argv[0], else of its exe."""
+    return ExecItem(canonical_path(binary) if binary else UNKNOWN,
+                    _argv0(program.argv0 or program.exe or ""))
 
 
-def exec_item(record: TraceRecord, exe_of: ExeOf) -> ExecItem:
+def program_item(program: Program) -> ExecItem:
+    """A program's ExecItem without the container's layers: its exe as the process named it."""
+    return named_item(program, program.exe)
+
+
+def exec_item(record: TraceRecord, item_of: ProgramItem = program_item) -> ExecItem:
     """The ExecItem of a successful exec record (see :func:`extract_items` for the rules)."""
+    program = record.program
+    if program is not None and program.exe:
+        return item_of(program)
+    # what ran is not known (a relative path that could not be resolved; a re-exec of a process
+    # whose program was never seen): the path as exec'd names it
     event: ExecEvent = record.event
-    raw, exe = record.exe, None
-    if raw is None and event.filename == PROC_SELF_EXE:
-        # a re-exec of itself (busybox applets): the binary is the one the process was running
-        known = exe_of(event.header.tgid)
-        if isinstance(known, ExecItem):
-            exe = known.exe
-        else:
-            raw = known
-    if exe is None:
-        if raw:
-            exe = canonical_path(raw)
-        else:
-            exe = canonical_location(record.path or event.filename, record.path_resolved)
-    name = event.argv[0] if event.argv and event.argv[0] else (raw or event.filename or "")
-    argv0 = canonical_path(os.path.basename(name.rstrip("/")) or name) or UNKNOWN
-    return ExecItem(exe, argv0)
+    exe = canonical_location(record.path or event.filename, record.path_resolved)
+    name = event.argv[0] if event.argv and event.argv[0] else (event.filename or "")
+    return ExecItem(exe, _argv0(name))
 
 
 def address_class(family: Family | str, address: str) -> tuple[str, str]:
@@ -237,13 +231,14 @@ def address_class(family: Family | str, address: str) -> tuple[str, str]:
     return cls, str(ip)
 
 
-def connect_item(record: TraceRecord, exe_of: ExeOf) -> ConnectItem:
+def connect_item(record: TraceRecord, item_of: ProgramItem = program_item) -> ConnectItem:
     event: ConnectEvent = record.event
     family = Family(event.family)
     addr_class, address = address_class(family, event.address)
     port = 0 if family == Family.UNIX else int(event.port)
-    return ConnectItem(family.value, addr_class, address, port, event.sock_type.value,
-                       _exe_text(exe_of(event.header.tgid)))
+    program = record.program
+    exe = item_of(program).exe if program is not None and program.exe else UNKNOWN
+    return ConnectItem(family.value, addr_class, address, port, event.sock_type.value, exe)
 
 
 def open_op(flags: int, mode: int) -> str:
@@ -292,17 +287,18 @@ def write_ops(record: TraceRecord) -> list[tuple[str, bool, str]]:
     return [(record.path, record.path_resolved, cls)]
 
 
-def extract_items(record: TraceRecord, exe_of: ExeOf, *,
+def extract_items(record: TraceRecord, item_of: ProgramItem = program_item, *,
                   ops: list[tuple[str, bool, str]] | None = None) -> list[Item]:
-    """The items one record contributes; ``exe_of(tgid)`` gives a process's current exe (a path
-    or an :class:`ExecItem`; None when unknown).
+    """The items one record contributes; ``item_of(program)`` names a program (the detector
+    follows its exe through the container's layers).
 
     * records with ``runtime_setup`` (runc preparing the container) give nothing;
-    * exec: failed execs (retval != 0) give nothing; a successful one gives an ExecItem (exe =
-      ``record.exe``; for ``/proc/self/exe`` with no exe recorded, ``exe_of(tgid)``; else the
-      resolved path) and a LineageItem from ``exe_of(record.ppid)`` (an ExecItem gives
-      ``exe:argv0``, a plain path ``exe:?``, nothing known ``?``);
-    * connect: one ConnectItem, failed connects included (a refused connect is behaviour);
+    * exec: failed execs (retval != 0) give nothing; a successful one gives an ExecItem of
+      ``record.program`` (when its exe is unknown: the path as exec'd) and a LineageItem
+      ``item_of(record.parent_program)`` -> it; none when the parent is not known (a parent
+      the agent never saw says nothing about the program: its own exec item is checked);
+    * connect: one ConnectItem by ``record.program``'s exe (``?`` when unknown), failed
+      connects included (a refused connect is behaviour);
     * write: one WriteItem per written location (two for a rename), none when the result is
       known and negative (an open reported at entry has no result yet and counts).
 
@@ -314,10 +310,13 @@ def extract_items(record: TraceRecord, exe_of: ExeOf, *,
     if isinstance(event, ExecEvent):
         if event.retval != 0:
             return []
-        item = exec_item(record, exe_of)
-        return [item, LineageItem(_parent_text(exe_of(record.ppid)), item.compact())]
+        item = exec_item(record, item_of)
+        parent = record.parent_program
+        if parent is None or not parent.exe:
+            return [item]
+        return [item, LineageItem(item_of(parent).compact(), item.compact())]
     if isinstance(event, ConnectEvent):
-        return [connect_item(record, exe_of)]
+        return [connect_item(record, item_of)]
     if isinstance(event, FileEvent):
         if event.result_known and event.retval < 0:
             return []
@@ -350,6 +349,12 @@ def _similarity(a: Item, b: Item) -> int:
             + (2 if os.path.dirname(a.path) == os.path.dirname(b.path) else 0))
 
 
+def _tails(path: str) -> list[str]:
+    """``/a/b/c`` -> ``a/b/c``, ``b/c``, ``c``: the relative names the path could be given as."""
+    parts = path.strip("/").split("/")
+    return ["/".join(parts[i:]) for i in range(len(parts)) if parts[i]]
+
+
 # A candidate must share more than its class/protocol/op to be called "nearest".
 _MIN_SIMILARITY = 2
 
@@ -372,10 +377,12 @@ class ItemSet:
                 self.caps[kind] = int(value)
         self._items: dict[str, dict[Item, None]] = {kind: {} for kind in KINDS}
         self.overflowed: dict[str, int] = dict.fromkeys(KINDS, 0)
-        # learned write patterns with a wildcard, by op: see covers()
+        # learned write patterns with a wildcard, by op; (op, name) of learned writes whose
+        # directory was not resolved, and (op, every tail of the path) of resolved ones: see
+        # covers()
         self._wild_writes: dict[str, list[str]] = {}
-        # children of learned lineages: see covers()
-        self._lineage_children: set[str] = set()
+        self._relative_writes: set[tuple[str, str]] = set()
+        self._write_tails: set[tuple[str, str]] = set()
 
     def add(self, item: Item) -> bool:
         bucket = self._items[item.KIND]
@@ -385,28 +392,39 @@ class ItemSet:
             self.overflowed[item.KIND] += 1
         else:
             bucket[item] = None
-            if isinstance(item, WriteItem) and "*" in item.path:
-                self._wild_writes.setdefault(item.op, []).append(item.path)
-            elif isinstance(item, LineageItem):
-                self._lineage_children.add(item.child)
+            if isinstance(item, WriteItem):
+                self._index_write(item)
         return True
 
-    def covers(self, item: Item) -> bool:
-        """Whether a learned pattern takes in `item` though its own pattern differs: a write
-        whose path a learned wildcard write of the same op matches (``/tmp/req.*`` covers
-        ``/tmp/req.JADRCI``, a mktemp name that canonicalisation could not tell from a word).
-        Called only for items not in the set, so the scan stays off the common path.
+    def _index_write(self, item: WriteItem) -> None:
+        if "*" in item.path:
+            self._wild_writes.setdefault(item.op, []).append(item.path)
+        if item.path.startswith(UNRESOLVED_PREFIX):
+            self._relative_writes.add((item.op, item.path[len(UNRESOLVED_PREFIX):]))
+        elif item.path.startswith("/"):
+            self._write_tails.update((item.op, tail) for tail in _tails(item.path))
 
-        A lineage whose parent is unknown (``?``: it was gone before the agent could look, e.g.
-        a web server's connection child while the agent was busy) is covered by any learned
-        lineage of the same child: it says nothing new about that program, whose exec item is
-        checked on its own. Shells are the exception: who started a shell is the point."""
+    def covers(self, item: Item) -> bool:
+        """Whether a learned pattern takes in `item` though its own pattern differs:
+
+        * a write whose path a learned wildcard write of the same op matches (``/tmp/req.*``
+          covers ``/tmp/req.JADRCI``, a mktemp name that canonicalisation could not tell from a
+          word);
+        * the same write seen with and without its directory: a relative path whose directory
+          could not be resolved (``?rel:app.log.*.gz``: gzip's ``openat(dirfd, name)`` by a
+          process gone before the agent could ask where its dirfd pointed) and an absolute
+          path ending in it (``/var/log/app/app.log.*.gz``), same op, either way round.
+
+        Called only for items not in the set, so the scans stay off the common path."""
         if isinstance(item, WriteItem):
             patterns = self._wild_writes.get(item.op)
-            return bool(patterns) and any(pattern_matches(p, item.path) for p in patterns)
-        if isinstance(item, LineageItem) and item.parent == UNKNOWN:
-            return (item.child in self._lineage_children
-                    and not is_shell(*item.child.rsplit(":", 1)))
+            if patterns and any(pattern_matches(p, item.path) for p in patterns):
+                return True
+            if item.path.startswith(UNRESOLVED_PREFIX):
+                return (item.op, item.path[len(UNRESOLVED_PREFIX):]) in self._write_tails
+            if item.path.startswith("/") and self._relative_writes:
+                return any((item.op, tail) in self._relative_writes
+                           for tail in _tails(item.path))
         return False
 
     def update(self, items: Iterable[Item]) -> int:

@@ -5,6 +5,13 @@ item sets (driftwarden.models.items.ItemSet), the learned feature windows (the i
 is re-fitted from them on load: state is data, the model is derived), the learning progress and
 a version that increments on every change.
 
+A container's start is part of its image's behaviour. ``starts_seen`` says whether the profile
+has seen one (a container of the image that started while the agent watched, through its first
+startup seconds). Until it has, the detector learns the items of the image's containers during
+their startup even outside learning (:meth:`Profile.learn_startup`), each recorded in
+``startup_items`` with the container that taught it, so an operator can see what was learned
+that way (`baseline show`); later starts are checked like any other behaviour.
+
 Learning ends (learn -> monitor) when the profile is stable: past the warm-up, with at least
 `min_windows` clean windows, and no new item for `stable_seconds`; or after `learn_for` seconds;
 or when an operator says so. A profile still growing past `max_items` is flagged unstable
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MAX_WINDOWS = 2000  # training windows kept per image (oldest dropped first)
+MAX_STARTUP_ITEMS = 1000  # start-up items remembered with their container (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,10 @@ class Profile:
     windows: list[tuple[float, ...]] = field(default_factory=list)
     progress: LearningProgress | None = None
     history: list[dict] = field(default_factory=list)  # mode changes: when, from, to, why, who
+    # whether a container start of the image was seen through its startup (see the module doc)
+    starts_seen: bool = False
+    # items learned from a first start outside learning: {"kind", "key", "container", "at"}
+    startup_items: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.progress is None:
@@ -139,6 +151,35 @@ class Profile:
                             self.image_name, len(self.items))
             self._changed(now)
         return novel
+
+    def learn_startup(self, items: Iterable[Any], *, container: str, now: float) -> list[Any]:
+        """Items of a container's startup while the profile has not seen a start (see the
+        module doc): added whatever the mode, each recorded with `container`, the container
+        that taught it. Returns those that were new."""
+        added = [item for item in items if self.items.add(item)]
+        if not added:
+            return added
+        self.startup_items.extend({"kind": item.KIND, "key": list(item.key()),
+                                   "container": container, "at": now} for item in added)
+        del self.startup_items[:-MAX_STARTUP_ITEMS]
+        self.progress.items_seen += len(added)
+        self._changed(now)
+        return added
+
+    def saw_start(self, *, container: str, now: float) -> bool:
+        """A container of the image went through its startup while the agent watched: later
+        starts are checked like any other behaviour. Recorded in the history (mode unchanged).
+        Returns whether this changed the profile."""
+        if self.starts_seen:
+            return False
+        self.starts_seen = True
+        learned = sum(1 for entry in self.startup_items if entry["container"] == container)
+        self.history.append({"at": now, "from": self.mode.value, "to": self.mode.value,
+                             "by": "agent", "reason": f"first container start seen "
+                             f"({container[:12]}; {learned} start-up items learned from it)"})
+        del self.history[:-100]
+        self._changed(now)
+        return True
 
     def learn_window(self, vector: Sequence[float], *, tainted: bool, now: float) -> bool:
         """A closed feature window; learned only while learning and only when clean."""
@@ -207,6 +248,8 @@ class Profile:
                 "end_reason": p.end_reason,
             },
             "history": self.history,
+            "starts_seen": self.starts_seen,
+            "startup_items": self.startup_items,
         }
 
     @classmethod
@@ -230,9 +273,26 @@ class Profile:
                 windows=[tuple(float(v) for v in w) for w in obj["windows"]],
                 progress=progress,
                 history=list(obj.get("history", [])),
+                # absent from baselines written before starts were tracked: none seen yet
+                starts_seen=bool(obj.get("starts_seen", False)),
+                startup_items=_startup_items(obj.get("startup_items", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BaselineError(f"baseline is missing or has a bad field ({exc!r})") from exc
+
+
+def _startup_items(value: Any) -> list[dict]:
+    if not isinstance(value, list):
+        raise TypeError(f"startup_items must be a list, got {type(value).__name__}")
+    out = []
+    for entry in value:
+        if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str)
+                and isinstance(entry.get("key"), list | tuple)
+                and isinstance(entry.get("container"), str)):
+            raise ValueError(f"bad start-up item {entry!r}")
+        out.append({"kind": entry["kind"], "key": list(entry["key"]),
+                    "container": entry["container"], "at": float(entry.get("at") or 0.0)})
+    return out
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")

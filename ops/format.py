@@ -72,10 +72,12 @@ def image_text(image: common_pb2.Image) -> str:
 
 
 def reason_text(msg: common_pb2.Alert) -> str:
-    """Why: the first reason's text (its code when it has none)."""
+    """Why: the first reason's text (its code when it has none), and how many more an
+    incident's alert carries (``--json`` shows them all)."""
     if not msg.reasons:
         return "-"
-    return msg.reasons[0].text or msg.reasons[0].code
+    first = msg.reasons[0].text or msg.reasons[0].code
+    return f"{first} (+{len(msg.reasons) - 1} more)" if len(msg.reasons) > 1 else first
 
 
 def alert_time(msg: common_pb2.Alert) -> Timestamp | None:

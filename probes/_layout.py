@@ -19,9 +19,12 @@ class EventKind(enum.IntEnum):
     CONNECT = 2
     FILE = 3
     CHDIR = 4
+    FORK = 5
+    EXIT = 6
+    EXEC_REPEAT = 7
 
 
-KIND_MAX = 5
+KIND_MAX = 8
 
 
 class Counter(enum.IntEnum):
@@ -65,6 +68,8 @@ UNIX_PATH_LEN = 108
 HEADER_FIELDS: list[tuple[str, str]] = [
     ("ts_ns", "Q"),
     ("cgroup_id", "Q"),
+    ("start_ns", "Q"),
+    ("parent_start_ns", "Q"),
     ("kind", "H"),
     ("flags", "H"),
     ("pid", "I"),
@@ -126,6 +131,7 @@ class Limits:
                 ("args_size", "H"),
                 ("filename_len", "H"),
                 ("_pad", "H"),
+                ("dedup_key", "Q"),
                 ("filename", f"{p}s"),
                 ("args", f"{self.args_size}s"),
             ],
@@ -164,6 +170,21 @@ class Limits:
                 ("_pad", "H"),
                 ("cwd_base", "I"),
                 ("path", f"{p}s"),
+            ],
+            "dw_fork_event": [
+                ("hdr", "header"),
+                ("child_start_ns", "Q"),
+                ("child_tgid", "I"),
+                ("_pad", "I"),
+            ],
+            "dw_exec_repeat_event": [
+                ("hdr", "header"),
+                ("dedup_key", "Q"),
+                ("retval", "i"),
+                ("_pad", "I"),
+            ],
+            "dw_exit_event": [
+                ("hdr", "header"),
             ],
         }
 

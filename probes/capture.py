@@ -3,15 +3,20 @@
 Everything downstream of the decoder reads from a `CaptureSource`, so the pipeline runs in tests
 and benchmarks without the kernel (the falcosecurity/libs "capture file" idea).
 
-Recorded file format (version 1): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
-  {"t": "hdr", "version": 1, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
-  {"t": "ev", "b": <raw kernel record>}
+Recorded file format (version 2): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
+  {"t": "hdr", "version": 2, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
+  {"t": "ev", "b": <raw kernel record>}              (probes/dw_event.h layout of this version)
   {"t": "fact", "k": [name, *args], "v": value, "s": seq}
                                                      an answer the live pipeline got (from /proc,
                                                      attribution, ...) while handling record
-                                                     number `seq` (0-based index of "ev" entries)
+                                                     number `seq` (0-based index of "ev" entries;
+                                                     -1: before the first, e.g. the start-up
+                                                     process snapshot, key ["snapshot"])
   {"t": "end", "counters": {...}}                    kernel counters when recording stopped
 A file without "end" (the recorder was killed) replays everything it holds and says so.
+Version 2 (process identity): 80-byte event headers with start times, fork and exit records,
+exec records with their dedup key and the compact records of suppressed repeated execs, and the
+start-up process snapshot; a version 1 file cannot be replayed (re-record it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from driftwarden.probes.loader import ProbeSet
 log = logging.getLogger(__name__)
 
 MAGIC = b"DWCAP\x01\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_VERSION_CHANGES = {1: "version 2 added process start times, fork, exit and repeated-exec "
+                       "records and the start-up process snapshot"}
 
 
 class CaptureSource(Protocol):
@@ -203,9 +210,10 @@ class ReplayCapture:
     def _parse_header(self, entry: dict) -> CaptureHeader:
         version = entry.get("version")
         if version != FORMAT_VERSION:
+            why = _VERSION_CHANGES.get(version) if isinstance(version, int) else None
             raise CaptureFileError(
                 f"{self.path}: capture format version {version}, this driftwarden reads "
-                f"{FORMAT_VERSION}; re-record with this version"
+                f"{FORMAT_VERSION}{f' ({why})' if why else ''}; re-record with this version"
             )
         try:
             limits = Limits(**entry["limits"])

@@ -25,8 +25,11 @@ from driftwarden.probes.events import (
     ChdirEvent,
     ConnectEvent,
     ExecEvent,
+    ExecRepeatEvent,
+    ExitEvent,
     Family,
     FileEvent,
+    ForkEvent,
     Header,
     KernelEvent,
     SockType,
@@ -75,6 +78,10 @@ class Decoder:
         self._connect = _payload_struct(limits, "dw_connect_event")
         self._file = _payload_struct(limits, "dw_file_event")
         self._chdir = _payload_struct(limits, "dw_chdir_event")
+        self._fork = _payload_struct(limits, "dw_fork_event")
+        self._fork_size = limits.size("dw_fork_event")
+        self._repeat = _payload_struct(limits, "dw_exec_repeat_event")
+        self._repeat_size = limits.size("dw_exec_repeat_event")
         self._connect_offsets = limits.offsets("dw_connect_event")
         self._file_offsets = limits.offsets("dw_file_event")
         self._chdir_path = limits.offsets("dw_chdir_event")["path"]
@@ -83,6 +90,9 @@ class Decoder:
         self.register(EventKind.CONNECT, self._decode_connect)
         self.register(EventKind.FILE, self._decode_file)
         self.register(EventKind.CHDIR, self._decode_chdir)
+        self.register(EventKind.FORK, self._decode_fork)
+        self.register(EventKind.EXIT, self._decode_exit)
+        self.register(EventKind.EXEC_REPEAT, self._decode_exec_repeat)
 
     def register(self, kind: EventKind, fn: Callable[[Header, bytes, int], KernelEvent]) -> None:
         """fn(header, raw record, header flags as a plain int) -> event."""
@@ -93,13 +103,13 @@ class Decoder:
             self.errors["unknown:short-header"] += 1
             return None
         fields = HEADER_STRUCT.unpack_from(raw)
-        kind_number = fields[2]
+        kind_number = fields[4]
         fn = self._registry.get(kind_number)
         if fn is None:
             self.errors[f"kind-{kind_number}:unknown-kind"] += 1
             return None
         kind = self._kinds[kind_number]
-        raw_flags = fields[3]
+        raw_flags = fields[5]
         flags = self._flags.get(raw_flags)
         if flags is None:
             flags = self._flags[raw_flags] = Flag(raw_flags)
@@ -107,14 +117,16 @@ class Decoder:
             kind=kind,
             ts_ns=fields[0],
             cgroup_id=fields[1],
+            start_ns=fields[2],
+            parent_start_ns=fields[3],
             flags=flags,
-            pid=fields[4],
-            tgid=fields[5],
-            ppid=fields[6],
-            uid=fields[7],
-            gid=fields[8],
-            suppressed=fields[9],
-            comm=_cstr(fields[11], len(fields[11])),
+            pid=fields[6],
+            tgid=fields[7],
+            ppid=fields[8],
+            uid=fields[9],
+            gid=fields[10],
+            suppressed=fields[11],
+            comm=_cstr(fields[13], len(fields[13])),
         )
         try:
             event = fn(header, raw, raw_flags)
@@ -144,7 +156,8 @@ class Decoder:
         off = self._exec_offsets
         # the kernel always sends the whole filename buffer: the record is trimmed after args
         self._need(raw, off["args"], "exec")
-        retval, dirfd, argc, args_size, filename_len, _pad = s.unpack_from(raw, HEADER_SIZE)
+        retval, dirfd, argc, args_size, filename_len, _pad, dedup_key = s.unpack_from(
+            raw, HEADER_SIZE)
         if filename_len > self.limits.path_max or args_size > self.limits.args_size:
             raise MalformedRecord("exec-lengths")
         fname_start = off["filename"]
@@ -167,6 +180,7 @@ class Decoder:
             dirfd=dirfd,
             argv_truncated=bool(flags & _ARGS_TRUNCATED),
             filename_truncated=bool(flags & _PATH_TRUNCATED),
+            dedup_key=dedup_key,
         )
 
     def _decode_connect(self, h: Header, raw: bytes, flags: int) -> ConnectEvent:
@@ -250,6 +264,21 @@ class Decoder:
                 raise MalformedRecord("short-chdir-path")
             path = _cstr(chunk, path_len)
         return ChdirEvent(header=h, path=path, fd=fd, retval=retval, cwd_base=cwd_base)
+
+    def _decode_fork(self, h: Header, raw: bytes, flags: int) -> ForkEvent:
+        self._need(raw, self._fork_size, "fork")
+        child_start_ns, child_tgid, _pad = self._fork.unpack_from(raw, HEADER_SIZE)
+        if not child_tgid:
+            raise MalformedRecord("fork-child")
+        return ForkEvent(header=h, child_tgid=child_tgid, child_start_ns=child_start_ns)
+
+    def _decode_exec_repeat(self, h: Header, raw: bytes, flags: int) -> ExecRepeatEvent:
+        self._need(raw, self._repeat_size, "exec-repeat")
+        dedup_key, retval, _pad = self._repeat.unpack_from(raw, HEADER_SIZE)
+        return ExecRepeatEvent(header=h, dedup_key=dedup_key, retval=retval)
+
+    def _decode_exit(self, h: Header, raw: bytes, flags: int) -> ExitEvent:
+        return ExitEvent(header=h)  # the header is the whole record: decode() checked its size
 
 
 def _payload_struct(limits: Limits, name: str) -> struct.Struct:

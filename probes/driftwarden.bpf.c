@@ -44,8 +44,8 @@
  * host, read-only ones included, and a write-open would pay two tracepoints and a stash. */
 
 /* Which kinds are compiled in, 1 or 0 each: an unselected kind's tracepoints are not attached
- * (probes/loader.py KIND_TRACEPOINTS lists them). Bookkeeping (fork, exit, chdir) always is:
- * parent pids and relative paths need it. */
+ * (probes/loader.py KIND_TRACEPOINTS lists them). Bookkeeping (fork, exit, clone, chdir) always
+ * is: process identity, parents and relative paths need it. */
 #ifndef DW_WITH_EXEC
 #define DW_WITH_EXEC 1
 #endif
@@ -119,6 +119,7 @@
 #define DW_AF_UNIX  1
 #define DW_AF_INET  2
 #define DW_AF_INET6 10
+#define DW_CLONE_THREAD 0x00010000
 
 /* Syscall arguments stashed at sys_enter_* and consumed at sys_exit_*. */
 struct dw_pending {
@@ -151,12 +152,22 @@ struct dw_sock_key {
     s32 fd;
 };
 
+/* What the kernel's fork told us about a process: its start and its parent's. */
+struct dw_proc {
+    u64 start_ns;                /* bpf_ktime_get_boot_ns() at its fork */
+    u64 parent_start_ns;         /* the parent's start_ns when the parent's fork was seen, else 0 */
+    u32 ppid;                    /* the tgid that forked it */
+    u32 _pad;
+};
+
 BPF_RINGBUF_OUTPUT(events, DW_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(counters, u64, DW_KIND_MAX * DW_CNT_MAX);
 BPF_HASH(skip_cgroups, u64, u8, 64);                       /* more host cgroups (DW_EXTRA_SKIP) */
 BPF_HASH(skip_tgids, u32, u8, 64);                         /* more processes never reported */
 /* LRU maps with per-CPU free lists: no global LRU lock on the hot path. */
-BPF_F_TABLE("lru_hash", u32, u32, parent_of, 65536, BPF_F_NO_COMMON_LRU);  /* child -> parent */
+/* tgid -> its start and parent, recorded at every fork on the host (a container's init is forked
+ * by the runtime outside the container's cgroup); removed when the process exits */
+BPF_F_TABLE("lru_hash", u32, struct dw_proc, proc_of, 65536, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", u32, u32, cwd_epoch, 16384, BPF_F_NO_COMMON_LRU);  /* tgid -> chdirs */
 /* tgid -> the process whose cwd it still shares: itself after a chdir, else inherited at fork
  * (an httpd connection child that exits at once leaves its CGI child's base known) */
@@ -168,6 +179,9 @@ BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COM
  * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
 BPF_HASH(pending, u32, struct dw_pending, 16384);
 BPF_HASH(exec_pending, u32, struct dw_exec_event, 1024);
+/* tgid -> the thread (not the leader) in execve: a successful exec gives that thread the tgid as
+ * its pid and ends the leader, which is then not the process ending */
+BPF_HASH(exec_threads, u32, u32, 1024);
 BPF_PERCPU_ARRAY(exec_scratch, struct dw_exec_event, 1);
 BPF_PERCPU_ARRAY(file_scratch, struct dw_file_event, 1);
 BPF_PERCPU_ARRAY(connect_scratch, struct dw_connect_event, 1);
@@ -213,8 +227,16 @@ static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, 
     h->pid = (u32)pid_tgid;
     h->tgid = pid_tgid >> 32;
     u32 tgid = h->tgid;
-    u32 *parent = parent_of.lookup(&tgid);
-    h->ppid = parent ? *parent : 0;
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    if (proc) {
+        h->ppid = proc->ppid;
+        h->start_ns = proc->start_ns;
+        h->parent_start_ns = proc->parent_start_ns;
+    } else {
+        h->ppid = 0;
+        h->start_ns = 0;
+        h->parent_start_ns = 0;
+    }
     u64 ugid = bpf_get_current_uid_gid();
     h->uid = (u32)ugid;
     h->gid = ugid >> 32;
@@ -314,17 +336,31 @@ static __always_inline u64 dw_hash_cwd(u64 h, const char *path, u32 tgid)
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
-    u64 cgid = bpf_get_current_cgroup_id();
-#if !DW_INCLUDE_HOST
-    if (cgid == DW_HOST_CGROUP_ID)
-        return 0;
-#endif
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct dw_pending *stash = pending.lookup(&tid);
+    if (stash && stash->kind == DW_KIND_FORK)
+        return 0;                         /* a thread: not a new process */
     u32 child = args->child_pid;
-    u32 parent = bpf_get_current_pid_tgid() >> 32;
-    parent_of.update(&child, &parent);
+    u32 parent = pid_tgid >> 32;
+    struct dw_proc info = {.start_ns = bpf_ktime_get_boot_ns(), .ppid = parent};
+    struct dw_proc *pinfo = proc_of.lookup(&parent);
+    if (pinfo)
+        info.parent_start_ns = pinfo->start_ns;
+    proc_of.update(&child, &info);
+
+    u64 cgid = bpf_get_current_cgroup_id();
+    if (dw_skipped(cgid, pid_tgid))
+        return 0;
     u32 *owner = cwd_owner.lookup(&parent);
     u32 base = owner ? *owner : parent;
     cwd_owner.update(&child, &base);
+
+    struct dw_fork_event e = {};
+    dw_fill_header(&e.hdr, DW_KIND_FORK, cgid, pid_tgid, bpf_ktime_get_ns());
+    e.child_start_ns = info.start_ns;
+    e.child_tgid = child;
+    dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_FORK);   /* never deduplicated */
     return 0;
 }
 
@@ -332,13 +368,28 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = (u32)pid_tgid;
+    u32 tgid = pid_tgid >> 32;
     pending.delete(&pid);                 /* whatever a killed syscall left behind */
     exec_pending.delete(&pid);
-    if (pid != (u32)(pid_tgid >> 32))
+#if DW_WITH_EXEC
+    u32 *execing = exec_threads.lookup(&tgid);
+    if (execing) {
+        if (*execing != pid)
+            return 0;                     /* the leader (or another thread) ends: a thread execs */
+        exec_threads.delete(&tgid);       /* the exec'ing thread itself was killed */
+    }
+#endif
+    if (pid != tgid)
         return 0;                         /* a thread; the process lives on */
-    parent_of.delete(&pid);
-    cwd_epoch.delete(&pid);
-    cwd_owner.delete(&pid);
+    u64 cgid = bpf_get_current_cgroup_id();
+    if (!dw_skipped(cgid, pid_tgid)) {
+        struct dw_exit_event e = {};
+        dw_fill_header(&e.hdr, DW_KIND_EXIT, cgid, pid_tgid, bpf_ktime_get_ns());
+        dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_EXIT);   /* never deduplicated */
+    }
+    proc_of.delete(&tgid);
+    cwd_epoch.delete(&tgid);
+    cwd_owner.delete(&tgid);
     return 0;
 }
 
@@ -383,6 +434,42 @@ static __always_inline int dw_unstash(u16 kind, struct dw_pending *out)
     pending.delete(&tid);
     return 1;
 }
+
+/* ------------------------------------------------------------------ clone */
+
+/* A thread is a clone with CLONE_THREAD: sys_enter_clone/clone3 stash that in `pending` (kind
+ * DW_KIND_FORK) for sched_process_fork, and their exits drop it. Everything else that forks
+ * (fork, vfork, clone without it) starts a process. */
+static __always_inline int dw_clone_enter(u64 flags)
+{
+    if (!(flags & DW_CLONE_THREAD))
+        return 0;                         /* a process: nothing to stash, the common case */
+    struct dw_pending p = {};
+    p.kind = DW_KIND_FORK;
+    p.flags = (u32)flags;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    pending.update(&tid, &p);
+    return 0;
+}
+
+static __always_inline int dw_clone_exit(void)
+{
+    struct dw_pending p;
+    dw_unstash(DW_KIND_FORK, &p);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone) { return dw_clone_enter(args->clone_flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return dw_clone_exit(); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+    u64 flags = 0;                        /* struct clone_args starts with its u64 flags */
+    if (bpf_probe_read_user(&flags, sizeof(flags), (const void *)args->uargs) < 0)
+        return 0;
+    return dw_clone_enter(flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return dw_clone_exit(); }
 
 /* ------------------------------------------------------------------ chdir */
 
@@ -514,7 +601,9 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
     e->argc = argc;
     e->args_size = off;
     u32 tid = (u32)pid_tgid;
-    exec_pending.update(&tid, e);
+    u32 tgid = pid_tgid >> 32;
+    if (exec_pending.update(&tid, e) == 0 && tid != tgid)
+        exec_threads.update(&tgid, &tid);
     return 0;
 }
 
@@ -522,9 +611,22 @@ static __always_inline int dw_exec_exit(long ret)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = (u32)pid_tgid;
+    u32 tgid = pid_tgid >> 32;
     struct dw_exec_event *e = exec_pending.lookup(&tid);
-    if (!e)
-        return 0;
+    if (!e) {
+        /* a thread's successful exec: it now has the tgid as its pid; the stash is its old one */
+        u32 *old = exec_threads.lookup(&tgid);
+        if (!old)
+            return 0;
+        tid = *old;
+        e = exec_pending.lookup(&tid);
+        if (!e) {
+            exec_threads.delete(&tgid);
+            return 0;
+        }
+    }
+    if (tid != tgid)
+        exec_threads.delete(&tgid);
     e->retval = ret;
     /* after a successful exec the task has its new comm */
     bpf_get_current_comm(&e->hdr.comm, sizeof(e->hdr.comm));
@@ -537,8 +639,21 @@ static __always_inline int dw_exec_exit(long ret)
     h = dw_mix(h, (u64)ret);
     if (e->filename[0] != '/')
         h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
+    e->dedup_key = h;
     u32 carried = 0;
     if (dw_suppress(DW_KIND_EXEC, e->hdr.cgroup_id, h, bpf_ktime_get_ns(), &carried)) {
+        /* what the process runs now still changed: name the exec sent before (its key), in
+         * ~100 bytes instead of ~4.7 KB; a failed exec changed nothing, so it is not sent */
+        if (ret == 0) {
+            struct dw_exec_repeat_event r;
+            __builtin_memcpy(&r.hdr, &e->hdr, sizeof(r.hdr));
+            r.hdr.kind = DW_KIND_EXEC_REPEAT;
+            r.hdr.suppressed = 0;
+            r.dedup_key = h;
+            r.retval = ret;
+            r._pad = 0;
+            dw_emit(&r, sizeof(r), sizeof(r), DW_KIND_EXEC_REPEAT);   /* never deduplicated */
+        }
         exec_pending.delete(&tid);
         return 0;
     }

@@ -34,7 +34,10 @@ enum dw_kind {
     DW_KIND_CONNECT = 2,
     DW_KIND_FILE = 3,
     DW_KIND_CHDIR = 4,           /* bookkeeping: lets userspace resolve relative paths */
-    DW_KIND_MAX = 5,
+    DW_KIND_FORK = 5,            /* bookkeeping: a new process (never a thread) */
+    DW_KIND_EXIT = 6,            /* bookkeeping: a process (never a thread) ended */
+    DW_KIND_EXEC_REPEAT = 7,     /* bookkeeping: a successful exec the dedup map suppressed */
+    DW_KIND_MAX = 8,
 };
 
 /* Per-kind counters, exported from the per-CPU array `counters` at
@@ -73,9 +76,14 @@ enum dw_file_op {
 #define DW_AT_FDCWD (-100)
 #define DW_RESULT_UNKNOWN 0x7fffffff   /* retval of an event reported before its syscall ran */
 
+/* A process is (tgid, start_ns): a pid the kernel hands out again names another process.
+ * start_ns is bpf_ktime_get_boot_ns() at the process's sched_process_fork (CLOCK_BOOTTIME), 0
+ * when the probes never saw it fork (it began before they attached, or its entry was evicted). */
 struct dw_event_header {
     __u64 ts_ns;                 /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
     __u64 cgroup_id;             /* cgroup v2 id = inode of the cgroup directory */
+    __u64 start_ns;              /* this process's start (tgid, start_ns): see above */
+    __u64 parent_start_ns;       /* its parent's start, with ppid; 0 = unknown */
     __u16 kind;                  /* enum dw_kind */
     __u16 flags;                 /* DW_F_* */
     __u32 pid;                   /* thread id (host pid namespace) */
@@ -96,6 +104,8 @@ struct dw_exec_event {
     __u16 args_size;             /* bytes used in args[] */
     __u16 filename_len;          /* bytes in filename[], NUL included */
     __u16 _pad;
+    __u64 dedup_key;             /* hash of filename, argv, result (and cwd for a relative
+                                  * filename): what a dw_exec_repeat_event names */
     char filename[DW_PATH_MAX];  /* as passed to execve */
     char args[DW_ARGS_SIZE];     /* argv entries, each NUL-terminated, back to back */
 };
@@ -140,6 +150,30 @@ struct dw_chdir_event {
                                   * fork); 0 when unknown. Resolves a relative chdir after the
                                   * process and its parent are gone. */
     char path[DW_PATH_MAX];
+};
+
+/* The header is the parent's (the process that forked); sent for non-host cgroups only. */
+struct dw_fork_event {
+    struct dw_event_header hdr;
+    __u64 child_start_ns;        /* the child's start_ns, as its own events will carry it */
+    __u32 child_tgid;
+    __u32 _pad;
+};
+
+/* A successful exec the dedup map suppressed: the exec'ing process's header (kind
+ * DW_KIND_EXEC_REPEAT) and the dedup_key of the dw_exec_event it repeats, so userspace can keep
+ * its process table (what the process runs now) without the 4.7 KB record. Only successful
+ * execs: a failed one changes no process. */
+struct dw_exec_repeat_event {
+    struct dw_event_header hdr;
+    __u64 dedup_key;
+    __s32 retval;
+    __u32 _pad;
+};
+
+/* The header is the process that ended (its last event); sent for non-host cgroups only. */
+struct dw_exit_event {
+    struct dw_event_header hdr;
 };
 
 #endif /* DRIFTWARDEN_DW_EVENT_H */

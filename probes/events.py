@@ -52,6 +52,10 @@ class Header(NamedTuple):
     comm: str
     flags: Flag
     suppressed: int
+    # the process is (tgid, start_ns): kernel boot-clock ns at its fork, 0 when the probes never
+    # saw it fork; parent_start_ns likewise for ppid
+    start_ns: int = 0
+    parent_start_ns: int = 0
 
 
 class ExecEvent(NamedTuple):
@@ -62,10 +66,24 @@ class ExecEvent(NamedTuple):
     dirfd: int
     argv_truncated: bool = False
     filename_truncated: bool = False
+    # the kernel's dedup key of this exec (filename, argv, result): a later ExecRepeatEvent
+    # with the same key in the same cgroup is this exec again
+    dedup_key: int = 0
 
     @property
     def ok(self) -> bool:
         return self.retval == 0
+
+
+class ExecRepeatEvent(NamedTuple):
+    """A successful exec the kernel's dedup suppressed: the same filename, argv and result as
+    the ExecEvent with `dedup_key` in the same cgroup, sent within the dedup interval. The
+    header is the exec'ing process's. Bookkeeping only (the process table): detection counts
+    suppressed repeats through the next full event's `suppressed`."""
+
+    header: Header
+    dedup_key: int
+    retval: int
 
 
 class ConnectEvent(NamedTuple):
@@ -110,7 +128,22 @@ class ChdirEvent(NamedTuple):
     cwd_base: int = 0  # tgid whose cwd the process had before the call; 0 unknown
 
 
-KernelEvent = ExecEvent | ConnectEvent | FileEvent | ChdirEvent
+class ForkEvent(NamedTuple):
+    """A new process (never a thread). The header is the parent's, the process that forked."""
+
+    header: Header
+    child_tgid: int
+    child_start_ns: int
+
+
+class ExitEvent(NamedTuple):
+    """A process ended (its last thread-group leader event). The header is the process's."""
+
+    header: Header
+
+
+KernelEvent = (ExecEvent | ConnectEvent | FileEvent | ChdirEvent | ForkEvent | ExitEvent
+               | ExecRepeatEvent)
 
 _ERRNO_RESULTS = {
     0: ConnectResult.SUCCESS,

@@ -27,7 +27,7 @@ PROBE_DIR = Path(__file__).resolve().parent
 BPF_SOURCE = PROBE_DIR / "driftwarden.bpf.c"
 EVENT_HEADER = PROBE_DIR / "dw_event.h"
 
-# Kinds a user can select; chdir is bookkeeping and always on.
+# Kinds a user can select; fork, exit and chdir are bookkeeping and always on.
 SELECTABLE_KINDS = {"exec": EventKind.EXEC, "connect": EventKind.CONNECT, "write": EventKind.FILE}
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -40,10 +40,10 @@ def _syscalls(*names: str, sides: tuple[str, ...] = ("enter", "exit")) -> tuple[
 
 
 # The tracepoints each part of driftwarden.bpf.c attaches (its DW_WITH_* sections), on a kernel
-# that has every syscall. Bookkeeping is always attached: parent pids (fork, exit) and relative
-# paths (chdir) need it.
+# that has every syscall. Bookkeeping is always attached: process identity and parents (fork,
+# exit; clone and clone3 tell a thread from a process) and relative paths (chdir) need it.
 BOOKKEEPING_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit",
-                           *_syscalls("chdir", "fchdir"))
+                           *_syscalls("clone", "clone3", "chdir", "fchdir"))
 _OPENS = ("open", "openat", "openat2", "creat")  # reported at entry unless open_result
 _FILE_OPS = ("truncate", "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir",
              "chmod", "fchmod", "fchmodat", "fchmodat2", "link", "linkat", "symlink",
@@ -223,7 +223,7 @@ class ProbePlan:
                      if _syscall_of(tp) in self.absent)
 
     def describe(self) -> str:
-        """'56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)'."""
+        """'60 tracepoints (bookkeeping 10, exec 4, connect 4, write 42)'."""
         parts = self.tracepoints()
         counts = ", ".join(f"{part} {len(tps)}" for part, tps in parts.items())
         return f"{sum(len(tps) for tps in parts.values())} tracepoints ({counts})"

@@ -35,6 +35,10 @@ PKGS=(
   libc6-dev            # stdio.h for tests/test_layout.py; libc.a for the static dwstorm (bench/storm.c)
   linux-libc-dev       # <linux/types.h>, which probes/dw_event.h includes (tests/test_layout.py)
   python3-dev          # Python headers, for pip when a dependency has no wheel for this host
+  containerd           # tests/support/containerd.py: a second containerd with its CRI plugin (docker.io pulls it in too)
+  containernetworking-plugins  # /usr/lib/cni: that containerd's CNI bin_dir (tests/support/containerd.py)
+  podman               # tests/support/podman.py: rootful podman and its Docker-compatible API socket
+  debootstrap          # tests/support/image_build.py: the Debian base image deploy/Dockerfile builds FROM
   # the benchmarks (make bench)
   bpftrace             # bench/probe_overhead.py's floor tool
   bpfcc-tools          # execsnoop-/opensnoop-/tcpconnect-bpfcc: bench/probe_overhead.py's naive tools
@@ -111,4 +115,20 @@ if [ "$(cat "$STAMP_DIR/pip.hash" 2>/dev/null)" != "$req_hash" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$req_hash" > "$STAMP_DIR/pip.hash"
 fi
+# The CRI stubs (module cri_api.v1) for agent/runtimes/cri.py: generated runtime.v1 code from PyPI,
+# never copied here. Its metadata pins protobuf 6, its code works with the project's protobuf 7:
+# --no-deps keeps pip from downgrading protobuf (see the comment in pyproject.toml).
+CRI_API="container-runtime-interface-api==2.0.1"
+if [ "$("$VENV/bin/pip" show container-runtime-interface-api 2>/dev/null | sed -n 's/^Version: //p')" != "${CRI_API#*==}" ]; then
+  say "pip install --no-deps $CRI_API"
+  "$VENV/bin/pip" install -q --no-deps "$CRI_API"
+fi
+# Helm's template engine for tests/test_helm.py: Helm v4's Go library in a wheel (no helm binary,
+# no cluster). helm-sdkpy, the other such wheel, needs Python 3.12; Debian 12 has 3.11.
+HELM_SDK="helm-python-sdk==0.2.2"
+if [ "$("$VENV/bin/pip" show helm-python-sdk 2>/dev/null | sed -n 's/^Version: //p')" != "${HELM_SDK#*==}" ]; then
+  say "pip install $HELM_SDK"
+  "$VENV/bin/pip" install -q "$HELM_SDK"
+fi
 "$VENV/bin/python" -c "import bcc" || { echo "setup-host.sh: bcc not importable from $VENV; check python3-bpfcc" >&2; exit 1; }
+"$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc" || { echo "setup-host.sh: the CRI stubs (cri_api.v1) do not import from $VENV" >&2; exit 1; }

@@ -84,6 +84,25 @@ def host_image(docker_ok) -> str:
 
 
 @pytest.fixture(scope="session")
+def containerd(docker_ok) -> Iterator:
+    """A second containerd with its CRI plugin, beside Docker's: started once per session,
+    stopped (pods, cgroup folders, files removed) at its end (tests/support/containerd.py)."""
+    from tests.support.containerd import ContainerdError, TestContainerd
+
+    if os.geteuid() != 0:
+        missing_prerequisite("a containerd of its own needs root")
+    instance = TestContainerd()
+    try:
+        instance.start()
+    except ContainerdError as exc:
+        missing_prerequisite(str(exc))
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
 def storm_image(docker_ok) -> str:
     from tests.support.images import storm_image as build
 

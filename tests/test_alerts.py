@@ -37,6 +37,8 @@ WEB = ContainerView(
     state="container", cgroup_id=777, cgroup_path=f"/system.slice/docker-{CID}.scope", id=CID,
     name="web", image="nginx:1.25", image_id="sha256:" + "ab" * 32, runtime="docker",
     pod="web-0", namespace="prod", labels=(("app", "web"),),
+    pod_uid="4f0ab913-49bd-4781-bd74-62f4d49f3374", workload="StatefulSet/web",
+    image_digest="docker.io/library/nginx@sha256:" + "cd" * 32,
 )
 OTHER = dataclasses.replace(WEB, id=OTHER_CID, name="web-2", cgroup_id=778)
 
@@ -124,8 +126,11 @@ def test_drift_alert_to_dict_exact():
             "details": {"path": "/tmp/x"},
         }],
         "container": {"id": CID, "name": "web", "image": "nginx:1.25",
-                      "image_id": "sha256:" + "ab" * 32, "pod": "web-0", "namespace": "prod",
-                      "labels": {"app": "web"}},
+                      "image_id": "sha256:" + "ab" * 32,
+                      "image_digest": "docker.io/library/nginx@sha256:" + "cd" * 32,
+                      "pod": "web-0", "namespace": "prod",
+                      "pod_uid": "4f0ab913-49bd-4781-bd74-62f4d49f3374",
+                      "workload": "StatefulSet/web", "labels": {"app": "web"}},
         "process": {"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["./x", "-c", "id"],
                     "uid": 0, "comm": "x"},
         "events": [record_to_dict(record, OFFSET)],
@@ -182,8 +187,9 @@ def test_anomaly_alert_without_record():
     assert out["time"] == out["first_seen"] == out["last_seen"] == 1700000060.0
     assert out["process"] is None and out["events"] == []
     assert out["container"] == {"id": CID, "name": None, "image": "nginx:1.25",
-                                "image_id": "sha256:" + "ab" * 32, "pod": None,
-                                "namespace": None, "labels": {}}
+                                "image_id": "sha256:" + "ab" * 32, "image_digest": None,
+                                "pod": None, "namespace": None, "pod_uid": None,
+                                "workload": None, "labels": {}}
     assert out["reasons"][0]["details"] == {"feature": "shells_spawned", "value": 3.0,
                                             "baseline_max": 0.0, "outside": True}
     with pytest.raises(ValueError, match="container_view"):
@@ -292,8 +298,8 @@ def test_first_sent_at_once_repeats_aggregated_after_the_window():
     assert merged.first_seen == occurrence(1).time and merged.last_seen == occurrence(5).time
     assert merged.time == occurrence(5).time
     assert merged.events == occurrence(5).events
-    assert agg.stats.to_dict() == {"submitted": 6, "sent": 2, "aggregated": 5,
-                                   "aggregates_sent": 1, "evicted": 0}
+    assert agg.stats.to_dict() == {"submitted": 6, "sent": 2, "aggregated": 5, "folded": 0,
+                                   "aggregates_sent": 1, "incidents": 0, "evicted": 0}
     # the aggregate opened a new window; nothing came in it, so the id is forgotten after it
     clock.t = 1120.0
     assert agg.flush_due() == 0 and len(agg) == 0

@@ -236,6 +236,35 @@ def test_index_maps_ids_to_relative_paths(cgroup_root: Path, clock: FakeClock) -
     assert index.root == cgroup_root
 
 
+def test_watcher_names_cgroups_made_and_removed_between_lookups(tmp_path: Path) -> None:
+    """A container that lives a few ms: its cgroup is made and removed before its events are
+    looked at. The watcher saw it made (inotify works on any directory tree, cgroupfs too)."""
+    root = tmp_path / "cgroup"
+    (root / "kubepods/besteffort").mkdir(parents=True)
+    clock = FakeClock()
+    index = CgroupIndex(root, clock=clock, min_rescan_interval=3600.0, use_file_handles=False)
+    index.rescan()
+    with cgroups.CgroupWatcher(index) as watcher:
+        pod = root / f"kubepods/besteffort/pod{POD_UID}"
+        pod.mkdir()
+        (pod / ID_C).mkdir()  # at once: maybe before the pod's own watch is in place
+        inode = (pod / ID_C).stat().st_ino
+        deadline = time.monotonic() + 5
+        while watcher.stats["created"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = pod / ID_D
+        later.mkdir()
+        later_inode = later.stat().st_ino
+        while watcher.stats["created"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (pod / ID_C).rmdir()  # (a test tree may reuse inode numbers; cgroupfs does not)
+        later.rmdir()
+    assert index.path_of(inode) == f"/kubepods/besteffort/pod{POD_UID}/{ID_C}"
+    assert index.path_of(later_inode) == f"/kubepods/besteffort/pod{POD_UID}/{ID_D}"
+    assert index.stats["rescans"] == 1  # the walk at the start only
+    assert watcher.stats["watch_errors"] == 0
+
+
 def test_index_finds_directory_created_after_first_scan(
     cgroup_root: Path, clock: FakeClock
 ) -> None:
@@ -511,6 +540,43 @@ def test_attributor_kubernetes_container(
     assert (result.info.pod, result.info.namespace) == ("api-0", "shop")
 
 
+def test_attributor_routes_by_runtime_and_keeps_outages_per_runtime(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path, clock: FakeClock
+) -> None:
+    """A node's runtimes together (runtimes.registry.RuntimeSet): each container is asked of
+    the runtime its cgroup path names, and Docker being down does not hold up containerd's."""
+    from driftwarden.agent.runtimes.registry import RuntimeSet
+
+    docker, containerd = FakeMetadata(), FakeMetadata({ID_C: make_info(ID_C, "api")})
+    docker.runtime, containerd.runtime = "docker", "containerd"
+    docker.endpoint, containerd.endpoint = "unix:///docker.sock", "unix:///containerd.sock"
+    docker.unreachable = "docker unreachable at unix:///docker.sock: gone"
+    attributor = make_attributor(RuntimeSet([docker, containerd]))
+    cgid_a = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    cgid_c = cgroup_id(cgroup_root, f"kubepods/burstable/pod{POD_UID}/{ID_C}")
+    with attributor:
+        attributor.lookup(cgid_a)
+        assert attributor.wait_idle(5)
+        assert attributor.unavailable_runtimes() == {"docker": docker.unreachable}
+        # a containerd container is still fetched, not answered with Docker's outage
+        assert attributor.lookup(cgid_c).state is AttributionState.PENDING
+        assert attributor.wait_idle(5)
+        served = attributor.lookup(cgid_c)
+        assert (served.info, served.metadata_error) == (containerd.containers[ID_C], None)
+        during = attributor.lookup(cgid_a)
+        assert (during.info, during.metadata_error) == (None, docker.unreachable)
+        assert attributor.metadata_unavailable
+        docker.unreachable = None
+        docker.containers[ID_A] = make_info(ID_A)
+        clock.advance(5.1)
+        attributor.lookup(cgid_a)
+        assert attributor.wait_idle(5)
+        assert attributor.lookup(cgid_a).info == docker.containers[ID_A]
+        assert not attributor.metadata_unavailable
+    # with Docker down, containerd was asked about Docker's container too (a fallback)
+    assert (docker.calls, containerd.calls) == ([ID_A, ID_A], [ID_A, ID_C])
+
+
 def test_attributor_deduplicates_fetches(
     make_attributor: Callable[..., Attributor], cgroup_root: Path, fake: FakeMetadata
 ) -> None:
@@ -700,18 +766,25 @@ def test_attributor_does_not_count_a_removed_container_it_once_described(
     fake: FakeMetadata,
     clock: FakeClock,
 ) -> None:
-    attributor = make_attributor(fake, ttl=10.0)
+    attributor = make_attributor(fake, ttl=10.0, removed_grace=30.0)
     cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
     with attributor:
         attributor.lookup(cgid)
         assert attributor.wait_idle(5)
-        del fake.containers[ID_A]  # docker rm: its late events outlive the cache entry
+        info = fake.containers.pop(ID_A)  # docker rm: its late events outlive the cache entry
         clock.advance(11)
-        attributor.lookup(cgid)
+        attributor.lookup(cgid)  # stale: asked again, and the runtime no longer knows it
+        assert attributor.wait_idle(5)
+        kept = attributor.lookup(cgid)  # what it was stays for the removal grace
+        clock.advance(31)
+        assert attributor.lookup(cgid).state is AttributionState.PENDING  # grace over
         assert attributor.wait_idle(5)
         gone = attributor.lookup(cgid)
+    assert (kept.info, kept.metadata_error) == (info, None)
     assert (gone.info, gone.metadata_error) == (None, NOT_FOUND_ERROR)
+    assert fake.calls == [ID_A, ID_A, ID_A]
     assert attributor.without_metadata() == NO_CONTAINERS_WITHOUT_METADATA
+    assert attributor.stats()["removed_hits"] == 1
 
 
 def test_attributor_counts_containers_first_seen_while_the_runtime_is_unreachable(
@@ -819,25 +892,118 @@ def test_attributor_destroy_event_keeps_a_grace_period(
     fake: FakeMetadata,
     clock: FakeClock,
 ) -> None:
-    attributor = make_attributor(fake, negative_ttl=5.0)
+    attributor = make_attributor(fake, negative_ttl=5.0, removed_grace=60.0)
     cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
     with attributor:
         attributor.lookup(cgid)
         assert attributor.wait_idle(5)
-        del fake.containers[ID_A]
+        info = fake.containers.pop(ID_A)
         attributor.on_container_event(ContainerEvent(ContainerEventAction.DESTROY, ID_A))
-        clock.advance(4)
-        assert attributor.lookup(cgid).info is not None  # late events still attributed
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.RESYNC, None))
+        clock.advance(59)
+        late = attributor.lookup(cgid)  # late events still attributed, never asked again
         assert fake.calls == [ID_A]
         clock.advance(2)
-        attributor.lookup(cgid)
+        assert attributor.lookup(cgid).state is AttributionState.PENDING
         assert attributor.wait_idle(5)
         gone = attributor.lookup(cgid)
+    assert (late.state, late.info, late.metadata_error) == (
+        AttributionState.CONTAINER, info, None)
     assert (gone.state, gone.info, gone.metadata_error) == (
         AttributionState.CONTAINER,
         None,
         NOT_FOUND_ERROR,
     )
+
+
+def test_attributor_describes_a_container_from_its_create_event(
+    make_attributor: Callable[..., Attributor],
+    cgroup_root: Path,
+    fake: FakeMetadata,
+    clock: FakeClock,
+) -> None:
+    """`docker run --rm` of a container that lives a few ms: it is described when created, and
+    removed before its events are looked at; they are attributed all the same, and its start
+    (asked again: the runtime no longer knows it) keeps what it was."""
+    attributor = make_attributor(fake, removed_grace=60.0)
+    cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    info = fake.containers[ID_A]
+    with attributor:
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.CREATE, ID_A))
+        assert attributor.wait_idle(5)
+        del fake.containers[ID_A]
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.START, ID_A,
+                                                     time=1700000000.5))
+        assert attributor.wait_idle(5)
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.DIE, ID_A))
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.DESTROY, ID_A))
+        clock.advance(30)
+        first = attributor.lookup(cgid)
+    assert fake.calls == [ID_A, ID_A]
+    assert (first.state, first.info, first.metadata_error) == (
+        AttributionState.CONTAINER, replace(info, started_at=1700000000.5), None)
+    stats = attributor.stats()
+    assert (stats["pending"], stats["removed_hits"], stats["not_found"]) == (0, 1, 0)
+    assert attributor.without_metadata() == NO_CONTAINERS_WITHOUT_METADATA
+
+
+GRAPH_DRIVER = {"Name": "overlay2", "Data": {"UpperDir": "/var/lib/docker/overlay2/x/diff",
+                                              "LowerDir": "/var/lib/docker/overlay2/y/diff"}}
+OVERLAY_MOUNTINFO = (
+    "1 0 8:1 / /host rw - ext4 /dev/sda1 rw\n"
+    "2 1 0:50 / / rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/u,workdir=/w\n")
+
+
+def test_attributor_keeps_the_layers_the_runtime_gave(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path, fake: FakeMetadata
+) -> None:
+    """Docker's GraphDriver comes with the container's metadata; asked again once its
+    processes are gone (a CRI runtime then has no root mount to show), the layers stay."""
+    fake.containers[ID_A] = make_info(ID_A, graph_driver=GRAPH_DRIVER)
+    attributor = make_attributor(fake)
+    cgid = cgroup_id(cgroup_root, f"docker/{ID_A}")
+    with attributor:
+        attributor.lookup(cgid)
+        assert attributor.wait_idle(5)
+        assert attributor.graph_driver(ID_A) == GRAPH_DRIVER
+        fake.containers[ID_A] = make_info(ID_A)  # no layers this time
+        attributor.on_container_event(ContainerEvent(ContainerEventAction.START, ID_A))
+        assert attributor.wait_idle(5)
+        assert attributor.graph_driver(ID_A) == GRAPH_DRIVER
+    assert attributor.graph_driver(ID_B) is None
+    assert fake.calls == [ID_A, ID_A]
+
+
+def test_attributor_reads_layers_from_a_process_of_the_container(
+    make_attributor: Callable[..., Attributor],
+    cgroup_root: Path,
+    fake: FakeMetadata,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    """A container whose runtime gave no layers: a lookup reads the root mount of a process in
+    its cgroup (runc's, before it pivots, is no overlay: tried again after a backoff)."""
+    proc = tmp_path / "proc"
+    for pid, text in (("41", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"), ("42", OVERLAY_MOUNTINFO)):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "mountinfo").write_text(text)
+    procs = cgroup_root / f"kubepods/burstable/pod{POD_UID}/{ID_C}" / "cgroup.procs"
+    procs.write_text("41\n")  # runc init, before pivot_root
+    attributor = make_attributor(fake, proc_root=str(proc))
+    cgid = cgroup_id(cgroup_root, f"kubepods/burstable/pod{POD_UID}/{ID_C}")
+    attributor.lookup(cgid)
+    assert attributor.graph_driver(ID_C) is None
+    procs.write_text("41\n42\n")
+    attributor.lookup(cgid)  # within the backoff: not read again
+    assert attributor.graph_driver(ID_C) is None
+    clock.advance(0.01)
+    attributor.lookup(cgid)
+    assert attributor.graph_driver(ID_C) == {
+        "Name": "overlay", "Data": {"UpperDir": "/u", "LowerDir": "/l1:/l2"}}
+    procs.write_text("")  # gone: what was seen stays
+    attributor.lookup(cgid)
+    assert attributor.graph_driver(ID_C) is not None
+    assert attributor.stats()["layers_captured"] == 1
 
 
 def test_attributor_start_event_prefetches_and_resync_refreshes(
@@ -1058,7 +1224,8 @@ def test_real_destroy_keeps_grace_then_not_found(
     with (
         run_container(bb_image, ["sleep", "60"]) as container,
         DockerMetadata() as metadata,
-        Attributor(CgroupIndex(cgroup2), metadata, ttl=3600, negative_ttl=1.0) as attributor,
+        Attributor(CgroupIndex(cgroup2), metadata, ttl=3600, negative_ttl=1.0,
+                   removed_grace=1.0) as attributor,
     ):
         cgid = container.cgroup_id
         wait_for_container(attributor, cgid)
@@ -1135,7 +1302,9 @@ def test_docker_event_watcher_follows_and_stops_promptly(docker_ok: None, bb_ima
             assert time.monotonic() - stopping < 2.0
     assert events[0] == ContainerEvent(ContainerEventAction.RESYNC, None)
     assert not watcher.connected
-    start = next(e for e in events if e.action is ContainerEventAction.START)
+    # other containers (parallel tests) may start meanwhile: this one's event
+    start = next(e for e in events
+                 if e.action is ContainerEventAction.START and e.container_id == container.id)
     assert start.name == container.name
     assert start.time is not None and abs(start.time - time.time()) < 60
 

@@ -14,6 +14,7 @@ import pytest
 from driftwarden.agent.control import SOCKET_NAME, BaselineService, ControlServer, LiveProfiles
 from driftwarden.agent.detect import Detector, DetectorConfig
 from driftwarden.core.modes import Mode
+from driftwarden.core.records import Program
 from driftwarden.models.items import ConnectItem, ExecItem, ItemSet, WriteItem
 from driftwarden.models.profile import LearningPolicy, Profile, ProfileStore
 
@@ -144,8 +145,7 @@ def running_agent(tmp_path):
         def emit(self, alert):
             raise AssertionError("no alerts expected")
 
-    detector = Detector(DetectorConfig(), store, NoAlerts(), exe_of=lambda _t: None,
-                        layers_of=lambda _c, _t: None)
+    detector = Detector(DetectorConfig(), store, NoAlerts(), layers_of=lambda _c, _t: None)
     lock = threading.Lock()
     with ControlServer(BaselineService(LiveProfiles(detector), store), tmp_path, lock):
         yield detector, store
@@ -209,11 +209,12 @@ def test_accept_a_novel_alert_through_the_running_agent(tmp_path):
     image_id = VIEW.image_id
     profile = Profile(image_id=image_id, image_name=VIEW.image, items=ItemSet(), created_at=T0)
     profile.set_mode(Mode.MONITOR, reason="test", who="test", now=T0)
+    profile.starts_seen = True  # its image's start is known: a new container's is checked
     store.save(profile)
     sink = ListAlertSink()
-    detector = Detector(DetectorConfig(), store, sink, exe_of=lambda _t: None,
-                        layers_of=lambda _c, _t: None)
-    detector.write(exec_record())  # /tmp/x run by a process whose parent is unknown
+    detector = Detector(DetectorConfig(), store, sink, layers_of=lambda _c, _t: None)
+    started_by_sh = exec_record()._replace(parent_program=Program("/bin/sh", "sh"))
+    detector.write(started_by_sh)  # a shell runs /tmp/x
     novel = [a for a in sink.alerts if a.kind.value == "novel"]
     assert {r.code for a in novel for r in a.reasons} == {"new-exec", "new-lineage"}
     exec_alert = next(a for a in novel if a.reasons[0].code == "new-exec")
@@ -228,7 +229,7 @@ def test_accept_a_novel_alert_through_the_running_agent(tmp_path):
         assert "no recent alert '000000000000000000000000' in this agent" in again.stderr
 
     before = len(sink.alerts)
-    detector.write(exec_record())
+    detector.write(started_by_sh)
     fresh = [a.reasons[0].code for a in sink.alerts[before:]]
     assert fresh == ["new-lineage"]  # the exec is learned; its lineage was not accepted
     assert store.load(image_id).history[-1]["reason"] == f"accepted alert {exec_alert.id}"

@@ -54,7 +54,9 @@ def make_alert(n: int, *, blob: int = 0, count: int = 1) -> Alert:
         reasons=(AlertReason("exec-added-binary", "ran /tmp/x, which the image does not contain",
                              (("path", "/tmp/x"), ("layers", ("upper",)))),),
         container={"id": CID, "name": "web", "image": "nginx:1.25", "image_id": IMAGE_ID,
-                   "pod": None, "namespace": None, "labels": {}},
+                   "image_digest": None, "pod": "web-0", "namespace": "shop",
+                   "pod_uid": "4f0ab913-49bd-4781-bd74-62f4d49f3374",
+                   "workload": "StatefulSet/web", "labels": {}},
         process={"pid": 4242, "ppid": 4000, "exe": "/tmp/x", "argv": ["./x", "-c"], "uid": 0,
                  "comm": "x"},
         events=events if blob else (), baseline_version=7, count=count)
@@ -730,7 +732,8 @@ def test_live_agent_lists_its_containers_and_pauses_one_for_the_collector(kernel
             assert "error" not in outcome, outcome
             assert collector.wait_for(listing_box, timeout=30)
             beat = listing_box()[-1]
-            assert {c.kind for c in beat.counters} == {"exec", "connect", "file", "chdir"}
+            assert {c.kind for c in beat.counters} == {"exec", "connect", "file", "chdir",
+                                                       "fork", "exit", "exec_repeat"}
             [entry] = [c for c in beat.containers if c.id == box.id]
             assert (entry.name, entry.node) == (box.name, NODE)
             assert entry.image.id.startswith("sha256:")

@@ -25,6 +25,8 @@ def one_line(result) -> str:
     (["--state-dir", "/tmp/x", "--window", "0"], "argument --window: must be > 0"),
     (["--state-dir", "/tmp/x", "--learn-for", "soon"], "expected a number of seconds"),
     (["--state-dir", "/tmp/x", "--startup-grace", "-1"], "argument --startup-grace: must be >= 0"),
+    (["--state-dir", "/tmp/x", "--incident-window", "-1"],
+     "argument --incident-window: must be >= 0"),
     (["--state-dir", "/tmp/x", "--window", "nan"], "argument --window: must be > 0, got nan"),
     (["--state-dir", "/tmp/x", "--learn-for", "inf"], "argument --learn-for: must be > 0, got inf"),
     (["--state-dir", "/tmp/x", "--collector", "127.0.0.1:1", "--heartbeat", "0"],

@@ -114,6 +114,10 @@ def test_a_batch_with_one_bad_alert_stores_nothing(store):
     ({"node": ""}, "'node' must be the agent's node name"),
     ({"count": 0}, "'count' must be an integer >= 1"),
     ({"container": {"id": 7}}, "'container.id' must be a string or null"),
+    ({"container": {"pod_uid": 7}}, "'container.pod_uid' must be a string or null"),
+    ({"container": {"workload": ["Deployment", "web"]}},
+     "'container.workload' must be a string or null"),
+    ({"container": {"image_digest": {}}}, "'container.image_digest' must be a string or null"),
     ({"first_seen": 2000.0}, "'first_seen' \\(2000.0\\) is after 'last_seen'"),
     ({"extra": object()}, "not JSON-serialisable"),
 ])

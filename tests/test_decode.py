@@ -25,8 +25,11 @@ from driftwarden.probes.events import (
     ConnectEvent,
     ConnectResult,
     ExecEvent,
+    ExecRepeatEvent,
+    ExitEvent,
     Family,
     FileEvent,
+    ForkEvent,
     Header,
     SockType,
 )
@@ -45,7 +48,10 @@ HEADER_DEFAULTS = {
     "gid": 1001,
     "suppressed": 0,
     "comm": "sh",
+    "start_ns": 0,
+    "parent_start_ns": 0,
 }
+KIND_OFFSET = LIMITS.offsets("dw_event_header")["kind"]
 
 
 # -- record builder (shared with tests/test_pipeline_unit.py) -----------------
@@ -61,7 +67,8 @@ def expected_header(kind: EventKind, **hdr) -> Header:
     v = header_values(kind, **hdr)
     return Header(kind=kind, ts_ns=v["ts_ns"], cgroup_id=v["cgroup_id"], pid=v["pid"],
                   tgid=v["tgid"], ppid=v["ppid"], uid=v["uid"], gid=v["gid"], comm=v["comm"],
-                  flags=Flag(v["flags"]), suppressed=v["suppressed"])
+                  flags=Flag(v["flags"]), suppressed=v["suppressed"], start_ns=v["start_ns"],
+                  parent_start_ns=v["parent_start_ns"])
 
 
 def _pack(limits: Limits, name: str, kind: EventKind, hdr: dict, fields: dict,
@@ -76,8 +83,9 @@ def _pack(limits: Limits, name: str, kind: EventKind, hdr: dict, fields: dict,
             buf[offsets[field] : offsets[field] + size] = bytes([STALE]) * size
     v = header_values(kind, **hdr)
     comm = v["comm"].encode() if isinstance(v["comm"], str) else v["comm"]
-    HEADER_STRUCT.pack_into(buf, 0, v["ts_ns"], v["cgroup_id"], v["kind"], v["flags"], v["pid"],
-                            v["tgid"], v["ppid"], v["uid"], v["gid"], v["suppressed"], 0, comm)
+    HEADER_STRUCT.pack_into(buf, 0, v["ts_ns"], v["cgroup_id"], v["start_ns"],
+                            v["parent_start_ns"], v["kind"], v["flags"], v["pid"], v["tgid"],
+                            v["ppid"], v["uid"], v["gid"], v["suppressed"], 0, comm)
     for field, value in fields.items():
         struct.pack_into("<" + formats[field], buf, offsets[field], value)
     for field, data in buffers.items():
@@ -92,7 +100,7 @@ def _c(s: bytes | str) -> bytes:
 def exec_record(filename: bytes | str, argv: list[bytes | str], *, retval: int = 0,
                 dirfd: int = AT_FDCWD, limits: Limits = LIMITS, argc: int | None = None,
                 args_size: int | None = None, filename_len: int | None = None,
-                cut: int | None = None, **hdr) -> bytes:
+                cut: int | None = None, dedup_key: int = 0, **hdr) -> bytes:
     fname = _c(filename) + b"\0"
     blob = b"".join(_c(a) + b"\0" for a in argv)
     args_size = len(blob) if args_size is None else args_size
@@ -101,6 +109,7 @@ def exec_record(filename: bytes | str, argv: list[bytes | str], *, retval: int =
         "argc": len(argv) if argc is None else argc,
         "args_size": args_size,
         "filename_len": len(fname) if filename_len is None else filename_len,
+        "dedup_key": dedup_key,
     }
     length = limits.offsets("dw_exec_event")["args"] + min(args_size, limits.args_size)
     if cut is not None:
@@ -158,6 +167,28 @@ def chdir_record(path: bytes | str | None, *, fd: int = -1, retval: int = 0,
                  length if cut is None else cut)
 
 
+def fork_record(child_tgid: int, child_start_ns: int, *, limits: Limits = LIMITS,
+                cut: int | None = None, **hdr) -> bytes:
+    """A fork: the header is the parent's (tgid, start_ns, ...)."""
+    fields = {"child_start_ns": child_start_ns, "child_tgid": child_tgid}
+    size = limits.size("dw_fork_event")
+    return _pack(limits, "dw_fork_event", EventKind.FORK, hdr, fields, {},
+                 size if cut is None else cut)
+
+
+def exec_repeat_record(dedup_key: int, *, retval: int = 0, limits: Limits = LIMITS,
+                       cut: int | None = None, **hdr) -> bytes:
+    """A suppressed successful exec: the exec'ing process's header and the repeated exec's key."""
+    size = limits.size("dw_exec_repeat_event")
+    return _pack(limits, "dw_exec_repeat_event", EventKind.EXEC_REPEAT, hdr,
+                 {"dedup_key": dedup_key, "retval": retval}, {}, size if cut is None else cut)
+
+
+def exit_record(*, limits: Limits = LIMITS, **hdr) -> bytes:
+    return _pack(limits, "dw_exit_event", EventKind.EXIT, hdr, {}, {},
+                 limits.size("dw_exit_event"))
+
+
 def ipv4(text: str) -> bytes:
     return bytes(int(x) for x in text.split("."))
 
@@ -171,7 +202,7 @@ def test_builder_follows_the_layout():
     assert len(raw) == off["args"] + len(b"ls\0-l\0")
     assert raw[off["filename"] : off["filename"] + 8] == b"/bin/ls\0"
     assert raw[off["filename"] + 8] == STALE
-    assert HEADER_STRUCT.unpack_from(raw)[:3] == (5_000_000_000, 4242, 1)
+    assert HEADER_STRUCT.unpack_from(raw)[:5] == (5_000_000_000, 4242, 0, 0, 1)
     assert struct.unpack_from("<iiHHH", raw, HEADER_SIZE) == (0, AT_FDCWD, 2, 6, 8)
 
 
@@ -480,6 +511,67 @@ def test_fchdir(decoder):
                                path=None, fd=5, retval=0)
 
 
+# -- fork, exit ---------------------------------------------------------------
+
+
+def test_fork(decoder):
+    raw = fork_record(4243, 9_000_000_123, tgid=4242, pid=4242, ppid=4000, start_ns=8_000,
+                      parent_start_ns=7_000, comm="sh")
+    assert len(raw) == LIMITS.size("dw_fork_event") == HEADER_SIZE + 16
+    event = decoder.decode(raw)
+    assert event == ForkEvent(
+        header=expected_header(EventKind.FORK, tgid=4242, pid=4242, ppid=4000, start_ns=8_000,
+                               parent_start_ns=7_000),
+        child_tgid=4243, child_start_ns=9_000_000_123)
+    assert dict(decoder.decoded) == {"fork": 1}
+
+
+def test_exit(decoder):
+    raw = exit_record(tgid=4243, pid=4243, ppid=4242, start_ns=9_000_000_123,
+                      parent_start_ns=8_000, comm="true")
+    assert len(raw) == HEADER_SIZE == 80
+    event = decoder.decode(raw)
+    assert event == ExitEvent(header=expected_header(
+        EventKind.EXIT, tgid=4243, pid=4243, ppid=4242, start_ns=9_000_000_123,
+        parent_start_ns=8_000, comm="true"))
+    assert (event.header.tgid, event.header.start_ns) == (4243, 9_000_000_123)
+    assert dict(decoder.decoded) == {"exit": 1}
+
+
+def test_exec_carries_its_dedup_key(decoder):
+    event = decoder.decode(exec_record("/app/job.sh", ["job.sh"], dedup_key=2**64 - 3))
+    assert (event.filename, event.argv, event.dedup_key) == ("/app/job.sh", ("job.sh",),
+                                                             2**64 - 3)
+
+
+def test_exec_repeat(decoder):
+    raw = exec_repeat_record(0xDEADBEEF_12345678, tgid=4300, pid=4300, ppid=4242,
+                             start_ns=9_500, parent_start_ns=8_000, comm="job.sh")
+    assert len(raw) == LIMITS.size("dw_exec_repeat_event") == HEADER_SIZE + 16
+    event = decoder.decode(raw)
+    assert event == ExecRepeatEvent(
+        header=expected_header(EventKind.EXEC_REPEAT, tgid=4300, pid=4300, ppid=4242,
+                               start_ns=9_500, parent_start_ns=8_000, comm="job.sh"),
+        dedup_key=0xDEADBEEF_12345678, retval=0)
+    assert dict(decoder.decoded) == {"exec_repeat": 1}
+
+
+def test_exec_repeat_short(decoder):
+    _bad(decoder, exec_repeat_record(1, cut=HEADER_SIZE + 8), "exec_repeat:short-exec-repeat")
+
+
+def test_fork_short(decoder):
+    _bad(decoder, fork_record(5, 1, cut=HEADER_SIZE + 12), "fork:short-fork")
+
+
+def test_fork_without_child(decoder):
+    _bad(decoder, fork_record(0, 1), "fork:fork-child")
+
+
+def test_exit_short_is_a_short_header(decoder):
+    _bad(decoder, exit_record()[:-1], "unknown:short-header")
+
+
 # -- malformed ----------------------------------------------------------------
 
 
@@ -497,10 +589,10 @@ def test_empty_record(decoder):
     _bad(decoder, b"", "unknown:short-header")
 
 
-@pytest.mark.parametrize("kind", [0, 5, 99, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 8, 99, 0xFFFF])
 def test_unknown_kind(decoder, kind):
     raw = bytearray(exec_record("/bin/ls", ["ls"]))
-    struct.pack_into("<H", raw, 16, kind)
+    struct.pack_into("<H", raw, KIND_OFFSET, kind)
     _bad(decoder, bytes(raw), f"kind-{kind}:unknown-kind")
 
 
@@ -596,26 +688,33 @@ def test_decoding_continues_after_errors(decoder):
     good2 = file_record(FileOp.UNLINK, "/tmp/x", tgid=2)
     good3 = connect_record(family=2, addr=ipv4("8.8.8.8"), port=53, tgid=3)
     good4 = chdir_record("/", tgid=4)
+    good5 = fork_record(6, 60, tgid=5)
+    good6 = exit_record(tgid=6, start_ns=60)
     bad_kind = bytearray(good1)
-    struct.pack_into("<H", bad_kind, 16, 42)
+    struct.pack_into("<H", bad_kind, KIND_OFFSET, 42)
     records = [b"\x00" * 10, good1, bytes(bad_kind), file_record(77, "/x"), good2,
-               good1[:-1], good3, chdir_record("/x", path_len=9999), good4]
+               good1[:-1], good3, chdir_record("/x", path_len=9999), good4, good5[:-1], good5,
+               good6]
     events = decoder.decode_many(records)
-    assert [e.header.tgid for e in events] == [1, 2, 3, 4]
-    assert [type(e) for e in events] == [ExecEvent, FileEvent, ConnectEvent, ChdirEvent]
+    assert [e.header.tgid for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [type(e) for e in events] == [ExecEvent, FileEvent, ConnectEvent, ChdirEvent,
+                                         ForkEvent, ExitEvent]
     assert dict(decoder.errors) == {
         "unknown:short-header": 1, "kind-42:unknown-kind": 1, "file:file-op-77": 1,
-        "exec:short-exec-args": 1, "chdir:chdir-length": 1,
+        "exec:short-exec-args": 1, "chdir:chdir-length": 1, "fork:short-fork": 1,
     }
-    assert dict(decoder.decoded) == {"exec": 1, "file": 1, "connect": 1, "chdir": 1}
+    assert dict(decoder.decoded) == {"exec": 1, "file": 1, "connect": 1, "chdir": 1,
+                                     "fork": 1, "exit": 1}
 
 
 def test_header_fields_and_comm(decoder):
     raw = file_record(FileOp.OPEN, "/x", ts_ns=2**63 + 5, cgroup_id=2**64 - 1, pid=7, tgid=8,
-                      ppid=9, uid=2**32 - 1, gid=0, suppressed=12, comm="a" * 16)
+                      ppid=9, uid=2**32 - 1, gid=0, suppressed=12, comm="a" * 16,
+                      start_ns=2**64 - 2, parent_start_ns=2**63 + 1)
     h = decoder.decode(raw).header
     assert (h.ts_ns, h.cgroup_id, h.pid, h.tgid, h.ppid, h.uid, h.gid, h.suppressed) == (
         2**63 + 5, 2**64 - 1, 7, 8, 9, 2**32 - 1, 0, 12)
+    assert (h.start_ns, h.parent_start_ns) == (2**64 - 2, 2**63 + 1)
     assert h.comm == "a" * 16  # comm fills all 16 bytes: no NUL, still decoded whole
     assert h.kind is EventKind.FILE
     assert decoder.decode(file_record(FileOp.OPEN, "/x", comm="runc:[2:INIT]")).header.comm == (

@@ -9,8 +9,9 @@ from the objects that fill them: the Secrets that scripts/k8s-secrets.sh makes f
 collector is then started from its config on loopback and health-checked with the agent
 Secret's files under the name the DaemonSet dials.
 
-Not covered here: building the image (no registry), the kubelet and API server themselves
-(scheduling, DNS, PVC provisioning, fsGroup ownership), and the agent's probes (BPF, Docker).
+Not covered here: the kubelet and API server themselves (scheduling, DNS, PVC provisioning,
+fsGroup ownership). tests/test_image.py builds deploy/Dockerfile and runs the image as these
+manifests run it; tests/test_helm.py renders the Helm chart.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from driftwarden.agent.command import channel_config, options_from_args
 from driftwarden.cli.main import build_parser
 from driftwarden.collector.command import config_from_args
@@ -40,145 +40,31 @@ from driftwarden.core.tls import certificate_identity
 from driftwarden.ops.certs import CertBundle, init_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.k8s import (
+    DEPLOY,
+    ENTRYPOINT_WRAPPER,
+    NAMESPACE,
+    SERVICE_HOST,
+    Pod,
+    agent_options,
+    cli_args,
+    container_env,
+    dockerfile,
+    exec_form,
+    final_stage,
+    find,
+    load,
+    only,
+    pod_of,
+    run_secrets_script,
+    secrets_of,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
 SCRIPT = REPO / "scripts" / "k8s-secrets.sh"
 MANIFESTS = ("daemonset.yaml", "collector.yaml")
-NAMESPACE = "driftwarden"
-SERVICE_HOST = "driftwarden-collector.driftwarden.svc"
 NODES = ["node-a", "node-b.example"]
 NODE = NODES[1]  # the node the pod under test is scheduled on
-_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-
-
-# -- reading the files ---------------------------------------------------------------------------
-
-
-def load(name: str) -> list[dict[str, Any]]:
-    with open(DEPLOY / name, encoding="utf-8") as f:
-        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
-
-
-def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
-    return found[0]
-
-
-def only(items: list[dict[str, Any]]) -> dict[str, Any]:
-    assert len(items) == 1, items
-    return items[0]
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) per instruction, continuation lines joined, comments dropped."""
-    text = (DEPLOY / "Dockerfile").read_text()
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines()
-                                           if not line.lstrip().startswith("#")))
-    out = []
-    for line in joined.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def exec_form(instructions: list[tuple[str, str]], word: str) -> list[str]:
-    value = yaml.safe_load(only([{"v": rest} for w, rest in instructions if w == word])["v"])
-    assert isinstance(value, list), f"{word} must be in exec form (a JSON list)"
-    return value
-
-
-# -- what the kubelet does with a container --------------------------------------------------------
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in args: a defined VAR is replaced, `$$` is a literal `$`,
-    anything else stays as written."""
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        return env.get(match.group(1), match.group(0))
-    return _VAR.sub(one, text)
-
-
-def container_env(container: dict[str, Any], node: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = expand(var["value"], env)
-        else:
-            field = var["valueFrom"]["fieldRef"]["fieldPath"]
-            assert field == "spec.nodeName", f"env {var['name']}: unexpected source {field}"
-            env[var["name"]] = node
-    return env
-
-
-def argv(container: dict[str, Any], node: str, image_entrypoint: list[str]) -> list[str]:
-    """The command line the container runs (the image's ENTRYPOINT unless `command` is set)."""
-    env = container_env(container, node)
-    command = container.get("command", image_entrypoint)
-    line = [expand(word, env) for word in [*command, *container.get("args", [])]]
-    left = [word for word in line if "$(" in word]
-    assert not left, f"undefined variables left in {container['name']}'s args: {left}"
-    return line
-
-
-class Pod:
-    """A pod spec's volumes materialised under `root`, and its paths mapped there."""
-
-    def __init__(self, spec: dict[str, Any], container: dict[str, Any],
-                 objects: list[dict[str, Any]], root: Path) -> None:
-        self.spec = spec
-        self.container = container
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        self.mounts: dict[str, Path] = {}  # mountPath -> local directory or file
-        for mount in container.get("volumeMounts", []):
-            assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
-            local = root / mount["name"]
-            _fill(volumes[mount["name"]], local, objects)
-            self.mounts[mount["mountPath"]] = local
-
-    def local(self, path: str) -> Path:
-        """Where `path` (absolute, in the container) is under the materialised volumes."""
-        for mount_path in sorted(self.mounts, key=len, reverse=True):
-            if path == mount_path or path.startswith(mount_path.rstrip("/") + "/"):
-                return self.mounts[mount_path] / path[len(mount_path):].lstrip("/")
-        raise AssertionError(f"{path} is on no volume of {self.container['name']}: it would "
-                             f"not exist in the image or not survive the pod")
-
-    def localise(self, words: list[str]) -> list[str]:
-        return [str(self.local(w)) if w.startswith("/") else w for w in words]
-
-
-def _fill(volume: dict[str, Any], local: Path, objects: list[dict[str, Any]]) -> None:
-    if "secret" in volume:
-        data = {k: base64.b64decode(v) for k, v in
-                find(objects, "Secret", volume["secret"]["secretName"])["data"].items()}
-    elif "configMap" in volume:
-        data = {k: v.encode() for k, v in
-                find(objects, "ConfigMap", volume["configMap"]["name"])["data"].items()}
-    elif "persistentVolumeClaim" in volume:
-        find(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
-        data = {}
-    elif "hostPath" in volume or "emptyDir" in volume:
-        if volume.get("hostPath", {}).get("type") in ("Socket", "File"):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.touch()  # stands for the host's file
-            return
-        data = {}
-    else:
-        raise AssertionError(f"volume {volume['name']}: unexpected type {sorted(volume)}")
-    local.mkdir(parents=True)
-    for key, value in data.items():
-        assert "/" not in key, f"volume {volume['name']}: key {key!r}"
-        (local / key).write_bytes(value)
-
-
-def pod_of(docs: list[dict[str, Any]], kind: str, name: str) -> tuple[dict, dict]:
-    workload = find(docs, kind, name)
-    spec = workload["spec"]["template"]["spec"]
-    return workload, spec
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -192,16 +78,12 @@ def bundle(tmp_path_factory) -> CertBundle:
                       collector_names=[SERVICE_HOST])
 
 
-def run_script(directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), str(directory)], capture_output=True, text=True,
-                          timeout=60, check=False)
+run_script = run_secrets_script
 
 
 @pytest.fixture(scope="module")
 def secrets(bundle: CertBundle) -> list[dict[str, Any]]:
-    done = run_script(bundle.directory)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+    return secrets_of(bundle.directory)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +94,7 @@ def cluster(secrets: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def entrypoint() -> list[str]:
-    return exec_form(dockerfile(), "ENTRYPOINT")
+    return exec_form(final_stage(dockerfile()), "ENTRYPOINT")
 
 
 # -- every file ---------------------------------------------------------------------------------
@@ -244,6 +126,10 @@ def test_dockerfile_copies_every_package_dir_and_runs_the_cli(entrypoint: list[s
     setuptools = pyproject["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"driftwarden": "."}  # import name = place on disk
     instructions = dockerfile()
+    stages = [rest.split() for word, rest in instructions if word == "FROM"]
+    # runtime (Debian, bcc, headers) < deps (Python packages) < wheel (the project) ; the image
+    assert stages == [["debian:bookworm-slim", "AS", "runtime"], ["runtime", "AS", "deps"],
+                      ["deps", "AS", "wheel"], ["deps"]]
     copies = [shlex.split(rest) for word, rest in instructions if word == "COPY"]
     copied_as_is = {src.rstrip("/") for *srcs, dst in copies for src in srcs
                     if len(srcs) == 1 and src.rstrip("/") == dst.rstrip("/")}
@@ -254,21 +140,51 @@ def test_dockerfile_copies_every_package_dir_and_runs_the_cli(entrypoint: list[s
         assert top in copied_as_is, f"{package} is not copied to ./{top}"
     assert {"core", "agent", "probes", "models", "collector", "ops", "cli", "proto"} \
         <= copied_as_is
-    # `pip install .` needs the project files, and `python -m driftwarden` the root's __main__
+    # `pip wheel .` needs the project files, and `python -m driftwarden` the root's __main__
     assert ["pyproject.toml", "README.md", "__main__.py", "./"] in copies
     steps = [word for word, _ in instructions]
-    last_copy = max(i for i, w in enumerate(steps) if w == "COPY")
-    install = next(i for i, (w, rest) in enumerate(instructions)
-                   if w == "RUN" and "pip install" in rest)
-    assert install > last_copy, "pip install runs before every package is copied"
-    assert entrypoint == list(pyproject["project"]["scripts"])  # ["driftwarden"]
+    last_source_copy = max(i for i, (w, rest) in enumerate(instructions)
+                           if w == "COPY" and "--from" not in rest and "deploy/" not in rest)
+    wheel = next(i for i, (w, rest) in enumerate(instructions)
+                 if w == "RUN" and "pip wheel" in rest)
+    assert wheel > last_source_copy, "the wheel is built before every package is copied"
+    assert steps.index("FROM", wheel) == max(i for i, w in enumerate(steps) if w == "FROM")
+    # the image runs the project's one script, through deploy/entrypoint.sh
+    assert entrypoint == [ENTRYPOINT_WRAPPER]
+    assert ["deploy/entrypoint.sh", ENTRYPOINT_WRAPPER] in copies
+    script = (DEPLOY / "entrypoint.sh").read_text()
+    assert script.rstrip().endswith('exec driftwarden "$@"')
+    assert list(pyproject["project"]["scripts"]) == ["driftwarden"]
+    assert (DEPLOY / "entrypoint.sh").stat().st_mode & 0o111, "entrypoint.sh must be executable"
 
-    cmd = exec_form(instructions, "CMD")
+    cmd = exec_form(final_stage(instructions), "CMD")
     args = build_parser().parse_args(cmd)
     assert args.command == "agent"
     options = options_from_args(args)
     assert channel_config(options) is None  # no collector: alerts as JSON lines on stdout
     assert options.alerts_file == "-"
+
+
+def test_dockerignore_lets_through_what_the_dockerfile_copies() -> None:
+    """The build context is the repository root; .dockerignore sends only what is copied (a
+    COPY of a path it leaves out fails the build)."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    sources = {src.rstrip("/") for word, rest in dockerfile() if word == "COPY"
+               and "--from" not in rest for src in shlex.split(rest)[:-1]}
+    assert sources - allowed == set()  # each would fail the build
+    assert allowed - sources == set()  # nothing else is sent
+
+
+def test_dockerfile_and_setup_install_the_same_cri_stubs() -> None:
+    """The CRI stubs are outside pyproject.toml (installed with --no-deps): the image and the
+    development host must take the same version."""
+    pin = re.compile(r"container-runtime-interface-api==([0-9.]+)")
+    in_image = pin.findall((DEPLOY / "Dockerfile").read_text())
+    on_host = pin.findall((REPO / "scripts" / "setup-host.sh").read_text())
+    assert len(set(in_image)) == 1 and set(in_image) == set(on_host), (in_image, on_host)
 
 
 def test_policy_configmap_is_the_example_policy(tmp_path: Path) -> None:
@@ -366,35 +282,53 @@ def test_agent_pod_is_privileged_with_its_host_mounts() -> None:
         daemonset["spec"]["template"]["metadata"]["labels"]
     assert spec["hostPID"] is True
     assert spec.get("hostNetwork", False) is False  # it dials the Service through cluster DNS
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["tolerations"] == [{"operator": "Exists"}]  # every node
     container = only(spec["containers"])
     assert container["securityContext"] == {"privileged": True}
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert sorted(m["name"] for m in mounts.values()) == sorted(volumes)  # none unused
-    for path in ("/sys", "/lib/modules", "/usr/src", "/var/run/docker.sock"):
-        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path, path
-    assert volumes[mounts["/var/run/docker.sock"]["name"]]["hostPath"]["type"] == "Socket"
-    # baselines and the spool live on the host: they survive pod restarts and upgrades
-    state = volumes[mounts["/var/lib/driftwarden"]["name"]]
-    assert state["hostPath"] == {"path": "/var/lib/driftwarden/agent",
-                                 "type": "DirectoryOrCreate"}
+    # from the node: /sys, the BPF file system, the runtimes' sockets (the folder they are
+    # in), and the agent's own state; nothing else (no /lib/modules, no /usr/src: the image
+    # carries its kernel headers)
+    host_paths = {path: volumes[m["name"]]["hostPath"] for path, m in mounts.items()
+                  if "hostPath" in volumes[m["name"]]}
+    assert host_paths == {
+        "/sys": {"path": "/sys", "type": "Directory"},
+        "/sys/fs/bpf": {"path": "/sys/fs/bpf", "type": "Directory"},
+        "/run": {"path": "/run", "type": "Directory"},
+        "/var/lib/driftwarden": {"path": "/var/lib/driftwarden/agent",
+                                 "type": "DirectoryOrCreate"},
+    }
+    # the sockets' folder: read-only, and a runtime's new socket shows up after its restart
+    assert mounts["/run"]["readOnly"] is True
+    assert mounts["/run"]["mountPropagation"] == "HostToContainer"
     assert mounts["/etc/driftwarden/tls"]["readOnly"] is True
     assert container_env(container, "n1") == {"NODE_NAME": "n1"}
     assert not container.get("ports")  # the metrics listen on loopback: nothing to expose
 
 
+def test_agent_finds_every_usual_runtime_socket_on_its_mounts() -> None:
+    """The sockets the agent probes when no --runtime-endpoint is given (containerd, CRI-O,
+    Docker, podman) are all on the pod's mounts, at the paths the agent asks."""
+    from driftwarden.agent.runtimes.registry import DEFAULT_ENDPOINTS
+
+    _, spec = pod_of(load("daemonset.yaml"), "DaemonSet", "driftwarden-agent")
+    container = only(spec["containers"])
+    assert "--runtime-endpoint" not in container["args"]
+    mounted = [m["mountPath"] for m in container["volumeMounts"]]
+    for url in DEFAULT_ENDPOINTS:
+        # /var/run is a link to /run in the image (Debian's layout)
+        path = url.removeprefix("unix://").replace("/var/run/", "/run/", 1)
+        assert any(path.startswith(m.rstrip("/") + "/") for m in mounted), url
+
+
 def test_agent_args_pass_the_cli_and_the_agent_validation(cluster: list[dict[str, Any]],
                                                           entrypoint: list[str],
                                                           tmp_path: Path) -> None:
-    _, spec = pod_of(cluster, "DaemonSet", "driftwarden-agent")
-    container = only(spec["containers"])
-    pod = Pod(spec, container, cluster, tmp_path)
-    line = argv(container, NODE, entrypoint)
-    assert line[0] == "driftwarden"
-    args = build_parser().parse_args(pod.localise(line[1:]))
-    assert args.command == "agent"
-    options = options_from_args(args)
-    config = channel_config(options)  # reads the TLS files from the materialised Secret
+    pod, options, config = agent_options(cluster, "driftwarden-agent", NODE, entrypoint,
+                                         tmp_path)
     tls = pod.local("/etc/driftwarden/tls")
     assert (config.address, config.node) == (f"{SERVICE_HOST}:50051", NODE)
     assert (config.tls.cert, config.tls.key, config.tls.ca) == (
@@ -412,7 +346,7 @@ def test_agent_on_a_node_without_a_certificate_fails_clearly(
     _, spec = pod_of(cluster, "DaemonSet", "driftwarden-agent")
     container = only(spec["containers"])
     pod = Pod(spec, container, cluster, tmp_path)
-    args = build_parser().parse_args(pod.localise(argv(container, "node-new", entrypoint)[1:]))
+    args = build_parser().parse_args(pod.localise(cli_args(container, "node-new", entrypoint)))
     with pytest.raises(UsageError) as err:
         channel_config(options_from_args(args))
     cert = pod.local("/etc/driftwarden/tls/node-new.crt")
@@ -449,8 +383,8 @@ def test_collector_args_pass_the_cli_and_the_collector_validation(
     _, spec = pod_of(cluster, "Deployment", "driftwarden-collector")
     container = only(spec["containers"])
     pod = Pod(spec, container, cluster, tmp_path)
-    line = argv(container, NODE, entrypoint)
-    args = build_parser().parse_args(pod.localise(line[1:]))
+    line = cli_args(container, NODE, entrypoint)
+    args = build_parser().parse_args(pod.localise(line))
     assert args.command == "collector"
     config = config_from_args(args)  # reads the TLS files, loads the policy, checks the db dir
     tls = pod.local("/etc/driftwarden/tls")
@@ -467,7 +401,7 @@ def test_collector_args_pass_the_cli_and_the_collector_validation(
     metrics_host, metrics_port = config.metrics_address
     assert is_loopback(metrics_host) and metrics_port != port
     # listening beyond loopback is refused without TLS: the manifest's TLS flags are needed
-    plain = pod.localise(line[1:])
+    plain = pod.localise(line)
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
         at = plain.index(flag)
         del plain[at:at + 2]
@@ -482,7 +416,7 @@ def running_collector(cluster: list[dict[str, Any]], entrypoint: list[str],
     _, spec = pod_of(cluster, "Deployment", "driftwarden-collector")
     container = only(spec["containers"])
     pod = Pod(spec, container, cluster, tmp_path / "collector")
-    args = build_parser().parse_args(pod.localise(argv(container, NODE, entrypoint)[1:]))
+    args = build_parser().parse_args(pod.localise(cli_args(container, NODE, entrypoint)))
     config = dataclasses.replace(config_from_args(args), listen="127.0.0.1:0",
                                  metrics_listen="127.0.0.1:0")
     with CollectorServer(config) as server:
@@ -499,7 +433,7 @@ def test_agent_secret_reaches_the_collector_by_its_service_name(
     container = only(spec["containers"])
     pod = Pod(spec, container, cluster, tmp_path / "agent")
     config = channel_config(options_from_args(build_parser().parse_args(
-        pod.localise(argv(container, NODE, entrypoint)[1:]))))
+        pod.localise(cli_args(container, NODE, entrypoint)))))
     dialled_host = config.address.rpartition(":")[0]
     assert dialled_host == SERVICE_HOST
     # the agent's own dial, with its TLS files, to where the Service would route

@@ -10,23 +10,37 @@ from pathlib import Path
 
 from driftwarden.agent.alerts import ListAlertSink
 from driftwarden.agent.detect import Detector, DetectorConfig
-from driftwarden.agent.pipeline import ReplayAttribution, ReplayProcReader, TracePipeline
+from driftwarden.agent.pipeline import (
+    SNAPSHOT_FACT,
+    ReplayAttribution,
+    ReplayProcReader,
+    TracePipeline,
+)
+from driftwarden.agent.procfs import ProcessSnapshot
 from driftwarden.core.modes import Mode
-from driftwarden.core.records import ContainerView
+from driftwarden.core.records import ContainerView, TraceRecord
 from driftwarden.models.drift import Layers
 from driftwarden.models.items import ItemSet
 from driftwarden.models.profile import LearningPolicy, ProfileStore
 from driftwarden.probes._layout import FileOp, Limits
 from driftwarden.probes.capture import CaptureWriter, ReplayCapture
 
-from tests.test_decode import connect_record, exec_record, file_record
+from tests.test_decode import connect_record, exec_record, exit_record, file_record, fork_record
 
 CG, UNKNOWN_CG = 4242, 9999
 CID = "c" * 64
 IMAGE_ID = "sha256:" + "e" * 64
+# running since long before the recordings (a container whose start time the runtime did not
+# tell, first seen by an exec, would be a new one starting: tests/test_startup.py)
 VIEW = ContainerView(state="container", cgroup_id=CG, id=CID, name="web", image="shop/web:1",
-                     image_id=IMAGE_ID, runtime="docker")
+                     image_id=IMAGE_ID, runtime="docker", started_at=-1000.0)
 SECOND = 1_000_000_000
+# what ran when the recordings began: a shell (900) and its five busybox httpd workers
+RUNNING = [ProcessSnapshot(tgid=900, ppid=1, start_ticks=5, exe="/bin/busybox", argv=("sh",),
+                           cwd="/", cgroup_id=CG)] + [
+    ProcessSnapshot(tgid=tgid, ppid=900, start_ticks=6, exe="/bin/busybox",
+                    argv=("httpd", "-f"), cwd="/www", cgroup_id=CG)
+    for tgid in range(1000, 1005)]
 
 
 def _normal(t0_s: float, seconds: int) -> list[bytes]:
@@ -67,8 +81,7 @@ def _capture(path: Path, raws: list[bytes], *, unknown: bool = False,
     if unknown:
         writer.fact(("attr", UNKNOWN_CG), ContainerView(state="unknown",
                                                          cgroup_id=UNKNOWN_CG).to_dict(), 0)
-    for tgid in (*range(1000, 1005), 2001, 2003, 2004):
-        writer.fact(("exe", tgid), "/bin/busybox", 0)
+    writer.fact(SNAPSHOT_FACT, [p.to_dict() for p in RUNNING], -1)
     for raw in raws:
         writer.record(raw)
     writer.close({})
@@ -83,9 +96,7 @@ def _replay(capture: Path, store: ProfileStore, *, layers: Layers | None = None,
                              pending_timeout=0)
     sink = ListAlertSink()
     config = DetectorConfig(window_seconds=1.0, policy=LearningPolicy(), event_time_windows=True)
-    detector = Detector(config, store, sink,
-                        exe_of=pipeline.processes.exe_before_exec,
-                        layers_of=lambda _c, _t: layers, clock=clock)
+    detector = Detector(config, store, sink, layers_of=lambda _c, _t: layers, clock=clock)
     pipeline.sinks.append(detector)
     pipeline.run(poll_interval=0)
     detector.close()
@@ -139,6 +150,7 @@ def test_startup_windows_are_neither_learned_nor_scored(tmp_path):
 
     profile = plain.profiles[IMAGE_ID]
     profile.set_mode(Mode.MONITOR, reason="test", who="test", now=1e9)
+    profile.starts_seen = True  # a start's novelty is checked (tests/test_startup.py: the first)
     plain_store.save(profile)
     kinds = {}
     for name, view in (("steady", VIEW), ("restarted", dataclasses.replace(VIEW, started_at=99.5))):
@@ -232,7 +244,6 @@ def test_the_detector_reports_each_records_kernel_timestamp_as_it_takes_it_up(tm
     seen: list[int] = []
     detector = Detector(DetectorConfig(event_time_windows=True),
                         ProfileStore(tmp_path / "s", ItemSet), ListAlertSink(),
-                        exe_of=pipeline.processes.exe_before_exec,
                         layers_of=lambda _c, _t: None, clock=lambda: 1e9, event_seen=seen.append)
     pipeline.sinks.append(detector)
     pipeline.run(poll_interval=0)
@@ -241,3 +252,116 @@ def test_the_detector_reports_each_records_kernel_timestamp_as_it_takes_it_up(tm
     # waited for its container's metadata until the end of its batch)
     assert seen == [*(int(i / 10 * SECOND) for i in range(10) for _ in range(3)),
                     int(0.55 * SECOND)]
+
+
+def _applet_run(t0_s: float, shell: int, child: int) -> list[bytes]:
+    """A shell (forked after the recording began) forks a child that re-execs busybox as nc,
+    which connects, is refused and exits at once."""
+    def h(tgid: int, start: int, dt: float, ppid: int = 1, pstart: int = 0) -> dict:
+        return {"cgroup_id": CG, "tgid": tgid, "pid": tgid, "start_ns": start, "ppid": ppid,
+                "parent_start_ns": pstart, "ts_ns": int((t0_s + dt) * SECOND)}
+
+    sh_start, nc_start = int(t0_s * SECOND) + 1, int(t0_s * SECOND) + 2
+    return [
+        exec_record("/bin/sh", ["sh", "-c", "nc 127.0.0.1 1"], **h(shell, sh_start, 0.0)),
+        fork_record(child, nc_start, **h(shell, sh_start, 0.1)),
+        exec_record("/proc/self/exe", ["nc", "127.0.0.1", "1"],
+                    **h(child, nc_start, 0.2, shell, sh_start)),
+        connect_record(family=2, addr=bytes([127, 0, 0, 1]), port=1, retval=-111,
+                       **h(child, nc_start, 0.3, shell, sh_start)),
+        exit_record(**h(child, nc_start, 0.4, shell, sh_start)),
+        exit_record(**h(shell, sh_start, 0.5)),
+    ]
+
+
+def test_busybox_applets_are_named_by_their_binary_without_proc(tmp_path):
+    """Issue 9, class 1: `nc` is a busybox applet re-exec'd through /proc/self/exe and gone at
+    once. The captures hold no /proc answer at all: the program comes from the fork and exec
+    records (the shell ran /bin/sh, a symlink to busybox in the image). Learned as `exec
+    /bin/busybox as nc`, the same applet on a reused pid later is known, never `/proc/self/exe`."""
+    lower = tmp_path / "lower"
+    (lower / "bin").mkdir(parents=True)
+    (lower / "bin/busybox").write_bytes(b"\x7fELF")
+    (lower / "bin/sh").symlink_to("busybox")
+    layers = Layers(upper=tmp_path / "upper", lowers=(lower,))
+    store = ProfileStore(tmp_path / "s", ItemSet)
+    learn = _capture(tmp_path / "learn.dwcap", _applet_run(10, 3000, 3001) + _normal(11, 2))
+    detector, sink = _replay(learn, store, layers=layers)
+    profile = detector.profiles[IMAGE_ID]
+    items = {item.describe() for item in profile.items}
+    assert {"exec /bin/busybox as nc", "exec /bin/busybox as sh",
+            "/bin/busybox:sh started /bin/busybox:nc",
+            "tcp connect to 127.0.0.1:1 (loopback) by /bin/busybox"} <= items, items
+    assert not [i for i in items if "/proc/self/exe" in i or "?" in i], items
+    profile.set_mode(Mode.MONITOR, reason="test", who="test", now=1e9)
+    store.save(profile)
+    # later: the same pids again (reused), each a new process of the same programs
+    again = _capture(tmp_path / "again.dwcap", _applet_run(50, 3001, 3000) + _normal(51, 2))
+    _, sink = _replay(again, store, layers=layers)
+    assert [a for a in sink.alerts if a.kind.value != "anomaly"] == []
+
+
+class _WallClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _failed_exec(t: float, offset_ns: int) -> TraceRecord:
+    """A failed exec (a PATH search miss) at wall time `t` through the clock offset."""
+    from driftwarden.probes.decode import Decoder
+
+    raw = exec_record("/usr/local/bin/job", ["job"], retval=-2, cgroup_id=CG, tgid=1000,
+                      pid=1000, ppid=900, ts_ns=round(t * SECOND) - offset_ns)
+    return TraceRecord(event=Decoder(Limits()).decode(raw), kind="exec", container=VIEW,
+                       ppid=900, path="/usr/local/bin/job")
+
+
+def test_live_windows_go_by_event_time_when_the_agent_lags(tmp_path):
+    """Issue 9 (the host under CPU load): 30 events over 3 s of kernel time reach a starved
+    agent in one batch 5 s late. Each counts in the window it happened in (10, 10, 10), not
+    all in one (`execs_failed = 30`); a window closes once the newest event, or the wall clock
+    minus the observed lag (at least 1 s), is past its end, so idle windows still close."""
+    offset = 1_700_000_000 * SECOND  # wall = monotonic + offset
+    clock = _WallClock(999.55)
+    detector = Detector(DetectorConfig(window_seconds=1.0, policy=LearningPolicy()),
+                        ProfileStore(tmp_path / "s", ItemSet), ListAlertSink(),
+                        layers_of=lambda _c, _t: None, clock_offset_ns=offset, clock=clock)
+    closed: list = []
+    detector._handle_windows = closed.extend  # the windows the forest would learn or score
+
+    def shape() -> list[tuple]:
+        return [(w.start - 1_700_000_000, w.end - 1_700_000_000, w.events) for w in closed]
+
+    base = 1_700_000_000.0
+    clock.t = base + 999.55
+    detector.write(_failed_exec(base + 999.5, offset))  # in time: lag 0.05 s
+    detector.flush()
+    assert closed == []
+    clock.t = base + 1000.9  # the window [999, 1000) is 0.9 s old: the 1 s allowance holds it
+    detector.flush()
+    assert closed == []
+    clock.t = base + 1001.05
+    detector.flush()
+    assert shape() == [(999.0, 1000.0, 1)]
+    # starved: 3 s of events (10 a second) arrive at once, 5 s after the first of them
+    clock.t = base + 1005.0
+    for i in range(30):
+        detector.write(_failed_exec(base + 1000.0 + i / 10, offset))
+    detector.flush()
+    # the two windows the newest event (1002.9) is past close; [1002, 1003) may still get
+    # events: the wall clock minus the 5 s lag is 1000.0
+    assert shape()[1:] == [(1000.0, 1001.0, 10), (1001.0, 1002.0, 10)]
+    assert [w.vector[-1] for w in closed[1:]] == [10.0, 10.0]  # execs_failed
+    clock.t = base + 1007.9  # idle, 4.9 s later: 1002.9 still within the lag allowance
+    detector.flush()
+    assert len(closed) == 3
+    clock.t = base + 1008.1
+    detector.flush()
+    assert shape()[3:] == [(1002.0, 1003.0, 10)]
+    clock.t = base + 1010.2  # idle windows close on the wall clock too
+    detector.flush()
+    assert shape()[4:] == [(1003.0, 1004.0, 0), (1004.0, 1005.0, 0)]
+    assert detector.windows.stats.late == 0

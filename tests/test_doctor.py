@@ -86,7 +86,8 @@ def make_host(
         (sys_ / "kernel" / "btf").mkdir(parents=True)
         (sys_ / "kernel" / "btf" / "vmlinux").write_bytes(b"\x9f\xeb")
     return DoctorEnv(proc_root=str(proc), sys_root=str(sys_), modules_root=str(mods),
-                     docker_socket=str(tmp / "docker.sock"), kernel_release=RELEASE)
+                     docker_socket=str(tmp / "docker.sock"), run_root=str(tmp / "run"),
+                     kernel_release=RELEASE)
 
 
 def caps(*bits: int) -> str:
@@ -271,7 +272,7 @@ def test_bcc_present_ok(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ tracepoints
 
-EVERY_KIND_ON_A_FULL_KERNEL = ("all kinds attach 56 tracepoints (bookkeeping 6, exec 4, "
+EVERY_KIND_ON_A_FULL_KERNEL = ("all kinds attach 60 tracepoints (bookkeeping 10, exec 4, "
                                "connect 4, write 42), --open-result 4 more")
 
 
@@ -284,7 +285,7 @@ def test_tracepoints_all_present(tmp_path):
 def test_tracepoints_linux_6_1_without_fchmodat2_is_ok_and_says_so(tmp_path):
     c = doctor.check_tracepoints(make_host(tmp_path, tracepoints=without("fchmodat2")))
     assert (c.required, c.status) == (True, "ok")
-    assert c.detail == ("all kinds attach 54 tracepoints (bookkeeping 6, exec 4, connect 4, "
+    assert c.detail == ("all kinds attach 58 tracepoints (bookkeeping 10, exec 4, connect 4, "
                         "write 40), --open-result 4 more; not on this kernel: "
                         "sys_enter_fchmodat2, sys_exit_fchmodat2 (Linux 6.6+)")
 
@@ -292,7 +293,7 @@ def test_tracepoints_linux_6_1_without_fchmodat2_is_ok_and_says_so(tmp_path):
 def test_tracepoints_arm64_without_legacy_syscalls_is_ok_and_says_so(tmp_path):
     c = doctor.check_tracepoints(make_host(tmp_path, tracepoints=without(*LEGACY)))
     assert c.status == "ok"
-    assert c.detail.startswith("all kinds attach 38 tracepoints (bookkeeping 6, exec 4, "
+    assert c.detail.startswith("all kinds attach 42 tracepoints (bookkeeping 10, exec 4, "
                                "connect 4, write 24), --open-result 2 more; not on this "
                                "kernel: sys_enter_open, sys_enter_creat, sys_enter_rename, ")
     assert c.detail.endswith(", sys_exit_mknod (legacy, not on arm64)")
@@ -406,7 +407,7 @@ POD = "8f2c1b3e_5a6d_4e7f_9a0b_1c2d3e4f5a6b"
 
 
 def with_containers(tmp: Path, layout: str, *relatives: str) -> DoctorEnv:
-    env = dataclasses.replace(make_host(tmp, cgroup=layout), run_root=str(tmp / "run"))
+    env = make_host(tmp, cgroup=layout)
     root = Path(env.sys_root, "fs", "cgroup", *(("unified",) if layout == "hybrid" else ()))
     for relative in relatives:
         (root / relative).mkdir(parents=True)
@@ -418,15 +419,18 @@ def test_container_runtimes_none_running(tmp_path):
     assert (c.required, c.status, c.detail) == (False, "ok", "no containers running")
 
 
-def test_container_runtimes_docker_only_is_ok(tmp_path):
+def test_container_runtimes_all_answering_is_ok(tmp_path):
     env = with_containers(tmp_path, "hybrid", f"docker/{CID_A}",
-                          f"system.slice/docker-{CID_B}.scope/init.scope")
-    c = doctor.check_container_runtimes(env)
-    assert (c.status, c.detail) == ("ok", "2 running, all under Docker (named through its API)")
+                          f"system.slice/docker-{CID_B}.scope/init.scope",
+                          f"kubepods/besteffort/pod{POD.replace('_', '-')}/{CID_C}")
+    c = doctor.check_container_runtimes(env, frozenset({"docker", "cri-o"}))
+    # a kubelet cgroupfs path names no CRI runtime (cgroups.py says containerd): CRI-O serves it
+    assert (c.status, c.detail) == ("ok", "3 running: 1 under containerd, 2 under docker; "
+                                    "their runtimes answer")
 
 
 def test_container_runtimes_warns_about_containers_no_runtime_describes(tmp_path):
-    """A containerd (CRI) node: the agent asks Docker only, so these get no detection."""
+    """A containerd (CRI) node whose containerd does not answer: no detection for those."""
     env = with_containers(
         tmp_path, "pure", f"docker/{CID_A}",
         f"kubepods.slice/kubepods-pod{POD}.slice/cri-containerd-{CID_B}.scope",
@@ -436,23 +440,58 @@ def test_container_runtimes_warns_about_containers_no_runtime_describes(tmp_path
     socket_path = Path(env.run_root, "containerd", "containerd.sock")
     socket_path.parent.mkdir(parents=True)
     socket_path.touch()
-    c = doctor.check_container_runtimes(env)
+    c = doctor.check_container_runtimes(env, frozenset({"docker"}))
     assert (c.required, c.status) == (False, "warn")
-    assert c.detail == (f"2 under containerd (socket {socket_path}), 1 under podman: the agent "
-                        "cannot ask these runtimes for names and images yet, so these "
-                        "containers get no detection; 1 under Docker are watched")
+    assert c.detail == (f"2 under containerd (socket {socket_path}), 1 under podman: no "
+                        "endpoint of these runtimes answers, so these containers get no names, "
+                        "images or detection; 1 under docker are watched")
     assert "driftwarden_agent_containers_without_metadata_total" in c.fix
-    assert "fix: until CRI (containerd, CRI-O) and podman support lands" in \
+    assert "fix: give each runtime's socket with --runtime-endpoint unix:///path" in \
         doctor.format_table([c])
 
 
-def test_container_runtimes_one_foreign_runtime_without_docker(tmp_path):
+def test_container_runtimes_one_runtime_nobody_answers_for(tmp_path):
     env = with_containers(tmp_path, "pure", f"kubepods/besteffort/pod{POD.replace('_', '-')}/"
                           f"{CID_B}")
     c = doctor.check_container_runtimes(env)
-    assert (c.status, c.detail) == ("warn", "1 under containerd: the agent cannot ask this "
-                                    "runtime for names and images yet, so these containers get "
-                                    "no detection")
+    assert (c.status, c.detail) == ("warn", "1 under containerd: no endpoint of this runtime "
+                                    "answers, so these containers get no names, images or "
+                                    "detection")
+
+
+def test_runtime_endpoints_found_under_the_run_root(tmp_path):
+    env = make_host(tmp_path)
+    assert doctor.runtime_endpoints(env) == []
+    for relative in ("crio/crio.sock", "podman/podman.sock"):
+        (Path(env.run_root) / relative).parent.mkdir(parents=True)
+        (Path(env.run_root) / relative).touch()
+    assert [(e.url, e.api, e.runtime, given) for e, given in doctor.runtime_endpoints(env)] == [
+        (f"unix://{env.run_root}/crio/crio.sock", "cri", "cri-o", False),
+        (f"unix://{env.run_root}/podman/podman.sock", "docker", "podman", False)]
+    given = dataclasses.replace(env, runtime_endpoints=("unix:///x/containerd.sock",))
+    assert [(e.url, given) for e, given in doctor.runtime_endpoints(given)] == [
+        ("unix:///x/containerd.sock", True)]
+
+
+def test_runtime_endpoint_rows_probed_warn_given_fail(tmp_path):
+    env = make_host(tmp_path)
+    dead = Path(env.run_root, "crio", "crio.sock")
+    dead.parent.mkdir(parents=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(dead))
+    sock.close()
+    [probed] = doctor.check_runtime_endpoints(env)
+    assert (probed.name, probed.required, probed.status) == ("runtime cri-o", False, "warn")
+    assert probed.detail.startswith(f"cri-o unreachable at unix://{dead}: ")
+    assert probed.fix.startswith("start cri-o, or give the socket it listens on with "
+                                 "--runtime-endpoint unix:///path")
+    [given] = doctor.check_runtime_endpoints(
+        dataclasses.replace(env, runtime_endpoints=(f"unix://{dead}",)))
+    assert (given.required, given.status, given.detail) == (True, "fail", probed.detail)
+    [bad] = doctor.check_runtime_endpoints(
+        dataclasses.replace(env, runtime_endpoints=("tcp://127.0.0.1:1",)))
+    assert (bad.name, bad.required, bad.status) == ("runtime endpoints", True, "fail")
+    assert bad.detail.startswith("--runtime-endpoint 'tcp://127.0.0.1:1': give a unix socket")
 
 
 # ------------------------------------------------------------------ program types

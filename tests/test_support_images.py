@@ -26,6 +26,7 @@ integration = pytest.mark.integration
 BUILDERS: list[tuple[Callable[[], str], str]] = [
     (images.busybox_image, images.BUSYBOX_PREFIX),
     (images.host_binaries_image, images.HOST_PREFIX),
+    (images.debian_image, images.DEBIAN_PREFIX),
     (images.storm_image, images.STORM_PREFIX),
 ]
 

@@ -67,7 +67,7 @@ def test_fake_tracefs_helper_leaves_out_what_it_is_told(tmp_path):
 # ------------------------------------------------------------------ the table and the source
 
 def test_table_names_every_tracepoint_of_the_source_once():
-    assert len(ALL_TRACEPOINTS) == len(set(ALL_TRACEPOINTS)) == 60
+    assert len(ALL_TRACEPOINTS) == len(set(ALL_TRACEPOINTS)) == 64
     assert set(ALL_TRACEPOINTS) == set(source_tracepoints())
 
 
@@ -106,7 +106,7 @@ def test_source_compiles_exactly_what_the_plan_attaches(gcc_ok, config, absent):
 def test_kernel_with_every_syscall(tmp_path):
     plan = plan_probes(ProbeConfig(), fake_tracefs(tmp_path))
     assert plan.absent == frozenset()
-    assert plan.describe() == "56 tracepoints (bookkeeping 6, exec 4, connect 4, write 42)"
+    assert plan.describe() == "60 tracepoints (bookkeeping 10, exec 4, connect 4, write 42)"
     assert plan.absent_tracepoints() == () and plan.describe_absent() == ""
     assert set(_have_flags(plan).values()) == {"1"}
     assert len(_have_flags(plan)) == len(OPTIONAL_SYSCALLS) == 13
@@ -115,7 +115,7 @@ def test_kernel_with_every_syscall(tmp_path):
 def test_linux_6_1_lacks_fchmodat2(tmp_path):
     plan = plan_probes(ProbeConfig(), fake_tracefs(tmp_path, lacking=("fchmodat2",)))
     assert plan.absent == frozenset({"fchmodat2"})
-    assert plan.describe() == "54 tracepoints (bookkeeping 6, exec 4, connect 4, write 40)"
+    assert plan.describe() == "58 tracepoints (bookkeeping 10, exec 4, connect 4, write 40)"
     assert plan.absent_tracepoints() == ("syscalls:sys_enter_fchmodat2",
                                          "syscalls:sys_exit_fchmodat2")
     assert plan.describe_absent() == "sys_enter_fchmodat2, sys_exit_fchmodat2 (Linux 6.6+)"
@@ -132,7 +132,7 @@ def test_arm64_lacks_the_legacy_syscalls(tmp_path):
     root = fake_tracefs(tmp_path, lacking=tuple(LEGACY))
     plan = plan_probes(ProbeConfig(), root)
     assert plan.absent == LEGACY
-    assert plan.describe() == "38 tracepoints (bookkeeping 6, exec 4, connect 4, write 24)"
+    assert plan.describe() == "42 tracepoints (bookkeeping 10, exec 4, connect 4, write 24)"
     assert plan.describe_absent() == (
         "sys_enter_open, sys_enter_creat, sys_enter_rename, sys_exit_rename, sys_enter_unlink, "
         "sys_exit_unlink, sys_enter_rmdir, sys_exit_rmdir, sys_enter_chmod, sys_exit_chmod, "
@@ -174,7 +174,7 @@ def test_an_optional_syscall_with_one_side_only_is_left_out(tmp_path):
 def test_unselected_kinds_list_nothing_absent(tmp_path):
     plan = plan_probes(ProbeConfig(kinds=frozenset({"exec"})),
                        fake_tracefs(tmp_path, lacking=tuple(LEGACY)))
-    assert plan.describe() == "10 tracepoints (bookkeeping 6, exec 4)"
+    assert plan.describe() == "14 tracepoints (bookkeeping 10, exec 4)"
     assert plan.absent_tracepoints() == ()
     assert plan.describe_absent() == ""
 
@@ -190,7 +190,7 @@ def test_missing_required_tracepoint_is_a_clear_error(tmp_path):
         "or leave those kinds out with --kinds")
     # a kind that does not use them loads
     assert plan_probes(ProbeConfig(kinds=frozenset({"exec"})), root).describe() == (
-        "10 tracepoints (bookkeeping 6, exec 4)")
+        "14 tracepoints (bookkeeping 10, exec 4)")
 
 
 def test_missing_bookkeeping_fails_every_kind(tmp_path):
@@ -213,8 +213,8 @@ def test_print_bpf_text_shows_what_this_kernel_leaves_out(tmp_path):
     text = bpf_text(ProbeConfig(kinds=frozenset({"write"})), host_cgroup_id=1, agent_tgid=7,
                     tracefs=root)
     comment = text.split("*/", 1)[0].splitlines()
-    assert comment[0] == ("/* driftwarden BPF program, as compiled; it attaches 46 tracepoints "
-                          "(bookkeeping 6, write 40):")
+    assert comment[0] == ("/* driftwarden BPF program, as compiled; it attaches 50 tracepoints "
+                          "(bookkeeping 10, write 40):")
     assert comment[-2] == (" * not on this kernel, so not compiled: sys_enter_fchmodat2, "
                            "sys_exit_fchmodat2 (Linux 6.6+)")
     assert "#define DW_HAVE_FCHMODAT2 0\n" in text and "#define DW_HAVE_OPEN 1\n" in text

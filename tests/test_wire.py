@@ -49,9 +49,12 @@ NODE = "node-1"
 WEB = ContainerView(
     state="container", cgroup_id=777, cgroup_path=f"/system.slice/docker-{CID}.scope", id=CID,
     name="web", image="nginx:1.25", image_id="sha256:" + "ab" * 32, runtime="docker",
-    pod="web-0", namespace="prod", labels=(("app", "web"),),
+    pod="web-7d4b9c8f6d-x2k9q", namespace="prod", labels=(("app", "web"),),
+    pod_uid="4f0ab913-49bd-4781-bd74-62f4d49f3374", workload="Deployment/web",
+    image_digest="docker.io/library/nginx@sha256:" + "cd" * 32,
 )
-BARE = dataclasses.replace(WEB, name=None, image=None, image_id=None, pod=None, namespace=None)
+BARE = dataclasses.replace(WEB, name=None, image=None, image_id=None, pod=None, namespace=None,
+                           pod_uid=None, workload=None, image_digest=None)
 
 
 def header(kind: EventKind, *, comm: str = "sh", ts_ns: int = TS, suppressed: int = 0) -> Header:
@@ -156,7 +159,10 @@ def test_alert_fields_on_the_wire():
         ("exec-added-binary", REASON.text, [("path", '"/tmp/x"')])]
     c = msg.container
     assert (c.id, c.name, c.image.name, c.image.id, c.pod, c.namespace, c.node) == (
-        CID, "web", "nginx:1.25", "sha256:" + "ab" * 32, "web-0", "prod", NODE)
+        CID, "web", "nginx:1.25", "sha256:" + "ab" * 32, "web-7d4b9c8f6d-x2k9q", "prod", NODE)
+    assert (c.pod_uid, c.workload, c.image.digest) == (
+        "4f0ab913-49bd-4781-bd74-62f4d49f3374", "Deployment/web",
+        "docker.io/library/nginx@sha256:" + "cd" * 32)
     assert dict(c.labels) == {"app": "web"}
     p = msg.process
     assert (p.pid, p.ppid, p.exe, list(p.argv), p.uid, p.comm) == (
@@ -171,9 +177,10 @@ def test_window_alert_has_no_process_and_unset_texts_stay_null():
     msg = alert_to_proto(anomaly_alert(), NODE)
     assert not msg.HasField("process")
     assert msg.container.id == CID
-    for field in ("name", "pod", "namespace"):
+    for field in ("name", "pod", "namespace", "pod_uid", "workload"):
         assert not msg.container.HasField(field)
-    assert not msg.container.image.HasField("name") and not msg.container.image.HasField("id")
+    for field in ("name", "id", "digest"):
+        assert not msg.container.image.HasField(field)
     assert msg.WhichOneof("event") == "exec"  # the related record (no trigger record)
     assert msg.count == 5
     assert from_timestamp(msg.first_seen) == 1_795_411_890.25
@@ -182,7 +189,8 @@ def test_window_alert_has_no_process_and_unset_texts_stay_null():
     back = alert_from_proto(msg)
     assert back.reasons[0].details[2] == ("range", (0, 3.5))
     assert back.container == {"id": CID, "name": None, "image": None, "image_id": None,
-                              "pod": None, "namespace": None, "labels": {"app": "web"}}
+                              "image_digest": None, "pod": None, "namespace": None,
+                              "pod_uid": None, "workload": None, "labels": {"app": "web"}}
 
 
 def test_alert_without_events_has_no_typed_event():
@@ -410,6 +418,12 @@ ALERT_ERRORS = [
     (_clear("container.id"), "alert.container.id: missing"),
     (_clear("container"), "alert.container.id: missing"),
     (_set("container.name", "n" * 5000), "alert.container.name: 5000 characters, at most 4096"),
+    (_set("container.pod_uid", "u" * 4097),
+     "alert.container.pod_uid: 4097 characters, at most 4096"),
+    (_set("container.workload", "w" * 4097),
+     "alert.container.workload: 4097 characters, at most 4096"),
+    (_set("container.image.digest", "d" * 4097),
+     "alert.container.image.digest: 4097 characters, at most 4096"),
     (_argv(257), "alert.process.argv: 257 entries, at most 256"),
     (_labels({f"k{i:02}": "v" for i in range(64)}),  # + the valid alert's "app"
      "alert.container.labels: 65 entries, at most 64"),

@@ -3,36 +3,65 @@ interfaces the attributor and the actions call.
 
 A provider answers `inspect(container_id) -> ContainerInfo | None` (None: the runtime does not
 know the container; MetadataUnavailableError: the runtime cannot be asked) and may offer
-`watch(on_event)`, a thread following its lifecycle events (start, die, destroy, rename) so
-cached metadata stays current. Times are epoch seconds on the runtime's clock.
+`watch(on_event)`, a thread following its lifecycle events (create, start, die, destroy,
+rename) so cached metadata stays current: a container's metadata is asked for when it is
+created, before its first exec, so that one which lives a few milliseconds is described too.
+Times are epoch seconds on the runtime's clock. A node may run several runtimes:
+`RoutingMetadataProvider.inspect_for` takes the runtime a container's cgroup path names, so the
+right one is asked first (runtimes.registry.RuntimeSet).
+
+The image's key (`ContainerInfo.image_id`, what a baseline belongs to) is the same for the same
+image whatever runs it: `image_key` (a repo digest where the runtime knows one, else the config
+digest, which is Docker's image id and the CRI's image id alike).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
+
+from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
+from driftwarden.core.mountinfo import parse_mountinfo
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "CONTAINER_NAME_LABEL",
     "POD_NAMESPACE_LABEL",
     "POD_NAME_LABEL",
+    "POD_UID_LABEL",
+    "Closeable",
     "ContainerEvent",
     "ContainerEventAction",
     "ContainerInfo",
     "EventWatcher",
     "MetadataProvider",
+    "RoutingMetadataProvider",
+    "RuntimeEventWatcher",
     "RuntimeState",
     "WatchableMetadataProvider",
+    "digest_of",
+    "familiar_image_name",
+    "image_key",
     "normalize_image_reference",
+    "owner_workload",
     "parse_runtime_time",
+    "pick_repo_digest",
+    "root_overlay",
     "short_reason",
 ]
 
 # The labels kubelet puts on every container it makes, whatever the runtime.
 POD_NAME_LABEL = "io.kubernetes.pod.name"
 POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+POD_UID_LABEL = "io.kubernetes.pod.uid"
+CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
 
 
 def _frozen_labels(
@@ -46,7 +75,14 @@ def _frozen_labels(
 
 @dataclass(frozen=True, slots=True)
 class ContainerInfo:
-    """What the container runtime says about a container. Hashable; labels are sorted pairs."""
+    """What the container runtime says about a container. Hashable; labels are sorted pairs.
+
+    `name` is the runtime's name for it (Docker's container name; the CRI's container name
+    within its pod, e.g. "app"). `image_id` is the image's key (see `image_key`): the same image
+    has the same key under every runtime, so one baseline serves it everywhere. `image_digest`
+    is the repo digest reference it came from ("registry/app@sha256:..."), when known.
+    `labels`: the container's labels, under a CRI runtime merged over its pod's.
+    """
 
     id: str
     name: str
@@ -59,6 +95,16 @@ class ContainerInfo:
     # when its current run started (epoch seconds; the runtime's clock): the detector's
     # startup grace (see detect.DetectorConfig.startup_seconds); None when not known
     started_at: float | None = None
+    image_digest: str | None = None
+    pod_uid: str | None = None
+    # the workload that owns the pod ("Deployment/web"), from the pod's labels; see
+    # owner_workload
+    workload: str | None = None
+    pid: int = 0  # its init process on this host when the runtime said; 0 = not known
+    # its storage layers in the shape of Docker's GraphDriver ({"Name": "overlay2", "Data":
+    # {"UpperDir": ..., "LowerDir": ...}}), taken while the runtime could say (detect.py's
+    # LayersCache asks for them once the container may be gone); not part of its identity
+    graph_driver: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Accept a mapping for convenience but store an immutable, order-independent form.
@@ -83,6 +129,10 @@ class ContainerInfo:
             "namespace": self.namespace,
             "runtime": self.runtime,
             "started_at": self.started_at,
+            "image_digest": self.image_digest,
+            "pod_uid": self.pod_uid,
+            "workload": self.workload,
+            "pid": self.pid,
         }
 
 
@@ -105,6 +155,104 @@ def normalize_image_reference(reference: str) -> str:
     return reference if ":" in last_component else f"{reference}:latest"
 
 
+_DEFAULT_REGISTRY_PREFIXES = ("docker.io/library/", "docker.io/", "index.docker.io/library/",
+                              "index.docker.io/")
+
+
+def familiar_image_name(reference: str) -> str:
+    """A reference as Docker shows it: "docker.io/library/nginx:1" -> "nginx:1",
+    "docker.io/org/app:2" -> "org/app:2"; other registries are kept. The CRI runtimes name
+    images fully qualified, Docker does not: the same image gets one name in alerts."""
+    for prefix in _DEFAULT_REGISTRY_PREFIXES:
+        if reference.startswith(prefix):
+            return reference[len(prefix):]
+    return reference
+
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+# podman's name for images no registry served (built, loaded or imported): localhost/NAME
+PODMAN_LOCAL_REGISTRY = "localhost/"
+
+
+def digest_of(reference: str) -> str | None:
+    """The "sha256:<hex>" of a digest reference ("name@sha256:..." or a bare digest)."""
+    digest = reference.rsplit("@", 1)[-1]
+    return digest if _DIGEST_RE.fullmatch(digest) else None
+
+
+def _repository(reference: str) -> str:
+    name = familiar_image_name(reference.split("@", 1)[0])
+    last = name.rsplit("/", 1)[-1]
+    return name.rsplit(":", 1)[0] if ":" in last else name
+
+
+def pick_repo_digest(repo_digests: Iterable[str], image_name: str = "") -> str | None:
+    """The repo digest (``name@sha256:...``) an image is known by: the one of the repository
+    it was asked for by name, else the smallest digest (an image pushed to two registries
+    lists two); None when there is none (an image built or imported locally). podman lists a
+    digest of its own for such an image, under the registry name "localhost/" (no port: no
+    registry serves it): not a registry's name for the content, so not one either."""
+    valid = sorted((digest_of(ref) or "", ref) for ref in repo_digests
+                   if digest_of(ref) and not ref.startswith(PODMAN_LOCAL_REGISTRY))
+    if not valid:
+        return None
+    wanted = _repository(image_name) if image_name else None
+    for _, ref in valid:
+        if wanted is not None and _repository(ref) == wanted:
+            return ref
+    return valid[0][1]
+
+
+def image_key(config_digest: str, repo_digest: str | None) -> str:
+    """The image's key, which a baseline belongs to: the digest of its repo digest where the
+    runtime knows one (the registry's name for that content, the same on every node that pulled
+    it), else its config digest ("sha256:...": Docker's image id and the CRI's image id, the
+    same for a locally built image under every runtime)."""
+    return (digest_of(repo_digest) if repo_digest else None) or config_digest
+
+
+# Kubernetes labels that name a pod's owner (set by the controllers on the pods they make).
+_JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+_STATEFULSET_POD_LABEL = "statefulset.kubernetes.io/pod-name"
+
+
+def owner_workload(pod_name: str | None, labels: Mapping[str, str]) -> str | None:
+    """The workload that owns a pod, "Kind/name", from what its controller wrote on it (the CRI
+    carries no owner references): a Deployment's pods have ``pod-template-hash`` and are named
+    ``<deployment>-<hash>-<suffix>``; a StatefulSet's carry ``statefulset.kubernetes.io/
+    pod-name`` and are ``<set>-<ordinal>``; a DaemonSet's have ``controller-revision-hash`` and
+    ``pod-template-generation``; a Job's a ``job-name`` label. None for a bare pod, a static
+    pod, or one whose labels do not say."""
+    if not pod_name:
+        return None
+    for key in _JOB_NAME_LABELS:
+        if labels.get(key):
+            return f"Job/{labels[key]}"
+    template_hash = labels.get("pod-template-hash")
+    if template_hash and f"-{template_hash}-" in pod_name:
+        return f"Deployment/{pod_name.rsplit(f'-{template_hash}-', 1)[0]}"
+    if labels.get(_STATEFULSET_POD_LABEL) == pod_name and re.search(r"-\d+$", pod_name):
+        return f"StatefulSet/{pod_name.rsplit('-', 1)[0]}"
+    if labels.get("controller-revision-hash") and labels.get("pod-template-generation") \
+            and re.search(r"-[a-z0-9]{5}$", pod_name):
+        return f"DaemonSet/{pod_name.rsplit('-', 1)[0]}"
+    return None
+
+
+def root_overlay(mountinfo: str) -> dict[str, Any] | None:
+    """The overlay mounted at "/" in a process's ``/proc/PID/mountinfo`` text, in the shape of
+    Docker's GraphDriver ({"Name": "overlay", "Data": {"UpperDir", "LowerDir"}}): a
+    container's layers seen from one of its processes. None when its root is no overlay (a
+    process outside a container, or runc before it pivots into the container's root)."""
+    for mount in parse_mountinfo(mountinfo):
+        if mount.mount_point == "/" and mount.fstype == "overlay" and mount.options:
+            return {"Name": "overlay", "Data": {"UpperDir": mount.options.get("upperdir"),
+                                                "LowerDir": mount.options.get("lowerdir")}}
+    return None
+
+
 def short_reason(exc: BaseException) -> str:
     """An exception's text for a one-line message, at most 200 characters."""
     text = str(exc) or type(exc).__name__
@@ -112,6 +260,7 @@ def short_reason(exc: BaseException) -> str:
 
 
 class ContainerEventAction(enum.StrEnum):
+    CREATE = "create"  # made, not started yet: its metadata can be asked for already
     START = "start"
     DIE = "die"
     DESTROY = "destroy"
@@ -138,6 +287,16 @@ class MetadataProvider(Protocol):
         ...
 
 
+@runtime_checkable
+class RoutingMetadataProvider(MetadataProvider, Protocol):
+    def inspect_for(self, container_id: str, runtime: str | None) -> ContainerInfo | None:
+        """Like inspect, asking first the runtime a cgroup path names ("containerd", ...).
+
+        Raises MetadataUnavailableError when that runtime cannot be asked (and no other knows
+        the container)."""
+        ...
+
+
 class EventWatcher(Protocol):
     @property
     def connected(self) -> bool: ...
@@ -145,6 +304,93 @@ class EventWatcher(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class Closeable:
+    """What holds a runtime connection: `close()` drops it (the next call may make a new one);
+    as a context manager it closes at the block's end."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RuntimeEventWatcher(Service):
+    """A thread following one runtime's container events, for a runtime's watcher to build on
+    (`docker.DockerEventWatcher`, `cri.CriEventWatcher`): `_follow()` follows one connection
+    until it ends (True: it did connect) and raises when it cannot; the thread tries again
+    after a backoff that doubles up to `max_backoff`, resets once a connection was made, and
+    warns once per outage. A connection announces itself with `_announce()`, which sends a
+    RESYNC (what happened while it was down may have been missed). `stop` calls `_interrupt()`
+    to unblock a follow in progress, so it returns promptly."""
+
+    STOP_TIMEOUT = 5.0
+
+    def __init__(self, on_event: Callable[[ContainerEvent], None], *, what: str,
+                 initial_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+        super().__init__()
+        self._on_event = on_event
+        self._what = what  # "docker", "containerd": the runtime, in messages and thread names
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _start(self) -> None:
+        self._thread = start_daemon_thread(self._run, f"driftwarden-{self._what}-events")
+
+    def _stop(self, timeout: float | None) -> None:
+        self._stopping.set()
+        self._interrupt()
+        thread, self._thread = self._thread, None
+        join_or_warn(thread, timeout, f"{self._what} event watcher")
+
+    def _follow(self) -> bool:
+        raise NotImplementedError
+
+    def _interrupt(self) -> None:
+        """Unblock a `_follow` in progress (close its connection); called by stop."""
+
+    def _run(self) -> None:
+        backoff = self._initial_backoff
+        reported_failure = False
+        while not self._stopping.is_set():
+            try:
+                if self._follow():
+                    backoff = self._initial_backoff
+                    reported_failure = False
+            except Exception as exc:  # the watcher outlives any runtime trouble
+                if self._stopping.is_set():
+                    break
+                # Warn once per outage; the Attributor already reports metadata errors.
+                log.log(logging.DEBUG if reported_failure else logging.WARNING,
+                        "%s events unavailable (retrying): %s", self._what, short_reason(exc))
+                reported_failure = True
+            finally:
+                self._connected.clear()
+            if self._stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _announce(self) -> None:
+        self._connected.set()
+        self._deliver(ContainerEvent(ContainerEventAction.RESYNC, None))
+
+    def _deliver(self, event: ContainerEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a faulty consumer must not end the stream
+            log.exception("container event callback failed for %s", event)
 
 
 @runtime_checkable

@@ -29,17 +29,23 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from driftwarden.agent.runtimes.base import (
     POD_NAME_LABEL,
     POD_NAMESPACE_LABEL,
+    POD_UID_LABEL,
+    Closeable,
     ContainerEvent,
     ContainerEventAction,
     ContainerInfo,
+    RuntimeEventWatcher,
     RuntimeState,
+    image_key,
     normalize_image_reference,
+    owner_workload,
     parse_runtime_time,
+    pick_repo_digest,
     short_reason,
 )
 from driftwarden.core.errors import (
@@ -47,7 +53,6 @@ from driftwarden.core.errors import (
     MetadataUnavailableError,
     RuntimeActionError,
 )
-from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def _close_quietly(closeable: Any, what: str) -> None:
         log.debug("closing %s failed", what, exc_info=True)
 
 
-class DockerEngine:
+class DockerEngine(Closeable):
     """One Docker Engine API endpoint (see the module docstring): `call` runs a request on
     docker-py's ``APIClient`` and turns every failure into a RuntimeActionError."""
 
@@ -176,12 +181,6 @@ class DockerEngine:
         if client is not None:
             _close_quietly(client, "docker client")
 
-    def __enter__(self) -> DockerEngine:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def _new_client(self, version: str = "auto") -> Any:
         import docker
 
@@ -212,7 +211,7 @@ class DockerEngine:
             f"docker unreachable at {self._base_url}: {_transport_reason(exc)}")
 
 
-class _EngineUser:
+class _EngineUser(Closeable):
     """A user of the Engine API with a connection of its own (`_engine`); closeable."""
 
     DEFAULT_TIMEOUT = REQUEST_TIMEOUT
@@ -229,12 +228,6 @@ class _EngineUser:
     def close(self) -> None:
         self._engine.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 # --------------------------------------------------------------------------- metadata
 
@@ -248,12 +241,14 @@ def _is_image_id_reference(reference: str, image_id: str) -> bool:
 
 
 def container_info_from_docker(
-    attrs: Mapping[str, Any], *, image_tags: Sequence[str] = ()
+    attrs: Mapping[str, Any], *, image_tags: Sequence[str] = (),
+    repo_digests: Sequence[str] = (), runtime: str = "docker",
 ) -> ContainerInfo:
     """Build ContainerInfo from a Docker `GET /containers/{id}/json` answer. Pure.
 
-    `image_tags` (the image's RepoTags) is used only when the container was created from an
-    image id, which carries no human name.
+    `image_tags` and `repo_digests` are the image's RepoTags and RepoDigests: the tags name an
+    image a container was created from by id (which carries no human name); a repo digest, when
+    the image came from a registry, is its key (runtimes.base.image_key).
     """
     config = attrs.get("Config") or {}
     labels = config.get("Labels") or {}
@@ -263,16 +258,23 @@ def container_info_from_docker(
         image_name = image_tags[0] if image_tags else requested or image_id
     else:
         image_name = normalize_image_reference(requested)
+    repo_digest = pick_repo_digest(repo_digests, image_name)
+    pod = labels.get(POD_NAME_LABEL)
     return ContainerInfo(
         id=attrs.get("Id") or "",
         name=attrs.get("Name") or "",
-        image_id=image_id,
+        image_id=image_key(image_id, repo_digest),
         image_name=image_name,
         labels=labels,
-        pod=labels.get(POD_NAME_LABEL),
+        pod=pod,
         namespace=labels.get(POD_NAMESPACE_LABEL),
-        runtime="docker",
+        runtime=runtime,
         started_at=parse_runtime_time((attrs.get("State") or {}).get("StartedAt")),
+        image_digest=repo_digest,
+        pod_uid=labels.get(POD_UID_LABEL),
+        workload=owner_workload(pod, labels),
+        pid=int((attrs.get("State") or {}).get("Pid") or 0),
+        graph_driver=attrs.get("GraphDriver") or None,
     )
 
 
@@ -301,36 +303,47 @@ def parse_docker_event(raw: Mapping[str, Any]) -> ContainerEvent | None:
     )
 
 
-def _image_tags(api: Any, image_id: str) -> Sequence[str]:
+def _image_references(api: Any, image_id: str) -> tuple[Sequence[str], Sequence[str]]:
+    """The image's (RepoTags, RepoDigests); empty when it was removed meanwhile."""
     import docker.errors
 
     try:
-        return tuple(api.inspect_image(image_id).get("RepoTags") or ())
+        image = api.inspect_image(image_id)
     except docker.errors.NotFound:
-        return ()
+        return (), ()
+    return tuple(image.get("RepoTags") or ()), tuple(image.get("RepoDigests") or ())
 
 
-def _inspect(api: Any, container_id: str) -> ContainerInfo:
+def _inspect(api: Any, container_id: str, runtime: str) -> ContainerInfo:
     attrs = api.inspect_container(container_id)
     image_id = attrs.get("Image") or ""
-    requested = (attrs.get("Config") or {}).get("Image") or ""
-    tags = _image_tags(api, image_id) if _is_image_id_reference(requested, image_id) else ()
-    return container_info_from_docker(attrs, image_tags=tags)
+    tags, digests = _image_references(api, image_id) if image_id else ((), ())
+    return container_info_from_docker(attrs, image_tags=tags, repo_digests=digests,
+                                      runtime=runtime)
 
 
 class DockerMetadata(_EngineUser):
     """MetadataProvider over the Docker Engine API, with an event watcher.
 
     An agent started before dockerd (or outliving a dockerd restart) recovers by itself: the
-    engine reconnects on the next call. The event watcher has its own connection.
+    engine reconnects on the next call. The event watcher has its own connection. `runtime`
+    names what answers: "docker", or "podman" for podman's Docker-compatible socket.
     """
 
-    runtime = "docker"
+    def __init__(self, base_url: str = DEFAULT_DOCKER_URL, *, timeout: float | None = None,
+                 runtime: str = "docker") -> None:
+        super().__init__(base_url, timeout=timeout)
+        self.runtime = runtime
+
+    @property
+    def endpoint(self) -> str:
+        return self._engine.base_url
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
         """By id or name. Raises MetadataUnavailableError when Docker cannot answer."""
         try:
-            return self._engine.call("inspect", lambda api: _inspect(api, container_id))
+            return self._engine.call(
+                "inspect", lambda api: _inspect(api, container_id, self.runtime))
         except ContainerNotFoundError:
             return None
         except RuntimeActionError as exc:
@@ -340,16 +353,14 @@ class DockerMetadata(_EngineUser):
         return DockerEventWatcher(self._engine.base_url, on_event, timeout=self._engine.timeout)
 
 
-class DockerEventWatcher(Service):
-    """Follows Docker container events on a thread and hands them to a callback.
+class DockerEventWatcher(RuntimeEventWatcher):
+    """Follows Docker container events on a thread and hands them to a callback
+    (runtimes.base.RuntimeEventWatcher: reconnects with backoff, a RESYNC on every connect).
+    `stop` closes the stream socket, which unblocks the reading thread."""
 
-    Reconnects with backoff when the daemon goes away and sends a RESYNC event on every
-    (re)connect, because events during the gap are lost. `stop` closes the stream socket, which
-    unblocks the reading thread, so it returns promptly.
-    """
-
-    _FOLLOWED = ("start", "die", "destroy", "rename")
-    STOP_TIMEOUT = 5.0
+    # "create": a container is inspected before it starts, so one that lives a few
+    # milliseconds (`docker run --rm`) still has its name, image and layers when its events come
+    _FOLLOWED = ("create", "start", "die", "destroy", "rename")
 
     def __init__(
         self,
@@ -360,53 +371,13 @@ class DockerEventWatcher(Service):
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
     ) -> None:
-        super().__init__()
+        super().__init__(on_event, what="docker", initial_backoff=initial_backoff,
+                         max_backoff=max_backoff)
         self._base_url = base_url
-        self._on_event = on_event
         self._timeout = timeout
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
-        self._stopping = threading.Event()
-        self._connected = threading.Event()
         self._lock = threading.Lock()
         self._engine: DockerEngine | None = None
         self._stream: Any = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    def _start(self) -> None:
-        self._thread = start_daemon_thread(self._run, "driftwarden-docker-events")
-
-    def _stop(self, timeout: float | None) -> None:
-        self._stopping.set()
-        self._close_connection()
-        thread, self._thread = self._thread, None
-        join_or_warn(thread, timeout, "docker event watcher")
-
-    def _run(self) -> None:
-        backoff = self._initial_backoff
-        reported_failure = False
-        while not self._stopping.is_set():
-            try:
-                if self._follow():
-                    backoff = self._initial_backoff
-                    reported_failure = False
-            except Exception as exc:  # the watcher outlives any daemon trouble
-                if self._stopping.is_set():
-                    break
-                # Warn once per outage; the Attributor already reports metadata errors.
-                log.log(
-                    logging.DEBUG if reported_failure else logging.WARNING,
-                    "docker events unavailable (retrying): %s",
-                    short_reason(exc),
-                )
-                reported_failure = True
-            if self._stopping.wait(backoff):
-                break
-            backoff = min(backoff * 2, self._max_backoff)
 
     def _follow(self) -> bool:
         """Follow one connection until it ends; True if it connected."""
@@ -423,8 +394,7 @@ class DockerEventWatcher(Service):
                     stream.close()
                     return False
                 self._stream = stream
-            self._connected.set()
-            self._deliver(ContainerEvent(ContainerEventAction.RESYNC, None))
+            self._announce()
             for raw in stream:
                 event = parse_docker_event(raw)
                 if event is not None:
@@ -432,16 +402,10 @@ class DockerEventWatcher(Service):
             return True
         finally:
             self._connected.clear()
-            self._close_connection()
+            self._interrupt()
             engine.close()  # stop() may have closed it before its client was made
 
-    def _deliver(self, event: ContainerEvent) -> None:
-        try:
-            self._on_event(event)
-        except Exception:  # a faulty consumer must not end the stream
-            log.exception("container event callback failed for %s", event)
-
-    def _close_connection(self) -> None:
+    def _interrupt(self) -> None:
         with self._lock:
             stream, self._stream = self._stream, None
             engine, self._engine = self._engine, None
@@ -459,6 +423,15 @@ class DockerRuntime(_EngineUser):
     freezer, kill is SIGKILL. Raises ContainerNotFoundError and RuntimeActionError."""
 
     DEFAULT_TIMEOUT = ACTION_TIMEOUT
+
+    def __init__(self, base_url: str = DEFAULT_DOCKER_URL, *, timeout: float | None = None,
+                 runtime: str = "docker") -> None:
+        super().__init__(base_url, timeout=timeout)
+        self.runtime = runtime  # "docker", or "podman" behind its Docker-compatible socket
+
+    @property
+    def endpoint(self) -> str:
+        return self._engine.base_url
 
     def state(self, container_id: str) -> RuntimeState:
         info = self._engine.call("inspect", lambda api: api.inspect_container(container_id))
@@ -481,32 +454,15 @@ ContainerRow = tuple[str, str | None, str | None, str | None]
 
 
 class DockerContainers(_EngineUser):
-    """``(id, name, image_id, image_name)`` of the containers running here, for heartbeats.
-
-    When Docker cannot answer, the last list is returned again (the collector keeps routing
-    actions here; they then report Docker's error) and the failure is logged once per streak.
-    """
-
-    def __init__(self, base_url: str = DEFAULT_DOCKER_URL, *,
-                 timeout: float | None = None) -> None:
-        super().__init__(base_url, timeout=timeout)
-        self._last: tuple[ContainerRow, ...] = ()
-        self._failing = False
+    """``(id, name, image_id, image_name)`` of the containers running here, for the heartbeats
+    (runtimes.registry.RunningContainers, which keeps the last list while Docker is away).
+    Raises RuntimeActionError."""
 
     def __call__(self) -> tuple[ContainerRow, ...]:
-        try:
-            rows = self._engine.call("list containers", lambda api: api.containers())
-        except RuntimeActionError as exc:
-            if not self._failing:
-                log.warning("cannot list containers for the collector (%s); sending the last "
-                            "known list", exc)
-            self._failing = True
-            return self._last
-        self._failing = False
-        self._last = tuple(
+        rows = self._engine.call("list containers", lambda api: api.containers())
+        return tuple(
             (row["Id"], (row.get("Names") or ["/"])[0].lstrip("/") or None,
              row.get("ImageID") or None, row.get("Image") or None) for row in rows)
-        return self._last
 
 
 class DockerGraphDriver(_EngineUser):

@@ -46,15 +46,17 @@ MODE_MONITOR: Mode
 MODE_PROTECT: Mode
 
 class Image(_message.Message):
-    __slots__ = ("id", "name")
+    __slots__ = ("id", "name", "digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("id", "name", "image", "pod", "namespace", "node", "labels")
+    __slots__ = ("id", "name", "image", "pod", "namespace", "node", "labels", "pod_uid", "workload")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,8 @@ class Container(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     image: Image
@@ -76,7 +80,9 @@ class Container(_message.Message):
     namespace: str
     node: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., pod: _Optional[str] = ..., namespace: _Optional[str] = ..., node: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    pod_uid: str
+    workload: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., pod: _Optional[str] = ..., namespace: _Optional[str] = ..., node: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_uid: _Optional[str] = ..., workload: _Optional[str] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("pid", "ppid", "exe", "argv", "uid", "comm")

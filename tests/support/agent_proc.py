@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,9 @@ class AgentProcess:
         self.ready_timeout = ready_timeout
         self.stderr_path = self.state_dir.parent / f"{self.state_dir.name}.agent.log"
         self.proc: subprocess.Popen | None = None
+        self._alerts_lock = threading.Lock()
+        self._alerts: list[dict[str, Any]] = []
+        self._alerts_offset = 0
 
     def __enter__(self) -> AgentProcess:
         self.start()
@@ -63,12 +67,20 @@ class AgentProcess:
             return ""
 
     def alerts(self) -> list[dict[str, Any]]:
-        try:
-            text = self.alerts_out.read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines(keepends=True)
-                if line.endswith("\n") and line.strip()]
+        """Every alert written so far, in order (a fresh list). Only the bytes added since the
+        last call are read and parsed: callers poll this while the file grows."""
+        with self._alerts_lock:
+            try:
+                with open(self.alerts_out, "rb") as fh:
+                    fh.seek(self._alerts_offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                return []
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+            self._alerts_offset += len(complete)
+            self._alerts.extend(json.loads(line) for line in complete.splitlines()
+                                if line.strip())
+            return list(self._alerts)
 
     def wait_for_alerts(self, predicate: Callable[[dict[str, Any]], bool], *,
                         timeout: float, what: str) -> list[dict[str, Any]]:

@@ -5,9 +5,8 @@ bytes: recipe and inputs alike) and tags the image ``<prefix>:<12 hex digits>``.
 is a cache hit, so a rebuild happens only when an input or the recipe changes. A per-tag thread
 lock plus an flock on a file make concurrent callers (threads, pytest-xdist workers) build once.
 
-Public API: busybox_image(), host_binaries_image(), storm_image(), storm_binary(),
-workload_image(),
-ImageBuildError.
+Public API: busybox_image(), host_binaries_image(), debian_image(), storm_image(), storm_binary(),
+workload_image() (on the busybox image or another base), ImageBuildError.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "driftwarden-test-cache"
 
 BUSYBOX_PREFIX = "dw-bb"
 HOST_PREFIX = "dw-host"
+DEBIAN_PREFIX = "dw-deb"
 STORM_PREFIX = "dw-storm"
 
 HOST_BUSYBOX = Path("/bin/busybox")
@@ -44,6 +44,12 @@ HOST_TOOLS = (
     "dash", "bash", "cat", "cp", "mv", "rm", "ln", "chmod", "mkdir", "touch", "truncate", "ls",
     "sleep", "true", "env", "mkfifo", "mknod", "rmdir", "head", "echo", "id",
 )  # fmt: skip
+# debian_image(): a userland for application scripts: HOST_TOOLS plus what shell services run
+DEBIAN_TOOLS = (
+    *HOST_TOOLS, "date", "mktemp", "wc", "tail", "sort", "seq", "gzip", "sed", "grep",
+    "sha256sum", "cut", "tr", "timeout", "basename", "dirname", "stat",
+)  # fmt: skip
+HTTPD_PATH = "/usr/sbin/httpd"  # debian_image's one server binary: busybox, run as httpd
 DYNAMIC_LOADER = Path("/lib64/ld-linux-x86-64.so.2")
 GCC_FLAGS = ("-O2", "-static", "-pthread", "-Wall", "-Wextra")
 
@@ -85,16 +91,23 @@ def host_binaries_image() -> str:
     """Real host dash/bash/coreutils plus the shared libraries they load, paths preserved."""
 
     def populate(ctx: Path) -> None:
-        root = _base_rootfs(ctx)
-        binaries = [_host_tool(name) for name in HOST_TOOLS]
-        for name, src in zip(HOST_TOOLS, binaries, strict=True):
-            _copy_file(src, root / "bin" / name)
-        (root / "bin/sh").symlink_to("dash")  # as on Debian: /bin/sh is dash
-        for lib in _shared_libraries(binaries):
-            _copy_file(lib, root / lib.relative_to("/"))
+        _host_tools_rootfs(ctx, HOST_TOOLS)
         _write_dockerfile(ctx, "COPY rootfs/ /", 'CMD ["/bin/sh"]')
 
     return _ensure_image(HOST_PREFIX, populate, ["/bin/cat", "/etc/passwd"], expect="root:")
+
+
+def debian_image() -> str:
+    """Like host_binaries_image() with DEBIAN_TOOLS (dash, bash, coreutils, gzip, sed, grep),
+    plus busybox as HTTPD_PATH: the one static server binary, for web services whose CGI
+    scripts then run only the real Debian programs."""
+
+    def populate(ctx: Path) -> None:
+        root = _host_tools_rootfs(ctx, DEBIAN_TOOLS)
+        _copy_file(_require_file(HOST_BUSYBOX, "busybox-static"), root / HTTPD_PATH.lstrip("/"))
+        _write_dockerfile(ctx, "COPY rootfs/ /", 'CMD ["/bin/sh"]')
+
+    return _ensure_image(DEBIAN_PREFIX, populate, ["/bin/cat", "/etc/passwd"], expect="root:")
 
 
 def storm_image() -> str:
@@ -110,14 +123,16 @@ def storm_image() -> str:
     return _ensure_image(STORM_PREFIX, populate, smoke, expect='"count":1')
 
 
-def workload_image(name: str, files: dict[str, tuple[str, int]]) -> str:
-    """The busybox image plus `files` ({path in image: (text, mode)}): an application image.
+def workload_image(name: str, files: dict[str, tuple[str, int]], *,
+                   base: str | None = None) -> str:
+    """`base` (default: the busybox image) plus `files` ({path in image: (text, mode)}): an
+    application image. The base must have /bin/ls (the smoke test lists the first file).
 
     Each workload gets its own image (so its own baseline); the tag is ``dw-app-<name>:<hash>``.
     """
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise ValueError(f"workload image name {name!r}: use lower-case letters, digits, -")
-    base = busybox_image()
+    base = busybox_image() if base is None else base
 
     def populate(ctx: Path) -> None:
         for path, (text, mode) in sorted(files.items()):
@@ -158,6 +173,18 @@ def _base_rootfs(ctx: Path) -> Path:
     (root / "tmp").chmod(0o1777)  # the sticky bit survives the build-context tar
     (root / "etc/passwd").write_text(_PASSWD)
     (root / "etc/group").write_text(_GROUP)
+    return root
+
+
+def _host_tools_rootfs(ctx: Path, tools: tuple[str, ...]) -> Path:
+    """rootfs/ with the host's `tools` in /bin, /bin/sh -> dash, and the libraries they load."""
+    root = _base_rootfs(ctx)
+    binaries = [_host_tool(name) for name in tools]
+    for name, src in zip(tools, binaries, strict=True):
+        _copy_file(src, root / "bin" / name)
+    (root / "bin/sh").symlink_to("dash")  # as on Debian: /bin/sh is dash
+    for lib in _shared_libraries(binaries):
+        _copy_file(lib, root / lib.relative_to("/"))
     return root
 
 
