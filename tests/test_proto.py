@@ -57,7 +57,7 @@ def all_enums(descriptors):
 
 
 def test_every_file_is_in_package_driftwarden_v1_at_its_path():
-    assert PROTO_NAMES == ["actions", "agent", "alerts", "common"]
+    assert PROTO_NAMES == ["actions", "agent", "alerts", "baselines", "common"]
     for fd, name in zip(file_descriptors(), PROTO_NAMES, strict=True):
         assert fd.package == "driftwarden.v1"
         assert fd.name == f"driftwarden/proto/v1/{name}.proto"  # its import path
@@ -91,6 +91,16 @@ SERVICES = {
     "Actions": {"Request": ("ActionRequest", "ActionResponse", False, False),
                 "List": ("ListActionsRequest", "ListActionsResponse", False, False)},
     "Agents": {"List": ("ListAgentsRequest", "ListAgentsResponse", False, False)},
+    "Baselines": {
+        "List": ("ListBaselinesRequest", "ListBaselinesResponse", False, False),
+        "Get": ("GetBaselineRequest", "GetBaselineResponse", False, False),
+        "SetMode": ("SetBaselineModeRequest", "SetBaselineModeResponse", False, False),
+        "Diff": ("DiffBaselinesRequest", "DiffBaselinesResponse", False, False),
+        "Accept": ("AcceptAlertRequest", "AcceptAlertResponse", False, False),
+        "Reset": ("ResetBaselineRequest", "ResetBaselineResponse", False, False),
+        "Export": ("ExportBaselineRequest", "ExportBaselineResponse", False, False),
+        "Push": ("PushBaselineRequest", "PushBaselineResponse", False, False),
+    },
 }
 
 
@@ -124,6 +134,8 @@ def test_unary_methods_have_their_own_request_and_response():
                         "add_AgentsServicer_to_server"]),
     ("alerts_pb2_grpc", ["AlertsStub", "AlertsServicer", "add_AlertsServicer_to_server"]),
     ("actions_pb2_grpc", ["ActionsStub", "ActionsServicer", "add_ActionsServicer_to_server"]),
+    ("baselines_pb2_grpc", ["BaselinesStub", "BaselinesServicer",
+                            "add_BaselinesServicer_to_server"]),
 ])
 def test_grpc_modules_import_from_the_installed_package(module, names):
     mod = importlib.import_module(f"driftwarden.proto.v1.{module}")

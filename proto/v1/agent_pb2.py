@@ -23,43 +23,44 @@ _sym_db = _symbol_database.Default()
 
 
 from driftwarden.proto.v1 import actions_pb2 as driftwarden_dot_proto_dot_v1_dot_actions__pb2
+from driftwarden.proto.v1 import baselines_pb2 as driftwarden_dot_proto_dot_v1_dot_baselines__pb2
 from driftwarden.proto.v1 import common_pb2 as driftwarden_dot_proto_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n driftwarden/proto/v1/agent.proto\x12\x0e\x64riftwarden.v1\x1a\"driftwarden/proto/v1/actions.proto\x1a!driftwarden/proto/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0c\x41gentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.driftwarden.v1.HelloH\x00\x12\x31\n\x0b\x61lert_batch\x18\x03 \x01(\x0b\x32\x1a.driftwarden.v1.AlertBatchH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.driftwarden.v1.HeartbeatH\x00\x12\x35\n\raction_result\x18\x05 \x01(\x0b\x32\x1c.driftwarden.v1.ActionResultH\x00\x42\x06\n\x04\x62ody\"\x92\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\nAlertBatch\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\xc8\x01\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x03 \x01(\r\x12\x13\n\x0bspool_depth\x18\x04 \x01(\x04\x12-\n\ncontainers\x18\x05 \x03(\x0b\x32\x19.driftwarden.v1.Container\"\x91\x01\n\x0c\x41\x63tionResult\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.driftwarden.v1.ActionStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x10\x43ollectorCommand\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.driftwarden.v1.AckH\x00\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x1d.driftwarden.v1.ActionCommandH\x00\x12(\n\x06notice\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.NoticeH\x00\x42\x06\n\x04\x62ody\",\n\x03\x41\x63k\x12\x11\n\talert_ids\x18\x01 \x03(\t\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\x9c\x01\n\rActionCommand\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12(\n\x04type\x18\x03 \x01(\x0e\x32\x1a.driftwarden.v1.ActionType\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x12\n\nwith_pause\x18\x06 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListAgentsRequest\"\xca\x02\n\x05\x41gent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x08 \x01(\r\x12\x13\n\x0bspool_depth\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x10\n\x08hostname\x18\x0b \x01(\t\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Agent2]\n\x0c\x41gentChannel\x12M\n\x07\x43onnect\x12\x1c.driftwarden.v1.AgentMessage\x1a .driftwarden.v1.CollectorCommand(\x01\x30\x01\x32W\n\x06\x41gents\x12M\n\x04List\x12!.driftwarden.v1.ListAgentsRequest\x1a\".driftwarden.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n driftwarden/proto/v1/agent.proto\x12\x0e\x64riftwarden.v1\x1a\"driftwarden/proto/v1/actions.proto\x1a$driftwarden/proto/v1/baselines.proto\x1a!driftwarden/proto/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x02\n\x0c\x41gentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.driftwarden.v1.HelloH\x00\x12\x31\n\x0b\x61lert_batch\x18\x03 \x01(\x0b\x32\x1a.driftwarden.v1.AlertBatchH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.driftwarden.v1.HeartbeatH\x00\x12\x35\n\raction_result\x18\x05 \x01(\x0b\x32\x1c.driftwarden.v1.ActionResultH\x00\x12?\n\x12\x62\x61seline_increment\x18\x06 \x01(\x0b\x32!.driftwarden.v1.BaselineIncrementH\x00\x12;\n\x10\x62\x61seline_request\x18\x07 \x01(\x0b\x32\x1f.driftwarden.v1.BaselineRequestH\x00\x42\x06\n\x04\x62ody\"\xc6\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\tbaselines\x18\x06 \x03(\x0b\x32\x1f.driftwarden.v1.BaselineVersion\"G\n\nAlertBatch\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\xc8\x01\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x03 \x01(\r\x12\x13\n\x0bspool_depth\x18\x04 \x01(\x04\x12-\n\ncontainers\x18\x05 \x03(\x0b\x32\x19.driftwarden.v1.Container\"\x91\x01\n\x0c\x41\x63tionResult\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.driftwarden.v1.ActionStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcd\x01\n\x10\x43ollectorCommand\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.driftwarden.v1.AckH\x00\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x1d.driftwarden.v1.ActionCommandH\x00\x12(\n\x06notice\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.NoticeH\x00\x12\x32\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32\x1e.driftwarden.v1.BaselineUpdateH\x00\x42\x06\n\x04\x62ody\",\n\x03\x41\x63k\x12\x11\n\talert_ids\x18\x01 \x03(\t\x12\x12\n\nspool_seqs\x18\x02 \x03(\x04\"\x9c\x01\n\rActionCommand\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12(\n\x04type\x18\x03 \x01(\x0e\x32\x1a.driftwarden.v1.ActionType\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x12\n\nwith_pause\x18\x06 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListAgentsRequest\"\xfe\x02\n\x05\x41gent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.driftwarden.v1.Mode\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x1c.driftwarden.v1.KindCounters\x12\x1a\n\x12\x63ontainers_watched\x18\x08 \x01(\r\x12\x13\n\x0bspool_depth\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12\x32\n\tbaselines\x18\x0c \x03(\x0b\x32\x1f.driftwarden.v1.BaselineVersion\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Agent2]\n\x0c\x41gentChannel\x12M\n\x07\x43onnect\x12\x1c.driftwarden.v1.AgentMessage\x1a .driftwarden.v1.CollectorCommand(\x01\x30\x01\x32W\n\x06\x41gents\x12M\n\x04List\x12!.driftwarden.v1.ListAgentsRequest\x1a\".driftwarden.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'driftwarden.proto.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTMESSAGE']._serialized_start=157
-  _globals['_AGENTMESSAGE']._serialized_end=386
-  _globals['_HELLO']._serialized_start=389
-  _globals['_HELLO']._serialized_end=535
-  _globals['_ALERTBATCH']._serialized_start=537
-  _globals['_ALERTBATCH']._serialized_end=608
-  _globals['_HEARTBEAT']._serialized_start=611
-  _globals['_HEARTBEAT']._serialized_end=811
-  _globals['_ACTIONRESULT']._serialized_start=814
-  _globals['_ACTIONRESULT']._serialized_end=959
-  _globals['_COLLECTORCOMMAND']._serialized_start=962
-  _globals['_COLLECTORCOMMAND']._serialized_end=1115
-  _globals['_ACK']._serialized_start=1117
-  _globals['_ACK']._serialized_end=1161
-  _globals['_ACTIONCOMMAND']._serialized_start=1164
-  _globals['_ACTIONCOMMAND']._serialized_end=1320
-  _globals['_NOTICE']._serialized_start=1322
-  _globals['_NOTICE']._serialized_end=1344
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1346
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1365
-  _globals['_AGENT']._serialized_start=1368
-  _globals['_AGENT']._serialized_end=1698
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1700
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1759
-  _globals['_AGENTCHANNEL']._serialized_start=1761
-  _globals['_AGENTCHANNEL']._serialized_end=1854
-  _globals['_AGENTS']._serialized_start=1856
-  _globals['_AGENTS']._serialized_end=1943
+  _globals['_AGENTMESSAGE']._serialized_start=195
+  _globals['_AGENTMESSAGE']._serialized_end=550
+  _globals['_HELLO']._serialized_start=553
+  _globals['_HELLO']._serialized_end=751
+  _globals['_ALERTBATCH']._serialized_start=753
+  _globals['_ALERTBATCH']._serialized_end=824
+  _globals['_HEARTBEAT']._serialized_start=827
+  _globals['_HEARTBEAT']._serialized_end=1027
+  _globals['_ACTIONRESULT']._serialized_start=1030
+  _globals['_ACTIONRESULT']._serialized_end=1175
+  _globals['_COLLECTORCOMMAND']._serialized_start=1178
+  _globals['_COLLECTORCOMMAND']._serialized_end=1383
+  _globals['_ACK']._serialized_start=1385
+  _globals['_ACK']._serialized_end=1429
+  _globals['_ACTIONCOMMAND']._serialized_start=1432
+  _globals['_ACTIONCOMMAND']._serialized_end=1588
+  _globals['_NOTICE']._serialized_start=1590
+  _globals['_NOTICE']._serialized_end=1612
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1614
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1633
+  _globals['_AGENT']._serialized_start=1636
+  _globals['_AGENT']._serialized_end=2018
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=2020
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=2079
+  _globals['_AGENTCHANNEL']._serialized_start=2081
+  _globals['_AGENTCHANNEL']._serialized_end=2174
+  _globals['_AGENTS']._serialized_start=2176
+  _globals['_AGENTS']._serialized_end=2263
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 import datetime
 
 from driftwarden.proto.v1 import actions_pb2 as _actions_pb2
+from driftwarden.proto.v1 import baselines_pb2 as _baselines_pb2
 from driftwarden.proto.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -12,32 +13,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("seq", "hello", "alert_batch", "heartbeat", "action_result")
+    __slots__ = ("seq", "hello", "alert_batch", "heartbeat", "action_result", "baseline_increment", "baseline_request")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ALERT_BATCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ACTION_RESULT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_INCREMENT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     seq: int
     hello: Hello
     alert_batch: AlertBatch
     heartbeat: Heartbeat
     action_result: ActionResult
-    def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., alert_batch: _Optional[_Union[AlertBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., action_result: _Optional[_Union[ActionResult, _Mapping]] = ...) -> None: ...
+    baseline_increment: _baselines_pb2.BaselineIncrement
+    baseline_request: _baselines_pb2.BaselineRequest
+    def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., alert_batch: _Optional[_Union[AlertBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., action_result: _Optional[_Union[ActionResult, _Mapping]] = ..., baseline_increment: _Optional[_Union[_baselines_pb2.BaselineIncrement, _Mapping]] = ..., baseline_request: _Optional[_Union[_baselines_pb2.BaselineRequest, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "agent_version", "mode", "hostname", "started_at")
+    __slots__ = ("node", "agent_version", "mode", "hostname", "started_at", "baselines")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_version: str
     mode: _common_pb2.Mode
     hostname: str
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., hostname: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    baselines: _containers.RepeatedCompositeFieldContainer[_baselines_pb2.BaselineVersion]
+    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., hostname: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., baselines: _Optional[_Iterable[_Union[_baselines_pb2.BaselineVersion, _Mapping]]] = ...) -> None: ...
 
 class AlertBatch(_message.Message):
     __slots__ = ("alerts", "spool_seqs")
@@ -74,14 +81,16 @@ class ActionResult(_message.Message):
     def __init__(self, action_id: _Optional[str] = ..., status: _Optional[_Union[_actions_pb2.ActionStatus, str]] = ..., message: _Optional[str] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CollectorCommand(_message.Message):
-    __slots__ = ("ack", "action", "notice")
+    __slots__ = ("ack", "action", "notice", "baseline")
     ACK_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     ack: Ack
     action: ActionCommand
     notice: Notice
-    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., action: _Optional[_Union[ActionCommand, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    baseline: _baselines_pb2.BaselineUpdate
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., action: _Optional[_Union[ActionCommand, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., baseline: _Optional[_Union[_baselines_pb2.BaselineUpdate, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("alert_ids", "spool_seqs")
@@ -118,7 +127,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("node", "agent_version", "mode", "connected", "connected_at", "last_heartbeat", "counters", "containers_watched", "spool_depth", "peer", "hostname")
+    __slots__ = ("node", "agent_version", "mode", "connected", "connected_at", "last_heartbeat", "counters", "containers_watched", "spool_depth", "peer", "hostname", "baselines")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +139,7 @@ class Agent(_message.Message):
     SPOOL_DEPTH_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_version: str
     mode: _common_pb2.Mode
@@ -141,7 +151,8 @@ class Agent(_message.Message):
     spool_depth: int
     peer: str
     hostname: str
-    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Iterable[_Union[_common_pb2.KindCounters, _Mapping]]] = ..., containers_watched: _Optional[int] = ..., spool_depth: _Optional[int] = ..., peer: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    baselines: _containers.RepeatedCompositeFieldContainer[_baselines_pb2.BaselineVersion]
+    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Iterable[_Union[_common_pb2.KindCounters, _Mapping]]] = ..., containers_watched: _Optional[int] = ..., spool_depth: _Optional[int] = ..., peer: _Optional[str] = ..., hostname: _Optional[str] = ..., baselines: _Optional[_Iterable[_Union[_baselines_pb2.BaselineVersion, _Mapping]]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)
