@@ -22,6 +22,14 @@ without the runtime. Such a container has no image, so detection skips it: each 
 per runtime its cgroup path names (`without_metadata`). An outage is kept per runtime when the
 provider routes by runtime (one runtime down does not hold up the others' new containers).
 
+Outages: a runtime is taken as unreachable when asking it failed, or when its event watcher
+could not reach it (an UNREACHABLE event); it is back once asking it works again or its watcher
+reconnects (RESYNC). Containers the runtime described before it went away keep their metadata
+(served from the cache, refreshed once it is back), so a runtime restart loses no attribution
+of the containers that keep running. During an outage a container seen for the first time is
+answered at once without metadata, unless its cgroup was made after the runtime last failed:
+a runtime that makes containers is back, so that one is asked (PENDING), not given up on.
+
 Layers: drift needs a container's overlay layers, and a short-lived container's processes are
 gone when detection asks. `graph_driver(container_id)` answers from the runtime's record
 (`ContainerInfo.graph_driver`: Docker's GraphDriver, a CRI container's init's root), else from
@@ -109,6 +117,12 @@ NOT_FOUND_ERROR = "container not found by the runtime"
 
 
 @dataclass(frozen=True, slots=True)
+class _Outage:
+    error: str
+    confirmed_at: float  # wall-clock seconds when asking the runtime last failed
+
+
+@dataclass(frozen=True, slots=True)
 class _CachedMetadata:
     info: ContainerInfo | None  # None: not found, or never fetched because of an error
     error: str | None
@@ -160,6 +174,7 @@ class Attributor(Service):
         max_queued: int = 4096,
         removed_grace: float = 60.0,
         proc_root: str = "/proc",
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self._cgroups = cgroups
@@ -169,6 +184,7 @@ class Attributor(Service):
         self._removed_grace = removed_grace
         self._proc_root = proc_root
         self._clock = clock
+        self._wall_clock = wall_clock  # compared with cgroup folders' times (see _outage_for)
         self._host_cgroup_ids = frozenset(host_cgroup_ids)
         self._max_containers = max_containers
         self._max_queued = max_queued
@@ -180,8 +196,8 @@ class Attributor(Service):
         self._queued: set[str] = set()
         self._in_flight: str | None = None
         # while a runtime cannot be asked: its name (ANY_RUNTIME for a provider that does not
-        # route by runtime) -> the error
-        self._outages: dict[str, str] = {}
+        # route by runtime) -> the error, and when it last failed
+        self._outages: dict[str, _Outage] = {}
         self._routing = isinstance(metadata, RoutingMetadataProvider)
         # container id -> the runtime its cgroup path names, for the worker to route by
         self._runtime_of: OrderedDict[str, str] = OrderedDict()
@@ -304,13 +320,40 @@ class Attributor(Service):
             return Attribution(AttributionState.CONTAINER, cgroup_id, cgroup_path=path, ref=ref,
                                info=cached.info, metadata_error=cached.error)
         self._enqueue_locked(container_id, even_if_in_flight=False)
-        outage = self._outages.get(self._outage_key(ref.runtime) or ANY_RUNTIME)
+        outage = self._outage_for_locked(ref.runtime, path)
         if outage is not None:
             # Known outage: say so now instead of making the caller buffer for nothing.
             self._counters.unavailable += 1
             return self._without_metadata_locked(cgroup_id, path, ref, outage)
         self._counters.pending += 1
         return Attribution(AttributionState.PENDING, cgroup_id, cgroup_path=path, ref=ref)
+
+    def _outage_for_locked(self, runtime: str, path: str) -> str | None:
+        """The error of a known outage of the container's runtime; None when there is none,
+        or when the container's cgroup was made after the runtime last failed (a runtime that
+        makes containers answers again, or will by the time it is asked). kernfs stamps a
+        folder with the time it was made, and a container's folder keeps it (its mtime moves
+        only if a folder is made inside it: then it is asked about, which is safe). A folder
+        that is gone already (a container that lived a few milliseconds) is asked about as
+        well: a runtime that is down fails at once."""
+        outage = self._outages.get(self._outage_key(runtime) or ANY_RUNTIME)
+        if outage is None:
+            return None
+        try:
+            made = (self._cgroups.root / path.lstrip("/")).stat().st_mtime
+        except OSError:
+            return None
+        return outage.error if made <= outage.confirmed_at else None
+
+    def _runtime_failed_locked(self, key: str, error: str) -> None:
+        if key not in self._outages:
+            log.warning("container metadata unavailable: %s", error)
+        self._outages[key] = _Outage(error, self._wall_clock())
+
+    def _runtime_answered_locked(self, key: str) -> None:
+        if self._outages.pop(key, None) is not None:
+            log.info("container metadata available again%s",
+                     "" if key == ANY_RUNTIME else f" ({key})")
 
     def _without_metadata_locked(self, cgroup_id: int, path: str, ref: ContainerRef,
                                  error: str | None) -> Attribution:
@@ -393,8 +436,17 @@ class Attributor(Service):
         now = self._clock()
         with self._cond:
             self._counters.events += 1
+            if event.action is ContainerEventAction.UNREACHABLE:
+                key = self._outage_key(event.runtime)
+                if key is not None:
+                    self._runtime_failed_locked(key, event.error or "runtime unreachable")
+                return
             if event.action is ContainerEventAction.RESYNC:
-                # Events may have been missed: serve what we have, but refresh on next use.
+                # The runtime answers. Events may have been missed: serve what we have, but
+                # refresh on next use.
+                key = self._outage_key(event.runtime)
+                if key is not None:
+                    self._runtime_answered_locked(key)
                 for container_id, cached in self._entries.items():
                     if cached.expires_at > now and not cached.removed:
                         self._entries[container_id] = replace(cached, expires_at=now)
@@ -495,18 +547,15 @@ class Attributor(Service):
             if error is not None:
                 self._counters.inspect_errors += 1
                 if outage_key is not None:
-                    if outage_key not in self._outages:
-                        log.warning("container metadata unavailable: %s", error)
-                    self._outages[outage_key] = error
+                    self._runtime_failed_locked(outage_key, error)
                 previous = self._entries.get(container_id)
                 # Keep what we knew: an old name beats no name while the runtime is away.
                 known = previous.info if previous is not None else None
                 entry = (previous if previous is not None and previous.removed
                          else _CachedMetadata(known, error, now + self._negative_ttl))
             else:
-                if outage_key is not None and self._outages.pop(outage_key, None) is not None:
-                    log.info("container metadata available again%s",
-                             "" if outage_key == ANY_RUNTIME else f" ({outage_key})")
+                if outage_key is not None:
+                    self._runtime_answered_locked(outage_key)
                 previous = self._entries.get(container_id)
                 if info is None and previous is not None and previous.info is not None:
                     # removed since it was described (a short-lived container, or a refresh
@@ -552,7 +601,16 @@ class Attributor(Service):
     def unavailable_runtimes(self) -> dict[str, str]:
         """The runtimes that cannot be asked now and why ("*": the provider as a whole)."""
         with self._cond:
-            return dict(self._outages)
+            return {key: outage.error for key, outage in self._outages.items()}
+
+    def metadata_unavailable_by_runtime(self) -> dict[str, int]:
+        """1 for each runtime whose containers cannot be described now (it cannot be asked, or
+        no endpoint serves it), else 0; every runtime is listed. A provider that does not
+        route by runtime stands for all of them."""
+        with self._cond:
+            everything = ANY_RUNTIME in self._outages
+            return {runtime: int(everything or runtime in self._outages)
+                    for runtime in sorted(RUNTIMES)}
 
     def stats(self) -> dict[str, int]:
         with self._cond:

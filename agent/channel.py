@@ -21,7 +21,11 @@ What a stream carries (agent -> collector)
        they are appended, batched: at most ``max_batch_alerts`` per ``alert_batch`` and an upper
        bound of the serialized message below ``max_batch_bytes`` (< wire.MAX_MESSAGE_BYTES).
        ``AlertBatch.spool_seqs`` gives each alert's spool sequence number;
-    4. ``action_result`` for each action the collector asked for.
+    4. ``action_result`` for each action the collector asked for;
+    5. with a :class:`~driftwarden.agent.fleet.FleetBaselines` (``fleet``): hello lists the
+       fleet baselines held here, ``baseline_request`` asks for each image the agent sees (on
+       every new stream again), ``baseline_increment`` reports what a learning image showed
+       (every few seconds, and at stop); the collector's ``baseline`` commands go to it.
     An ``ack`` removes exactly the entries named by its ``spool_seqs`` (by ``alert_ids``, oldest
     sent first, when a collector sends no seqs). At most ``max_in_flight`` alerts wait for an ack
     on one stream; sending then pauses. A stream with alerts in flight and no ack for
@@ -101,6 +105,7 @@ _PER_ALERT_OVERHEAD = 16
 _MAX_RESULT_TEXT = 4000  # wire: texts of at most 4096 characters
 _REMEMBERED_ACTIONS = 256  # action ids whose results are kept (a repeated command is not rerun)
 _FRESH_LIMIT = 10_000  # new alerts queued in memory; beyond that the sender reads the spool
+_FINAL_FLEET_MESSAGES = 64  # baseline increments sent at stop, at most
 _REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
 
 
@@ -268,9 +273,11 @@ class CollectorChannel(Service):
                  is_local: Callable[[str], bool] | None = None,
                  counters: Callable[[], Mapping[str, Mapping[str, int]]] | None = None,
                  containers: Callable[[], Iterable[tuple[Any, ...]]] | None = None,
+                 fleet: Any | None = None,
                  random: Callable[[], float] = random.random) -> None:
         super().__init__()
         self.config = config
+        self._fleet = fleet  # agent.fleet.FleetBaselines: baselines learned with the fleet
         if config.tls is not None:
             config.tls.read()  # fail now, with the file's name, not on every redial
         self.spool = AlertSpool(spool_dir, fsync=config.spool_fsync,
@@ -304,6 +311,8 @@ class CollectorChannel(Service):
                                         daemon=True)
         self._action_thread = threading.Thread(target=self._run_actions,
                                                name="driftwarden-actions", daemon=True)
+        if fleet is not None:
+            fleet.attach(self.flush)  # a fleet message is due: wake the sender
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -462,6 +471,8 @@ class CollectorChannel(Service):
                 if self._stream is stream:
                     self._stream = None
                 self._cond.notify_all()
+            if self._fleet is not None:
+                self._fleet.stream_ended(stream.number)
             channel.close()
 
     def _cancel_stream(self) -> None:
@@ -504,6 +515,8 @@ class CollectorChannel(Service):
             self._action_queue.put(command.action)
         elif body == "notice":
             log.warning("collector notice: %s", command.notice.text)
+        elif body == "baseline" and self._fleet is not None:
+            self._fleet.on_update(stream.number, command.baseline)
 
     def _on_ack(self, stream: _Stream, ack: agent_pb2.Ack) -> None:
         by_id: list[str] = []
@@ -525,11 +538,15 @@ class CollectorChannel(Service):
 
     def _requests(self, stream: _Stream) -> Iterator[agent_pb2.AgentMessage]:
         config = self.config
+        fleet = self._fleet
         yield stream.message(hello=agent_pb2.Hello(
             node=config.node, agent_version=__version__, mode=MODE.to_proto(config.mode),
-            hostname=config.hostname, started_at=to_timestamp(config.started_at)))
+            hostname=config.hostname, started_at=to_timestamp(config.started_at),
+            baselines=fleet.hello_baselines() if fleet is not None else ()))
         # gRPC asks for the next message only once the previous one went out on a live
         # connection (a call without wait_for_ready fails instead): the stream is up.
+        if fleet is not None:
+            fleet.stream_started(stream.number)
         with self._cond:
             stream.ready_at = time.monotonic()
             self._cond.notify_all()
@@ -546,8 +563,16 @@ class CollectorChannel(Service):
                 yield stream.message(action_result=result)
                 continue
             now = time.monotonic()
-            if now >= next_heartbeat:
-                yield stream.message(heartbeat=self._heartbeat())
+            body = fleet.next_message(stream.number, now) if fleet is not None else None
+            if body is not None:
+                yield stream.message(**body)
+                continue
+            if now >= next_heartbeat or (fleet is not None
+                                         and fleet.heartbeat_wanted(stream.number, now)):
+                heartbeat = self._heartbeat()
+                yield stream.message(heartbeat=heartbeat)
+                if fleet is not None:  # the collector takes increments of the images listed
+                    fleet.listed(stream.number, {c.image.id for c in heartbeat.containers})
                 next_heartbeat = now + config.heartbeat_seconds
                 continue
             batch, progressed = self._take_batch(stream)
@@ -574,11 +599,24 @@ class CollectorChannel(Service):
                     stream.call.cancel()
                 return
         if final:
-            yield stream.message(heartbeat=self._heartbeat())
+            heartbeat = self._heartbeat()
+            yield stream.message(heartbeat=heartbeat)
+            if fleet is not None:  # what learning images showed last goes with the agent's stop
+                fleet.listed(stream.number, {c.image.id for c in heartbeat.containers})
+                for _ in range(_FINAL_FLEET_MESSAGES):
+                    body = fleet.next_message(stream.number, time.monotonic(), final=True)
+                    if body is None:
+                        break
+                    yield stream.message(**body)
 
     def _work_waiting(self, stream: _Stream) -> bool:
         if self._results or self._stopping.is_set() or stream.closed:
             return True
+        if self._fleet is not None:
+            now = time.monotonic()
+            due = self._fleet.next_due(now)
+            if due is not None and due <= now:
+                return True
         if len(stream.in_flight) >= self.config.max_in_flight:
             return False
         if self._fresh_overflow or stream.replaying:
@@ -594,6 +632,10 @@ class CollectorChannel(Service):
             until = min(until, stream.last_progress + self.config.ack_timeout)
         if stream.ready_at is not None and not stream.healthy:
             until = min(until, stream.ready_at + self.config.stable_seconds)
+        if self._fleet is not None:
+            due = self._fleet.next_due(now)
+            if due is not None:
+                until = min(until, due)
         return max(0.001, until - now)
 
     def _take_batch(self, stream: _Stream) -> tuple[agent_pb2.AlertBatch | None, bool]:

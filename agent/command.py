@@ -13,14 +13,15 @@ heartbeats list the running containers of every runtime.
 ``events_total{kind,outcome=emitted|suppressed|dropped}`` (the probes' counters),
 ``alerts_total{kind}``, the histogram ``event_latency_seconds`` (kernel timestamp -> the
 detector takes the event up), ``containers_without_metadata_total{runtime}`` (containers the
-runtime did not describe: no image, so no detection) and ``container_metadata_unavailable``;
+runtime did not describe: no image, so no detection) and
+``container_metadata_unavailable{runtime}`` (1 while that runtime cannot be asked);
 with `--collector` also ``spool_depth``, ``collector_connected``,
 ``alerts_sent_total``, ``alerts_acked_total``, ``collector_reconnects_total`` and
 ``actions_total{type,status}``.
 
-The agent's commands (`trace`, `agent`, `baseline` on a node's state dir, `doctor`) are added to
-the command line by :func:`add_parsers`; :func:`options_from_args` turns the parsed `agent` flags
-into :class:`AgentOptions`.
+The agent's commands (`trace`, `agent`, `doctor`) are added to the command line by
+:func:`add_parsers`, and :func:`run_local_baseline` runs `baseline` on a node's state dir;
+:func:`options_from_args` turns the parsed `agent` flags into :class:`AgentOptions`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class AgentOptions:
     tls_ca: str | None = None
     heartbeat: float | None = None  # seconds; None: DEFAULT_HEARTBEAT_SECONDS
     metrics: str | None = None  # host:port for GET /metrics (loopback)
+    # --only-label: watch only containers with every one of these (key, value) labels
+    only_labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def alerts_file(self) -> str | None:
@@ -132,6 +135,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         tls_ca=getattr(args, "tls_ca", None),
         heartbeat=getattr(args, "heartbeat", None),
         metrics=getattr(args, "metrics", None),
+        only_labels=tuple(getattr(args, "only_label", None) or ()),
     )
 
 
@@ -226,9 +230,12 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
             "asked), counted once each by the runtime their cgroup path names: their events "
             "have no image, so no detection",
             attributor.without_metadata, ("runtime",))
-        registry.gauge_callback("driftwarden_agent_container_metadata_unavailable",
-                                "1 while the container runtime cannot be asked for metadata",
-                                lambda: int(attributor.metadata_unavailable))
+        registry.gauge_callback(
+            "driftwarden_agent_container_metadata_unavailable",
+            "1 while this container runtime cannot be asked for metadata (asking it failed "
+            "or its event stream cannot reach it; or no endpoint serves it): its containers "
+            "first seen meanwhile get cgroup-only attribution and no detection",
+            attributor.metadata_unavailable_by_runtime, ("runtime",))
     if channel is None:
         return event_seen
     registry.gauge_callback("driftwarden_agent_spool_depth",
@@ -251,6 +258,25 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
     return event_seen
 
 
+def register_watch_metrics(registry: Any, pipeline: Any, detector: Any,
+                           fleet: Any | None) -> None:
+    """What --only-label left out, and the fleet baselines' traffic (with --collector)."""
+    registry.counter_callback(
+        "driftwarden_agent_events_not_selected_total", "Events of containers --only-label "
+        "does not select, skipped", lambda: pipeline.summary.filtered.get("not_selected", 0))
+    if fleet is None:
+        return
+    registry.counter_callback(
+        "driftwarden_agent_baseline_messages_total", "Fleet baseline messages: requests and "
+        "increments sent, updates received", lambda: {
+            (kind,): fleet.stats[name] for kind, name in (
+                ("request", "requests"), ("increment", "increments"), ("update", "updates"))},
+        ("kind",))
+    registry.counter_callback(
+        "driftwarden_agent_baseline_records_held_total", "Records of a new image that waited "
+        "for the collector's baseline", lambda: detector.stats.get("fleet_records_held", 0))
+
+
 def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
               stderr: TextIO) -> int:
     from driftwarden.agent.alerts import AlertAggregator, JsonLinesAlertSink
@@ -263,9 +289,10 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         LayersCache,
         LockedSink,
     )
-    from driftwarden.agent.pipeline import TracePipeline
+    from driftwarden.agent.fleet import FleetBaselines, FleetConfig
+    from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
-    from driftwarden.agent.runtimes.registry import GraphDrivers, resolve_endpoints
+    from driftwarden.agent.runtimes.registry import GraphDrivers, ImageLayers, resolve_endpoints
     from driftwarden.core.metrics import MetricsRegistry, MetricsServer
     from driftwarden.core.modes import Mode
     from driftwarden.models.items import ItemSet
@@ -310,10 +337,16 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
         attribution = stack.enter_context(LiveAttribution(str(find_cgroup2_root()), endpoints))
         probes = stack.enter_context(ProbeSet(ProbeConfig()))
-        channel = None
+        channel = fleet = None
         if config is not None:
-            channel = stack.enter_context(_open_channel(config, state_dir, options, probes,
-                                                        stack))
+            image_layers = ImageLayers(endpoints)
+            stack.callback(image_layers.close)
+            fleet = FleetBaselines(FleetConfig(node=config.node), state_dir,
+                                   has_copy=lambda key: store.path_for(key).exists(),
+                                   image_layers=image_layers)
+            channel = stack.enter_context(_open_channel(
+                config, state_dir, options, probes, stack, fleet=fleet,
+                describe=attribution.metadata.inspect))
             sinks.append(channel)
         counter = AlertCounter(sinks[0] if len(sinks) == 1 else TeeSink(*sinks))
         aggregator = AlertAggregator(counter, incident_seconds=options.incident_window)
@@ -330,7 +363,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             stderr.write(f"driftwarden: metrics at {server.url}\n")
         source = LiveCapture(probes)
         pipeline = TracePipeline(source, proc=LiveProcReader(cgroup_root=find_cgroup2_root()),
-                                 attribution=attribution, sinks=[])
+                                 attribution=attribution, sinks=[],
+                                 trace_filter=TraceFilter(labels=options.only_labels))
         graph_driver = GraphDrivers(endpoints, known=attribution.attributor.graph_driver)
         stack.callback(graph_driver.close)
         detector = Detector(
@@ -340,13 +374,20 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
-            event_seen=event_seen,
+            event_seen=event_seen, fleet=fleet,
         )
+        if metrics_address is not None:
+            register_watch_metrics(registry, pipeline, detector, fleet)
         lock = threading.Lock()
         pipeline.sinks.append(LockedSink(detector, lock))
-        stack.enter_context(ControlServer(BaselineService(LiveProfiles(detector), store),
-                                          state_dir, lock))
+        stack.enter_context(ControlServer(
+            BaselineService(LiveProfiles(detector), store,
+                            fleet_collector=config.address if fleet is not None else None),
+            state_dir, lock))
         where = f"; alerts to collector {config.address} as node {config.node}" if config else ""
+        if options.only_labels:
+            where += "; only containers labelled " + ", ".join(
+                f"{k}={v}" for k, v in options.only_labels)
         stderr.write(f"driftwarden: agent running; baselines in {store.dir}{where}; "
                      f"Ctrl-C to stop\n")
         stderr.flush()
@@ -365,20 +406,24 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
 
 @contextlib.contextmanager
 def _open_channel(config: Any, state_dir: Path, options: AgentOptions, probes: Any,
-                  stack: contextlib.ExitStack):
+                  stack: contextlib.ExitStack, *, fleet: Any, describe: Any):
     from driftwarden.agent.actions import ContainerActions
     from driftwarden.agent.channel import SPOOL_DIR_NAME, CollectorChannel
     from driftwarden.agent.runtimes.registry import RunningContainers, resolve_endpoints
+    from driftwarden.agent.selection import NodeContainers
     from driftwarden.core.errors import ChannelError, SpoolError
 
     endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
     actions = stack.enter_context(ContainerActions.for_endpoints(endpoints))
-    containers = RunningContainers(endpoints)
-    stack.callback(containers.close)
+    running = RunningContainers(endpoints)
+    stack.callback(running.close)
+    # the heartbeats list what this agent watches, by the keys its baselines have
+    containers = NodeContainers(running, describe, labels=options.only_labels)
     spool_dir = state_dir / SPOOL_DIR_NAME
     try:
         channel = CollectorChannel(config, spool_dir, actions=actions,
-                                   counters=probes.counters, containers=containers)
+                                   counters=probes.counters, containers=containers,
+                                   fleet=fleet)
     except (SpoolError, ChannelError) as exc:
         raise UsageError(f"cannot start the collector channel: {exc}") from exc
     with channel:
@@ -488,6 +533,8 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 def _add_agent(subparsers: argparse._SubParsersAction) -> None:
+    from driftwarden.agent.selection import label_pair
+
     p = subparsers.add_parser(
         "agent",
         help="learn each image's behaviour and report drift, novelty and anomalies",
@@ -518,6 +565,11 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                    help="mode of an image seen for the first time (default learn)")
     p.add_argument("--duration", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="stop after this many seconds")
+    p.add_argument("--only-label", action="append", type=label_pair, default=[],
+                   metavar="KEY=VALUE",
+                   help="watch only containers with this label (repeatable: all of them); the "
+                   "others are skipped and counted as not selected (canaries; several agents "
+                   "on one host playing separate nodes)")
     add_runtime_flags(p)
     add_collector_flags(p)
     p.set_defaults(func=_run_agent)
@@ -528,48 +580,10 @@ def _run_agent(args: argparse.Namespace) -> int:
                      stderr=sys.stderr)
 
 
-def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "baseline",
-        help="list, inspect and tune per-image baselines",
-        description="Works on a running agent through STATE_DIR/control.sock, or on the "
-        "baseline files when no agent runs. IMAGE is an image id (or a unique prefix of its "
-        "hex) or name[:tag].",
-    )
-    p.add_argument("--state-dir", required=True, metavar="DIR")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    ops = p.add_subparsers(dest="op", metavar="OP", parser_class=type(p))
-    ops.required = True
-    ops.add_parser("list", help="every baseline with its mode and size")
-    show = ops.add_parser("show", help="one baseline's items and mode history")
-    show.add_argument("image")
-    mode = ops.add_parser("mode", help="set a baseline's mode")
-    mode.add_argument("image")
-    mode.add_argument("mode", choices=("learn", "monitor", "protect"))
-    mode.add_argument("--reason", default="operator")
-    accept = ops.add_parser("accept", help="add a novel alert's behaviour to its baseline")
-    accept.add_argument("alert_id")
-    reset = ops.add_parser("reset", help="forget a baseline: the image learns again")
-    reset.add_argument("image")
-    export = ops.add_parser("export", help="write a baseline to a file")
-    export.add_argument("image")
-    export.add_argument("file")
-    imp = ops.add_parser("import", help="load a baseline file (starts in monitor unless "
-                         "--mode says otherwise)")
-    imp.add_argument("file")
-    imp.add_argument("--mode", choices=("learn", "monitor", "protect"), default=None,
-                     help="the mode it starts in (default monitor, whatever mode the file was "
-                     "exported in)")
-    imp.add_argument("--image", dest="image_id", default=None,
-                     help="the image id it is for (refused if the file is another image's)")
-    imp.add_argument("--force", action="store_true", help="use it for --image anyway")
-    diff = ops.add_parser("diff", help="what image A does that image B never did")
-    diff.add_argument("a")
-    diff.add_argument("b")
-    p.set_defaults(func=_run_baseline)
-
-
-def _run_baseline(args: argparse.Namespace) -> int:
+def run_local_baseline(args: argparse.Namespace) -> int:
+    """`driftwarden baseline --state-dir DIR OP ...` (the command line's `baseline` parser,
+    driftwarden.cli.baseline): through the running agent's control socket, else on the
+    files."""
     import json
 
     from driftwarden.agent.control import request
@@ -596,11 +610,57 @@ def _run_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_learn(subparsers: argparse._SubParsersAction) -> None:
+    from driftwarden.agent.learn import CONTAINER_ENV, NETWORKS
+
+    p = subparsers.add_parser(
+        "learn",
+        help="learn an image's baseline while a command exercises it (CI)",
+        description="Start a container of IMAGE with Docker under a learning agent, run CMD on "
+        "this host while it learns (its tests, a load script; $" + CONTAINER_ENV + " names "
+        "the container), and write the baseline file for `driftwarden baseline push FILE "
+        "--collector ADDR` (or `baseline import`). CMD's exit ends learning unless --for is "
+        "longer; a failing CMD fails learn with its exit code and writes nothing.",
+        usage="%(prog)s IMAGE [--for SECONDS] [--out FILE] [--network {none,host}] -- CMD ...")
+    p.add_argument("image", metavar="IMAGE", help="the image (name[:tag] or id) Docker has")
+    p.add_argument("--for", dest="learn_for", type=POSITIVE_SECONDS, default=None,
+                   metavar="SECONDS", help="learn at least this long after the container "
+                   "started (default: until CMD exits)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where the baseline goes (default ./<image>.baseline)")
+    p.add_argument("--network", choices=NETWORKS, default="none",
+                   help="the container's network: none (its own loopback only; default) or "
+                   "host (the host's, loopback included)")
+    p.add_argument("--window", type=POSITIVE_SECONDS, default=10.0, metavar="SECONDS",
+                   help="feature window length (default 10, as the agent's)")
+    p.add_argument("--docker-host", default=None, metavar="URL",
+                   help="the Docker Engine API (default unix:///var/run/docker.sock)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="after --: what exercises the image, run on this host")
+    p.set_defaults(func=_run_learn, learn_parser=p)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from driftwarden.agent.learn import LearnOptions, run_learn
+
+    command = list(args.cmd)
+    if command and command[0].startswith("-") and "--" in command:
+        # flags after IMAGE: argparse left them to CMD; they are learn's up to the first --
+        split = command.index("--")
+        args = args.learn_parser.parse_args([*command[:split], args.image])
+        command = command[split + 1:]
+    options = LearnOptions(image=args.image, command=tuple(command),
+                           learn_for=args.learn_for, out=args.out, network=args.network,
+                           window=args.window, docker_host=args.docker_host)
+    return run_learn(options, stop_on_signals(), stderr=sys.stderr)
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """The agent's commands: trace, agent, baseline (local) and doctor."""
+    """The agent's commands: trace, agent, learn and doctor (`baseline`, whose local form is
+    :func:`run_local_baseline`, is parsed by driftwarden.cli.baseline)."""
     from driftwarden.agent import doctor
 
     _add_trace(subparsers)
     _add_agent(subparsers)
-    _add_baseline(subparsers)
+    _add_learn(subparsers)
     doctor.add_parser(subparsers)

@@ -135,16 +135,32 @@ def startup_items(profile: Profile) -> list[dict[str, Any]]:
     return out
 
 
+# what changes a baseline: refused by an agent that follows the fleet's baselines
+_CHANGES = frozenset({"mode", "reset", "import", "accept"})
+
+
 class BaselineService:
-    def __init__(self, source: ProfileSource, store: ProfileStore) -> None:
+    """The operations. `fleet_collector`: the collector whose baselines this agent follows
+    (`agent --collector`); a change here would be replaced by the fleet's next version, so
+    changes are refused with the command that makes them on the collector."""
+
+    def __init__(self, source: ProfileSource, store: ProfileStore, *,
+                 fleet_collector: str | None = None) -> None:
         self.source = source
         self.store = store
+        self.fleet_collector = fleet_collector
 
     def handle(self, request: dict[str, Any]) -> Any:
         op = request.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise UsageError(f"unknown operation {op!r}")
+        if op in _CHANGES and self.fleet_collector is not None:
+            verb = "push FILE" if op == "import" else f"{op} ..."
+            raise UsageError(
+                f"this agent follows the fleet's baselines on the collector "
+                f"{self.fleet_collector}, whose next version would replace a change made "
+                f"here: run `driftwarden baseline {verb} --collector {self.fleet_collector}`")
         return handler(request)
 
     def op_list(self, _request) -> list[dict[str, Any]]:

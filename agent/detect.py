@@ -24,6 +24,11 @@ time) the profile has seen a start, and later starts are checked like anything e
 that began while the image learned is learning's own: what it does after learning ended is
 checked. Drift is never learned, during a start either (nor the items of a record that
 drifted).
+
+A fleet baseline carried from another version of its image (agent.carry) learns only the
+records that involve a file of the layers that version did not have; the others are judged as
+outside learning while it learns (NOVEL at once, nothing learned or reported), and a window in
+which such a NOVEL was raised is not learned.
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from driftwarden.agent.alerts import build_alert, container_key
+from driftwarden.agent.carry import CarryJudge, record_files
+from driftwarden.agent.fleet import FleetBaselines, carried_scope, profile_from_baseline
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
-from driftwarden.core.errors import NotEnoughWindowsError, UsageError
+from driftwarden.core.errors import InvalidMessage, NotEnoughWindowsError, UsageError
 from driftwarden.core.modes import Mode
 from driftwarden.core.records import ContainerView, ProcKey, Program, TraceRecord
 from driftwarden.models.drift import (
@@ -114,6 +121,11 @@ class DetectorConfig:
     # event): a steady-state model would flag every new replica and restart. The start time
     # is the runtime's (Docker State.StartedAt, updated by its start events).
     startup_seconds: float = 10.0
+    # With the collector's fleet baselines: a new image's records wait this long (at most, and
+    # only while connected) for the collector's answer, so a node never learns what the fleet
+    # already knows; at most hold_capacity records wait in all (beyond: released, counted).
+    hold_seconds: float = 3.0
+    hold_capacity: int = 10_000
 
 
 def _is_shell(item: ExecItem) -> bool:
@@ -164,8 +176,17 @@ class Detector:
         drops: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
         event_seen: Callable[[int], None] | None = None,
+        fleet: FleetBaselines | None = None,
     ) -> None:
         self.config = config
+        # the collector's baselines (agent.fleet): learned together, applied here; None: this
+        # node alone (the local learning rule ends learning)
+        self._fleet = fleet
+        self._fleet_seen: set[str] = set()
+        self._carry = CarryJudge()  # a carried baseline's learned and judged parts
+        # image id -> (release deadline, its records waiting for the collector's answer)
+        self._held: OrderedDict[str, tuple[float, deque[TraceRecord]]] = OrderedDict()
+        self._held_count = 0
         # called with each record's kernel timestamp as it arrives (the agent's latency metric)
         self._event_seen = event_seen
         self.store = store
@@ -258,6 +279,14 @@ class Detector:
             if self._first_starts:
                 self._end_first_starts()
         view = record.container
+        if (self._fleet is not None and view.image_id and view.state == "container" and view.id
+                and self._hold(record, view.image_id)):
+            return
+        self._process(record, at)
+
+    def _process(self, record: TraceRecord, at: float) -> None:
+        before = record.before_agent
+        view = record.container
         if view.state == "container" and view.id:
             self._run_start(view, at, before, record.runtime_setup or record.kind == "exec")
         if record.runtime_setup or view.state != "container" or not view.id:
@@ -284,13 +313,20 @@ class Detector:
         record = self._canonical_exe(record, layers)
         ops = write_ops(record) if record.kind == "write" else None
         items = items_of(record, self._program_item, ops=ops)
-        novel = profile.observe(items, now, self.config.policy)
-        if novel and profile.mode is Mode.LEARN:
-            self._dirty.add(profile.image_id)
+        # a carried baseline judges what its shared layers' files do, even while it learns
+        learning = profile.mode is Mode.LEARN and not self._judged(profile, view, record,
+                                                                   items, layers)
+        novel = profile.observe(items, now, self.config.policy, learn=learning)
+        if learning:
+            if novel:
+                self._dirty.add(profile.image_id)
+            if self._fleet is not None:  # the fleet learns (item, container) pairs
+                self._fleet.learned(profile.image_id, profile.image_name, items, view.id,
+                                    view.name)
         verdicts = self._drift(record, layers, ops)
         # a start the profile never saw teaches its items, except a drifting record's
         if self._first_start(profile, view, at, before) and novel and not verdicts and (
-                profile.mode is not Mode.LEARN):
+                not learning):
             learned = profile.learn_startup(novel, container=view.id, now=at)
             self.stats["startup_items"] += len(learned)
             self._dirty.add(profile.image_id)
@@ -298,7 +334,7 @@ class Detector:
         novel_kinds = frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY
         if not before:
             self.windows.add(record, novel_kinds, now=self._window_time(record),
-                             alerted=novel_kinds if profile.mode is not Mode.LEARN else ())
+                             alerted=novel_kinds if not learning else ())
         if ops:
             self._remember_writes(view.id, record, ops)
         for verdict in verdicts:
@@ -326,11 +362,13 @@ class Detector:
                                      details=tuple(details))],
                         record, view, profile, dedup_key=f"drift:{verdict.kind}:{verdict.path}",
                         related=related, drifted=verdict.path)
-        if profile.mode is not Mode.LEARN:
+        if not learning:
             for item in novel:
                 nearest = profile.items.nearest(item)
                 text = f"new {item.describe()}, never seen for {profile.image_name}"
-                details = [("item", item.describe())]
+                # kind and key: what the collector adds to the baseline when it is accepted
+                details = [("item", item.describe()), ("item_kind", item.KIND),
+                           ("item_key", tuple(item.key()))]
                 if nearest is not None:
                     details.append(("nearest_baseline_item", nearest.describe()))
                     text += f" (nearest learned: {nearest.describe()})"
@@ -342,6 +380,23 @@ class Detector:
                                          details=tuple(details))],
                             record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}",
                             items=(item,))
+
+    def _judged(self, profile: Profile, view: ContainerView, record: TraceRecord,
+                items: list[Item], layers: Layers | None) -> bool:
+        """Whether a record of a learning image is judged rather than learned: its baseline
+        was carried from another version and the record involves no file of the layers that
+        version did not have (agent.carry)."""
+        scope = self._fleet.carried(profile.image_id) if self._fleet is not None else None
+        if scope is None:
+            return False
+        program = record.program
+        exe = self._program_exe(program) if program is not None else None
+        if self._carry.learns(scope, view.id, layers.lowers if layers is not None else None,
+                              record_files(items, exe)):
+            self.stats["carried_learned"] += 1
+            return False
+        self.stats["carried_judged"] += 1
+        return True
 
     def _canonical_exe(self, record: TraceRecord, layers: Layers | None) -> TraceRecord:
         """An exec record's `exe` as drift checks it: the binary of its program (see
@@ -542,11 +597,98 @@ class Detector:
         self._models = {key: model for key, model in self._models.items()
                         if key[0] != image_id}
         self.store.path_for(image_id).unlink(missing_ok=True)
+        if self._fleet is not None:
+            self._fleet.forget(image_id)
+
+    # -- fleet baselines (agent.fleet) ------------------------------------------------
+
+    def _hold(self, record: TraceRecord, image_id: str) -> bool:
+        """Whether `record` waits for the collector's answer about its image (see
+        DetectorConfig.hold_seconds); records of a held image queue in order."""
+        held = self._held.get(image_id)
+        if held is None:
+            if image_id in self._fleet_seen:
+                return False
+            self._fleet_seen.add(image_id)
+            view = record.container
+            if not self._fleet.see(image_id, view.image or image_id, view.id):
+                return False
+            held = self._held[image_id] = (self._clock() + self.config.hold_seconds, deque())
+            self.stats["fleet_images_held"] += 1
+            log.info("baseline %s: asking the collector for the fleet's baseline; its records "
+                     "wait up to %g s", view.image or image_id, self.config.hold_seconds)
+        if self._held_count >= self.config.hold_capacity:
+            self.stats["fleet_hold_overflows"] += 1
+            oldest = next(iter(self._held))
+            self._release(oldest, "full")
+            if oldest == image_id:
+                return False
+        held[1].append(record)
+        self._held_count += 1
+        self.stats["fleet_records_held"] += 1
+        return True
+
+    def _release(self, image_id: str, why: str) -> None:
+        """Process an image's held records (the fleet's baseline in place when it came)."""
+        _, records = self._held.pop(image_id)
+        self._held_count -= len(records)
+        if why != "answered":
+            self.stats[f"fleet_hold_{why}"] += 1
+        if why in ("timeout", "full"):
+            log.warning("no answer from the collector about image %s within %g s%s; its %d "
+                        "records are checked against the local baseline", image_id,
+                        self.config.hold_seconds, " (hold queue full)" if why == "full" else "",
+                        len(records))
+        for record in records:
+            self._process(record, (record.event.header.ts_ns + self._clock_offset_ns) / 1e9)
+
+    def _apply_fleet_updates(self) -> None:
+        """The collector's answers: a newer fleet baseline replaces the local one (saved at
+        once); "not found" leaves the image learning here (and reporting)."""
+        for update in self._fleet.take_updates():
+            image_id = update.image_key
+            if not update.found:
+                log.info("the collector has no baseline for %s yet; learning it here and "
+                         "reporting", image_id)
+                continue
+            version = update.baseline.summary.version
+            if version <= self._fleet.version(image_id):
+                continue
+            local = self.profiles.get(image_id) or self.store.load(image_id)
+            try:
+                profile = profile_from_baseline(update.baseline, local, now=self._clock())
+            except InvalidMessage as exc:
+                self.stats["fleet_updates_refused"] += 1
+                log.error("the collector's baseline %s of %s is unusable here: %s", version,
+                          image_id, exc)
+                continue
+            self.profiles[image_id] = profile
+            self._models = {key: model for key, model in self._models.items()
+                            if key[0] != image_id}
+            self.store.save(profile)
+            self._dirty.discard(image_id)
+            self._fleet.applied(image_id, version, profile.mode,
+                                carried_scope(update.baseline))
+            self.stats["fleet_updates_applied"] += 1
+            before = local.mode if local is not None else None
+            level = logging.WARNING if before is not None and before is not profile.mode \
+                else logging.INFO
+            log.log(level, "baseline %s: the fleet's version %d, mode %s%s (%d items, %d "
+                    "windows)", profile.image_name, version, profile.mode.value,
+                    f" (was {before.value})" if before not in (None, profile.mode) else "",
+                    len(profile.items), len(profile.windows))
 
     # -- per tick (Sink.flush) -------------------------------------------------
 
     def flush(self) -> None:
         now = self._clock()
+        if self._fleet is not None:
+            self._apply_fleet_updates()
+            for image_id in list(self._held):
+                if self._fleet.answered(image_id):
+                    self._release(image_id, "answered")
+                elif now >= self._held[image_id][0]:
+                    self._release(image_id, "timeout")
         self._handle_windows(self.windows.tick(self._window_horizon()))
         if now - self._last_housekeeping >= 1.0:
             self._last_housekeeping = now
@@ -555,7 +697,8 @@ class Detector:
                 if drops > self._last_drops:  # lost events: this window cannot be trusted
                     self.windows.mark_all_tainted("kernel dropped events")
                     self._last_drops = drops
-            for profile in self.profiles.values():
+            # with the fleet, the collector ends learning (its mode comes with its baseline)
+            for profile in self.profiles.values() if self._fleet is None else ():
                 transition = profile.step(now, self.config.policy)
                 if transition is not None:
                     self._dirty.add(profile.image_id)
@@ -579,8 +722,13 @@ class Detector:
                 self.stats["startup_windows"] += 1
                 continue
             if profile.mode is Mode.LEARN:
+                if window.alerted_novelty:  # a carried part's NOVEL in it: not what is normal
+                    self.stats["windows_alerted_not_learned"] += 1
+                    continue
                 if profile.learn_window(window.vector, tainted=window.tainted, now=now):
                     self._dirty.add(profile.image_id)
+                    if self._fleet is not None:
+                        self._fleet.window(profile.image_id, window.vector)
             elif not window.tainted:
                 by_image[profile.image_id].append(window)
         for image_id, image_windows in by_image.items():
@@ -703,6 +851,10 @@ class Detector:
         self._last_save = self._clock()
 
     def close(self) -> None:
+        if self._fleet is not None:
+            self._apply_fleet_updates()
+            for image_id in list(self._held):
+                self._release(image_id, "stop")
         self._handle_windows(self.windows.flush())
         self.save()
         closer = getattr(self._alerts, "close", None)

@@ -73,6 +73,10 @@ class TraceFilter:
     containers: tuple[str, ...] = ()
     include_host: bool = False
     show_runtime_setup: bool = False
+    # `agent --only-label KEY=VALUE`: only containers with every one of these labels; the
+    # others' records are "not_selected" (an event not attributed to a container yet still
+    # passes: it may be a selected one's, and it taints the windows as any unattributed event)
+    labels: tuple[tuple[str, str], ...] = ()
 
     def accepts(self, record: TraceRecord) -> str | None:
         """None when the record is shown, else the reason it is filtered (a counter name)."""
@@ -85,7 +89,17 @@ class TraceFilter:
             return "host"
         if self.containers and not any(view.matches(s) for s in self.containers):
             return "container"
+        if self.labels and view.state == "container" and not labels_match(self.labels,
+                                                                           view.labels):
+            return "not_selected"
         return None
+
+
+def labels_match(wanted: tuple[tuple[str, str], ...], labels: tuple[tuple[str, str], ...]
+                 ) -> bool:
+    """Whether `labels` (a container's, sorted pairs) hold every (key, value) of `wanted`."""
+    have = dict(labels)
+    return all(have.get(key) == value for key, value in wanted)
 
 
 @dataclass

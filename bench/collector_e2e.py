@@ -631,15 +631,35 @@ class _Stack:
         time.sleep(1.0)  # still learning: its connect and exec become known items
 
     def _protect(self, box: Any) -> None:
+        """Protect mode for the image, on the collector (the agent follows the fleet's
+        baselines), and wait until the agent holds that version."""
         box.container.reload()
         image_id = str(box.container.attrs["Image"])
-        proc = subprocess.run(
-            [sys.executable, "-m", "driftwarden", "baseline", "--state-dir",
-             str(self.agent.state_dir), "mode", image_id, "protect", "--reason", "bench"],
-            capture_output=True, text=True, timeout=60, cwd="/")
-        if proc.returncode != 0:
+
+        def attempt() -> int | None:
+            proc = subprocess.run(
+                [sys.executable, "-m", "driftwarden", "baseline", "mode", image_id, "protect",
+                 "--reason", "bench", "--collector", self.collector.address, "--json"],
+                capture_output=True, text=True, timeout=60, cwd="/")
+            if proc.returncode == 0:
+                return int(json.loads(proc.stdout)["version"])
+            if proc.returncode == 2 and "baseline for image" in proc.stderr:
+                return None  # the agent has not reported the image yet
             raise BenchError(f"driftwarden baseline mode ... protect failed: "
                              f"{proc.stdout}{proc.stderr}")
+
+        version = _wait(attempt, 20, f"the collector to hold a baseline for {image_id}",
+                        step=0.5)
+        fleet_file = self.agent.state_dir / "fleet.json"
+
+        def held() -> int:
+            try:
+                entry = json.loads(fleet_file.read_text())["baselines"].get(image_id, {})
+            except (OSError, ValueError, KeyError):
+                return 0
+            return entry.get("version", 0) if entry.get("mode") == "protect" else 0
+
+        _wait(lambda: held() >= version, 10, f"the agent to hold protect (version {version})")
 
     def _quarantine_trial(self, index: int) -> QuarantineTrial:
         from driftwarden.proto.v1 import actions_pb2

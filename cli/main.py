@@ -9,6 +9,7 @@ import os
 import sys
 
 from driftwarden.agent import command as agent_commands
+from driftwarden.cli import baseline as baseline_command
 from driftwarden.collector import command as collector_commands
 from driftwarden.core import __version__
 from driftwarden.core.argtypes import CommandParser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        parser_class=CommandParser)
     subparsers.required = True
     agent_commands.add_parsers(subparsers)
+    baseline_command.add_parser(subparsers)  # the local form (agent) or the collector's (ops)
     collector_commands.add_parser(subparsers)
     operator_commands.add_parsers(subparsers)
     return parser

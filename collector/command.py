@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from driftwarden.collector.baselines import DEFAULT_CONSENSUS, MAX_CONSENSUS, FleetSettings
 from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
 from driftwarden.collector.server import (
     DEFAULT_LISTEN,
@@ -21,8 +22,14 @@ from driftwarden.collector.server import (
     CollectorConfig,
     CollectorServer,
 )
-from driftwarden.core.argtypes import number
+from driftwarden.core.argtypes import (
+    NON_NEGATIVE_SECONDS,
+    POSITIVE_INT,
+    POSITIVE_SECONDS,
+    number,
+)
 from driftwarden.core.errors import StoreError, UsageError
+from driftwarden.core.learning import LearningPolicy
 from driftwarden.core.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,8 @@ DEFAULT_MAX_STREAMS = 256
 MAX_STREAMS_LIMIT = 4096
 MAX_STREAMS = number(int, minimum=1, maximum=MAX_STREAMS_LIMIT)
 RETENTION_DAYS = number(float, unit="days", bound="a number of days >= 0")
+CONSENSUS = number(int, minimum=1, maximum=MAX_CONSENSUS)
+_LEARNING = LearningPolicy()  # the defaults the help texts show
 _DAY = 86400.0
 
 
@@ -43,8 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "collector",
         help="receive alerts from agents, store them, stream them to operators, act by policy",
         description="Run the collector: agents connect with AgentChannel.Connect, operators "
-                    "use Alerts, Actions and Agents (gRPC, driftwarden.v1). Alerts and the "
-                    "audit log live in one SQLite file. Ctrl-C or SIGTERM stops it.",
+                    "use Alerts, Actions, Agents and Baselines (gRPC, driftwarden.v1). Alerts, "
+                    "the fleet's baselines and the audit log live in one SQLite file. Ctrl-C "
+                    "or SIGTERM stops it.",
     )
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"gRPC address (default {DEFAULT_LISTEN}; loopback only unless "
@@ -72,6 +82,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"streams served at once: agents (one each) plus live "
                              f"subscribers; more are refused with RESOURCE_EXHAUSTED (each "
                              f"holds a thread; default {DEFAULT_MAX_STREAMS})")
+    learning = parser.add_argument_group(
+        "fleet baselines", "Agents learn each image together; the collector merges what they "
+                           "show and ends learning for the whole fleet.")
+    learning.add_argument("--consensus", type=CONSENSUS, default=DEFAULT_CONSENSUS,
+                          metavar="N",
+                          help=f"an item is learned when N containers showed it, if N ran the "
+                               f"image while it learned (else one is enough); the others are "
+                               f"held back as unconfirmed (default {DEFAULT_CONSENSUS})")
+    learning.add_argument("--learn-for", type=POSITIVE_SECONDS, default=None,
+                          metavar="SECONDS",
+                          help="end an image's learning after this long even if not yet stable")
+    learning.add_argument("--learn-warmup", type=NON_NEGATIVE_SECONDS,
+                          default=_LEARNING.warmup_seconds, metavar="SECONDS",
+                          help=f"learning never ends before this (default "
+                               f"{_LEARNING.warmup_seconds:g})")
+    learning.add_argument("--learn-stable-for", type=POSITIVE_SECONDS,
+                          default=_LEARNING.stable_seconds, metavar="SECONDS",
+                          help=f"stable: no new item for this long (default "
+                               f"{_LEARNING.stable_seconds:g})")
+    learning.add_argument("--learn-min-windows", type=POSITIVE_INT,
+                          default=_LEARNING.min_windows, metavar="N",
+                          help=f"clean feature windows, over all nodes, needed before learning "
+                               f"ends (default {_LEARNING.min_windows})")
     parser.add_argument("--allow-non-loopback", action="store_true",
                         help="allow a non-loopback --listen address (real deployments; needs "
                              "the --tls-* flags)")
@@ -98,11 +131,16 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         raise UsageError(f"--db {db}: is a directory; give a file path, e.g. {db}/collector.db")
     if not db.parent.is_dir():
         raise UsageError(f"--db {db}: directory {db.parent} does not exist; create it first")
+    fleet = FleetSettings(
+        consensus=args.consensus,
+        policy=LearningPolicy(warmup_seconds=args.learn_warmup,
+                              stable_seconds=args.learn_stable_for,
+                              min_windows=args.learn_min_windows, learn_for=args.learn_for))
     return CollectorConfig(db_path=db, listen=args.listen, policy=policy, tls=tls,
                            operator_token=token, metrics_listen=args.metrics,
                            allow_non_loopback=args.allow_non_loopback,
                            max_streams=args.max_streams,
-                           max_workers=args.max_streams + UNARY_RESERVE)
+                           max_workers=args.max_streams + UNARY_RESERVE, fleet=fleet)
 
 
 def run_command(args: argparse.Namespace) -> int:

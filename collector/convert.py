@@ -7,13 +7,19 @@ Alerts go through the one alert model (:func:`driftwarden.core.alerts.alert_from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from driftwarden.collector.store import ActionRecord, AgentRecord
 from driftwarden.core import wire
 from driftwarden.core.alerts import alert_from_dict
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.core.baselines import BaselineSummary, FleetBaseline, HeldBaseline
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+
+UPDATE_SLACK_BYTES = 1024  # the stream's framing around one command
 
 
 class PublishedAlert(dict):
@@ -74,7 +80,10 @@ def action_command(record: ActionRecord) -> agent_pb2.CollectorCommand:
         requested_by=record.requested_by, with_pause=record.with_pause))
 
 
-def agent_message(record: AgentRecord, hostname: str) -> agent_pb2.Agent:
+def agent_message(record: AgentRecord, hostname: str,
+                  baselines: Sequence[HeldBaseline] | None = None) -> agent_pb2.Agent:
+    """An agent's row as a message; `baselines`: what it holds now (default: as stored)."""
+    held = record.baselines if baselines is None else baselines
     msg = agent_pb2.Agent(
         node=record.node, agent_version=record.agent_version or "",
         mode=wire.MODE.to_proto(record.mode) if record.mode in wire.MODE.texts else 0,
@@ -83,10 +92,34 @@ def agent_message(record: AgentRecord, hostname: str) -> agent_pb2.Agent:
         last_heartbeat=wire.to_timestamp(record.last_seen),
         counters=[common_pb2.KindCounters(kind=k, **{f: int(v.get(f, 0)) for f in (
             "emitted", "suppressed", "dropped")}) for k, v in sorted(record.counters.items())
-            if isinstance(v, Mapping)])
+            if isinstance(v, Mapping)],
+        baselines=[wire.held_baseline_to_proto(h)
+                   for h in list(held)[:wire.DEFAULT_LIMITS.max_node_baselines]])
     if record.connected_at is not None:
         msg.connected_at.CopyFrom(wire.to_timestamp(record.connected_at))
     return msg
+
+
+def baseline_update(doc: FleetBaseline, summary: BaselineSummary,
+                    ) -> agent_pb2.CollectorCommand:
+    """A baseline as the update agents get. One too big for the wire loses its oldest
+    windows (logged): the items and the mode matter more than the forest's oldest data."""
+    baseline = wire.baseline_to_proto(doc, summary)
+    command = agent_pb2.CollectorCommand(baseline=baselines_pb2.BaselineUpdate(
+        image_key=doc.image_key, found=True, baseline=baseline))
+    limit = wire.MAX_MESSAGE_BYTES - UPDATE_SLACK_BYTES
+    if command.ByteSize() > limit:
+        before = len(baseline.windows)
+        while command.ByteSize() > limit and len(baseline.windows):
+            del baseline.windows[:max(1, len(baseline.windows) // 4)]
+        log.warning("baseline of %s: the update is too big for the wire; sent with %d of its "
+                    "%d windows", doc.image_key, len(baseline.windows), before)
+    return command
+
+
+def baseline_not_found(image_key: str) -> agent_pb2.CollectorCommand:
+    return agent_pb2.CollectorCommand(baseline=baselines_pb2.BaselineUpdate(
+        image_key=image_key, found=False))
 
 
 def filter_args(f: alerts_pb2.AlertFilter) -> dict[str, Any]:
@@ -107,5 +140,7 @@ __all__ = [
     "action_response",
     "agent_message",
     "alert_message",
+    "baseline_not_found",
+    "baseline_update",
     "filter_args",
 ]

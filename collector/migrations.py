@@ -111,6 +111,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX actions_created",
         "CREATE INDEX actions_created_id ON actions (created_at, action_id)",
     ),
+    (  # 3: fleet baselines (one row per image key: summary columns + the baseline file) and
+        # the baselines each agent holds
+        """CREATE TABLE baselines (
+            image_key TEXT PRIMARY KEY,
+            image_name TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            items INTEGER NOT NULL,
+            unconfirmed INTEGER NOT NULL,
+            windows INTEGER NOT NULL,
+            containers INTEGER NOT NULL,
+            nodes TEXT NOT NULL,
+            learning_started_at REAL,
+            last_new_item_at REAL NOT NULL,
+            unstable INTEGER NOT NULL,
+            carried_from TEXT,
+            data BLOB NOT NULL)""",
+        "CREATE INDEX baselines_name ON baselines (image_name)",
+        "CREATE INDEX baselines_updated ON baselines (updated_at)",
+        "ALTER TABLE agents ADD COLUMN baselines TEXT NOT NULL DEFAULT '[]'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

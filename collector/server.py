@@ -1,9 +1,9 @@
 """The collector process's gRPC server: the driftwarden.v1 services plus health and reflection.
 
 :class:`CollectorServer` owns everything the collector runs: the SQLite store, the fan-out hub,
-the policy engine, the metrics registry (and, with ``metrics_listen``, a loopback HTTP server
-for it) and a ``grpc.server``. It is a context manager (``start()`` / ``stop()``); ``port`` is
-the bound port (useful with port 0).
+the policy engine, the fleet's baselines, the metrics registry (and, with ``metrics_listen``, a
+loopback HTTP server for it) and a ``grpc.server``. It is a context manager (``start()`` /
+``stop()``); ``port`` is the bound port (useful with port 0).
 
 Transport
     - Thread pool of ``max_workers`` threads. Every stream (an agent's Connect, an operator's
@@ -31,9 +31,10 @@ import os
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from driftwarden.collector.baselines import FleetSettings
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig
@@ -80,6 +81,8 @@ class CollectorConfig:
     hello_timeout: float = 30.0
     stop_grace: float = 5.0
     poll_seconds: float = 0.5
+    fleet: FleetSettings = field(default_factory=FleetSettings)  # baselines: consensus, learning
+    baseline_tick: float = 1.0  # how often the fleet's end of learning is checked
 
     def __post_init__(self) -> None:
         host, _ = self.listen_address
@@ -161,7 +164,8 @@ class CollectorServer(Service):
                           subscriber_queue=config.subscriber_queue,
                           action_timeout=config.action_timeout,
                           hello_timeout=config.hello_timeout, max_streams=config.streams,
-                          poll_seconds=config.poll_seconds),
+                          poll_seconds=config.poll_seconds, fleet=config.fleet,
+                          baseline_tick=config.baseline_tick),
             self.metrics)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers,

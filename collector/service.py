@@ -20,22 +20,37 @@ AgentChannel.Connect
     work for good): such an error is logged, counted and audited. The policy's decisions for a
     batch (actions and audit entries) are stored in one transaction, then sent.
     ``heartbeat`` updates the agent's row and the node's container list (used to route
-    actions); ``action_result`` finishes an action the collector sent to that node.
+    actions, and to know which images the node runs); ``action_result`` finishes an action
+    the collector sent to that node.
+
+Fleet baselines on the stream (:mod:`~driftwarden.collector.baselines` merges and decides)
+    ``hello.baselines`` says which versions the agent holds: each that changed meanwhile is
+    sent at once. ``baseline_increment`` is merged into the image's baseline; it is refused
+    (a ``notice``, counted, audited, nothing stored) for an image no heartbeat of this stream
+    listed, or when it names another node's containers. ``baseline_request`` is answered at
+    once with a ``baseline`` update (``found`` false: the agent learns the image). Every new
+    version (a merge, an operator's change, the fleet's end of learning) is sent by one
+    baseline thread, within ``baseline_delay`` plus the send, to every connected agent whose
+    heartbeats listed the image or that asked for it or sent increments of it on its
+    current stream, unless it holds that version already.
 
 Actions left pending by a collector that stopped
     At start the service fails them (``INTERRUPTED_MESSAGE``, audited): nobody waits for them
     any more. An agent's late result for one still replaces that failure.
 
-Alerts.Subscribe / List, Actions.Request / List, Agents.List
-    Operator calls. Subscribe sends initial metadata (``driftwarden-subscribed: 1``) once the
-    subscription is live, then alerts, overflow notices (``include_notices``) and action events
+Alerts.Subscribe / List, Actions.Request / List, Agents.List, Baselines.*
+    Operator calls (Agents.List shows the baselines each agent holds; Baselines: see
+    :mod:`~driftwarden.collector.baselines`, audited with the operator's identity).
+    Subscribe sends initial metadata (``driftwarden-subscribed: 1``) once the subscription is
+    live, then alerts, overflow notices (``include_notices``) and action events
     (``include_actions``: events about containers the filter's node/namespace/image/container
     lists match) until the client cancels or the collector stops.
 
 Threads: gRPC runs each call in its pool; a Connect stream also runs one reader thread of its
-own (the gRPC thread writes the stream's responses). Every stream (Connect and Subscribe) holds
-a pool thread for its whole life, so at most ``max_streams`` run at once (RESOURCE_EXHAUSTED
-beyond), leaving pool threads for unary calls.
+own (the gRPC thread writes the stream's responses); one baseline thread sends new baseline
+versions and ends learning when the fleet's baselines are stable. Every stream (Connect and
+Subscribe) holds a pool thread for its whole life, so at most ``max_streams`` run at once
+(RESOURCE_EXHAUSTED beyond), leaving pool threads for unary calls.
 """
 
 from __future__ import annotations
@@ -46,17 +61,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from driftwarden.collector.auth import Authorizer
+from driftwarden.collector.baselines import FleetBaselines, FleetSettings
 from driftwarden.collector.convert import (
     PublishedAlert,
     action_command,
     action_message,
     agent_message,
     alert_message,
+    baseline_not_found,
+    baseline_update,
     filter_args,
 )
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
@@ -71,9 +89,11 @@ from driftwarden.collector.store import (
 )
 from driftwarden.core import wire
 from driftwarden.core.actions import ActionStatus
+from driftwarden.core.baselines import FleetBaseline, HeldBaseline
 from driftwarden.core.errors import AmbiguousContainer, RpcAbort, StoreError, UnknownContainer
 from driftwarden.core.metrics import MetricsRegistry
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2
+from driftwarden.core.modes import Mode
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +116,17 @@ class ServiceConfig:
     max_streams: int = 28  # Connect + Subscribe streams at once (each holds a pool thread)
     outbox_limit: int = 10_000  # commands queued for an agent that does not read them
     poll_seconds: float = 0.5  # how often a waiting stream checks its client is still there
+    # consensus and the fleet's end of learning
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    baseline_tick: float = 1.0  # how often the fleet's end of learning is checked
+    baseline_delay: float = 0.05  # changes within this are sent to agents as one update
 
     def __post_init__(self) -> None:
         for name in ("subscriber_queue", "max_streams", "outbox_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServiceConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("action_timeout", "hello_timeout", "poll_seconds"):
+        for name in ("action_timeout", "hello_timeout", "poll_seconds", "baseline_tick",
+                     "baseline_delay"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServiceConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.operator_token is not None and not self.operator_token.strip():
@@ -170,6 +195,15 @@ class AgentSession:
         self.hostname = hostname
         self.outbox = outbox
         self.connected_at = time.time()
+        # fleet baselines (guarded by the service's lock): the images this stream's heartbeats
+        # listed, those it asked for or sent increments of, and the versions it holds
+        self.images: set[str] = set()
+        self.wanted: set[str] = set()
+        self.held: dict[str, HeldBaseline] = {}
+
+    def runs(self, image_key: str) -> bool:
+        """Whether this agent gets the image's baseline updates."""
+        return image_key in self.images or image_key in self.wanted
 
     def send(self, command: agent_pb2.CollectorCommand) -> bool:
         return self.outbox.put(command)
@@ -208,9 +242,15 @@ class CollectorService:
         self._waiters: dict[str, _Waiter] = {}
         self._streams = threading.BoundedSemaphore(config.max_streams)
         self._closed = threading.Event()
+        self.baselines = FleetBaselines(store, config.fleet, on_change=self._baseline_changed)
+        self._changed_baselines: dict[str, None] = {}
+        self._baselines_wake = threading.Condition(threading.Lock())
         self.metrics = metrics if metrics is not None else MetricsRegistry()
         self._register_metrics(self.metrics)
         self._fail_interrupted_actions()
+        self._baseline_thread = threading.Thread(target=self._run_baselines, daemon=True,
+                                                 name="driftwarden-baselines")
+        self._baseline_thread.start()
 
     # - lifecycle --------------------------------------------------------------------------
 
@@ -225,6 +265,10 @@ class CollectorService:
             session.close(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
         for waiter in waiters:
             waiter.done.set()
+        with self._baselines_wake:
+            self._baselines_wake.notify_all()
+        if self._baseline_thread is not threading.current_thread():
+            self._baseline_thread.join(10.0)
         self.hub.close()
 
     @property
@@ -282,6 +326,20 @@ class CollectorService:
                                 self._store_rows, ("table",))
         registry.counter_callback(prefix + "policy_decisions", "Policy decisions by outcome",
                                   self._policy_counts, ("outcome",))
+        self._baseline_updates = registry.counter(
+            prefix + "baseline_versions_sent", "Baseline versions sent to agents (BaselineUpdate), "
+            "by cause: change (merge, mode, accept, reset, push, end of learning), request, "
+            "hello (the agent held an older version)", ("cause",))
+        self._baseline_increments = registry.counter(
+            prefix + "baseline_increments", "Baseline increments taken from agents, by outcome: "
+            "merged (a new version), unchanged, not_learning (the image no longer learns)",
+            ("outcome",))
+        self._increments_refused = registry.counter(
+            prefix + "baseline_increments_refused", "Baseline increments refused (nothing of "
+            "them stored), by reason: not_running (the node's heartbeats list no container of "
+            "the image), other_node (they name another node's container)", ("reason",))
+        registry.gauge_callback(prefix + "baselines", "Fleet baselines held, by mode",
+                                self._baselines_by_mode, ("mode",))
         registry.counter_callback(prefix + "store_checkpoints", "Background WAL checkpoints "
                                   "of the store, by outcome (errors: the WAL grows until one "
                                   "succeeds)", lambda: {
@@ -291,7 +349,14 @@ class CollectorService:
 
     def _store_rows(self) -> dict[str, int]:
         stats = self.store.stats()
-        return {k: stats[k] for k in ("alerts", "actions", "agents", "audit", "containers")}
+        return {k: stats[k] for k in ("alerts", "actions", "agents", "audit", "containers",
+                                      "baselines")}
+
+    def _baselines_by_mode(self) -> dict[str, int]:
+        counts = dict.fromkeys((m.value for m in Mode), 0)
+        for summary in self.store.list_baselines():
+            counts[summary.mode.value] += 1
+        return counts
 
     def _policy_counts(self) -> dict[str, int]:
         stats = self.engine.stats()
@@ -310,6 +375,8 @@ class CollectorService:
                ) -> AgentSession:
         """A stream said hello: it becomes the node's stream (closing an older one)."""
         session = AgentSession(node, peer, hello.hostname, outbox)
+        held = [wire.held_baseline_from_proto(h) for h in hello.baselines]
+        session.held = {h.image_key: h for h in held}
         with self._lock:
             if self._closed.is_set():
                 raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
@@ -317,13 +384,20 @@ class CollectorService:
             self._sessions[node] = session
             self._hostnames[node] = hello.hostname
             self.store.upsert_agent(node, agent_version=hello.agent_version,
-                                    mode=wire.MODE.from_proto(hello.mode), peer=peer)
+                                    mode=wire.MODE.from_proto(hello.mode), peer=peer,
+                                    baselines=held)
         if old is not None:
             log.info("agent %s: new stream from %s replaces the one from %s", node, peer,
                      old.peer)
             old.close(grpc.StatusCode.ABORTED,
                       f"replaced by a newer stream for node {node} from {peer}")
         log.info("agent %s connected from %s (version %s)", node, peer, hello.agent_version)
+        if session.held:  # what changed while it was away
+            stored = {s.image_key: HeldBaseline(s.image_key, s.version, s.mode)
+                      for s in self.store.list_baselines()}
+            for image_key, had in list(session.held.items()):
+                if stored.get(image_key, had) != had:
+                    self._publish_baseline(image_key, only=session, cause="hello")
         return session
 
     def detach(self, session: AgentSession) -> None:
@@ -333,7 +407,8 @@ class CollectorService:
                 return
             del self._sessions[session.node]
             try:
-                self.store.mark_agent_disconnected(session.node)
+                self.store.mark_agent_disconnected(session.node,
+                                                   baselines=list(session.held.values()))
             except StoreError as exc:
                 log.warning("agent %s: cannot mark it disconnected: %s", session.node, exc)
         log.info("agent %s disconnected (%s)", session.node, session.peer)
@@ -353,6 +428,7 @@ class CollectorService:
                     del self._host_of[cid]
             self._host_of.update(dict.fromkeys(live, session.node))
             self._live[session.node] = live
+            session.images.update(c.image.id for c in beat.containers if c.image.id)
             self.store.upsert_agent(session.node, counters=counters,
                                     containers_watched=beat.containers_watched,
                                     spool_depth=beat.spool_depth, peer=session.peer)
@@ -666,6 +742,113 @@ class CollectorService:
             waiter.record = record
             waiter.done.set()
 
+    # - fleet baselines ---------------------------------------------------------------------
+
+    def baseline_increment(self, session: AgentSession,
+                           increment: baselines_pb2.BaselineIncrement) -> None:
+        """Merge what an image showed on this node (collector.baselines); refused (a notice,
+        counted and audited, nothing stored) for an image no heartbeat of this stream listed
+        or for another node's containers."""
+        image_key = increment.image_key
+        with self._lock:
+            runs = image_key in session.images
+        if not runs:
+            self._refuse_increment(session, image_key, "not_running",
+                                   "this node's heartbeats list no container of that image")
+            return
+        try:
+            result = self.baselines.merge(session.node, increment)
+        except ValueError as exc:
+            self._refuse_increment(session, image_key, "other_node", str(exc))
+            return
+        with self._lock:
+            session.wanted.add(image_key)
+        if not result.learning:
+            # the agent still learns an image the fleet no longer does: it gets the mode
+            self._baseline_increments.labels("not_learning").inc()
+            self._publish_baseline(image_key, only=session, cause="request", force=True)
+            return
+        self._baseline_increments.labels("merged" if result.changed else "unchanged").inc()
+
+    def _refuse_increment(self, session: AgentSession, image_key: str, reason: str,
+                          why: str) -> None:
+        text = (f"baseline_increment for image {image_key} refused: {why}; nothing of it is "
+                "stored")
+        self._increments_refused.labels(reason).inc()
+        log.warning("agent %s: %s", session.node, text)
+        self.store.audit(session.node, "baseline-increment", image_key, "refused", text)
+        session.send(agent_pb2.CollectorCommand(notice=agent_pb2.Notice(text=text)))
+
+    def baseline_request(self, session: AgentSession,
+                         request: baselines_pb2.BaselineRequest) -> None:
+        """Answer at once with the image's baseline (found = false: the agent learns it). An
+        image without one starts from its repository's previous version when they share
+        layers (FleetBaselines.carry)."""
+        with self._lock:
+            session.wanted.add(request.image_key)
+        if self.store.get_baseline(request.image_key) is None and not self.baselines.carry(
+                request.image_key, request.image_name, request.layers):
+            session.send(baseline_not_found(request.image_key))
+            self._baseline_updates.labels("request").inc()
+            return
+        self._publish_baseline(request.image_key, only=session, cause="request", force=True)
+
+    def _baseline_changed(self, doc: FleetBaseline) -> None:
+        """A baseline has a new version: the baseline thread sends it shortly."""
+        with self._baselines_wake:
+            self._changed_baselines[doc.image_key] = None
+            self._baselines_wake.notify()
+
+    def _run_baselines(self) -> None:
+        """The baseline thread: sends changed baselines to the agents that run them (changes
+        within `baseline_delay` go as one), and every `baseline_tick` ends the learning of
+        the baselines that are stable."""
+        config = self.config
+        next_step = time.monotonic() + config.baseline_tick
+        while not self._closed.is_set():
+            with self._baselines_wake:
+                if not self._changed_baselines:
+                    self._baselines_wake.wait(max(0.0, next_step - time.monotonic()))
+            if self._closed.is_set():
+                return
+            if self._changed_baselines:
+                time.sleep(config.baseline_delay)  # let a burst of merges settle
+            with self._baselines_wake:
+                changed, self._changed_baselines = list(self._changed_baselines), {}
+            for image_key in changed:
+                with self._logged("sending baseline", image_key):
+                    self._publish_baseline(image_key, cause="change")
+            if time.monotonic() >= next_step:
+                with self._logged("ending learning", "fleet baselines"):
+                    self.baselines.step()
+                next_step = time.monotonic() + config.baseline_tick
+
+    @contextlib.contextmanager
+    def _logged(self, what: str, subject: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception:  # the thread goes on: the next change or tick tries again
+            log.exception("%s for %s failed", what, subject)
+
+    def _publish_baseline(self, image_key: str, *, only: AgentSession | None = None,
+                          cause: str, force: bool = False) -> None:
+        """Send the image's stored baseline to `only`, else to every connected agent that
+        runs it, unless (without `force`) the agent holds that version and mode already."""
+        doc = self.store.get_baseline(image_key)
+        if doc is None:
+            return
+        current = HeldBaseline(image_key, doc.version, doc.mode)
+        with self._lock:
+            targets = [only] if only is not None else [
+                s for s in self._sessions.values() if s.runs(image_key)]
+            targets = [s for s in targets if force or s.held.get(image_key) != current]
+        command = baseline_update(doc, self.baselines.summary(doc)) if targets else None
+        for session in targets:
+            if session.send(command):
+                self._baseline_updates.labels(cause).inc()
+                with self._lock:
+                    session.held[image_key] = current
+
     # - listings ---------------------------------------------------------------------------
 
     def list_alerts(self, request: alerts_pb2.ListAlertsRequest) -> alerts_pb2.ListAlertsResponse:
@@ -696,7 +879,8 @@ class CollectorService:
     def list_agents(self) -> agent_pb2.ListAgentsResponse:
         with self._lock:
             hostnames = dict(self._hostnames)
-        agents = [agent_message(rec, hostnames.get(rec.node, ""))
+            held = {node: list(s.held.values()) for node, s in self._sessions.items()}
+        agents = [agent_message(rec, hostnames.get(rec.node, ""), held.get(rec.node))
                   for rec in self.store.list_agents()]
         return agent_pb2.ListAgentsResponse(agents=agents)
 

@@ -1,9 +1,11 @@
-"""The collector's gRPC services (driftwarden.v1): AgentChannel, Alerts, Actions and Agents.
+"""The collector's gRPC services (driftwarden.v1): AgentChannel, Alerts, Actions, Agents and
+Baselines.
 
 Each servicer checks the caller (:class:`~driftwarden.collector.auth.Authorizer`), hands the
 call to :class:`~driftwarden.collector.service.CollectorService` (whose docstring says what each
-call does) and maps known errors to status codes: a bad request or filter INVALID_ARGUMENT, an
-unknown container NOT_FOUND, an ambiguous one FAILED_PRECONDITION, a store failure
+call does; :mod:`~driftwarden.collector.baselines` for Baselines) and maps known errors to
+status codes: a bad request, filter or baseline file INVALID_ARGUMENT, an unknown container,
+image or alert NOT_FOUND, an ambiguous one FAILED_PRECONDITION, a store failure
 UNAVAILABLE. A Connect stream is read by a thread of its own while the gRPC thread writes the
 agent's commands.
 """
@@ -17,23 +19,30 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
+from driftwarden.collector.baselines import items_to_proto
 from driftwarden.collector.convert import action_response, alert_message, filter_args
 from driftwarden.collector.fanout import SubscriberFilter
 from driftwarden.collector.service import AgentSession, Close, CollectorService, Outbox
 from driftwarden.core import wire
 from driftwarden.core.errors import (
     AmbiguousContainer,
+    AmbiguousImage,
+    BaselineError,
     FilterError,
     RpcAbort,
     StoreError,
     UnknownContainer,
+    UnknownImage,
 )
+from driftwarden.core.modes import Mode
 from driftwarden.proto.v1 import (
     actions_pb2_grpc,
     agent_pb2,
     agent_pb2_grpc,
     alerts_pb2,
     alerts_pb2_grpc,
+    baselines_pb2,
+    baselines_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -45,11 +54,11 @@ def _abort_on(exc: Exception) -> RpcAbort:
     """A known error -> the call's status."""
     if isinstance(exc, RpcAbort):
         return exc
-    if isinstance(exc, wire.InvalidMessage | FilterError | ValueError):
+    if isinstance(exc, wire.InvalidMessage | FilterError | ValueError | BaselineError):
         return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, UnknownContainer):
+    if isinstance(exc, UnknownContainer | UnknownImage):
         return RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, AmbiguousContainer):
+    if isinstance(exc, AmbiguousContainer | AmbiguousImage):
         return RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, StoreError):
         return RpcAbort(grpc.StatusCode.UNAVAILABLE, f"collector store error: {exc}")
@@ -140,6 +149,10 @@ class _AgentStream:
                 service.alert_batch(self.session, msg.alert_batch)
             elif body == "heartbeat":
                 service.heartbeat(self.session, msg.heartbeat)
+            elif body == "baseline_increment":
+                service.baseline_increment(self.session, msg.baseline_increment)
+            elif body == "baseline_request":
+                service.baseline_request(self.session, msg.baseline_request)
             else:
                 service.action_result(self.session, msg.action_result)
         except (ValueError, StoreError) as exc:
@@ -268,15 +281,95 @@ class AgentsServicer(_Servicer, agent_pb2_grpc.AgentsServicer):
         return self._operator_call(context, self._service.list_agents)
 
 
+class BaselinesServicer(_Servicer, baselines_pb2_grpc.BaselinesServicer):
+    """Fleet baselines (collector.baselines): operator calls, audited with the caller's
+    identity."""
+
+    def _call(self, request: Any, context: grpc.ServicerContext,
+              call: Callable[[str], Any]) -> Any:
+        try:
+            who = self._service.auth.operator(context)
+            wire.validate_baselines_request(request)
+            return call(who)
+        except Exception as exc:
+            _abort(context, exc)
+
+    def _summary(self, doc) -> baselines_pb2.BaselineSummary:
+        return wire.baseline_summary_to_proto(self._service.baselines.summary(doc))
+
+    def List(self, request, context):
+        fleet = self._service.baselines
+        return self._call(request, context, lambda who: baselines_pb2.ListBaselinesResponse(
+            baselines=[wire.baseline_summary_to_proto(s) for s in fleet.summaries()]))
+
+    def Get(self, request, context):
+        def get(who: str) -> baselines_pb2.GetBaselineResponse:
+            fleet = self._service.baselines
+            doc = fleet.load(request.image)
+            return baselines_pb2.GetBaselineResponse(
+                baseline=wire.baseline_to_proto(doc, fleet.summary(doc)))
+        return self._call(request, context, get)
+
+    def SetMode(self, request, context):
+        def set_mode(who: str) -> baselines_pb2.SetBaselineModeResponse:
+            doc = self._service.baselines.set_mode(
+                request.image, Mode(wire.MODE.from_proto(request.mode)),
+                request.reason.strip(), who)
+            return baselines_pb2.SetBaselineModeResponse(baseline=self._summary(doc))
+        return self._call(request, context, set_mode)
+
+    def Diff(self, request, context):
+        def diff(who: str) -> baselines_pb2.DiffBaselinesResponse:
+            result = self._service.baselines.diff(request.a, request.b)
+            return baselines_pb2.DiffBaselinesResponse(
+                a=wire.baseline_summary_to_proto(result.a),
+                b=wire.baseline_summary_to_proto(result.b),
+                only_in_a=items_to_proto(result.only_in_a),
+                only_in_b=items_to_proto(result.only_in_b))
+        return self._call(request, context, diff)
+
+    def Accept(self, request, context):
+        def accept(who: str) -> baselines_pb2.AcceptAlertResponse:
+            alert = self._service.store.get_alert(request.alert_id)
+            if alert is None:
+                raise RpcAbort(grpc.StatusCode.NOT_FOUND,
+                               f"no alert {request.alert_id} is stored (`driftwarden alerts "
+                               "--collector` lists them)")
+            reason = request.reason.strip() or f"accepted alert {request.alert_id}"
+            doc, added = self._service.baselines.accept(alert, reason, who)
+            return baselines_pb2.AcceptAlertResponse(baseline=self._summary(doc),
+                                                     added=items_to_proto(added))
+        return self._call(request, context, accept)
+
+    def Reset(self, request, context):
+        def reset(who: str) -> baselines_pb2.ResetBaselineResponse:
+            doc = self._service.baselines.reset(request.image, request.reason.strip(), who)
+            return baselines_pb2.ResetBaselineResponse(baseline=self._summary(doc))
+        return self._call(request, context, reset)
+
+    def Export(self, request, context):
+        return self._call(request, context, lambda who: baselines_pb2.ExportBaselineResponse(
+            file=self._service.baselines.export(request.image)))
+
+    def Push(self, request, context):
+        def push(who: str) -> baselines_pb2.PushBaselineResponse:
+            mode = Mode(wire.MODE.from_proto(request.mode)) if request.mode else None
+            doc = self._service.baselines.push(request.file, request.image_key, mode,
+                                               request.reason.strip(), who)
+            return baselines_pb2.PushBaselineResponse(baseline=self._summary(doc))
+        return self._call(request, context, push)
+
+
 # -- registration --------------------------------------------------------------------------------
 
 
 def add_servicers(service: CollectorService, server: grpc.Server) -> list[str]:
-    """Register the four services on `server`; returns their full names."""
+    """Register the five services on `server`; returns their full names."""
     agent_pb2_grpc.add_AgentChannelServicer_to_server(AgentChannelServicer(service), server)
     agent_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(service), server)
     alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsServicer(service), server)
     actions_pb2_grpc.add_ActionsServicer_to_server(ActionsServicer(service), server)
+    baselines_pb2_grpc.add_BaselinesServicer_to_server(BaselinesServicer(service), server)
     return service_names()
 
 
@@ -284,7 +377,8 @@ def service_names() -> list[str]:
     """The full names of the services add_servicers registers (health and reflection list
     them): ``driftwarden.v1.AgentChannel``, ..."""
     package = agent_pb2.DESCRIPTOR.package  # the package of every file of the API
-    return [f"{package}.{name}" for name in ("AgentChannel", "Agents", "Alerts", "Actions")]
+    return [f"{package}.{name}"
+            for name in ("AgentChannel", "Agents", "Alerts", "Actions", "Baselines")]
 
 
 __all__ = [
@@ -293,6 +387,7 @@ __all__ = [
     "AgentChannelServicer",
     "AgentsServicer",
     "AlertsServicer",
+    "BaselinesServicer",
     "add_servicers",
     "service_names",
 ]

@@ -59,6 +59,14 @@ Containers (``find_container``)
     used by several containers on one node means the latest seen; on several nodes it is
     ambiguous.
 
+Fleet baselines
+    One baseline per image key (:class:`~driftwarden.core.baselines.FleetBaseline`), kept as
+    the baseline file (``pack_baseline``) with its summary's columns beside it, so that
+    ``list_baselines`` (newest change first) reads no file. ``put_baseline`` is compare-and-set
+    on the version: a writer states the version it read (None: the image has none yet), so
+    two collectors never lose each other's merge. Baselines are never pruned. Each agent's row
+    also keeps the baselines it holds (``upsert_agent(baselines=...)``).
+
 SQLite
     One :class:`AlertStore` owns one SQLite file (WAL journal, ``synchronous=NORMAL``) through
     one connection guarded by a lock, so any thread of the gRPC server may call it. Every write
@@ -95,13 +103,22 @@ from driftwarden.collector.filters import (
 from driftwarden.collector.migrations import SCHEMA_VERSION, migrate
 from driftwarden.core.actions import ActionStatus
 from driftwarden.core.alerts import AlertKind, Severity
+from driftwarden.core.baselines import (
+    BaselineSummary,
+    FleetBaseline,
+    HeldBaseline,
+    pack_baseline,
+    unpack_baseline,
+)
 from driftwarden.core.errors import (
     AmbiguousContainer,
+    BaselineError,
     StoreError,
     UnknownAction,
     UnknownContainer,
 )
 from driftwarden.core.lifecycle import Service
+from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +187,7 @@ class AgentRecord:
     containers_watched: int | None
     spool_depth: int | None
     peer: str | None
+    baselines: tuple[HeldBaseline, ...] = ()  # the fleet baselines it holds, as last known
 
 
 @dataclass(frozen=True)
@@ -239,9 +257,11 @@ class CollectorStore(Protocol):
                      mode: str | None = None, peer: str | None = None,
                      counters: Mapping[str, Any] | None = None,
                      containers_watched: int | None = None, spool_depth: int | None = None,
+                     baselines: Sequence[HeldBaseline] | None = None,
                      now: float | None = None) -> AgentRecord: ...
 
     def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
+                                baselines: Sequence[HeldBaseline] | None = None,
                                 now: float | None = None) -> bool: ...
 
     def mark_all_agents_disconnected(self, *, now: float | None = None) -> int: ...
@@ -252,6 +272,12 @@ class CollectorStore(Protocol):
               details: Mapping[str, Any] | None = None, *, now: float | None = None) -> int: ...
 
     def find_container(self, text: str) -> ContainerMatch: ...
+
+    def get_baseline(self, image_key: str) -> FleetBaseline | None: ...
+
+    def put_baseline(self, doc: FleetBaseline, *, expect_version: int | None) -> None: ...
+
+    def list_baselines(self) -> list[BaselineSummary]: ...
 
     def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult: ...
 
@@ -391,7 +417,10 @@ _ACTION_COLUMNS = ("action_id, created_at, container_id, container_name, node, t
                    "requested_by, alert_id, status, message, finished_at, with_pause, "
                    "interrupted")
 _AGENT_COLUMNS = ("node, agent_version, mode, connected, connected_at, disconnected_at, "
-                  "last_seen, counters, containers_watched, spool_depth, peer")
+                  "last_seen, counters, containers_watched, spool_depth, peer, baselines")
+_BASELINE_COLUMNS = ("image_key, image_name, mode, version, created_at, updated_at, items, "
+                     "unconfirmed, windows, containers, nodes, learning_started_at, "
+                     "last_new_item_at, unstable, carried_from")
 
 
 def _action(row: sqlite3.Row | tuple[Any, ...]) -> ActionRecord:
@@ -414,11 +443,32 @@ def _action_values(record: ActionRecord) -> tuple[Any, ...]:
 
 def _agent(row: tuple[Any, ...]) -> AgentRecord:
     (node, version, mode, connected, connected_at, disconnected_at, last_seen, counters,
-     watched, spool, peer) = row
+     watched, spool, peer, baselines) = row
     return AgentRecord(node=node, agent_version=version, mode=mode, connected=bool(connected),
                        connected_at=connected_at, disconnected_at=disconnected_at,
                        last_seen=last_seen, counters=json.loads(counters),
-                       containers_watched=watched, spool_depth=spool, peer=peer)
+                       containers_watched=watched, spool_depth=spool, peer=peer,
+                       baselines=tuple(HeldBaseline(key, version, Mode(held_mode))
+                                       for key, version, held_mode in json.loads(baselines)))
+
+
+def _held_text(baselines: Sequence[HeldBaseline]) -> str:
+    for held in baselines:
+        if not isinstance(held, HeldBaseline) or not held.image_key \
+                or type(held.version) is not int or held.version < 0:
+            raise ValueError(f"baselines: expected HeldBaseline entries, got {held!r}")
+    return json.dumps([[h.image_key, h.version, Mode(h.mode).value] for h in baselines])
+
+
+def _baseline_summary(row: tuple[Any, ...]) -> BaselineSummary:
+    (key, name, mode, version, created_at, updated_at, items, unconfirmed, windows,
+     containers, nodes, learning_started_at, last_new_item_at, unstable, carried_from) = row
+    return BaselineSummary(
+        image_key=key, image_name=name, mode=Mode(mode), version=version, items=items,
+        unconfirmed=unconfirmed, windows=windows, containers=containers,
+        nodes=tuple(json.loads(nodes)), created_at=created_at, updated_at=updated_at,
+        learning_started_at=learning_started_at, carried_from=carried_from,
+        last_new_item_at=last_new_item_at, unstable=bool(unstable))
 
 
 class AlertStore(Service):
@@ -812,6 +862,7 @@ class AlertStore(Service):
                      mode: str | None = None, peer: str | None = None,
                      counters: Mapping[str, Any] | None = None,
                      containers_watched: int | None = None, spool_depth: int | None = None,
+                     baselines: Sequence[HeldBaseline] | None = None,
                      now: float | None = None) -> AgentRecord:
         """The agent on `node` spoke (hello or heartbeat): it is connected, last seen `now`.
 
@@ -826,6 +877,8 @@ class AlertStore(Service):
                                       or value < 0):
                 raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
         counters_text = None if counters is None else _json_text("counters", dict(counters))
+        if baselines is not None:
+            _held_text(baselines)
         with self._write() as conn:
             row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node = ?",
                                (node,)).fetchone()
@@ -847,25 +900,32 @@ class AlertStore(Service):
                     old.containers_watched if old else None),
                 spool_depth=spool_depth if spool_depth is not None else (
                     old.spool_depth if old else None),
-                peer=peer if peer is not None else (old.peer if old else None))
+                peer=peer if peer is not None else (old.peer if old else None),
+                baselines=tuple(baselines) if baselines is not None else (
+                    old.baselines if old else ()))
             conn.execute(f"INSERT OR REPLACE INTO agents ({_AGENT_COLUMNS}) "
-                         f"VALUES ({sql_marks(range(11))})",
+                         f"VALUES ({sql_marks(range(12))})",
                          (record.node, record.agent_version, record.mode, 1,
                           record.connected_at, record.disconnected_at, record.last_seen,
                           json.dumps(record.counters, sort_keys=True),
-                          record.containers_watched, record.spool_depth, record.peer))
+                          record.containers_watched, record.spool_depth, record.peer,
+                          _held_text(record.baselines)))
         return record
 
     def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
+                                baselines: Sequence[HeldBaseline] | None = None,
                                 now: float | None = None) -> bool:
         """Mark `node`'s agent disconnected; with `peer`, only if that is still its peer (so a
-        stale stream closing does not disconnect the agent's newer stream). True if marked."""
+        stale stream closing does not disconnect the agent's newer stream). `baselines`: what
+        it held last (None keeps the stored list). True if marked."""
         now = self._now(now)
+        held = None if baselines is None else _held_text(baselines)
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE agents SET connected = 0, disconnected_at = ? "
+                "UPDATE agents SET connected = 0, disconnected_at = ?, "
+                "baselines = coalesce(?, baselines) "
                 "WHERE node = ? AND connected = 1 AND (? IS NULL OR peer = ?)",
-                (now, node, peer, peer))
+                (now, held, node, peer, peer))
             return cursor.rowcount == 1
 
     def mark_all_agents_disconnected(self, *, now: float | None = None) -> int:
@@ -953,6 +1013,59 @@ class AlertStore(Service):
                                 (needle, needle, MAX_CANDIDATES)).fetchall()
         raise UnknownContainer(text, [ContainerMatch(*r) for r in rows], min_prefix=MIN_ID_PREFIX)
 
+    # - fleet baselines -----------------------------------------------------------------------
+
+    def get_baseline(self, image_key: str) -> FleetBaseline | None:
+        """The stored baseline of `image_key`, None when there is none."""
+        with self._read() as conn:
+            row = conn.execute("SELECT data FROM baselines WHERE image_key = ?",
+                               (image_key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return unpack_baseline(bytes(row[0]))
+        except BaselineError as exc:
+            raise StoreError(f"store {self.path}: the baseline of {image_key} is unreadable "
+                             f"({exc})") from None
+
+    def put_baseline(self, doc: FleetBaseline, *, expect_version: int | None) -> None:
+        """Store `doc` (module docstring: fleet baselines): a new image's baseline with
+        ``expect_version=None``, else the one whose stored version is `expect_version`
+        (StoreError when another writer changed it meanwhile, or it exists already)."""
+        if not isinstance(doc, FleetBaseline) or not doc.image_key:
+            raise ValueError(f"put_baseline needs a FleetBaseline with an image key, "
+                             f"got {doc!r}")
+        if type(doc.version) is not int or doc.version < 1:
+            raise ValueError(f"baseline version must be an integer >= 1, got {doc.version!r}")
+        s = doc.summary()
+        values = (s.image_key, s.image_name, s.mode.value, s.version, s.created_at,
+                  s.updated_at, s.items, s.unconfirmed, s.windows, s.containers,
+                  json.dumps(list(s.nodes)), s.learning_started_at, s.last_new_item_at,
+                  int(s.unstable), s.carried_from, pack_baseline(doc))
+        columns = f"{_BASELINE_COLUMNS}, data"
+        with self._write() as conn:
+            if expect_version is None:
+                try:
+                    conn.execute(f"INSERT INTO baselines ({columns}) "
+                                 f"VALUES ({sql_marks(values)})", values)
+                except sqlite3.IntegrityError:
+                    raise StoreError(f"a baseline of {doc.image_key} is stored already"
+                                     ) from None
+                return
+            sets = ", ".join(f"{c.strip()} = ?" for c in columns.split(",")[1:])
+            cursor = conn.execute(f"UPDATE baselines SET {sets} WHERE image_key = ? "
+                                  "AND version = ?", (*values[1:], s.image_key, expect_version))
+            if cursor.rowcount != 1:
+                raise StoreError(f"the baseline of {doc.image_key} changed meanwhile (not at "
+                                 f"version {expect_version} any more); retry")
+
+    def list_baselines(self) -> list[BaselineSummary]:
+        """Every stored baseline's summary, newest change first."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_BASELINE_COLUMNS} FROM baselines "
+                                "ORDER BY updated_at DESC, image_key").fetchall()
+        return [_baseline_summary(r) for r in rows]
+
     # - retention and metrics ----------------------------------------------------------------
 
     def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult:
@@ -978,9 +1091,10 @@ class AlertStore(Service):
                 "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM actions), "
                 "(SELECT count(*) FROM actions WHERE status = 'pending'), "
                 "(SELECT count(*) FROM agents), (SELECT count(*) FROM agents WHERE connected), "
-                "(SELECT count(*) FROM audit), (SELECT count(*) FROM containers)").fetchone()
+                "(SELECT count(*) FROM audit), (SELECT count(*) FROM containers), "
+                "(SELECT count(*) FROM baselines)").fetchone()
         keys = ("alerts", "actions", "actions_pending", "agents", "agents_connected", "audit",
-                "containers")
+                "containers", "baselines")
         return dict(zip(keys, row, strict=True))
 
 

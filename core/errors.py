@@ -183,28 +183,54 @@ class _Candidate(Protocol):
     def describe(self) -> str: ...
 
 
+def _listed(candidates: Sequence[_Candidate]) -> str:
+    return ", ".join(c.describe() for c in candidates)
+
+
+def _similar(candidates: Sequence[_Candidate]) -> str:
+    return f"; similar: {_listed(candidates)}" if candidates else ""
+
+
 class UnknownContainer(StoreError):
     """No known container matches the operator's text; ``candidates`` are similar ones."""
 
     def __init__(self, text: str, candidates: Sequence[_Candidate] = (), *,
                  min_prefix: int = 4) -> None:
-        self.text = text
-        self.candidates = tuple(candidates)
-        hint = (f"; similar: {', '.join(c.describe() for c in self.candidates)}"
-                if self.candidates else "")
+        self.text, self.candidates = text, tuple(candidates)
         super().__init__(
             f"no container known from alerts matches {text!r}: give a full container id, a "
-            f"container name, or an id prefix of at least {min_prefix} characters{hint}")
+            f"container name, or an id prefix of at least {min_prefix} characters"
+            f"{_similar(self.candidates)}")
 
 
 class AmbiguousContainer(StoreError):
     """Several known containers match the operator's text; ``candidates`` lists them."""
 
     def __init__(self, text: str, candidates: Sequence[_Candidate], why: str) -> None:
-        self.text = text
-        self.candidates = tuple(candidates)
-        listed = ", ".join(c.describe() for c in self.candidates)
-        super().__init__(f"{text!r} is ambiguous ({why}): {listed}; give the full container id")
+        self.text, self.candidates = text, tuple(candidates)
+        super().__init__(f"{text!r} is ambiguous ({why}): {_listed(self.candidates)}; give the "
+                         "full container id")
+
+
+class UnknownImage(DriftwardenError):
+    """No fleet baseline matches the operator's image reference; ``candidates`` are similar."""
+
+    def __init__(self, text: str, candidates: Sequence[_Candidate] = (), *,
+                 min_prefix: int = 4) -> None:
+        self.text, self.candidates = text, tuple(candidates)
+        super().__init__(
+            f"no baseline matches image {text!r}: give an image key (sha256:...), a unique "
+            f"prefix of its digits (at least {min_prefix}) or an image name[:tag] "
+            f"(`driftwarden baseline list` shows them){_similar(self.candidates)}")
+
+
+class AmbiguousImage(DriftwardenError):
+    """Several fleet baselines match the operator's image reference."""
+
+    def __init__(self, text: str, candidates: Sequence[_Candidate], why: str) -> None:
+        self.text, self.candidates = text, tuple(candidates)
+        super().__init__(f"image {text!r} is ambiguous ({why}): {_listed(self.candidates)}; "
+                         "give more of the key")
 
 
 class RpcAbort(DriftwardenError):

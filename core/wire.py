@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +32,18 @@ from driftwarden.core.alerts import (
     AlertReason,
     Severity,
 )
+from driftwarden.core.baselines import (
+    BASELINE_ITEM_FIELDS,
+    BaselineSummary,
+    ContainerRef,
+    FleetBaseline,
+    HeldBaseline,
+    ItemKey,
+)
 from driftwarden.core.errors import InvalidMessage
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.core.learning import LearningProgress
+from driftwarden.core.modes import Mode
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -55,6 +65,16 @@ class WireLimits:
     max_heartbeat_containers: int = 1024  # a node's running containers (a k8s node: <= 110 pods)
     max_batch_alerts: int = 500  # alerts (and spool_seqs) in one AlertBatch or Ack
     max_page_size: int = 1000
+    # fleet baselines: a whole baseline (4 item kinds x models.items' cap of 4096; the windows
+    # and mode history models.profile keeps), what one node holds, one increment's share
+    max_baseline_items: int = 4 * 4096
+    max_baseline_windows: int = 2000
+    max_baseline_history: int = 100
+    max_node_baselines: int = 4096  # images an agent holds baselines of (Hello, Agents.List)
+    max_increment_items: int = 1000
+    max_increment_windows: int = 500
+    max_evidence_containers: int = 1024  # containers that showed one item (a node: <= 110 pods)
+    max_layers: int = 256  # an image's layer digests
 
 
 DEFAULT_LIMITS = WireLimits()
@@ -71,6 +91,24 @@ _REPEATED_LIMITS = {
     "driftwarden.v1.AlertBatch.spool_seqs": "max_batch_alerts",
     "driftwarden.v1.Ack.alert_ids": "max_batch_alerts",
     "driftwarden.v1.Ack.spool_seqs": "max_batch_alerts",
+    "driftwarden.v1.Baseline.items": "max_baseline_items",
+    "driftwarden.v1.Baseline.unconfirmed": "max_baseline_items",
+    "driftwarden.v1.Baseline.windows": "max_baseline_windows",
+    "driftwarden.v1.Baseline.history": "max_baseline_history",
+    "driftwarden.v1.Baseline.layers": "max_layers",
+    "driftwarden.v1.BaselineSummary.nodes": "max_evidence_containers",
+    "driftwarden.v1.BaselineIncrement.items": "max_increment_items",
+    "driftwarden.v1.BaselineIncrement.windows": "max_increment_windows",
+    "driftwarden.v1.BaselineIncrement.containers": "max_evidence_containers",
+    "driftwarden.v1.BaselineIncrement.layers": "max_layers",
+    "driftwarden.v1.BaselineRequest.layers": "max_layers",
+    "driftwarden.v1.ItemEvidence.containers": "max_evidence_containers",
+    "driftwarden.v1.Hello.baselines": "max_node_baselines",
+    "driftwarden.v1.Agent.baselines": "max_node_baselines",
+    "driftwarden.v1.ListBaselinesResponse.baselines": "max_node_baselines",
+    "driftwarden.v1.DiffBaselinesResponse.only_in_a": "max_baseline_items",
+    "driftwarden.v1.DiffBaselinesResponse.only_in_b": "max_baseline_items",
+    "driftwarden.v1.AcceptAlertResponse.added": "max_baseline_items",
 }
 _EVENTS_JSON_FIELD = "driftwarden.v1.Alert.events_json"
 _TIMESTAMP_TYPE = Timestamp.DESCRIPTOR.full_name
@@ -370,6 +408,166 @@ def _json(text: str, path: str) -> Any:
         raise InvalidMessage(f"{path}: not JSON ({exc})") from None
 
 
+# -- baseline items --------------------------------------------------------------------------
+
+# BASELINE_ITEM_FIELDS (core.baselines): each kind's key fields, a port as decimal digits
+_DIGITS = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def baseline_item_to_proto(kind: str, key: tuple[str | int, ...] | list[str | int]
+                           ) -> baselines_pb2.BaselineItem:
+    """An item (its kind and ``key()``) as a BaselineItem: every key field as text."""
+    return baselines_pb2.BaselineItem(kind=kind, key=[_text(str(v)) for v in key])
+
+
+def baseline_item_from_proto(msg: baselines_pb2.BaselineItem, path: str = "item"
+                             ) -> tuple[str, tuple[str | int, ...]]:
+    """``(kind, key)`` of a BaselineItem, the key typed as ``models.items.item_from_key`` takes
+    it; InvalidMessage naming the field when the kind is unknown, the key has the wrong number
+    of fields or a port is not a decimal number."""
+    fields = BASELINE_ITEM_FIELDS.get(msg.kind)
+    if fields is None:
+        raise InvalidMessage(f"{path}.kind: {_show(msg.kind)} is not an item kind (one of "
+                             f"{', '.join(BASELINE_ITEM_FIELDS)})")
+    if len(msg.key) != len(fields):
+        raise InvalidMessage(f"{path}.key: a {msg.kind} item has {len(fields)} fields, got "
+                             f"{len(msg.key)}")
+    key: list[str | int] = []
+    for i, (text, kind) in enumerate(zip(msg.key, fields, strict=True)):
+        if kind is int:
+            if not _DIGITS.fullmatch(text):
+                raise InvalidMessage(f"{path}.key[{i}]: must be a decimal number, got "
+                                     f"{_show(text)}")
+            key.append(int(text))
+        else:
+            key.append(text)
+    return msg.kind, tuple(key)
+
+
+# -- whole baselines -------------------------------------------------------------------------
+
+
+def container_ref_to_proto(ref: ContainerRef) -> baselines_pb2.ContainerRef:
+    msg = baselines_pb2.ContainerRef(container_id=ref.container_id, node=_text(ref.node))
+    if ref.name:
+        msg.name = _text(ref.name)
+    return msg
+
+
+def container_ref_from_proto(msg: baselines_pb2.ContainerRef, node: str = "") -> ContainerRef:
+    """A ContainerRef; `node` stands in for an empty node (an agent's own containers)."""
+    return ContainerRef(msg.container_id, msg.node or node,
+                        msg.name if msg.HasField("name") and msg.name else None)
+
+
+def item_evidence_to_proto(item: ItemKey, refs: Iterable[ContainerRef],
+                           ) -> baselines_pb2.ItemEvidence:
+    """An item with the containers that showed it (increments; unconfirmed items)."""
+    return baselines_pb2.ItemEvidence(item=baseline_item_to_proto(*item),
+                                      containers=[container_ref_to_proto(r) for r in refs])
+
+
+def _mode_number(text: str) -> int:
+    return MODE.to_proto(text) if text in MODE.texts else 0
+
+
+def baseline_summary_to_proto(summary: BaselineSummary,
+                              limits: WireLimits = DEFAULT_LIMITS,
+                              ) -> baselines_pb2.BaselineSummary:
+    """A baseline's summary; its node list is cut to the wire's bound (the newest kept)."""
+    msg = baselines_pb2.BaselineSummary(
+        image_key=summary.image_key, image_name=_text(summary.image_name),
+        mode=MODE.to_proto(summary.mode), version=summary.version, items=summary.items,
+        unconfirmed=summary.unconfirmed, windows=summary.windows,
+        containers=summary.containers,
+        nodes=[_text(n) for n in summary.nodes[-limits.max_evidence_containers:]],
+        updated_at=to_timestamp(summary.updated_at), stable=summary.stable)
+    if summary.learning_started_at is not None:
+        msg.learning_started_at.CopyFrom(to_timestamp(summary.learning_started_at))
+    if summary.carried_from:
+        msg.carried_from = summary.carried_from
+    return msg
+
+
+def baseline_summary_from_proto(msg: baselines_pb2.BaselineSummary) -> BaselineSummary:
+    updated_at = from_timestamp(msg.updated_at) if msg.HasField("updated_at") else 0.0
+    return BaselineSummary(
+        image_key=msg.image_key, image_name=msg.image_name,
+        mode=Mode(MODE.from_proto(msg.mode)), version=msg.version, items=msg.items,
+        unconfirmed=msg.unconfirmed, windows=msg.windows, containers=msg.containers,
+        nodes=tuple(msg.nodes), created_at=updated_at, updated_at=updated_at,
+        learning_started_at=(from_timestamp(msg.learning_started_at)
+                             if msg.HasField("learning_started_at") else None),
+        stable=msg.stable,
+        carried_from=msg.carried_from if msg.HasField("carried_from") else None)
+
+
+def baseline_to_proto(doc: FleetBaseline, summary: BaselineSummary | None = None,
+                      ) -> baselines_pb2.Baseline:
+    """A fleet baseline as a message: confirmed items, unconfirmed ones with their evidence,
+    windows, mode history (the newest entries the wire allows), layers. `summary`: the one
+    to send (the collector's, with ``stable`` computed); default ``doc.summary()``."""
+    history = doc.history[-DEFAULT_LIMITS.max_baseline_history:]
+    return baselines_pb2.Baseline(
+        summary=baseline_summary_to_proto(summary or doc.summary()),
+        items=[baseline_item_to_proto(*item) for item in doc.items],
+        unconfirmed=[item_evidence_to_proto(item, refs)
+                     for item, refs in doc.unconfirmed().items()],
+        windows=[baselines_pb2.FeatureWindow(values=w) for w in doc.windows],
+        history=[baselines_pb2.ModeChange(**{
+            "changed_at": to_timestamp(h["at"]), "from": _mode_number(h["from"]),
+            "to": _mode_number(h["to"]), "reason": _text(h["reason"]), "by": _text(h["by"])})
+            for h in history],
+        layers=list(doc.layers), carried_layers=doc.carried_layers if doc.carried_from else 0)
+
+
+def baseline_from_proto(msg: baselines_pb2.Baseline, path: str = "baseline") -> FleetBaseline:
+    """A Baseline message as a FleetBaseline (``.to_file_obj()`` is what
+    ``models.profile.Profile.from_obj`` reads); InvalidMessage naming a bad field. The message
+    carries no learning counters: the progress says "learning since learning_started_at (else
+    the update time), last new item at the update time, the windows it carries"."""
+    if not msg.summary.mode:
+        raise InvalidMessage(f"{path}.summary.mode: unspecified")
+    summary = baseline_summary_from_proto(msg.summary)
+    items = {baseline_item_from_proto(item, f"{path}.items[{i}]"): None
+             for i, item in enumerate(msg.items)}
+    evidence = {}
+    for i, entry in enumerate(msg.unconfirmed):
+        refs = [container_ref_from_proto(r) for r in entry.containers]
+        evidence[baseline_item_from_proto(entry.item, f"{path}.unconfirmed[{i}].item")] = {
+            r.container_id: r for r in refs}
+    history = [{"at": from_timestamp(h.changed_at) if h.HasField("changed_at") else 0.0,
+                "from": MODE.from_proto(getattr(h, "from")) if getattr(h, "from") else "",
+                "to": MODE.from_proto(h.to) if h.to else "", "reason": h.reason, "by": h.by}
+               for h in msg.history]
+    carried_layers = msg.carried_layers if summary.carried_from else 0
+    if carried_layers > len(msg.layers):
+        raise InvalidMessage(f"{path}.carried_layers: {carried_layers}, but the image has "
+                             f"{len(msg.layers)} layers")
+    updated_at = summary.updated_at
+    started_at = summary.learning_started_at
+    learning = summary.mode is Mode.LEARN
+    return FleetBaseline(
+        image_key=summary.image_key, image_name=summary.image_name, mode=summary.mode,
+        version=summary.version, created_at=updated_at, updated_at=updated_at, items=items,
+        evidence=evidence, windows=[tuple(w.values) for w in msg.windows],
+        progress=LearningProgress(
+            started_at=started_at if started_at is not None else updated_at,
+            last_new_item_at=updated_at, windows_learned=len(msg.windows),
+            items_seen=len(items), ended_at=None if learning else updated_at),
+        history=history, layers=tuple(msg.layers), nodes=summary.nodes,
+        carried_from=summary.carried_from, carried_layers=carried_layers)
+
+
+def held_baseline_to_proto(held: HeldBaseline) -> baselines_pb2.BaselineVersion:
+    return baselines_pb2.BaselineVersion(image_key=held.image_key, version=held.version,
+                                         mode=MODE.to_proto(held.mode))
+
+
+def held_baseline_from_proto(msg: baselines_pb2.BaselineVersion) -> HeldBaseline:
+    return HeldBaseline(msg.image_key, msg.version, Mode(MODE.from_proto(msg.mode)))
+
+
 # -- validation ------------------------------------------------------------------------------
 
 
@@ -388,7 +586,7 @@ def validate_agent_message(msg: agent_pb2.AgentMessage, *,
     body = msg.WhichOneof("body")
     if body is None:
         raise InvalidMessage(f"{path}: empty; set one of hello, alert_batch, heartbeat, "
-                             "action_result")
+                             "action_result, baseline_increment, baseline_request")
     path = f"{path}.{body}"
     if body == "hello":
         hello = msg.hello
@@ -396,6 +594,7 @@ def validate_agent_message(msg: agent_pb2.AgentMessage, *,
         _require_text(hello.agent_version, f"{path}.agent_version")
         _require_enum(hello.mode, f"{path}.mode", MODE)
         _require_time(hello, "started_at", path)
+        _check_baseline_versions(hello.baselines, f"{path}.baselines")
     elif body == "alert_batch":
         batch = msg.alert_batch
         if not batch.alerts:
@@ -408,6 +607,10 @@ def validate_agent_message(msg: agent_pb2.AgentMessage, *,
     elif body == "heartbeat":
         _require_time(msg.heartbeat, "sent_at", path)
         _check_counters(msg.heartbeat.counters, f"{path}.counters")
+    elif body == "baseline_increment":
+        _check_increment(msg.baseline_increment, path)
+    elif body == "baseline_request":
+        _require_text(msg.baseline_request.image_key, f"{path}.image_key")
     else:
         result = msg.action_result
         _require_text(result.action_id, f"{path}.action_id")
@@ -422,7 +625,7 @@ def validate_collector_command(msg: agent_pb2.CollectorCommand, *,
     _check_message(msg, path, limits)
     body = msg.WhichOneof("body")
     if body is None:
-        raise InvalidMessage(f"{path}: empty; set one of ack, action, notice")
+        raise InvalidMessage(f"{path}: empty; set one of ack, action, notice, baseline")
     path = f"{path}.{body}"
     if body == "ack":
         for i, alert_id in enumerate(msg.ack.alert_ids):
@@ -432,6 +635,8 @@ def validate_collector_command(msg: agent_pb2.CollectorCommand, *,
         _require_text(action.action_id, f"{path}.action_id")
         _require_text(action.container_id, f"{path}.container_id")
         _check_action_type(action.type, action.with_pause, path)
+    elif body == "baseline":
+        _check_baseline_update(msg.baseline, path)
 
 
 def validate_action_request(msg: actions_pb2.ActionRequest, *,
@@ -465,6 +670,34 @@ def validate_list_actions_request(msg: actions_pb2.ListActionsRequest, *,
     for i, action_type in enumerate(msg.types):
         _require_enum(action_type, f"{path}.types[{i}]", ACTION_TYPE)
     _check_page(msg, path, limits)
+
+
+# Baselines.* requests: the fields each must set (reasons must say something)
+_BASELINE_REQUEST_FIELDS = {
+    "ListBaselinesRequest": (),
+    "GetBaselineRequest": ("image",),
+    "SetBaselineModeRequest": ("image", "reason"),
+    "DiffBaselinesRequest": ("a", "b"),
+    "AcceptAlertRequest": ("alert_id",),
+    "ResetBaselineRequest": ("image", "reason"),
+    "ExportBaselineRequest": ("image",),
+    "PushBaselineRequest": ("file",),
+}
+
+
+def validate_baselines_request(msg: Message, *, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    """Any Baselines.* request: bounds, the fields it needs, its mode."""
+    name = msg.DESCRIPTOR.name
+    path = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    _check_message(msg, path, limits)
+    for field in _BASELINE_REQUEST_FIELDS[name]:
+        value = getattr(msg, field)
+        if not (value.strip() if isinstance(value, str) else value):
+            raise InvalidMessage(f"{path}.{field}: missing")
+    if name == "SetBaselineModeRequest" or (name == "PushBaselineRequest" and msg.mode):
+        _require_enum(msg.mode, f"{path}.mode", MODE)
+    elif name == "AcceptAlertRequest":
+        _check_alert_id(msg.alert_id, f"{path}.alert_id")
 
 
 def _check_message(msg: Message, path: str, limits: WireLimits) -> None:
@@ -546,6 +779,68 @@ def _check_alert(msg: common_pb2.Alert, path: str) -> None:
         raise InvalidMessage(f"{path}.first_seen: {msg.first_seen.ToJsonString()} is after "
                              f"last_seen {msg.last_seen.ToJsonString()}")
     _events(msg.events_json, f"{path}.events_json")
+
+
+def _check_baseline_versions(versions: Any, path: str) -> None:
+    for i, held in enumerate(versions):
+        _require_text(held.image_key, f"{path}[{i}].image_key")
+        _require_enum(held.mode, f"{path}[{i}].mode", MODE)
+
+
+def _check_items(items: Any, path: str) -> None:
+    for i, item in enumerate(items):
+        baseline_item_from_proto(item, f"{path}[{i}]")
+
+
+def _check_containers(refs: Any, path: str) -> None:
+    for i, ref in enumerate(refs):
+        _require_text(ref.container_id, f"{path}[{i}].container_id")
+
+
+def _check_evidence(evidence: Any, path: str) -> None:
+    for i, entry in enumerate(evidence):
+        where = f"{path}[{i}]"
+        if not entry.HasField("item"):
+            raise InvalidMessage(f"{where}.item: missing")
+        baseline_item_from_proto(entry.item, f"{where}.item")
+        if not entry.containers:
+            raise InvalidMessage(f"{where}.containers: empty (who showed the item?)")
+        _check_containers(entry.containers, f"{where}.containers")
+
+
+def _check_windows(windows: Any, path: str) -> None:
+    for i, window in enumerate(windows):
+        if not window.values:
+            raise InvalidMessage(f"{path}[{i}].values: empty")
+        if not all(math.isfinite(v) for v in window.values):
+            raise InvalidMessage(f"{path}[{i}].values: every value must be a finite number")
+
+
+def _check_increment(msg: baselines_pb2.BaselineIncrement, path: str) -> None:
+    _require_text(msg.image_key, f"{path}.image_key")
+    _check_evidence(msg.items, f"{path}.items")
+    _check_windows(msg.windows, f"{path}.windows")
+    _check_containers(msg.containers, f"{path}.containers")
+
+
+def _check_baseline_update(msg: baselines_pb2.BaselineUpdate, path: str) -> None:
+    _require_text(msg.image_key, f"{path}.image_key")
+    if not msg.found:
+        return
+    if not msg.HasField("baseline"):
+        raise InvalidMessage(f"{path}.baseline: missing (found is set)")
+    baseline, where = msg.baseline, f"{path}.baseline"
+    summary = baseline.summary
+    if summary.image_key != msg.image_key:
+        raise InvalidMessage(f"{where}.summary.image_key: {_show(summary.image_key)} is not "
+                             f"the update's image {_show(msg.image_key)}")
+    _require_enum(summary.mode, f"{where}.summary.mode", MODE)
+    if summary.version < 1:
+        raise InvalidMessage(f"{where}.summary.version: must be at least 1, got "
+                             f"{summary.version}")
+    _check_items(baseline.items, f"{where}.items")
+    _check_evidence(baseline.unconfirmed, f"{where}.unconfirmed")
+    _check_windows(baseline.windows, f"{where}.windows")
 
 
 def _check_alert_id(alert_id: str, path: str) -> None:
@@ -636,6 +931,7 @@ __all__ = [
     "ACTION_TYPE",
     "AGENT_ACTION_STATUSES",
     "ALERT_KIND",
+    "BASELINE_ITEM_FIELDS",
     "DEFAULT_LIMITS",
     "MAX_MESSAGE_BYTES",
     "MODE",
@@ -648,11 +944,23 @@ __all__ = [
     "alert_dict_from_proto",
     "alert_from_proto",
     "alert_to_proto",
+    "baseline_from_proto",
+    "baseline_item_from_proto",
+    "baseline_item_to_proto",
+    "baseline_summary_from_proto",
+    "baseline_summary_to_proto",
+    "baseline_to_proto",
+    "container_ref_from_proto",
+    "container_ref_to_proto",
     "from_timestamp",
+    "held_baseline_from_proto",
+    "held_baseline_to_proto",
+    "item_evidence_to_proto",
     "to_timestamp",
     "validate_action_request",
     "validate_agent_message",
     "validate_alert",
+    "validate_baselines_request",
     "validate_collector_command",
     "validate_list_actions_request",
     "validate_list_alerts_request",

@@ -36,72 +36,19 @@ from typing import Any
 
 import msgpack
 from driftwarden.core.errors import BaselineError, UsageError
+from driftwarden.core.learning import (  # the rule is shared with the collector
+    MAX_WINDOWS,
+    LearningPolicy,
+    LearningProgress,
+    Transition,
+    next_mode,
+)
 from driftwarden.core.modes import Mode
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MAX_WINDOWS = 2000  # training windows kept per image (oldest dropped first)
 MAX_STARTUP_ITEMS = 1000  # start-up items remembered with their container (oldest dropped)
-
-
-@dataclass(frozen=True)
-class LearningPolicy:
-    """When learning ends. All durations in seconds; documented defaults."""
-
-    warmup_seconds: float = 60.0  # nothing ends learning before this
-    stable_seconds: float = 120.0  # no new item for this long => stable
-    min_windows: int = 20  # clean windows needed (the forest needs data)
-    learn_for: float | None = None  # end learning after this long, stable or not
-    max_items: int = 10_000  # more items than this while learning => unstable
-
-    def __post_init__(self) -> None:
-        if self.warmup_seconds < 0 or self.stable_seconds <= 0:
-            raise UsageError("warm-up must be >= 0 and the stable period > 0 seconds")
-        if self.min_windows < 1 or self.max_items < 1:
-            raise UsageError("min windows and max items must be >= 1")
-        if self.learn_for is not None and self.learn_for <= 0:
-            raise UsageError(f"--learn-for must be > 0 seconds, got {self.learn_for}")
-
-
-@dataclass
-class LearningProgress:
-    started_at: float  # wall clock (time.time()): survives restarts
-    last_new_item_at: float
-    windows_learned: int = 0
-    windows_tainted: int = 0
-    items_seen: int = 0
-    unstable: bool = False
-    ended_at: float | None = None
-    end_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Transition:
-    mode: Mode
-    reason: str
-
-
-def next_mode(mode: Mode, progress: LearningProgress, policy: LearningPolicy,
-              now: float) -> Transition | None:
-    """The state machine's automatic step (operators change modes explicitly, see Profile)."""
-    if mode is not Mode.LEARN:
-        return None
-    age = now - progress.started_at
-    if policy.learn_for is not None and age >= policy.learn_for:
-        return Transition(Mode.MONITOR, f"learned for {policy.learn_for:g} s (--learn-for)")
-    if progress.unstable:
-        return None  # keeps learning, flagged; an operator decides
-    if age < policy.warmup_seconds or progress.windows_learned < policy.min_windows:
-        return None
-    quiet = now - progress.last_new_item_at
-    if quiet >= policy.stable_seconds:
-        return Transition(
-            Mode.MONITOR,
-            f"stable: no new behaviour for {quiet:.0f} s after {progress.windows_learned} "
-            "clean windows",
-        )
-    return None
 
 
 @dataclass
@@ -134,12 +81,14 @@ class Profile:
         self.version += 1
         self.updated_at = now
 
-    def observe(self, items: Iterable[Any], now: float, policy: LearningPolicy) -> list[Any]:
+    def observe(self, items: Iterable[Any], now: float, policy: LearningPolicy, *,
+                learn: bool = True) -> list[Any]:
         """Items of one event. Returns those the profile did not know. While learning they are
-        added (and count as novelty for stability); otherwise the profile is left unchanged."""
+        added (and count as novelty for stability), unless `learn` is False (a carried
+        baseline's judged part, agent.carry); otherwise the profile is left unchanged."""
         known = self.items
         novel = [item for item in items if item not in known and not known.covers(item)]
-        if not novel or self.mode is not Mode.LEARN:
+        if not novel or self.mode is not Mode.LEARN or not learn:
             return novel
         added = [item for item in novel if self.items.add(item)]
         if added:

@@ -1,7 +1,8 @@
 """The operator's side of connecting to the collector: the client flags, the channel they
 describe, and what a failed call tells the operator.
 
-Client flags (every client command: `alerts`, `action`, `agents`; :func:`add_client_flags`)
+Client flags (every client command: `alerts`, `action`, `agents`, `baseline --collector`;
+:func:`add_client_flags`)
     ``--collector ADDR`` (``host:port``, ``[::1]:port``, or a host alone for port 50051; default
     ``$DRIFTWARDEN_COLLECTOR`` or ``127.0.0.1:50051``), ``--token-file F`` (sends
     ``authorization: Bearer <token>``), ``--tls-ca F [--tls-cert F --tls-key F]`` (TLS, with the
@@ -13,6 +14,7 @@ Client flags (every client command: `alerts`, `action`, `agents`; :func:`add_cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -98,8 +100,19 @@ def operator_channel(args: argparse.Namespace) -> grpc.Channel:
                          ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF[1] * 1000))])
 
 
+@dataclasses.dataclass(frozen=True)
+class Missing:
+    """What a call asked for, to say when the collector answers NOT_FOUND (exit 2: the operator
+    named something it lacks): its details when it gave some (they name what it lacks and what
+    to do), else ``no {what} on the collector at ADDR: {hint}``."""
+
+    what: str  # "baseline for image 'nginx'"
+    hint: str  # "`driftwarden baseline list` shows the images it knows"
+
+
 def describe_rpc_error(code: grpc.StatusCode, details: str, *, collector: str,
-                       container: str | None = None, tls: bool = False) -> tuple[str, int]:
+                       container: str | None = None, missing: Missing | None = None,
+                       tls: bool = False) -> tuple[str, int]:
     """A failed call -> (one line saying what went wrong and what to do, exit code)."""
     said = f" ({details})" if details else ""
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -116,8 +129,14 @@ def describe_rpc_error(code: grpc.StatusCode, details: str, *, collector: str,
     if code == grpc.StatusCode.NOT_FOUND and container is not None:
         return (f"no container matches {container!r}{said}: give its name, full id or an id "
                 f"prefix of at least 4 characters"), 1
+    if code == grpc.StatusCode.NOT_FOUND and missing is not None:
+        if details:
+            return f"the collector at {collector}: {details}", 2
+        return f"no {missing.what} on the collector at {collector}: {missing.hint}", 2
     if code == grpc.StatusCode.FAILED_PRECONDITION and container is not None:
         return (f"container {container!r} is ambiguous{said}: give more of its id, or --node"), 1
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return f"the collector at {collector} cannot do that{said}", 1
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return f"the collector refused the request{said}", 2
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -129,14 +148,15 @@ def describe_rpc_error(code: grpc.StatusCode, details: str, *, collector: str,
 
 
 def report_rpc_error(exc: grpc.RpcError, args: argparse.Namespace, err: TextIO,
-                     container: str | None = None) -> int:
+                     container: str | None = None, missing: Missing | None = None) -> int:
     """Print what a failed call means (:func:`describe_rpc_error`) on `err`; the exit code."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
     log.debug("collector call failed: %s %s", code, details)
     line, exit_code = describe_rpc_error(code, clean_text(details or ""),
                                          collector=collector_address(args),
-                                         container=container, tls=uses_tls(args))
+                                         container=container, missing=missing,
+                                         tls=uses_tls(args))
     print(f"driftwarden: error: {line}", file=err, flush=True)
     return exit_code
 
@@ -151,21 +171,28 @@ class UnreachableError(grpc.RpcError):
         return ""
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    """The client flags (module docstring) on a client command's parser."""
+def add_client_flags(parser: argparse.ArgumentParser, *, again: bool = False) -> None:
+    """The client flags (module docstring) on a client command's parser.
+
+    `again`: the same flags once more, on a subcommand of a parser that has them (`baseline
+    --collector ADDR list` and `baseline list --collector ADDR`): given there they win, left
+    out they keep the parent's value (argparse would otherwise reset it to the default)."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if again else value
+
     group = parser.add_argument_group("collector connection")
-    group.add_argument(COLLECTOR_FLAG, default=None, metavar="ADDR",
+    group.add_argument(COLLECTOR_FLAG, default=default(None), metavar="ADDR",
                        help=f"the collector's host:port (default ${COLLECTOR_ENV} or "
                        f"{DEFAULT_COLLECTOR})")
-    group.add_argument("--token-file", default=None, metavar="FILE",
+    group.add_argument("--token-file", default=default(None), metavar="FILE",
                        help="send the operator token in this file (authorization: Bearer)")
-    group.add_argument("--tls-ca", default=None, metavar="FILE",
+    group.add_argument("--tls-ca", default=default(None), metavar="FILE",
                        help="connect with TLS, trusting this CA (ca.crt of driftwarden certs init)")
-    group.add_argument("--tls-cert", default=None, metavar="FILE",
+    group.add_argument("--tls-cert", default=default(None), metavar="FILE",
                        help="operator client certificate for mutual TLS (operator.crt)")
-    group.add_argument("--tls-key", default=None, metavar="FILE",
+    group.add_argument("--tls-key", default=default(None), metavar="FILE",
                        help="its private key (operator.key)")
-    group.add_argument("--allow-non-loopback", action="store_true",
+    group.add_argument("--allow-non-loopback", action="store_true", default=default(False),
                        help="allow a collector address outside 127.0.0.0/8 and ::1 (real "
                        "deployments; this build is loopback-only by default)")
 
@@ -174,6 +201,7 @@ __all__ = [
     "COLLECTOR_ENV",
     "DEFAULT_COLLECTOR",
     "RECONNECT_BACKOFF",
+    "Missing",
     "UnreachableError",
     "add_client_flags",
     "collector_address",

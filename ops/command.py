@@ -1,8 +1,9 @@
 """Operator commands: `driftwarden alerts`, `action`, `agents` and `certs init`.
 
 The first three are clients of the collector's operator API (driftwarden.v1 Alerts, Actions,
-Agents); `certs init` makes the certificates for mutual TLS
-(:func:`driftwarden.ops.certs.init_certs`).
+Agents; `agents --baselines` also Baselines); `certs init` makes the certificates for mutual
+TLS (:func:`driftwarden.ops.certs.init_certs`). `baseline --collector` is in
+:mod:`driftwarden.ops.baselines`.
 :func:`add_parsers` registers them all; each command's ``func(args)`` returns the exit code.
 
 Client flags (every client command): :mod:`driftwarden.ops.client` (``--collector``,
@@ -52,6 +53,7 @@ import grpc
 from driftwarden.core import wire
 from driftwarden.core.argtypes import POSITIVE_INT
 from driftwarden.core.errors import UsageError
+from driftwarden.ops.baselines import list_baselines
 from driftwarden.ops.client import (
     add_client_flags,
     collector_address,
@@ -59,18 +61,25 @@ from driftwarden.ops.client import (
     report_rpc_error,
 )
 from driftwarden.ops.follow import Follower, stop_event
-from driftwarden.ops.format import action_outcome_line, agent_dict
+from driftwarden.ops.format import action_outcome_line, agent_dict, enum_text
 from driftwarden.ops.listing import CALL_TIMEOUT, list_actions, list_alerts, oldest_first
-from driftwarden.ops.printers import LivePrinter, PlainPrinter, Printer, rich_console
+from driftwarden.ops.printers import (
+    LivePrinter,
+    PlainPrinter,
+    Printer,
+    add_output_flags,
+    print_table,
+    rich_console,
+)
 from driftwarden.ops.tables import (
     AGENTS,
     ALERTS,
+    HELD_BASELINES,
     action_row,
     agent_row,
     alert_row,
+    held_baseline_row,
     layout,
-    plain_lines,
-    rich_table,
 )
 from driftwarden.proto.v1 import (
     actions_pb2,
@@ -79,6 +88,8 @@ from driftwarden.proto.v1 import (
     agent_pb2_grpc,
     alerts_pb2,
     alerts_pb2_grpc,
+    baselines_pb2,
+    baselines_pb2_grpc,
     common_pb2,
 )
 
@@ -191,11 +202,7 @@ def run_alerts(args: argparse.Namespace, *, out: TextIO | None = None,
         return 0
     rows = [alert_row(item) if isinstance(item, common_pb2.Alert) else action_row(item)
             for item in items]
-    if console is not None:
-        console.print(rich_table(ALERTS, rows, layout(ALERTS, rows, console.width)))
-        return 0
-    for line in plain_lines(ALERTS, rows):
-        print(line, file=out, flush=True)
+    print_table(ALERTS, rows, console, out)
     return 0
 
 
@@ -235,16 +242,21 @@ def run_action(args: argparse.Namespace, *, out: TextIO | None = None,
 
 def run_agents(args: argparse.Namespace, *, out: TextIO | None = None,
                err: TextIO | None = None, clock: Callable[[], float] = time.time) -> int:
-    """`driftwarden agents`: every agent the collector knows, by node name."""
+    """`driftwarden agents`: every agent the collector knows, by node name; with
+    ``--baselines`` the fleet baselines each holds beside the collector's versions."""
     out = out or sys.stdout
     err = err or sys.stderr
     with operator_channel(args) as channel:
         try:
             response = agent_pb2_grpc.AgentsStub(channel).List(agent_pb2.ListAgentsRequest(),
                                                                timeout=CALL_TIMEOUT)
+            fleet = (list_baselines(baselines_pb2_grpc.BaselinesStub(channel))
+                     if args.baselines else [])
         except grpc.RpcError as exc:
             return report_rpc_error(exc, args, err)
     agents = sorted(response.agents, key=lambda a: a.node)
+    if args.baselines:
+        return _print_held_baselines(args, agents, fleet, out)
     if args.json:
         for agent in agents:
             print(json.dumps(agent_dict(agent)), file=out, flush=True)
@@ -253,13 +265,32 @@ def run_agents(args: argparse.Namespace, *, out: TextIO | None = None,
         print("no agents have connected to this collector", file=out, flush=True)
         return 0
     now = clock()
-    rows = [agent_row(a, now) for a in agents]
-    console = rich_console(args, out)
-    if console is not None:
-        console.print(rich_table(AGENTS, rows, layout(AGENTS, rows, console.width)))
+    print_table(AGENTS, [agent_row(a, now) for a in agents], rich_console(args, out), out)
+    return 0
+
+
+def _print_held_baselines(args: argparse.Namespace, agents: list[agent_pb2.Agent],
+                          fleet: list[baselines_pb2.BaselineSummary], out: TextIO) -> int:
+    """`agents --baselines`: one row per node and image it holds, by node then image."""
+    by_key = {s.image_key: s for s in fleet}
+    held = [(agent.node, version, by_key.get(version.image_key))
+            for agent in agents
+            for version in sorted(agent.baselines, key=lambda v: (
+                by_key[v.image_key].image_name if v.image_key in by_key else "", v.image_key))]
+    if args.json:
+        for node, version, summary in held:
+            print(json.dumps({"node": node, "image_key": version.image_key,
+                              "image_name": summary.image_name if summary else None,
+                              "mode": enum_text(wire.MODE, version.mode),
+                              "version": version.version,
+                              "fleet_version": summary.version if summary else None}),
+                  file=out, flush=True)
         return 0
-    for line in plain_lines(AGENTS, rows):
-        print(line, file=out, flush=True)
+    if not held:
+        print("no agent holds a fleet baseline", file=out, flush=True)
+        return 0
+    print_table(HELD_BASELINES, [held_baseline_row(*row) for row in held],
+                rich_console(args, out), out)
     return 0
 
 
@@ -307,16 +338,6 @@ def run_certs(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
 # -- registration --------------------------------------------------------------------------------
 
 
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--json", action="store_true", help="one JSON object per line")
-    group.add_argument("--plain", action="store_true",
-                       help="plain text lines even on a terminal, as for pipes and files: "
-                       "never cut, columns two or more spaces apart, an empty cell as -, the "
-                       "last column whole to the end of the line (grep, awk '{print $4}', "
-                       "sort -k); NO_COLOR only turns colours off")
-
-
 def _add_alerts(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "alerts", help="list stored alerts, or follow new ones live",
@@ -329,7 +350,7 @@ def _add_alerts(subparsers: argparse._SubParsersAction) -> None:
         "lines about the connection start with --.")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream new alerts (with --since: the stored ones first)")
-    _add_output_flags(p)
+    add_output_flags(p)
     p.add_argument("--kind", type=_kind_list, action="append", default=[], metavar="LIST",
                    help=f"only these kinds: comma list of {','.join(wire.ALERT_KIND.texts)}")
     p.add_argument("--min-severity", choices=wire.SEVERITY.texts, default=None,
@@ -375,8 +396,12 @@ def _add_agents(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "agents", help="the agents the collector knows",
         description="Every agent that connected since the collector started: connection, "
-        "version, mode, containers watched, spool depth, dropped events, last heartbeat.")
-    _add_output_flags(p)
+        "version, mode, containers watched, fleet baselines held, spool depth, dropped events, "
+        "last heartbeat. With --baselines: each node's baselines (NODE KEY MODE VERSION FLEET "
+        "IMAGE), its version beside the collector's (FLEET) so a node that lags shows.")
+    p.add_argument("--baselines", action="store_true",
+                   help="list the baseline versions each node holds")
+    add_output_flags(p)
     add_client_flags(p)
     p.set_defaults(func=run_agents)
 

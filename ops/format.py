@@ -1,5 +1,6 @@
 """The operator commands' texts: what a cell, a line or a JSON object says about an alert, an
-action, a stream notice or an agent. Pure functions of the collector's messages.
+action, a stream notice, an agent or a fleet baseline. Pure functions of the collector's
+messages.
 
 Every text that came from the collector (and so, often, from a container: names, paths, argv,
 labels) goes through :func:`clean_text` before it is printed, in every output: a control
@@ -12,14 +13,18 @@ Times are UTC, ``2024-05-01T12:00:00Z``; an unset timestamp is ``-``.
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from driftwarden.core import wire
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.core.baselines import BASELINE_ITEM_FIELDS, ITEM_KINDS, item_key
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 _PENDING = wire.ACTION_STATUS.to_proto("pending")
+SHORT_KEY_CHARS = 19  # "sha256:" and 12 hex: enough to tell images apart, as Docker shows ids
 
 
 # -- texts ---------------------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def image_text(image: common_pb2.Image) -> str:
     """The image's name (``repo:tag``), else its id's first 19 characters (``sha256:`` and 12)."""
     if image.HasField("name"):
         return image.name
-    return image.id[:19] if image.HasField("id") else "-"
+    return image.id[:SHORT_KEY_CHARS] if image.HasField("id") else "-"
 
 
 def reason_text(msg: common_pb2.Alert) -> str:
@@ -144,6 +149,64 @@ def action_outcome_line(action_type: str, asked_for: str,
     return clean_text(line)
 
 
+# -- baselines -----------------------------------------------------------------------------------
+
+
+def short_key(image_key: str) -> str:
+    """``sha256:`` and the first 12 hex of an image key (``-`` when unset)."""
+    return image_key[:SHORT_KEY_CHARS] or "-"
+
+
+def baseline_label(summary: baselines_pb2.BaselineSummary) -> str:
+    """``shop/web:1.2 (sha256:1a1a1a1a1a1a)``, or the short key alone when it has no name."""
+    key = short_key(summary.image_key)
+    return f"{summary.image_name} ({key})" if summary.image_name else key
+
+
+def _connect_text(key: Sequence[str]) -> str:
+    family, addr_class, address, port, protocol, exe = key
+    if family == "unix":
+        return f"unix connect to {address} ({addr_class}) by {exe}"
+    where = f"[{address}]:{port}" if family == "inet6" else f"{address}:{port}"
+    return f"{protocol} connect to {where} ({addr_class}) by {exe}"
+
+
+def _exec_text(key: Sequence[str]) -> str:
+    exe, argv0 = key
+    return f"exec {exe}" if posixpath.basename(exe) == argv0 else f"exec {exe} as {argv0}"
+
+
+# kind -> the sentence, as `baseline show --state-dir` words it
+_ITEM_TEXTS = {
+    "exec": _exec_text,
+    "lineage": lambda key: f"{key[0]} started {key[1]}",
+    "connect": _connect_text,
+    "write": lambda key: f"{key[1]} {key[0]}",
+}
+
+
+def item_text(item: baselines_pb2.BaselineItem) -> str:
+    """One behaviour in words: ``exec /bin/busybox as httpd``, ``tcp connect to
+    127.0.0.1:5432 (loopback) by /bin/busybox``, ``append /var/log/*.log``; a kind or key this
+    build does not know as the kind and its fields."""
+    sentence = _ITEM_TEXTS.get(item.kind)
+    if sentence is None or len(item.key) != len(BASELINE_ITEM_FIELDS.get(item.kind, ())):
+        return " ".join([item.kind or "?", *item.key])
+    return sentence(list(item.key))
+
+
+def item_order(item: baselines_pb2.BaselineItem) -> tuple[int, str, str]:
+    """Sort key: by kind (:data:`ITEM_KINDS` first, others after), then by text."""
+    rank = ITEM_KINDS.index(item.kind) if item.kind in ITEM_KINDS else len(ITEM_KINDS)
+    return (rank, item.kind, item_text(item))
+
+
+def container_ref_text(ref: baselines_pb2.ContainerRef) -> str:
+    """``web-2@node-b``: the container's name (else its id's first 12) and its node."""
+    name = ref.name if ref.HasField("name") and ref.name else ref.container_id[:12] or "?"
+    return f"{name}@{ref.node}" if ref.node else name
+
+
 # -- JSON ----------------------------------------------------------------------------------------
 
 
@@ -180,10 +243,57 @@ def agent_dict(agent: agent_pb2.Agent) -> dict[str, Any]:
             "last_heartbeat": _timestamp_json(agent, "last_heartbeat"),
             "containers_watched": agent.containers_watched, "spool_depth": agent.spool_depth,
             "counters": [{"kind": c.kind, "emitted": c.emitted, "suppressed": c.suppressed,
-                          "dropped": c.dropped} for c in agent.counters]}
+                          "dropped": c.dropped} for c in agent.counters],
+            "baselines": [{"image_key": b.image_key, "version": b.version,
+                           "mode": enum_text(wire.MODE, b.mode)} for b in agent.baselines]}
+
+
+def baseline_summary_dict(summary: baselines_pb2.BaselineSummary) -> dict[str, Any]:
+    return {"image_key": summary.image_key, "image_name": summary.image_name,
+            "mode": enum_text(wire.MODE, summary.mode), "version": summary.version,
+            "items": summary.items, "unconfirmed": summary.unconfirmed,
+            "windows": summary.windows, "containers": summary.containers,
+            "nodes": list(summary.nodes), "updated_at": _timestamp_json(summary, "updated_at"),
+            "learning_started_at": _timestamp_json(summary, "learning_started_at"),
+            "stable": summary.stable,
+            "carried_from": summary.carried_from if summary.HasField("carried_from") else None}
+
+
+def item_dict(item: baselines_pb2.BaselineItem) -> dict[str, Any]:
+    """Kind, key (typed as in a NOVEL alert's ``item_key``: a port as a number) and text."""
+    try:
+        key: list[Any] = list(item_key(item.kind, list(item.key))[1])
+    except ValueError:  # a kind or key this build does not know: as the collector sent it
+        key = list(item.key)
+    return {"kind": item.kind, "key": key, "text": item_text(item)}
+
+
+def container_ref_dict(ref: baselines_pb2.ContainerRef) -> dict[str, Any]:
+    return {"container_id": ref.container_id, "node": ref.node,
+            "name": ref.name if ref.HasField("name") else None}
+
+
+def mode_change_dict(change: baselines_pb2.ModeChange) -> dict[str, Any]:
+    return {"changed_at": _timestamp_json(change, "changed_at"),
+            "from": enum_text(wire.MODE, getattr(change, "from")),
+            "to": enum_text(wire.MODE, change.to), "reason": change.reason, "by": change.by}
+
+
+def baseline_dict(baseline: baselines_pb2.Baseline) -> dict[str, Any]:
+    """`baseline show --json`: the summary, items (by kind, then text), unconfirmed items with
+    the containers that showed them, the mode history (oldest first) and the layers."""
+    return {"summary": baseline_summary_dict(baseline.summary),
+            "items": [item_dict(i) for i in sorted(baseline.items, key=item_order)],
+            "unconfirmed": [{**item_dict(e.item),
+                             "containers": [container_ref_dict(c) for c in e.containers]}
+                            for e in sorted(baseline.unconfirmed,
+                                            key=lambda e: item_order(e.item))],
+            "history": [mode_change_dict(c) for c in baseline.history],
+            "layers": list(baseline.layers)}
 
 
 __all__ = [
+    "SHORT_KEY_CHARS",
     "action_dict",
     "action_outcome_line",
     "action_target",
@@ -191,7 +301,12 @@ __all__ = [
     "agent_dict",
     "alert_dict",
     "alert_time",
+    "baseline_dict",
+    "baseline_label",
+    "baseline_summary_dict",
     "clean_text",
+    "container_ref_dict",
+    "container_ref_text",
     "container_text",
     "dropped_total",
     "enum_text",
@@ -200,9 +315,14 @@ __all__ = [
     "format_time",
     "heartbeat_text",
     "image_text",
+    "item_dict",
+    "item_order",
+    "item_text",
+    "mode_change_dict",
     "notice_dict",
     "notice_text",
     "notice_time",
     "reason_text",
     "requested_by_text",
+    "short_key",
 ]

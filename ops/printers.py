@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TextIO
 
 from driftwarden.core import wire
@@ -24,17 +24,22 @@ from driftwarden.ops.format import action_dict, alert_dict, clean_text, notice_d
 from driftwarden.ops.live import LiveAlertView, LiveDisplay
 from driftwarden.ops.tables import (
     ALERTS,
+    ColumnSet,
     Row,
     action_row,
     alert_row,
+    layout,
     notice_row,
     plain_header,
+    plain_lines,
     plain_row,
+    rich_table,
     terminal_console,
 )
 from driftwarden.proto.v1 import actions_pb2, alerts_pb2, common_pb2
 from rich.cells import cell_len
 from rich.console import Console
+from rich.text import Text
 
 
 class Printer(Protocol):
@@ -49,6 +54,39 @@ class Printer(Protocol):
     def notice(self, notice: alerts_pb2.StreamNotice) -> None: ...
 
     def info(self, text: str, state: str | None = None) -> None: ...
+
+
+def add_output_flags(parser: argparse.ArgumentParser, *, again: bool = False) -> None:
+    """``--json`` and ``--plain`` (one or the other) on a command that prints tables.
+    `again`: on a subcommand of a parser that has them (see
+    :func:`driftwarden.ops.client.add_client_flags`)."""
+    default = argparse.SUPPRESS if again else False
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", default=default,
+                       help="one JSON object per line")
+    group.add_argument("--plain", action="store_true", default=default,
+                       help="plain text lines even on a terminal, as for pipes and files: "
+                       "never cut, columns two or more spaces apart, an empty cell as -, the "
+                       "last column whole to the end of the line (grep, awk '{print $4}', "
+                       "sort -k); NO_COLOR only turns colours off")
+
+
+def print_table(columns: ColumnSet, rows: Sequence[Row], console: Console | None,
+                out: TextIO) -> None:
+    """A whole table: fitted to the terminal on `console`, else plain lines never cut."""
+    if console is not None:
+        console.print(rich_table(columns, rows, layout(columns, rows, console.width)))
+        return
+    for line in plain_lines(columns, rows):
+        print(line, file=out, flush=True)
+
+
+def print_line(text: str, console: Console | None, out: TextIO, style: str = "") -> None:
+    """One line of text (cleaned of control characters): in `style` on a terminal."""
+    if console is not None:
+        console.print(Text(clean_text(text), style=style))
+        return
+    print(clean_text(text), file=out, flush=True)
 
 
 def rich_console(args: argparse.Namespace, out: TextIO,
@@ -154,4 +192,5 @@ class LivePrinter:
         self.view.add_info(self.clock(), text, state)
 
 
-__all__ = ["LivePrinter", "PlainPrinter", "Printer", "rich_console"]
+__all__ = ["LivePrinter", "PlainPrinter", "Printer", "add_output_flags", "print_line",
+           "print_table", "rich_console"]

@@ -5,8 +5,10 @@ A :class:`ColumnSet` names its columns in order; each :class:`Column` has a narr
 widest width on a terminal, and the last column (the alerts' REASON, the agents' LAST
 HEARTBEAT) has no widest: it takes the rest of the line. A row is one rich ``Text`` per column
 (styles for the terminal; ``.plain`` for plain text), made by :func:`alert_row`,
-:func:`action_row`, :func:`notice_row`, :func:`info_row` or :func:`agent_row` from the
-collector's messages, every text cleaned of control characters (:func:`clean_text`).
+:func:`action_row`, :func:`notice_row`, :func:`info_row`, :func:`agent_row` or the baseline
+rows (:func:`baseline_row`, :func:`item_row`, :func:`unconfirmed_row`, :func:`history_row`,
+:func:`diff_row`, :func:`held_baseline_row`) from the collector's messages, every text cleaned
+of control characters (:func:`clean_text`).
 
 :func:`layout` gives the columns' widths:
 
@@ -37,6 +39,7 @@ from driftwarden.ops.format import (
     action_time,
     alert_time,
     clean_text,
+    container_ref_text,
     container_text,
     dropped_total,
     enum_text,
@@ -44,12 +47,14 @@ from driftwarden.ops.format import (
     format_time,
     heartbeat_text,
     image_text,
+    item_text,
     notice_text,
     notice_time,
     reason_text,
     requested_by_text,
+    short_key,
 )
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
 from rich import box
 from rich.cells import cell_len
 from rich.console import Console
@@ -61,6 +66,7 @@ EMPTY_PLAIN = "-"  # an empty cell in plain text, so every line has the same fie
 
 SEVERITY_STYLES = {"critical": "bold white on red", "high": "bold red", "medium": "yellow",
                    "low": "cyan"}
+MODE_STYLES = {"learn": "cyan", "monitor": "", "protect": "bold magenta"}
 STATUS_STYLES = {"done": "green", "already": "green", "pending": "dim", "skipped": "yellow",
                  "failed": "bold red", "refused": "red", "container-gone": "red"}
 ACTION_STYLE = "magenta"
@@ -283,41 +289,150 @@ def info_row(when: float, text: str) -> Row:
 AGENTS = ColumnSet(
     columns=(Column("NODE", 8, 32), Column("CONNECTED", 9, 9), Column("VERSION", 7, 16),
              Column("MODE", 7, 7), Column("CONTAINERS", 10, 10, right=True),
-             Column("SPOOL", 5, 10, right=True), Column("DROPPED", 7, 12, right=True),
-             Column("LAST HEARTBEAT", 14, None)),
+             Column("BASELINES", 9, 9, right=True), Column("SPOOL", 5, 10, right=True),
+             Column("DROPPED", 7, 12, right=True), Column("LAST HEARTBEAT", 14, None)),
     shrink=("NODE",),
-    hide=("VERSION", "SPOOL", "CONTAINERS"))
+    hide=("BASELINES", "VERSION", "SPOOL", "CONTAINERS"))
+
+
+def _count(number: int, style: str = "yellow") -> Text:
+    """A count, in `style` above zero."""
+    return cell(str(number), style if number > 0 else "")
+
+
+def _mode_cell(mode: int) -> Text:
+    text = enum_text(wire.MODE, mode)
+    return cell(text, MODE_STYLES.get(text, ""))
 
 
 def agent_row(agent: agent_pb2.Agent, now: float) -> Row:
-    """CONNECTED ``yes`` green, ``no`` red; SPOOL and DROPPED yellow above zero."""
-    def count(number: int) -> Text:
-        return cell(str(number), "yellow" if number > 0 else "")
-
+    """CONNECTED ``yes`` green, ``no`` red; SPOOL and DROPPED yellow above zero; BASELINES the
+    fleet baselines the agent holds (``agents --baselines`` lists them)."""
     return AGENTS.row({
         "NODE": cell(agent.node or "-"),
         "CONNECTED": cell("yes", "green") if agent.connected else cell("no", "red"),
         "VERSION": cell(agent.agent_version or "-"),
         "MODE": cell(enum_text(wire.MODE, agent.mode)),
         "CONTAINERS": cell(str(agent.containers_watched)),
-        "SPOOL": count(agent.spool_depth),
-        "DROPPED": count(dropped_total(agent)),
+        "BASELINES": cell(str(len(agent.baselines))),
+        "SPOOL": _count(agent.spool_depth),
+        "DROPPED": _count(dropped_total(agent)),
         "LAST HEARTBEAT": cell(heartbeat_text(agent, now))})
+
+
+HELD_BASELINES = ColumnSet(
+    columns=(Column("NODE", 8, 32), Column("KEY", 19, 19), Column("MODE", 7, 7),
+             Column("VERSION", 7, 10, right=True), Column("FLEET", 5, 10, right=True),
+             Column("IMAGE", 10, None)),
+    shrink=("NODE",),
+    hide=("KEY",))
+
+
+def held_baseline_row(node: str, held: baselines_pb2.BaselineVersion,
+                      fleet: baselines_pb2.BaselineSummary | None) -> Row:
+    """What one node holds of one image; FLEET the collector's version (``-``: it has none),
+    VERSION yellow while the node's is older."""
+    behind = fleet is not None and held.version < fleet.version
+    return HELD_BASELINES.row({
+        "NODE": cell(node or "-"), "KEY": cell(short_key(held.image_key)),
+        "MODE": _mode_cell(held.mode),
+        "VERSION": cell(str(held.version), "yellow" if behind else ""),
+        "FLEET": cell(str(fleet.version) if fleet is not None else "-"),
+        "IMAGE": cell(fleet.image_name if fleet is not None and fleet.image_name else "-")})
+
+
+# -- fleet baselines -----------------------------------------------------------------------------
+
+
+BASELINES = ColumnSet(
+    columns=(Column("IMAGE", 10, 40), Column("KEY", 19, 19), Column("MODE", 7, 7),
+             Column("VERSION", 7, 10, right=True), Column("ITEMS", 5, 7, right=True),
+             Column("UNCONFIRMED", 11, 11, right=True), Column("WINDOWS", 7, 8, right=True),
+             Column("UPDATED", 20, 20), Column("NODES", 5, None)),
+    shrink=("IMAGE",),
+    hide=("WINDOWS", "UPDATED", "KEY", "UNCONFIRMED"))
+
+
+def baseline_row(summary: baselines_pb2.BaselineSummary) -> Row:
+    """One baseline of `baseline list`; UNCONFIRMED yellow above zero, NODES comma-separated
+    (the nodes whose agents sent what they learned)."""
+    updated = summary.updated_at if summary.HasField("updated_at") else None
+    return BASELINES.row({
+        "IMAGE": cell(summary.image_name or "-"), "KEY": cell(short_key(summary.image_key)),
+        "MODE": _mode_cell(summary.mode), "VERSION": cell(str(summary.version)),
+        "ITEMS": cell(str(summary.items)), "UNCONFIRMED": _count(summary.unconfirmed),
+        "WINDOWS": cell(str(summary.windows)), "UPDATED": cell(format_time(updated)),
+        "NODES": cell(",".join(summary.nodes) or "-")})
+
+
+ITEMS = ColumnSet(columns=(Column("KIND", 7, 7), Column("ITEM", 16, None)))
+
+
+def item_row(item: baselines_pb2.BaselineItem) -> Row:
+    return ITEMS.row({"KIND": cell(item.kind or "?"), "ITEM": cell(item_text(item))})
+
+
+UNCONFIRMED = ColumnSet(
+    columns=(Column("KIND", 7, 7), Column("SHOWN BY", 12, 40), Column("ITEM", 16, None)),
+    shrink=("SHOWN BY",))
+
+
+def unconfirmed_row(evidence: baselines_pb2.ItemEvidence) -> Row:
+    """An item held back by consensus, with the containers that showed it (``name@node``)."""
+    shown_by = ",".join(container_ref_text(c) for c in evidence.containers)
+    return UNCONFIRMED.row({"KIND": cell(evidence.item.kind or "?"),
+                            "SHOWN BY": cell(shown_by or "-", "yellow"),
+                            "ITEM": cell(item_text(evidence.item))})
+
+
+HISTORY = ColumnSet(
+    columns=(Column("TIME", 20, 20), Column("FROM", 7, 7), Column("TO", 7, 7),
+             Column("BY", 8, 24), Column("REASON", 16, None)),
+    shrink=("BY",))
+
+
+def history_row(change: baselines_pb2.ModeChange) -> Row:
+    when = change.changed_at if change.HasField("changed_at") else None
+    return HISTORY.row({"TIME": cell(format_time(when)),
+                        "FROM": _mode_cell(getattr(change, "from")),
+                        "TO": _mode_cell(change.to), "BY": cell(change.by or "-"),
+                        "REASON": cell(change.reason)})
+
+
+DIFF = ColumnSet(
+    columns=(Column("ONLY IN", 7, 7), Column("KIND", 7, 7), Column("ITEM", 16, None)))
+
+
+def diff_row(side: str, item: baselines_pb2.BaselineItem) -> Row:
+    """An item only image `side` (``A`` or ``B``) has."""
+    return DIFF.row({"ONLY IN": cell(side, "bold"), "KIND": cell(item.kind or "?"),
+                     "ITEM": cell(item_text(item))})
 
 
 __all__ = [
     "AGENTS",
     "ALERTS",
+    "BASELINES",
+    "DIFF",
     "GAP",
+    "HELD_BASELINES",
+    "HISTORY",
+    "ITEMS",
+    "UNCONFIRMED",
     "Column",
     "ColumnSet",
     "Row",
     "action_row",
     "agent_row",
     "alert_row",
+    "baseline_row",
     "cell",
     "clean_text",
+    "diff_row",
+    "held_baseline_row",
+    "history_row",
     "info_row",
+    "item_row",
     "layout",
     "notice_row",
     "plain_header",
@@ -326,4 +441,5 @@ __all__ = [
     "plain_row",
     "rich_table",
     "terminal_console",
+    "unconfirmed_row",
 ]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+pytest_plugins = ["tests.support.collector_fixtures"]
+
 REQUIRED = os.environ.get("DRIFTWARDEN_REQUIRE_INTEGRATION") == "1"
 
 
@@ -87,6 +89,13 @@ def host_image(docker_ok) -> str:
 def containerd(docker_ok) -> Iterator:
     """A second containerd with its CRI plugin, beside Docker's: started once per session,
     stopped (pods, cgroup folders, files removed) at its end (tests/support/containerd.py)."""
+    with running_containerd() as instance:
+        yield instance
+
+
+@contextlib.contextmanager
+def running_containerd() -> Iterator:
+    """A TestContainerd of its own for the block (a missing prerequisite fails or skips)."""
     from tests.support.containerd import ContainerdError, TestContainerd
 
     if os.geteuid() != 0:

@@ -456,9 +456,14 @@ def test_parse_docker_event() -> None:
     )
     start = {"Type": "container", "Action": "start", "Actor": {"ID": ID_B, "Attributes": {}}}
     assert parse_docker_event(start) == ContainerEvent(ContainerEventAction.START, ID_B)
+    # podman's Docker-compatible API says "remove" where Docker says "destroy"
+    remove = {"Type": "container", "Action": "remove", "Actor": {"ID": ID_B, "Attributes": {}}}
+    assert parse_docker_event(remove) == ContainerEvent(ContainerEventAction.DESTROY, ID_B)
     assert parse_docker_event({"Type": "container", "Action": "exec_start: sh"}) is None
     assert parse_docker_event({"Type": "network", "Action": "connect"}) is None
-    assert parse_docker_event({"Type": "container", "Action": "resync"}) is None
+    for ours in ("resync", "unreachable"):  # the watcher's words, never a runtime's
+        assert parse_docker_event({"Type": "container", "Action": ours,
+                                   "Actor": {"ID": ID_B}}) is None
 
 
 def test_container_ref_rejects_malformed_values() -> None:
@@ -816,6 +821,54 @@ def test_attributor_counts_containers_first_seen_while_the_runtime_is_unreachabl
         assert not attributor.metadata_unavailable
     assert attributor.without_metadata() == {**NO_CONTAINERS_WITHOUT_METADATA,
                                              "docker": 1, "containerd": 1}
+
+
+def test_attributor_takes_outages_from_the_watcher_and_asks_about_containers_made_since(
+    make_attributor: Callable[..., Attributor], cgroup_root: Path, clock: FakeClock
+) -> None:
+    """A runtime's watcher says it cannot reach it (UNREACHABLE) before any container needs
+    asking: the runtime's gauge says so. A container whose cgroup was made before the runtime
+    last failed is answered at once without metadata; one made after it is asked about, since
+    a runtime that makes containers is back (a restarted containerd's first new pod)."""
+    from driftwarden.agent.runtimes.registry import RuntimeSet
+
+    docker = FakeMetadata()
+    containerd = FakeMetadata({ID_C: make_info(ID_C, "api"), ID_E: make_info(ID_E, "new")})
+    docker.runtime, containerd.runtime = "docker", "containerd"
+    docker.endpoint, containerd.endpoint = "unix:///docker.sock", "unix:///containerd.sock"
+    wall = FakeClock(start=2_000_000_000.0)
+    attributor = make_attributor(RuntimeSet([docker, containerd]), wall_clock=wall)
+    pod = cgroup_root / f"kubepods/burstable/pod{POD_UID}"
+    before, after = pod / ID_C, pod / ID_E
+    after.mkdir()
+    os.utime(before, (wall.now - 10, wall.now - 10))  # kernfs: a folder's time is its making
+    os.utime(after, (wall.now + 5, wall.now + 5))
+    error = "containerd unreachable at unix:///containerd.sock: No such file or directory"
+    unreachable = ContainerEvent(ContainerEventAction.UNREACHABLE, None, runtime="containerd",
+                                 error=error)
+    with attributor:
+        attributor.on_container_event(unreachable)
+        assert attributor.unavailable_runtimes() == {"containerd": error}
+        assert attributor.metadata_unavailable_by_runtime() == {
+            "containerd": 1, "cri-o": 0, "docker": 0, "podman": 0}
+        containerd.unreachable = error
+        old = attributor.lookup(before.stat().st_ino)
+        assert (old.state, old.info, old.metadata_error) == (AttributionState.CONTAINER, None,
+                                                             error)
+        assert attributor.wait_idle(5)  # asked meanwhile, and still down
+        containerd.unreachable = None
+        assert attributor.lookup(after.stat().st_ino).state is AttributionState.PENDING
+        assert attributor.wait_idle(5)
+        new = attributor.lookup(after.stat().st_ino)
+        assert (new.info, new.metadata_error) == (containerd.containers[ID_E], None)
+        assert attributor.unavailable_runtimes() == {}  # it answered
+        attributor.on_container_event(unreachable)
+        assert attributor.metadata_unavailable
+        attributor.on_container_event(
+            ContainerEvent(ContainerEventAction.RESYNC, None, runtime="containerd"))
+        assert not attributor.metadata_unavailable  # its watcher reconnected
+    assert containerd.calls == [ID_C, ID_E]
+    assert attributor.without_metadata() == {**NO_CONTAINERS_WITHOUT_METADATA, "containerd": 1}
 
 
 def test_attributor_without_provider_counts_containers_without_metadata(
@@ -1300,7 +1353,7 @@ def test_docker_event_watcher_follows_and_stops_promptly(docker_ok: None, bb_ima
             stopping = time.monotonic()
             watcher.stop()  # the stream is open and idle: stop must cut it, not wait on it
             assert time.monotonic() - stopping < 2.0
-    assert events[0] == ContainerEvent(ContainerEventAction.RESYNC, None)
+    assert events[0] == ContainerEvent(ContainerEventAction.RESYNC, None, runtime="docker")
     assert not watcher.connected
     # other containers (parallel tests) may start meanwhile: this one's event
     start = next(e for e in events

@@ -161,6 +161,28 @@ def test_mode_change_reaches_the_running_agent(running_agent, tmp_path):
     assert store.load(WEB).mode is Mode.MONITOR
 
 
+def test_an_agent_of_a_fleet_refuses_local_changes(tmp_path):
+    """With --collector the fleet's baselines rule: a change here would be replaced by the
+    collector's next version, so it is refused with the command that makes it there; reading
+    works as ever."""
+    store = seed(tmp_path)
+    detector = Detector(DetectorConfig(), store, None, layers_of=lambda _c, _t: None)
+    service = BaselineService(LiveProfiles(detector), store, fleet_collector="127.0.0.1:50051")
+    with ControlServer(service, tmp_path, threading.Lock()):
+        refused = cli(tmp_path, "mode", "shop/web", "protect", "--reason", "x")
+        imported = cli(tmp_path, "import", str(exported_in_protect(tmp_path / "other")),
+                       "--image", WEB)
+        listed = cli(tmp_path, "list")
+    assert (refused.returncode, refused.stderr.strip()) == (2, (
+        "driftwarden: error: this agent follows the fleet's baselines on the collector "
+        "127.0.0.1:50051, whose next version would replace a change made here: run "
+        "`driftwarden baseline mode ... --collector 127.0.0.1:50051`"))
+    assert imported.returncode == 2
+    assert "run `driftwarden baseline push FILE --collector 127.0.0.1:50051`" in imported.stderr
+    assert store.load(WEB).mode is Mode.LEARN
+    assert listed.returncode == 0 and "shop/web" in listed.stdout
+
+
 def test_import_through_the_running_agent_lands_in_its_live_profiles(running_agent, tmp_path):
     detector, store = running_agent
     exported = exported_in_protect(tmp_path / "elsewhere")

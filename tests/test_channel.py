@@ -689,7 +689,10 @@ def test_metrics_of_containers_the_runtime_does_not_describe(tmp_path):
         'driftwarden_agent_containers_without_metadata_total{runtime="cri-o"} 0.0',
         'driftwarden_agent_containers_without_metadata_total{runtime="docker"} 0.0',
         'driftwarden_agent_containers_without_metadata_total{runtime="podman"} 1.0',
-        'driftwarden_agent_container_metadata_unavailable 0.0',
+        'driftwarden_agent_container_metadata_unavailable{runtime="containerd"} 0.0',
+        'driftwarden_agent_container_metadata_unavailable{runtime="cri-o"} 0.0',
+        'driftwarden_agent_container_metadata_unavailable{runtime="docker"} 0.0',
+        'driftwarden_agent_container_metadata_unavailable{runtime="podman"} 0.0',
     ]
 
 

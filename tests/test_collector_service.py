@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -66,42 +66,8 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = 5.0)
 
 
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., CollectorServer]]:
-    servers: list[CollectorServer] = []
-
-    def make(**overrides) -> CollectorServer:
-        settings = {"db_path": tmp_path / "collector.db", "listen": "127.0.0.1:0",
-                    "stop_grace": 0.5, "poll_seconds": 0.05, **overrides}
-        server = CollectorServer(CollectorConfig(**settings)).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop(0.5)
-
-
-@pytest.fixture
 def server(make_server) -> CollectorServer:
     return make_server(policy=NO_RULES)
-
-
-@pytest.fixture
-def channels() -> Iterator[Callable[..., grpc.Channel]]:
-    opened: list[grpc.Channel] = []
-
-    def open_channel(target: str | CollectorServer, options=(),
-                     credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-        address = target.address if isinstance(target, CollectorServer) else target
-        channel = (grpc.secure_channel(address, credentials, options=list(options))
-                   if credentials is not None
-                   else grpc.insecure_channel(address, options=list(options)))
-        opened.append(channel)
-        return channel
-
-    yield open_channel
-    for channel in opened:
-        channel.close()
 
 
 def connect(channel: grpc.Channel, node: str = "node-a", **kwargs) -> FakeAgent:
@@ -714,7 +680,7 @@ def test_reflection_lists_the_services(server, channels):
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
     assert sorted(s.name for s in response.list_services_response.service) == sorted([
         "driftwarden.v1.Actions", "driftwarden.v1.AgentChannel", "driftwarden.v1.Agents",
-        "driftwarden.v1.Alerts", "grpc.health.v1.Health",
+        "driftwarden.v1.Alerts", "driftwarden.v1.Baselines", "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection"])
 
 
@@ -778,7 +744,9 @@ def test_metrics_are_served_over_http(make_server, channels):
         ("driftwarden_collector_store_checkpoints_total", (("outcome", "error"),)): 0.0,
         **{("driftwarden_collector_store_rows", (("table", table),)): value
            for table, value in (("actions", 0.0), ("agents", 1.0), ("alerts", 2.0),
-                                ("audit", 0.0), ("containers", 1.0))},
+                                ("audit", 0.0), ("baselines", 0.0), ("containers", 1.0))},
+        **{("driftwarden_collector_baselines", (("mode", mode),)): 0.0
+           for mode in ("learn", "monitor", "protect")},
         ("driftwarden_collector_subscriber_dropped_total", ()): 0.0,
         ("driftwarden_collector_subscribers", ()): 1.0,
     }

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import string
 import subprocess
@@ -21,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from driftwarden.agent.attribution import AttributionState, Attributor
@@ -36,6 +34,7 @@ from tests.support.containerd import CriContainer, CriPod, TestContainerd
 from tests.support.containers import run_container
 from tests.support.host import cgroup2_root
 from tests.support.scenario import baselines, image_id, wait_until
+from tests.support.trace_proc import tracing
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +137,9 @@ def test_events_of_containerd_1_6_come_from_polling(containerd, bb_image) -> Non
             started.remove()
             wait_until(lambda: ContainerEvent(ContainerEventAction.DESTROY, started.id) in seen,
                        10, "its removal")
-    assert seen[0] == ContainerEvent(ContainerEventAction.RESYNC, None)
-    assert seen.count(ContainerEvent(ContainerEventAction.RESYNC, None)) == 1
+    resync = ContainerEvent(ContainerEventAction.RESYNC, None, runtime="containerd")
+    assert seen[0] == resync
+    assert seen.count(resync) == 1
 
 
 # --------------------------------------------------------------------------- doctor
@@ -231,27 +231,6 @@ def run_short_lived(pod: CriPod, image: str, command: list[str], name: str = "jo
 # --------------------------------------------------------------------------- trace and agent
 
 
-@contextlib.contextmanager
-def tracing(*args: str, stdout: Any = subprocess.PIPE) -> Iterator[subprocess.Popen]:
-    """`trace --json` until the block ends. Its lines go to `stdout`: a pipe read at the end
-    holds 64 KiB, and a trace that cannot write stops taking events, so a test that makes
-    many events gives a file."""
-    proc = subprocess.Popen([PY, "-m", "driftwarden", "trace", "--json", *args],
-                            stdout=stdout, stderr=subprocess.PIPE, text=True, cwd="/")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if "tracing" in line:
-                break
-            if not line and proc.poll() is not None:
-                raise AssertionError(f"trace exited early: {proc.stderr.read()}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-
-
 def test_trace_attributes_a_pods_container_and_short_lived_ones(containerd, web, bb_image,
                                                                 host_image, tmp_path) -> None:
     """A pod's container; and containers that live less than 100 ms, under Docker (`docker run
@@ -263,21 +242,18 @@ def test_trace_attributes_a_pods_container_and_short_lived_ones(containerd, web,
     script = (f"echo hi > /tmp/dw-cri-trace && nc -w 1 127.0.0.1 {port}; "
               "cat /tmp/dw-cri-trace")
     with open(tmp_path / "trace.jsonl", "w+", encoding="utf-8") as lines, \
-            containerd.pod(job_pod_name(), namespace="batch", labels=JOB_LABELS) as job, \
-            tracing("--runtime-endpoint", containerd.endpoint, "--runtime-endpoint", DOCKER,
-                    stdout=lines) as proc:
-        code, out = container.exec(["/bin/sh", "-c", script])
-        assert (code, out) == (0, "hi\nnc: can't connect to remote host (127.0.0.1): Connection "
-                                  "refused\n")
-        docker_id, docker_life = docker_run_rm(bb_image, SHORT_SCRIPT)
-        in_job, job_life = run_short_lived(job, host_image, HOST_DROP_AND_RUN)
-        time.sleep(2.5)  # past the agent's 1 s wait for metadata
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+            containerd.pod(job_pod_name(), namespace="batch", labels=JOB_LABELS) as job:
+        with tracing(["--runtime-endpoint", containerd.endpoint, "--runtime-endpoint", DOCKER],
+                     lines):
+            code, out = container.exec(["/bin/sh", "-c", script])
+            assert (code, out) == (0, "hi\nnc: can't connect to remote host (127.0.0.1): "
+                                      "Connection refused\n")
+            docker_id, docker_life = docker_run_rm(bb_image, SHORT_SCRIPT)
+            in_job, job_life = run_short_lived(job, host_image, HOST_DROP_AND_RUN)
+            time.sleep(2.5)  # past the agent's 1 s wait for metadata
         lines.seek(0)
         events = [json.loads(line) for line in lines]
     print(f"lifetimes: docker --rm {docker_life * 1000:.1f} ms, CRI {job_life * 1000:.1f} ms")
-    assert proc.returncode == 0, err
     ours = [e for e in events if e["cgroup_id"] == container.cgroup_id]
     expected = {
         "id": container.id, "name": "app", "image": bb_image,

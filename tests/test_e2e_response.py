@@ -181,22 +181,31 @@ def image_id(c: RunningContainer) -> str:
 
 
 def set_mode(stack: Stack, c: RunningContainer, mode: str) -> None:
-    """`driftwarden baseline mode` on the running agent for c's image (its baseline exists
-    once the agent has seen the container)."""
+    """`driftwarden baseline mode --collector` for c's image: the agent follows the fleet's
+    baselines, which the collector holds once the agent reported the image."""
     image = image_id(c)
 
     def attempt() -> dict[str, Any] | None:
         done = subprocess.run(
-            [sys.executable, "-m", "driftwarden", "baseline", "--state-dir",
-             str(stack.agent.state_dir), "--json", "mode", image, mode],
+            [sys.executable, "-m", "driftwarden", "baseline", "mode", image, mode, "--reason",
+             "e2e", "--collector", stack.collector.address, "--json"],
             capture_output=True, text=True, timeout=30, cwd="/")
         if done.returncode == 0:
             return json.loads(done.stdout)
-        assert "no baseline for image" in done.stderr, done.stderr
+        assert done.returncode == 2 and "baseline for image" in done.stderr, done.stderr
         return None
 
     summary = wait_until(attempt, f"a baseline for {image}", stack, interval=0.5)
-    assert (summary["image_id"], summary["mode"]) == (image, mode)
+    assert (summary["image_key"], summary["mode"]) == (image, mode)
+    # the agent applies it (STATE_DIR/fleet.json: the versions its local copies hold)
+    fleet_file = stack.agent.state_dir / "fleet.json"
+
+    def held() -> dict[str, Any]:
+        return json.loads(fleet_file.read_text())["baselines"] if fleet_file.exists() else {}
+
+    wait_until(lambda: held().get(image, {}).get("version", 0) >= summary["version"],
+               f"the agent to hold version {summary['version']}", stack)
+    assert held()[image]["mode"] == mode
 
 
 def drift(c: RunningContainer, tag: str) -> str:

@@ -34,7 +34,7 @@ from driftwarden.ops.command import (
     run_alerts,
     run_certs,
 )
-from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, common_pb2
+from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
 
 from tests.support.fake_operator_api import FakeOperatorApi, ServerTls, SubscribeScript
 from tests.support.terminal import FakeTerminal, Tap, screen
@@ -700,7 +700,12 @@ AGENTS = [
                     connected=True, connected_at=wire.to_timestamp(T0 - 600),
                     last_heartbeat=wire.to_timestamp(T0 - 4), counters=_counters(3, 0, 11),
                     containers_watched=12, spool_depth=0, hostname="a",
-                    peer="ipv4:127.0.0.1:40000"),
+                    peer="ipv4:127.0.0.1:40000",
+                    baselines=[baselines_pb2.BaselineVersion(image_key="sha256:" + "1" * 64,
+                                                             version=7, mode=common_pb2.MODE_LEARN),
+                               baselines_pb2.BaselineVersion(image_key="sha256:" + "2" * 64,
+                                                             version=3,
+                                                             mode=common_pb2.MODE_PROTECT)]),
     agent_pb2.Agent(node="node-c"),
 ]
 
@@ -711,10 +716,11 @@ def test_agents_table(api: FakeOperatorApi) -> None:
     assert run_agents(parse("agents", "--collector", api.address), out=out,
                       clock=lambda: float(T0)) == 0
     assert lines(out) == [
-        "NODE    CONNECTED  VERSION  MODE     CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
-        "node-a  yes        0.5.0    learn            12      0       14  4s ago",
-        "node-b  no         0.4.0    monitor           0   1234        0  2h ago",
-        "node-c  no         -        -                 0      0        0  never"]
+        "NODE    CONNECTED  VERSION  MODE     CONTAINERS  BASELINES  SPOOL  DROPPED  "
+        "LAST HEARTBEAT",
+        "node-a  yes        0.5.0    learn            12          2      0       14  4s ago",
+        "node-b  no         0.4.0    monitor           0          0   1234        0  2h ago",
+        "node-c  no         -        -                 0          0      0        0  never"]
     assert api.requests("Agents.List") == [agent_pb2.ListAgentsRequest()]
 
 
@@ -728,7 +734,9 @@ def test_agents_json(api: FakeOperatorApi) -> None:
         "last_heartbeat": T0 - 4.0, "containers_watched": 12, "spool_depth": 0,
         "counters": [{"kind": "exec", "emitted": 100, "suppressed": 5, "dropped": 3},
                      {"kind": "connect", "emitted": 100, "suppressed": 5, "dropped": 0},
-                     {"kind": "file", "emitted": 100, "suppressed": 5, "dropped": 11}]}]
+                     {"kind": "file", "emitted": 100, "suppressed": 5, "dropped": 11}],
+        "baselines": [{"image_key": "sha256:" + "1" * 64, "version": 7, "mode": "learn"},
+                      {"image_key": "sha256:" + "2" * 64, "version": 3, "mode": "protect"}]}]
 
 
 def test_no_agents(api: FakeOperatorApi) -> None:
@@ -793,11 +801,12 @@ def test_agents_on_a_terminal(api: FakeOperatorApi, terminal: FakeTerminal, monk
     assert run_agents(parse("agents", "--collector", api.address), out=terminal,
                       clock=lambda: float(T0)) == 0
     assert screen(terminal) == [
-        "NODE    CONNECTED  VERSION  MODE     CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
-        "─" * 79,
-        "node-a  yes        0.5.0    learn            12      0       14  4s ago",
-        "node-b  no         0.4.0    monitor           0   1234        0  2h ago",
-        "node-c  no         -        -                 0      0        0  never"]
+        "NODE    CONNECTED  VERSION  MODE     CONTAINERS  BASELINES  SPOOL  DROPPED  "
+        "LAST HEARTBEAT",
+        "─" * 90,
+        "node-a  yes        0.5.0    learn            12          2      0       14  4s ago",
+        "node-b  no         0.4.0    monitor           0          0   1234        0  2h ago",
+        "node-c  no         -        -                 0          0      0        0  never"]
     assert re.findall(r"\x1b\[[0-9;]*(?:3[0-7]|4[0-7])m", terminal.getvalue()) == []
     assert "\x1b[1mNODE" in terminal.getvalue()  # NO_COLOR keeps bold
 
@@ -1006,8 +1015,8 @@ def test_operator_calls_over_mutual_tls(certs_dir, tls_api: FakeOperatorApi) -> 
                  "--token-file", str(d / "operator.token"))
     assert run_agents(args, out=out, clock=lambda: float(T0)) == 0
     assert lines(out) == [
-        "NODE    CONNECTED  VERSION  MODE  CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
-        "node-c  no         -        -              0      0        0  never"]
+        "NODE    CONNECTED  VERSION  MODE  CONTAINERS  BASELINES  SPOOL  DROPPED  LAST HEARTBEAT",
+        "node-c  no         -        -              0          0      0        0  never"]
     call = tls_api.calls[0]
     assert call.peer_subject == "CN=operator,OU=operator,O=driftwarden"
     assert call.metadata["authorization"] == "Bearer " + (d / "operator.token").read_text().strip()

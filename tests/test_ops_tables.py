@@ -169,12 +169,13 @@ def test_agent_row_cells_and_styles() -> None:
     row = table.agent_row(AGENT, float(T0))
     assert by_name(table.AGENTS, row) == {
         "NODE": "node-a", "CONNECTED": "yes", "VERSION": "0.5.0", "MODE": "learn",
-        "CONTAINERS": "12", "SPOOL": "0", "DROPPED": "14", "LAST HEARTBEAT": "4s ago"}
+        "CONTAINERS": "12", "BASELINES": "0", "SPOOL": "0", "DROPPED": "14",
+        "LAST HEARTBEAT": "4s ago"}
     assert styles(table.AGENTS, row) == {"CONNECTED": "green", "DROPPED": "yellow"}
     gone = agent_pb2.Agent(node="node-c", spool_depth=3)
     assert by_name(table.AGENTS, table.agent_row(gone, float(T0))) == {
         "NODE": "node-c", "CONNECTED": "no", "VERSION": "-", "MODE": "-", "CONTAINERS": "0",
-        "SPOOL": "3", "DROPPED": "0", "LAST HEARTBEAT": "never"}
+        "BASELINES": "0", "SPOOL": "3", "DROPPED": "0", "LAST HEARTBEAT": "never"}
     assert styles(table.AGENTS, table.agent_row(gone, float(T0))) == {"CONNECTED": "red",
                                                                       "SPOOL": "yellow"}
 
@@ -278,9 +279,9 @@ def test_plain_agents_table() -> None:
     rows = [table.agent_row(AGENT, float(T0)), table.agent_row(agent_pb2.Agent(node="b"),
                                                                float(T0))]
     assert table.plain_lines(table.AGENTS, rows) == [
-        "NODE    CONNECTED  VERSION  MODE   CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
-        "node-a  yes        0.5.0    learn          12      0       14  4s ago",
-        "b       no         -        -               0      0        0  never"]
+        "NODE    CONNECTED  VERSION  MODE   CONTAINERS  BASELINES  SPOOL  DROPPED  LAST HEARTBEAT",
+        "node-a  yes        0.5.0    learn          12          0      0       14  4s ago",
+        "b       no         -        -               0          0      0        0  never"]
 
 
 # -- rich ----------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_rich_table_hides_columns_on_a_narrow_terminal() -> None:
 def test_rich_agents_table_lines_and_styles() -> None:
     rows = [table.agent_row(AGENT, float(T0))]
     got = table.rich_table(table.AGENTS, rows, table.layout(table.AGENTS, rows, 80))
-    assert render(got, 80) == [
+    assert render(got, 80) == [  # BASELINES is the first to go on a narrow terminal
         "NODE    CONNECTED  VERSION  MODE     CONTAINERS  SPOOL  DROPPED  LAST HEARTBEAT",
         "─" * 79,
         "node-a  yes        0.5.0    learn            12      0       14  4s ago"]

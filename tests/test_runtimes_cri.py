@@ -42,6 +42,7 @@ from driftwarden.agent.runtimes.cri import (
     guess_runtime_name,
     parse_container_event,
     parse_verbose_info,
+    sandbox_info_from_cri,
 )
 from driftwarden.agent.runtimes.registry import (
     DEFAULT_ENDPOINTS,
@@ -346,6 +347,45 @@ def test_metadata_inspects_by_id_prefix_and_name(replay) -> None:
         assert metadata.inspect("107") is None  # a prefix needs 4 digits
 
 
+def test_a_pod_sandbox_is_described_as_the_pods_container(tmp_path: Path, answers) -> None:
+    """The CRI lists sandboxes apart from containers, but the pause process has a cgroup of
+    its own: asked by its id, the sandbox is the pod's "POD" container, with the pod's fields
+    and the image containerd's verbose info names."""
+    pod = api_pb2.PodSandboxStatusResponse()
+    pod.CopyFrom(answers["pod"])
+    pod.info["info"] = json.dumps({"pid": 17301, "image": "dw-bb:947704673a0b"})
+    with _serve(tmp_path, ReplayRuntime({**answers, "pod": pod})) as (endpoint, runtime), \
+            CriMetadata(endpoint) as metadata:
+        info = metadata.inspect(SANDBOX)
+    assert info == ContainerInfo(
+        id=SANDBOX, name="POD", image_id=CONFIG_DIGEST, image_name="dw-bb:947704673a0b",
+        labels={"app": "web", "pod-template-hash": "7d4b9c8f6d",
+                "io.kubernetes.pod.name": "web-7d4b9c8f6d-x2k9q",
+                "io.kubernetes.pod.namespace": "shop", "io.kubernetes.pod.uid": POD_UID},
+        pod="web-7d4b9c8f6d-x2k9q", namespace="shop", runtime="containerd",
+        started_at=1796490736.715584281, image_digest=None, pod_uid=POD_UID,
+        workload="Deployment/web", pid=17301)
+    assert runtime.calls == ["Version", "ListContainers", "PodSandboxStatus", "ImageStatus"]
+    # without the verbose info: still the pod's, without an image (no detection, but named)
+    assert sandbox_info_from_cri(answers["pod"].status).image_id == ""
+
+
+def test_a_runtime_back_from_a_restart_is_asked_at_once(tmp_path: Path, answers) -> None:
+    """gRPC waits before it reconnects after a failed connect, and fails calls meanwhile;
+    a call that finds the runtime unavailable tries once more on a new connection, so the
+    first container made after a restart is described, not given up on."""
+    endpoint = f"unix://{tmp_path}/containerd.sock"
+    # and another user of the endpoint in this process (as the agent's event watcher is)
+    with CriMetadata(endpoint, timeout=2) as metadata, CriRuntime(endpoint) as watcher:
+        for _ in range(4):  # the connection's wait grows with each failure
+            with pytest.raises(MetadataUnavailableError):
+                metadata.inspect(CID)
+            with pytest.raises(RuntimeActionError):
+                watcher.version()
+        with _serve(tmp_path, ReplayRuntime(answers)):
+            assert metadata.inspect(CID) == EXPECTED
+
+
 def test_metadata_takes_the_layers_of_the_running_init(replay, tmp_path: Path) -> None:
     """While the container's init runs, its root mount is the container's overlay: kept with
     the metadata, so drift can be judged after the container exited."""
@@ -395,6 +435,10 @@ def test_not_found_is_its_own_error(replay) -> None:
     assert isinstance(raised.value, RuntimeActionError)
 
 
+# what a containerd watcher says when it (re)connects
+RESYNC = ContainerEvent(ContainerEventAction.RESYNC, None, runtime="containerd")
+
+
 def _collect(watcher_events: list, wanted: int, timeout: float = 10.0) -> list:
     deadline = time.monotonic() + timeout
     while len(watcher_events) < wanted and time.monotonic() < deadline:
@@ -407,7 +451,7 @@ def test_event_watcher_follows_the_event_stream(replay) -> None:
     seen: list[ContainerEvent] = []
     watcher = CriEventWatcher(endpoint, seen.append, initial_backoff=0.05)
     with watcher:
-        assert _collect(seen, 1) == [ContainerEvent(ContainerEventAction.RESYNC, None)]
+        assert _collect(seen, 1) == [RESYNC]
         assert watcher.connected and not watcher.polling
         for kind in (api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
                      api_pb2.CONTAINER_DELETED_EVENT):
@@ -418,7 +462,7 @@ def test_event_watcher_follows_the_event_stream(replay) -> None:
             ContainerEvent(ContainerEventAction.START, CID, time=2.0),
             ContainerEvent(ContainerEventAction.DESTROY, CID, time=2.0)]
         runtime.events.put(None)  # the stream ends (a runtime restart): reconnect, resync
-        assert _collect(seen, 5)[4] == ContainerEvent(ContainerEventAction.RESYNC, None)
+        assert _collect(seen, 5)[4] == RESYNC
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 2.0
     assert not watcher.connected
@@ -429,7 +473,7 @@ def test_event_watcher_polls_a_runtime_without_the_stream(tmp_path: Path, answer
         seen: list[ContainerEvent] = []
         watcher = CriEventWatcher(endpoint, seen.append, poll_interval=0.05)
         with watcher:
-            assert _collect(seen, 1) == [ContainerEvent(ContainerEventAction.RESYNC, None)]
+            assert _collect(seen, 1) == [RESYNC]
             assert watcher.polling and watcher.connected
             listed = runtime.answers["list"]
             runtime.answers["list"] = api_pb2.ListContainersResponse()
@@ -438,6 +482,31 @@ def test_event_watcher_polls_a_runtime_without_the_stream(tmp_path: Path, answer
             assert _collect(seen, 4)[2:] == [ContainerEvent(ContainerEventAction.CREATE, CID),
                                              ContainerEvent(ContainerEventAction.START, CID)]
         assert runtime.calls.count("GetContainerEvents") == 1
+
+
+def test_event_watcher_says_when_the_runtime_is_away_and_when_it_is_back(tmp_path: Path,
+                                                                       answers) -> None:
+    """Every failed try is an UNREACHABLE naming the runtime and why (the attributor's outage
+    and gauge); once the runtime listens on its socket again (a restart), the watcher's next
+    try connects at once: a RESYNC, within a second or so, not after gRPC's growing wait."""
+    endpoint = f"unix://{tmp_path}/containerd.sock"
+    seen: list[ContainerEvent] = []
+    watcher = CriEventWatcher(endpoint, seen.append, poll_interval=0.05, initial_backoff=0.05,
+                              max_backoff=0.2)
+    with watcher:
+        assert _collect(seen, 3)[:3] == [ContainerEvent(
+            ContainerEventAction.UNREACHABLE, None, runtime="containerd",
+            error=f"containerd unreachable at {endpoint}: No such file or directory")] * 3
+        time.sleep(5)  # gRPC alone would wait 2.6 s by now before its next try
+        with _serve(tmp_path, ReplayRuntime(answers, events_served=False)):
+            back = time.monotonic()
+            deadline = back + 10
+            while RESYNC not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            took = time.monotonic() - back
+            assert watcher.connected
+    assert RESYNC in seen and took < 1.5, took
+    assert {e.action for e in seen[:seen.index(RESYNC)]} == {ContainerEventAction.UNREACHABLE}
 
 
 # --------------------------------------------------------------------------- endpoints, routing

@@ -526,7 +526,7 @@ STATUSES = ("ACTION_STATUS_DONE, ACTION_STATUS_ALREADY, ACTION_STATUS_CONTAINER_
 AGENT_ERRORS = [
     (hello_msg, _set("seq", 0), "agent_message.seq: missing (messages are numbered from 1)"),
     (hello_msg, _clear("hello"), "agent_message: empty; set one of hello, alert_batch, "
-                                 "heartbeat, action_result"),
+                                 "heartbeat, action_result, baseline_increment, baseline_request"),
     (hello_msg, _set("hello.node", ""), "agent_message.hello.node: missing"),
     (hello_msg, _set("hello.node", "node 1"),
      "agent_message.hello.node: must be printable without spaces, got 'node 1'"),
@@ -605,7 +605,7 @@ def test_collector_commands():
         validate_collector_command(wire_copy(msg))
     cases = [
         (agent_pb2.CollectorCommand(),
-         "collector_command: empty; set one of ack, action, notice"),
+         "collector_command: empty; set one of ack, action, notice, baseline"),
         (agent_pb2.CollectorCommand(ack=agent_pb2.Ack(alert_ids=[alert_id, "nope"])),
          "collector_command.ack.alert_ids[1]: must be 24 lowercase hex characters, got 'nope'"),
         (agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, Self, runtime_checkable
 
+from driftwarden.core.errors import RuntimeActionError
 from driftwarden.core.lifecycle import Service, join_or_warn, start_daemon_thread
 from driftwarden.core.mountinfo import parse_mountinfo
 
@@ -265,16 +266,23 @@ class ContainerEventAction(enum.StrEnum):
     DIE = "die"
     DESTROY = "destroy"
     RENAME = "rename"
-    # The event stream (re)connected: anything that happened before may have been missed.
+    # The event stream (re)connected: the runtime answers again, and anything that happened
+    # while it was away may have been missed.
     RESYNC = "resync"
+    # The watcher could not reach the runtime (it retries): its containers cannot be asked
+    # about until a RESYNC; `error` says why.
+    UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True, slots=True)
 class ContainerEvent:
     action: ContainerEventAction
-    container_id: str | None  # None only for RESYNC
+    container_id: str | None  # None only for RESYNC and UNREACHABLE
     name: str | None = None  # the (new) name, when the runtime says it
     time: float | None = None  # runtime's wall-clock timestamp, seconds
+    # RESYNC and UNREACHABLE: the runtime whose watcher sent it ("docker", "containerd", ...)
+    runtime: str | None = None
+    error: str | None = None  # UNREACHABLE: why the runtime could not be reached
 
 
 @runtime_checkable
@@ -326,13 +334,18 @@ class RuntimeEventWatcher(Service):
     until it ends (True: it did connect) and raises when it cannot; the thread tries again
     after a backoff that doubles up to `max_backoff`, resets once a connection was made, and
     warns once per outage. A connection announces itself with `_announce()`, which sends a
-    RESYNC (what happened while it was down may have been missed). `stop` calls `_interrupt()`
-    to unblock a follow in progress, so it returns promptly."""
+    RESYNC (what happened while it was down may have been missed); each try that fails because
+    the runtime cannot be reached (a RuntimeActionError) sends an UNREACHABLE, so the attributor
+    knows of an outage before it needs to ask, and when the runtime last failed. `stop` calls
+    `_interrupt()` to unblock a follow in progress, so it returns promptly.
+
+    The backoff stays short (`max_backoff` 5 s): a runtime's socket is local, so trying costs
+    next to nothing, and a runtime that came back is followed again within seconds."""
 
     STOP_TIMEOUT = 5.0
 
     def __init__(self, on_event: Callable[[ContainerEvent], None], *, what: str,
-                 initial_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+                 initial_backoff: float = 0.5, max_backoff: float = 5.0) -> None:
         super().__init__()
         self._on_event = on_event
         self._what = what  # "docker", "containerd": the runtime, in messages and thread names
@@ -376,6 +389,10 @@ class RuntimeEventWatcher(Service):
                 log.log(logging.DEBUG if reported_failure else logging.WARNING,
                         "%s events unavailable (retrying): %s", self._what, short_reason(exc))
                 reported_failure = True
+                if isinstance(exc, RuntimeActionError):  # the runtime, not a bug of ours
+                    # every failed try says so: the attributor knows when it last failed
+                    self._deliver(ContainerEvent(ContainerEventAction.UNREACHABLE, None,
+                                                 runtime=self._what, error=str(exc)))
             finally:
                 self._connected.clear()
             if self._stopping.wait(backoff):
@@ -384,7 +401,7 @@ class RuntimeEventWatcher(Service):
 
     def _announce(self) -> None:
         self._connected.set()
-        self._deliver(ContainerEvent(ContainerEventAction.RESYNC, None))
+        self._deliver(ContainerEvent(ContainerEventAction.RESYNC, None, runtime=self._what))
 
     def _deliver(self, event: ContainerEvent) -> None:
         try:

@@ -80,14 +80,17 @@ __all__ = [
     "CriContainers",
     "CriEventWatcher",
     "CriGraphDriver",
+    "CriImageLayers",
     "CriMetadata",
     "CriRuntime",
     "VerboseInfo",
     "container_events_between",
     "container_info_from_cri",
     "guess_runtime_name",
+    "image_layers_from_verbose",
     "parse_container_event",
     "parse_verbose_info",
+    "sandbox_info_from_cri",
 ]
 
 REQUEST_TIMEOUT = 5.0  # seconds per call: the runtime answers these from memory
@@ -95,6 +98,20 @@ STUBS_HINT = ("the CRI stubs are missing: pip install --no-deps "
               "container-runtime-interface-api (`make setup` does)")
 _FULL_ID_RE = re.compile(r"[0-9a-f]{64}")
 _T = TypeVar("_T")
+_CHANNEL_OPTIONS = (
+    # a unix socket: no proxy applies; say so, whatever the environment holds
+    ("grpc.enable_http_proxy", 0),
+    # After a failed connect gRPC waits before it tries again, and fails every call meanwhile;
+    # its default wait grows to 2 minutes, so an agent would keep calling a restarted runtime
+    # unreachable long after it is back (4 s after a 20 s containerd restart, measured). A
+    # local socket is cheap to try: at most every second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # gRPC shares connections between channels to the same address by default: a new channel
+    # (CriRuntime.call's retry) would find the old connection still waiting to reconnect
+    ("grpc.use_local_subchannel_pool", 1),
+)
 
 
 def guess_runtime_name(endpoint: str) -> str:
@@ -127,8 +144,9 @@ class CriRuntime(Closeable):
     """One CRI endpoint ("unix:///run/containerd/containerd.sock"): `call` runs one request on
     the RuntimeService or ImageService stub and turns every failure into a RuntimeActionError.
 
-    gRPC connects on the first call and reconnects by itself after the runtime restarts, so
-    an agent started before the runtime (or outliving a restart) needs nothing more."""
+    gRPC connects on the first call and reconnects by itself after the runtime restarts
+    (within a second: `_CHANNEL_OPTIONS`), so an agent started before the runtime (or
+    outliving a restart) needs nothing more."""
 
     def __init__(self, endpoint: str, *, timeout: float = REQUEST_TIMEOUT) -> None:
         self._endpoint = endpoint
@@ -152,8 +170,13 @@ class CriRuntime(Closeable):
         """cri_api.v1's messages (RuntimeActionError with the fix when not installed)."""
         return _api()
 
-    def _stubs(self) -> tuple[Any, Any]:
+    def _stubs(self, *, renew: Any = None) -> tuple[Any, Any, Any]:
+        """(channel, runtime stub, image stub); `renew`: a channel a call found unavailable,
+        replaced by a new one unless another thread did so already."""
+        stale = None
         with self._lock:
+            if renew is not None and self._channel is renew:
+                stale, self._channel = self._channel, None
             if self._channel is None:
                 import grpc
 
@@ -161,18 +184,33 @@ class CriRuntime(Closeable):
                     from cri_api.v1 import api_pb2_grpc
                 except ImportError as exc:
                     raise RuntimeActionError(STUBS_HINT) from exc
-                # a unix socket: no proxy applies; say so, whatever the environment holds
-                self._channel = grpc.insecure_channel(
-                    self._endpoint, options=[("grpc.enable_http_proxy", 0)])
+                self._channel = grpc.insecure_channel(self._endpoint, options=_CHANNEL_OPTIONS)
                 self._runtime_stub = api_pb2_grpc.RuntimeServiceStub(self._channel)
                 self._image_stub = api_pb2_grpc.ImageServiceStub(self._channel)
-            return self._runtime_stub, self._image_stub
+            answer = (self._channel, self._runtime_stub, self._image_stub)
+        if stale is not None:
+            stale.close()  # its calls in flight end CANCELLED, worded as any failure
+        return answer
 
     def call(self, what: str, request: Callable[[Any, Any], _T]) -> _T:
-        """``request(runtime_service, image_service)``'s answer; `what` names the call."""
+        """``request(runtime_service, image_service)``'s answer; `what` names the call.
+
+        A call that finds the runtime unavailable is tried once more on a new channel: after
+        a failed connect gRPC waits (up to a second here) before it connects again and fails
+        every call meanwhile, so a runtime that has just come back would be called unreachable
+        for that long, and a container made then would be given up on. A new channel connects
+        at once, and a refused connect to a unix socket costs nothing."""
         import grpc
 
-        runtime_stub, image_stub = self._stubs()
+        channel, runtime_stub, image_stub = self._stubs()
+        try:
+            return request(runtime_stub, image_stub)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise self.error(what, exc) from exc
+        except ValueError:  # "Cannot invoke RPC on closed channel": another call renewed it
+            pass
+        _, runtime_stub, image_stub = self._stubs(renew=channel)
         try:
             return request(runtime_stub, image_stub)
         except grpc.RpcError as exc:
@@ -205,7 +243,7 @@ class CriRuntime(Closeable):
     def container_events(self) -> Any:
         """An open GetContainerEvents stream (iterate it; `cancel()` ends it). Failures arrive
         while iterating, as grpc.RpcError (see `error`)."""
-        runtime_stub, _ = self._stubs()
+        _, runtime_stub, _ = self._stubs()
         return runtime_stub.GetContainerEvents(self.api.GetEventsRequest())
 
     def container_status(self, container_id: str) -> tuple[Any, VerboseInfo]:
@@ -245,6 +283,7 @@ class VerboseInfo:
     pid: int = 0
     cgroup_path: str | None = None
     sandbox_id: str | None = None
+    image: str | None = None  # a pod sandbox's image (containerd says it; "pause")
 
 
 def parse_verbose_info(info: Mapping[str, str]) -> VerboseInfo:
@@ -261,6 +300,7 @@ def parse_verbose_info(info: Mapping[str, str]) -> VerboseInfo:
         pid=pid if isinstance(pid, int) and pid > 0 else 0,
         cgroup_path=linux.get("cgroupsPath") or None,
         sandbox_id=data.get("sandboxID") or None,
+        image=data.get("image") if isinstance(data.get("image"), str) and data["image"] else None,
     )
 
 
@@ -287,8 +327,13 @@ def _image_name(status: Any, image: Any) -> str:
 def _config_digest(status: Any, image: Any) -> str:
     """The image's config digest ("sha256:..."): ImageStatus's id, else the container's
     image_id (CRI 1.31+), else its image_ref when that is one (containerd's is)."""
-    for candidate in (image.id if image is not None else "", getattr(status, "image_id", ""),
-                      status.image_ref):
+    return _config_digest_of(image.id if image is not None else "",
+                             getattr(status, "image_id", ""), status.image_ref)
+
+
+def _config_digest_of(*candidates: str) -> str:
+    """The first of `candidates` that is an image id, as "sha256:..."; "" when none is."""
+    for candidate in candidates:
         if candidate and _is_image_id(candidate):
             return candidate if candidate.startswith("sha256:") else f"sha256:{candidate}"
     return ""
@@ -329,6 +374,41 @@ def container_info_from_cri(status: Any, *, pod: Any = None, image: Any = None,
         image_digest=repo_digest,
         pod_uid=pod_uid or None,
         workload=owner_workload(pod_name, pod_labels or labels),
+        pid=verbose.pid if verbose is not None else 0,
+        graph_driver=graph_driver,
+    )
+
+
+SANDBOX_NAME = "POD"  # a pod sandbox's container name (as the kubelet named it under Docker)
+
+
+def sandbox_info_from_cri(status: Any, *, verbose: VerboseInfo | None = None,
+                          image: Any = None, runtime: str = "containerd",
+                          graph_driver: Mapping[str, Any] | None = None) -> ContainerInfo:
+    """ContainerInfo for a pod's sandbox (its "pause" container) from its PodSandboxStatus
+    and, when the runtime names the sandbox's image in its verbose info, that ImageStatus's
+    Image. The CRI lists sandboxes apart from containers, but a sandbox has a cgroup and a
+    process of its own, and an attacker who gets into it is in the pod. Pure."""
+    labels = dict(status.labels)
+    meta = status.metadata
+    image_ref = (verbose.image if verbose is not None else None) or ""
+    image_name = familiar_image_name(normalize_image_reference(image_ref)) if image_ref else ""
+    repo_digest = pick_repo_digest(list(image.repo_digests) if image is not None else [],
+                                   image_name)
+    config_digest = _config_digest_of(image.id if image is not None else "")
+    return ContainerInfo(
+        id=status.id,
+        name=SANDBOX_NAME,
+        image_id=image_key(config_digest, repo_digest) or "",
+        image_name=image_name,
+        labels=labels,
+        pod=meta.name or labels.get(POD_NAME_LABEL) or None,
+        namespace=meta.namespace or labels.get(POD_NAMESPACE_LABEL) or None,
+        runtime=runtime,
+        started_at=status.created_at / 1e9 if status.created_at > 0 else None,
+        image_digest=repo_digest,
+        pod_uid=meta.uid or labels.get(POD_UID_LABEL) or None,
+        workload=owner_workload(meta.name, labels),
         pid=verbose.pid if verbose is not None else 0,
         graph_driver=graph_driver,
     )
@@ -466,7 +546,7 @@ class CriMetadata(_CriUser):
     def _inspect(self, wanted: str) -> ContainerInfo | None:
         container = self._find(wanted)
         if container is None:
-            return None
+            return self._sandbox(wanted) if _FULL_ID_RE.fullmatch(wanted) else None
         status, verbose = self._client.container_status(container.id)
         pod = self._pod(container.pod_sandbox_id)
         image = self._image(container.image_ref or status.image_ref)
@@ -492,6 +572,22 @@ class CriMetadata(_CriUser):
         if not matches:
             return None
         return max(matches, key=lambda c: (c.state == _RUNNING, c.created_at))
+
+    def _sandbox(self, sandbox_id: str) -> ContainerInfo | None:
+        """A pod sandbox with this id (the CRI does not list sandboxes as containers); None
+        when there is none."""
+        api = self._client.api
+        try:
+            answer = self._client.call("pod sandbox status", lambda rt, _: rt.PodSandboxStatus(
+                api.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True),
+                timeout=self._client.timeout))
+        except ContainerNotFoundError:
+            return None
+        verbose = parse_verbose_info(answer.info)
+        image = self._image(verbose.image) if verbose.image else None
+        return sandbox_info_from_cri(answer.status, verbose=verbose, image=image,
+                                     runtime=self.runtime,
+                                     graph_driver=_layers_of_pid(self._proc_root, verbose.pid))
 
     def _pod(self, sandbox_id: str) -> Any:
         if not sandbox_id:
@@ -582,7 +678,7 @@ class CriEventWatcher(RuntimeEventWatcher):
 
     def __init__(self, endpoint: str, on_event: Callable[[ContainerEvent], None], *,
                  timeout: float = REQUEST_TIMEOUT, poll_interval: float = 1.0,
-                 initial_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+                 initial_backoff: float = 0.5, max_backoff: float = 5.0) -> None:
         self._client = CriRuntime(endpoint, timeout=timeout)
         super().__init__(on_event, what=self._client.runtime_name,
                          initial_backoff=initial_backoff, max_backoff=max_backoff)
@@ -771,3 +867,35 @@ class CriContainers(_CriUser):
                     if wanted and not _is_image_id(wanted) else None)
             rows.append((container.id, container.metadata.name or None, image_id, name))
         return tuple(rows)
+
+
+class CriImageLayers(_CriUser):
+    """`container id -> its image's layer digests` (the image config's rootfs diff_ids, base
+    first, from the verbose ImageStatus), which the collector compares between two versions of
+    an image; None when the runtime cannot say."""
+
+    def __call__(self, container_id: str) -> tuple[str, ...] | None:
+        if not _FULL_ID_RE.fullmatch(container_id):
+            return None
+        api = self._client.api
+        try:
+            status, _ = self._client.container_status(container_id)
+            answer = self._client.call("image status", lambda _, im: im.ImageStatus(
+                api.ImageStatusRequest(image=api.ImageSpec(image=status.image_ref),
+                                       verbose=True), timeout=self._client.timeout))
+        except RuntimeActionError as exc:
+            log.debug("no image layers for %s from %s: %s", container_id[:12],
+                      self._client.endpoint, exc)
+            return None
+        return image_layers_from_verbose(answer.info)
+
+
+def image_layers_from_verbose(info: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The layer digests in a verbose ImageStatus's info (containerd and CRI-O put the image's
+    OCI config under "info" as JSON: imageSpec.rootfs.diff_ids); None when it has none."""
+    try:
+        spec = json.loads(info.get("info") or "{}").get("imageSpec") or {}
+        layers = (spec.get("rootfs") or {}).get("diff_ids") or ()
+    except (ValueError, AttributeError):
+        return None
+    return tuple(str(layer) for layer in layers) or None

@@ -64,6 +64,7 @@ __all__ = [
     "DockerEngine",
     "DockerEventWatcher",
     "DockerGraphDriver",
+    "DockerImageLayers",
     "DockerMetadata",
     "DockerRuntime",
     "container_info_from_docker",
@@ -278,16 +279,23 @@ def container_info_from_docker(
     )
 
 
+# podman's Docker-compatible API names a removal "remove" (Docker: "destroy")
+_EVENT_SYNONYMS = {"remove": ContainerEventAction.DESTROY}
+_OURS = frozenset({ContainerEventAction.RESYNC, ContainerEventAction.UNREACHABLE})
+
+
 def parse_docker_event(raw: Mapping[str, Any]) -> ContainerEvent | None:
-    """A Docker `/events` message -> ContainerEvent, or None when it is not one we follow."""
+    """A Docker `/events` message (or one of podman's Docker-compatible API) -> ContainerEvent,
+    or None when it is not one we follow."""
     if raw.get("Type", "container") != "container":
         return None
+    word = raw.get("Action") or raw.get("status") or ""
     try:
-        action = ContainerEventAction(raw.get("Action") or raw.get("status") or "")
+        action = _EVENT_SYNONYMS.get(word) or ContainerEventAction(word)
     except ValueError:
         return None
-    if action is ContainerEventAction.RESYNC:
-        return None  # ours, never Docker's
+    if action in _OURS:
+        return None  # the watcher's own words, never the runtime's
     actor = raw.get("Actor") or {}
     container_id = actor.get("ID") or raw.get("id")
     if not container_id:
@@ -350,17 +358,21 @@ class DockerMetadata(_EngineUser):
             raise MetadataUnavailableError(str(exc)) from exc
 
     def watch(self, on_event: Callable[[ContainerEvent], None]) -> DockerEventWatcher:
-        return DockerEventWatcher(self._engine.base_url, on_event, timeout=self._engine.timeout)
+        return DockerEventWatcher(self._engine.base_url, on_event, timeout=self._engine.timeout,
+                                  runtime=self.runtime)
 
 
 class DockerEventWatcher(RuntimeEventWatcher):
     """Follows Docker container events on a thread and hands them to a callback
     (runtimes.base.RuntimeEventWatcher: reconnects with backoff, a RESYNC on every connect).
-    `stop` closes the stream socket, which unblocks the reading thread."""
+    `stop` closes the stream socket, which unblocks the reading thread. `runtime` names what
+    answers ("podman" behind podman's Docker-compatible socket), in its RESYNC and UNREACHABLE
+    events and its messages."""
 
     # "create": a container is inspected before it starts, so one that lives a few
-    # milliseconds (`docker run --rm`) still has its name, image and layers when its events come
-    _FOLLOWED = ("create", "start", "die", "destroy", "rename")
+    # milliseconds (`docker run --rm`, `podman run --rm`) still has its name, image and layers
+    # when its events come. podman filters on its own event names: its removal is "remove".
+    _FOLLOWED = ("create", "start", "die", "destroy", "rename", "remove")
 
     def __init__(
         self,
@@ -369,9 +381,10 @@ class DockerEventWatcher(RuntimeEventWatcher):
         *,
         timeout: float = REQUEST_TIMEOUT,
         initial_backoff: float = 0.5,
-        max_backoff: float = 30.0,
+        max_backoff: float = 5.0,
+        runtime: str = "docker",
     ) -> None:
-        super().__init__(on_event, what="docker", initial_backoff=initial_backoff,
+        super().__init__(on_event, what=runtime, initial_backoff=initial_backoff,
                          max_backoff=max_backoff)
         self._base_url = base_url
         self._timeout = timeout
@@ -476,3 +489,21 @@ class DockerGraphDriver(_EngineUser):
             log.debug("no GraphDriver for %s: %s", container_id[:12], exc)
             return None
         return attrs.get("GraphDriver")
+
+
+class DockerImageLayers(_EngineUser):
+    """`container id -> its image's layer digests` (RootFS.Layers, base first), which the
+    collector compares between two versions of an image; None when Docker cannot say."""
+
+    def __call__(self, container_id: str) -> tuple[str, ...] | None:
+        def layers(api: Any) -> Any:
+            image_id = api.inspect_container(container_id).get("Image")
+            return (api.inspect_image(image_id).get("RootFS") or {}).get("Layers") \
+                if image_id else None
+
+        try:
+            found = self._engine.call("image layers", layers)
+        except RuntimeActionError as exc:
+            log.debug("no image layers for %s: %s", container_id[:12], exc)
+            return None
+        return tuple(str(layer) for layer in found) if found else None

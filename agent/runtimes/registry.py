@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_DOCKER_HOST",
     "DEFAULT_ENDPOINTS",
     "GraphDrivers",
+    "ImageLayers",
     "RunningContainers",
     "RuntimeEndpoint",
     "RuntimeRouter",
@@ -308,6 +309,28 @@ class GraphDrivers(Closeable):
             if data:
                 return data
         return None
+
+    def close(self) -> None:
+        for source in self._sources:
+            source.close()
+
+
+class ImageLayers(Closeable):
+    """`container id -> its image's layer digests`, base first, from whichever runtime knows
+    the container (Docker's RootFS.Layers, a CRI image's rootfs diff_ids); None when none
+    does. For the collector's carry-over between versions of an image (agent.fleet)."""
+
+    def __init__(self, endpoints: Sequence[RuntimeEndpoint]) -> None:
+        from driftwarden.agent.runtimes.cri import CriImageLayers
+        from driftwarden.agent.runtimes.docker import DockerImageLayers
+
+        self._sources: list[Any] = [
+            CriImageLayers(e.url) if e.api == "cri" else DockerImageLayers(e.url)
+            for e in endpoints]
+
+    def __call__(self, container_id: str) -> tuple[str, ...] | None:
+        return next((found for found in (source(container_id) for source in self._sources)
+                     if found), None)
 
     def close(self) -> None:
         for source in self._sources:

@@ -86,20 +86,22 @@ class BaselineSummary(_message.Message):
     def __init__(self, image_key: _Optional[str] = ..., image_name: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., version: _Optional[int] = ..., items: _Optional[int] = ..., unconfirmed: _Optional[int] = ..., windows: _Optional[int] = ..., containers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learning_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stable: _Optional[bool] = ..., carried_from: _Optional[str] = ...) -> None: ...
 
 class Baseline(_message.Message):
-    __slots__ = ("summary", "items", "unconfirmed", "windows", "history", "layers")
+    __slots__ = ("summary", "items", "unconfirmed", "windows", "history", "layers", "carried_layers")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     UNCONFIRMED_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     summary: BaselineSummary
     items: _containers.RepeatedCompositeFieldContainer[BaselineItem]
     unconfirmed: _containers.RepeatedCompositeFieldContainer[ItemEvidence]
     windows: _containers.RepeatedCompositeFieldContainer[FeatureWindow]
     history: _containers.RepeatedCompositeFieldContainer[ModeChange]
     layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, summary: _Optional[_Union[BaselineSummary, _Mapping]] = ..., items: _Optional[_Iterable[_Union[BaselineItem, _Mapping]]] = ..., unconfirmed: _Optional[_Iterable[_Union[ItemEvidence, _Mapping]]] = ..., windows: _Optional[_Iterable[_Union[FeatureWindow, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[ModeChange, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    carried_layers: int
+    def __init__(self, summary: _Optional[_Union[BaselineSummary, _Mapping]] = ..., items: _Optional[_Iterable[_Union[BaselineItem, _Mapping]]] = ..., unconfirmed: _Optional[_Iterable[_Union[ItemEvidence, _Mapping]]] = ..., windows: _Optional[_Iterable[_Union[FeatureWindow, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[ModeChange, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., carried_layers: _Optional[int] = ...) -> None: ...
 
 class BaselineIncrement(_message.Message):
     __slots__ = ("image_key", "image_name", "based_on_version", "items", "windows", "containers", "layers")

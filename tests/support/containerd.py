@@ -6,7 +6,11 @@ CNI dirs under one temp dir (../shared/HOST.md, "More real parts", has the setti
 needs: `restrict_oom_score_adj`, a locally built pause image, host-network pods). The test
 session starts it once (tests/conftest.py's `containerd` fixture) and stops it at the end: every
 pod removed, the daemon stopped, leftover mounts under the temp dir unmounted, the pods' cgroup
-folders (the kubelet's job) removed, the temp dir deleted.
+folders (the kubelet's job) removed, the temp dir deleted. `stop_daemon` and `start_daemon` stop
+and start the daemon alone, as a node's runtime upgrade or crash does: its containers keep
+running under their shims meanwhile, and it finds them again on the same root, state and socket
+(a test that does this makes an instance of its own, which takes well under a second once the
+pause image is built).
 
 Pods and containers are made through `runtime.v1` itself: `RunPodSandbox` with a kubelet-style
 `cgroup_parent` (`/kubepods/besteffort/pod<uid>`), the kubelet's labels and annotations, then
@@ -287,6 +291,7 @@ class TestContainerd:
         self._imported: set[str] = set()
         self._import_lock = threading.Lock()
         self._pods: list[CriPod] = []
+        self._binary = "containerd"  # its path, once `start` found it
 
     @property
     def endpoint(self) -> str:
@@ -318,17 +323,40 @@ class TestContainerd:
             raise ContainerdError(f"CRI stubs missing ({exc}): pip install --no-deps "
                                   "container-runtime-interface-api (`make setup` does)") from exc
         self.api = api_pb2
+        self._binary = containerd
         sandbox = pause_image()
         for sub in ("root", "state", "cni", "runc", "opt", "logs"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        config = self.base / "config.toml"
-        config.write_text(_config_toml(self.base, containerd_ref(sandbox)))
+        (self.base / "config.toml").write_text(_config_toml(self.base, containerd_ref(sandbox)))
+        self.start_daemon()
+        self.import_image(sandbox)
+
+    def start_daemon(self) -> None:
+        """Start the containerd process on this instance's config and wait until its CRI
+        answers (after `stop_daemon`: on the same socket, root and state, where it finds the
+        containers that kept running)."""
+        if self.process is not None and self.process.poll() is None:
+            raise ContainerdError("containerd is running already")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [containerd, "--config", str(config)], stdout=log, stderr=log,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                [self._binary, "--config", str(self.base / "config.toml")], stdout=log,
+                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         self._connect()
-        self.import_image(sandbox)
+
+    def stop_daemon(self, timeout: float = 15.0) -> None:
+        """Stop the containerd process alone (SIGTERM, as systemd stops it): its containers
+        keep running under their shims, its socket goes away."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
 
     def _connect(self) -> None:
         import grpc
@@ -366,16 +394,7 @@ class TestContainerd:
             except Exception:  # containerd wedged or gone: clean up below, by hand
                 stuck.append(pod)
         self._pods.clear()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self.stop_daemon()
         self._kill_shims()
         for pod in stuck:
             kill_pod(pod.cgroup_parent)

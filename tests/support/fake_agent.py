@@ -49,14 +49,16 @@ def hello(node: str, *, hostname: str = "host-1") -> agent_pb2.Hello:
                            hostname=hostname, started_at=wire.to_timestamp(1_700_000_000.0))
 
 
-def heartbeat(containers: Sequence[tuple[str, str]] = (), *, spool_depth: int = 0,
+def heartbeat(containers: Sequence[tuple[str, ...]] = (), *, spool_depth: int = 0,
               ) -> agent_pb2.Heartbeat:
-    """A heartbeat listing `containers` as (id, name) pairs."""
+    """A heartbeat listing `containers` as (id, name) or (id, name, image key) tuples."""
     return agent_pb2.Heartbeat(
         sent_at=wire.to_timestamp(1_700_000_000.0),
         counters=[common_pb2.KindCounters(kind="exec", emitted=5, suppressed=2, dropped=1)],
         containers_watched=len(containers), spool_depth=spool_depth,
-        containers=[common_pb2.Container(id=cid, name=name) for cid, name in containers])
+        containers=[common_pb2.Container(id=c[0], name=c[1],
+                                         image=common_pb2.Image(id=c[2]) if c[2:] else None)
+                    for c in containers])
 
 
 class FakeAgent:

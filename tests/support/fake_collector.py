@@ -3,7 +3,9 @@
 It records every message each stream carries (and any that fail wire validation), acknowledges
 alert batches (by spool seqs, by alert ids, or not at all: ``ack`` and ``ack_by`` may change
 while it runs), sends commands to the newest stream, and stops and starts again on the same
-port. No storage, no policy: that is the real collector's job.
+port. Fleet baselines: it answers each ``baseline_request`` from ``baselines`` (image key ->
+a ``Baseline``; an image not there is answered "not found"; ``answer_requests`` False: no
+answer at all). No storage, no merging, no policy: that is the real collector's job.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import grpc
 from driftwarden.core.errors import InvalidMessage
 from driftwarden.core.wire import MAX_MESSAGE_BYTES, validate_agent_message
-from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc
+from driftwarden.proto.v1 import agent_pb2, agent_pb2_grpc, baselines_pb2
 
 
 @dataclass
@@ -47,6 +49,8 @@ class FakeCollector(agent_pb2_grpc.AgentChannelServicer):
         self.ack = ack
         self.ack_by = ack_by
         self.credentials = credentials
+        self.baselines: dict[str, baselines_pb2.Baseline] = {}
+        self.answer_requests = True
         self.streams: list[StreamLog] = []
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
@@ -106,6 +110,12 @@ class FakeCollector(agent_pb2_grpc.AgentChannelServicer):
     def alert_ids(self) -> list[str]:
         return [a.id for b in self.batches() for a in b.alerts]
 
+    def increments(self) -> list[baselines_pb2.BaselineIncrement]:
+        return [m.baseline_increment for m in self.messages("baseline_increment")]
+
+    def requests(self) -> list[baselines_pb2.BaselineRequest]:
+        return [m.baseline_request for m in self.messages("baseline_request")]
+
     def invalid(self) -> list[str]:
         with self._cond:
             return [e for s in self.streams for e in s.invalid]
@@ -122,6 +132,20 @@ class FakeCollector(agent_pb2_grpc.AgentChannelServicer):
 
     def send_action(self, **fields: Any) -> None:
         self.send(agent_pb2.CollectorCommand(action=agent_pb2.ActionCommand(**fields)))
+
+    def send_baseline(self, baseline: baselines_pb2.Baseline) -> None:
+        """A merged baseline (or a mode change) for the agent, as the collector sends one."""
+        self.send(agent_pb2.CollectorCommand(baseline=baselines_pb2.BaselineUpdate(
+            image_key=baseline.summary.image_key, found=True, baseline=baseline)))
+
+    def _answer(self, request: baselines_pb2.BaselineRequest) -> agent_pb2.CollectorCommand:
+        with self._cond:
+            baseline = self.baselines.get(request.image_key)
+        update = baselines_pb2.BaselineUpdate(image_key=request.image_key,
+                                              found=baseline is not None)
+        if baseline is not None:
+            update.baseline.CopyFrom(baseline)
+        return agent_pb2.CollectorCommand(baseline=update)
 
     # -- the service -----------------------------------------------------------------------
 
@@ -163,6 +187,8 @@ class FakeCollector(agent_pb2_grpc.AgentChannelServicer):
                         stream.invalid.append(error)
                     ack, ack_by = self.ack, self.ack_by
                     self._cond.notify_all()
+                if msg.WhichOneof("body") == "baseline_request" and self.answer_requests:
+                    stream.outbox.put(self._answer(msg.baseline_request))
                 if msg.WhichOneof("body") == "alert_batch" and ack:
                     batch = msg.alert_batch
                     if ack_by == "seqs":

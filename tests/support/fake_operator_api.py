@@ -1,4 +1,5 @@
-"""An in-test gRPC server for the operator API (Alerts, Actions, Agents) with canned answers.
+"""An in-test gRPC server for the operator API (Alerts, Actions, Agents, Baselines) with canned
+answers.
 
 It serves the generated driftwarden.v1 services on 127.0.0.1 (a free port, or a given one so a
 test can "restart the collector"), optionally with mutual TLS, and records every call:
@@ -11,6 +12,8 @@ method, request and metadata. It does not filter: a test checks the request it r
         assert api.requests("Alerts.List")[0].page_size == 50
 
 ``errors`` makes a method abort: ``api.errors["Actions.Request"] = (StatusCode.NOT_FOUND, "...")``.
+Baselines answer from ``baseline_answers`` by method name (an empty response when not set):
+``api.baseline_answers["Get"] = baselines_pb2.GetBaselineResponse(baseline=...)``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from driftwarden.proto.v1 import (
     agent_pb2_grpc,
     alerts_pb2,
     alerts_pb2_grpc,
+    baselines_pb2,
+    baselines_pb2_grpc,
     common_pb2,
 )
 from google.protobuf.message import Message
@@ -73,6 +78,7 @@ class FakeOperatorApi:
     subscribe_script: list[SubscribeScript] = field(default_factory=list)  # per call, last repeats
     errors: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
     page_cap: int | None = None  # the most items a List page holds, whatever was asked
+    baseline_answers: dict[str, Message] = field(default_factory=dict)  # "Get" -> response
     calls: list[RecordedCall] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,6 +98,7 @@ class FakeOperatorApi:
         alerts_pb2_grpc.add_AlertsServicer_to_server(_Alerts(self), server)
         actions_pb2_grpc.add_ActionsServicer_to_server(_Actions(self), server)
         agent_pb2_grpc.add_AgentsServicer_to_server(_Agents(self), server)
+        baselines_pb2_grpc.add_BaselinesServicer_to_server(_Baselines(self), server)
         target = f"127.0.0.1:{self.port}"
         if self.tls is None:
             port = server.add_insecure_port(target)
@@ -208,3 +215,36 @@ class _Agents(agent_pb2_grpc.AgentsServicer):
     def List(self, request, context):
         self.api.record("Agents.List", request, context)
         return agent_pb2.ListAgentsResponse(agents=self.api.agents)
+
+
+_BASELINE_RESPONSES = {
+    "List": baselines_pb2.ListBaselinesResponse, "Get": baselines_pb2.GetBaselineResponse,
+    "SetMode": baselines_pb2.SetBaselineModeResponse, "Diff": baselines_pb2.DiffBaselinesResponse,
+    "Accept": baselines_pb2.AcceptAlertResponse, "Reset": baselines_pb2.ResetBaselineResponse,
+    "Export": baselines_pb2.ExportBaselineResponse, "Push": baselines_pb2.PushBaselineResponse,
+}
+
+
+def _baseline_method(name: str):
+    def method(self, request, context):
+        self.api.record(f"Baselines.{name}", request, context)
+        return self.api.baseline_answers.get(name) or _BASELINE_RESPONSES[name]()
+
+    method.__name__ = name
+    return method
+
+
+class _Baselines(baselines_pb2_grpc.BaselinesServicer):
+    """Every Baselines call answers ``api.baseline_answers[method]`` (or an empty response)."""
+
+    def __init__(self, api: FakeOperatorApi) -> None:
+        self.api = api
+
+    List = _baseline_method("List")
+    Get = _baseline_method("Get")
+    SetMode = _baseline_method("SetMode")
+    Diff = _baseline_method("Diff")
+    Accept = _baseline_method("Accept")
+    Reset = _baseline_method("Reset")
+    Export = _baseline_method("Export")
+    Push = _baseline_method("Push")

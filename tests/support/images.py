@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -124,9 +125,10 @@ def storm_image() -> str:
 
 
 def workload_image(name: str, files: dict[str, tuple[str, int]], *,
-                   base: str | None = None) -> str:
+                   base: str | None = None, cmd: list[str] | None = None) -> str:
     """`base` (default: the busybox image) plus `files` ({path in image: (text, mode)}): an
-    application image. The base must have /bin/ls (the smoke test lists the first file).
+    application image, whose default command is `cmd` when given (else the base's). The base
+    must have /bin/ls (the smoke test lists the first file).
 
     Each workload gets its own image (so its own baseline); the tag is ``dw-app-<name>:<hash>``.
     """
@@ -140,7 +142,8 @@ def workload_image(name: str, files: dict[str, tuple[str, int]], *,
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text)
             dest.chmod(mode)
-        _write_dockerfile(ctx, "COPY app/ /", base=base)
+        lines = ["COPY app/ /", *([f"CMD {json.dumps(cmd)}"] if cmd else [])]
+        _write_dockerfile(ctx, *lines, base=base)
 
     first = sorted(files)[0]
     return _ensure_image(f"dw-app-{name}", populate, ["/bin/ls", first], expect=first)
