@@ -313,6 +313,11 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     if not options.incident_window >= 0:
         raise UsageError(f"--incident-window must be >= 0 seconds (0 = no grouping), got "
                          f"{options.incident_window}")
+    if options.collector and options.learn_for is not None:
+        raise UsageError("--learn-for: with --collector the collector ends learning for the "
+                         "whole fleet; give it to the collector (`driftwarden collector "
+                         "--learn-for SECONDS`) or set the mode with `driftwarden baseline mode "
+                         "IMAGE monitor --collector ADDR`")
     config = channel_config(options)
     metrics_address = parse_metrics_address(options.metrics) if options.metrics else None
     policy = LearningPolicy(learn_for=options.learn_for)

@@ -31,6 +31,9 @@ def one_line(result) -> str:
     (["--state-dir", "/tmp/x", "--learn-for", "inf"], "argument --learn-for: must be > 0, got inf"),
     (["--state-dir", "/tmp/x", "--collector", "127.0.0.1:1", "--heartbeat", "0"],
      "argument --heartbeat: must be > 0, got 0"),
+    (["--state-dir", "/tmp/x", "--collector", "127.0.0.1:1", "--learn-for", "60"],
+     "--learn-for: with --collector the collector ends learning for the whole fleet; give it "
+     "to the collector (`driftwarden collector --learn-for SECONDS`)"),
 ])
 def test_bad_flags(args, expected):
     result = agent(*args)

@@ -147,7 +147,7 @@ def stack(kernel_ok, docker_ok, tmp_path_factory) -> Iterator[Stack]:
     collector.start()
     agent = AgentProcess(tmp / "agent-state", tmp / "alerts.jsonl",
                          extra=["--collector", collector.address, "--node", NODE,
-                                "--window", "1", "--learn-for", "8", "--heartbeat", "1",
+                                "--window", "1", "--heartbeat", "1",
                                 "--metrics", "127.0.0.1:0"])
     stack = Stack(collector, agent, policy_file, ACT_POLICY,
                   grpc.insecure_channel(collector.address))
