@@ -109,9 +109,24 @@ if collector_health "$ADDR" 0 0 2>/dev/null; then
 fi
 DEMO="$(demo_image)"
 
+# ARGS: the learning settings go to the collector (it ends learning for the fleet), the rest
+# to the agent
+collector_args=() agent_args=()
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --learn-for|--learn-warmup|--learn-stable-for|--learn-min-windows|--consensus)
+      [ "$#" -ge 2 ] || { echo "run-local.sh: $1 needs a value" >&2; exit 2; }
+      collector_args+=("$1" "$2"); shift 2 ;;
+    --learn-for=*|--learn-warmup=*|--learn-stable-for=*|--learn-min-windows=*|--consensus=*)
+      collector_args+=("$1"); shift ;;
+    *) agent_args+=("$1"); shift ;;
+  esac
+done
+
 collector_log_start="$(stat -c %s "$STATE/collector.log" 2>/dev/null || echo 0)"
 "$PY" -m driftwarden collector --listen "$ADDR" --db "$STATE/collector.db" \
-  --metrics 127.0.0.1:9464 >>"$STATE/collector.log" 2>&1 &
+  --metrics 127.0.0.1:9464 ${collector_args[@]+"${collector_args[@]}"} \
+  >>"$STATE/collector.log" 2>&1 &
 pids+=($!)
 status=0
 collector_health "$ADDR" "${pids[0]}" 30 || status=$?
@@ -124,7 +139,7 @@ fi
 
 agent_log_start="$(stat -c %s "$STATE/agent.log" 2>/dev/null || echo 0)"
 "$PY" -m driftwarden agent --state-dir "$STATE/agent" --collector "$ADDR" \
-  --metrics 127.0.0.1:9465 "$@" >>"$STATE/agent.log" 2>&1 &
+  --metrics 127.0.0.1:9465 ${agent_args[@]+"${agent_args[@]}"} >>"$STATE/agent.log" 2>&1 &
 pids+=($!)
 say "collector on $ADDR (alerts in $STATE/collector.db, log $STATE/collector.log)"
 say "agent loading its probes (log $STATE/agent.log) ..."

@@ -90,7 +90,7 @@ def stack(kernel_ok, docker_ok, tmp_path_factory) -> Iterator[Stack]:
     try:
         agent = AgentProcess(tmp / "agent-state", tmp / "alerts.jsonl",
                              extra=["--collector", f"127.0.0.1:{port}", "--node", NODE,
-                                    "--window", "1", "--learn-for", "8", "--heartbeat", "1"])
+                                    "--window", "1", "--heartbeat", "1"])
         with agent:
             stack = Stack(port, channel, agent, collector.log_path)
             _wait_agent_connected(stack)
