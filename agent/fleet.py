@@ -554,6 +554,14 @@ def profile_from_baseline(baseline: baselines_pb2.Baseline, local: Profile | Non
     profile.starts_seen = (local is not None and local.starts_seen) or (
         profile.mode is not Mode.LEARN) or carried_scope(baseline) is not None
     profile.startup_items = list(local.startup_items) if local is not None else []
+    if profile.mode is not Mode.LEARN and profile.progress.end_reason is None:
+        # the wire has no learning progress: when and why learning ended is the history's
+        # last step out of learn
+        left = [h for h in profile.history if h.get("from") == Mode.LEARN.value
+                and h.get("to") != Mode.LEARN.value]
+        if left:
+            profile.progress.ended_at = left[-1].get("at")
+            profile.progress.end_reason = left[-1].get("reason")
     return profile
 
 

@@ -57,6 +57,7 @@ class LearnOptions:
     network: str = "none"
     window: float = 10.0
     docker_host: str | None = None
+    startup_grace: float = 10.0  # the container's first seconds stay out of the windows
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -69,6 +70,8 @@ class LearnOptions:
             raise UsageError(f"--for must be > 0 seconds, got {self.learn_for}")
         if not self.window > 0:
             raise UsageError(f"--window must be > 0 seconds, got {self.window}")
+        if not self.startup_grace >= 0:
+            raise UsageError(f"--startup-grace must be >= 0 seconds, got {self.startup_grace}")
 
     @property
     def out_path(self) -> Path:
@@ -134,7 +137,7 @@ def _learn(options: LearnOptions, engine: Any, state_dir: Path, out: Path,
         stack.callback(graph_driver.close)
         detector = Detector(
             DetectorConfig(window_seconds=options.window, policy=policy,
-                           initial_mode=Mode.LEARN),
+                           initial_mode=Mode.LEARN, startup_seconds=options.startup_grace),
             store, alerts, layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()))

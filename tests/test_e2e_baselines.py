@@ -463,7 +463,8 @@ def shipped(kernel_ok, docker_ok, tmp_path_factory) -> Iterator[Shipped]:
     key = image_id(image)
     out = tmp / "ci.baseline"
     learn = subprocess.run([sys.executable, "-m", "driftwarden", "learn", image, "--for", "5",
-                            "--window", "1", "--out", str(out), "--", "sleep", "2"],
+                            "--window", "1", "--startup-grace", "0", "--out", str(out), "--",
+                            "sleep", "2"],
                            capture_output=True, text=True, timeout=180, cwd="/")
     assert learn.returncode == 0, learn.stderr
     assert learn.stderr.splitlines()[-1].startswith(f"driftwarden: learned {image} ({key}) ")
@@ -488,6 +489,9 @@ def test_a_baseline_learned_in_ci_is_used_by_a_fresh_fleet(shipped) -> None:
     assert (shown["summary"]["mode"], shown["summary"]["nodes"], shown["unconfirmed"]) == (
         "monitor", [], [])
     assert items(shown["items"]) == LEARNED
+    # --startup-grace 0: windows from the container's start (5 s of 1 s windows, the last
+    # one may still be open)
+    assert shown["summary"]["windows"] >= 3
     pushed = shown["history"][-1]
     assert (pushed["to"], pushed["reason"], pushed["by"]) == ("monitor", "learned in CI",
                                                               "push by operator")

@@ -540,6 +540,17 @@ def test_a_fleet_baseline_becomes_a_profile_keeping_what_only_this_node_tracks()
                                 "reason": "first seen", "by": "collector"}]
     assert profile.startup_items == local.startup_items
     assert profile.progress.windows_learned == 1
+    assert (profile.progress.ended_at, profile.progress.end_reason) == (None, None)
+    # outside learning: when and why learning ended come from the history
+    ended = proto_baseline(version=6, mode="monitor", items=[SH])
+    ended.history.add(changed_at={"seconds": 20}, to=MODE.to_proto("learn"),
+                      reason="first seen", by="collector")
+    ended.history.add(changed_at={"seconds": 90}, to=MODE.to_proto("monitor"),
+                      reason="stable for 120 s", by="collector",
+                      **{"from": MODE.to_proto("learn")})
+    profile = profile_from_baseline(ended, local, now=100.0)
+    assert (profile.progress.ended_at, profile.progress.end_reason) == (90.0,
+                                                                       "stable for 120 s")
     short = proto_baseline(version=5, windows=[(1.0, 2.0)])
     with pytest.raises(InvalidMessage) as err:
         profile_from_baseline(short, None)
