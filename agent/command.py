@@ -10,7 +10,11 @@ podman, or a CRI runtime, where pause is the cgroup freezer and kill is StopCont
 heartbeats list the running containers of every runtime.
 
 `--metrics HOST:PORT` serves Prometheus metrics (loopback only): ``driftwarden_agent_``
-``events_total{kind,outcome=emitted|suppressed|dropped}`` (the probes' counters),
+``events_total{kind,outcome=emitted|suppressed|dropped|over_budget}`` (the probes' counters),
+``container_events_held_total{container,image,kind,outcome=over_budget|dropped}`` (per
+container: the first 20 containers that went over their budget or lost events have their own
+series, later ones add to container ``_other``; agent.flood), ``flood_episodes_total``,
+``budget_entries_evicted_total``,
 ``alerts_total{kind}``, the histogram ``event_latency_seconds`` (kernel timestamp -> the
 detector takes the event up), ``containers_without_metadata_total{runtime}`` (containers the
 runtime did not describe: no image, so no detection) and
@@ -77,6 +81,8 @@ class AgentOptions:
     metrics: str | None = None  # host:port for GET /metrics (loopback)
     # --only-label: watch only containers with every one of these (key, value) labels
     only_labels: tuple[tuple[str, str], ...] = ()
+    # --budget: (kind, probes.loader.Budget) pairs; kinds not given keep the defaults
+    budgets: tuple = ()
 
     @property
     def alerts_file(self) -> str | None:
@@ -136,6 +142,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         heartbeat=getattr(args, "heartbeat", None),
         metrics=getattr(args, "metrics", None),
         only_labels=tuple(getattr(args, "only_label", None) or ()),
+        budgets=tuple(pair for given in getattr(args, "budget", None) or () for pair in given),
     )
 
 
@@ -197,13 +204,29 @@ class AlertCounter:
             return {kind.value: self._by_kind[kind.value] for kind in AlertKind}
 
 
+def register_flood_metrics(registry: Any, flood: Any) -> None:
+    """What the per-container budgets held back and the ring buffer lost, by container
+    (agent.flood.FloodWatch.series: bounded series), flood episodes and evicted counts."""
+    registry.counter_callback(
+        "driftwarden_agent_container_events_held_total", "Events per container and kind that "
+        "its kernel budget held back (outcome over_budget) or the full ring buffer lost "
+        "(dropped); the first 20 such containers by name, later ones as container _other",
+        flood.series, ("container", "image", "kind", "outcome"))
+    registry.counter_callback("driftwarden_agent_flood_episodes_total",
+                              "Floods: a container over its budget (one sensor-flood alert "
+                              "each)", lambda: flood.stats["episodes"])
+    registry.counter_callback("driftwarden_agent_budget_entries_evicted_total",
+                              "(cgroup, kind) counts the kernel's bounded budget map evicted",
+                              lambda: flood.evicted)
+
+
 def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
                      channel: Any | None, attributor: Any | None = None) -> Any:
     """The agent's metrics (see the module docstring) on `registry`, read at scrape time.
     Returns the detector's ``event_seen``: called with each event's kernel timestamp (ns)."""
     from time import monotonic_ns
 
-    outcomes = ("emitted", "suppressed", "dropped")
+    outcomes = ("emitted", "suppressed", "dropped", "over_budget")
     latency = registry.histogram(
         "driftwarden_agent_event_latency_seconds", "Seconds from a kernel event's timestamp "
         "(taken by the probe, CLOCK_MONOTONIC) to the detector taking it up: the ring buffer's "
@@ -219,7 +242,8 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
 
     registry.counter_callback(
         "driftwarden_agent_events_total", "Kernel events per kind: emitted to the agent, "
-        "suppressed as repeats in the kernel, dropped (ring buffer full)", events,
+        "suppressed as repeats in the kernel, dropped (ring buffer full), held back by their "
+        "container's budget (over_budget)", events,
         ("kind", "outcome"))
     registry.counter_callback("driftwarden_agent_alerts_total", "Alerts raised, per kind",
                               counter.by_kind, ("kind",))
@@ -290,6 +314,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         LockedSink,
     )
     from driftwarden.agent.fleet import FleetBaselines, FleetConfig
+    from driftwarden.agent.flood import FloodWatch
     from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.agent.runtimes.registry import GraphDrivers, ImageLayers, resolve_endpoints
@@ -341,7 +366,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             sinks.append(JsonLinesAlertSink(out))
         endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
         attribution = stack.enter_context(LiveAttribution(str(find_cgroup2_root()), endpoints))
-        probes = stack.enter_context(ProbeSet(ProbeConfig()))
+        probes = stack.enter_context(ProbeSet(ProbeConfig(budgets=options.budgets)))
+        flood = FloodWatch(probes.budget_usage, attribution.lookup)
         channel = fleet = None
         if config is not None:
             image_layers = ImageLayers(endpoints)
@@ -379,10 +405,11 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
-            event_seen=event_seen, fleet=fleet,
+            event_seen=event_seen, fleet=fleet, flood=flood,
         )
         if metrics_address is not None:
             register_watch_metrics(registry, pipeline, detector, fleet)
+            register_flood_metrics(registry, flood)
         lock = threading.Lock()
         pipeline.sinks.append(LockedSink(detector, lock))
         stack.enter_context(ControlServer(
@@ -461,6 +488,28 @@ def _runtime_endpoint(text: str) -> str:
     return text
 
 
+def _budget(text: str) -> tuple:
+    from driftwarden.probes.loader import parse_budget
+
+    try:
+        return parse_budget(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_budget_flag(parser: argparse.ArgumentParser) -> None:
+    """`--budget KIND=RATE[/BURST]` (repeatable): the kernel's per-container budgets."""
+    from driftwarden.probes.loader import DEFAULT_BUDGETS
+
+    defaults = ", ".join(f"{kind}={b.rate}/{b.burst}" for kind, b in DEFAULT_BUDGETS.items())
+    parser.add_argument("--budget", action="append", type=_budget, default=[],
+                        metavar="KIND=RATE[/BURST]",
+                        help="what one container may send of a kind (exec, connect, write) "
+                        "after the kernel's dedup: RATE events/s, BURST at once (default twice "
+                        "RATE); the excess is counted per container, not sent; KIND=off or "
+                        f"off: no budget; repeatable (default {defaults})")
+
+
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """`--runtime-endpoint` (repeatable) and `--docker-host`: the runtimes asked for metadata."""
     parser.add_argument("--runtime-endpoint", action="append", type=_runtime_endpoint,
@@ -508,6 +557,7 @@ def _add_trace(subparsers: argparse._SubParsersAction) -> None:
                    "tracepoint on every open; default: at entry, result null)")
     p.add_argument("--print-bpf", action="store_true",
                    help="print the final BPF program text and exit")
+    add_budget_flag(p)
     add_runtime_flags(p)
     p.add_argument("--cgroup-root", default="", help="cgroup v2 mount (default: detect)")
     p.set_defaults(func=_run_trace)
@@ -533,6 +583,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         docker_host=args.docker_host,
         runtime_endpoints=tuple(args.runtime_endpoint),
         cgroup_root=args.cgroup_root,
+        budgets=tuple(pair for given in args.budget for pair in given),
     )
     return run_trace(options, stop_on_signals(), stdout=sys.stdout, stderr=sys.stderr)
 
@@ -575,6 +626,7 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                    help="watch only containers with this label (repeatable: all of them); the "
                    "others are skipped and counted as not selected (canaries; several agents "
                    "on one host playing separate nodes)")
+    add_budget_flag(p)
     add_runtime_flags(p)
     add_collector_flags(p)
     p.set_defaults(func=_run_agent)
@@ -638,6 +690,10 @@ def _add_learn(subparsers: argparse._SubParsersAction) -> None:
                    "host (the host's, loopback included)")
     p.add_argument("--window", type=POSITIVE_SECONDS, default=10.0, metavar="SECONDS",
                    help="feature window length (default 10, as the agent's)")
+    p.add_argument("--startup-grace", type=NON_NEGATIVE_SECONDS, default=10.0,
+                   metavar="SECONDS",
+                   help="the container's first seconds stay out of the windows, as on the "
+                   "agent (default 10; 0 learns windows from the start)")
     p.add_argument("--docker-host", default=None, metavar="URL",
                    help="the Docker Engine API (default unix:///var/run/docker.sock)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
@@ -656,7 +712,8 @@ def _run_learn(args: argparse.Namespace) -> int:
         command = command[split + 1:]
     options = LearnOptions(image=args.image, command=tuple(command),
                            learn_for=args.learn_for, out=args.out, network=args.network,
-                           window=args.window, docker_host=args.docker_host)
+                           window=args.window, docker_host=args.docker_host,
+                           startup_grace=args.startup_grace)
     return run_learn(options, stop_on_signals(), stderr=sys.stderr)
 
 

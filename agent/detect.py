@@ -45,6 +45,7 @@ import numpy as np
 from driftwarden.agent.alerts import build_alert, container_key
 from driftwarden.agent.carry import CarryJudge, record_files
 from driftwarden.agent.fleet import FleetBaselines, carried_scope, profile_from_baseline
+from driftwarden.agent.flood import FLOOD_CODE, FloodWatch, flood_reason
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
 from driftwarden.core.errors import InvalidMessage, NotEnoughWindowsError, UsageError
 from driftwarden.core.modes import Mode
@@ -83,6 +84,8 @@ _WRITER_OPS = frozenset({"create", "truncate", "append", "write", "rename-to", "
 MAX_IMAGES = 32768  # processes the detector remembers (LRU)
 _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window features
 _NOVELTY_FEATURES = frozenset(f"novel_{kind}" for kind in _WINDOW_NOVELTY)
+_NO_KINDS: frozenset[str] = frozenset()
+MAX_PROGRAM_ITEMS = 8192  # (container, program) -> its ExecItem, asked for most records
 # a container's first exec may precede the runtime's recorded start time by a few ms
 _START_SLACK_SECONDS = 2.0
 _MAX_TREE_HOPS = 64  # a process tree's depth walked up to its root (a pid cycle ends it)
@@ -177,8 +180,11 @@ class Detector:
         clock: Callable[[], float] = time.time,
         event_seen: Callable[[int], None] | None = None,
         fleet: FleetBaselines | None = None,
+        flood: FloodWatch | None = None,
     ) -> None:
         self.config = config
+        # containers over their kernel budget (agent.flood): sensor-flood alerts, tainted windows
+        self._flood = flood
         # the collector's baselines (agent.fleet): learned together, applied here; None: this
         # node alone (the local learning rule ends learning)
         self._fleet = fleet
@@ -210,6 +216,7 @@ class Detector:
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.recent_alerts: OrderedDict[str, tuple] = OrderedDict()
         self._real_exes: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._program_items: dict[tuple[str, Program], tuple[Layers | None, ExecItem]] = {}
         self._current: tuple[str, Layers | None] = ("", None)
         # latest view per container: window alerts name the container like event alerts do
         self._views: OrderedDict[str, ContainerView] = OrderedDict()
@@ -275,7 +282,8 @@ class Detector:
                 self._event_seen(record.event.header.ts_ns)
             if self._agent_started is None:
                 self._agent_started = at
-            self._latest_live = max(self._latest_live, at)
+            if at > self._latest_live:
+                self._latest_live = at
             if self._first_starts:
                 self._end_first_starts()
         view = record.container
@@ -310,12 +318,15 @@ class Detector:
         self._remember_parent(view.id, record)
         layers = self._layers_of(view.id, record.event.header.tgid)
         self._current = (view.id, layers)
-        record = self._canonical_exe(record, layers)
-        ops = write_ops(record) if record.kind == "write" else None
+        kind = record.kind
+        if kind == "exec":
+            record = self._canonical_exe(record, layers)
+        ops = write_ops(record) if kind == "write" else None
         items = items_of(record, self._program_item, ops=ops)
         # a carried baseline judges what its shared layers' files do, even while it learns
-        learning = profile.mode is Mode.LEARN and not self._judged(profile, view, record,
-                                                                   items, layers)
+        # (only a fleet baseline is ever carried)
+        learning = profile.mode is Mode.LEARN and (
+            self._fleet is None or not self._judged(profile, view, record, items, layers))
         novel = profile.observe(items, now, self.config.policy, learn=learning)
         if learning:
             if novel:
@@ -323,7 +334,7 @@ class Detector:
             if self._fleet is not None:  # the fleet learns (item, container) pairs
                 self._fleet.learned(profile.image_id, profile.image_name, items, view.id,
                                     view.name)
-        verdicts = self._drift(record, layers, ops)
+        verdicts = self._drift(record, layers, ops) if kind != "connect" else []
         # a start the profile never saw teaches its items, except a drifting record's
         if self._first_start(profile, view, at, before) and novel and not verdicts and (
                 not learning):
@@ -331,7 +342,8 @@ class Detector:
             self.stats["startup_items"] += len(learned)
             self._dirty.add(profile.image_id)
             novel = []
-        novel_kinds = frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY
+        novel_kinds = (frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY if novel
+                       else _NO_KINDS)
         if not before:
             self.windows.add(record, novel_kinds, now=self._window_time(record),
                              alerted=novel_kinds if not learning else ())
@@ -439,8 +451,19 @@ class Detector:
         return real
 
     def _program_item(self, program: Program) -> ExecItem:
-        """A program's ExecItem (models.items.ProgramItem) in the current container."""
-        return named_item(program, self._program_exe(program))
+        """A program's ExecItem (models.items.ProgramItem) in the current container. Cached
+        per (container, program) while the container's layers are the same object: most
+        records name their process's program, and naming it canonicalises two paths."""
+        container_id, layers = self._current
+        key = (container_id, program)
+        found = self._program_items.get(key)
+        if found is not None and found[0] is layers:
+            return found[1]
+        item = named_item(program, self._program_exe(program))
+        self._program_items[key] = (layers, item)
+        if len(self._program_items) > MAX_PROGRAM_ITEMS:
+            del self._program_items[next(iter(self._program_items))]
+        return item
 
     def _binary(self, exe: str | None, layers: Layers) -> str | None:
         """The binary behind `exe`: a script's interpreter, else `exe` (cached per container)."""
@@ -543,11 +566,17 @@ class Detector:
 
     def _remember_parent(self, container_id: str, record: TraceRecord) -> None:
         h = record.event.header
-        key = ProcKey(h.tgid, h.start_ns)
-        self._parents[key] = (container_id, ProcKey(record.ppid, h.parent_start_ns))
-        self._parents.move_to_end(key)
-        if len(self._parents) > MAX_IMAGES:
-            self._parents.popitem(last=False)
+        parents = self._parents
+        key = (h.tgid, h.start_ns)  # a ProcKey's equal: only looked up, never handed out
+        known = parents.get(key)
+        if (known is not None and known[0] == container_id and known[1][0] == record.ppid
+                and known[1][1] == h.parent_start_ns):
+            parents.move_to_end(key)  # the same as before (most records): nothing to build
+            return
+        parents[key] = (container_id, ProcKey(record.ppid, h.parent_start_ns))
+        parents.move_to_end(key)
+        if len(parents) > MAX_IMAGES:
+            parents.popitem(last=False)
 
     def _process_tree(self, record: TraceRecord) -> ProcKey:
         """The root of the record's process tree: walking up its parents, the last process
@@ -689,7 +718,10 @@ class Detector:
                     self._release(image_id, "answered")
                 elif now >= self._held[image_id][0]:
                     self._release(image_id, "timeout")
-        self._handle_windows(self.windows.tick(self._window_horizon()))
+        windows = self.windows.tick(self._window_horizon())
+        if self._flood is not None:
+            windows = self._check_floods(now, windows)
+        self._handle_windows(windows)
         if now - self._last_housekeeping >= 1.0:
             self._last_housekeeping = now
             if self._drops is not None:
@@ -710,6 +742,25 @@ class Detector:
             flush_due()
         if now - self._last_save >= self.config.save_interval:
             self.save()
+
+    def _check_floods(self, now: float, windows: list) -> list:
+        """Reads the budgets' counts when due, or before windows that ended after the last
+        read are handed over (their flood must be known first); one alert per episode; the
+        windows of a flood tainted."""
+        flood = self._flood
+        if flood.due(now) or any(w.end > flood.last_poll for w in windows):
+            for episode in flood.poll(now):
+                view = episode.view
+                profile = self.profile_for(view) if view.state == "container" else None
+                alert = build_alert(
+                    AlertKind.ANOMALY, Severity.MEDIUM, 1.0, [flood_reason(episode)], None,
+                    container_view=view, baseline_version=profile.version if profile else 0,
+                    baseline_mode=(profile.mode if profile else self.config.initial_mode).value,
+                    dedup_key=f"{FLOOD_CODE}:{episode.started:.3f}",
+                    clock_offset_ns=self._clock_offset_ns, now=now)
+                self.stats["alerts_anomaly"] += 1
+                self._submit(alert, None)
+        return flood.taint(windows)
 
     def _handle_windows(self, windows) -> None:
         by_image: defaultdict[str, list] = defaultdict(list)

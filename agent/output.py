@@ -206,12 +206,14 @@ class HumanSink:
 
 def format_summary(summary: TraceSummary) -> str:
     lines = ["summary:"]
-    lines.append(f"  {'kind':<8} {'emitted':>9} {'suppressed':>11} {'dropped':>8} {'shown':>7}")
+    lines.append(f"  {'kind':<8} {'emitted':>9} {'suppressed':>11} {'dropped':>8} "
+                 f"{'over budget':>12} {'shown':>7}")
     for kind, label in (("exec", "exec"), ("connect", "connect"), ("file", "write")):
         k = summary.kernel.get(kind, {})
         lines.append(
             f"  {label:<8} {k.get('emitted', 0):>9} {k.get('suppressed', 0):>11} "
-            f"{k.get('dropped', 0):>8} {summary.shown.get(label, 0):>7}"
+            f"{k.get('dropped', 0):>8} {k.get('over_budget', 0):>12} "
+            f"{summary.shown.get(label, 0):>7}"
         )
     if summary.filtered:
         parts = ", ".join(f"{k}={v}" for k, v in sorted(summary.filtered.items()))

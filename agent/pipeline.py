@@ -351,10 +351,13 @@ class TracePipeline:
         program the agent never saw inside a container, or that re-exec'd the runtime there)
         under runc's names, "exe" included (runc's init runs as /proc/self/exe before it
         names itself)."""
-        if h.comm.startswith("runc") and _is_runtime_comm(h.comm) and (
+        comm = h.comm
+        if comm != "exe" and not comm.startswith("runc"):
+            return False  # the common case: neither test below can hold
+        if comm.startswith("runc") and _is_runtime_comm(comm) and (
                 not self.processes.exec_seen(key)):
             return True
-        return (h.comm == "exe" or _is_runtime_comm(h.comm)) and self._of_runtime(key)
+        return (comm == "exe" or _is_runtime_comm(comm)) and self._of_runtime(key)
 
     def _of_runtime(self, key: ProcKey) -> bool:
         """The process came into the container from the runtime: it re-exec'd the runtime
@@ -373,14 +376,16 @@ class TracePipeline:
         known = table.program(parent)
         return known is None or known.exe is None
 
-    def _record(self, event, kind: str, view: ContainerView, key: ProcKey, **fields
-                ) -> TraceRecord:
+    def _record(self, event, kind: str, view: ContainerView, key: ProcKey,
+                path: str | None = None, path_resolved: bool = True, path2: str | None = None,
+                path2_resolved: bool = True) -> TraceRecord:
         """A connect or write record: the program its process runs, and its parent's."""
-        table = self.processes
-        return TraceRecord(
-            event=event, kind=kind, container=view, ppid=self._ppid(event.header, key),
-            runtime_setup=self._runtime_setup(event.header, key),
-            program=table.program(key), parent_program=table.parent_program(key), **fields)
+        h = event.header
+        program, parent_program = self.processes.programs(key)
+        # positional, in TraceRecord's field order (keywords cost more per event)
+        return TraceRecord(event, kind, view, h.ppid or self._ppid(h, key), path, path_resolved,
+                           path2, path2_resolved, None, self._runtime_setup(h, key), program,
+                           parent_program)
 
     def _ppid(self, h, key: ProcKey) -> int:
         if h.ppid:
@@ -398,11 +403,13 @@ class TracePipeline:
         if event.op is FileOp.SYMLINK:
             # a symlink's target is stored verbatim; only the new link's path is resolved
             path, path_ok = event.path, True
-        return self._count_unresolved(self._record(
-            event, "write", view, key, path=path, path_resolved=path_ok,
-            path2=second.path if second else None,
-            path2_resolved=second.resolved if second else True,
-        ))
+        if second is None:
+            path2, path2_ok = None, True
+        else:
+            path2, path2_ok = second
+        if not path_ok or not path2_ok:
+            self.summary.unresolved_paths += 1
+        return self._record(event, "write", view, key, path, path_ok, path2, path2_ok)
 
     def _enrich_exec(self, event: ExecEvent, view: ContainerView) -> TraceRecord:
         h = event.header
@@ -433,13 +440,12 @@ class TracePipeline:
             exe = program.exe
         else:
             program = table.program(key)  # it still runs what it ran
+        # positional, in TraceRecord's field order
         return self._count_unresolved(TraceRecord(
-            event=event, kind="exec", container=view, ppid=self._ppid(h, key),
-            path=resolved.path if resolved else event.filename,
-            path_resolved=resolved.resolved if resolved else False,
-            exe=exe, runtime_setup=runtime_setup, program=program,
-            parent_program=parent_program,
-        ))
+            event, "exec", view, h.ppid or self._ppid(h, key),
+            resolved.path if resolved else event.filename,
+            resolved.resolved if resolved else False, None, True, exe, runtime_setup, program,
+            parent_program))
 
     def _exec_target(self, key: ProcKey, event: ExecEvent, resolved: ResolvedPath | None
                      ) -> str | None:
@@ -524,17 +530,25 @@ class TracePipeline:
         pending = self._pending
         views: dict[int, ContainerView] = {}  # one lookup per container per batch (~10 ms)
         lookup = self.attribution.lookup
-        for raw in raws:
+        position_hook = self._position_hook
+        recorder = self.recorder
+        bookkeeping_of = self._bookkeeping.get
+        enrichers = self._enrichers
+        deliver = self._deliver
+        # the whole batch is decoded at once (no side effects but the decoder's counts); each
+        # record's facts and recording stay in record order below
+        events = self.decoder.decode_batch(raws)
+        for raw, event in zip(raws, events, strict=True):
             seq = self._records_seen
-            self._records_seen += 1
-            if self._position_hook is not None:
-                self._position_hook(seq)
-            if self.recorder is not None:
-                self.recorder.record(raw)
-            event = self.decoder.decode(raw)
+            self._records_seen = seq + 1
+            if position_hook is not None:
+                position_hook(seq)
+            if recorder is not None:
+                recorder.record(raw)
             if event is None:
                 continue
-            bookkeeping = self._bookkeeping.get(type(event))
+            kind = type(event)
+            bookkeeping = bookkeeping_of(kind)
             if bookkeeping is not None:
                 bookkeeping(event)
                 continue
@@ -546,11 +560,15 @@ class TracePipeline:
                 view = views.get(cgid)
                 if view is None:
                     view = views[cgid] = lookup(cgid)
-            record = self._enrichers[type(event)](event, view)
+            record = enrichers[kind](event, view)
             if view.state in _WAIT_STATES:
                 self._enqueue(cgid, now, seq, record)
             else:
-                self._deliver(self._attribute(record, view, seq))
+                if recorder is not None:
+                    self._record_view(view, seq)
+                if record.container is not view:
+                    record = record._replace(container=view)
+                deliver(record)
         self._release_pending(now)
         if self.recorder is not None:
             self.recorder.flush()

@@ -255,6 +255,14 @@ class ProcessTable:
         entry = self._table.get(key)
         return entry.program if entry is not None else None
 
+    def programs(self, key: ProcKey) -> tuple[Program | None, Program | None]:
+        """(program(key), parent_program(key)) in one lookup: asked for every record."""
+        entry = self._table.get(key)
+        if entry is None:
+            return None, None
+        parent = self._table.get(entry.parent) if entry.parent is not None else None
+        return entry.program, parent.program if parent is not None else entry.parent_program
+
     def parent(self, key: ProcKey) -> ProcKey | None:
         entry = self._table.get(key)
         return entry.parent if entry is not None else None

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from typing import TextIO
 
+from driftwarden.agent.flood import container_rows, format_container_rows
 from driftwarden.agent.output import HumanSink, JsonSink, format_summary
 from driftwarden.agent.pipeline import (
     USER_KINDS,
@@ -39,6 +40,8 @@ class TraceOptions:
     # CRI or Docker sockets (unix:///path); none given: the usual sockets that exist
     runtime_endpoints: tuple[str, ...] = ()
     cgroup_root: str = ""
+    # (kind, probes.loader.Budget) pairs: the kernel's per-container budgets (--budget)
+    budgets: tuple = ()
 
 
 def _probe_config(options: TraceOptions):
@@ -52,6 +55,7 @@ def _probe_config(options: TraceOptions):
         ringbuf_pages=options.ringbuf_pages,
         cgroup_root=options.cgroup_root,
         open_result=options.open_result,
+        budgets=options.budgets,
     )
 
 
@@ -81,11 +85,19 @@ def _sinks(options: TraceOptions, stdout: TextIO, clock_offset_ns: int):
     return [HumanSink(stdout, clock_offset_ns)]
 
 
-def _print_summary(options: TraceOptions, summary, stderr: TextIO) -> None:
+def _print_summary(options: TraceOptions, summary, stderr: TextIO, containers=None,
+                   evicted: int = 0) -> None:
+    """The summary; live, with `containers` (agent.flood.container_rows): what the kernel's
+    budgets held back and the ring buffer lost, per container."""
     if options.json:
-        stderr.write(json.dumps({"summary": summary.to_dict()}) + "\n")
+        data = summary.to_dict()
+        if containers is not None:
+            data["containers"] = containers
+            data["budget_entries_evicted"] = evicted
+        stderr.write(json.dumps({"summary": data}) + "\n")
     else:
-        stderr.write(format_summary(summary) + "\n")
+        lines = [format_summary(summary), *format_container_rows(containers or [], evicted)]
+        stderr.write("\n".join(lines) + "\n")
 
 
 def _replay(options, trace_filter, stop, stdout, stderr) -> int:
@@ -134,6 +146,8 @@ def _live(options, trace_filter, stop, stdout, stderr) -> int:
             stderr.write("driftwarden: tracing; Ctrl-C to stop\n")
             stderr.flush()
             summary = pipeline.run(duration=options.duration, should_stop=stop.is_set)
-    _print_summary(options, summary, stderr)
+            usage = probes.budget_usage()
+            containers = container_rows(usage, attribution.lookup)
+    _print_summary(options, summary, stderr, containers, usage.evicted)
     return 0
 

@@ -1,7 +1,7 @@
 """Detection cost: isolation-forest scoring throughput, and the agent's CPU per event with
 detection on compared with trace only, in one run.
 
-    python -m bench.detection [--events 200000] [--out FILE]
+    python -m bench.detection [--events 200000] [--out FILE] [--profile N]
 
 No kernel needed: a synthetic capture (three containers of two images running a realistic mix:
 appends to rotated logs, temp files, loopback connects, busybox execs) is written with the
@@ -13,6 +13,8 @@ windows). Both runs are measured with process CPU time; the ratio is what detect
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import tempfile
 import time
@@ -106,6 +108,45 @@ def _replay(path: Path, detect: bool, state_dir: Path) -> tuple[float, int, dict
     return cpu, sum(summary.decoded.get(k, 0) for k in ("exec", "connect", "file")), stats
 
 
+# the pipeline's stages in a profile: (file, function) -> cumulative time per event
+_STAGES = [("decode.py", "decode"), ("pipeline.py", "_enrich_file"),
+           ("pipeline.py", "_enrich_connect"), ("pipeline.py", "_enrich_exec"),
+           ("detect.py", "write"), ("items.py", "extract_items"),
+           ("canonical.py", "canonical_path"), ("items.py", "connect_item"),
+           ("features.py", "add"), ("detect.py", "_drift"),
+           ("profile.py", "observe"), ("detect.py", "_remember_writes"),
+           ("detect.py", "_remember_parent")]
+
+
+def _cumulative(stats: pstats.Stats, where: str, name: str) -> float:
+    return sum(v[3] for k, v in stats.stats.items() if k[0].endswith(where) and k[2] == name)
+
+
+def _profile(path: Path, state_dir: Path, top: int) -> list[str]:
+    """One replay with detection under cProfile, as markdown table rows: the stages'
+    cumulative time per event, then the functions with the most own time (share of the
+    profiled run's total). The profiler inflates every call (about 2.6x here): compare the
+    rows with each other, not with the unprofiled figures."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _, events, _ = _replay(path, True, state_dir)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt
+    rows = [f"| `{name}` | {_cumulative(stats, where, name) / events * 1e6:.1f} us |"
+            for where, name in _STAGES]
+    rows += ["", f"Profiled total: {total / events * 1e6:.1f} us per event, "
+             f"{stats.total_calls / events:.0f} calls per event. The functions with the most "
+             "own time:", "", "| function | own time | calls/event | cumulative |",
+             "|---|---|---|---|"]
+    ranked = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (filename, line, name), (_cc, calls, own, cumulative, _callers) in ranked:
+        where = Path(filename).name if filename != "~" else "builtin"
+        rows.append(f"| `{where}:{line} {name}` | {own / total * 100:.1f}% | "
+                    f"{calls / events:.2f} | {cumulative / total * 100:.1f}% |")
+    return rows
+
+
 def _scoring() -> dict[str, float]:
     rng = np.random.RandomState(0)
     train = np.zeros((500, len(FEATURES)))
@@ -132,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.detection", description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--out", default=None, help="also write the markdown report here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one replay with detection (cProfile) and report "
+                        "the N functions with the most own time")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         capture = Path(tmp) / "synthetic.dwcap"
@@ -142,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     else -1]:
                 cpu, events, stats = _replay(capture, detect, Path(tmp) / f"state{i}")
                 runs[name].append((cpu, events, stats))
+        profile = _profile(capture, Path(tmp) / "profiled", args.profile) if args.profile else []
     scoring = _scoring()
     med = {name: float(np.median([c for c, _, _ in r])) for name, r in runs.items()}
     events = runs["trace only"][0][1]
@@ -170,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         f"| scoring, one row at a time | {scoring['rows_per_s_single']:,.0f} rows/s |",
         "",
     ]
+    if profile:
+        lines += [
+            f"Where the time goes (`--profile {args.profile}`: one replay with detection under "
+            "cProfile; per stage, cumulative time per event averaged over all events):",
+            "",
+            "| stage | profiled time per event |",
+            "|---|---|",
+            *profile,
+            "",
+        ]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -53,14 +53,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="receive alerts from agents, store them, stream them to operators, act by policy",
         description="Run the collector: agents connect with AgentChannel.Connect, operators "
                     "use Alerts, Actions, Agents and Baselines (gRPC, driftwarden.v1). Alerts, "
-                    "the fleet's baselines and the audit log live in one SQLite file. Ctrl-C "
-                    "or SIGTERM stops it.",
+                    "the fleet's baselines and the audit log live in one SQLite file (--db) or "
+                    "a PostgreSQL database (--store). Ctrl-C or SIGTERM stops it.",
     )
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"gRPC address (default {DEFAULT_LISTEN}; loopback only unless "
                              "--allow-non-loopback)")
-    parser.add_argument("--db", required=True, metavar="PATH",
-                        help="the SQLite store (created if missing)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="PATH",
+                       help="the SQLite store (created if missing)")
+    where.add_argument("--store", metavar="URL",
+                       help="a PostgreSQL store instead: postgresql://USER@HOST:PORT/DB (the "
+                            "database must exist; its tables are made or migrated at start)")
     parser.add_argument("--policy", metavar="FILE",
                         help="response policy YAML (default: quarantine high drift of images "
                              "in protect mode; see deploy/policy.example.yaml)")
@@ -126,18 +130,18 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         if not token:
             raise UsageError(f"--token-file {args.token_file}: the file is empty")
     policy = load_policy(args.policy) if args.policy else DEFAULT_POLICY
-    db = Path(args.db)
-    if db.is_dir():
+    db = None if args.db is None else Path(args.db)
+    if db is not None and db.is_dir():
         raise UsageError(f"--db {db}: is a directory; give a file path, e.g. {db}/collector.db")
-    if not db.parent.is_dir():
+    if db is not None and not db.parent.is_dir():
         raise UsageError(f"--db {db}: directory {db.parent} does not exist; create it first")
     fleet = FleetSettings(
         consensus=args.consensus,
         policy=LearningPolicy(warmup_seconds=args.learn_warmup,
                               stable_seconds=args.learn_stable_for,
                               min_windows=args.learn_min_windows, learn_for=args.learn_for))
-    return CollectorConfig(db_path=db, listen=args.listen, policy=policy, tls=tls,
-                           operator_token=token, metrics_listen=args.metrics,
+    return CollectorConfig(db_path=db, store_url=args.store, listen=args.listen, policy=policy,
+                           tls=tls, operator_token=token, metrics_listen=args.metrics,
                            allow_non_loopback=args.allow_non_loopback,
                            max_streams=args.max_streams,
                            max_workers=args.max_streams + UNARY_RESERVE, fleet=fleet)
@@ -164,7 +168,7 @@ def run_collector(config: CollectorConfig, stop: threading.Event, *,
             else "no operator auth")
         metrics = f", metrics at {server.metrics_url}" if server.metrics_url else ""
         print(f"driftwarden collector listening on {server.address} ({security}, {auth}), "
-              f"data in {Path(config.db_path).resolve()}{metrics}", file=stdout, flush=True)
+              f"data in {config.data_location}{metrics}", file=stdout, flush=True)
         while not stop.wait(prune_interval):
             if retention_days > 0:
                 _prune(server, retention_days)

@@ -1,17 +1,20 @@
-"""The collector's SQLite schema: the migrations that build it and the runner that applies them.
+"""The collector's schema: the migrations that build it and the runner that applies them.
 
 The schema is versioned (table ``schema_version``, one row per applied migration): opening a
 store applies the missing migrations in order, in one transaction, and refuses a store newer
 than this code. A migration is never edited once released: a change is a new one appended.
-The DDL is SQLite's (``REAL``, ``AUTOINCREMENT``, ``ALTER TABLE ... ADD COLUMN``); another
-backend keeps its own list next to its store.
+The DDL is written once, in SQLite's spelling (``REAL``, ``AUTOINCREMENT``, ``ALTER TABLE ...
+ADD COLUMN``); :data:`POSTGRES_MIGRATIONS` is the same list in PostgreSQL's types
+(:func:`postgres_ddl`), so a version number means the same schema on both backends.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 from driftwarden.core.errors import StoreError
 
@@ -136,28 +139,62 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+_SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS schema_version ("
+                 "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+
+# SQLite's types as PostgreSQL's: 64-bit integers and doubles as SQLite stores them
+_POSTGRES_TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"),
+                    "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+                   (re.compile(r"\bINTEGER\b"), "BIGINT"),
+                   (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+                   (re.compile(r"\bBLOB\b"), "BYTEA"))
+# what PostgreSQL needs beside the shared DDL, per migration: SQLite's actions have a rowid
+# that grows with each insert (list_actions' order among equal times); PostgreSQL's get a column
+_POSTGRES_EXTRA: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE actions ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY",),
+}
+
+
+def postgres_ddl(statement: str) -> str:
+    """One statement of the shared DDL in PostgreSQL's types."""
+    for pattern, replacement in _POSTGRES_TYPES:
+        statement = pattern.sub(replacement, statement)
+    return statement
+
+
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(postgres_ddl(s) for s in statements) + _POSTGRES_EXTRA.get(version, ())
+    for version, statements in enumerate(MIGRATIONS, start=1))
+
+
+def apply_migrations(execute: Callable[..., Any], path: str, clock: Callable[[], float], *,
+                     postgres: bool = False) -> int:
+    """Bring a store to SCHEMA_VERSION (in PostgreSQL's spelling with `postgres`), inside the
+    transaction the caller holds; `execute(sql, params)` runs one statement with ``?`` marks and
+    returns a cursor. Returns the version the store had. StoreError for a store newer than this
+    code; `path` names it in messages, `clock` stamps each applied migration."""
+    migrations = POSTGRES_MIGRATIONS if postgres else MIGRATIONS
+    execute(postgres_ddl(_SCHEMA_TABLE) if postgres else _SCHEMA_TABLE, ())
+    current = execute("SELECT coalesce(max(version), 0) FROM schema_version", ()).fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"store {path} has schema version {current}, newer than "
+                         f"this driftwarden supports ({SCHEMA_VERSION}): upgrade "
+                         "driftwarden or use another store")
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        for statement in migrations[version - 1]:
+            execute(statement, ())
+        execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                (version, clock()))
+        log.info("store %s: applied schema migration %d", path, version)
+    return current
 
 
 def migrate(conn: sqlite3.Connection, path: str, clock: Callable[[], float]) -> int:
-    """Bring the store on `conn` (an autocommit connection) to SCHEMA_VERSION; returns the
-    version it had. StoreError for a store newer than this code; `path` names it in messages,
-    `clock` stamps each applied migration."""
+    """Bring the SQLite store on `conn` (an autocommit connection) to SCHEMA_VERSION; returns
+    the version it had (:func:`apply_migrations`)."""
     conn.execute("BEGIN IMMEDIATE")  # two collectors opening one new file: one migrates
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                     "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-        current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version"
-                               ).fetchone()[0]
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"store {path} has schema version {current}, newer than "
-                             f"this driftwarden supports ({SCHEMA_VERSION}): upgrade "
-                             "driftwarden or use another store file")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[version - 1]:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                         (version, clock()))
-            log.info("store %s: applied schema migration %d", path, version)
+        current = apply_migrations(conn.execute, path, clock)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -166,4 +203,5 @@ def migrate(conn: sqlite3.Connection, path: str, clock: Callable[[], float]) -> 
     return current
 
 
-__all__ = ["ACTION_STATUSES_V1", "MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = ["ACTION_STATUSES_V1", "MIGRATIONS", "POSTGRES_MIGRATIONS", "SCHEMA_VERSION",
+           "apply_migrations", "migrate", "postgres_ddl"]

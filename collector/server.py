@@ -1,6 +1,7 @@
 """The collector process's gRPC server: the driftwarden.v1 services plus health and reflection.
 
-:class:`CollectorServer` owns everything the collector runs: the SQLite store, the fan-out hub,
+:class:`CollectorServer` owns everything the collector runs: the store (a SQLite file, or a
+PostgreSQL database with ``store_url``), the fan-out hub,
 the policy engine, the fleet's baselines, the metrics registry (and, with ``metrics_listen``, a
 loopback HTTP server for it) and a ``grpc.server``. It is a context manager (``start()`` /
 ``stop()``); ``port`` is the bound port (useful with port 0).
@@ -39,7 +40,7 @@ from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig
 from driftwarden.collector.servicers import add_servicers
-from driftwarden.collector.store import AlertStore
+from driftwarden.collector.store import SqlStore, is_postgres_url, open_store, redact
 from driftwarden.core.errors import CollectorError, UsageError
 from driftwarden.core.lifecycle import Service
 from driftwarden.core.metrics import MetricsRegistry, MetricsServer
@@ -67,7 +68,7 @@ CHECKPOINT_SECONDS = 1.0  # the store's WAL is checkpointed by a thread this oft
 class CollectorConfig:
     """Everything a collector needs; validated on construction (UsageError)."""
 
-    db_path: str | os.PathLike[str]
+    db_path: str | os.PathLike[str] | None  # the SQLite file; None with store_url
     listen: str = DEFAULT_LISTEN
     policy: Policy = DEFAULT_POLICY
     tls: TlsFiles | None = None
@@ -83,6 +84,7 @@ class CollectorConfig:
     poll_seconds: float = 0.5
     fleet: FleetSettings = field(default_factory=FleetSettings)  # baselines: consensus, learning
     baseline_tick: float = 1.0  # how often the fleet's end of learning is checked
+    store_url: str | None = None  # postgresql://USER@HOST:PORT/DB instead of db_path
 
     def __post_init__(self) -> None:
         host, _ = self.listen_address
@@ -102,8 +104,23 @@ class CollectorConfig:
                              f"{self.max_workers} workers), got {streams}")
         if self.operator_token is not None and not self.operator_token.strip():
             raise UsageError("the operator token is empty")
-        if not str(self.db_path):
-            raise UsageError("--db: give the path of the collector's SQLite file")
+        if self.store_url is not None:
+            if self.db_path is not None:
+                raise UsageError("--db and --store are exclusive: give the SQLite file (--db) "
+                                 "or the PostgreSQL database (--store), not both")
+            if not is_postgres_url(self.store_url):
+                raise UsageError(f"--store {redact(self.store_url)}: give a PostgreSQL URL, "
+                                 "postgresql://USER@HOST:PORT/DB")
+        elif self.db_path is None or not str(self.db_path):
+            raise UsageError("--db: give the path of the collector's SQLite file "
+                             "(or --store postgresql://USER@HOST:PORT/DB)")
+
+    @property
+    def data_location(self) -> str:
+        """Where the data lives, for messages: the SQLite file, or the URL without password."""
+        if self.store_url is not None:
+            return redact(self.store_url)
+        return os.path.realpath(os.fspath(self.db_path or ""))
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -135,7 +152,7 @@ class CollectorServer(Service):
         super().__init__()
         self.config = config
         self._clock = clock
-        self.store: AlertStore | None = None
+        self.store: SqlStore | None = None
         self.hub: FanoutHub | None = None
         self.engine: PolicyEngine | None = None
         self.service: CollectorService | None = None
@@ -151,8 +168,8 @@ class CollectorServer(Service):
         config = self.config
         host, port = config.listen_address
         credentials = config.tls.server_credentials() if config.tls is not None else None
-        self.store = AlertStore.open(config.db_path, clock=self._clock,
-                                     checkpoint_interval=CHECKPOINT_SECONDS)
+        self.store = open_store(db_path=config.db_path, url=config.store_url, clock=self._clock,
+                                checkpoint_interval=CHECKPOINT_SECONDS)
         stale = self.store.mark_all_agents_disconnected()
         if stale:
             log.info("marked %d agents disconnected (streams do not survive a restart)", stale)

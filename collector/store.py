@@ -1,13 +1,15 @@
 """The collector's store: alerts, actions, agents, known containers and the audit log.
 
 :class:`CollectorStore` is what the collector asks of a store (the service, the server and the
-command use nothing else); :class:`AlertStore` is the SQLite backend, the embedded default. The
-records, the outcomes and the checks of what a caller gives are the same for every backend;
-what is SQLite's (the connection, its pragmas and transactions, the statements, the background
-WAL checkpoints) is in the SQLite section below and in :mod:`~driftwarden.collector.migrations`
-(its schema). The filter language and the page tokens every backend reads are in
-:mod:`~driftwarden.collector.filters`. Another backend (PostgreSQL for replicas) is one more
-module with a class that has CollectorStore's methods and keeps these semantics:
+command use nothing else); :func:`open_store` opens the backend the collector's flags name.
+:class:`AlertStore` is the SQLite backend, the embedded default;
+:class:`~driftwarden.collector.store_pg.PostgresStore` keeps the same data in PostgreSQL. The
+records, the outcomes, the checks of what a caller gives and the operations themselves
+(:class:`SqlStore`, in SQL that SQLite and PostgreSQL both read) are written once; what is
+SQLite's (the connection, its pragmas and transactions, the background WAL checkpoints) is in
+the SQLite section below, the schema of both in :mod:`~driftwarden.collector.migrations`. The
+filter language and the page tokens every backend reads are in
+:mod:`~driftwarden.collector.filters`. Every backend keeps these semantics:
 
 Alerts
     An alert is the dict of ``driftwarden.core.alerts.Alert.to_dict()`` plus a top-level ``"node"``
@@ -85,6 +87,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -411,19 +414,21 @@ def _limit(value: Any, what: str = "limit") -> int:
     return value
 
 
-# -- the SQLite backend --------------------------------------------------------------------------
+# -- the SQL every backend runs ----------------------------------------------------------------
 
 _ACTION_COLUMNS = ("action_id, created_at, container_id, container_name, node, type, reason, "
                    "requested_by, alert_id, status, message, finished_at, with_pause, "
                    "interrupted")
-_AGENT_COLUMNS = ("node, agent_version, mode, connected, connected_at, disconnected_at, "
-                  "last_seen, counters, containers_watched, spool_depth, peer, baselines")
+_AGENT_FIELDS = ("node", "agent_version", "mode", "connected", "connected_at",
+                 "disconnected_at", "last_seen", "counters", "containers_watched", "spool_depth",
+                 "peer", "baselines")
+_AGENT_COLUMNS = ", ".join(_AGENT_FIELDS)
 _BASELINE_COLUMNS = ("image_key, image_name, mode, version, created_at, updated_at, items, "
                      "unconfirmed, windows, containers, nodes, learning_started_at, "
                      "last_new_item_at, unstable, carried_from")
 
 
-def _action(row: sqlite3.Row | tuple[Any, ...]) -> ActionRecord:
+def _action(row: tuple[Any, ...]) -> ActionRecord:
     (action_id, created_at, container_id, container_name, node, kind, reason, requested_by,
      alert_id, status, message, finished_at, with_pause, interrupted) = row
     return ActionRecord(action_id=action_id, created_at=created_at, container_id=container_id,
@@ -471,12 +476,542 @@ def _baseline_summary(row: tuple[Any, ...]) -> BaselineSummary:
         last_new_item_at=last_new_item_at, unstable=bool(unstable))
 
 
-class AlertStore(Service):
+class SqlStore(Service):
+    """The operations every SQL backend shares (module docstring), written once in the SQL that
+    SQLite and PostgreSQL both read, with ``?`` marks. A backend gives the connection
+    (``_read()``: a connection; ``_write()``: a transaction, a savepoint inside another), the
+    class of its driver's unique-constraint error, and the few spellings that differ."""
+
+    path: str
+    checkpoint_stats: dict[str, int]
+    _clock: Callable[[], float]
+    _integrity_errors: tuple[type[BaseException], ...] = ()
+    _lock_rows = ""  # appended to a SELECT whose rows the transaction then changes
+    _insertion_order = "rowid"  # a column that grows with every inserted action
+    _contains = "instr({}, ?) > 0"  # the text in `?` occurs in the expression {}
+
+    def _read(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _write(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the writes of the block one transaction: all are stored, or (when the block
+        raises) none. Writes inside may nest their own (a failed one undoes only itself when
+        the block catches its error). Other threads wait for the store until the block ends:
+        keep it short, and call nothing that waits for another thread."""
+        with self._write():
+            yield
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else float(now)
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    # - alerts -------------------------------------------------------------------------------
+
+    def insert_alert(self, alert: Mapping[str, Any]) -> InsertOutcome:
+        return self.insert_alerts([alert])[0]
+
+    def insert_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> list[InsertOutcome]:
+        """Store a batch in one transaction; one outcome per alert, in order (module docstring).
+
+        Every alert is validated first: a ValueError names the first bad one and nothing is
+        stored.
+        """
+        rows = [_parse_alert(doc, i) for i, doc in enumerate(alerts)]
+        if not rows:
+            return []
+        with self._write() as conn:
+            received_at = self._clock()
+            return [self._insert_row(conn, row, received_at) for row in rows]
+
+    def _insert_row(self, conn: Any, row: _AlertRow, received_at: float) -> InsertOutcome:
+        stored = conn.execute("SELECT time, count, first_seen, last_seen FROM alerts "
+                              f"WHERE id = ?{self._lock_rows}", (row.id,)).fetchone()
+        if stored is not None and row.last_seen <= stored[3]:
+            return InsertOutcome.DUPLICATE
+        text = row.text
+        if stored is None:
+            when, count, first_seen = row.time, row.count, row.first_seen
+        else:
+            when, count, first_seen = stored[0], stored[1] + row.count, min(stored[2],
+                                                                            row.first_seen)
+            doc = {**json.loads(text), "time": when, "count": count, "first_seen": first_seen}
+            text = json.dumps(doc, ensure_ascii=False)
+        values = (row.kind, row.severity, row.score, row.node, row.container_id,
+                  row.container_name, row.image, row.image_repo, row.image_id, row.namespace,
+                  row.pod, row.baseline_mode, count, first_seen, row.last_seen, received_at,
+                  text, row.id)
+        if stored is None:
+            inserted = conn.execute(
+                "INSERT INTO alerts (kind, severity, score, node, container_id, container_name, "
+                "image, image_repo, image_id, namespace, pod, baseline_mode, count, first_seen, "
+                "last_seen, updated_at, json, id, time, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING", (*values, when, received_at)).rowcount
+            if inserted == 0:  # another transaction stored the id since our read: read it again
+                return self._insert_row(conn, row, received_at)
+        else:
+            conn.execute(
+                "UPDATE alerts SET kind = ?, severity = ?, score = ?, node = ?, container_id = ?, "
+                "container_name = ?, image = ?, image_repo = ?, image_id = ?, namespace = ?, "
+                "pod = ?, baseline_mode = ?, count = ?, first_seen = ?, last_seen = ?, "
+                "updated_at = ?, json = ? WHERE id = ?", values)
+        if row.container_id is not None:
+            conn.execute(
+                "INSERT INTO containers (container_id, name, node, last_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (container_id) DO UPDATE SET "
+                "name = coalesce(excluded.name, containers.name), node = excluded.node, "
+                "last_seen = excluded.last_seen WHERE excluded.last_seen >= containers.last_seen",
+                (row.container_id, row.container_name, row.node, row.last_seen))
+        return InsertOutcome.NEW if stored is None else InsertOutcome.UPDATED
+
+    def get_alert(self, alert_id: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT json FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def get_alerts(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored alerts among `alert_ids`, by id, in one query."""
+        ids = list(dict.fromkeys(alert_ids))
+        out: dict[str, dict[str, Any]] = {}
+        with self._read() as conn:
+            for start in range(0, len(ids), 500):  # SQLite's bound on parameters
+                chunk = ids[start:start + 500]
+                out.update((r[0], json.loads(r[1])) for r in conn.execute(
+                    f"SELECT id, json FROM alerts WHERE id IN ({sql_marks(chunk)})", chunk))
+        return out
+
+    def list_alerts(self, alert_filter: AlertFilter | None = None, page_size: int = 100,
+                    page_token: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of alerts, newest first, and the token of the next page (None: no more).
+
+        An empty or None token starts at the newest alert. A token is only valid with the
+        filter it was issued for; anything else raises ValueError.
+        """
+        alert_filter = alert_filter or AlertFilter()
+        rows, token = self._page("alerts", ("time", "id"), "json", alert_filter.sql(),
+                                 alert_filter.fingerprint(), page_size, page_token)
+        return [json.loads(r[2]) for r in rows], token
+
+    def count_alerts(self, alert_filter: AlertFilter | None = None) -> int:
+        where, params = (alert_filter or AlertFilter()).sql()
+        with self._read() as conn:
+            return conn.execute(f"SELECT count(*) FROM alerts WHERE {where}", params
+                                ).fetchone()[0]
+
+    def _page(self, table: str, key: tuple[str, str], columns: str,
+              where: tuple[str, list[Any]], fingerprint: str, page_size: int,
+              page_token: str | None) -> tuple[list[tuple[Any, ...]], str | None]:
+        """Keyset paging, newest first by `key` (a time column, then a unique id): rows of
+        (time, id, *columns) and the next page's token (None on the last page)."""
+        page_size = _limit(page_size, "page_size")
+        clause, params = where
+        if page_token:
+            when, last_id = decode_page_token(page_token, fingerprint)
+            clause = f"({clause}) AND ({key[0]}, {key[1]}) < (?, ?)"
+            params = [*params, when, last_id]
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {key[0]}, {key[1]}, {columns} FROM {table} WHERE {clause} "
+                f"ORDER BY {key[0]} DESC, {key[1]} DESC LIMIT ?",
+                (*params, page_size + 1)).fetchall()
+        page = rows[:page_size]
+        token = None
+        if len(rows) > page_size:
+            token = encode_page_token(page[-1][0], page[-1][1], fingerprint)
+        return page, token
+
+    # - actions ------------------------------------------------------------------------------
+
+    def record_action(self, *, container_id: str, node: str, type: str, reason: str,
+                      requested_by: str, container_name: str | None = None,
+                      alert_id: str | None = None,
+                      status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
+                      with_pause: bool = False, action_id: str | None = None,
+                      now: float | None = None) -> ActionRecord:
+        """Store a requested action (``pending``), or one decided at once (e.g. ``skipped``,
+        which is then also finished). ``action_id`` defaults to a random hex id; an id already
+        stored raises StoreError."""
+        status = ActionStatus.parse(status)
+        created_at = self._now(now)
+        if not isinstance(with_pause, bool):
+            raise ValueError(f"with_pause must be True or False, got {with_pause!r}")
+        record = ActionRecord(
+            action_id=uuid.uuid4().hex if action_id is None else _text("action_id", action_id),
+            created_at=created_at, container_id=_text("container_id", container_id),
+            container_name=_optional_text("container_name", container_name),
+            node=_text("node", node), type=_text("type", type),
+            reason=_text("reason", reason, empty_ok=True),
+            requested_by=_text("requested_by", requested_by),
+            alert_id=_optional_text("alert_id", alert_id), status=status,
+            message=_text("message", message, empty_ok=True),
+            finished_at=None if status is ActionStatus.PENDING else created_at,
+            with_pause=with_pause)
+        values = _action_values(record)
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}) "
+                             f"VALUES ({sql_marks(values)})", values)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, self._integrity_errors):
+                raise StoreError(f"action id {record.action_id!r} is already stored; "
+                                 "use a new id") from exc
+            raise
+        return record
+
+    def finish_action(self, action_id: str, status: ActionStatus | str, message: str = "", *,
+                      now: float | None = None) -> ActionRecord:
+        """Record an action's result. The first result wins: finishing an action that is
+        already finished (a result replayed after a reconnect) changes nothing and returns the
+        stored action. The one exception is an ``interrupted`` action (failed by
+        :meth:`fail_pending_actions`, a guess): the agent's result replaces it. An unknown id
+        raises UnknownAction."""
+        status = ActionStatus.parse(status)
+        if status is ActionStatus.PENDING:
+            raise ValueError("finish_action: 'pending' is not a result; give a final status")
+        message = _text("message", message, empty_ok=True)
+        finished_at = self._now(now)
+        with self._write() as conn:
+            conn.execute("UPDATE actions SET status = ?, message = ?, finished_at = ?, "
+                         "interrupted = 0 "
+                         "WHERE action_id = ? AND (status = 'pending' OR interrupted = 1)",
+                         (status.value, message, finished_at, action_id))
+            row = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
+                               (action_id,)).fetchone()
+        if row is None:
+            raise UnknownAction(f"no action with id {action_id!r} is stored")
+        return _action(row)
+
+    def fail_pending_actions(self, message: str, *, actor: str = "collector",
+                             now: float | None = None) -> list[ActionRecord]:
+        """At collector start: every action still pending was sent by a collector that stopped
+        before its agent answered, and nothing will wait for that answer any more. Each becomes
+        ``failed`` with `message`, marked ``interrupted`` (a late result from the agent still
+        replaces it), with one audit entry by `actor`; all in one transaction. Returns them,
+        oldest first."""
+        message = _text("message", message)
+        actor = _text("actor", actor)
+        now = self._now(now)
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT action_id FROM actions WHERE status = 'pending' "
+                "ORDER BY created_at, action_id")]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                conn.execute("UPDATE actions SET status = 'failed', message = ?, "
+                             f"finished_at = ?, interrupted = 1 WHERE action_id IN "
+                             f"({sql_marks(chunk)})", (message, now, *chunk))
+            records = []
+            for action_id in ids:
+                record = _action(conn.execute(
+                    f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
+                    (action_id,)).fetchone())
+                records.append(record)
+                self.audit(actor, record.type, record.container_id, "failed", message,
+                           {"action_id": record.action_id, "node": record.node,
+                            "requested_by": record.requested_by,
+                            "requested_at": record.created_at}, now=now)
+        return records
+
+    def get_action(self, action_id: str) -> ActionRecord | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
+                               (action_id,)).fetchone()
+        return None if row is None else _action(row)
+
+    def list_actions(self, *, container_id: str | None = None, node: str | None = None,
+                     statuses: Iterable[ActionStatus | str] = (), alert_id: str | None = None,
+                     limit: int = 100) -> list[ActionRecord]:
+        """Actions, newest first (by created_at, then insertion order), optionally filtered."""
+        clauses, params = [], []
+        for column, value in (("container_id", container_id), ("node", node),
+                              ("alert_id", alert_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        wanted = [ActionStatus.parse(s).value for s in statuses]
+        if wanted:
+            clauses.append(f"status IN ({sql_marks(wanted)})")
+            params.extend(wanted)
+        where = " AND ".join(clauses) or "TRUE"
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE {where} "
+                                f"ORDER BY created_at DESC, {self._insertion_order} DESC LIMIT ?",
+                                (*params, _limit(limit))).fetchall()
+        return [_action(r) for r in rows]
+
+    def page_actions(self, action_filter: ActionFilter | None = None, page_size: int = 100,
+                     page_token: str | None = None) -> tuple[list[ActionRecord], str | None]:
+        """One page of actions, newest first by (created_at, action_id), and the next page's
+        token (None: no more); paged like :meth:`list_alerts` (module docstring)."""
+        action_filter = action_filter or ActionFilter()
+        rows, token = self._page("actions", ("created_at", "action_id"), _ACTION_COLUMNS,
+                                 action_filter.sql(), action_filter.fingerprint(), page_size,
+                                 page_token)
+        return [_action(r[2:]) for r in rows], token
+
+    # - agents -------------------------------------------------------------------------------
+
+    def upsert_agent(self, node: str, *, agent_version: str | None = None,
+                     mode: str | None = None, peer: str | None = None,
+                     counters: Mapping[str, Any] | None = None,
+                     containers_watched: int | None = None, spool_depth: int | None = None,
+                     baselines: Sequence[HeldBaseline] | None = None,
+                     now: float | None = None) -> AgentRecord:
+        """The agent on `node` spoke (hello or heartbeat): it is connected, last seen `now`.
+
+        Arguments left None keep the stored values. ``connected_at`` is set when the agent was
+        unknown or disconnected, or connects from a new peer (a new stream that came up before
+        the old one was seen closing)."""
+        node = _text("node", node)
+        now = self._now(now)
+        for what, value in (("containers_watched", containers_watched),
+                            ("spool_depth", spool_depth)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+        counters_text = None if counters is None else _json_text("counters", dict(counters))
+        if baselines is not None:
+            _held_text(baselines)
+        with self._write() as conn:
+            row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node = ?"
+                               f"{self._lock_rows}", (node,)).fetchone()
+            old = _agent(row) if row is not None else None
+            new_session = (old is None or not old.connected
+                           or (peer is not None and peer != old.peer))
+            record = AgentRecord(
+                node=node,
+                agent_version=agent_version if agent_version is not None else (
+                    old.agent_version if old else None),
+                mode=mode if mode is not None else (old.mode if old else None),
+                connected=True,
+                connected_at=now if new_session or old is None else old.connected_at,
+                disconnected_at=old.disconnected_at if old else None,
+                last_seen=now,
+                counters=(json.loads(counters_text) if counters_text is not None
+                          else (old.counters if old else {})),
+                containers_watched=containers_watched if containers_watched is not None else (
+                    old.containers_watched if old else None),
+                spool_depth=spool_depth if spool_depth is not None else (
+                    old.spool_depth if old else None),
+                peer=peer if peer is not None else (old.peer if old else None),
+                baselines=tuple(baselines) if baselines is not None else (
+                    old.baselines if old else ()))
+            conn.execute(f"INSERT INTO agents ({_AGENT_COLUMNS}) "
+                         f"VALUES ({sql_marks(range(12))}) ON CONFLICT (node) DO UPDATE SET "
+                         + ", ".join(f"{c} = excluded.{c}" for c in _AGENT_FIELDS[1:]),
+                         (record.node, record.agent_version, record.mode, 1,
+                          record.connected_at, record.disconnected_at, record.last_seen,
+                          json.dumps(record.counters, sort_keys=True),
+                          record.containers_watched, record.spool_depth, record.peer,
+                          _held_text(record.baselines)))
+        return record
+
+    def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
+                                baselines: Sequence[HeldBaseline] | None = None,
+                                now: float | None = None) -> bool:
+        """Mark `node`'s agent disconnected; with `peer`, only if that is still its peer (so a
+        stale stream closing does not disconnect the agent's newer stream). `baselines`: what
+        it held last (None keeps the stored list). True if marked."""
+        now = self._now(now)
+        held = None if baselines is None else _held_text(baselines)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE agents SET connected = 0, disconnected_at = ?, "
+                "baselines = coalesce(?, baselines) "
+                "WHERE node = ? AND connected = 1 AND (CAST(? AS TEXT) IS NULL OR peer = ?)",
+                (now, held, node, peer, peer))
+            return cursor.rowcount == 1
+
+    def mark_all_agents_disconnected(self, *, now: float | None = None) -> int:
+        """At collector start: no stream survived the restart. Returns how many were marked."""
+        now = self._now(now)
+        with self._write() as conn:
+            return conn.execute("UPDATE agents SET connected = 0, disconnected_at = ? "
+                                "WHERE connected = 1", (now,)).rowcount
+
+    def get_agent(self, node: str) -> AgentRecord | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node = ?",
+                               (node,)).fetchone()
+        return None if row is None else _agent(row)
+
+    def list_agents(self, *, connected: bool | None = None) -> list[AgentRecord]:
+        """Agents by node name; ``connected`` True/False keeps only those."""
+        where, params = (("TRUE", ()) if connected is None
+                         else ("connected = ?", (int(connected),)))
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE {where} "
+                                "ORDER BY node", params).fetchall()
+        return [_agent(r) for r in rows]
+
+    # - audit --------------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, target: str, decision: str, reason: str = "",
+              details: Mapping[str, Any] | None = None, *, now: float | None = None) -> int:
+        """Append one decision to the audit log; returns its sequence number (never reused)."""
+        values = (self._now(now), _text("actor", actor), _text("action", action),
+                  _text("target", target), _text("decision", decision),
+                  _text("reason", reason, empty_ok=True),
+                  _json_text("details", dict(details or {})))
+        with self._write() as conn:
+            return int(conn.execute("INSERT INTO audit (time, actor, action, target, decision, "
+                                    "reason, details) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                                    values).fetchone()[0])
+
+    def list_audit(self, since_seq: int = 0, limit: int = 100) -> list[AuditEntry]:
+        """Entries with ``seq > since_seq``, oldest first: pass the last seq to read on."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT seq, time, actor, action, target, decision, reason, "
+                                "details FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (int(since_seq), _limit(limit))).fetchall()
+        return [AuditEntry(*r[:7], details=json.loads(r[7])) for r in rows]
+
+    # - containers ---------------------------------------------------------------------------
+
+    def find_container(self, text: str) -> ContainerMatch:
+        """Resolve an operator's container reference (module docstring). Raises
+        UnknownContainer or AmbiguousContainer, both listing candidates."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty container reference: give a container id, id prefix or name")
+        text = text.strip()
+        select = "SELECT container_id, name, node FROM containers"
+        with self._read() as conn:
+            row = conn.execute(f"{select} WHERE container_id = ?", (text,)).fetchone()
+            if row is not None:
+                return ContainerMatch(*row)
+            rows = conn.execute(f"{select} WHERE name = ? ORDER BY last_seen DESC, container_id",
+                                (text,)).fetchall()
+            if rows:
+                latest_per_node: dict[str, ContainerMatch] = {}
+                for r in rows:
+                    latest_per_node.setdefault(r[2], ContainerMatch(*r))
+                if len(latest_per_node) == 1:
+                    return next(iter(latest_per_node.values()))
+                raise AmbiguousContainer(
+                    text, list(latest_per_node.values())[:MAX_CANDIDATES],
+                    f"the name is used on {len(latest_per_node)} nodes")
+            if len(text) >= MIN_ID_PREFIX:
+                rows = conn.execute(f"{select} WHERE substr(container_id, 1, ?) = ? "
+                                    "ORDER BY last_seen DESC, container_id LIMIT ?",
+                                    (len(text), text, MAX_CANDIDATES + 1)).fetchall()
+                if len(rows) == 1:
+                    return ContainerMatch(*rows[0])
+                if rows:
+                    more = " or more" if len(rows) > MAX_CANDIDATES else ""
+                    raise AmbiguousContainer(
+                        text, [ContainerMatch(*r) for r in rows[:MAX_CANDIDATES]],
+                        f"an id prefix of {len(rows[:MAX_CANDIDATES])}{more} containers")
+            needle = text.lower()
+            in_name = self._contains.format("lower(coalesce(name, ''))")
+            in_id = self._contains.format("container_id")
+            rows = conn.execute(f"{select} WHERE {in_name} OR {in_id} "
+                                "ORDER BY last_seen DESC, container_id LIMIT ?",
+                                (needle, needle, MAX_CANDIDATES)).fetchall()
+        raise UnknownContainer(text, [ContainerMatch(*r) for r in rows], min_prefix=MIN_ID_PREFIX)
+
+    # - fleet baselines -----------------------------------------------------------------------
+
+    def get_baseline(self, image_key: str) -> FleetBaseline | None:
+        """The stored baseline of `image_key`, None when there is none."""
+        with self._read() as conn:
+            row = conn.execute("SELECT data FROM baselines WHERE image_key = ?",
+                               (image_key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return unpack_baseline(bytes(row[0]))
+        except BaselineError as exc:
+            raise StoreError(f"store {self.path}: the baseline of {image_key} is unreadable "
+                             f"({exc})") from None
+
+    def put_baseline(self, doc: FleetBaseline, *, expect_version: int | None) -> None:
+        """Store `doc` (module docstring: fleet baselines): a new image's baseline with
+        ``expect_version=None``, else the one whose stored version is `expect_version`
+        (StoreError when another writer changed it meanwhile, or it exists already)."""
+        if not isinstance(doc, FleetBaseline) or not doc.image_key:
+            raise ValueError(f"put_baseline needs a FleetBaseline with an image key, "
+                             f"got {doc!r}")
+        if type(doc.version) is not int or doc.version < 1:
+            raise ValueError(f"baseline version must be an integer >= 1, got {doc.version!r}")
+        s = doc.summary()
+        values = (s.image_key, s.image_name, s.mode.value, s.version, s.created_at,
+                  s.updated_at, s.items, s.unconfirmed, s.windows, s.containers,
+                  json.dumps(list(s.nodes)), s.learning_started_at, s.last_new_item_at,
+                  int(s.unstable), s.carried_from, pack_baseline(doc))
+        columns = f"{_BASELINE_COLUMNS}, data"
+        with self._write() as conn:
+            if expect_version is None:
+                try:
+                    conn.execute(f"INSERT INTO baselines ({columns}) "
+                                 f"VALUES ({sql_marks(values)})", values)
+                except self._integrity_errors:
+                    raise StoreError(f"a baseline of {doc.image_key} is stored already"
+                                     ) from None
+                return
+            sets = ", ".join(f"{c.strip()} = ?" for c in columns.split(",")[1:])
+            cursor = conn.execute(f"UPDATE baselines SET {sets} WHERE image_key = ? "
+                                  "AND version = ?", (*values[1:], s.image_key, expect_version))
+            if cursor.rowcount != 1:
+                raise StoreError(f"the baseline of {doc.image_key} changed meanwhile (not at "
+                                 f"version {expect_version} any more); retry")
+
+    def list_baselines(self) -> list[BaselineSummary]:
+        """Every stored baseline's summary, newest change first."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_BASELINE_COLUMNS} FROM baselines "
+                                "ORDER BY updated_at DESC, image_key").fetchall()
+        return [_baseline_summary(r) for r in rows]
+
+    # - retention and metrics ----------------------------------------------------------------
+
+    def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult:
+        """Delete what is older than ``now - older_than_seconds`` (module docstring)."""
+        if not finite_number(older_than_seconds) or older_than_seconds < 0:
+            raise ValueError(f"older_than_seconds must be a number >= 0, "
+                             f"got {older_than_seconds!r}")
+        cutoff = self._now(now) - older_than_seconds
+        with self._write() as conn:
+            alerts = conn.execute("DELETE FROM alerts WHERE last_seen < ?", (cutoff,)).rowcount
+            audit = conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,)).rowcount
+            containers = conn.execute("DELETE FROM containers WHERE last_seen < ?",
+                                      (cutoff,)).rowcount
+        if alerts or audit or containers:
+            log.info("store %s: pruned %d alerts, %d audit entries, %d containers older than "
+                     "%.0f", self.path, alerts, audit, containers, cutoff)
+        return PruneResult(alerts=alerts, audit=audit, containers=containers)
+
+    def stats(self) -> dict[str, int]:
+        """Row counts, for metrics."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM actions), "
+                "(SELECT count(*) FROM actions WHERE status = 'pending'), "
+                "(SELECT count(*) FROM agents), (SELECT count(*) FROM agents WHERE connected = 1), "
+                "(SELECT count(*) FROM audit), (SELECT count(*) FROM containers), "
+                "(SELECT count(*) FROM baselines)").fetchone()
+        keys = ("alerts", "actions", "actions_pending", "agents", "agents_connected", "audit",
+                "containers", "baselines")
+        return dict(zip(keys, row, strict=True))
+
+
+# -- the SQLite backend --------------------------------------------------------------------------
+
+
+class AlertStore(SqlStore):
     """The collector's store in one SQLite file. Thread-safe; a context manager.
 
     ``clock`` (default ``time.time``) stamps received/created/finished times and is the default
     ``now`` of every method that takes one.
     """
+
+    _integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str | os.PathLike[str], *,
                  clock: Callable[[], float] = time.time,
@@ -591,511 +1126,47 @@ class AlertStore(Service):
             finally:
                 self._depth -= 1
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Make the writes of the block one transaction: all are stored, or (when the block
-        raises) none. Writes inside may nest their own (a failed one undoes only itself when
-        the block catches its error). Other threads wait for the store until the block ends:
-        keep it short, and call nothing that waits for another thread."""
-        with self._write():
-            yield
-
-    def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else float(now)
-
-    def schema_version(self) -> int:
-        with self._read() as conn:
-            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-
     def pragmas(self) -> dict[str, Any]:
         """The connection's journal mode and synchronous level (1 = NORMAL), for diagnostics."""
         with self._read() as conn:
             return {"journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
                     "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0]}
 
-    # - alerts -------------------------------------------------------------------------------
 
-    def insert_alert(self, alert: Mapping[str, Any]) -> InsertOutcome:
-        return self.insert_alerts([alert])[0]
+# -- choosing the backend ------------------------------------------------------------------------
 
-    def insert_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> list[InsertOutcome]:
-        """Store a batch in one transaction; one outcome per alert, in order (module docstring).
+POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")
 
-        Every alert is validated first: a ValueError names the first bad one and nothing is
-        stored.
-        """
-        rows = [_parse_alert(doc, i) for i, doc in enumerate(alerts)]
-        if not rows:
-            return []
-        with self._write() as conn:
-            received_at = self._clock()
-            return [self._insert_row(conn, row, received_at) for row in rows]
 
-    def _insert_row(self, conn: sqlite3.Connection, row: _AlertRow,
-                    received_at: float) -> InsertOutcome:
-        stored = conn.execute("SELECT time, count, first_seen, last_seen FROM alerts WHERE id = ?",
-                              (row.id,)).fetchone()
-        if stored is not None and row.last_seen <= stored[3]:
-            return InsertOutcome.DUPLICATE
-        text = row.text
-        if stored is None:
-            when, count, first_seen = row.time, row.count, row.first_seen
-        else:
-            when, count, first_seen = stored[0], stored[1] + row.count, min(stored[2],
-                                                                            row.first_seen)
-            doc = {**json.loads(text), "time": when, "count": count, "first_seen": first_seen}
-            text = json.dumps(doc, ensure_ascii=False)
-        values = (row.kind, row.severity, row.score, row.node, row.container_id,
-                  row.container_name, row.image, row.image_repo, row.image_id, row.namespace,
-                  row.pod, row.baseline_mode, count, first_seen, row.last_seen, received_at,
-                  text, row.id)
-        if stored is None:
-            conn.execute(
-                "INSERT INTO alerts (kind, severity, score, node, container_id, container_name, "
-                "image, image_repo, image_id, namespace, pod, baseline_mode, count, first_seen, "
-                "last_seen, updated_at, json, id, time, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*values, when, received_at))
-        else:
-            conn.execute(
-                "UPDATE alerts SET kind = ?, severity = ?, score = ?, node = ?, container_id = ?, "
-                "container_name = ?, image = ?, image_repo = ?, image_id = ?, namespace = ?, "
-                "pod = ?, baseline_mode = ?, count = ?, first_seen = ?, last_seen = ?, "
-                "updated_at = ?, json = ? WHERE id = ?", values)
-        if row.container_id is not None:
-            conn.execute(
-                "INSERT INTO containers (container_id, name, node, last_seen) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (container_id) DO UPDATE SET "
-                "name = coalesce(excluded.name, containers.name), node = excluded.node, "
-                "last_seen = excluded.last_seen WHERE excluded.last_seen >= containers.last_seen",
-                (row.container_id, row.container_name, row.node, row.last_seen))
-        return InsertOutcome.NEW if stored is None else InsertOutcome.UPDATED
+def is_postgres_url(text: str) -> bool:
+    """Whether `text` names a PostgreSQL store (a ``postgresql://`` URL)."""
+    return text.startswith(POSTGRES_URL_SCHEMES)
 
-    def get_alert(self, alert_id: str) -> dict[str, Any] | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT json FROM alerts WHERE id = ?", (alert_id,)).fetchone()
-        return None if row is None else json.loads(row[0])
 
-    def get_alerts(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The stored alerts among `alert_ids`, by id, in one query."""
-        ids = list(dict.fromkeys(alert_ids))
-        out: dict[str, dict[str, Any]] = {}
-        with self._read() as conn:
-            for start in range(0, len(ids), 500):  # SQLite's bound on parameters
-                chunk = ids[start:start + 500]
-                out.update((r[0], json.loads(r[1])) for r in conn.execute(
-                    f"SELECT id, json FROM alerts WHERE id IN ({sql_marks(chunk)})", chunk))
-        return out
+def redact(url: str) -> str:
+    """A store URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.quote(parts.username or "", safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
-    def list_alerts(self, alert_filter: AlertFilter | None = None, page_size: int = 100,
-                    page_token: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of alerts, newest first, and the token of the next page (None: no more).
 
-        An empty or None token starts at the newest alert. A token is only valid with the
-        filter it was issued for; anything else raises ValueError.
-        """
-        alert_filter = alert_filter or AlertFilter()
-        rows, token = self._page("alerts", ("time", "id"), "json", alert_filter.sql(),
-                                 alert_filter.fingerprint(), page_size, page_token)
-        return [json.loads(r[2]) for r in rows], token
+def open_store(*, db_path: str | os.PathLike[str] | None = None, url: str | None = None,
+               clock: Callable[[], float] = time.time,
+               checkpoint_interval: float | None = None) -> SqlStore:
+    """The collector's store: PostgreSQL at `url` (``postgresql://USER@HOST:PORT/DB``), else
+    the SQLite file at `db_path` (with its background checkpoints every `checkpoint_interval`
+    seconds). Exactly one of the two."""
+    if url is not None and db_path is None:
+        # imported only when asked for: a SQLite collector never loads the PostgreSQL driver
+        from driftwarden.collector.store_pg import PostgresStore
 
-    def count_alerts(self, alert_filter: AlertFilter | None = None) -> int:
-        where, params = (alert_filter or AlertFilter()).sql()
-        with self._read() as conn:
-            return conn.execute(f"SELECT count(*) FROM alerts WHERE {where}", params
-                                ).fetchone()[0]
-
-    def _page(self, table: str, key: tuple[str, str], columns: str,
-              where: tuple[str, list[Any]], fingerprint: str, page_size: int,
-              page_token: str | None) -> tuple[list[tuple[Any, ...]], str | None]:
-        """Keyset paging, newest first by `key` (a time column, then a unique id): rows of
-        (time, id, *columns) and the next page's token (None on the last page)."""
-        page_size = _limit(page_size, "page_size")
-        clause, params = where
-        if page_token:
-            when, last_id = decode_page_token(page_token, fingerprint)
-            clause = f"({clause}) AND ({key[0]}, {key[1]}) < (?, ?)"
-            params = [*params, when, last_id]
-        with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {key[0]}, {key[1]}, {columns} FROM {table} WHERE {clause} "
-                f"ORDER BY {key[0]} DESC, {key[1]} DESC LIMIT ?",
-                (*params, page_size + 1)).fetchall()
-        page = rows[:page_size]
-        token = None
-        if len(rows) > page_size:
-            token = encode_page_token(page[-1][0], page[-1][1], fingerprint)
-        return page, token
-
-    # - actions ------------------------------------------------------------------------------
-
-    def record_action(self, *, container_id: str, node: str, type: str, reason: str,
-                      requested_by: str, container_name: str | None = None,
-                      alert_id: str | None = None,
-                      status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
-                      with_pause: bool = False, action_id: str | None = None,
-                      now: float | None = None) -> ActionRecord:
-        """Store a requested action (``pending``), or one decided at once (e.g. ``skipped``,
-        which is then also finished). ``action_id`` defaults to a random hex id; an id already
-        stored raises StoreError."""
-        status = ActionStatus.parse(status)
-        created_at = self._now(now)
-        if not isinstance(with_pause, bool):
-            raise ValueError(f"with_pause must be True or False, got {with_pause!r}")
-        record = ActionRecord(
-            action_id=uuid.uuid4().hex if action_id is None else _text("action_id", action_id),
-            created_at=created_at, container_id=_text("container_id", container_id),
-            container_name=_optional_text("container_name", container_name),
-            node=_text("node", node), type=_text("type", type),
-            reason=_text("reason", reason, empty_ok=True),
-            requested_by=_text("requested_by", requested_by),
-            alert_id=_optional_text("alert_id", alert_id), status=status,
-            message=_text("message", message, empty_ok=True),
-            finished_at=None if status is ActionStatus.PENDING else created_at,
-            with_pause=with_pause)
-        values = _action_values(record)
-        try:
-            with self._write() as conn:
-                conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}) "
-                             f"VALUES ({sql_marks(values)})", values)
-        except StoreError as exc:
-            if isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise StoreError(f"action id {record.action_id!r} is already stored; "
-                                 "use a new id") from exc
-            raise
-        return record
-
-    def finish_action(self, action_id: str, status: ActionStatus | str, message: str = "", *,
-                      now: float | None = None) -> ActionRecord:
-        """Record an action's result. The first result wins: finishing an action that is
-        already finished (a result replayed after a reconnect) changes nothing and returns the
-        stored action. The one exception is an ``interrupted`` action (failed by
-        :meth:`fail_pending_actions`, a guess): the agent's result replaces it. An unknown id
-        raises UnknownAction."""
-        status = ActionStatus.parse(status)
-        if status is ActionStatus.PENDING:
-            raise ValueError("finish_action: 'pending' is not a result; give a final status")
-        message = _text("message", message, empty_ok=True)
-        finished_at = self._now(now)
-        with self._write() as conn:
-            conn.execute("UPDATE actions SET status = ?, message = ?, finished_at = ?, "
-                         "interrupted = 0 "
-                         "WHERE action_id = ? AND (status = 'pending' OR interrupted)",
-                         (status.value, message, finished_at, action_id))
-            row = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
-                               (action_id,)).fetchone()
-        if row is None:
-            raise UnknownAction(f"no action with id {action_id!r} is stored")
-        return _action(row)
-
-    def fail_pending_actions(self, message: str, *, actor: str = "collector",
-                             now: float | None = None) -> list[ActionRecord]:
-        """At collector start: every action still pending was sent by a collector that stopped
-        before its agent answered, and nothing will wait for that answer any more. Each becomes
-        ``failed`` with `message`, marked ``interrupted`` (a late result from the agent still
-        replaces it), with one audit entry by `actor`; all in one transaction. Returns them,
-        oldest first."""
-        message = _text("message", message)
-        actor = _text("actor", actor)
-        now = self._now(now)
-        with self._write() as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT action_id FROM actions WHERE status = 'pending' "
-                "ORDER BY created_at, action_id")]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                conn.execute("UPDATE actions SET status = 'failed', message = ?, "
-                             f"finished_at = ?, interrupted = 1 WHERE action_id IN "
-                             f"({sql_marks(chunk)})", (message, now, *chunk))
-            records = []
-            for action_id in ids:
-                record = _action(conn.execute(
-                    f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
-                    (action_id,)).fetchone())
-                records.append(record)
-                self.audit(actor, record.type, record.container_id, "failed", message,
-                           {"action_id": record.action_id, "node": record.node,
-                            "requested_by": record.requested_by,
-                            "requested_at": record.created_at}, now=now)
-        return records
-
-    def get_action(self, action_id: str) -> ActionRecord | None:
-        with self._read() as conn:
-            row = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE action_id = ?",
-                               (action_id,)).fetchone()
-        return None if row is None else _action(row)
-
-    def list_actions(self, *, container_id: str | None = None, node: str | None = None,
-                     statuses: Iterable[ActionStatus | str] = (), alert_id: str | None = None,
-                     limit: int = 100) -> list[ActionRecord]:
-        """Actions, newest first (by created_at, then insertion order), optionally filtered."""
-        clauses, params = [], []
-        for column, value in (("container_id", container_id), ("node", node),
-                              ("alert_id", alert_id)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        wanted = [ActionStatus.parse(s).value for s in statuses]
-        if wanted:
-            clauses.append(f"status IN ({sql_marks(wanted)})")
-            params.extend(wanted)
-        where = " AND ".join(clauses) or "1"
-        with self._read() as conn:
-            rows = conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE {where} "
-                                "ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                                (*params, _limit(limit))).fetchall()
-        return [_action(r) for r in rows]
-
-    def page_actions(self, action_filter: ActionFilter | None = None, page_size: int = 100,
-                     page_token: str | None = None) -> tuple[list[ActionRecord], str | None]:
-        """One page of actions, newest first by (created_at, action_id), and the next page's
-        token (None: no more); paged like :meth:`list_alerts` (module docstring)."""
-        action_filter = action_filter or ActionFilter()
-        rows, token = self._page("actions", ("created_at", "action_id"), _ACTION_COLUMNS,
-                                 action_filter.sql(), action_filter.fingerprint(), page_size,
-                                 page_token)
-        return [_action(r[2:]) for r in rows], token
-
-    # - agents -------------------------------------------------------------------------------
-
-    def upsert_agent(self, node: str, *, agent_version: str | None = None,
-                     mode: str | None = None, peer: str | None = None,
-                     counters: Mapping[str, Any] | None = None,
-                     containers_watched: int | None = None, spool_depth: int | None = None,
-                     baselines: Sequence[HeldBaseline] | None = None,
-                     now: float | None = None) -> AgentRecord:
-        """The agent on `node` spoke (hello or heartbeat): it is connected, last seen `now`.
-
-        Arguments left None keep the stored values. ``connected_at`` is set when the agent was
-        unknown or disconnected, or connects from a new peer (a new stream that came up before
-        the old one was seen closing)."""
-        node = _text("node", node)
-        now = self._now(now)
-        for what, value in (("containers_watched", containers_watched),
-                            ("spool_depth", spool_depth)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
-        counters_text = None if counters is None else _json_text("counters", dict(counters))
-        if baselines is not None:
-            _held_text(baselines)
-        with self._write() as conn:
-            row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node = ?",
-                               (node,)).fetchone()
-            old = _agent(row) if row is not None else None
-            new_session = (old is None or not old.connected
-                           or (peer is not None and peer != old.peer))
-            record = AgentRecord(
-                node=node,
-                agent_version=agent_version if agent_version is not None else (
-                    old.agent_version if old else None),
-                mode=mode if mode is not None else (old.mode if old else None),
-                connected=True,
-                connected_at=now if new_session or old is None else old.connected_at,
-                disconnected_at=old.disconnected_at if old else None,
-                last_seen=now,
-                counters=(json.loads(counters_text) if counters_text is not None
-                          else (old.counters if old else {})),
-                containers_watched=containers_watched if containers_watched is not None else (
-                    old.containers_watched if old else None),
-                spool_depth=spool_depth if spool_depth is not None else (
-                    old.spool_depth if old else None),
-                peer=peer if peer is not None else (old.peer if old else None),
-                baselines=tuple(baselines) if baselines is not None else (
-                    old.baselines if old else ()))
-            conn.execute(f"INSERT OR REPLACE INTO agents ({_AGENT_COLUMNS}) "
-                         f"VALUES ({sql_marks(range(12))})",
-                         (record.node, record.agent_version, record.mode, 1,
-                          record.connected_at, record.disconnected_at, record.last_seen,
-                          json.dumps(record.counters, sort_keys=True),
-                          record.containers_watched, record.spool_depth, record.peer,
-                          _held_text(record.baselines)))
-        return record
-
-    def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
-                                baselines: Sequence[HeldBaseline] | None = None,
-                                now: float | None = None) -> bool:
-        """Mark `node`'s agent disconnected; with `peer`, only if that is still its peer (so a
-        stale stream closing does not disconnect the agent's newer stream). `baselines`: what
-        it held last (None keeps the stored list). True if marked."""
-        now = self._now(now)
-        held = None if baselines is None else _held_text(baselines)
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE agents SET connected = 0, disconnected_at = ?, "
-                "baselines = coalesce(?, baselines) "
-                "WHERE node = ? AND connected = 1 AND (? IS NULL OR peer = ?)",
-                (now, held, node, peer, peer))
-            return cursor.rowcount == 1
-
-    def mark_all_agents_disconnected(self, *, now: float | None = None) -> int:
-        """At collector start: no stream survived the restart. Returns how many were marked."""
-        now = self._now(now)
-        with self._write() as conn:
-            return conn.execute("UPDATE agents SET connected = 0, disconnected_at = ? "
-                                "WHERE connected = 1", (now,)).rowcount
-
-    def get_agent(self, node: str) -> AgentRecord | None:
-        with self._read() as conn:
-            row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node = ?",
-                               (node,)).fetchone()
-        return None if row is None else _agent(row)
-
-    def list_agents(self, *, connected: bool | None = None) -> list[AgentRecord]:
-        """Agents by node name; ``connected`` True/False keeps only those."""
-        where, params = ("1", ()) if connected is None else ("connected = ?", (int(connected),))
-        with self._read() as conn:
-            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE {where} "
-                                "ORDER BY node", params).fetchall()
-        return [_agent(r) for r in rows]
-
-    # - audit --------------------------------------------------------------------------------
-
-    def audit(self, actor: str, action: str, target: str, decision: str, reason: str = "",
-              details: Mapping[str, Any] | None = None, *, now: float | None = None) -> int:
-        """Append one decision to the audit log; returns its sequence number (never reused)."""
-        values = (self._now(now), _text("actor", actor), _text("action", action),
-                  _text("target", target), _text("decision", decision),
-                  _text("reason", reason, empty_ok=True),
-                  _json_text("details", dict(details or {})))
-        with self._write() as conn:
-            cursor = conn.execute("INSERT INTO audit (time, actor, action, target, decision, "
-                                  "reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-            return int(cursor.lastrowid or 0)
-
-    def list_audit(self, since_seq: int = 0, limit: int = 100) -> list[AuditEntry]:
-        """Entries with ``seq > since_seq``, oldest first: pass the last seq to read on."""
-        with self._read() as conn:
-            rows = conn.execute("SELECT seq, time, actor, action, target, decision, reason, "
-                                "details FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-                                (int(since_seq), _limit(limit))).fetchall()
-        return [AuditEntry(*r[:7], details=json.loads(r[7])) for r in rows]
-
-    # - containers ---------------------------------------------------------------------------
-
-    def find_container(self, text: str) -> ContainerMatch:
-        """Resolve an operator's container reference (module docstring). Raises
-        UnknownContainer or AmbiguousContainer, both listing candidates."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("empty container reference: give a container id, id prefix or name")
-        text = text.strip()
-        select = "SELECT container_id, name, node FROM containers"
-        with self._read() as conn:
-            row = conn.execute(f"{select} WHERE container_id = ?", (text,)).fetchone()
-            if row is not None:
-                return ContainerMatch(*row)
-            rows = conn.execute(f"{select} WHERE name = ? ORDER BY last_seen DESC, container_id",
-                                (text,)).fetchall()
-            if rows:
-                latest_per_node: dict[str, ContainerMatch] = {}
-                for r in rows:
-                    latest_per_node.setdefault(r[2], ContainerMatch(*r))
-                if len(latest_per_node) == 1:
-                    return next(iter(latest_per_node.values()))
-                raise AmbiguousContainer(
-                    text, list(latest_per_node.values())[:MAX_CANDIDATES],
-                    f"the name is used on {len(latest_per_node)} nodes")
-            if len(text) >= MIN_ID_PREFIX:
-                rows = conn.execute(f"{select} WHERE substr(container_id, 1, ?) = ? "
-                                    "ORDER BY last_seen DESC, container_id LIMIT ?",
-                                    (len(text), text, MAX_CANDIDATES + 1)).fetchall()
-                if len(rows) == 1:
-                    return ContainerMatch(*rows[0])
-                if rows:
-                    more = " or more" if len(rows) > MAX_CANDIDATES else ""
-                    raise AmbiguousContainer(
-                        text, [ContainerMatch(*r) for r in rows[:MAX_CANDIDATES]],
-                        f"an id prefix of {len(rows[:MAX_CANDIDATES])}{more} containers")
-            needle = text.lower()
-            rows = conn.execute(f"{select} WHERE instr(lower(coalesce(name, '')), ?) > 0 "
-                                "OR instr(container_id, ?) > 0 "
-                                "ORDER BY last_seen DESC, container_id LIMIT ?",
-                                (needle, needle, MAX_CANDIDATES)).fetchall()
-        raise UnknownContainer(text, [ContainerMatch(*r) for r in rows], min_prefix=MIN_ID_PREFIX)
-
-    # - fleet baselines -----------------------------------------------------------------------
-
-    def get_baseline(self, image_key: str) -> FleetBaseline | None:
-        """The stored baseline of `image_key`, None when there is none."""
-        with self._read() as conn:
-            row = conn.execute("SELECT data FROM baselines WHERE image_key = ?",
-                               (image_key,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return unpack_baseline(bytes(row[0]))
-        except BaselineError as exc:
-            raise StoreError(f"store {self.path}: the baseline of {image_key} is unreadable "
-                             f"({exc})") from None
-
-    def put_baseline(self, doc: FleetBaseline, *, expect_version: int | None) -> None:
-        """Store `doc` (module docstring: fleet baselines): a new image's baseline with
-        ``expect_version=None``, else the one whose stored version is `expect_version`
-        (StoreError when another writer changed it meanwhile, or it exists already)."""
-        if not isinstance(doc, FleetBaseline) or not doc.image_key:
-            raise ValueError(f"put_baseline needs a FleetBaseline with an image key, "
-                             f"got {doc!r}")
-        if type(doc.version) is not int or doc.version < 1:
-            raise ValueError(f"baseline version must be an integer >= 1, got {doc.version!r}")
-        s = doc.summary()
-        values = (s.image_key, s.image_name, s.mode.value, s.version, s.created_at,
-                  s.updated_at, s.items, s.unconfirmed, s.windows, s.containers,
-                  json.dumps(list(s.nodes)), s.learning_started_at, s.last_new_item_at,
-                  int(s.unstable), s.carried_from, pack_baseline(doc))
-        columns = f"{_BASELINE_COLUMNS}, data"
-        with self._write() as conn:
-            if expect_version is None:
-                try:
-                    conn.execute(f"INSERT INTO baselines ({columns}) "
-                                 f"VALUES ({sql_marks(values)})", values)
-                except sqlite3.IntegrityError:
-                    raise StoreError(f"a baseline of {doc.image_key} is stored already"
-                                     ) from None
-                return
-            sets = ", ".join(f"{c.strip()} = ?" for c in columns.split(",")[1:])
-            cursor = conn.execute(f"UPDATE baselines SET {sets} WHERE image_key = ? "
-                                  "AND version = ?", (*values[1:], s.image_key, expect_version))
-            if cursor.rowcount != 1:
-                raise StoreError(f"the baseline of {doc.image_key} changed meanwhile (not at "
-                                 f"version {expect_version} any more); retry")
-
-    def list_baselines(self) -> list[BaselineSummary]:
-        """Every stored baseline's summary, newest change first."""
-        with self._read() as conn:
-            rows = conn.execute(f"SELECT {_BASELINE_COLUMNS} FROM baselines "
-                                "ORDER BY updated_at DESC, image_key").fetchall()
-        return [_baseline_summary(r) for r in rows]
-
-    # - retention and metrics ----------------------------------------------------------------
-
-    def prune(self, older_than_seconds: float, now: float | None = None) -> PruneResult:
-        """Delete what is older than ``now - older_than_seconds`` (module docstring)."""
-        if not finite_number(older_than_seconds) or older_than_seconds < 0:
-            raise ValueError(f"older_than_seconds must be a number >= 0, "
-                             f"got {older_than_seconds!r}")
-        cutoff = self._now(now) - older_than_seconds
-        with self._write() as conn:
-            alerts = conn.execute("DELETE FROM alerts WHERE last_seen < ?", (cutoff,)).rowcount
-            audit = conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,)).rowcount
-            containers = conn.execute("DELETE FROM containers WHERE last_seen < ?",
-                                      (cutoff,)).rowcount
-        if alerts or audit or containers:
-            log.info("store %s: pruned %d alerts, %d audit entries, %d containers older than "
-                     "%.0f", self.path, alerts, audit, containers, cutoff)
-        return PruneResult(alerts=alerts, audit=audit, containers=containers)
-
-    def stats(self) -> dict[str, int]:
-        """Row counts, for metrics."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM actions), "
-                "(SELECT count(*) FROM actions WHERE status = 'pending'), "
-                "(SELECT count(*) FROM agents), (SELECT count(*) FROM agents WHERE connected), "
-                "(SELECT count(*) FROM audit), (SELECT count(*) FROM containers), "
-                "(SELECT count(*) FROM baselines)").fetchone()
-        keys = ("alerts", "actions", "actions_pending", "agents", "agents_connected", "audit",
-                "containers", "baselines")
-        return dict(zip(keys, row, strict=True))
+        return PostgresStore.open(url, clock=clock)
+    if db_path is not None and url is None:
+        return AlertStore.open(db_path, clock=clock, checkpoint_interval=checkpoint_interval)
+    raise ValueError("open_store: give either db_path (SQLite) or url (PostgreSQL)")
 
 
 class _Checkpointer:
@@ -1147,4 +1218,8 @@ __all__ = [
     "ContainerMatch",
     "InsertOutcome",
     "PruneResult",
+    "SqlStore",
+    "is_postgres_url",
+    "open_store",
+    "redact",
 ]

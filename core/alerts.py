@@ -59,7 +59,8 @@ JSON schema (``Alert.to_dict()``; one object per line from the agent's JSON line
     Reason codes: drift kinds (``exec-added-binary``, ``exec-modified-binary``,
     ``exec-deleted-binary``, ``exec-memfd``, ``write-binary-dir``, ``chmod-x-new-file``,
     ``setuid-new-file``), novel items (``new-exec``, ``new-lineage``, ``new-connect``,
-    ``new-write``), and ``feature-out-of-range`` for anomalies.
+    ``new-write``), and for anomalies ``feature-out-of-range`` (a window the forest scored) and
+    ``sensor-flood`` (a container over its kernel event budget: agent.flood).
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9]{8,}")
 _DIGIT_TOKEN = re.compile(r"(?<![A-Za-z0-9])(?<!x86_)(?<!x86-)[0-9]+(?![A-Za-z0-9])")
 _LONG_DIGITS = re.compile(r"[0-9]{5,}")
 _STARS = re.compile(r"\*{2,}")
+_NO_DIGIT = re.compile(r"[^0-9]*")
 
 
 def _random_suffix(match: re.Match) -> str:
@@ -103,19 +104,33 @@ def _random_token(match: re.Match) -> str:
     return "*" if _changes(token) >= 4 else token
 
 
+@lru_cache(maxsize=16384)
 def canonical_component(part: str) -> str:
-    """Rules 1-9 of the module docstring applied to one path component (no ``/``)."""
+    """Rules 1-9 of the module docstring applied to one path component (no ``/``).
+
+    Cached: the directories of a path repeat far more often than whole paths (a new temp file
+    per request shares every component but its last with the others)."""
     if not part or part in (".", ".."):
         return part
-    part = _UUID.sub("*", part)
-    part = _DATE.sub("*", part)
-    part = _HEX.sub("*", part)
-    part = _TMP_PREFIX.sub(r"\1*", part)
-    part = _MKTEMP.sub(_random_suffix, part)
-    part = _TOKEN.sub(_random_token, part)
-    part = _DIGIT_TOKEN.sub("*", part)
-    part = _LONG_DIGITS.sub("*", part)
-    return _STARS.sub("*", part)
+    # the rules only ever replace characters with "*": a component without digits keeps none,
+    # so the rules that need a digit (dates, hex, random tokens, digit runs) are skipped
+    has_digit = not _NO_DIGIT.fullmatch(part)
+    if len(part) >= 36:
+        part = _UUID.sub("*", part)
+    if has_digit:
+        if "19" in part or "20" in part:  # every date starts with one
+            part = _DATE.sub("*", part)
+        part = _HEX.sub("*", part)
+    if part.startswith(("tmp", ".tmp")):
+        part = _TMP_PREFIX.sub(r"\1*", part)
+    if "." in part or "-" in part or "_" in part:  # a mktemp suffix follows one
+        part = _MKTEMP.sub(_random_suffix, part)
+        has_digit = has_digit and not _NO_DIGIT.fullmatch(part)
+    if has_digit:
+        part = _TOKEN.sub(_random_token, part)
+        part = _DIGIT_TOKEN.sub("*", part)
+        part = _LONG_DIGITS.sub("*", part)
+    return _STARS.sub("*", part) if "**" in part else part
 
 
 def _bound(pattern: str) -> str:

@@ -128,6 +128,9 @@ class Layers:
 
 def normalize_container_path(path: str) -> str:
     """Lexically normalised and confined to the container root ('..' cannot climb out)."""
+    if path[:1] == "/" and "//" not in path and "/." not in path and (
+            len(path) == 1 or path[-1] != "/"):
+        return path  # already normal (the common case): normpath would return it unchanged
     out = posixpath.normpath("/" + path.lstrip("/"))
     return "/" if out in ("/", "//") else out
 
@@ -189,6 +192,8 @@ def classify_exec(path: str, exe: str | None, layers: Layers | None, *,
 def in_binary_dir(path: str) -> str | None:
     """The binary/library directory `path` is under, if any."""
     path = normalize_container_path(path)
+    if not path.startswith(BINARY_DIRS):  # a prefix of each answer: most paths are in none
+        return None
     for directory in BINARY_DIRS:
         if path == directory or path.startswith(directory + "/"):
             return directory
@@ -200,7 +205,7 @@ def classify_write(path: str, op: str, layers: Layers | None) -> DriftVerdict | 
     if not path.startswith("/"):
         return None  # unresolved relative path: the caller reports it as such
     path = normalize_container_path(path)
-    directory = in_binary_dir(path)
+    directory = in_binary_dir(path) if path.startswith(BINARY_DIRS) else None
     if directory is not None and op in _CONTENT_OPS:
         return DriftVerdict(DriftKind.WRITE_BINARY_DIR, path,
                             f"{op} of {path}, inside {directory} where the image's programs live")

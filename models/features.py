@@ -78,7 +78,6 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
-import posixpath
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -152,6 +151,15 @@ def _basename(path: str | None) -> str:
     if not path:
         return ""
     return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _parent_dir(path: str) -> str:
+    """posixpath.dirname(path.rstrip("/")) or "/", without its generic overhead (per write)."""
+    path = path.rstrip("/")
+    head = path[: path.rfind("/") + 1]
+    if head and head != "/" * len(head):
+        head = head.rstrip("/")
+    return head or "/"
 
 
 def is_shell(*names: str | None) -> bool:
@@ -316,7 +324,11 @@ class WindowAggregator:
             self.stats.ignored[WhyIgnored.KIND] += 1
             return
         t = self.clock() if now is None else now
-        acc = self._open(cid, t)
+        acc = self._state.get(cid)
+        if acc is not None and t < acc.start + self.window_seconds:
+            self._state.move_to_end(cid)  # its window is open: what _open would do
+        else:
+            acc = self._open(cid, t)
         if t < acc.start:
             self.stats.late += 1
         view = record.container
@@ -367,9 +379,12 @@ class WindowAggregator:
     def _add_write(self, acc: _Acc, record: TraceRecord, event: FileEvent) -> None:
         acc.counts[write_class(event)] += 1
         dirs = acc.dirs
-        for p in (record.path or event.path, record.path2 or event.path2):
-            if p and len(dirs) < self.max_distinct:
-                dirs.add(posixpath.dirname(p.rstrip("/")) or "/")
+        p = record.path or event.path
+        if p and len(dirs) < self.max_distinct:
+            dirs.add(_parent_dir(p))
+        p = record.path2 or event.path2
+        if p and len(dirs) < self.max_distinct:
+            dirs.add(_parent_dir(p))
 
     def mark_tainted(self, container_id: str, reason: str, *, now: float | None = None) -> None:
         """Taint the container's open window (events dropped by the kernel, unattributed events,

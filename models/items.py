@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
 from driftwarden.models.canonical import canonical_path, canonical_unix_socket, pattern_matches
@@ -204,9 +205,11 @@ def exec_item(record: TraceRecord, item_of: ProgramItem = program_item) -> ExecI
     return ExecItem(exe, _argv0(name))
 
 
+@lru_cache(maxsize=4096)
 def address_class(family: Family | str, address: str) -> tuple[str, str]:
     """(addr_class, normalised address). IPv4-mapped IPv6 addresses are classed as their IPv4
-    address; "private" is any non-global unicast (RFC 1918, ULA, CGNAT, reserved)."""
+    address; "private" is any non-global unicast (RFC 1918, ULA, CGNAT, reserved). Cached:
+    parsing and classing an address costs microseconds and a workload talks to few."""
     if family == Family.UNIX:
         return "unix", canonical_unix_socket(address)
     if family not in (Family.INET, Family.INET6):
@@ -233,12 +236,24 @@ def address_class(family: Family | str, address: str) -> tuple[str, str]:
 
 def connect_item(record: TraceRecord, item_of: ProgramItem = program_item) -> ConnectItem:
     event: ConnectEvent = record.event
-    family = Family(event.family)
+    family = event.family
+    if type(family) is not Family:  # the decoder's events carry the member already
+        family = Family(family)
     addr_class, address = address_class(family, event.address)
     port = 0 if family == Family.UNIX else int(event.port)
     program = record.program
     exe = item_of(program).exe if program is not None and program.exe else UNKNOWN
-    return ConnectItem(family.value, addr_class, address, port, event.sock_type.value, exe)
+    return _connect_item(family.value, addr_class, address, port, event.sock_type.value, exe)
+
+
+# Items are immutable: one object per distinct item is handed out again (the set lookups that
+# follow then also compare by identity first), and repeated events build nothing.
+_connect_item = lru_cache(maxsize=4096)(ConnectItem)
+
+
+@lru_cache(maxsize=8192)
+def _write_item(path: str | None, resolved: bool, op: str) -> WriteItem:
+    return WriteItem(canonical_location(path, resolved), op)
 
 
 def open_op(flags: int, mode: int) -> str:
@@ -322,7 +337,7 @@ def extract_items(record: TraceRecord, item_of: ProgramItem = program_item, *,
             return []
         if ops is None:
             ops = write_ops(record)
-        return [WriteItem(canonical_location(path, ok), op) for path, ok, op in ops]
+        return [_write_item(path, ok, op) for path, ok, op in ops]
     return []
 
 
@@ -432,8 +447,8 @@ class ItemSet:
         return sum(self.add(item) for item in items)
 
     def __contains__(self, item: object) -> bool:
-        kind = getattr(item, "KIND", None)
-        return kind in self._items and item in self._items[kind]
+        bucket = self._items.get(getattr(item, "KIND", None))
+        return bucket is not None and item in bucket
 
     def __len__(self) -> int:
         return sum(len(bucket) for bucket in self._items.values())

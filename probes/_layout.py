@@ -32,9 +32,10 @@ class Counter(enum.IntEnum):
     SUPPRESSED = 1
     DROPPED = 2
     READ_FAILED = 3
+    OVER_BUDGET = 4
 
 
-COUNTER_MAX = 4
+COUNTER_MAX = 5
 
 
 class FileOp(enum.IntEnum):

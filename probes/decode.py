@@ -73,6 +73,8 @@ class Decoder:
         self._kinds = {int(k): k for k in EventKind}
         self._kind_names = {int(k): k.name.lower() for k in EventKind}
         self._flags: dict[int, Flag] = {}
+        self._comms: dict[bytes, str] = {}
+        self._addresses: dict[tuple[int, bytes], str] = {}
         # the header is unpacked once in decode(); each kind unpacks only its own fields
         self._exec = _payload_struct(limits, "dw_exec_event")
         self._connect = _payload_struct(limits, "dw_connect_event")
@@ -108,26 +110,17 @@ class Decoder:
         if fn is None:
             self.errors[f"kind-{kind_number}:unknown-kind"] += 1
             return None
-        kind = self._kinds[kind_number]
         raw_flags = fields[5]
         flags = self._flags.get(raw_flags)
         if flags is None:
             flags = self._flags[raw_flags] = Flag(raw_flags)
-        header = Header(
-            kind=kind,
-            ts_ns=fields[0],
-            cgroup_id=fields[1],
-            start_ns=fields[2],
-            parent_start_ns=fields[3],
-            flags=flags,
-            pid=fields[6],
-            tgid=fields[7],
-            ppid=fields[8],
-            uid=fields[9],
-            gid=fields[10],
-            suppressed=fields[11],
-            comm=_cstr(fields[13], len(fields[13])),
-        )
+        comm = self._comms.get(fields[13])
+        if comm is None:
+            comm = self._comm(fields[13])
+        # positional, in Header's field order (keywords cost more per event)
+        header = Header(self._kinds[kind_number], fields[0], fields[1], fields[6], fields[7],
+                        fields[8], fields[9], fields[10], comm, flags, fields[11], fields[2],
+                        fields[3])
         try:
             event = fn(header, raw, raw_flags)
         except (MalformedRecord, ValueError) as exc:
@@ -136,13 +129,20 @@ class Decoder:
         self.decoded[self._kind_names[kind_number]] += 1
         return event
 
+    def _comm(self, raw: bytes) -> str:
+        """A comm buffer's text; a process's comm repeats in all its events: cached (bounded)."""
+        if len(self._comms) >= 4096:
+            self._comms.clear()
+        comm = self._comms[raw] = _cstr(raw, len(raw))
+        return comm
+
+    def decode_batch(self, records: list[bytes]) -> list[KernelEvent | None]:
+        """One event per record, in order; None where a record was malformed (counted)."""
+        decode = self.decode
+        return [decode(raw) for raw in records]
+
     def decode_many(self, records: list[bytes]) -> list[KernelEvent]:
-        out = []
-        for raw in records:
-            event = self.decode(raw)
-            if event is not None:
-                out.append(event)
-        return out
+        return [event for event in self.decode_batch(records) if event is not None]
 
     # -- per kind -------------------------------------------------------------
 
@@ -172,16 +172,10 @@ class Decoder:
         argv = tuple(_text(a) for a in entries[:argc])
         if len(argv) != argc:
             raise MalformedRecord("exec-argc")
-        return ExecEvent(
-            header=h,
-            filename=filename,
-            argv=argv,
-            retval=retval,
-            dirfd=dirfd,
-            argv_truncated=bool(flags & _ARGS_TRUNCATED),
-            filename_truncated=bool(flags & _PATH_TRUNCATED),
-            dedup_key=dedup_key,
-        )
+        # positional: header, filename, argv, retval, dirfd, argv_truncated,
+        # filename_truncated, dedup_key
+        return ExecEvent(h, filename, argv, retval, dirfd, bool(flags & _ARGS_TRUNCATED),
+                         bool(flags & _PATH_TRUNCATED), dedup_key)
 
     def _decode_connect(self, h: Header, raw: bytes, flags: int) -> ConnectEvent:
         s = self._connect
@@ -199,17 +193,16 @@ class Decoder:
             else:
                 address = _cstr(raw_path, len(raw_path))
         else:
-            address = format_address(family, raw[off["addr"] : off["addr"] + 16])
-        return ConnectEvent(
-            header=h,
-            family=family,
-            family_number=family_no,
-            address=address,
-            port=port,
-            sock_type=_SOCK_TYPES.get(sock_type, SockType.OTHER),
-            retval=retval,
-            fd=fd,
-        )
+            addr = raw[off["addr"] : off["addr"] + 16]
+            address = self._addresses.get((family_no, addr))
+            if address is None:
+                # formatting goes through ipaddress (microseconds); a workload talks to few
+                if len(self._addresses) >= 4096:
+                    self._addresses.clear()
+                address = self._addresses[family_no, addr] = format_address(family, addr)
+        # positional: header, family, family_number, address, port, sock_type, retval, fd
+        return ConnectEvent(h, family, family_no, address, port,
+                            _SOCK_TYPES.get(sock_type, SockType.OTHER), retval, fd)
 
     def _decode_file(self, h: Header, raw: bytes, flags: int) -> FileEvent:
         s = self._file
@@ -229,7 +222,8 @@ class Decoder:
             chunk = raw[start : start + path_len]
             if len(chunk) != path_len:
                 raise MalformedRecord("short-file-path")
-            path = _cstr(chunk, path_len)
+            nul = chunk.find(b"\0")  # _cstr, inlined: most records are file records
+            path = (chunk if nul < 0 else chunk[:nul]).decode("utf-8", "surrogateescape")
         path2 = None
         if op in _TWO_PATH_OPS:
             start = off["path2"]
@@ -237,19 +231,11 @@ class Decoder:
             if len(chunk) != path2_len:
                 raise MalformedRecord("short-file-path2")
             path2 = _cstr(chunk, path2_len)
-        return FileEvent(
-            header=h,
-            op=op,
-            path=path,
-            path2=path2,
-            dirfd=dirfd,
-            dirfd2=dirfd2 if path2 is not None else AT_FDCWD,
-            open_flags=open_flags,
-            mode=mode,
-            retval=retval,
-            path_truncated=bool(flags & _PATH_TRUNCATED),
-            path2_truncated=bool(flags & _PATH2_TRUNCATED),
-        )
+        # positional, in FileEvent's field order: header, op, path, path2, dirfd, dirfd2,
+        # open_flags, mode, retval, path_truncated, path2_truncated
+        return FileEvent(h, op, path, path2, dirfd, dirfd2 if path2 is not None else AT_FDCWD,
+                         open_flags, mode, retval, bool(flags & _PATH_TRUNCATED),
+                         bool(flags & _PATH2_TRUNCATED))
 
     def _decode_chdir(self, h: Header, raw: bytes, flags: int) -> ChdirEvent:
         s = self._chdir

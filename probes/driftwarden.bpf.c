@@ -7,8 +7,10 @@
  *
  * Cost model, cheapest check first:
  *   kind compiled in (an unselected kind has no tracepoint at all) -> write intent (opens) -> skipped cgroup / agent tgid
- *   -> stash args -> at syscall exit: read paths -> dedup (LRU) -> ring buffer, no wake-up.
- * Everything not sent is counted in `counters` (per CPU, per kind).
+ *   -> stash args -> at syscall exit: read paths -> dedup (LRU) -> the container's budget for
+ *   the kind (LRU, one lookup) -> ring buffer, no wake-up.
+ * Everything not sent is counted in `counters` (per CPU, per kind); what a budget held back and
+ * what the ring buffer had no room for also per (cgroup, kind) in `budget`.
  *
  * Settings are -D defines (probes/loader.py ProbeConfig), never spliced text; so is what the
  * kernel offers (DW_HAVE_*: a syscall this kernel lacks is not compiled, so not attached).
@@ -27,6 +29,37 @@
 #endif
 #ifndef DW_INCLUDE_HOST
 #define DW_INCLUDE_HOST 0                   /* 1: report host cgroups too */
+#endif
+/* Per-container budgets (fairness under floods): what one cgroup may send of a kind once dedup
+ * let it through, as a token bucket: RATE events/s sustained, BURST at once; RATE 0 = no
+ * budget for that kind (and no lookup). The excess is counted per (cgroup, kind) in `budget`
+ * and not sent, so one container cannot fill the ring buffer for the others. An exec held back
+ * still sends its compact dw_exec_repeat_event (the process table must know what runs). Fork,
+ * exit and chdir (bookkeeping) have no budget: the process table and relative paths need
+ * every one. probes/loader.py ProbeConfig.budgets sets these. */
+#ifndef DW_BUDGET_EXEC_RATE
+#define DW_BUDGET_EXEC_RATE 1000
+#endif
+#ifndef DW_BUDGET_EXEC_BURST
+#define DW_BUDGET_EXEC_BURST 2000
+#endif
+#ifndef DW_BUDGET_CONNECT_RATE
+#define DW_BUDGET_CONNECT_RATE 2000
+#endif
+#ifndef DW_BUDGET_CONNECT_BURST
+#define DW_BUDGET_CONNECT_BURST 4000
+#endif
+#ifndef DW_BUDGET_FILE_RATE
+#define DW_BUDGET_FILE_RATE 5000
+#endif
+#ifndef DW_BUDGET_FILE_BURST
+#define DW_BUDGET_FILE_BURST 10000
+#endif
+#ifndef DW_BUDGET_ENTRIES
+#define DW_BUDGET_ENTRIES 16384             /* (cgroup, kind) pairs tracked; LRU */
+#endif
+#if DW_BUDGET_EXEC_BURST < 1 || DW_BUDGET_CONNECT_BURST < 1 || DW_BUDGET_FILE_BURST < 1
+#error "DW_BUDGET_*_BURST must be >= 1"
 #endif
 #ifndef DW_HOST_CGROUP_ID
 #define DW_HOST_CGROUP_ID 1                 /* the cgroup v2 root's id; the loader sets it */
@@ -147,6 +180,18 @@ struct dw_dedup_val {
     u32 _pad;
 };
 
+struct dw_budget_key {
+    u64 cgroup_id;
+    u32 kind;
+    u32 _pad;
+};
+
+struct dw_budget_val {
+    u64 tat;                     /* GCRA: the bucket holds BURST tokens at tat - (BURST-1)/RATE */
+    u64 over;                    /* events the budget held back */
+    u64 dropped;                 /* events admitted that the ring buffer had no room for */
+};
+
 struct dw_sock_key {
     u32 tgid;
     s32 fd;
@@ -175,6 +220,11 @@ BPF_F_TABLE("lru_hash", u32, u32, cwd_owner, 16384, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COMMON_LRU);
+/* (cgroup, kind) -> its token bucket and what it held back and lost; read by userspace, never
+ * deleted there: entries made (budget_made) minus entries present = entries evicted */
+BPF_F_TABLE("lru_hash", struct dw_budget_key, struct dw_budget_val, budget, DW_BUDGET_ENTRIES,
+            BPF_F_NO_COMMON_LRU);
+BPF_PERCPU_ARRAY(budget_made, u64, 1);
 /* Per-thread syscall stashes: plain hashes (cheaper than LRU on every syscall); an entry a
  * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
 BPF_HASH(pending, u32, struct dw_pending, 16384);
@@ -281,45 +331,117 @@ static __always_inline u64 dw_hash_args(const char *buf, u32 len, u64 h)
     return dw_hash_words(buf, len, DW_ARGS_SIZE / 8, h);
 }
 
-/* Returns 1 when the event repeats a key sent less than DW_DEDUP_NS ago (it is counted and
- * dropped); otherwise 0, and *carried receives the repeats suppressed since the last send. */
-static __always_inline int dw_suppress(u32 kind, u64 cgid, u64 hash, u64 now, u32 *carried)
+#define DW_NS_PER(rate) ((rate) ? 1000000000ULL / (rate) : 0ULL)
+
+/* Nanoseconds per token and the burst of a kind's budget; constants at every inlined call. */
+static __always_inline u64 dw_budget_interval(u32 kind)
 {
-#if DW_DEDUP_NS == 0
+    if (kind == DW_KIND_EXEC)
+        return DW_NS_PER(DW_BUDGET_EXEC_RATE);
+    if (kind == DW_KIND_CONNECT)
+        return DW_NS_PER(DW_BUDGET_CONNECT_RATE);
+    if (kind == DW_KIND_FILE)
+        return DW_NS_PER(DW_BUDGET_FILE_RATE);
     return 0;
-#else
+}
+
+static __always_inline u64 dw_budget_burst(u32 kind)
+{
+    if (kind == DW_KIND_EXEC)
+        return DW_BUDGET_EXEC_BURST;
+    if (kind == DW_KIND_CONNECT)
+        return DW_BUDGET_CONNECT_BURST;
+    return DW_BUDGET_FILE_BURST;
+}
+
+/* 1 when the cgroup has spent its budget for `kind` (counted, not to be sent); else 0 and a
+ * token is taken. *slot receives the cgroup's entry (for drops), NULL when the kind has no
+ * budget. A token bucket as GCRA: one timestamp, no division at run time. Two CPUs racing on
+ * one entry may let an event or two more through: a budget, not an account. */
+static __always_inline int dw_over_budget(u32 kind, u64 cgid, u64 now,
+                                          struct dw_budget_val **slot)
+{
+    u64 interval = dw_budget_interval(kind);
+    *slot = 0;
+    if (interval == 0)
+        return 0;
+    struct dw_budget_key key = {.cgroup_id = cgid, .kind = kind};
+    struct dw_budget_val *b = budget.lookup(&key);
+    if (!b) {
+        struct dw_budget_val fresh = {.tat = now + interval};
+        if (budget.insert(&key, &fresh) == 0) {
+            u32 zero = 0;
+            u64 *made = budget_made.lookup(&zero);
+            if (made)
+                (*made)++;
+        }
+        *slot = budget.lookup(&key);     /* once per (cgroup, kind) */
+        return 0;
+    }
+    *slot = b;
+    u64 tat = b->tat;
+    if (tat > now + (dw_budget_burst(kind) - 1) * interval) {
+        __sync_fetch_and_add(&b->over, 1);
+        dw_count(kind, DW_CNT_OVER_BUDGET);
+        return 1;
+    }
+    b->tat = (tat > now ? tat : now) + interval;
+    return 0;
+}
+
+#define DW_ADMITTED 0
+#define DW_SUPPRESSED 1                     /* a repeat within DW_DEDUP_NS */
+#define DW_OVER_BUDGET 2                    /* its container is over its budget for the kind */
+
+/* Whether an event is sent: a repeat of a key sent less than DW_DEDUP_NS ago is suppressed
+ * (counted); else the container's budget decides, before any ring buffer space is taken. Only
+ * an admitted event updates the dedup entry (*carried receives the repeats suppressed since
+ * the key was last sent), so what a budget held back is sent when it comes again in budget. */
+static __always_inline int dw_admit(u32 kind, u64 cgid, u64 hash, u64 now, u32 *carried,
+                                    struct dw_budget_val **slot)
+{
+#if DW_DEDUP_NS != 0
     struct dw_dedup_key key = {.cgroup_id = cgid, .hash = hash, .kind = kind};
     struct dw_dedup_val *val = dedup.lookup(&key);
+    if (val && now - val->last_ns < DW_DEDUP_NS) {
+        __sync_fetch_and_add(&val->suppressed, 1);
+        dw_count(kind, DW_CNT_SUPPRESSED);
+        return DW_SUPPRESSED;
+    }
+#endif
+    if (dw_over_budget(kind, cgid, now, slot))
+        return DW_OVER_BUDGET;
+#if DW_DEDUP_NS != 0
     if (val) {
-        if (now - val->last_ns < DW_DEDUP_NS) {
-            __sync_fetch_and_add(&val->suppressed, 1);
-            dw_count(kind, DW_CNT_SUPPRESSED);
-            return 1;
-        }
         *carried = val->suppressed;
         val->suppressed = 0;
         val->last_ns = now;
-        return 0;
+    } else {
+        struct dw_dedup_val fresh = {.last_ns = now};
+        dedup.update(&key, &fresh);
     }
-    struct dw_dedup_val fresh = {.last_ns = now};
-    dedup.update(&key, &fresh);
-    return 0;
 #endif
+    return DW_ADMITTED;
 }
 
-/* `max` is the size of the object at `data`. The clamp sits behind a barrier on a 64-bit value
+/* `max` is the size of the object at `data`; `slot` the sender's budget entry, or NULL (its
+ * drops are then counted per kind only). The clamp sits behind a barrier on a 64-bit value
  * so clang cannot hand the verifier an unclamped copy, whatever the -D settings. */
-static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind)
+static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind,
+                                    struct dw_budget_val *slot)
 {
     DW_BARRIER(size);
     if (size > max)
         size = max;
     /* forced: the default wake-up is skipped while earlier records (sent without one) wait */
     u64 flags = ((DW_WAKE_KINDS) & (1 << kind)) ? BPF_RB_FORCE_WAKEUP : DW_WAKEUP;
-    if (events.ringbuf_output(data, size, flags) == 0)
+    if (events.ringbuf_output(data, size, flags) == 0) {
         dw_count(kind, DW_CNT_EMITTED);
-    else
+    } else {
         dw_count(kind, DW_CNT_DROPPED);
+        if (slot)                           /* the container's entry: drops per container */
+            __sync_fetch_and_add(&slot->dropped, 1);
+    }
 }
 
 /* A relative path means something different after a chdir: key it on the process and
@@ -360,7 +482,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     dw_fill_header(&e.hdr, DW_KIND_FORK, cgid, pid_tgid, bpf_ktime_get_ns());
     e.child_start_ns = info.start_ns;
     e.child_tgid = child;
-    dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_FORK);   /* never deduplicated */
+    dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_FORK, 0);   /* never deduplicated */
     return 0;
 }
 
@@ -385,7 +507,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!dw_skipped(cgid, pid_tgid)) {
         struct dw_exit_event e = {};
         dw_fill_header(&e.hdr, DW_KIND_EXIT, cgid, pid_tgid, bpf_ktime_get_ns());
-        dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_EXIT);   /* never deduplicated */
+        dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_EXIT, 0);   /* never deduplicated */
     }
     proc_of.delete(&tgid);
     cwd_epoch.delete(&tgid);
@@ -531,7 +653,7 @@ static __always_inline int dw_chdir_exit(long ret)
     u32 len = e->path_len;
     if (len > DW_PATH_MAX)
         len = DW_PATH_MAX;
-    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e), DW_KIND_CHDIR);
+    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e), DW_KIND_CHDIR, 0);
     return 0;
 }
 
@@ -641,9 +763,11 @@ static __always_inline int dw_exec_exit(long ret)
         h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
     e->dedup_key = h;
     u32 carried = 0;
-    if (dw_suppress(DW_KIND_EXEC, e->hdr.cgroup_id, h, bpf_ktime_get_ns(), &carried)) {
-        /* what the process runs now still changed: name the exec sent before (its key), in
-         * ~100 bytes instead of ~4.7 KB; a failed exec changed nothing, so it is not sent */
+    struct dw_budget_val *slot = 0;
+    if (dw_admit(DW_KIND_EXEC, e->hdr.cgroup_id, h, bpf_ktime_get_ns(), &carried, &slot)) {
+        /* a repeat, or over budget: what the process runs now still changed: name the exec
+         * (its key, the one of the record sent before if any), in ~100 bytes instead of
+         * ~4.7 KB; a failed exec changed nothing, so it is not sent */
         if (ret == 0) {
             struct dw_exec_repeat_event r;
             __builtin_memcpy(&r.hdr, &e->hdr, sizeof(r.hdr));
@@ -652,13 +776,13 @@ static __always_inline int dw_exec_exit(long ret)
             r.dedup_key = h;
             r.retval = ret;
             r._pad = 0;
-            dw_emit(&r, sizeof(r), sizeof(r), DW_KIND_EXEC_REPEAT);   /* never deduplicated */
+            dw_emit(&r, sizeof(r), sizeof(r), DW_KIND_EXEC_REPEAT, slot);   /* no dedup or budget */
         }
         exec_pending.delete(&tid);
         return 0;
     }
     e->hdr.suppressed = carried;
-    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e), DW_KIND_EXEC);
+    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e), DW_KIND_EXEC, slot);
     exec_pending.delete(&tid);
     return 0;
 }
@@ -767,11 +891,12 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
-    if (dw_suppress(DW_KIND_CONNECT, cgid, h, now, &carried))
+    struct dw_budget_val *slot = 0;
+    if (dw_admit(DW_KIND_CONNECT, cgid, h, now, &carried, &slot))
         return 0;
     dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
-    dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT);
+    dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT, slot);
     return 0;
 }
 
@@ -856,11 +981,12 @@ static __always_inline int dw_file_emit(struct dw_pending *pp, long ret, u64 cgi
     h = dw_mix(h, ((u64)p.mode << 32) | (p.flags & (DW_O_ACCMODE | DW_O_CREAT | DW_O_TRUNC | DW_O_APPEND)));
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
-    if (dw_suppress(DW_KIND_FILE, cgid, h, now, &carried))
+    struct dw_budget_val *slot = 0;
+    if (dw_admit(DW_KIND_FILE, cgid, h, now, &carried, &slot))
         return 0;
     dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
-    dw_emit(e, size, sizeof(*e), DW_KIND_FILE);
+    dw_emit(e, size, sizeof(*e), DW_KIND_FILE, slot);
     return 0;
 }
 

@@ -47,7 +47,8 @@ enum dw_counter {
     DW_CNT_SUPPRESSED = 1,       /* repeats dropped by the dedup map */
     DW_CNT_DROPPED = 2,          /* ring buffer full: record lost */
     DW_CNT_READ_FAILED = 3,      /* user memory could not be read (path or sockaddr) */
-    DW_CNT_MAX = 4,
+    DW_CNT_OVER_BUDGET = 4,      /* held back: its container was over its budget for the kind */
+    DW_CNT_MAX = 5,
 };
 
 /* File operations (struct dw_file_event.op). */
@@ -160,10 +161,11 @@ struct dw_fork_event {
     __u32 _pad;
 };
 
-/* A successful exec the dedup map suppressed: the exec'ing process's header (kind
- * DW_KIND_EXEC_REPEAT) and the dedup_key of the dw_exec_event it repeats, so userspace can keep
- * its process table (what the process runs now) without the 4.7 KB record. Only successful
- * execs: a failed one changes no process. */
+/* A successful exec the dedup map suppressed, or that its container's budget held back: the
+ * exec'ing process's header (kind DW_KIND_EXEC_REPEAT) and the dedup_key of the exec (a
+ * dw_exec_event sent before with that key, if any), so userspace can keep its process table
+ * (what the process runs now) without the 4.7 KB record. Only successful execs: a failed one
+ * changes no process. */
 struct dw_exec_repeat_event {
     struct dw_event_header hdr;
     __u64 dedup_key;

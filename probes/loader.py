@@ -15,6 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from driftwarden.core.errors import HostSupportError, ProbeLoadError, UsageError
 from driftwarden.core.lifecycle import Service
@@ -78,6 +79,69 @@ def _syscall_of(tracepoint: str) -> str:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What one container may send of one kind once the kernel's dedup let it through, as a
+    token bucket: `rate` events/s sustained, `burst` at once. rate 0: no budget (unlimited)."""
+
+    rate: int
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1_000_000_000:
+            raise UsageError(f"budget rate must be 0 (unlimited) to 1000000000 events/s, got "
+                             f"{self.rate}")
+        if self.burst < 1:
+            raise UsageError(f"budget burst must be >= 1 event, got {self.burst}")
+
+    def describe(self) -> str:
+        return f"{self.rate}/s, burst {self.burst}" if self.rate else "unlimited"
+
+
+UNLIMITED = Budget(0, 1)
+# Per container and kind (README "Fairness under floods"): above what a busy service or a build
+# step sends once dedup has folded its repeats, below what fills the 4 MiB ring buffer faster
+# than the agent drains it. An exec over budget still sends its compact repeat record.
+DEFAULT_BUDGETS: dict[str, Budget] = {
+    "exec": Budget(1000, 2000), "connect": Budget(2000, 4000), "write": Budget(5000, 10000)}
+
+
+def parse_budget(text: str) -> tuple[tuple[str, Budget], ...]:
+    """`--budget` values: "KIND=RATE[/BURST]" (burst defaults to twice the rate), "KIND=off",
+    or "off" (every kind unlimited) -> (kind, Budget) pairs; UsageError naming what is wrong."""
+    text = text.strip()
+    if text == "off":
+        return tuple((kind, UNLIMITED) for kind in SELECTABLE_KINDS)
+    kind, sep, value = text.partition("=")
+    kind = kind.strip()
+    if not sep or kind not in SELECTABLE_KINDS:
+        raise UsageError(f"--budget {text!r}: give KIND=RATE[/BURST], KIND=off or off, with "
+                         f"KIND one of {','.join(SELECTABLE_KINDS)}")
+    value = value.strip()
+    if value == "off":
+        return ((kind, UNLIMITED),)
+    rate_text, _, burst_text = value.partition("/")
+    try:
+        rate = int(rate_text)
+        burst = int(burst_text) if burst_text else max(2 * rate, 1)
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: RATE and BURST are whole numbers of events "
+                         "(e.g. write=5000/10000)") from None
+    if rate == 0:
+        raise UsageError(f"--budget {text!r}: a rate of 0 would send nothing; use {kind}=off "
+                         "for no budget")
+    return ((kind, Budget(rate, burst)),)
+
+
+class BudgetUsage(NamedTuple):
+    """What the budgets held back and the ring buffer lost, per (cgroup id, kind), since the
+    probes were loaded (ProbeSet.budget_usage); `evicted`: (cgroup, kind) entries the bounded
+    map dropped, their counts with them."""
+
+    counts: dict[tuple[int, str], tuple[int, int]]  # -> (over budget, dropped)
+    evicted: int
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     kinds: frozenset[str] = frozenset(SELECTABLE_KINDS)
     include_host: bool = False
@@ -91,6 +155,9 @@ class ProbeConfig:
     limits: Limits = field(default_factory=Limits)
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
     extra_skip_cgroup_ids: tuple[int, ...] = ()
+    # (kind, Budget) pairs; a kind not given keeps DEFAULT_BUDGETS'
+    budgets: tuple[tuple[str, Budget], ...] = ()
+    budget_entries: int = 16384  # (cgroup, kind) pairs the kernel tracks (LRU)
 
     def __post_init__(self) -> None:
         unknown_wake = set(self.wake_kinds) - set(SELECTABLE_KINDS)
@@ -110,6 +177,16 @@ class ProbeConfig:
             raise UsageError("dedup interval must be >= 0 (0 disables suppression)")
         if self.dedup_entries < 1:
             raise UsageError("dedup entries must be >= 1")
+        unknown_budget = {kind for kind, _ in self.budgets} - set(SELECTABLE_KINDS)
+        if unknown_budget:
+            raise UsageError(f"unknown event kind(s) {sorted(unknown_budget)} to budget: "
+                             f"choose from {','.join(SELECTABLE_KINDS)}")
+        if self.budget_entries < 1:
+            raise UsageError("budget entries must be >= 1")
+
+    def budget(self, kind: str) -> Budget:
+        """The budget of a selectable kind: the last one given in `budgets`, else the default."""
+        return dict(self.budgets).get(kind, DEFAULT_BUDGETS[kind])
 
     def tracepoints(self) -> dict[str, tuple[str, ...]]:
         """What these settings attach on a kernel with every syscall, by part ("bookkeeping",
@@ -144,6 +221,11 @@ class ProbeConfig:
             f"-DDW_WAKEUP={0 if self.wakeup else 'BPF_RB_NO_WAKEUP'}",
             f"-DDW_WAKE_KINDS={self._mask(self.wake_kinds)}",
             f"-DDW_OPEN_RESULT={int(self.open_result)}",
+            *(f"-DDW_BUDGET_{SELECTABLE_KINDS[kind].name}_{part}={value}"
+              for kind in SELECTABLE_KINDS
+              for part, value in (("RATE", self.budget(kind).rate),
+                                  ("BURST", self.budget(kind).burst))),
+            f"-DDW_BUDGET_ENTRIES={self.budget_entries}",
             *self.limits.cflags(),
         ]
 
@@ -340,6 +422,7 @@ class ProbeSet(Service):
         self._batch: list[bytes] = []
         self._callback = None
         self.host_cgroup_ids: tuple[int, ...] = ()
+        self._batch_lookup = True  # budget_usage(): until the kernel refuses one
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -423,7 +506,8 @@ class ProbeSet(Service):
         self._bpf.ring_buffer_poll(max(0, int(timeout * 1000)))
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per kind: emitted, suppressed, dropped, read_failed (summed over CPUs)."""
+        """Per kind: emitted, suppressed, dropped, read_failed, over_budget (summed over
+        CPUs)."""
         self._require()
         table = self._bpf[b"counters"]
         out: dict[str, dict[str, int]] = {}
@@ -434,6 +518,30 @@ class ProbeSet(Service):
                 per_kind[counter.name.lower()] = int(sum(table[ctypes.c_int(idx)]))
             out[kind.name.lower()] = per_kind
         return out
+
+    def budget_usage(self) -> BudgetUsage:
+        """What the per-container budgets held back and the ring buffer lost, per (cgroup id,
+        kind name as in SELECTABLE_KINDS), cumulative since loading: a batch lookup of the
+        whole map (0.3 ms for 600 entries here; read it a few times a second, not per event)."""
+        self._require()
+        names = {int(kind): name for name, kind in SELECTABLE_KINDS.items()}
+        counts: dict[tuple[int, str], tuple[int, int]] = {}
+        table = self._bpf[b"budget"]
+        entries = None
+        if self._batch_lookup:
+            try:  # one syscall per batch: 6x cheaper than a walk at 600 entries (Linux 5.6+)
+                entries = list(table.items_lookup_batch())
+            except Exception as exc:
+                self._batch_lookup = False
+                log.info("batch lookups unavailable (%s): walking the budget map", exc)
+        if entries is None:
+            entries = table.items()
+        for key, value in entries:
+            name = names.get(int(key.kind))
+            if name is not None:
+                counts[(int(key.cgroup_id), name)] = (int(value.over), int(value.dropped))
+        made = int(sum(self._bpf[b"budget_made"][ctypes.c_int(0)]))
+        return BudgetUsage(counts, max(made - len(counts), 0))
 
     def set_skip_tgid(self, tgid: int, skip: bool = True) -> None:
         self._require()

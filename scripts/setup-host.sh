@@ -39,6 +39,7 @@ PKGS=(
   containernetworking-plugins  # /usr/lib/cni: that containerd's CNI bin_dir (tests/support/containerd.py)
   podman               # tests/support/podman.py: rootful podman and its Docker-compatible API socket
   debootstrap          # tests/support/image_build.py: the Debian base image deploy/Dockerfile builds FROM
+  postgresql           # initdb, pg_ctl: the PostgreSQL server tests/support/postgres.py runs for the store tests
   # the benchmarks (make bench)
   bpftrace             # bench/probe_overhead.py's floor tool
   bpfcc-tools          # execsnoop-/opensnoop-/tcpconnect-bpfcc: bench/probe_overhead.py's naive tools

@@ -112,6 +112,47 @@ def running_containerd() -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A PostgreSQL server of the session's own on 127.0.0.1 (tests/support/postgres.py),
+    stopped and removed at its end; ``postgres.database()`` gives a test a fresh database."""
+    from tests.support.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        missing_prerequisite(f"psycopg is not installed ({exc}): pip install -e .")
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        missing_prerequisite(str(exc))
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.stop()
+        missing_prerequisite(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path) -> Iterator[Callable]:
+    """The collector's store on each backend: ``open_store(**options)`` opens (again: the same
+    file or database) this test's SQLite file, or a fresh database on the `postgres` server."""
+    if request.param == "sqlite":
+        from driftwarden.collector.store import AlertStore
+
+        yield lambda **options: AlertStore.open(tmp_path / "collector.db", **options)
+        return
+    from driftwarden.collector.store_pg import PostgresStore
+
+    with request.getfixturevalue("postgres").database() as url:
+        yield lambda **options: PostgresStore.open(url, **options)
+
+
+@pytest.fixture(scope="session")
 def storm_image(docker_ok) -> str:
     from tests.support.images import storm_image as build
 

@@ -611,7 +611,8 @@ def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
 
     class Probes:
         def counters(self):
-            return {"exec": {"emitted": 9, "suppressed": 4, "dropped": 2, "read_failed": 0}}
+            return {"exec": {"emitted": 9, "suppressed": 4, "dropped": 2, "read_failed": 0,
+                             "over_budget": 3}}
 
     actions = FakeActions(ActionStatus.DONE, "paused")
     with CollectorChannel(config(collector.address), spool_dir, actions=actions,
@@ -652,6 +653,7 @@ def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
         ("driftwarden_agent_collector_reconnects_total", (), 0.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "dropped")), 2.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "emitted")), 9.0),
+        ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "over_budget")), 3.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "suppressed")), 4.0),
         ("driftwarden_agent_spool_depth", (), 0.0),
     ]

@@ -38,6 +38,8 @@ def one_error_line(result) -> str:
     (["--record", "a.cap", "--replay", "b.cap"], "not allowed with argument"),
     (["--json", "--summary-only"], "not allowed with argument"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--budget", "write=lots"], "RATE and BURST are whole numbers of events"),
+    (["--budget", "fork=10"], "KIND one of exec,connect,write"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(args, expected):
     result = trace(*args)
@@ -60,10 +62,14 @@ def _plan_on_this_host(kinds: str):
 
 
 def test_print_bpf_shows_settings_and_program():
-    result = trace("--print-bpf", "--kinds", "exec,write", "--dedup-interval", "0.25")
+    result = trace("--print-bpf", "--kinds", "exec,write", "--dedup-interval", "0.25",
+                   "--budget", "write=300/600", "--budget", "exec=off")
     assert result.returncode == 0
     text = result.stdout
     assert "#define DW_DEDUP_NS 250000000" in text
+    assert ("#define DW_BUDGET_EXEC_RATE 0\n#define DW_BUDGET_EXEC_BURST 1\n"
+            "#define DW_BUDGET_CONNECT_RATE 2000\n#define DW_BUDGET_CONNECT_BURST 4000\n"
+            "#define DW_BUDGET_FILE_RATE 300\n#define DW_BUDGET_FILE_BURST 600\n") in text
     assert "#define DW_WITH_EXEC 1\n#define DW_WITH_CONNECT 0\n#define DW_WITH_FILE 1\n" in text
     plan = _plan_on_this_host("exec,write")
     assert text.startswith(f"/* driftwarden BPF program, as compiled; it attaches "

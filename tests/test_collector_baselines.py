@@ -16,7 +16,6 @@ from driftwarden.collector.baselines import FleetSettings, alert_items, required
 from driftwarden.collector.command import add_parser, config_from_args
 from driftwarden.collector.policy import parse_policy
 from driftwarden.collector.server import CollectorServer
-from driftwarden.collector.store import AlertStore
 from driftwarden.core import wire
 from driftwarden.core.alerts import Alert, AlertKind, AlertReason, Severity
 from driftwarden.core.argtypes import CommandParser
@@ -582,10 +581,10 @@ def test_the_baseline_file_reads_an_agents_profile_and_refuses_junk():
         unpack_baseline(msgpack.packb([1, 2]))
 
 
-def test_the_store_compares_versions_and_keeps_what_agents_hold(tmp_path):
+def test_the_store_compares_versions_and_keeps_what_agents_hold(open_store):
     doc = FleetBaseline(image_key=KEY, image_name="shop/web:1", created_at=1.0, updated_at=2.0,
                         items={X: None})
-    with AlertStore.open(tmp_path / "c.db") as store:
+    with open_store() as store:  # each backend
         store.put_baseline(doc, expect_version=None)
         with pytest.raises(StoreError, match=r"a baseline of .* is stored already"):
             store.put_baseline(doc, expect_version=None)

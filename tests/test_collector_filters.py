@@ -1,8 +1,10 @@
 """The collector's filter language: one table of cases through the store's SQL (on a real SQLite
-file), AlertFilter.matches and the subscribers' SubscriberFilter.matches; bad filters; page
-tokens."""
+file and a real PostgreSQL server), AlertFilter.matches and the subscribers'
+SubscriberFilter.matches; bad filters; page tokens."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 from driftwarden.collector.fanout import SubscriberFilter
@@ -95,11 +97,20 @@ STORE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def filter_store(tmp_path_factory):
-    with AlertStore.open(tmp_path_factory.mktemp("filters") / "collector.db") as s:
-        s.insert_alerts(FILTER_SET)
-        yield s
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filter_store(request, tmp_path_factory):
+    """The filter set in a store of each backend: the SQL reads the same on both."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            s = AlertStore.open(tmp_path_factory.mktemp("filters") / "collector.db")
+        else:
+            from driftwarden.collector.store_pg import PostgresStore
+
+            url = stack.enter_context(request.getfixturevalue("postgres").database())
+            s = PostgresStore.open(url)
+        with s:
+            s.insert_alerts(FILTER_SET)
+            yield s
 
 
 def selected(filter_store: AlertStore, kwargs: dict, subscriber: bool) -> dict:

@@ -1,6 +1,9 @@
-"""The collector's SQLite store, on real SQLite files: alerts (repeats, paging), actions, agents,
-audit, retention, container resolution, persistence, schema, threads, WAL; and that it is what
-the collector's store interface says (tests/test_collector_filters.py: the filter language)."""
+"""The collector's store on both backends, a real SQLite file and a real PostgreSQL server (the
+`store` and `open_store` fixtures run each test on each): alerts (repeats, paging), actions,
+agents, audit, retention, container resolution, persistence, schema, threads; and that each is
+what the collector's store interface says (tests/test_collector_filters.py: the filter
+language). Tests of what only SQLite has (pragmas, WAL checkpoints, the file) are marked
+``sqlite_only`` and take the `db_path` fixture."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from driftwarden.collector.store import (
     ContainerMatch,
     InsertOutcome,
     PruneResult,
+    SqlStore,
 )
 from driftwarden.core.actions import ActionStatus
 from driftwarden.core.alerts import Severity
@@ -35,14 +39,17 @@ from tests.support.store_alerts import CID_API, CID_CACHE, CID_JOB, CID_WEB, mak
 NEW, UPDATED, DUPLICATE = InsertOutcome.NEW, InsertOutcome.UPDATED, InsertOutcome.DUPLICATE
 
 
+sqlite_only = pytest.mark.sqlite_only  # the others take open_store (tests/conftest.py)
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "collector.db"
 
 
 @pytest.fixture
-def store(db_path: Path):
-    with AlertStore.open(db_path, clock=lambda: 5000.0) as s:
+def store(open_store):
+    with open_store(clock=lambda: 5000.0) as s:
         yield s
 
 
@@ -242,8 +249,8 @@ def test_actions_decided_at_once_are_finished_and_lists_filter(store):
     assert store.stats()["actions"] == 3
 
 
-def test_actions_keep_with_pause(db_path):
-    with AlertStore.open(db_path) as store:
+def test_actions_keep_with_pause(open_store):
+    with open_store() as store:
         paused = store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
                                      reason="r", requested_by="policy", with_pause=True, now=1.0)
         plain = store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
@@ -256,11 +263,12 @@ def test_actions_keep_with_pause(db_path):
         with pytest.raises(ValueError, match="with_pause must be True or False, got 1"):
             store.record_action(container_id=CID_WEB, node="node-1", type="quarantine",
                                 reason="r", requested_by="alice", with_pause=1)
-    with AlertStore.open(db_path) as store:
+    with open_store() as store:
         assert store.get_action(paused.action_id) == done
         assert store.get_action(plain.action_id) == plain
 
 
+@sqlite_only
 def test_a_schema_1_store_is_migrated_and_keeps_its_actions(db_path):
     raw = sqlite3.connect(db_path)
     raw.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
@@ -279,8 +287,8 @@ def test_a_schema_1_store_is_migrated_and_keeps_its_actions(db_path):
         assert store.page_actions() == ([old], None)
 
 
-def test_pending_actions_of_a_stopped_collector_fail_once_audited(db_path):
-    with AlertStore.open(db_path) as store:
+def test_pending_actions_of_a_stopped_collector_fail_once_audited(open_store):
+    with open_store() as store:
         first = store.record_action(container_id=CID_WEB, container_name="web", node="node-1",
                                     type="quarantine", reason="r", requested_by="policy",
                                     alert_id="a1", with_pause=True, now=1.0)
@@ -290,7 +298,7 @@ def test_pending_actions_of_a_stopped_collector_fail_once_audited(db_path):
                                    reason="r", requested_by="alice", now=0.5)
         store.finish_action(done.action_id, "done", now=0.7)
     # the collector stopped before the agents answered; the next one opens the same file
-    with AlertStore.open(db_path) as store:
+    with open_store() as store:
         failed = store.fail_pending_actions("restarted", now=10.0)
         assert [(a.action_id, a.status, a.message, a.finished_at, a.interrupted, a.with_pause)
                 for a in failed] == [
@@ -312,7 +320,7 @@ def test_pending_actions_of_a_stopped_collector_fail_once_audited(db_path):
         assert (late.status, late.message, late.finished_at, late.interrupted) == (
             ActionStatus.DONE, "quarantined", 11.0, False)
         assert store.finish_action(first.action_id, "failed", "replayed", now=12.0) == late
-    with AlertStore.open(db_path) as store:
+    with open_store() as store:
         assert store.get_action(second.action_id) == failed[1]
         assert store.get_action(first.action_id) == late
 
@@ -534,9 +542,9 @@ def test_a_reused_name_means_the_latest_on_one_node_and_is_ambiguous_across_node
 # -- the file ------------------------------------------------------------------------------------
 
 
-def test_everything_persists_across_close_and_reopen(db_path):
+def test_everything_persists_across_close_and_reopen(open_store):
     alert = make_alert("a1", 100.0)
-    with AlertStore.open(db_path) as store:
+    with open_store() as store:
         store.insert_alert(alert)
         action = store.record_action(container_id=CID_WEB, node="node-1", type="kill",
                                      reason="r", requested_by="alice", now=1.0)
@@ -546,7 +554,7 @@ def test_everything_persists_across_close_and_reopen(db_path):
     assert store.closed
     with pytest.raises(StoreError, match="is closed"):
         store.get_alert("a1")
-    with AlertStore.open(db_path) as store:
+    with open_store() as store:
         assert store.schema_version() == SCHEMA_VERSION
         assert store.get_alert("a1") == alert
         assert store.insert_alert(alert) is DUPLICATE
@@ -556,28 +564,33 @@ def test_everything_persists_across_close_and_reopen(db_path):
         assert store.find_container("web") == ContainerMatch(CID_WEB, "web", "node-1")
 
 
-def test_wal_mode_and_synchronous_normal(store, db_path):
-    store.insert_alert(make_alert("a1"))
-    assert store.pragmas() == {"journal_mode": "wal", "synchronous": 1}
-    other = sqlite3.connect(db_path)
-    try:  # WAL is a property of the file: a plain connection sees it too
-        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert other.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
-    finally:
-        other.close()
-    assert Path(f"{db_path}-wal").exists()
+@sqlite_only
+def test_wal_mode_and_synchronous_normal(db_path):
+    with AlertStore.open(db_path) as store:
+        store.insert_alert(make_alert("a1"))
+        assert store.pragmas() == {"journal_mode": "wal", "synchronous": 1}
+        other = sqlite3.connect(db_path)
+        try:  # WAL is a property of the file: a plain connection sees it too
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert other.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
+        finally:
+            other.close()
+        assert Path(f"{db_path}-wal").exists()
 
 
-def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path, db_path):
-    with AlertStore.open(db_path):
-        pass
-    raw = sqlite3.connect(db_path)
-    raw.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)",
-                (SCHEMA_VERSION + 1,))
-    raw.commit()
-    raw.close()
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
-        AlertStore.open(db_path)
+def test_a_newer_schema_is_refused(open_store):
+    with open_store() as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        with store._write() as conn:  # what a newer collector would have left
+            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)",
+                         (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match=f"has schema version {SCHEMA_VERSION + 1}, newer "
+                                         f"than this driftwarden supports \\({SCHEMA_VERSION}\\)"):
+        open_store()
+
+
+@sqlite_only
+def test_a_foreign_file_or_a_missing_directory_is_refused(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="is it a driftwarden SQLite store"):
@@ -586,13 +599,14 @@ def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path, db_path):
         AlertStore.open(tmp_path / "missing" / "x.db")
 
 
-def test_concurrent_batches_from_four_threads(db_path):
+def test_concurrent_batches_from_four_threads_on_two_stores(open_store):
+    """Two stores on one file or database (two collectors), two threads each."""
     shared = [make_alert(f"shared{i:03d}", 100.0 + i) for i in range(200)]
     outcomes: list[list[InsertOutcome]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
     start = threading.Barrier(4)
 
-    def work(n: int, store: AlertStore) -> None:
+    def work(n: int, store: SqlStore) -> None:
         own = [make_alert(f"t{n}-{i:03d}", 500.0 + i, cid=f"{n:08d}" * 8,
                            name=f"own{n}") for i in range(100)]
         alerts = [a for pair in zip(shared, own + own, strict=True) for a in pair]
@@ -603,8 +617,9 @@ def test_concurrent_batches_from_four_threads(db_path):
         except BaseException as exc:  # reported below: a thread's exception is otherwise lost
             errors.append(exc)
 
-    with AlertStore.open(db_path) as store:
-        threads = [threading.Thread(target=work, args=(n, store)) for n in range(4)]
+    with open_store() as store, open_store() as other:
+        threads = [threading.Thread(target=work, args=(n, (store, other)[n % 2]))
+                   for n in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -630,6 +645,7 @@ def _wait_until(predicate, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+@sqlite_only
 def test_background_checkpoints_replace_the_automatic_ones(db_path):
     with AlertStore.open(db_path, checkpoint_interval=0.05) as store:
         with store._read() as conn:
@@ -646,6 +662,7 @@ def test_background_checkpoints_replace_the_automatic_ones(db_path):
             assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
 
 
+@sqlite_only
 def test_checkpoint_interval_must_be_positive(db_path):
     with pytest.raises(ValueError, match=r"^checkpoint_interval must be > 0 seconds, got 0$"):
         AlertStore.open(db_path, checkpoint_interval=0)
@@ -655,7 +672,12 @@ def test_checkpoint_interval_must_be_positive(db_path):
 # -- the interface and the schema ----------------------------------------------------------------
 
 
-def test_the_sqlite_store_has_every_method_of_the_interface_with_its_signature():
+@pytest.mark.parametrize("backend", ["AlertStore", "PostgresStore"])
+def test_each_store_has_every_method_of_the_interface_with_its_signature(backend):
+    from driftwarden.collector.store_pg import PostgresStore
+
+    store_class = {"AlertStore": AlertStore, "PostgresStore": PostgresStore}[backend]
+
     def shown(signature: inspect.Signature) -> str:
         return str(signature.replace(return_annotation=inspect.Signature.empty))
 
@@ -663,11 +685,12 @@ def test_the_sqlite_store_has_every_method_of_the_interface_with_its_signature()
                   if callable(member) and not name.startswith("_")]
     assert "insert_alerts" in operations and "find_container" in operations
     for name in operations:
-        assert shown(inspect.signature(getattr(AlertStore, name))) == shown(
+        assert shown(inspect.signature(getattr(store_class, name))) == shown(
             inspect.signature(getattr(CollectorStore, name))), name
     assert {"path", "checkpoint_stats"} <= set(CollectorStore.__annotations__)
 
 
+@sqlite_only
 def test_schema_1_accepts_exactly_the_action_statuses(db_path):
     # the migration spells the statuses out: a new one needs a new migration
     assert tuple(s.value for s in ActionStatus) == ACTION_STATUSES_V1

@@ -292,7 +292,8 @@ def test_format_summary_table():
     summary = TraceSummary(
         kernel={"exec": {"emitted": 12, "suppressed": 3, "dropped": 0, "read_failed": 0},
                 "connect": {"emitted": 7, "suppressed": 100000, "dropped": 2},
-                "file": {"emitted": 1234567, "suppressed": 0, "dropped": 9}},
+                "file": {"emitted": 1234567, "suppressed": 0, "dropped": 9,
+                         "over_budget": 4321}},
         shown=Counter({"exec": 5, "write": 40}),
         filtered=Counter({"host": 3, "kind": 1}),
         decode_errors=Counter({"file:file-op-11": 2}),
@@ -301,10 +302,10 @@ def test_format_summary_table():
     )
     assert format_summary(summary).splitlines() == [
         "summary:",
-        "  kind       emitted  suppressed  dropped   shown",
-        "  exec            12           3        0       5",
-        "  connect          7      100000        2       0",
-        "  write      1234567           0        9      40",
+        "  kind       emitted  suppressed  dropped  over budget   shown",
+        "  exec            12           3        0            0       5",
+        "  connect          7      100000        2            0       0",
+        "  write      1234567           0        9         4321      40",
         "  filtered: host=3, kind=1",
         "  decode errors: file:file-op-11=2",
         "  unresolved relative paths: 4",
@@ -315,8 +316,8 @@ def test_format_summary_table():
 def test_format_summary_without_counters():
     assert format_summary(TraceSummary()).splitlines() == [
         "summary:",
-        "  kind       emitted  suppressed  dropped   shown",
-        "  exec             0           0        0       0",
-        "  connect          0           0        0       0",
-        "  write            0           0        0       0",
+        "  kind       emitted  suppressed  dropped  over budget   shown",
+        "  exec             0           0        0            0       0",
+        "  connect          0           0        0            0       0",
+        "  write            0           0        0            0       0",
     ]
