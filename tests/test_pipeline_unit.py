@@ -729,3 +729,16 @@ def test_replay_of_a_timed_out_container(tmp_path):
     assert replayed == live
     assert live_summary.pending_timeouts == replay_summary.pending_timeouts == 8
 
+
+
+def test_only_label_selects_containers_with_every_pair():
+    """`agent --only-label`: a container is watched when its labels hold every pair given."""
+    from driftwarden.agent.pipeline import labels_match
+
+    labels = (("app", "web"), ("node", "a"), ("tier", "front"))
+    assert labels_match((("node", "a"),), labels)
+    assert labels_match((("app", "web"), ("node", "a")), labels)
+    assert not labels_match((("node", "b"),), labels)
+    assert not labels_match((("node", "a"), ("zone", "x")), labels)
+    assert not labels_match((("node", "a"),), ())
+    assert labels_match((), labels)
