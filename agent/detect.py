@@ -46,6 +46,7 @@ from driftwarden.agent.alerts import build_alert, container_key
 from driftwarden.agent.carry import CarryJudge, record_files
 from driftwarden.agent.fleet import FleetBaselines, carried_scope, profile_from_baseline
 from driftwarden.agent.flood import FLOOD_CODE, FloodWatch, flood_reason
+from driftwarden.agent.known import KnownFilter
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
 from driftwarden.core.errors import InvalidMessage, NotEnoughWindowsError, UsageError
 from driftwarden.core.modes import Mode
@@ -181,8 +182,11 @@ class Detector:
         event_seen: Callable[[int], None] | None = None,
         fleet: FleetBaselines | None = None,
         flood: FloodWatch | None = None,
+        known: KnownFilter | None = None,
     ) -> None:
         self.config = config
+        # the baseline in the kernel (agent.known): known identities counted there, not sent
+        self._known = known
         # containers over their kernel budget (agent.flood): sensor-flood alerts, tainted windows
         self._flood = flood
         # the collector's baselines (agent.fleet): learned together, applied here; None: this
@@ -347,6 +351,11 @@ class Detector:
         if not before:
             self.windows.add(record, novel_kinds, now=self._window_time(record),
                              alerted=novel_kinds if not learning else ())
+            if (self._known is not None and not novel and not verdicts and not learning
+                    and profile.mode is not Mode.LEARN and kind != "exec"
+                    and (kind != "connect" or (record.program is not None
+                                               and record.program.exe is not None))):
+                self._known.offer(record, profile.image_id, view.id)
         if ops:
             self._remember_writes(view.id, record, ops)
         for verdict in verdicts:
@@ -623,6 +632,8 @@ class Detector:
         """Drops an image's baseline (memory, fitted models and file): the image learns again."""
         self.profiles.pop(image_id, None)
         self._dirty.discard(image_id)
+        if self._known is not None:
+            self._known.forget_image(image_id)
         self._models = {key: model for key, model in self._models.items()
                         if key[0] != image_id}
         self.store.path_for(image_id).unlink(missing_ok=True)
@@ -692,6 +703,8 @@ class Detector:
                           image_id, exc)
                 continue
             self.profiles[image_id] = profile
+            if self._known is not None:  # what it holds may have changed: judge afresh
+                self._known.forget_image(image_id)
             self._models = {key: model for key, model in self._models.items()
                             if key[0] != image_id}
             self.store.save(profile)
@@ -718,6 +731,8 @@ class Detector:
                     self._release(image_id, "answered")
                 elif now >= self._held[image_id][0]:
                     self._release(image_id, "timeout")
+        if self._known is not None:
+            self._known_tick(now)
         windows = self.windows.tick(self._window_horizon())
         if self._flood is not None:
             windows = self._check_floods(now, windows)
@@ -742,6 +757,25 @@ class Detector:
             flush_due()
         if now - self._last_save >= self.config.save_interval:
             self.save()
+
+    def _known_tick(self, now: float) -> None:
+        """Installs what was judged known; about once a second, adds what the kernel counted
+        to the windows (each hit as its exemplar record, at the last hit's time) and takes the
+        identities of images that learn out of the kernel."""
+        known = self._known
+        known.flush()
+        if not known.due(now):
+            return
+        for image_id in known.images():
+            profile = self.profiles.get(image_id)
+            if profile is None or profile.mode is Mode.LEARN:
+                known.forget_image(image_id)
+        for exemplar, hits, last_ns in known.poll(now):
+            at = (last_ns + self._clock_offset_ns) / 1e9
+            if at > self._latest_event:
+                self._latest_event = at
+            for _ in range(hits):
+                self.windows.add(exemplar, _NO_KINDS, now=at)
 
     def _check_floods(self, now: float, windows: list) -> list:
         """Reads the budgets' counts when due, or before windows that ended after the last

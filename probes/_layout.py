@@ -33,9 +33,10 @@ class Counter(enum.IntEnum):
     DROPPED = 2
     READ_FAILED = 3
     OVER_BUDGET = 4
+    KNOWN = 5
 
 
-COUNTER_MAX = 5
+COUNTER_MAX = 6
 
 
 class FileOp(enum.IntEnum):
@@ -147,6 +148,7 @@ class Limits:
                 ("addr", "16s"),
                 ("unix_path", f"{UNIX_PATH_LEN}s"),
                 ("_pad", "I"),
+                ("known_key", "Q"),
             ],
             "dw_file_event": [
                 ("hdr", "header"),
@@ -160,6 +162,7 @@ class Limits:
                 ("open_flags", "I"),
                 ("mode", "I"),
                 ("_pad2", "I"),
+                ("known_key", "Q"),
                 ("path", f"{p}s"),
                 ("path2", f"{p}s"),
             ],

@@ -3,8 +3,8 @@
 Everything downstream of the decoder reads from a `CaptureSource`, so the pipeline runs in tests
 and benchmarks without the kernel (the falcosecurity/libs "capture file" idea).
 
-Recorded file format (version 2): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
-  {"t": "hdr", "version": 2, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
+Recorded file format (version 3): the magic line `DWCAP\\x01\\n`, then a msgpack stream of maps:
+  {"t": "hdr", "version": 3, "limits": {...}, "clock_offset_ns": int, "created": float, "host": str}
   {"t": "ev", "b": <raw kernel record>}              (probes/dw_event.h layout of this version)
   {"t": "fact", "k": [name, *args], "v": value, "s": seq}
                                                      an answer the live pipeline got (from /proc,
@@ -16,7 +16,8 @@ Recorded file format (version 2): the magic line `DWCAP\\x01\\n`, then a msgpack
 A file without "end" (the recorder was killed) replays everything it holds and says so.
 Version 2 (process identity): 80-byte event headers with start times, fork and exit records,
 exec records with their dedup key and the compact records of suppressed repeated execs, and the
-start-up process snapshot; a version 1 file cannot be replayed (re-record it).
+start-up process snapshot. Version 3: connect and file records carry their key for the kernel's
+baseline filter. An older file cannot be replayed (re-record it).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from driftwarden.probes.loader import ProbeSet
 log = logging.getLogger(__name__)
 
 MAGIC = b"DWCAP\x01\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _VERSION_CHANGES = {1: "version 2 added process start times, fork, exit and repeated-exec "
-                       "records and the start-up process snapshot"}
+                       "records and the start-up process snapshot",
+                    2: "version 3 added the baseline filter's key to connect and file records"}
 
 
 class CaptureSource(Protocol):

@@ -47,6 +47,7 @@ _PATH2_TRUNCATED = int(Flag.PATH2_TRUNCATED)
 _FD_ONLY = int(Flag.FD_ONLY)
 _FAMILIES = {1: Family.UNIX, 2: Family.INET, 10: Family.INET6}
 _SOCK_TYPES = {0: SockType.UNKNOWN, 1: SockType.TCP, 2: SockType.UDP}
+_U64 = struct.Struct("<Q")
 
 
 def _text(raw: bytes) -> str:
@@ -180,8 +181,9 @@ class Decoder:
     def _decode_connect(self, h: Header, raw: bytes, flags: int) -> ConnectEvent:
         s = self._connect
         off = self._connect_offsets
-        self._need(raw, off["_pad"], "connect")
+        self._need(raw, off["known_key"] + 8, "connect")
         retval, fd, family_no, port, sock_type, path_len = s.unpack_from(raw, HEADER_SIZE)
+        (known_key,) = _U64.unpack_from(raw, off["known_key"])
         family = _FAMILIES.get(family_no, Family.OTHER)
         if family is Family.UNIX:
             if path_len > 108:
@@ -200,16 +202,18 @@ class Decoder:
                 if len(self._addresses) >= 4096:
                     self._addresses.clear()
                 address = self._addresses[family_no, addr] = format_address(family, addr)
-        # positional: header, family, family_number, address, port, sock_type, retval, fd
+        # positional: header, family, family_number, address, port, sock_type, retval, fd,
+        # known_key
         return ConnectEvent(h, family, family_no, address, port,
-                            _SOCK_TYPES.get(sock_type, SockType.OTHER), retval, fd)
+                            _SOCK_TYPES.get(sock_type, SockType.OTHER), retval, fd, known_key)
 
     def _decode_file(self, h: Header, raw: bytes, flags: int) -> FileEvent:
         s = self._file
         off = self._file_offsets
         self._need(raw, HEADER_SIZE + s.size, "file")
         fields = s.unpack_from(raw, HEADER_SIZE)
-        op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2 = fields
+        (op_no, path_len, path2_len, _pad, retval, dirfd, dirfd2, open_flags, mode, _pad2,
+         known_key) = fields
         op = _FILE_OPS.get(op_no)
         if op is None:
             raise MalformedRecord(f"file-op-{op_no}")
@@ -232,10 +236,10 @@ class Decoder:
                 raise MalformedRecord("short-file-path2")
             path2 = _cstr(chunk, path2_len)
         # positional, in FileEvent's field order: header, op, path, path2, dirfd, dirfd2,
-        # open_flags, mode, retval, path_truncated, path2_truncated
+        # open_flags, mode, retval, path_truncated, path2_truncated, known_key
         return FileEvent(h, op, path, path2, dirfd, dirfd2 if path2 is not None else AT_FDCWD,
                          open_flags, mode, retval, bool(flags & _PATH_TRUNCATED),
-                         bool(flags & _PATH2_TRUNCATED))
+                         bool(flags & _PATH2_TRUNCATED), known_key)
 
     def _decode_chdir(self, h: Header, raw: bytes, flags: int) -> ChdirEvent:
         s = self._chdir

@@ -58,6 +58,10 @@
 #ifndef DW_BUDGET_ENTRIES
 #define DW_BUDGET_ENTRIES 16384             /* (cgroup, kind) pairs tracked; LRU */
 #endif
+#ifndef DW_KNOWN_ENTRIES
+#define DW_KNOWN_ENTRIES 0                  /* (cgroup, kind, identity) entries of the baseline
+                                             * filter; 0: no filter (trace, learning) */
+#endif
 #if DW_BUDGET_EXEC_BURST < 1 || DW_BUDGET_CONNECT_BURST < 1 || DW_BUDGET_FILE_BURST < 1
 #error "DW_BUDGET_*_BURST must be >= 1"
 #endif
@@ -203,6 +207,16 @@ struct dw_proc {
     u64 parent_start_ns;         /* the parent's start_ns when the parent's fork was seen, else 0 */
     u32 ppid;                    /* the tgid that forked it */
     u32 _pad;
+    u64 program;                 /* what it runs: its last exec's key (chained through
+                                  * /proc/... re-execs), inherited at fork; 0 = unknown */
+};
+
+/* An identity the container's baseline holds (userspace puts it there after judging one
+ * event of it known): its events are counted here, not sent. */
+struct dw_known_val {
+    u64 last_ns;                 /* the last one counted as a hit */
+    u64 hits;                    /* events that dedup would have let through (userspace adds
+                                  * them to the container's feature windows) */
 };
 
 BPF_RINGBUF_OUTPUT(events, DW_RINGBUF_PAGES);
@@ -225,6 +239,10 @@ BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COM
 BPF_F_TABLE("lru_hash", struct dw_budget_key, struct dw_budget_val, budget, DW_BUDGET_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_PERCPU_ARRAY(budget_made, u64, 1);
+#if DW_KNOWN_ENTRIES
+/* a plain hash, not an LRU: userspace owns every entry (a full map refuses, counted there) */
+BPF_HASH(known, struct dw_dedup_key, struct dw_known_val, DW_KNOWN_ENTRIES);
+#endif
 /* Per-thread syscall stashes: plain hashes (cheaper than LRU on every syscall); an entry a
  * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
 BPF_HASH(pending, u32, struct dw_pending, 16384);
@@ -392,14 +410,34 @@ static __always_inline int dw_over_budget(u32 kind, u64 cgid, u64 now,
 #define DW_ADMITTED 0
 #define DW_SUPPRESSED 1                     /* a repeat within DW_DEDUP_NS */
 #define DW_OVER_BUDGET 2                    /* its container is over its budget for the kind */
+#define DW_KNOWN 3                          /* its container's baseline holds it: counted */
 
-/* Whether an event is sent: a repeat of a key sent less than DW_DEDUP_NS ago is suppressed
- * (counted); else the container's budget decides, before any ring buffer space is taken. Only
- * an admitted event updates the dedup entry (*carried receives the repeats suppressed since
- * the key was last sent), so what a budget held back is sent when it comes again in budget. */
-static __always_inline int dw_admit(u32 kind, u64 cgid, u64 hash, u64 now, u32 *carried,
-                                    struct dw_budget_val **slot)
+/* Whether an event is sent. An identity (`known_key`, 0: none) the container's baseline
+ * holds is counted in its `known` entry, as one hit when dedup would have let it through,
+ * else as a suppressed repeat: never sent, no budget spent. Otherwise a repeat of a key sent
+ * less than DW_DEDUP_NS ago is suppressed (counted); else the container's budget decides,
+ * before any ring buffer space is taken. Only an admitted event updates the dedup entry
+ * (*carried receives the repeats suppressed since the key was last sent), so what a budget
+ * held back is sent when it comes again in budget. */
+static __always_inline int dw_admit(u32 kind, u64 cgid, u64 hash, u64 known_key, u64 now,
+                                    u32 *carried, struct dw_budget_val **slot)
 {
+#if DW_KNOWN_ENTRIES
+    if (known_key) {
+        struct dw_dedup_key kkey = {.cgroup_id = cgid, .hash = known_key, .kind = kind};
+        struct dw_known_val *k = known.lookup(&kkey);
+        if (k) {
+            if (DW_DEDUP_NS != 0 && now - k->last_ns < DW_DEDUP_NS) {
+                dw_count(kind, DW_CNT_SUPPRESSED);
+                return DW_SUPPRESSED;
+            }
+            k->last_ns = now;
+            __sync_fetch_and_add(&k->hits, 1);
+            dw_count(kind, DW_CNT_KNOWN);
+            return DW_KNOWN;
+        }
+    }
+#endif
 #if DW_DEDUP_NS != 0
     struct dw_dedup_key key = {.cgroup_id = cgid, .hash = hash, .kind = kind};
     struct dw_dedup_val *val = dedup.lookup(&key);
@@ -467,8 +505,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u32 parent = pid_tgid >> 32;
     struct dw_proc info = {.start_ns = bpf_ktime_get_boot_ns(), .ppid = parent};
     struct dw_proc *pinfo = proc_of.lookup(&parent);
-    if (pinfo)
+    if (pinfo) {
         info.parent_start_ns = pinfo->start_ns;
+        info.program = pinfo->program;    /* a fork runs what its parent ran */
+    }
     proc_of.update(&child, &info);
 
     u64 cgid = bpf_get_current_cgroup_id();
@@ -693,6 +733,7 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
 
     u32 off = 0;
     u16 argc = 0;
+    u32 argv0_len = 0;
     int i;
     for (i = 0; i < DW_MAX_ARGS; i++) {
         const char *argp = 0;
@@ -711,6 +752,8 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
             m = DW_MAX_ARG_LEN;
             e->hdr.flags |= DW_F_ARG_CLIPPED;
         }
+        if (i == 0)
+            argv0_len = m;
         off += m;
         argc++;
     }
@@ -722,12 +765,47 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
     }
     e->argc = argc;
     e->args_size = off;
+#if DW_KNOWN_ENTRIES
+    /* the program's name until the exit: the file (absolute only: a relative one depends on
+     * the working directory) and argv[0], not the other arguments (a baseline's connect names
+     * the program, not how it was called); dw_exec_exit sets the real dedup_key */
+    u64 program = 0;
+    if (n > 1 && e->filename[0] == '/') {
+        program = dw_hash_path(e->filename, n, DW_FNV_BASIS);
+        program = dw_hash_words(e->args, argv0_len, DW_MAX_ARG_LEN / 8, program);
+    }
+    e->dedup_key = program;
+#endif
     u32 tid = (u32)pid_tgid;
     u32 tgid = pid_tgid >> 32;
     if (exec_pending.update(&tid, e) == 0 && tid != tgid)
         exec_threads.update(&tgid, &tid);
     return 0;
 }
+
+#if DW_KNOWN_ENTRIES
+/* What a process runs now, as the identity its connects are known by: its file and argv[0]
+ * (`key`, from dw_exec_enter); a re-exec through /proc (busybox's /proc/self/exe) runs what the
+ * process ran before under a new name, so its key is chained to that; an exec of an fd
+ * (fexecve, a memfd) or of a relative path has no name a baseline could hold: unknown (0),
+ * never filtered. */
+static __always_inline void dw_set_program(u32 tgid, struct dw_exec_event *e, u64 key)
+{
+    u64 program = key;
+    if (key && *(u32 *)e->filename == 0x6f72702f             /* "/pro" */
+        && e->filename[4] == 'c' && e->filename[5] == '/') {
+        struct dw_proc *before = proc_of.lookup(&tgid);
+        program = before && before->program ? dw_mix(key, before->program) : 0;
+    }
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    if (proc) {
+        proc->program = program;
+    } else if (program) {                 /* began before the probes: learn what it runs now */
+        struct dw_proc fresh = {.program = program};
+        proc_of.update(&tgid, &fresh);
+    }
+}
+#endif
 
 static __always_inline int dw_exec_exit(long ret)
 {
@@ -761,10 +839,14 @@ static __always_inline int dw_exec_exit(long ret)
     h = dw_mix(h, (u64)ret);
     if (e->filename[0] != '/')
         h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
+#if DW_KNOWN_ENTRIES
+    if (ret == 0)
+        dw_set_program(tgid, e, e->dedup_key);
+#endif
     e->dedup_key = h;
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
-    if (dw_admit(DW_KIND_EXEC, e->hdr.cgroup_id, h, bpf_ktime_get_ns(), &carried, &slot)) {
+    if (dw_admit(DW_KIND_EXEC, e->hdr.cgroup_id, h, 0, bpf_ktime_get_ns(), &carried, &slot)) {
         /* a repeat, or over budget: what the process runs now still changed: name the exec
          * (its key, the one of the record sent before if any), in ~100 bytes instead of
          * ~4.7 KB; a failed exec changed nothing, so it is not sent */
@@ -889,10 +971,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
             h = dw_mix(h, *(u64 *)&e->unix_path[i * 8]);
     }
     h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
+    e->known_key = 0;
+#if DW_KNOWN_ENTRIES
+    {   /* a baseline's connect names the program that made it */
+        u32 tgid = pid_tgid >> 32;
+        struct dw_proc *proc = proc_of.lookup(&tgid);
+        if (proc && proc->program)
+            e->known_key = dw_mix(h, proc->program);
+    }
+#endif
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
-    if (dw_admit(DW_KIND_CONNECT, cgid, h, now, &carried, &slot))
+    if (dw_admit(DW_KIND_CONNECT, cgid, h, e->known_key, now, &carried, &slot))
         return 0;
     dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
@@ -979,10 +1070,17 @@ static __always_inline int dw_file_emit(struct dw_pending *pp, long ret, u64 cgi
     }
     /* what was asked matters: chmod +x differs from chmod 644, O_TRUNC from O_APPEND */
     h = dw_mix(h, ((u64)p.mode << 32) | (p.flags & (DW_O_ACCMODE | DW_O_CREAT | DW_O_TRUNC | DW_O_APPEND)));
+    /* only absolute paths name the same file whoever writes them (a relative one's hash
+     * holds the process and its working directory) */
+    e->known_key = 0;
+#if DW_KNOWN_ENTRIES
+    if (e->path_len > 1 && e->path[0] == '/' && (!p.path2 || (e->path2_len > 1 && e->path2[0] == '/')))
+        e->known_key = h;
+#endif
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
-    if (dw_admit(DW_KIND_FILE, cgid, h, now, &carried, &slot))
+    if (dw_admit(DW_KIND_FILE, cgid, h, e->known_key, now, &carried, &slot))
         return 0;
     dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;

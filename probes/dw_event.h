@@ -48,7 +48,8 @@ enum dw_counter {
     DW_CNT_DROPPED = 2,          /* ring buffer full: record lost */
     DW_CNT_READ_FAILED = 3,      /* user memory could not be read (path or sockaddr) */
     DW_CNT_OVER_BUDGET = 4,      /* held back: its container was over its budget for the kind */
-    DW_CNT_MAX = 5,
+    DW_CNT_KNOWN = 5,            /* not sent: its container's baseline holds it (map `known`) */
+    DW_CNT_MAX = 6,
 };
 
 /* File operations (struct dw_file_event.op). */
@@ -122,6 +123,8 @@ struct dw_connect_event {
     __u8 addr[16];               /* IPv4 in the first 4 bytes, or IPv6 */
     char unix_path[DW_UNIX_PATH_LEN];
     __u32 _pad;
+    __u64 known_key;             /* its identity for the map `known` (address, result, socket
+                                  * type, the program that connected); 0: never filtered */
 };
 
 struct dw_file_event {
@@ -136,6 +139,8 @@ struct dw_file_event {
     __u32 open_flags;            /* open: O_* flags; unlinkat/renameat2/linkat: their flags */
     __u32 mode;                  /* chmod / mkdir / mknod / creating opens */
     __u32 _pad2;
+    __u64 known_key;             /* its identity for the map `known` (operation, absolute
+                                  * paths, flags, mode); 0: never filtered (a relative path) */
     char path[DW_PATH_MAX];
     char path2[DW_PATH_MAX];
 };

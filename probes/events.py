@@ -95,6 +95,7 @@ class ConnectEvent(NamedTuple):
     sock_type: SockType
     retval: int
     fd: int
+    known_key: int = 0  # its identity in the kernel's baseline filter (agent.known); 0: none
 
     @property
     def result(self) -> ConnectResult:
@@ -113,6 +114,7 @@ class FileEvent(NamedTuple):
     retval: int
     path_truncated: bool = False
     path2_truncated: bool = False
+    known_key: int = 0  # its identity in the kernel's baseline filter (agent.known); 0: none
 
     @property
     def result_known(self) -> bool:

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -158,6 +159,9 @@ class ProbeConfig:
     # (kind, Budget) pairs; a kind not given keeps DEFAULT_BUDGETS'
     budgets: tuple[tuple[str, Budget], ...] = ()
     budget_entries: int = 16384  # (cgroup, kind) pairs the kernel tracks (LRU)
+    # identities the baselines hold, counted in the kernel instead of sent (agent.known);
+    # 0: no such filter (trace, or an agent without detection)
+    known_entries: int = 0
 
     def __post_init__(self) -> None:
         unknown_wake = set(self.wake_kinds) - set(SELECTABLE_KINDS)
@@ -181,6 +185,9 @@ class ProbeConfig:
         if unknown_budget:
             raise UsageError(f"unknown event kind(s) {sorted(unknown_budget)} to budget: "
                              f"choose from {','.join(SELECTABLE_KINDS)}")
+        if self.known_entries < 0:
+            raise UsageError(f"known entries must be >= 0 (0: no kernel baseline filter), got "
+                             f"{self.known_entries}")
         if self.budget_entries < 1:
             raise UsageError("budget entries must be >= 1")
 
@@ -226,6 +233,7 @@ class ProbeConfig:
               for part, value in (("RATE", self.budget(kind).rate),
                                   ("BURST", self.budget(kind).burst))),
             f"-DDW_BUDGET_ENTRIES={self.budget_entries}",
+            f"-DDW_KNOWN_ENTRIES={self.known_entries}",
             *self.limits.cflags(),
         ]
 
@@ -542,6 +550,51 @@ class ProbeSet(Service):
                 counts[(int(key.cgroup_id), name)] = (int(value.over), int(value.dropped))
         made = int(sum(self._bpf[b"budget_made"][ctypes.c_int(0)]))
         return BudgetUsage(counts, max(made - len(counts), 0))
+
+    # -- the baseline filter (map `known`; agent.known decides what goes in) --------------
+
+    def known_install(self, entries: Iterable[tuple[int, int, int, int]]) -> int:
+        """Puts (cgroup id, kind number, known key, kernel time of the event judged) entries
+        in the map: their later events are counted, not sent. Returns how many went in; the
+        rest found the map full (ProbeConfig.known_entries)."""
+        self._require()
+        table = self._bpf[b"known"]
+        installed = 0
+        for cgroup_id, kind, key, ts_ns in entries:
+            try:  # the event itself was sent: its repeats within the dedup interval are not hits
+                table[table.Key(cgroup_id=cgroup_id, hash=key, kind=kind)] = table.Leaf(
+                    last_ns=ts_ns, hits=0)
+            except Exception as exc:  # bcc: "Could not update table: ... (E2BIG)" when full
+                log.debug("known map refused an entry: %s", exc)
+                continue
+            installed += 1
+        return installed
+
+    def known_hits(self) -> dict[tuple[int, int, int], tuple[int, int]]:
+        """(cgroup id, kind number, known key) -> (hits counted since the entry went in, kernel
+        time of the last): one batch lookup of the whole map (read it about once a second, not
+        per event)."""
+        self._require()
+        table = self._bpf[b"known"]
+        entries = None
+        if self._batch_lookup:
+            try:
+                entries = list(table.items_lookup_batch())
+            except Exception as exc:
+                self._batch_lookup = False
+                log.info("batch lookups unavailable (%s): walking the known map", exc)
+        if entries is None:
+            entries = table.items()
+        return {(int(k.cgroup_id), int(k.kind), int(k.hash)): (int(v.hits), int(v.last_ns))
+                for k, v in entries}
+
+    def known_remove(self, keys: Iterable[tuple[int, int, int]]) -> None:
+        """Takes (cgroup id, kind number, known key) entries out: their events are sent again."""
+        self._require()
+        table = self._bpf[b"known"]
+        for cgroup_id, kind, key in keys:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(cgroup_id=cgroup_id, hash=key, kind=kind)]
 
     def set_skip_tgid(self, tgid: int, skip: bool = True) -> None:
         self._require()

@@ -57,7 +57,7 @@ def test_round_trip(tmp_path):
     assert len(replay) == 10
     assert replay.limits == SMALL
     assert replay.clock_offset_ns == 1_700_000_000_123_456_789
-    assert replay.header.version == FORMAT_VERSION == 2
+    assert replay.header.version == FORMAT_VERSION == 3
     assert replay.header.host == socket.gethostname()
     assert before - 5 <= replay.header.created <= time.time()
     assert replay.counters() == COUNTERS
@@ -259,18 +259,18 @@ def _raw_capture(path: Path, *entries) -> None:
 
 
 def _header(**overrides) -> dict:
-    return {"t": "hdr", "version": 2, "limits": Limits().as_dict(), "clock_offset_ns": 0,
+    return {"t": "hdr", "version": 3, "limits": Limits().as_dict(), "clock_offset_ns": 0,
             "created": 0.0, "host": "h"} | overrides
 
 
-@pytest.mark.parametrize("version", [3, 0, None, "2"])
+@pytest.mark.parametrize("version", [4, 0, None, "3"])
 def test_wrong_version(tmp_path, version):
     path = tmp_path / "c.dwcap"
     _raw_capture(path, _header(version=version), {"t": "ev", "b": b"x"})
     with pytest.raises(CaptureFileError) as info:
         ReplayCapture(path)
     assert str(info.value) == (
-        f"{path}: capture format version {version}, this driftwarden reads 2; "
+        f"{path}: capture format version {version}, this driftwarden reads 3; "
         "re-record with this version")
 
 
@@ -282,7 +282,7 @@ def test_a_version_1_file_says_what_changed(tmp_path):
     with pytest.raises(CaptureFileError) as info:
         ReplayCapture(path)
     assert str(info.value) == (
-        f"{path}: capture format version 1, this driftwarden reads 2 (version 2 added process "
+        f"{path}: capture format version 1, this driftwarden reads 3 (version 2 added process "
         "start times, fork, exit and repeated-exec records and the start-up process snapshot); "
         "re-record with this version")
 

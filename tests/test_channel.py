@@ -612,7 +612,7 @@ def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
     class Probes:
         def counters(self):
             return {"exec": {"emitted": 9, "suppressed": 4, "dropped": 2, "read_failed": 0,
-                             "over_budget": 3}}
+                             "over_budget": 3, "known": 5}}
 
     actions = FakeActions(ActionStatus.DONE, "paused")
     with CollectorChannel(config(collector.address), spool_dir, actions=actions,
@@ -632,7 +632,9 @@ def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
         "driftwarden_agent_alerts": "counter",
         "driftwarden_agent_alerts_acked": "counter",
         "driftwarden_agent_alerts_sent": "counter",
+        "driftwarden_agent_collector_address_connected": "gauge",
         "driftwarden_agent_collector_connected": "gauge",
+        "driftwarden_agent_collector_failovers": "counter",
         "driftwarden_agent_collector_reconnects": "counter",
         "driftwarden_agent_event_latency_seconds": "histogram",
         "driftwarden_agent_event_latency_seconds_created": "gauge",
@@ -649,10 +651,14 @@ def test_metrics_of_the_agent_and_its_channel(collector, spool_dir):
         ("driftwarden_agent_alerts_total", (("kind", "anomaly"),), 0.0),
         ("driftwarden_agent_alerts_total", (("kind", "drift"),), 1.0),
         ("driftwarden_agent_alerts_total", (("kind", "novel"),), 0.0),
+        ("driftwarden_agent_collector_address_connected",
+         (("address", collector.address),), 1.0),
         ("driftwarden_agent_collector_connected", (), 1.0),
+        ("driftwarden_agent_collector_failovers_total", (), 0.0),
         ("driftwarden_agent_collector_reconnects_total", (), 0.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "dropped")), 2.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "emitted")), 9.0),
+        ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "known")), 5.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "over_budget")), 3.0),
         ("driftwarden_agent_events_total", (("kind", "exec"), ("outcome", "suppressed")), 4.0),
         ("driftwarden_agent_spool_depth", (), 0.0),

@@ -218,7 +218,7 @@ def test_header_constant_parser_finds_everything():
     """Guards the regexes above: if they found nothing, the enum tests would prove little."""
     groups = _header_constants()
     assert len(groups["DW_KIND_"]) == 8
-    assert len(groups["DW_CNT_"]) == 6
+    assert len(groups["DW_CNT_"]) == 7
     assert len(groups["DW_FILE_"]) == 10
     assert len(groups["DW_F_"]) == 7
 

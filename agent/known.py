@@ -1,0 +1,186 @@
+"""The baseline in the kernel, the agent's side: which identities the kernel stops sending.
+
+Once the detector has judged a connect or file record of a container whose image is out of
+learning (monitor or protect) as known (no novel item, no drift), it offers the record here; its
+kernel identity (``known_key``: the address, result and socket type with the program that
+connected; or the operation, absolute paths, flags and mode of a write) goes into the probes' map
+``known`` for that container's cgroup (probes/driftwarden.bpf.c). From then on the kernel counts
+that identity's events there instead of sending them: one *hit* whenever dedup would have let
+one through, so what the feature windows count stays what it was; repeats within the dedup
+interval stay suppressed as before.
+
+What stays exact:
+
+* the windows: :meth:`KnownFilter.poll` reads the hits about once a second and hands back the
+  record that was judged (the *exemplar*) with the number of new hits; the detector adds it to
+  its container's window that many times, at the time of the last hit;
+* novelty and drift: only what the baseline holds is filtered, and only for identities whose
+  judgement cannot change: execs are never filtered (a binary replaced in the container's upper
+  layer is drift under the same name), nor relative paths (their hash holds the process and its
+  working directory), nor connects of a process whose program the kernel never saw exec;
+* learning: nothing is filtered for an image that learns (:meth:`forget_image` takes its
+  entries out when it goes back to learning, or when its baseline is replaced or reset).
+
+Bounded: at most ``capacity`` entries (the map's size); an offer beyond it is refused and
+counted. An entry whose identity has not been seen for ``idle_seconds`` is taken out (counted),
+so containers that are gone give their room back. The provenance of a drift (who wrote a file)
+names the write that was judged, not a later repeat of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from driftwarden.core.records import TraceRecord
+from driftwarden.probes._layout import EventKind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 16384
+DEFAULT_IDLE_SECONDS = 600.0
+DEFAULT_POLL_SECONDS = 1.0
+_KIND_NUMBERS = {"connect": int(EventKind.CONNECT), "write": int(EventKind.FILE)}
+
+MapKey = tuple[int, int, int]  # (cgroup id, kind number, known key)
+
+
+@dataclass(slots=True)
+class _Entry:
+    image_id: str
+    container_id: str
+    exemplar: TraceRecord
+    hits: int  # as last read
+    seen_at: float  # when its hits last moved (or it went in)
+
+
+class KnownFilter:
+    """Decides what goes into the kernel's map ``known`` and reads back what it counted.
+
+    ``install(entries)`` puts (cgroup id, kind number, key, kernel time) entries in the map and
+    returns how many went in; ``read()`` returns {(cgroup id, kind number, key): (hits, kernel
+    time of the last hit)}; ``remove(keys)`` takes entries out (probes.loader.ProbeSet's
+    known_install, known_hits and known_remove). Not thread-safe: the detector's lock covers it.
+    """
+
+    def __init__(self, install: Callable[[list[tuple[int, int, int, int]]], int],
+                 read: Callable[[], dict[MapKey, tuple[int, int]]],
+                 remove: Callable[[Iterable[MapKey]], None], *,
+                 capacity: int = DEFAULT_CAPACITY, idle_seconds: float = DEFAULT_IDLE_SECONDS,
+                 poll_seconds: float = DEFAULT_POLL_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._install = install
+        self._read = read
+        self._remove = remove
+        self.capacity = capacity
+        self.idle_seconds = idle_seconds
+        self.poll_seconds = poll_seconds
+        self._clock = clock
+        self._entries: dict[MapKey, _Entry] = {}
+        self._pending: dict[MapKey, _Entry] = {}
+        self._by_image: defaultdict[str, set[MapKey]] = defaultdict(set)
+        self._last_poll = 0.0
+        self.stats: defaultdict[str, int] = defaultdict(int)
+        # container id -> known events counted in the kernel (hits), for metrics
+        self.hits_by_container: defaultdict[str, int] = defaultdict(int)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key_of(record: TraceRecord) -> MapKey | None:
+        """The map key of a record the kernel could filter, or None."""
+        kind = _KIND_NUMBERS.get(record.kind)
+        key = getattr(record.event, "known_key", 0)
+        if kind is None or not key:
+            return None
+        return (record.event.header.cgroup_id, kind, key)
+
+    def offer(self, record: TraceRecord, image_id: str, container_id: str) -> bool:
+        """A record judged known: its identity goes into the map at the next flush(). False
+        when it cannot (no kernel identity, already there, or the map is full: counted)."""
+        key = self.key_of(record)
+        if key is None or key in self._entries or key in self._pending:
+            return False
+        if len(self._entries) + len(self._pending) >= self.capacity:
+            self.stats["refused_full"] += 1
+            return False
+        self._pending[key] = _Entry(image_id, container_id, record, 0, self._clock())
+        return True
+
+    def flush(self) -> None:
+        """Installs the offers since the last call (one map update each)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        entries = [(*key, entry.exemplar.event.header.ts_ns) for key, entry in pending.items()]
+        installed = self._install(entries)
+        if installed < len(entries):
+            self.stats["refused_full"] += len(entries) - installed
+        # the map reports what went in at the next read; keep every offer until then
+        for key, entry in pending.items():
+            self._entries[key] = entry
+            self._by_image[entry.image_id].add(key)
+        self.stats["installed"] += installed
+
+    def due(self, now: float) -> bool:
+        return now - self._last_poll >= self.poll_seconds
+
+    def poll(self, now: float) -> list[tuple[TraceRecord, int, int]]:
+        """(exemplar, new hits, kernel time of the last hit) for each entry counted since the
+        last poll; entries idle for idle_seconds, and offers the map refused, taken out."""
+        self._last_poll = now
+        counted = self._read()
+        out = []
+        idle = []
+        for key, entry in self._entries.items():
+            found = counted.get(key)
+            if found is None:  # refused when the map was full (or taken out behind our back)
+                idle.append(key)
+                continue
+            hits, last_ns = found
+            if hits > entry.hits:
+                new = hits - entry.hits
+                entry.hits = hits
+                entry.seen_at = now
+                self.stats["hits"] += new
+                self.hits_by_container[entry.container_id] += new
+                out.append((entry.exemplar, new, last_ns))
+            elif now - entry.seen_at >= self.idle_seconds:
+                idle.append(key)
+                self.stats["evicted_idle"] += 1
+        if idle:
+            self._drop(idle)
+        return out
+
+    def forget_image(self, image_id: str) -> int:
+        """Takes every entry of an image out (it learns again, or its baseline changed)."""
+        keys = self._by_image.pop(image_id, None)
+        pending = [key for key, entry in self._pending.items() if entry.image_id == image_id]
+        for key in pending:
+            del self._pending[key]
+        if not keys:
+            return len(pending)
+        self._drop(list(keys))
+        self.stats["forgotten"] += len(keys)
+        return len(keys) + len(pending)
+
+    def images(self) -> list[str]:
+        return list(self._by_image)
+
+    def _drop(self, keys: list[MapKey]) -> None:
+        self._remove(keys)
+        for key in keys:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                continue
+            image_keys = self._by_image.get(entry.image_id)
+            if image_keys is not None:
+                image_keys.discard(key)
+                if not image_keys:
+                    del self._by_image[entry.image_id]

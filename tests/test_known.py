@@ -1,0 +1,135 @@
+"""agent.known.KnownFilter: what goes into the kernel's map `known`, and what comes back, against
+a map kept in a dict (the real map: tests/test_known_live.py)."""
+
+from __future__ import annotations
+
+from driftwarden.agent.known import KnownFilter
+from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.probes._layout import EventKind, FileOp, Flag
+from driftwarden.probes.events import ConnectEvent, ExecEvent, Family, FileEvent, Header, SockType
+
+CGROUP = 4242
+
+
+class FakeMap:
+    """The map as a dict, bounded like the kernel's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: dict[tuple[int, int, int], list[int]] = {}
+        self.removed: list[tuple[int, int, int]] = []
+
+    def install(self, entries) -> int:
+        done = 0
+        for cgroup_id, kind, key, ts_ns in entries:
+            if len(self.entries) >= self.size:
+                continue
+            self.entries[(cgroup_id, kind, key)] = [0, ts_ns]
+            done += 1
+        return done
+
+    def read(self):
+        return {key: (hits, last) for key, (hits, last) in self.entries.items()}
+
+    def remove(self, keys) -> None:
+        for key in keys:
+            self.removed.append(key)
+            self.entries.pop(key, None)
+
+    def hit(self, key, n: int, at_ns: int) -> None:
+        self.entries[key][0] += n
+        self.entries[key][1] = at_ns
+
+
+def _header(kind: EventKind, ts_ns: int = 1000) -> Header:
+    return Header(kind, ts_ns, CGROUP, 7, 7, 1, 0, 0, "app", Flag(0), 0)
+
+
+def _write(path: str, key: int) -> TraceRecord:
+    event = FileEvent(_header(EventKind.FILE), FileOp.OPEN, path, None, -100, -100, 0o2101,
+                      0o644, 0x7FFFFFFF, known_key=key)
+    return _record(event, "write")
+
+
+def _connect(key: int) -> TraceRecord:
+    event = ConnectEvent(_header(EventKind.CONNECT), Family.INET, 2, "127.0.0.1", 80,
+                         SockType.TCP, 0, 3, key)
+    return _record(event, "connect")
+
+
+def _record(event, kind: str) -> TraceRecord:
+    view = ContainerView(state="container", cgroup_id=CGROUP, id="c1", image="app:1",
+                         image_id="sha256:a")
+    return TraceRecord(event=event, kind=kind, container=view, ppid=1)
+
+
+def _filter(fake: FakeMap, capacity: int = 8, clock=lambda: 100.0) -> KnownFilter:
+    return KnownFilter(fake.install, fake.read, fake.remove, capacity=capacity,
+                       idle_seconds=60, poll_seconds=1.0, clock=clock)
+
+
+def test_offers_go_in_at_flush_and_hits_come_back_as_their_exemplar():
+    fake = FakeMap(16)
+    known = _filter(fake)
+    write, connect = _write("/data/app.log", 11), _connect(22)
+    assert known.offer(write, "sha256:a", "c1") is True
+    assert known.offer(connect, "sha256:a", "c1") is True
+    assert known.offer(write, "sha256:a", "c1") is False  # already offered
+    assert fake.entries == {}
+    known.flush()
+    assert set(fake.entries) == {(CGROUP, 3, 11), (CGROUP, 2, 22)}
+    assert fake.entries[(CGROUP, 3, 11)] == [0, 1000]  # the judged event is not a hit
+    assert known.poll(101.0) == []
+    fake.hit((CGROUP, 3, 11), 3, 5000)
+    assert known.poll(102.0) == [(write, 3, 5000)]
+    fake.hit((CGROUP, 3, 11), 1, 6000)
+    fake.hit((CGROUP, 2, 22), 2, 6500)
+    assert sorted(known.poll(103.0), key=lambda x: x[1]) == [(write, 1, 6000),
+                                                             (connect, 2, 6500)]
+    assert known.stats["hits"] == 6 and known.stats["installed"] == 2
+    assert dict(known.hits_by_container) == {"c1": 6}
+
+
+def test_what_the_kernel_cannot_filter_is_never_offered():
+    known = _filter(FakeMap(16))
+    assert known.offer(_write("relative.log", 0), "sha256:a", "c1") is False
+    view = ContainerView(state="container", cgroup_id=CGROUP, id="c1", image_id="sha256:a")
+    execution = ExecEvent(_header(EventKind.EXEC), "/bin/true", ("true",), 0, -100, False,
+                          False, 99)
+    assert known.offer(TraceRecord(event=execution, kind="exec", container=view, ppid=1),
+                       "sha256:a", "c1") is False
+    assert len(known) == 0
+
+
+def test_a_full_map_refuses_and_counts():
+    fake = FakeMap(1)  # the kernel's map is smaller than the filter thinks
+    known = _filter(fake, capacity=2)
+    for key in (1, 2, 3):
+        known.offer(_write(f"/f{key}", key), "sha256:a", "c1")
+    assert known.stats["refused_full"] == 1  # over the capacity: never offered
+    known.flush()
+    assert known.stats["refused_full"] == 2 and known.stats["installed"] == 1
+    known.poll(101.0)  # what the map refused is not kept
+    assert len(known) == 1 and list(fake.entries) == [(CGROUP, 3, 1)]
+
+
+def test_idle_identities_and_learning_images_are_taken_out():
+    now = [100.0]
+    fake = FakeMap(16)
+    known = _filter(fake, clock=lambda: now[0])
+    known.offer(_write("/a", 1), "sha256:a", "c1")
+    known.offer(_write("/b", 2), "sha256:a", "c1")
+    other = _write("/c", 3)
+    known.flush()
+    known.offer(other, "sha256:b", "c2")
+    known.flush()
+    fake.hit((CGROUP, 3, 2), 1, 10)
+    now[0] = 130.0
+    known.poll(130.0)
+    now[0] = 170.0
+    known.poll(170.0)  # /a: idle since 100; /b hit at 130
+    assert known.stats["evicted_idle"] == 2 and (CGROUP, 3, 1) in fake.removed
+    assert set(fake.entries) == {(CGROUP, 3, 2)}
+    assert known.images() == ["sha256:a"]
+    assert known.forget_image("sha256:a") == 1
+    assert fake.entries == {} and len(known) == 0 and known.images() == []
