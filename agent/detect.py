@@ -147,6 +147,20 @@ def _real_exe(exe: str | None, layers: Layers | None) -> str | None:
         return exe
 
 
+def _exact(record: TraceRecord, items: list[Item], ops) -> bool:
+    """Whether a connect or write record's items name exactly what its kernel identity does,
+    so the kernel may count its repeats (agent.known): no item canonicalised into a pattern
+    (a family of files or sockets never repeats exactly: it would only fill the map), and a
+    connect's program known."""
+    if record.kind == "connect":
+        program = record.program
+        return (program is not None and program.exe is not None and len(items) == 1
+                and items[0].address == record.event.address)
+    if record.kind == "write" and ops and len(items) == len(ops):
+        return all(item.path == path for item, (path, _, _) in zip(items, ops, strict=True))
+    return False
+
+
 def restates_novelty(outside: dict[str, float], alerted: dict[str, int]) -> bool:
     """Whether an anomalous window only restates novelty already alerted: its out-of-range
     features (`outside`: name -> value) are all novel_* counts, each no higher than the number of
@@ -352,9 +366,7 @@ class Detector:
             self.windows.add(record, novel_kinds, now=self._window_time(record),
                              alerted=novel_kinds if not learning else ())
             if (self._known is not None and not novel and not verdicts and not learning
-                    and profile.mode is not Mode.LEARN and kind != "exec"
-                    and (kind != "connect" or (record.program is not None
-                                               and record.program.exe is not None))):
+                    and profile.mode is not Mode.LEARN and _exact(record, items, ops)):
                 self._known.offer(record, profile.image_id, view.id)
         if ops:
             self._remember_writes(view.id, record, ops)

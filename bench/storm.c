@@ -17,6 +17,8 @@
  *             port) that accepts and closes, so no other process is needed.  The client closes
  *             with RST (SO_LINGER 0): otherwise long storms park ephemeral ports in TIME_WAIT
  *             and connect() starts failing with EADDRNOTAVAIL after ~28K connections.
+ *             With ARG and --serve, that listener is on ARG: the same destination every run
+ *             (a baseline can learn it).
  *   listen    accept + close on loopback ARG (required, same forms as connect).  COUNT 0 means
  *             until SIGTERM/SIGINT (the summary line is still printed).
  *   open      open(ARG, O_WRONLY|O_CREAT|O_APPEND) + write 1 byte + close, same path every time.
@@ -36,6 +38,9 @@
  *              sleep granularity stays around 1 ms whatever the rate.
  * --seconds S  stop after S seconds (fractions allowed); COUNT may then be omitted.
  * --linger S   stay alive S seconds after printing the summary (so /proc/PID can be read).
+ * --serve      connect: serve ARG itself (see connect).
+ * --cycle K    openuniq: ARG.NAME for K names in turn (letters g-z, no digits or hex: a baseline
+ *              learns each name as it is, not as a pattern), instead of a new path each time.
  *
  * Only loopback addresses are accepted (127.0.0.0/8, ::1, "localhost"); anything else is
  * refused before any socket is created (exit 2).
@@ -79,6 +84,8 @@ struct opts {
     double seconds;       /* <= 0: no time bound */
     int unlink_files;
     double linger;        /* seconds to stay alive after the summary (lets /proc be read) */
+    int serve;            /* connect: listen on ARG too */
+    long long cycle;      /* openuniq: K names in turn; 0: a new one each time */
 };
 
 struct ctx {
@@ -185,6 +192,11 @@ static void parse_args(int argc, char **argv, struct opts *o) {
             if (o->seconds <= 0) usage();
         } else if (strcmp(a, "--unlink") == 0) {
             o->unlink_files = 1;
+        } else if (strcmp(a, "--serve") == 0) {
+            o->serve = 1;
+        } else if (strcmp(a, "--cycle") == 0 && i + 1 < argc) {
+            o->cycle = strtoll(argv[++i], NULL, 10);
+            if (o->cycle < 1) usage();
         } else if (strcmp(a, "--linger") == 0 && i + 1 < argc) {
             o->linger = strtod(argv[++i], NULL);
             if (o->linger < 0) usage();
@@ -390,7 +402,19 @@ static int ev_open(struct ctx *c, long long i) {
 
 static int ev_openuniq(struct ctx *c, long long i) {
     char p[sizeof(c->path) + 24];
-    snprintf(p, sizeof(p), "%s.%lld", c->path, i);
+    if (c->o->cycle > 0) {
+        char name[16];
+        int n = 0;
+        long long k = i % c->o->cycle;
+        do {
+            name[n++] = (char)('g' + k % 20);
+            k /= 20;
+        } while (k > 0 && n < 15);
+        name[n] = 0;
+        snprintf(p, sizeof(p), "%s.%s", c->path, name);
+    } else {
+        snprintf(p, sizeof(p), "%s.%lld", c->path, i);
+    }
     return write_one(p, c->o->unlink_files);
 }
 
@@ -414,11 +438,13 @@ static void set_path(struct ctx *c, const char *dflt) {
 static void setup_connect(struct ctx *c) {
     if (c->o->arg) {
         if (parse_loopback(c->o->arg, &c->addr, &c->addrlen) < 0) refuse(c->o->arg);
-        return;
+        if (!c->o->serve)
+            return;
+    } else {
+        /* No target given: serve ourselves from a thread on an ephemeral loopback port. */
+        parse_loopback("127.0.0.1:0", &c->addr, &c->addrlen);
     }
-    /* No target given: serve ourselves from a thread on an ephemeral loopback port. */
     static int fd;
-    parse_loopback("127.0.0.1:0", &c->addr, &c->addrlen);
     fd = make_listener(&c->addr, &c->addrlen);
     pthread_t t;
     if (fd < 0 || pthread_create(&t, NULL, acceptor_thread, &fd) != 0) {

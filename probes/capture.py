@@ -34,12 +34,15 @@ from typing import Any, Protocol
 
 import msgpack
 from driftwarden.core.errors import CaptureFileError
-from driftwarden.probes._layout import Limits
+from driftwarden.probes._layout import EventKind, Limits
 from driftwarden.probes.loader import ProbeSet
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DWCAP\x01\n"
+# the header's kind: a u16, little-endian, every kind < 256: its first byte says it
+_KIND_OFFSET = Limits().offsets("dw_event_header")["kind"]
+_EXEC = int(EventKind.EXEC)
 FORMAT_VERSION = 3
 _VERSION_CHANGES = {1: "version 2 added process start times, fork, exit and repeated-exec "
                        "records and the start-up process snapshot",
@@ -64,25 +67,35 @@ def monotonic_to_wall_offset_ns() -> int:
 
 class LiveCapture:
     """The kernel ring buffer, drained on a short timer (the probes submit without wake-ups,
-    except for the kinds of ProbeConfig.wake_kinds, execs by default)."""
+    except for the kinds of ProbeConfig.wake_kinds, execs by default, and those at most once per
+    ProbeConfig.wake_gap_ns). After a batch with an exec the next wait is short
+    (`follow_up_interval`): the exec that follows an exec (a dropped binary run right after
+    its shell started) is taken up at once without waking the reader per exec in a storm."""
 
-    def __init__(self, probes: ProbeSet, *, drain_interval: float = 0.01) -> None:
+    def __init__(self, probes: ProbeSet, *, drain_interval: float = 0.01,
+                 follow_up_interval: float = 0.002) -> None:
         self.probes = probes
         self.limits = probes.config.limits
         self.drain_interval = drain_interval
+        self.follow_up_interval = follow_up_interval
         self.clock_offset_ns = monotonic_to_wall_offset_ns()
+        self._follow_up = False
 
     def read_batch(self, timeout: float) -> list[bytes] | None:
         deadline = time.monotonic() + timeout
         while True:
             batch = self.probes.drain()
             if batch:
+                self._follow_up = any(raw[_KIND_OFFSET] == _EXEC for raw in batch)
                 return batch
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            # an epoll wait: an exec wakes it at once, anything else is drained on the timer
-            self.probes.wait(min(self.drain_interval, left))
+            # an epoll wait: the first exec after a quiet spell wakes it at once; anything
+            # else is drained on the timer, sooner while execs come
+            interval = self.follow_up_interval if self._follow_up else self.drain_interval
+            self._follow_up = False
+            self.probes.wait(min(interval, left))
 
     def counters(self) -> dict[str, dict[str, int]]:
         return self.probes.counters()

@@ -100,6 +100,11 @@
                                              * execs are rare next to writes, and an exec is
                                              * what drift alerts are about */
 #endif
+#ifndef DW_WAKE_GAP_NS
+#define DW_WAKE_GAP_NS 5000000              /* such a wake-up only this long after the last:
+                                             * a storm of execs costs no wake-up each; the
+                                             * reader polls sooner while execs arrive */
+#endif
 /* Syscalls a supported kernel may lack (probes/loader.py OPTIONAL_SYSCALLS says which and why),
  * 1 or 0 each: the loader reads tracefs, and one the kernel lacks is neither compiled nor
  * attached (a kernel without a syscall runs no process that calls it). */
@@ -239,6 +244,7 @@ BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COM
 BPF_F_TABLE("lru_hash", struct dw_budget_key, struct dw_budget_val, budget, DW_BUDGET_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_PERCPU_ARRAY(budget_made, u64, 1);
+BPF_ARRAY(last_wake, u64, 1);                              /* DW_WAKE_GAP_NS */
 #if DW_KNOWN_ENTRIES
 /* a plain hash, not an LRU: userspace owns every entry (a full map refuses, counted there) */
 BPF_HASH(known, struct dw_dedup_key, struct dw_known_val, DW_KNOWN_ENTRIES);
@@ -462,6 +468,23 @@ static __always_inline int dw_admit(u32 kind, u64 cgid, u64 hash, u64 known_key,
     return DW_ADMITTED;
 }
 
+/* A wake-up kind's flags: a forced wake-up, unless one was forced less than DW_WAKE_GAP_NS
+ * ago (one global slot: CPUs racing on it may both wake, which is harmless). */
+static __always_inline u64 dw_wake_flags(void)
+{
+#if DW_WAKE_GAP_NS != 0
+    u32 zero = 0;
+    u64 *last = last_wake.lookup(&zero);
+    if (last) {
+        u64 now = bpf_ktime_get_ns();
+        if (now - *last < DW_WAKE_GAP_NS)
+            return DW_WAKEUP;
+        *last = now;
+    }
+#endif
+    return BPF_RB_FORCE_WAKEUP;
+}
+
 /* `max` is the size of the object at `data`; `slot` the sender's budget entry, or NULL (its
  * drops are then counted per kind only). The clamp sits behind a barrier on a 64-bit value
  * so clang cannot hand the verifier an unclamped copy, whatever the -D settings. */
@@ -472,7 +495,7 @@ static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind,
     if (size > max)
         size = max;
     /* forced: the default wake-up is skipped while earlier records (sent without one) wait */
-    u64 flags = ((DW_WAKE_KINDS) & (1 << kind)) ? BPF_RB_FORCE_WAKEUP : DW_WAKEUP;
+    u64 flags = ((DW_WAKE_KINDS) & (1 << kind)) ? dw_wake_flags() : DW_WAKEUP;
     if (events.ringbuf_output(data, size, flags) == 0) {
         dw_count(kind, DW_CNT_EMITTED);
     } else {

@@ -152,6 +152,8 @@ class ProbeConfig:
     wakeup: bool = False  # True: wake the reader per event (costly; for comparisons only)
     # kinds whose events wake the reader at once; the rest wait for the drain timer (~10 ms)
     wake_kinds: frozenset[str] = frozenset({"exec"})
+    # ... but at most one such wake-up per this many ns (0: one per event of those kinds)
+    wake_gap_ns: int = 5_000_000
     open_result: bool = False  # True: report opens at syscall exit, with their result (costlier)
     limits: Limits = field(default_factory=Limits)
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
@@ -185,6 +187,8 @@ class ProbeConfig:
         if unknown_budget:
             raise UsageError(f"unknown event kind(s) {sorted(unknown_budget)} to budget: "
                              f"choose from {','.join(SELECTABLE_KINDS)}")
+        if self.wake_gap_ns < 0:
+            raise UsageError(f"wake gap must be >= 0 ns, got {self.wake_gap_ns}")
         if self.known_entries < 0:
             raise UsageError(f"known entries must be >= 0 (0: no kernel baseline filter), got "
                              f"{self.known_entries}")
@@ -227,6 +231,7 @@ class ProbeConfig:
             f"-DDW_RINGBUF_PAGES={self.ringbuf_pages}",
             f"-DDW_WAKEUP={0 if self.wakeup else 'BPF_RB_NO_WAKEUP'}",
             f"-DDW_WAKE_KINDS={self._mask(self.wake_kinds)}",
+            f"-DDW_WAKE_GAP_NS={self.wake_gap_ns}",
             f"-DDW_OPEN_RESULT={int(self.open_result)}",
             *(f"-DDW_BUDGET_{SELECTABLE_KINDS[kind].name}_{part}={value}"
               for kind in SELECTABLE_KINDS
