@@ -70,30 +70,43 @@ class LiveCapture:
     except for the kinds of ProbeConfig.wake_kinds, execs by default, and those at most once per
     ProbeConfig.wake_gap_ns). After a batch with an exec the next wait is short
     (`follow_up_interval`): the exec that follows an exec (a dropped binary run right after
-    its shell started) is taken up at once without waking the reader per exec in a storm."""
+    its shell started) is taken up at once without waking the reader per exec in a storm. A node
+    where nothing happened for `idle_after` seconds is drained every `idle_interval` instead
+    (an exec still wakes the reader at once): an idle agent costs little."""
 
     def __init__(self, probes: ProbeSet, *, drain_interval: float = 0.01,
-                 follow_up_interval: float = 0.002) -> None:
+                 follow_up_interval: float = 0.002, idle_interval: float = 0.05,
+                 idle_after: float = 2.0) -> None:
         self.probes = probes
         self.limits = probes.config.limits
         self.drain_interval = drain_interval
         self.follow_up_interval = follow_up_interval
+        self.idle_interval = idle_interval
+        self.idle_after = idle_after
         self.clock_offset_ns = monotonic_to_wall_offset_ns()
         self._follow_up = False
+        self._last_records = time.monotonic()
 
     def read_batch(self, timeout: float) -> list[bytes] | None:
         deadline = time.monotonic() + timeout
         while True:
             batch = self.probes.drain()
+            now = time.monotonic()
             if batch:
                 self._follow_up = any(raw[_KIND_OFFSET] == _EXEC for raw in batch)
+                self._last_records = now
                 return batch
-            left = deadline - time.monotonic()
+            left = deadline - now
             if left <= 0:
                 return []
             # an epoll wait: the first exec after a quiet spell wakes it at once; anything
-            # else is drained on the timer, sooner while execs come
-            interval = self.follow_up_interval if self._follow_up else self.drain_interval
+            # else is drained on the timer, sooner while execs come, later on an idle node
+            if self._follow_up:
+                interval = self.follow_up_interval
+            elif now - self._last_records >= self.idle_after:
+                interval = self.idle_interval
+            else:
+                interval = self.drain_interval
             self._follow_up = False
             self.probes.wait(min(interval, left))
 
