@@ -318,16 +318,25 @@ static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, 
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
-#define DW_FNV_PRIME 0x100000001b3ULL
-#define DW_FNV_BASIS 0xcbf29ce484222325ULL
+#ifndef DW_HASH_SEED
+#define DW_HASH_SEED 0xcbf29ce484222325ULL  /* the loader sets a random one per load */
+#endif
+#define DW_FNV_BASIS ((u64)(DW_HASH_SEED))
+#define DW_MIX_MULTIPLIER 0xff51afd7ed558ccdULL
 
+/* One step of the identity hashes (dedup keys, known keys, budgets): a dense odd multiplier
+ * and a shift that carries the high bits down again, so a difference anywhere in a word
+ * reaches every bit of the result (FNV's sparse prime left a difference in a word's top byte
+ * in the top byte: "/tmp/a13" and "/tmp/a19" collided). The seed is random per load and
+ * secret from containers, so a path cannot be chosen to collide with a known one. */
 static __always_inline u64 dw_mix(u64 h, u64 v)
 {
     h ^= v;
-    return h * DW_FNV_PRIME;
+    h *= DW_MIX_MULTIPLIER;
+    return h ^ (h >> 32);
 }
 
-/* FNV-1a over 8-byte words of a NUL-terminated buffer of `len` bytes (NUL included), at most
+/* The mix over 8-byte words of a NUL-terminated buffer of `len` bytes (NUL included), at most
  * `max_words` words: a constant at every call, so the verifier sees a bounded loop. Bytes past
  * `len` are stale scratch memory, so the last word is masked. */
 static __always_inline u64 dw_hash_words(const char *buf, u32 len, const u32 max_words, u64 h)

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -458,6 +459,9 @@ class ProbeSet(Service):
         host_cgroup_id = os.stat(cgroup_root).st_ino
         cflags = self.plan.cflags(host_cgroup_id=host_cgroup_id, agent_tgid=os.getpid())
         log.info("compiling BPF program with %s", " ".join(cflags))
+        # the identity hashes' seed: random per load, never logged (a container that knew it
+        # could choose a path whose hash collides with a known one)
+        cflags.append(f"-DDW_HASH_SEED={secrets.randbits(64)}ULL")
         try:
             with _quiet_stderr():
                 self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)

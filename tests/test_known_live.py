@@ -217,3 +217,28 @@ def test_a_learned_workload_is_counted_in_the_kernel_and_attacks_still_alert(
         _wait(lambda: [r for r in live.for_cgroup(c.cgroup_id) if r.kind == "write"
                        and r.event.path == "/data/app.log" and r.event.header.ts_ns
                        > time.monotonic_ns() - 2_000_000_000], what="the appends sent again")
+
+
+def test_paths_that_differ_in_one_byte_are_different_identities(kernel_ok, storm_image):
+    """The identity hash carries every byte to every bit: with the old word-wise FNV,
+    /tmp/a13 and /tmp/a19 (and a22, a28) hashed alike, so the second exec in a second was
+    suppressed as a repeat of the first, and a write could pass for a known one."""
+    from driftwarden.probes.events import ExecEvent, FileEvent
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    names = ("a13", "a19", "a22", "a28")
+    config = ProbeConfig(kinds=frozenset({"exec", "write"}), known_entries=64)
+    with ProbeSet(config) as probes, run_container(storm_image, ["sleep", "3600"]) as c:
+        code, out = c.exec(["/bin/sh", "-c", " && ".join(
+            f"mkdir -p /tmp/{n} && cp /bin/busybox /tmp/{n}/true" for n in names)])
+        assert code == 0, out
+        probes.drain()
+        code, out = c.exec(["/bin/sh", "-c", "; ".join(
+            f"/tmp/{n}/true; echo x > /tmp/{n}/w" for n in names)])
+        assert code == 0, out
+        events = _events(probes, c.cgroup_id)
+    execs = {e.filename for e in events if isinstance(e, ExecEvent)}
+    writes = [e for e in events if isinstance(e, FileEvent) and e.path.endswith("/w")]
+    assert {f"/tmp/{n}/true" for n in names} <= execs
+    assert sorted(e.path for e in writes) == [f"/tmp/{n}/w" for n in names]
+    assert len({e.known_key for e in writes}) == len(names)
