@@ -40,8 +40,21 @@ spool, so it cannot hold back the others.
 
 Reconnects: exponential backoff with jitter (:class:`Backoff`: 0.5 s doubling to 30 s, each wait
 between half and all of that), reset once a stream is healthy (the collector sent a command, or
-the stream stayed up ``stable_seconds``). One warning per outage, not per retry; an info line
-when the collector is back.
+the stream stayed up ``stable_seconds``). One warning per outage, not per retry; a warning
+too when a collector takes the stream again (so a log that shows the outage shows its end).
+
+Failover: ``ChannelConfig.failover`` lists more collectors (replicas sharing one store). Every
+failed dial or ended stream moves to the next address in the list (round robin, after the same
+backoff wait: a dead replica costs about half a second, never a tight loop), and the agent stays
+on whichever address works: while its stream there lasts it does not move back to the first
+address. The new stream replays every unacknowledged alert (the store deduplicates by id),
+asks for the fleet baselines again and sends its heartbeat at once, so actions find the node on
+its new replica. ``stats.collector`` names the address of the open stream, ``stats.failovers``
+counts the moves. A collector that stops answering (a hung process, a node gone without closing
+its connections) is noticed by HTTP/2 keepalive pings (``keepalive_seconds``, answered within
+``keepalive_timeout``), not only when alerts wait ``ack_timeout`` for their ack. A host name
+that resolves to several addresses (a headless Service) is left to gRPC's resolver, which tries
+each of its addresses on every dial.
 
 Actions: ``action`` commands run on the worker through ``actions.run(type, container_id,
 [with_pause=True])`` (a :class:`~driftwarden.agent.actions.ContainerActions`) when
@@ -113,8 +126,10 @@ _REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "INV
 class ChannelConfig:
     """Where the collector is and how to talk to it (defaults are the production values)."""
 
-    address: str  # the gRPC target: host:port (netaddr.host_port)
+    address: str  # the gRPC target: host:port (netaddr.host_port); the first one dialled
     node: str
+    # more collectors (replicas of one store), dialled in turn when a stream fails
+    failover: tuple[str, ...] = ()
     mode: str = "learn"  # the agent's mode for images it sees first (hello.mode)
     hostname: str = field(default_factory=socket.gethostname)
     started_at: float = field(default_factory=time.time)
@@ -130,8 +145,19 @@ class ChannelConfig:
     spool_fsync: bool = True
     spool_max_bytes: int = DEFAULT_MAX_BYTES
     close_timeout: float = 3.0  # how long close() lets the stream end by itself
+    # HTTP/2 pings on the stream: a collector that stops answering them (its node gone without
+    # closing the connection, a hung process) ends the stream, so the agent fails over instead
+    # of writing into a dead connection until TCP gives up (minutes). The collector accepts
+    # pings 5 s apart (collector/server.py).
+    keepalive_seconds: float = 15.0
+    keepalive_timeout: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.address or any(not a for a in self.failover):
+            raise UsageError("a collector address is empty")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise UsageError(f"collector addresses {', '.join(self.addresses)}: one is given "
+                             f"twice")
         if not self.node or not self.node.isprintable() or any(c.isspace() for c in self.node):
             raise UsageError(f"node name {self.node!r} must be printable text without spaces")
         if self.tls is not None and not self.tls.has_pair:  # the collector knows nodes by it
@@ -142,7 +168,7 @@ class ChannelConfig:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         for name in ("heartbeat_seconds", "backoff_initial", "backoff_max", "stable_seconds",
-                     "ack_timeout", "close_timeout"):
+                     "ack_timeout", "close_timeout", "keepalive_seconds", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.backoff_max < self.backoff_initial:
@@ -158,6 +184,11 @@ class ChannelConfig:
         if self.max_in_flight < self.max_batch_alerts:
             raise UsageError(f"max_in_flight {self.max_in_flight} is below max_batch_alerts "
                              f"{self.max_batch_alerts}")
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every collector address, in the order they are tried."""
+        return (self.address, *self.failover)
 
 
 class Backoff:
@@ -225,6 +256,8 @@ class ChannelStats:
     spool_depth: int  # alerts waiting for an ack
     last_error: str | None  # why the last stream ended or could not open
     failures_in_row: int  # stream failures since the last healthy stream
+    collector: str | None  # the address of the open stream (None: not connected)
+    failovers: int  # moves to another collector address after a failure
     backoff_seconds: float  # base wait (before jitter) of the latest retry; 0 before any
     heartbeats: int
     invalid_dropped: int  # undeliverable alerts removed from the spool (see module docstring)
@@ -240,8 +273,9 @@ class ChannelStats:
 class _Stream:
     """One Connect call and what was sent on it (fields guarded by the channel's condition)."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, address: str) -> None:
         self.number = number
+        self.address = address  # the collector dialled
         self.call: Any = None
         self.closed = False
         self.ready_at: float | None = None  # when hello went out on a live connection
@@ -289,6 +323,12 @@ class CollectorChannel(Service):
         self._counters = counters
         self._containers = containers
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, random=random)
+        self._target = 0  # index into config.addresses of the collector dialled next
+        timeout_ms = int(config.keepalive_timeout * 1000)
+        self._keepalive = (
+            ("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout_ms))  # else a 60 s default applies
         self._cond = threading.Condition()
         # guarded by _cond:
         self._fresh: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
@@ -319,8 +359,11 @@ class CollectorChannel(Service):
     def _start(self) -> None:
         self._thread.start()
         self._action_thread.start()
-        log.info("collector channel to %s as node %s; %d alerts pending in %s",
-                 self.config.address, self.config.node, self.spool.depth, self.spool.directory)
+        failover = (f" (failover: {', '.join(self.config.failover)})"
+                    if self.config.failover else "")
+        log.info("collector channel to %s%s as node %s; %d alerts pending in %s",
+                 self.config.address, failover, self.config.node, self.spool.depth,
+                 self.spool.directory)
 
     def _restart_refused(self) -> Exception:
         return ChannelError("the collector channel is closed")
@@ -381,6 +424,8 @@ class CollectorChannel(Service):
                 acked=self._counts["acked"], reconnects=self._counts["reconnects"],
                 streams=self._counts["streams"], spool_depth=depth,
                 last_error=self._last_error, failures_in_row=self._backoff.failures,
+                collector=stream.address if self._connected(stream) else None,
+                failovers=self._counts["failovers"],
                 backoff_seconds=self._backoff_seconds, heartbeats=self._counts["heartbeats"],
                 invalid_dropped=self._counts["invalid_dropped"],
                 spool_refused=self._counts["spool_refused"], actions=dict(self._action_counts))
@@ -389,6 +434,13 @@ class CollectorChannel(Service):
     def connected(self) -> bool:
         with self._cond:
             return self._connected(self._stream)
+
+    @property
+    def collector(self) -> str | None:
+        """The address of the collector this agent streams to now (None: not connected)."""
+        with self._cond:
+            stream = self._stream
+            return stream.address if self._connected(stream) else None
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the spool is empty (every alert acknowledged); False on timeout."""
@@ -418,9 +470,11 @@ class CollectorChannel(Service):
                 with self._cond:
                     self._counts["reconnects"] += 1
             first = False
-            error = self._serve()
+            address = self.config.addresses[self._target]
+            error = self._serve(address)
             if self._stopping.is_set():
                 break
+            following = self._fail_over()
             with self._cond:
                 self._last_error = error
                 base, wait = self._backoff.next_delay()
@@ -428,23 +482,34 @@ class CollectorChannel(Service):
                 outage_start = self._outage_since is None
                 if outage_start:
                     self._outage_since = time.monotonic()
+            then = f"; trying {following} next" if following != address else ""
             if outage_start:
                 # A refusal (wrong node, certificate, protocol) needs a person, not patience.
                 level = logging.ERROR if error.startswith(_REFUSALS) else logging.WARNING
                 log.log(level, "collector %s: %s; alerts stay in the spool (%d pending) and "
-                        "the agent keeps redialing", self.config.address, error,
-                        self.spool.depth)
+                        "the agent keeps redialing%s", address, error, self.spool.depth, then)
             else:
-                log.debug("collector %s still unavailable: %s; next try in %.2f s",
-                          self.config.address, error, wait)
+                log.debug("collector %s still unavailable: %s; next try%s in %.2f s",
+                          address, error, f" ({following})" if following != address else "",
+                          wait)
             self._stopping.wait(wait)
 
-    def _serve(self) -> str:
-        """Run one stream until it ends; returns why it ended."""
-        stream = _Stream(self._counts["streams"] + 1)
+    def _fail_over(self) -> str:
+        """After a failure: the next address in the list becomes the one dialled (the same
+        one when there is only one). Returns it."""
+        addresses = self.config.addresses
+        if len(addresses) > 1:
+            self._target = (self._target + 1) % len(addresses)
+            with self._cond:
+                self._counts["failovers"] += 1
+        return addresses[self._target]
+
+    def _serve(self, address: str) -> str:
+        """Run one stream to the collector at `address` until it ends; returns why it ended."""
+        stream = _Stream(self._counts["streams"] + 1, address)
         try:
             # TLS files are read again at each dial: a renewed certificate is used at once
-            channel = dial(self.config.address, tls=self.config.tls)
+            channel = dial(address, tls=self.config.tls, options=self._keepalive)
         except CertError as exc:
             return str(exc)
         with self._cond:
@@ -490,13 +555,21 @@ class CollectorChannel(Service):
             return
         stream.healthy = True
         self._backoff.reset()
+        where = self._where(stream.address)
         if self._outage_since is not None:
-            log.info("collector %s: connected again after %.1f s; %d alerts still spooled",
-                     self.config.address, time.monotonic() - self._outage_since,
-                     self.spool.depth)
+            # as loud as the outage's warning (module docstring)
+            log.warning("collector %s: connected again after %.1f s%s; %d alerts still "
+                        "spooled", stream.address, time.monotonic() - self._outage_since,
+                        where, self.spool.depth)
             self._outage_since = None
         else:
-            log.info("collector %s: connected", self.config.address)
+            log.info("collector %s: connected%s", stream.address, where)
+
+    def _where(self, address: str) -> str:
+        addresses = self.config.addresses
+        if len(addresses) == 1:
+            return ""
+        return f" (collector {addresses.index(address) + 1} of {len(addresses)})"
 
     # -- commands (collector -> agent) -----------------------------------------------------
 
@@ -593,7 +666,7 @@ class CollectorChannel(Service):
                         self._cond.wait(self._sleep_for(stream, now, next_heartbeat))
             if break_stream:
                 log.warning("collector %s has not acknowledged %d alerts for %.0f s; "
-                            "redialing", config.address, len(stream.in_flight),
+                            "redialing", stream.address, len(stream.in_flight),
                             config.ack_timeout)
                 if stream.call is not None:
                     stream.call.cancel()

@@ -10,7 +10,7 @@ podman, or a CRI runtime, where pause is the cgroup freezer and kill is StopCont
 heartbeats list the running containers of every runtime.
 
 `--metrics HOST:PORT` serves Prometheus metrics (loopback only): ``driftwarden_agent_``
-``events_total{kind,outcome=emitted|suppressed|dropped|over_budget}`` (the probes' counters),
+``events_total{kind,outcome=emitted|suppressed|dropped|over_budget|known}`` (the probes' counters),
 ``container_events_held_total{container,image,kind,outcome=over_budget|dropped}`` (per
 container: the first 20 containers that went over their budget or lost events have their own
 series, later ones add to container ``_other``; agent.flood), ``flood_episodes_total``,
@@ -20,8 +20,14 @@ detector takes the event up), ``containers_without_metadata_total{runtime}`` (co
 runtime did not describe: no image, so no detection) and
 ``container_metadata_unavailable{runtime}`` (1 while that runtime cannot be asked);
 with `--collector` also ``spool_depth``, ``collector_connected``,
+``collector_address_connected{address}`` (1 for the collector streamed to now, 0 for each other
+address given), ``collector_failovers_total``,
 ``alerts_sent_total``, ``alerts_acked_total``, ``collector_reconnects_total`` and
 ``actions_total{type,status}``.
+
+`--collector` takes several addresses (repeated, or comma-separated): replicas of one collector
+store; the agent streams to one and fails over to the next when its stream breaks
+(driftwarden.agent.channel).
 
 The agent's commands (`trace`, `agent`, `doctor`) are added to the command line by
 :func:`add_parsers`, and :func:`run_local_baseline` runs `baseline` on a node's state dir;
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -71,7 +78,8 @@ class AgentOptions:
     docker_host: str | None = None  # one more runtime endpoint, for the Docker Engine API
     # CRI or Docker sockets (unix:///path); none given: the usual sockets that exist
     runtime_endpoints: tuple[str, ...] = ()
-    collector: str | None = None  # host:port of the collector's gRPC endpoint
+    # host:port of the collector's gRPC endpoint; several (replicas): comma-separated
+    collector: str | None = None
     allow_non_loopback: bool = False
     node: str | None = None  # None: this host's name
     tls_cert: str | None = None
@@ -83,6 +91,8 @@ class AgentOptions:
     only_labels: tuple[tuple[str, str], ...] = ()
     # --budget: (kind, probes.loader.Budget) pairs; kinds not given keep the defaults
     budgets: tuple = ()
+    # --known-entries: identities of learned baselines the kernel counts instead of sending
+    known_entries: int = 16384
 
     @property
     def alerts_file(self) -> str | None:
@@ -98,23 +108,18 @@ def add_collector_flags(parser: argparse.ArgumentParser) -> None:
     Also makes `--alerts-out` default to "not given", so that with `--collector` alerts go to
     stdout only when `--alerts-out -` is given explicitly."""
     group = parser.add_argument_group("collector")
-    group.add_argument("--collector", metavar="HOST:PORT", default=None,
+    group.add_argument("--collector", metavar="HOST:PORT[,HOST:PORT...]", action="append",
+                       default=None,
                        help="stream alerts to this collector (loopback only unless "
                        "--allow-non-loopback); alerts wait in STATE_DIR/spool until it "
-                       "acknowledges them; it may send container actions back")
-    group.add_argument("--allow-non-loopback", action="store_true",
-                       help="allow a --collector beyond loopback (real deployments; needs the "
-                       "--tls-* files)")
+                       "acknowledges them; it may send container actions back. Several "
+                       "addresses (repeat the flag or separate them with commas): replicas "
+                       "sharing one store, tried in order; when a stream breaks the agent "
+                       "fails over to the next and replays what was not acknowledged")
     group.add_argument("--node", metavar="NAME", default=None,
                        help="this node's name towards the collector (default: the host name; "
                        "with TLS it must be the certificate's CN)")
-    group.add_argument("--tls-cert", metavar="FILE", default=None,
-                       help="this agent's client certificate (mutual TLS; with --tls-key and "
-                       "--tls-ca, e.g. from `driftwarden certs`)")
-    group.add_argument("--tls-key", metavar="FILE", default=None,
-                       help="the client certificate's private key")
-    group.add_argument("--tls-ca", metavar="FILE", default=None,
-                       help="the CA certificate that signed the collector's certificate")
+    add_dial_flags(group)
     group.add_argument("--heartbeat", type=POSITIVE_SECONDS, default=None, metavar="SECONDS",
                        help=f"heartbeat interval towards the collector (default "
                        f"{DEFAULT_HEARTBEAT_SECONDS:g})")
@@ -122,6 +127,21 @@ def add_collector_flags(parser: argparse.ArgumentParser) -> None:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback "
                        "only; port 0 picks one)")
     parser.set_defaults(alerts_out=None)
+
+
+def add_dial_flags(group: Any) -> None:
+    """`--allow-non-loopback` and the `--tls-*` files: how the agent (and `doctor
+    --collector`) may dial its collectors; :func:`collector_targets` checks them."""
+    group.add_argument("--allow-non-loopback", action="store_true",
+                       help="allow a --collector beyond loopback (real deployments; needs the "
+                       "--tls-* files)")
+    group.add_argument("--tls-cert", metavar="FILE", default=None,
+                       help="this agent's client certificate (mutual TLS; with --tls-key and "
+                       "--tls-ca, e.g. from `driftwarden certs`)")
+    group.add_argument("--tls-key", metavar="FILE", default=None,
+                       help="the client certificate's private key")
+    group.add_argument("--tls-ca", metavar="FILE", default=None,
+                       help="the CA certificate that signed the collector's certificate")
 
 
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
@@ -133,7 +153,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         mode=args.mode, duration=args.duration,
         docker_host=args.docker_host,
         runtime_endpoints=tuple(getattr(args, "runtime_endpoint", None) or ()),
-        collector=getattr(args, "collector", None),
+        collector=_joined(getattr(args, "collector", None)),
         allow_non_loopback=getattr(args, "allow_non_loopback", False),
         node=getattr(args, "node", None),
         tls_cert=getattr(args, "tls_cert", None),
@@ -143,14 +163,60 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         metrics=getattr(args, "metrics", None),
         only_labels=tuple(getattr(args, "only_label", None) or ()),
         budgets=tuple(pair for given in getattr(args, "budget", None) or () for pair in given),
+        known_entries=getattr(args, "known_entries", AgentOptions.known_entries),
     )
+
+
+def _joined(values: str | list[str] | None) -> str | None:
+    """The `--collector` values (the flag may be repeated) as one comma-separated text."""
+    if values is None or isinstance(values, str):
+        return values
+    return ",".join(values)
+
+
+def parse_collector_addresses(text: str, *, allow_non_loopback: bool = False,
+                              flag: str = "--collector") -> tuple[str, ...]:
+    """`--collector` text (one address, or several separated by commas) -> the gRPC targets
+    (``host:port``), in order. Each address passes the same parser and loopback rule as a
+    single one; UsageError, one line naming the flag, for an empty entry, a malformed or
+    non-loopback address, or one given twice."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise UsageError(f"{flag} {text!r}: an empty address in the list; give "
+                         f"HOST:PORT,HOST:PORT (e.g. 127.0.0.1:50051,127.0.0.1:50052)")
+    targets: list[str] = []
+    for part in parts:
+        host, port = parse_host_port(part, flag=flag, allow_non_loopback=allow_non_loopback)
+        target = host_port(host, port)
+        if target in targets:
+            raise UsageError(f"{flag} {text!r}: {target} is given twice; give each collector "
+                             f"once")
+        targets.append(target)
+    return tuple(targets)
+
+
+def collector_targets(text: str, *, allow_non_loopback: bool, tls_ca: str | None,
+                      tls_cert: str | None, tls_key: str | None) -> tuple[tuple[str, ...], Any]:
+    """`--collector` text and the `--tls-*` flags -> ``(targets, TlsFiles or None)`` by the
+    agent's rules (also `doctor --collector`'s): :func:`parse_collector_addresses`, a TLS
+    pair with its CA or none, and no plain text beyond loopback. UsageError naming the flag."""
+    from driftwarden.core.tls import TlsFiles
+
+    targets = parse_collector_addresses(text, allow_non_loopback=allow_non_loopback)
+    tls = TlsFiles.from_flags(ca=tls_ca, cert=tls_cert, key=tls_key, pair_required=True)
+    for target in targets:
+        host = target.rpartition(":")[0].strip("[]")
+        if tls is None and not is_loopback(host):
+            raise UsageError(f"--collector {target}: alerts would cross the network in "
+                             f"plain text; give --tls-cert, --tls-key and --tls-ca")
+    return targets, tls
 
 
 def channel_config(options: AgentOptions) -> Any:
     """The ChannelConfig the options ask for (None without --collector); UsageError, naming
     the flag, for anything wrong."""
     from driftwarden.agent.channel import ChannelConfig
-    from driftwarden.core.tls import TlsFiles, validate_node_names
+    from driftwarden.core.tls import validate_node_names
 
     tls_values = (options.tls_cert, options.tls_key, options.tls_ca)
     if not options.collector:
@@ -161,20 +227,18 @@ def channel_config(options: AgentOptions) -> Any:
         if given:
             raise UsageError(f"{', '.join(given)} only make(s) sense with --collector HOST:PORT")
         return None
-    host, port = parse_host_port(options.collector, flag="--collector",
-                                 allow_non_loopback=options.allow_non_loopback)
-    tls = TlsFiles.from_flags(ca=options.tls_ca, cert=options.tls_cert, key=options.tls_key,
-                              pair_required=True)
-    if tls is None and not is_loopback(host):
-        raise UsageError(f"--collector {options.collector}: alerts would cross the network in "
-                         f"plain text; give --tls-cert, --tls-key and --tls-ca")
+    targets, tls = collector_targets(options.collector,
+                                     allow_non_loopback=options.allow_non_loopback,
+                                     tls_ca=options.tls_ca, tls_cert=options.tls_cert,
+                                     tls_key=options.tls_key)
     node = options.node or socket.gethostname()
     try:
         validate_node_names([node])
     except UsageError as exc:
         hint = "" if options.node else " (the host name; choose one with --node NAME)"
         raise UsageError(f"{exc}{hint}") from None
-    return ChannelConfig(address=host_port(host, port), node=node, mode=options.mode, tls=tls,
+    return ChannelConfig(address=targets[0], failover=targets[1:], node=node,
+                         mode=options.mode, tls=tls,
                          heartbeat_seconds=options.heartbeat or DEFAULT_HEARTBEAT_SECONDS)
 
 
@@ -226,7 +290,7 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
     Returns the detector's ``event_seen``: called with each event's kernel timestamp (ns)."""
     from time import monotonic_ns
 
-    outcomes = ("emitted", "suppressed", "dropped", "over_budget")
+    outcomes = ("emitted", "suppressed", "dropped", "over_budget", "known")
     latency = registry.histogram(
         "driftwarden_agent_event_latency_seconds", "Seconds from a kernel event's timestamp "
         "(taken by the probe, CLOCK_MONOTONIC) to the detector taking it up: the ring buffer's "
@@ -243,7 +307,8 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
     registry.counter_callback(
         "driftwarden_agent_events_total", "Kernel events per kind: emitted to the agent, "
         "suppressed as repeats in the kernel, dropped (ring buffer full), held back by their "
-        "container's budget (over_budget)", events,
+        "container's budget (over_budget), counted in the kernel as its baseline's (known)",
+        events,
         ("kind", "outcome"))
     registry.counter_callback("driftwarden_agent_alerts_total", "Alerts raised, per kind",
                               counter.by_kind, ("kind",))
@@ -268,6 +333,17 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
     registry.gauge_callback("driftwarden_agent_collector_connected",
                             "1 while a stream to the collector is open",
                             lambda: int(channel.connected))
+
+    def connected_to() -> dict[tuple[str], int]:
+        now = channel.collector
+        return {(address,): int(address == now) for address in channel.config.addresses}
+
+    registry.gauge_callback("driftwarden_agent_collector_address_connected",
+                            "1 for the collector address the agent streams to now, 0 for the "
+                            "other --collector addresses", connected_to, ("address",))
+    registry.counter_callback("driftwarden_agent_collector_failovers_total",
+                              "Moves to the next --collector address after a stream failed",
+                              lambda: channel.stats.failovers)
     registry.counter_callback("driftwarden_agent_alerts_sent_total",
                               "Alerts sent to the collector (a resend counts again)",
                               lambda: channel.stats.sent)
@@ -280,6 +356,20 @@ def register_metrics(registry: Any, probes: Any, counter: AlertCounter,
                               "Collector actions answered, per type and status",
                               lambda: dict(channel.stats.actions), ("type", "status"))
     return event_seen
+
+
+def register_known_metrics(registry: Any, known: Any) -> None:
+    """The baseline in the kernel (agent.known.KnownFilter): its entries and what it gave up."""
+    registry.gauge_callback("driftwarden_agent_known_entries",
+                            "Identities of learned baselines the kernel counts instead of "
+                            "sending", lambda: len(known))
+    registry.counter_callback(
+        "driftwarden_agent_known_entries_lost_total", "Identities judged known that did not "
+        "go into the kernel (refused: the map was full, --known-entries) or were taken out "
+        "(idle: not seen for 10 minutes; forgotten: their image learns again or its baseline "
+        "changed)", lambda: {(why,): known.stats[name] for why, name in (
+            ("refused", "refused_full"), ("idle", "evicted_idle"),
+            ("forgotten", "forgotten"))}, ("why",))
 
 
 def register_watch_metrics(registry: Any, pipeline: Any, detector: Any,
@@ -315,6 +405,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     )
     from driftwarden.agent.fleet import FleetBaselines, FleetConfig
     from driftwarden.agent.flood import FloodWatch
+    from driftwarden.agent.known import KnownFilter
     from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.agent.runtimes.registry import GraphDrivers, ImageLayers, resolve_endpoints
@@ -366,8 +457,11 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             sinks.append(JsonLinesAlertSink(out))
         endpoints = resolve_endpoints(options.runtime_endpoints, options.docker_host)
         attribution = stack.enter_context(LiveAttribution(str(find_cgroup2_root()), endpoints))
-        probes = stack.enter_context(ProbeSet(ProbeConfig(budgets=options.budgets)))
+        probes = stack.enter_context(ProbeSet(ProbeConfig(
+            budgets=options.budgets, known_entries=options.known_entries)))
         flood = FloodWatch(probes.budget_usage, attribution.lookup)
+        known = KnownFilter(probes.known_install, probes.known_hits, probes.known_remove,
+                            capacity=options.known_entries) if options.known_entries else None
         channel = fleet = None
         if config is not None:
             image_layers = ImageLayers(endpoints)
@@ -405,18 +499,25 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
-            event_seen=event_seen, fleet=fleet, flood=flood,
+            event_seen=event_seen, fleet=fleet, flood=flood, known=known,
         )
         if metrics_address is not None:
             register_watch_metrics(registry, pipeline, detector, fleet)
             register_flood_metrics(registry, flood)
+            if known is not None:
+                register_known_metrics(registry, known)
         lock = threading.Lock()
         pipeline.sinks.append(LockedSink(detector, lock))
         stack.enter_context(ControlServer(
             BaselineService(LiveProfiles(detector), store,
                             fleet_collector=config.address if fleet is not None else None),
             state_dir, lock))
-        where = f"; alerts to collector {config.address} as node {config.node}" if config else ""
+        where = ""
+        if config is not None:
+            where = f"; alerts to collector {config.address}"
+            if config.failover:
+                where += f" (failover: {', '.join(config.failover)})"
+            where += f" as node {config.node}"
         if options.only_labels:
             where += "; only containers labelled " + ", ".join(
                 f"{k}={v}" for k, v in options.only_labels)
@@ -428,7 +529,15 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         finally:
             with lock:
                 detector.close()  # closes the aggregator, which closes the sinks
+            kernel = probes.counters()
     stderr.write(f"driftwarden: agent stopped; {dict(detector.stats)}\n")
+    if known is not None:
+        stderr.write(f"driftwarden: kernel baseline filter: {len(known)} identities, "
+                     f"{known.stats['hits']} events counted in the kernel, "
+                     f"{known.stats['installed']} installed, {known.stats['refused_full']} "
+                     f"refused (map full), {known.stats['evicted_idle']} idle taken out\n")
+    # one line a script can read (bench/probe_overhead.py's loss test)
+    stderr.write(f"driftwarden: kernel counters {json.dumps(kernel, sort_keys=True)}\n")
     if channel is not None:
         stats = channel.stats
         stderr.write(f"driftwarden: collector: {stats.sent} alerts sent, {stats.acked} "
@@ -486,6 +595,16 @@ def _runtime_endpoint(text: str) -> str:
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc).strip()) from None
     return text
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _budget(text: str) -> tuple:
@@ -627,6 +746,11 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                    "others are skipped and counted as not selected (canaries; several agents "
                    "on one host playing separate nodes)")
     add_budget_flag(p)
+    p.add_argument("--known-entries", type=_non_negative_int, default=AgentOptions.known_entries,
+                   metavar="N",
+                   help="the baseline in the kernel: up to N (container, connect or write) "
+                   "identities an image's baseline holds are counted in the kernel instead of "
+                   "sent, once the image is out of learning (0: off; default %(default)s)")
     add_runtime_flags(p)
     add_collector_flags(p)
     p.set_defaults(func=_run_agent)

@@ -4,6 +4,9 @@ Each check returns one `Check` row with a one-line fix hint. Required checks dec
 exit code; optional ones (BTF, Docker, each other container runtime found and whether it answers,
 containers under runtimes nobody answers for, which extra BPF program types load) only inform;
 a runtime endpoint given with --runtime-endpoint that does not answer is a failure.
+With --collector (the agent's addresses, several for replicas) each collector is asked over
+gRPC's health service, and a required row says which one an agent started now would stream to
+(the first that answers, as the agent's failover picks it); none answering is a failure.
 Every path the checks read comes from `DoctorEnv`, so unit tests run on fixture trees.
 """
 
@@ -40,6 +43,7 @@ from driftwarden.core.errors import (
     RuntimeNotServedError,
     UsageError,
 )
+from driftwarden.core.tls import TlsFiles
 from driftwarden.probes.loader import (
     ProbeConfig,
     ProbePlan,
@@ -87,6 +91,9 @@ class DoctorEnv:
     kernel_release: str = field(default_factory=lambda: os.uname().release)
     # --runtime-endpoint values; none: the usual sockets under run_root that exist
     runtime_endpoints: tuple[str, ...] = ()
+    # --collector targets (host:port, in the agent's order) and the TLS files to dial them
+    collectors: tuple[str, ...] = ()
+    collector_tls: TlsFiles | None = None
 
     def sys(self, *parts: str) -> Path:
         return Path(self.sys_root, *parts)
@@ -443,6 +450,69 @@ def check_runtime_endpoints(env: DoctorEnv) -> list[Check]:
     return [check_runtime_endpoint(endpoint, given) for endpoint, given in endpoints]
 
 
+AGENT_SERVICE = "driftwarden.v1.AgentChannel"  # what the health check asks about
+
+
+def ask_collector(address: str, tls: TlsFiles | None,
+                  timeout: float = 3.0) -> tuple[str, str]:
+    """``(status, detail)`` of the collector at `address`: its gRPC health service's answer for
+    the agents' service, through the agent's own dial (TLS files, no proxy)."""
+    import grpc
+    from driftwarden.core.dial import dial
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with dial(address, tls=tls) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=AGENT_SERVICE), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return "fail", f"does not answer ({code.name}: {exc.details()})"
+            return "warn", f"answers, but not as a collector ({code.name}: {exc.details()})"
+    serving = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        return "warn", f"answers {serving}: it takes no agents now"
+    return "ok", f"answers SERVING ({'mTLS' if tls is not None else 'plaintext'})"
+
+
+
+def check_collectors(env: DoctorEnv,
+                     ask: Callable[[str, TlsFiles | None], tuple[str, str]] = ask_collector,
+                     ) -> list[Check]:
+    """One row per --collector address (optional), then a required ``collector`` row: which
+    one an agent started now streams to (the first that answers), failing when none does."""
+    fix = ("start the collector, or correct --collector; several addresses: replicas on one "
+           "PostgreSQL store (`driftwarden collector --store postgresql://...`)")
+    rows = []
+    first_ok = None
+    for index, address in enumerate(env.collectors, 1):
+        try:
+            status, detail = ask(address, env.collector_tls)
+        except Exception as exc:  # a certificate that cannot be read, a dial that fails
+            status, detail = "fail", f"cannot ask it: {exc}"
+        if status == "ok" and first_ok is None:
+            first_ok = (index, address)
+        # one dead replica is what failover is for: it warns; the summary row decides
+        rows.append(Check(f"collector {address}", False, "warn" if status == "fail" else status,
+                          detail, fix))
+    total = len(env.collectors)
+    down = [r.name.removeprefix("collector ") for r in rows if r.status != "ok"]
+    if first_ok is None:
+        summary = Check("collector", True, "fail",
+                        f"none of the {total} collector address(es) answers; the agent would "
+                        "keep its alerts in the spool and redial", fix)
+    else:
+        index, address = first_ok
+        detail = f"an agent started now streams to {address}"
+        if total > 1:
+            detail += f" ({index} of {total})"
+        if down:
+            detail += f"; not answering: {', '.join(down)}"
+        summary = Check("collector", True, "warn" if down else "ok", detail, fix)
+    return [*rows, summary]
+
+
 def check_container_runtimes(env: DoctorEnv, answering: frozenset[str] = frozenset()) -> Check:
     """Containers running under a runtime no endpoint answers for (`answering`: the runtimes
     whose endpoint answered): their events have no image, so they get no detection. Read from
@@ -683,6 +753,8 @@ def run_checks(env: DoctorEnv, *, probe_program_types: bool = True) -> list[Chec
         answering |= {"docker"}
     checks.append(_guard("container runtimes", False,
                          lambda: check_container_runtimes(env, answering)))
+    if env.collectors:
+        checks.extend(check_collectors(env))
     if probe_program_types and checks[0].status == "fail":
         # Every load would fail with EPERM for lack of privilege, which says nothing
         # about what the kernel supports.
@@ -730,10 +802,30 @@ def checks_to_json(checks: Sequence[Check]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    env = DoctorEnv(runtime_endpoints=tuple(getattr(args, "runtime_endpoint", None) or ()))
+    collectors, tls = _collector_flags(args)
+    env = DoctorEnv(runtime_endpoints=tuple(getattr(args, "runtime_endpoint", None) or ()),
+                    collectors=collectors, collector_tls=tls)
     checks = run_checks(env, probe_program_types=not args.no_load_tests)
     print(checks_to_json(checks) if args.json else format_table(checks))
     return exit_code(checks)
+
+
+def _collector_flags(args: argparse.Namespace) -> tuple[tuple[str, ...], TlsFiles | None]:
+    """The --collector targets and TLS files, by the agent's own rules (UsageError)."""
+    from driftwarden.agent.command import collector_targets
+
+    tls_values = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
+                  "--tls-ca": args.tls_ca}
+    if not args.collector:
+        given = [flag for flag, value in (("--allow-non-loopback", args.allow_non_loopback),
+                                          *tls_values.items()) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} only make(s) sense with --collector "
+                             f"HOST:PORT")
+        return (), None
+    return collector_targets(",".join(args.collector),
+                             allow_non_loopback=args.allow_non_loopback, tls_ca=args.tls_ca,
+                             tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -751,5 +843,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         metavar="unix:///PATH",
                         help="check this container runtime socket (repeatable; default: the "
                         "usual containerd, CRI-O and podman sockets that exist)")
+    parser.add_argument("--collector", action="append", default=[],
+                        metavar="HOST:PORT[,HOST:PORT...]",
+                        help="ask these collectors (the agent's --collector: repeatable or "
+                        "comma-separated) whether they answer, and say which one an agent "
+                        "started now would stream to")
+    from driftwarden.agent.command import add_dial_flags
+
+    add_dial_flags(parser)
     parser.set_defaults(func=run_command)
     return parser

@@ -15,6 +15,7 @@ from driftwarden.core import __version__
 from driftwarden.core.argtypes import CommandParser
 from driftwarden.core.errors import DriftwardenError, UsageError
 from driftwarden.ops import command as operator_commands
+from driftwarden.ops.console import command as console_command
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_command.add_parser(subparsers)  # the local form (agent) or the collector's (ops)
     collector_commands.add_parser(subparsers)
     operator_commands.add_parsers(subparsers)
+    console_command.add_parser(subparsers)
     return parser
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from driftwarden.collector.baselines import DEFAULT_CONSENSUS, MAX_CONSENSUS, FleetSettings
+from driftwarden.collector.outputs import load_outputs
 from driftwarden.collector.policy import DEFAULT_POLICY, load_policy
 from driftwarden.collector.server import (
     DEFAULT_LISTEN,
@@ -75,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "present one (mutual TLS)")
     parser.add_argument("--token-file", metavar="FILE",
                         help="operator calls must send this token as 'authorization: Bearer'")
+    parser.add_argument("--outputs", metavar="FILE",
+                        help="send every new alert to the outputs this YAML or JSON file lists "
+                             "(webhook, syslog, jsonfile; see README, Outputs)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback)")
     parser.add_argument("--retention-days", type=RETENTION_DAYS,
@@ -130,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         if not token:
             raise UsageError(f"--token-file {args.token_file}: the file is empty")
     policy = load_policy(args.policy) if args.policy else DEFAULT_POLICY
+    outputs = load_outputs(args.outputs) if args.outputs else ()
     db = None if args.db is None else Path(args.db)
     if db is not None and db.is_dir():
         raise UsageError(f"--db {db}: is a directory; give a file path, e.g. {db}/collector.db")
@@ -144,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
                            tls=tls, operator_token=token, metrics_listen=args.metrics,
                            allow_non_loopback=args.allow_non_loopback,
                            max_streams=args.max_streams,
-                           max_workers=args.max_streams + UNARY_RESERVE, fleet=fleet)
+                           max_workers=args.max_streams + UNARY_RESERVE, fleet=fleet,
+                           outputs=outputs)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -167,6 +173,7 @@ def run_collector(config: CollectorConfig, stop: threading.Event, *,
             "operator certificate required" if config.tls is not None
             else "no operator auth")
         metrics = f", metrics at {server.metrics_url}" if server.metrics_url else ""
+        metrics += "".join(f", output {o.name}: {o.sink.describe()}" for o in config.outputs)
         print(f"driftwarden collector listening on {server.address} ({security}, {auth}), "
               f"data in {config.data_location}{metrics}", file=stdout, flush=True)
         while not stop.wait(prune_interval):

@@ -26,7 +26,9 @@ class PublishedAlert(dict):
     """An alert dict as published to the hub, carrying its AlertEvent built once for all
     subscribers (read-only once published)."""
 
-    __slots__ = ("event", "stored_at")  # stored_at: time.monotonic() after the store's commit
+    # seq: the store's order (collector.store); stored_at: time.monotonic() after the
+    # store's commit (None: stored by another replica)
+    __slots__ = ("event", "seq", "stored_at")
 
 
 def _complete(doc: Mapping[str, Any]) -> Mapping[str, Any]:

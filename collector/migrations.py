@@ -137,6 +137,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX baselines_updated ON baselines (updated_at)",
         "ALTER TABLE agents ADD COLUMN baselines TEXT NOT NULL DEFAULT '[]'",
     ),
+    (  # 4: replicas sharing one store. Every change of an alert (new, or updated by a repeat)
+        # takes the next value of the 'alerts' counter as its seq; alert_order keeps each
+        # alert's last one (a narrow table: numbering a batch does not rewrite its alerts'
+        # rows): subscribers read and resume in that order. Existing alerts are numbered by
+        # their last change.
+        """CREATE TABLE alert_order (
+            seq INTEGER PRIMARY KEY,
+            alert_id TEXT NOT NULL)""",
+        "CREATE UNIQUE INDEX alert_order_alert ON alert_order (alert_id)",
+        "INSERT INTO alert_order (seq, alert_id) SELECT row_number() OVER "
+        "(ORDER BY updated_at, id), id FROM alerts",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counters (name, value) SELECT 'alerts', coalesce(max(seq), 0) "
+        "FROM alert_order",
+        # the collector process (replica) holding the node's stream; the one an action is
+        # routed to, and whether that replica has sent it to the agent
+        "ALTER TABLE agents ADD COLUMN replica TEXT",
+        "ALTER TABLE actions ADD COLUMN replica TEXT",
+        "ALTER TABLE actions ADD COLUMN sent INTEGER NOT NULL DEFAULT 0",
+        # one automatic decision per alert and action type, whichever replica makes it
+        """CREATE TABLE policy_decisions (
+            alert_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            action_id TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            decided_at REAL NOT NULL,
+            PRIMARY KEY (alert_id, action))""",
+        "CREATE INDEX policy_decisions_time ON policy_decisions (decided_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS schema_version ("

@@ -44,7 +44,9 @@ Decisions (:meth:`PolicyEngine.decide`)
     The first rule whose ``match`` matches picks the action. Then the brakes, in this order,
     each turning the decision into a ``skip`` with a reason: exempt namespace, exempt label,
     unknown container id, cooldown, per-container rate limit, global rate limit, dry run (so
-    "dry run: would quarantine" means every other brake let it through).
+    "dry run: would quarantine" means every other brake let it through). The collector adds
+    one more when it records an ``act``: the store keeps one automatic decision per alert and
+    action across all collector replicas (:meth:`Decision.already_decided`).
     Outcomes: ``act`` (do it), ``skip`` (a brake stopped it; report it), ``no-match`` (the policy
     wants nothing: no rule matched (``rule`` None), or the first match says ``action: none``).
     Only ``act`` decisions count against the rate limits and start a cooldown, recorded when
@@ -109,6 +111,7 @@ class Brake(enum.StrEnum):
     CONTAINER_RATE = "container-rate-limit"
     GLOBAL_RATE = "global-rate-limit"
     DRY_RUN = "dry-run"
+    DECIDED = "already-decided"  # another decision (any replica) already acted on the alert
 
 
 # -- the policy ----------------------------------------------------------------------------------
@@ -557,6 +560,15 @@ class Decision:
     reason: str
     with_pause: bool = False
     brake: Brake | None = None  # for a skip: which brake
+
+    def already_decided(self, alert_id: str) -> Decision:
+        """This act decision as a skip: the store holds an earlier automatic decision of the
+        same action on the alert (made here or by another collector replica, e.g. for the
+        alert replayed to it after a failover), so acting again would act twice."""
+        return Decision(self.action, self.rule, Outcome.SKIP,
+                        f"already decided: an earlier {self.action.value} decision on alert "
+                        f"{alert_id} (the store keeps one per alert)", self.with_pause,
+                        Brake.DECIDED)
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action.value, "rule": self.rule, "outcome": self.outcome.value,

@@ -18,8 +18,9 @@ Transport
       server listens with TLS only and requires a client certificate issued by that CA
       (``driftwarden certs init`` makes them).
     - Loopback addresses only, unless ``allow_non_loopback`` (which then requires TLS).
-    - ``grpc.health.v1.Health`` reports SERVING for "" and each service until ``stop()``, and
-      server reflection (v1alpha) lists every service.
+    - ``grpc.health.v1.Health`` reports SERVING for "" and each service until ``stop()``
+      (NOT_SERVING meanwhile while a PostgreSQL store is unreachable: its calls would fail),
+      and server reflection (v1alpha) lists every service.
 
 Stopping ends agent streams (UNAVAILABLE: agents reconnect and replay their spool), ends
 subscriber streams cleanly, then stops gRPC with ``stop_grace`` seconds for unary calls.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 import grpc
 from driftwarden.collector.baselines import FleetSettings
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
+from driftwarden.collector.outputs import OutputConfig, OutputSet
 from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig
 from driftwarden.collector.servicers import add_servicers
@@ -62,6 +65,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{COLLECTOR_PORT}"
 UNARY_RESERVE = 4  # pool threads kept free of streams by default
 STOP_SLACK_SECONDS = 5.0  # past stop_grace, how long stop() waits for gRPC to finish
 CHECKPOINT_SECONDS = 1.0  # the store's WAL is checkpointed by a thread this often
+STORE_CHECK_SECONDS = 0.5  # how often the health service follows the store's reachability
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class CollectorConfig:
     fleet: FleetSettings = field(default_factory=FleetSettings)  # baselines: consensus, learning
     baseline_tick: float = 1.0  # how often the fleet's end of learning is checked
     store_url: str | None = None  # postgresql://USER@HOST:PORT/DB instead of db_path
+    outputs: tuple[OutputConfig, ...] = ()  # webhook, syslog, file (collector.outputs)
 
     def __post_init__(self) -> None:
         host, _ = self.listen_address
@@ -158,8 +163,12 @@ class CollectorServer(Service):
         self.service: CollectorService | None = None
         self.metrics = MetricsRegistry()
         self.metrics_server: MetricsServer | None = None
+        self.outputs = OutputSet.from_configs(config.outputs)
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
+        self._health_names: tuple[str, ...] = ()
+        self._store_watch: threading.Thread | None = None
+        self._store_watch_stop = threading.Event()
         self._port: int | None = None
 
     # - lifecycle --------------------------------------------------------------------------
@@ -175,6 +184,8 @@ class CollectorServer(Service):
             log.info("marked %d agents disconnected (streams do not survive a restart)", stale)
         self.hub = FanoutHub()
         self.engine = PolicyEngine(config.policy)
+        self.outputs.register_metrics(self.metrics)
+        self.outputs.start()
         self.service = CollectorService(
             self.store, self.hub, self.engine,
             ServiceConfig(operator_token=config.operator_token, tls=credentials is not None,
@@ -183,7 +194,7 @@ class CollectorServer(Service):
                           hello_timeout=config.hello_timeout, max_streams=config.streams,
                           poll_seconds=config.poll_seconds, fleet=config.fleet,
                           baseline_tick=config.baseline_tick),
-            self.metrics)
+            self.metrics, self.outputs)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                        thread_name_prefix="driftwarden-grpc"),
@@ -199,7 +210,8 @@ class CollectorServer(Service):
         names = add_servicers(self.service, server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        for name in ("", *names):
+        self._health_names = ("", *names)
+        for name in self._health_names:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -216,6 +228,9 @@ class CollectorServer(Service):
                                  "address is not on this host")
         self._port = bound
         server.start()
+        self._store_watch = threading.Thread(target=self._watch_store, daemon=True,
+                                             name="driftwarden-store-health")
+        self._store_watch.start()
         if config.metrics_address is not None:
             m_host, m_port = config.metrics_address
             try:
@@ -232,6 +247,9 @@ class CollectorServer(Service):
 
     def _stop(self, timeout: float | None) -> None:
         grace = self.config.stop_grace if timeout is None else timeout
+        self._store_watch_stop.set()
+        if self._store_watch is not None:
+            self._store_watch.join(STORE_CHECK_SECONDS + 5.0)
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self.service is not None:
@@ -243,6 +261,7 @@ class CollectorServer(Service):
                 and not self._server.stop(grace).wait(grace + STOP_SLACK_SECONDS)):
             log.warning("gRPC server still not stopped %.0f s after the stop; going on",
                         grace + STOP_SLACK_SECONDS)
+        self.outputs.stop(0.0 if timeout == 0 else None)  # each flushes, bounded (its config)
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.store is not None:
@@ -250,6 +269,28 @@ class CollectorServer(Service):
         self._server = None
         self._health = None
         self.metrics_server = None
+
+    def _watch_store(self) -> None:
+        """Health follows the store: NOT_SERVING for every service while it is unreachable
+        (a load balancer or a probe then prefers another replica), SERVING again once back."""
+        serving = True
+        while not self._store_watch_stop.wait(STORE_CHECK_SECONDS):
+            health_servicer, service = self._health, self.service
+            if health_servicer is None or service is None:
+                return
+            reachable = service.store_reachable
+            if reachable == serving:
+                continue
+            serving = reachable
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in self._health_names:
+                health_servicer.set(name, status)
+            if serving:
+                log.warning("store %s is reachable again: health SERVING", self.store.path)
+            else:
+                log.warning("store %s is unreachable: health NOT_SERVING until it is back",
+                            self.store.path)
 
     # - where ------------------------------------------------------------------------------
 

@@ -36,13 +36,28 @@ Fleet baselines on the stream (:mod:`~driftwarden.collector.baselines` merges an
 
 Actions left pending by a collector that stopped
     At start the service fails them (``INTERRUPTED_MESSAGE``, audited): nobody waits for them
-    any more. An agent's late result for one still replaces that failure.
+    any more. An agent's late result for one still replaces that failure. (With replicas, only
+    those a replica that is gone was to send.)
+
+Replicas (several collectors sharing one PostgreSQL store)
+    Alerts reach subscribers through the store tail (:mod:`~driftwarden.collector.tail`): each
+    replica publishes every change any replica stores, once, in store order; this replica's
+    own without reading them back, the others' when their commit's notification wakes it.
+    An agent's row names the replica holding its stream. An operator's action for a node whose
+    stream another live replica holds is stored pending, routed to that replica, which is told
+    (``send``), takes it once (``claim_action``) and sends it; its result is stored and
+    announced (``done``), and the caller's replica, waiting, reads it from the store. A node
+    no live replica holds fails as "not connected". The policy's act decisions are claimed in
+    the store per (alert, action): a second one, on any replica, is a skip.
 
 Alerts.Subscribe / List, Actions.Request / List, Agents.List, Baselines.*
     Operator calls (Agents.List shows the baselines each agent holds; Baselines: see
     :mod:`~driftwarden.collector.baselines`, audited with the operator's identity).
-    Subscribe sends initial metadata (``driftwarden-subscribed: 1``) once the subscription is
-    live, then alerts, overflow notices (``include_notices``) and action events
+    Subscribe sends initial metadata (``driftwarden-subscribed: 1``, and
+    ``driftwarden-resume-token``: where the stream starts in store order) once the
+    subscription is live, then alerts in store order (each event with its ``resume_token``;
+    with ``resume_after``, the stored ones after it first; with ``max_batch``, several per
+    event when several wait), overflow notices (``include_notices``) and action events
     (``include_actions``: events about containers the filter's node/namespace/image/container
     lists match) until the client cancels or the collector stops.
 
@@ -57,9 +72,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +85,6 @@ import grpc
 from driftwarden.collector.auth import Authorizer
 from driftwarden.collector.baselines import FleetBaselines, FleetSettings
 from driftwarden.collector.convert import (
-    PublishedAlert,
     action_command,
     action_message,
     agent_message,
@@ -79,14 +95,18 @@ from driftwarden.collector.convert import (
 )
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.filters import MIN_ID_PREFIX, ActionFilter, AlertFilter
+from driftwarden.collector.outputs.base import OutputSet
 from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
 from driftwarden.collector.store import (
+    ACTIONS_CHANNEL,
+    ALERTS_CHANNEL,
     MAX_CANDIDATES,
     ActionRecord,
     CollectorStore,
     ContainerMatch,
     InsertOutcome,
 )
+from driftwarden.collector.tail import StoreTail, published_alert
 from driftwarden.core import wire
 from driftwarden.core.actions import ActionStatus
 from driftwarden.core.baselines import FleetBaseline, HeldBaseline
@@ -213,11 +233,12 @@ class AgentSession:
 
 
 class _Waiter:
-    __slots__ = ("done", "record")
+    __slots__ = ("done", "record", "remote")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.record: ActionRecord | None = None
+        self.remote = False  # another replica sends the action: its result is read back
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -228,8 +249,10 @@ class CollectorService:
 
     def __init__(self, store: CollectorStore, hub: FanoutHub, engine: PolicyEngine,
                  config: ServiceConfig = ServiceConfig(),
-                 metrics: MetricsRegistry | None = None) -> None:
+                 metrics: MetricsRegistry | None = None,
+                 outputs: OutputSet | None = None) -> None:
         self.store = store
+        self.outputs = outputs  # webhook, syslog, file: each new alert is offered once
         self.hub = hub
         self.engine = engine
         self.config = config
@@ -248,6 +271,8 @@ class CollectorService:
         self.metrics = metrics if metrics is not None else MetricsRegistry()
         self._register_metrics(self.metrics)
         self._fail_interrupted_actions()
+        self.tail = StoreTail(store, hub).start()
+        self._listener = store.listen(self._on_store_message)  # None: no other replica
         self._baseline_thread = threading.Thread(target=self._run_baselines, daemon=True,
                                                  name="driftwarden-baselines")
         self._baseline_thread.start()
@@ -269,11 +294,21 @@ class CollectorService:
             self._baselines_wake.notify_all()
         if self._baseline_thread is not threading.current_thread():
             self._baseline_thread.join(10.0)
+        if self._listener is not None:
+            self._listener.stop(5.0)
+        self.tail.stop(5.0)
         self.hub.close()
 
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def store_reachable(self) -> bool:
+        """False while a shared store's listening connection is down (PostgreSQL unreachable;
+        it reconnects every second). A store no replica shares (SQLite) says True."""
+        connected = getattr(self._listener, "connected", None)
+        return connected is None or connected.is_set()
 
     def acquire_stream(self) -> None:
         """Take one of the stream slots (release_stream() when the stream ends)."""
@@ -302,7 +337,7 @@ class CollectorService:
             prefix + "invalid_messages", "Calls ended because a message was invalid", ("rpc",))
         self._batch_errors = registry.counter(
             prefix + "batch_errors", "Errors after an alert batch was stored (it is acked "
-            "anyway; each is logged and audited), by stage: publish, policy, route",
+            "anyway; each is logged and audited), by stage: outputs, publish, policy, route",
             ("stage",))
         self._store_latency = registry.histogram(
             prefix + "alert_store_latency_seconds", "Seconds from a new alert's time (its "
@@ -322,6 +357,13 @@ class CollectorService:
                                   "behind", lambda: self.hub.stats()["dropped"])
         registry.gauge_callback(prefix + "agents_connected", "Agents with an open stream",
                                 self.connected_count)
+        registry.gauge_callback(prefix + "store_seq", "The store order number of the last "
+                                "alert change published to this collector's subscribers",
+                                lambda: self.tail.cursor)
+        registry.counter_callback(prefix + "store_tail_reads", "Reads of the store by the "
+                                  "store tail: alert changes another replica stored, "
+                                  "announced or found by the periodic check",
+                                  lambda: self.tail.read_count)
         registry.gauge_callback(prefix + "store_rows", "Rows in the collector's store, by table",
                                 self._store_rows, ("table",))
         registry.counter_callback(prefix + "policy_decisions", "Policy decisions by outcome",
@@ -385,7 +427,7 @@ class CollectorService:
             self._hostnames[node] = hello.hostname
             self.store.upsert_agent(node, agent_version=hello.agent_version,
                                     mode=wire.MODE.from_proto(hello.mode), peer=peer,
-                                    baselines=held)
+                                    baselines=held, replica=self.store.replica_id)
         if old is not None:
             log.info("agent %s: new stream from %s replaces the one from %s", node, peer,
                      old.peer)
@@ -408,7 +450,8 @@ class CollectorService:
             del self._sessions[session.node]
             try:
                 self.store.mark_agent_disconnected(session.node,
-                                                   baselines=list(session.held.values()))
+                                                   baselines=list(session.held.values()),
+                                                   replica=self.store.replica_id)
             except StoreError as exc:
                 log.warning("agent %s: cannot mark it disconnected: %s", session.node, exc)
         log.info("agent %s disconnected (%s)", session.node, session.peer)
@@ -422,7 +465,8 @@ class CollectorService:
         with self._lock:
             if self._sessions.get(session.node) is not session:
                 return  # a replaced stream's late heartbeat
-            gone = self._live.get(session.node, {}).keys() - live.keys()
+            known = self._live.get(session.node, {})
+            gone = known.keys() - live.keys()
             for cid in gone:
                 if self._host_of.get(cid) == session.node:
                     del self._host_of[cid]
@@ -431,7 +475,10 @@ class CollectorService:
             session.images.update(c.image.id for c in beat.containers if c.image.id)
             self.store.upsert_agent(session.node, counters=counters,
                                     containers_watched=beat.containers_watched,
-                                    spool_depth=beat.spool_depth, peer=session.peer)
+                                    spool_depth=beat.spool_depth, peer=session.peer,
+                                    replica=self.store.replica_id)
+        # new on this stream: in the store, so that operators on other replicas can name them
+        self.store.note_containers([m for cid, m in live.items() if known.get(cid) != m])
 
     def alert_batch(self, session: AgentSession, batch: agent_pb2.AlertBatch) -> None:
         """Store, publish, run the policy, ack (module docstring).
@@ -462,27 +509,30 @@ class CollectorService:
         for alert in batch.alerts:
             alert.container.node = node
             docs.append(wire.alert_dict_from_proto(alert))
-        outcomes = self.store.insert_alerts(docs)  # ValueError: INVALID_ARGUMENT, not stored
+        # ValueError: INVALID_ARGUMENT, not stored
+        results = self.store.store_alerts(docs)
+        outcomes = [outcome for outcome, _ in results]
         stored_at, stored_wall = time.monotonic(), time.time()
         for doc, outcome in zip(docs, outcomes, strict=True):
             self._alerts_received.labels(outcome.value).inc()
             if outcome is InsertOutcome.NEW:
                 self._store_latency.observe(max(stored_wall - doc["time"], 0.0))
-        changed: list[dict[str, Any]] = []
+        if self.outputs is not None:  # NEW only: a replay or a repeat is not sent again
+            with self._contained("outputs", node, f"batch of {len(docs)} alerts"):
+                self.outputs.offer(d for d, o in zip(docs, outcomes, strict=True)
+                                   if o is InsertOutcome.NEW)
+        changed: list[tuple[dict[str, Any], int]] = []
         with self._contained("publish", node, f"batch of {len(docs)} alerts"):
-            changed = self._changed_alerts(docs, outcomes)
+            changed = self._changed_alerts(docs, results)
         # a NEW alert goes out as the message just validated (its node set above); an UPDATED
         # one as now stored (its count): rebuilding every message cost a third of ingest
         received = {id(doc): msg for doc, msg in zip(docs, batch.alerts, strict=True)}
-        for doc in changed:
+        published = []
+        for doc, seq in changed:
             with self._contained("publish", node, doc["id"]):
-                published = PublishedAlert(doc)
-                published.stored_at = stored_at
-                message = received.get(id(doc))
-                published.event = alerts_pb2.AlertEvent(
-                    alert=message if message is not None else alert_message(doc))
-                self.hub.publish(published)
-        self._apply_policy(session, changed)
+                published.append(published_alert(seq, doc, received.get(id(doc)), stored_at))
+        self.tail.stored(published)  # the tail publishes them, in store order
+        self._apply_policy(session, [doc for doc, _ in changed])
         session.send(agent_pb2.CollectorCommand(ack=agent_pb2.Ack(
             alert_ids=[a.id for a in batch.alerts], spool_seqs=list(batch.spool_seqs))))
 
@@ -497,14 +547,17 @@ class CollectorService:
             return host if host is not None and host != asking and host in self._sessions \
                 else None
 
-    def _changed_alerts(self, docs: list[dict[str, Any]], outcomes: list[InsertOutcome],
-                        ) -> list[dict[str, Any]]:
-        """The NEW alerts as delivered and the UPDATED ones as now stored, in batch order."""
-        updated = [d["id"] for d, o in zip(docs, outcomes, strict=True)
+    def _changed_alerts(self, docs: list[dict[str, Any]],
+                        results: list[tuple[InsertOutcome, int | None]],
+                        ) -> list[tuple[dict[str, Any], int]]:
+        """The NEW alerts as delivered and the UPDATED ones as now stored, in batch order,
+        with their seq."""
+        updated = [d["id"] for d, (o, _) in zip(docs, results, strict=True)
                    if o is InsertOutcome.UPDATED]
         stored = self.store.get_alerts(updated) if updated else {}
-        return [stored.get(d["id"], d) if o is InsertOutcome.UPDATED else d
-                for d, o in zip(docs, outcomes, strict=True) if o is not InsertOutcome.DUPLICATE]
+        return [(stored.get(d["id"], d) if o is InsertOutcome.UPDATED else d, seq)
+                for d, (o, seq) in zip(docs, results, strict=True)
+                if o is not InsertOutcome.DUPLICATE and seq is not None]
 
     @contextlib.contextmanager
     def _contained(self, stage: str, node: str, subject: str) -> Iterator[None]:
@@ -546,6 +599,7 @@ class CollectorService:
             record = self.store.finish_action(record.action_id, status, result.message)
             self.store.audit(session.node, record.type, record.container_id, status.value,
                              result.message, details)
+            self.store.announce_action("done", record.action_id)  # a waiting replica reads it
         self._finished(record)
         self._wake(record)
 
@@ -595,24 +649,34 @@ class CollectorService:
         claimed = request.requested_by.strip()
         requested_by = f"{operator}:{claimed}" if claimed and claimed != operator else operator
         session = self._session(match.node)
-        with self.store.transaction():
-            self.store.audit(requested_by, action_type, match.container_id, "request",
-                             request.reason, {"node": match.node,
-                                              "with_pause": request.with_pause,
-                                              "container": request.container})
-            record = self.store.record_action(
-                container_id=match.container_id, container_name=match.name, node=match.node,
-                type=action_type, reason=request.reason, requested_by=requested_by,
-                with_pause=request.with_pause, **_unless_online(session is not None, match.node))
-            if session is None:
-                self._audit_offline(record)
-        if session is None:
-            self._finished(record)
-            return record
+        holder = None if session is not None else self._remote_holder(match.node)
+        online = session is not None or holder is not None
+        action_id = uuid.uuid4().hex
         waiter = _Waiter()
-        with self._lock:
-            self._waiters[record.action_id] = waiter
+        waiter.remote = holder is not None
+        with self._lock:  # before a result can be announced
+            self._waiters[action_id] = waiter
         try:
+            with self.store.transaction():
+                self.store.audit(requested_by, action_type, match.container_id, "request",
+                                 request.reason, {"node": match.node,
+                                                  "with_pause": request.with_pause,
+                                                  "container": request.container})
+                record = self.store.record_action(
+                    container_id=match.container_id, container_name=match.name,
+                    node=match.node, type=action_type, reason=request.reason,
+                    requested_by=requested_by, with_pause=request.with_pause,
+                    action_id=action_id, replica=holder, **_unless_online(online, match.node))
+                if not online:
+                    self._audit_offline(record)
+                elif holder is not None:  # told when the action is stored
+                    self.store.announce_action("send", action_id)
+            if not online:
+                self._finished(record)
+                return record
+            if session is None:
+                self.engine.record_manual(match.container_id, action_type)
+                return self._await_remote(record, waiter, is_active)
             record = self._send(record, session)
             if record.finished:  # the stream closed meanwhile
                 return record
@@ -626,8 +690,72 @@ class CollectorService:
                 waiter.done.wait(min(left, self.config.poll_seconds))
         finally:
             with self._lock:
-                self._waiters.pop(record.action_id, None)
+                self._waiters.pop(action_id, None)
         return waiter.record or self.store.get_action(record.action_id) or record
+
+    def _remote_holder(self, node: str) -> str | None:
+        """The live replica, other than this one, holding `node`'s stream (None: none)."""
+        agent = self.store.get_agent(node)
+        if agent is None or not agent.connected or agent.replica in (
+                None, self.store.replica_id):
+            return None
+        return agent.replica if agent.replica in self.store.live_replicas() else None
+
+    def _await_remote(self, record: ActionRecord, waiter: _Waiter,
+                      is_active: Callable[[], bool]) -> ActionRecord:
+        """The result of an action another replica sends, read from the store when that
+        replica announces it (and every poll_seconds), within the action timeout."""
+        deadline = time.monotonic() + self.config.action_timeout
+        while not self._closed.is_set() and is_active():
+            current = self.store.get_action(record.action_id)
+            if current is not None and current.finished:  # its events: from the sender
+                return current
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waiter.done.wait(min(left, self.config.poll_seconds))
+            waiter.done.clear()
+        return self.store.get_action(record.action_id) or record
+
+    def _on_store_message(self, channel: str, payload: str) -> None:
+        """What another replica announced (the store's listener thread; an empty payload:
+        the listener (re)connected, and may have missed announcements)."""
+        if channel == ALERTS_CHANNEL:
+            if payload != self.store.replica_id:
+                self.tail.wake()
+            return
+        if channel != ACTIONS_CHANNEL:
+            return
+        event, _, action_id = payload.partition(" ")
+        action_id, _, details = action_id.partition(" ")
+        if event == "event":
+            replica, _, status = details.partition(" ")
+            self._publish_remote_action(action_id, replica, status)
+            return
+        if event == "send":
+            self._send_routed(action_id)
+            return
+        if not payload:  # announcements may have been missed: what is routed here waits
+            for routed in self.store.routed_actions():
+                self._send_routed(routed)
+        with self._lock:  # "done", or possibly missed: the waiters read the store again
+            waiters = (list(self._waiters.values()) if not action_id
+                       else [w for w in (self._waiters.get(action_id),) if w is not None])
+        for waiter in waiters:
+            if waiter.remote:  # a local action's result wakes its waiter directly (_wake)
+                waiter.done.set()
+
+    def _send_routed(self, action_id: str) -> None:
+        """An action another replica stored for a node whose stream this one holds: take it
+        (once) and send it, or fail it when the stream is gone."""
+        record = self.store.claim_action(action_id)
+        if record is None:
+            return
+        session = self._session(record.node)
+        if session is not None:
+            self._send(record, session)
+        else:
+            self._fail_closed(record)
 
     def _apply_policy(self, session: AgentSession, alerts: list[dict[str, Any]]) -> None:
         """The policy for a stored batch's NEW/UPDATED alerts: decide each; record every
@@ -671,6 +799,10 @@ class CollectorService:
         """Store one act/skip decision as an action, audited (call within a transaction)."""
         container = alert.get("container") or {}
         action_type = decision.action.value
+        action_id = uuid.uuid4().hex
+        if decision.outcome is Outcome.ACT and not self.store.claim_decision(
+                alert["id"], action_type, action_id):
+            decision = decision.already_decided(alert["id"])  # e.g. a replay on this replica
         details = {"rule": decision.rule, "alert_id": alert["id"], "node": node,
                    "with_pause": decision.with_pause,
                    "brake": decision.brake.value if decision.brake else None}
@@ -680,7 +812,7 @@ class CollectorService:
         record = self.store.record_action(
             container_id=container.get("id"), container_name=container.get("name") or None,
             node=node, type=action_type, reason=decision.reason, requested_by=POLICY_ACTOR,
-            alert_id=alert["id"], with_pause=decision.with_pause, **status)
+            alert_id=alert["id"], with_pause=decision.with_pause, action_id=action_id, **status)
         self.store.audit(POLICY_ACTOR, action_type, record.container_id,
                          "skip" if decision.outcome is Outcome.SKIP else "act", decision.reason,
                          {**details, "action_id": record.action_id})
@@ -703,11 +835,17 @@ class CollectorService:
         self._publish_action(record, alert)
         if session.send(action_command(record)):
             return record
+        return self._fail_closed(record, alert)
+
+    def _fail_closed(self, record: ActionRecord,
+                     alert: Mapping[str, Any] | None = None) -> ActionRecord:
+        """A pending action whose agent's stream closed: failed, audited, announced."""
         with self.store.transaction():
             record = self.store.finish_action(
                 record.action_id, ActionStatus.FAILED,
                 f"{_offline_message(record.node)} (its stream closed)")
             self._audit_offline(record)
+            self.store.announce_action("done", record.action_id)
         self._finished(record, alert)
         return record
 
@@ -720,10 +858,36 @@ class CollectorService:
         self._publish_action(record, match_alert)
 
     def _publish_action(self, record: ActionRecord, alert: Mapping[str, Any] | None) -> None:
+        """Tell this replica's subscribers, and the other replicas (theirs)."""
+        self._publish_action_here(record, alert)
+        try:
+            self.store.announce_action("event", record.action_id, self.store.replica_id,
+                                       record.status.value)
+        except StoreError as exc:
+            log.warning("action %s: cannot tell the other replicas (%s); their subscribers "
+                        "miss this event", record.action_id, exc)
+
+    def _publish_action_here(self, record: ActionRecord,
+                             alert: Mapping[str, Any] | None) -> None:
         match = alert if alert is not None else self._container_view(record)
         event = alerts_pb2.AlertEvent(action=action_message(record))
         self.hub.publish_event(record.status.value, {"action": record.to_dict(), "match": match,
                                                      "message": event}, match)
+
+    def _publish_remote_action(self, action_id: str, replica: str, status: str) -> None:
+        """Another replica published an action event: this one's subscribers get it too,
+        after the alerts stored before it (the tail catches up first)."""
+        if replica == self.store.replica_id:
+            return
+        self.tail.catch_up()
+        record = self.store.get_action(action_id)
+        if record is None:
+            return
+        if status == ActionStatus.PENDING.value and record.finished:  # as it was announced
+            record = dataclasses.replace(record, status=ActionStatus.PENDING, message="",
+                                         finished_at=None)
+        alert = self.store.get_alert(record.alert_id) if record.alert_id else None
+        self._publish_action_here(record, alert)
 
     def _container_view(self, record: ActionRecord) -> dict[str, Any]:
         """What a subscriber's container filter sees of an action without an alert: the

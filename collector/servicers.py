@@ -48,6 +48,9 @@ from driftwarden.proto.v1 import (
 log = logging.getLogger(__name__)
 
 SUBSCRIBED_METADATA = ("driftwarden-subscribed", "1")
+RESUME_METADATA = "driftwarden-resume-token"  # initial metadata: the stream's start in the store
+MAX_BATCH = 1000  # SubscribeRequest.max_batch at most
+_BACKLOG_PAGE = 1000  # stored alerts read at once for a resumed subscriber
 
 
 def _abort_on(exc: Exception) -> RpcAbort:
@@ -204,25 +207,51 @@ class AgentChannelServicer(_Servicer, agent_pb2_grpc.AgentChannelServicer):
 
 class AlertsServicer(_Servicer, alerts_pb2_grpc.AlertsServicer):
     def Subscribe(self, request, context):
+        """Live alerts in store order; with ``resume_after``, first the stored ones after it
+        (read from the store up to where the live queue starts, so none is missed or sent
+        twice). A token beyond this replica's tail but stored (another replica's subscriber
+        was ahead) skips the live ones up to it; one beyond the store's last alert (another
+        store's) is ignored: from now on."""
         service = self._service
         try:
             who = service.auth.operator(context)
             wire.validate_subscribe_request(request)
             alert_filter, container_filter = _subscriber_filters(request)
+            resume_after = _resume_token(request.resume_after)
+            if request.max_batch > MAX_BATCH:
+                raise ValueError(f"max_batch: at most {MAX_BATCH} alerts per event, got "
+                                 f"{request.max_batch}")
             service.acquire_stream()
         except Exception as exc:
             _abort(context, exc)
         try:
             try:
-                sub = service.hub.subscribe(alert_filter, service.config.subscriber_queue,
-                                            name=f"{who}@{context.peer()}")
+                sub, start = service.tail.subscribe(alert_filter,
+                                                    service.config.subscriber_queue,
+                                                    name=f"{who}@{context.peer()}")
             except RuntimeError:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
             with sub:
                 context.add_callback(sub.close)
-                context.send_initial_metadata((SUBSCRIBED_METADATA,))
+                context.send_initial_metadata((SUBSCRIBED_METADATA,
+                                               (RESUME_METADATA, str(start))))
+                skip_through = start
+                if resume_after is not None and resume_after < start:
+                    try:
+                        yield from _backlog(service, resume_after, start, alert_filter,
+                                            request.max_batch)
+                    except StoreError as exc:
+                        _abort(context, exc)
+                elif resume_after is not None:
+                    if resume_after <= service.store.last_alert_seq():
+                        skip_through = resume_after
+                    else:
+                        log.info("subscriber %s@%s: resume token %d is beyond this store's "
+                                 "last alert; following from now on", who, context.peer(),
+                                 resume_after)
                 yield from _events(sub, request, container_filter, service.config.poll_seconds,
-                                   context.is_active, service.subscriber_latency.observe)
+                                   context.is_active, service.subscriber_latency.observe,
+                                   skip_through)
             if service.closed:  # followers reconnect on UNAVAILABLE; a clean end means "done"
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
         finally:
@@ -243,23 +272,83 @@ def _subscriber_filters(request: alerts_pb2.SubscribeRequest,
     return alert_filter, SubscriberFilter(**args) if request.include_actions else None
 
 
+def _resume_token(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise ValueError(f"resume_after: expected the resume_token of an AlertEvent (digits), "
+                         f"got {text[:40]!r}")
+    return int(text)
+
+
+def _alert_events(alerts: list[tuple[int | None, Any]], max_batch: int,
+                  ) -> Iterator[alerts_pb2.AlertEvent]:
+    """Alerts as (seq, message or prebuilt AlertEvent) -> events: one each, or with
+    `max_batch` > 1 one AlertGroup per batch."""
+    if max_batch <= 1:
+        for seq, message in alerts:
+            if isinstance(message, alerts_pb2.AlertEvent):
+                yield message
+            else:
+                yield alerts_pb2.AlertEvent(alert=message, resume_token=_token(seq))
+        return
+    group = [m.alert if isinstance(m, alerts_pb2.AlertEvent) else m for _, m in alerts]
+    yield alerts_pb2.AlertEvent(batch=alerts_pb2.AlertGroup(alerts=group),
+                                resume_token=_token(alerts[-1][0]))
+
+
+def _token(seq: int | None) -> str:
+    return "" if seq is None else str(seq)
+
+
+def _backlog(service: CollectorService, after: int, until: int, alert_filter: SubscriberFilter,
+             max_batch: int) -> Iterator[alerts_pb2.AlertEvent]:
+    """The stored alerts (that `alert_filter` matches) with after < seq <= until, in store
+    order."""
+    while after < until:
+        rows = [(seq, doc) for seq, doc in service.store.alerts_after(
+            after, alert_filter.alert_filter, _BACKLOG_PAGE) if seq <= until]
+        if not rows:
+            return
+        for start in range(0, len(rows), max(max_batch, 1)):
+            chunk = rows[start:start + max(max_batch, 1)]
+            yield from _alert_events([(seq, alert_message(doc)) for seq, doc in chunk],
+                                     max_batch)
+        after = rows[-1][0]
+
+
 def _events(sub, request: alerts_pb2.SubscribeRequest, container_filter: SubscriberFilter | None,
             poll_seconds: float, is_active: Callable[[], bool],
-            latency: Callable[[float], None]) -> Iterable[alerts_pb2.AlertEvent]:
-    for kind, item in sub.items(poll_seconds, stop=lambda: not is_active()):
-        if kind == "alert":
-            stored_at = getattr(item, "stored_at", None)
-            if stored_at is not None:  # the subscriber's stream takes it now
-                latency(time.monotonic() - stored_at)
-            event = getattr(item, "event", None)
-            yield event if event is not None else alerts_pb2.AlertEvent(alert=alert_message(item))
-        elif kind == "notice":
-            if request.include_notices:
-                yield alerts_pb2.AlertEvent(notice=alerts_pb2.StreamNotice(
-                    dropped=item["dropped"], text=item["text"],
-                    time=wire.to_timestamp(time.time())))
-        elif container_filter is not None and container_filter.matches(item["match"]):
-            yield item["message"]
+            latency: Callable[[float], None], skip_through: int = 0,
+            ) -> Iterable[alerts_pb2.AlertEvent]:
+    """The subscription's items as events, taken up to max_batch at once; alerts with a seq
+    up to `skip_through` were sent already."""
+    max_batch = request.max_batch
+    for items in sub.batches(max(max_batch, 1), poll_seconds, stop=lambda: not is_active()):
+        alerts: list[tuple[int | None, Any]] = []
+        for kind, item in items:
+            if kind == "alert":
+                seq = getattr(item, "seq", None)
+                if seq is not None and seq <= skip_through:
+                    continue
+                stored_at = getattr(item, "stored_at", None)
+                if stored_at is not None:  # the subscriber's stream takes it now
+                    latency(time.monotonic() - stored_at)
+                event = getattr(item, "event", None)
+                alerts.append((seq, event if event is not None else alert_message(item)))
+                continue
+            if alerts:  # in order: the alerts before this notice or action
+                yield from _alert_events(alerts, max_batch)
+                alerts = []
+            if kind == "notice":
+                if request.include_notices:
+                    yield alerts_pb2.AlertEvent(notice=alerts_pb2.StreamNotice(
+                        dropped=item["dropped"], text=item["text"],
+                        time=wire.to_timestamp(time.time())))
+            elif container_filter is not None and container_filter.matches(item["match"]):
+                yield item["message"]
+        if alerts:
+            yield from _alert_events(alerts, max_batch)
 
 
 class ActionsServicer(_Servicer, actions_pb2_grpc.ActionsServicer):
@@ -382,6 +471,8 @@ def service_names() -> list[str]:
 
 
 __all__ = [
+    "MAX_BATCH",
+    "RESUME_METADATA",
     "SUBSCRIBED_METADATA",
     "ActionsServicer",
     "AgentChannelServicer",

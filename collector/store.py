@@ -49,6 +49,25 @@ Transactions
     ``transaction()`` groups several writes into one (all or none); a write inside it is a
     savepoint, so the block may catch one write's error and go on.
 
+Store order (``seq``)
+    Every change of an alert (NEW or UPDATED; a DUPLICATE changes nothing) takes the next
+    value of one counter as the alert's ``seq`` (``store_alerts`` returns it), so ``seq`` grows
+    with every change, the store order (table ``alert_order``) holds each alert's last one, and
+    ``alerts_after(seq)`` reads the changes after a point in store order: what subscribers
+    follow and resume from. The counter's row is locked by the batch's transaction from its
+    numbering (at its end) to its commit, so batches (of any replica sharing the store) commit
+    in seq order: a reader that sees seq N sees every change before it, and a batch that rolls
+    back leaves no hole. Only the numbering and the commit are serialized (three statements);
+    batches do their inserts side by side.
+
+Replicas (collector processes sharing a store)
+    Each opened store is one replica with its own ``replica_id`` (a random uuid).
+    ``live_replicas()`` names those whose store is open now. An agent's row names the replica
+    holding its stream; an action the replica that must send it (``claim_action`` lets it do
+    so once). ``mark_all_agents_disconnected`` and ``fail_pending_actions`` (at start) only
+    touch what replicas that are gone left behind. ``claim_decision`` makes one automatic
+    decision per alert and action type across replicas.
+
 Retention (``prune``)
     Deletes alerts whose ``last_seen`` is older than the cutoff (an alert that still repeats is
     kept), audit entries whose ``time`` is older, and known containers not seen since the cutoff.
@@ -81,6 +100,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import os
@@ -127,6 +147,9 @@ log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 1000
 MAX_CANDIDATES = 10  # listed in AmbiguousContainer / UnknownContainer
+# what replicas announce to each other (PostgreSQL LISTEN/NOTIFY channels)
+ALERTS_CHANNEL = "driftwarden_alerts"  # payload: the replica that stored alert changes
+ACTIONS_CHANNEL = "driftwarden_actions"  # payload: "send <action id>" or "done <action id>"
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -191,6 +214,7 @@ class AgentRecord:
     spool_depth: int | None
     peer: str | None
     baselines: tuple[HeldBaseline, ...] = ()  # the fleet baselines it holds, as last known
+    replica: str | None = None  # the collector process holding its stream (replica_id)
 
 
 @dataclass(frozen=True)
@@ -227,7 +251,32 @@ class CollectorStore(Protocol):
 
     def transaction(self) -> contextlib.AbstractContextManager[None]: ...
 
+    replica_id: str  # this collector process among the replicas sharing the store
+
     def insert_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> list[InsertOutcome]: ...
+
+    def store_alerts(self, alerts: Sequence[Mapping[str, Any]],
+                     ) -> list[tuple[InsertOutcome, int | None]]: ...
+
+    def last_alert_seq(self) -> int: ...
+
+    def alerts_after(self, seq: int, alert_filter: AlertFilter | None = None,
+                     limit: int = MAX_PAGE_SIZE) -> list[tuple[int, dict[str, Any]]]: ...
+
+    def live_replicas(self) -> set[str]: ...
+
+    def listen(self, on_message: Callable[[str, str], None]) -> Service | None: ...
+
+    def claim_action(self, action_id: str) -> ActionRecord | None: ...
+
+    def announce_action(self, event: str, action_id: str, *details: str) -> None: ...
+
+    def routed_actions(self) -> list[str]: ...
+
+    def claim_decision(self, alert_id: str, action: str, action_id: str, *,
+                       now: float | None = None) -> bool: ...
+
+    def get_agent(self, node: str) -> AgentRecord | None: ...
 
     def get_alert(self, alert_id: str) -> dict[str, Any] | None: ...
 
@@ -242,7 +291,8 @@ class CollectorStore(Protocol):
                       alert_id: str | None = None,
                       status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
                       with_pause: bool = False, action_id: str | None = None,
-                      now: float | None = None) -> ActionRecord: ...
+                      now: float | None = None, replica: str | None = None,
+                      ) -> ActionRecord: ...
 
     def finish_action(self, action_id: str, status: ActionStatus | str, message: str = "", *,
                       now: float | None = None) -> ActionRecord: ...
@@ -261,11 +311,12 @@ class CollectorStore(Protocol):
                      counters: Mapping[str, Any] | None = None,
                      containers_watched: int | None = None, spool_depth: int | None = None,
                      baselines: Sequence[HeldBaseline] | None = None,
-                     now: float | None = None) -> AgentRecord: ...
+                     now: float | None = None, replica: str | None = None) -> AgentRecord: ...
 
     def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
                                 baselines: Sequence[HeldBaseline] | None = None,
-                                now: float | None = None) -> bool: ...
+                                now: float | None = None, replica: str | None = None,
+                                ) -> bool: ...
 
     def mark_all_agents_disconnected(self, *, now: float | None = None) -> int: ...
 
@@ -275,6 +326,9 @@ class CollectorStore(Protocol):
               details: Mapping[str, Any] | None = None, *, now: float | None = None) -> int: ...
 
     def find_container(self, text: str) -> ContainerMatch: ...
+
+    def note_containers(self, containers: Sequence[ContainerMatch], *,
+                        now: float | None = None) -> None: ...
 
     def get_baseline(self, image_key: str) -> FleetBaseline | None: ...
 
@@ -421,8 +475,13 @@ _ACTION_COLUMNS = ("action_id, created_at, container_id, container_name, node, t
                    "interrupted")
 _AGENT_FIELDS = ("node", "agent_version", "mode", "connected", "connected_at",
                  "disconnected_at", "last_seen", "counters", "containers_watched", "spool_depth",
-                 "peer", "baselines")
+                 "peer", "baselines", "replica")
 _AGENT_COLUMNS = ", ".join(_AGENT_FIELDS)
+_UPSERT_CONTAINER = (
+    "INSERT INTO containers (container_id, name, node, last_seen) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (container_id) DO UPDATE SET "
+    "name = coalesce(excluded.name, containers.name), node = excluded.node, "
+    "last_seen = excluded.last_seen WHERE excluded.last_seen >= containers.last_seen")
 _BASELINE_COLUMNS = ("image_key, image_name, mode, version, created_at, updated_at, items, "
                      "unconfirmed, windows, containers, nodes, learning_started_at, "
                      "last_new_item_at, unstable, carried_from")
@@ -448,11 +507,12 @@ def _action_values(record: ActionRecord) -> tuple[Any, ...]:
 
 def _agent(row: tuple[Any, ...]) -> AgentRecord:
     (node, version, mode, connected, connected_at, disconnected_at, last_seen, counters,
-     watched, spool, peer, baselines) = row
+     watched, spool, peer, baselines, replica) = row
     return AgentRecord(node=node, agent_version=version, mode=mode, connected=bool(connected),
                        connected_at=connected_at, disconnected_at=disconnected_at,
                        last_seen=last_seen, counters=json.loads(counters),
                        containers_watched=watched, spool_depth=spool, peer=peer,
+                       replica=replica,
                        baselines=tuple(HeldBaseline(key, version, Mode(held_mode))
                                        for key, version, held_mode in json.loads(baselines)))
 
@@ -489,9 +549,28 @@ class SqlStore(Service):
     _lock_rows = ""  # appended to a SELECT whose rows the transaction then changes
     _insertion_order = "rowid"  # a column that grows with every inserted action
     _contains = "instr({}, ?) > 0"  # the text in `?` occurs in the expression {}
+    _shared = False  # other collector processes may use the store (replicas)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replica_id = uuid.uuid4().hex  # this collector process among those of a store
 
     def _read(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def _announce(self, conn: Any, channel: str, payload: str) -> None:
+        """Tell the other replicas, when the transaction on `conn` commits (nothing to tell
+        for a store only one process uses)."""
+
+    def live_replicas(self) -> set[str]:
+        """The replicas whose store is open now (this one only, for SQLite)."""
+        return {self.replica_id}
+
+    def listen(self, on_message: Callable[[str, str], None]) -> Service | None:
+        """Call ``on_message(channel, payload)`` for what other replicas announce (a started
+        service of its own; stop it before closing the store). None when no other replica
+        can share this store."""
+        return None
 
     def _write(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
@@ -523,14 +602,41 @@ class SqlStore(Service):
         Every alert is validated first: a ValueError names the first bad one and nothing is
         stored.
         """
+        return [outcome for outcome, _ in self.store_alerts(alerts)]
+
+    def store_alerts(self, alerts: Sequence[Mapping[str, Any]],
+                     ) -> list[tuple[InsertOutcome, int | None]]:
+        """:meth:`insert_alerts`, with the seq each NEW or UPDATED alert took (None for a
+        DUPLICATE)."""
         rows = [_parse_alert(doc, i) for i, doc in enumerate(alerts)]
         if not rows:
             return []
         with self._write() as conn:
             received_at = self._clock()
-            return [self._insert_row(conn, row, received_at) for row in rows]
+            outcomes = [self._insert_row(conn, row, received_at) for row in rows]
+            changes = sum(o is not InsertOutcome.DUPLICATE for o in outcomes)
+            if not changes:
+                return [(o, None) for o in outcomes]
+            # last: the counter's row lock, held from here to the commit, orders the commits
+            # of alert batches (module docstring); taken after the batch's own work, it is
+            # held for three statements, whatever the batch's size
+            last = conn.execute("UPDATE counters SET value = value + ? WHERE name = 'alerts' "
+                                "RETURNING value", (changes,)).fetchone()[0]
+            seqs = iter(range(last - changes + 1, last + 1))
+            out = [(o, None if o is InsertOutcome.DUPLICATE else next(seqs)) for o in outcomes]
+            final = {row.id: seq for row, (_, seq) in zip(rows, out, strict=True)
+                     if seq is not None}  # an id changed twice: its last change
+            items = [(seq, alert_id) for alert_id, seq in final.items()]
+            for start in range(0, len(items), 400):  # SQLite's bound on parameters
+                chunk = items[start:start + 400]
+                conn.execute("INSERT INTO alert_order (seq, alert_id) VALUES "
+                             + ", ".join("(?, ?)" for _ in chunk),
+                             tuple(itertools.chain.from_iterable(chunk)))
+            self._announce(conn, ALERTS_CHANNEL, self.replica_id)
+            return out
 
     def _insert_row(self, conn: Any, row: _AlertRow, received_at: float) -> InsertOutcome:
+        """Store one alert (store_alerts numbers the batch's changes after)."""
         stored = conn.execute("SELECT time, count, first_seen, last_seen FROM alerts "
                               f"WHERE id = ?{self._lock_rows}", (row.id,)).fetchone()
         if stored is not None and row.last_seen <= stored[3]:
@@ -562,14 +668,30 @@ class SqlStore(Service):
                 "container_name = ?, image = ?, image_repo = ?, image_id = ?, namespace = ?, "
                 "pod = ?, baseline_mode = ?, count = ?, first_seen = ?, last_seen = ?, "
                 "updated_at = ?, json = ? WHERE id = ?", values)
+            # its earlier change leaves the store order (store_alerts numbers this one)
+            conn.execute("DELETE FROM alert_order WHERE alert_id = ?", (row.id,))
         if row.container_id is not None:
-            conn.execute(
-                "INSERT INTO containers (container_id, name, node, last_seen) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (container_id) DO UPDATE SET "
-                "name = coalesce(excluded.name, containers.name), node = excluded.node, "
-                "last_seen = excluded.last_seen WHERE excluded.last_seen >= containers.last_seen",
-                (row.container_id, row.container_name, row.node, row.last_seen))
+            conn.execute(_UPSERT_CONTAINER,
+                         (row.container_id, row.container_name, row.node, row.last_seen))
         return InsertOutcome.NEW if stored is None else InsertOutcome.UPDATED
+
+    def last_alert_seq(self) -> int:
+        """The seq of the last committed alert change (0: none yet)."""
+        with self._read() as conn:
+            return int(conn.execute("SELECT value FROM counters WHERE name = 'alerts'"
+                                    ).fetchone()[0])
+
+    def alerts_after(self, seq: int, alert_filter: AlertFilter | None = None,
+                     limit: int = MAX_PAGE_SIZE) -> list[tuple[int, dict[str, Any]]]:
+        """Up to `limit` alerts whose last change came after `seq`, in store order, as
+        (seq, alert); with `alert_filter`, only those it matches."""
+        where, params = (alert_filter or AlertFilter()).sql()
+        with self._read() as conn:
+            rows = conn.execute("SELECT alert_order.seq, alerts.json FROM alert_order JOIN "
+                                "alerts ON alerts.id = alert_order.alert_id WHERE "
+                                f"alert_order.seq > ? AND ({where}) ORDER BY alert_order.seq "
+                                "LIMIT ?", (int(seq), *params, _limit(limit))).fetchall()
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
 
     def get_alert(self, alert_id: str) -> dict[str, Any] | None:
         with self._read() as conn:
@@ -634,10 +756,10 @@ class SqlStore(Service):
                       alert_id: str | None = None,
                       status: ActionStatus | str = ActionStatus.PENDING, message: str = "",
                       with_pause: bool = False, action_id: str | None = None,
-                      now: float | None = None) -> ActionRecord:
+                      now: float | None = None, replica: str | None = None) -> ActionRecord:
         """Store a requested action (``pending``), or one decided at once (e.g. ``skipped``,
         which is then also finished). ``action_id`` defaults to a random hex id; an id already
-        stored raises StoreError."""
+        stored raises StoreError. `replica`: the one that sends it (default this one)."""
         status = ActionStatus.parse(status)
         created_at = self._now(now)
         if not isinstance(with_pause, bool):
@@ -653,10 +775,10 @@ class SqlStore(Service):
             message=_text("message", message, empty_ok=True),
             finished_at=None if status is ActionStatus.PENDING else created_at,
             with_pause=with_pause)
-        values = _action_values(record)
+        values = (*_action_values(record), replica or self.replica_id)
         try:
             with self._write() as conn:
-                conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}) "
+                conn.execute(f"INSERT INTO actions ({_ACTION_COLUMNS}, replica) "
                              f"VALUES ({sql_marks(values)})", values)
         except StoreError as exc:
             if isinstance(exc.__cause__, self._integrity_errors):
@@ -690,18 +812,20 @@ class SqlStore(Service):
 
     def fail_pending_actions(self, message: str, *, actor: str = "collector",
                              now: float | None = None) -> list[ActionRecord]:
-        """At collector start: every action still pending was sent by a collector that stopped
-        before its agent answered, and nothing will wait for that answer any more. Each becomes
+        """At collector start: every action still pending that a replica now gone was to send
+        was sent by a collector that stopped before its agent answered, and nothing will wait
+        for that answer any more. Each becomes
         ``failed`` with `message`, marked ``interrupted`` (a late result from the agent still
         replaces it), with one audit entry by `actor`; all in one transaction. Returns them,
         oldest first."""
         message = _text("message", message)
         actor = _text("actor", actor)
         now = self._now(now)
+        live = sorted(self.live_replicas())
         with self._write() as conn:
             ids = [r[0] for r in conn.execute(
-                "SELECT action_id FROM actions WHERE status = 'pending' "
-                "ORDER BY created_at, action_id")]
+                "SELECT action_id FROM actions WHERE status = 'pending' AND (replica IS NULL "
+                f"OR replica NOT IN ({sql_marks(live)})) ORDER BY created_at, action_id", live)]
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 conn.execute("UPDATE actions SET status = 'failed', message = ?, "
@@ -718,6 +842,49 @@ class SqlStore(Service):
                             "requested_by": record.requested_by,
                             "requested_at": record.created_at}, now=now)
         return records
+
+    def claim_action(self, action_id: str) -> ActionRecord | None:
+        """The pending action routed to this replica, once: the first call takes it (to send
+        it to the agent), later ones and other replicas' get None."""
+        with self._write() as conn:
+            claimed = conn.execute("UPDATE actions SET sent = 1 WHERE action_id = ? AND "
+                                   "replica = ? AND sent = 0 AND status = 'pending'",
+                                   (action_id, self.replica_id)).rowcount
+            if claimed != 1:
+                return None
+            return _action(conn.execute(f"SELECT {_ACTION_COLUMNS} FROM actions "
+                                        "WHERE action_id = ?", (action_id,)).fetchone())
+
+    def routed_actions(self) -> list[str]:
+        """The ids of pending actions routed to this replica and not sent yet, oldest first
+        (their announcements may have been missed)."""
+        with self._read() as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT action_id FROM actions WHERE replica = ? AND sent = 0 AND "
+                "status = 'pending' ORDER BY created_at, action_id", (self.replica_id,))]
+
+    def announce_action(self, event: str, action_id: str, *details: str) -> None:
+        """Tell the other replicas about an action (ACTIONS_CHANNEL): ``send`` (routed to the
+        replica holding its node's stream), ``done`` (its result is stored) or ``event``
+        (published to subscribers; `details`: the replica and the status). Inside a
+        transaction, told when it commits. Nothing to tell for a store no other replica
+        shares."""
+        if not self._shared:
+            return
+        with self._write() as conn:
+            self._announce(conn, ACTIONS_CHANNEL, " ".join((event, action_id, *details)))
+
+    def claim_decision(self, alert_id: str, action: str, action_id: str, *,
+                       now: float | None = None) -> bool:
+        """Whether this is the first automatic `action` decision on the alert (any replica):
+        True records it; False when one is recorded already (call within the decision's
+        transaction, so a decision rolled back frees its claim)."""
+        values = (alert_id, action, action_id, self.replica_id, self._now(now))
+        with self._write() as conn:
+            return conn.execute("INSERT INTO policy_decisions (alert_id, action, action_id, "
+                                "replica, decided_at) VALUES (?, ?, ?, ?, ?) "
+                                "ON CONFLICT (alert_id, action) DO NOTHING", values
+                                ).rowcount == 1
 
     def get_action(self, action_id: str) -> ActionRecord | None:
         with self._read() as conn:
@@ -763,8 +930,9 @@ class SqlStore(Service):
                      counters: Mapping[str, Any] | None = None,
                      containers_watched: int | None = None, spool_depth: int | None = None,
                      baselines: Sequence[HeldBaseline] | None = None,
-                     now: float | None = None) -> AgentRecord:
-        """The agent on `node` spoke (hello or heartbeat): it is connected, last seen `now`.
+                     now: float | None = None, replica: str | None = None) -> AgentRecord:
+        """The agent on `node` spoke (hello or heartbeat): it is connected, last seen `now`,
+        its stream held by `replica` (None keeps the stored one).
 
         Arguments left None keep the stored values. ``connected_at`` is set when the agent was
         unknown or disconnected, or connects from a new peer (a new stream that came up before
@@ -802,39 +970,45 @@ class SqlStore(Service):
                     old.spool_depth if old else None),
                 peer=peer if peer is not None else (old.peer if old else None),
                 baselines=tuple(baselines) if baselines is not None else (
-                    old.baselines if old else ()))
+                    old.baselines if old else ()),
+                replica=replica if replica is not None else (old.replica if old else None))
             conn.execute(f"INSERT INTO agents ({_AGENT_COLUMNS}) "
-                         f"VALUES ({sql_marks(range(12))}) ON CONFLICT (node) DO UPDATE SET "
+                         f"VALUES ({sql_marks(_AGENT_FIELDS)}) ON CONFLICT (node) DO UPDATE SET "
                          + ", ".join(f"{c} = excluded.{c}" for c in _AGENT_FIELDS[1:]),
                          (record.node, record.agent_version, record.mode, 1,
                           record.connected_at, record.disconnected_at, record.last_seen,
                           json.dumps(record.counters, sort_keys=True),
                           record.containers_watched, record.spool_depth, record.peer,
-                          _held_text(record.baselines)))
+                          _held_text(record.baselines), record.replica))
         return record
 
     def mark_agent_disconnected(self, node: str, *, peer: str | None = None,
                                 baselines: Sequence[HeldBaseline] | None = None,
-                                now: float | None = None) -> bool:
-        """Mark `node`'s agent disconnected; with `peer`, only if that is still its peer (so a
-        stale stream closing does not disconnect the agent's newer stream). `baselines`: what
-        it held last (None keeps the stored list). True if marked."""
+                                now: float | None = None, replica: str | None = None) -> bool:
+        """Mark `node`'s agent disconnected; with `peer` (`replica`), only if that is still
+        its peer (the replica holding its stream), so a stale stream closing does not
+        disconnect the agent's newer stream, here or on another replica. `baselines`: what it
+        held last (None keeps the stored list). True if marked."""
         now = self._now(now)
         held = None if baselines is None else _held_text(baselines)
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE agents SET connected = 0, disconnected_at = ?, "
                 "baselines = coalesce(?, baselines) "
-                "WHERE node = ? AND connected = 1 AND (CAST(? AS TEXT) IS NULL OR peer = ?)",
-                (now, held, node, peer, peer))
+                "WHERE node = ? AND connected = 1 AND (CAST(? AS TEXT) IS NULL OR peer = ?) "
+                "AND (CAST(? AS TEXT) IS NULL OR replica IS NULL OR replica = ?)",
+                (now, held, node, peer, peer, replica, replica))
             return cursor.rowcount == 1
 
     def mark_all_agents_disconnected(self, *, now: float | None = None) -> int:
-        """At collector start: no stream survived the restart. Returns how many were marked."""
+        """At collector start: no stream of a replica that is gone survived it (those of
+        replicas still running stay connected). Returns how many were marked."""
         now = self._now(now)
+        live = sorted(self.live_replicas())
         with self._write() as conn:
             return conn.execute("UPDATE agents SET connected = 0, disconnected_at = ? "
-                                "WHERE connected = 1", (now,)).rowcount
+                                "WHERE connected = 1 AND (replica IS NULL OR replica NOT IN "
+                                f"({sql_marks(live)}))", (now, *live)).rowcount
 
     def get_agent(self, node: str) -> AgentRecord | None:
         with self._read() as conn:
@@ -916,6 +1090,18 @@ class SqlStore(Service):
                                 (needle, needle, MAX_CANDIDATES)).fetchall()
         raise UnknownContainer(text, [ContainerMatch(*r) for r in rows], min_prefix=MIN_ID_PREFIX)
 
+    def note_containers(self, containers: Sequence[ContainerMatch], *,
+                        now: float | None = None) -> None:
+        """Containers an agent's heartbeat lists, seen `now`: an operator on any replica can
+        name them (find_container) before they raise an alert."""
+        if not containers:
+            return
+        now = self._now(now)
+        with self._write() as conn:
+            for match in containers:
+                conn.execute(_UPSERT_CONTAINER, (_text("container id", match.container_id),
+                                                 match.name, _text("node", match.node), now))
+
     # - fleet baselines -----------------------------------------------------------------------
 
     def get_baseline(self, image_key: str) -> FleetBaseline | None:
@@ -982,6 +1168,10 @@ class SqlStore(Service):
             audit = conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,)).rowcount
             containers = conn.execute("DELETE FROM containers WHERE last_seen < ?",
                                       (cutoff,)).rowcount
+            conn.execute("DELETE FROM policy_decisions WHERE decided_at < ?", (cutoff,))
+            if alerts:
+                conn.execute("DELETE FROM alert_order WHERE NOT EXISTS "
+                             "(SELECT 1 FROM alerts WHERE alerts.id = alert_order.alert_id)")
         if alerts or audit or containers:
             log.info("store %s: pruned %d alerts, %d audit entries, %d containers older than "
                      "%.0f", self.path, alerts, audit, containers, cutoff)
@@ -1208,6 +1398,8 @@ class _Checkpointer:
 
 
 __all__ = [
+    "ACTIONS_CHANNEL",
+    "ALERTS_CHANNEL",
     "MAX_CANDIDATES",
     "MAX_PAGE_SIZE",
     "ActionRecord",

@@ -33,6 +33,7 @@ The command line maps :class:`UsageError` to exit code 2 and any other
     │   ├── UnknownAction          no action with that id
     │   ├── UnknownContainer       no known container matches
     │   └── AmbiguousContainer     several known containers match
+    ├── OutputError                an alert output (webhook, syslog, file) could not deliver
     └── RpcAbort                   end a gRPC call with a status (collector servicers)
 """
 
@@ -173,6 +174,15 @@ class CollectorError(DriftwardenError):
 
 class StoreError(DriftwardenError):
     """The store cannot be opened or used (I/O, corruption, newer schema, closed store)."""
+
+
+class OutputError(DriftwardenError):
+    """An output (webhook, syslog, file) could not deliver; ``retryable`` false means trying
+    again cannot help (e.g. the receiver refused the request with a 4xx)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class UnknownAction(StoreError):

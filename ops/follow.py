@@ -4,8 +4,12 @@ the stream, reconnecting with backoff when the collector goes away, every event 
 
 A first connection that fails or takes longer than FIRST_CONNECT_TIMEOUT is an error (the
 collector is not there); a stream lost later is a line (``lost the collector ...``), a wait
-while gRPC reconnects, and a line saying what may be missing. With ``--since`` the stored
-alerts come first, after the live stream is open, so none is lost and none shown twice.
+while gRPC reconnects, and a line saying where it resumed: the follower keeps the resume token
+of the last alert it got (or of the stream's start), and the new stream sends every alert
+stored after it first, in store order, so a collector restart (or another replica of it
+answering) loses and repeats nothing. With ``--since`` the stored alerts come first, after the
+live stream is open, so none is lost and none shown twice. Alerts come in batches of up to
+FOLLOW_BATCH when many wait (the collector drops for a reader that falls behind).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from driftwarden.ops.printers import Printer
 from driftwarden.proto.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
 
 FIRST_CONNECT_TIMEOUT = 10.0  # how long the first connection may take
+FOLLOW_BATCH = 500  # alerts per event at most (SubscribeRequest.max_batch)
+RESUME_METADATA = "driftwarden-resume-token"  # the collector's token of a stream's start
 _POLL = 0.2  # how often waits look at the stop event
 
 
@@ -63,7 +69,9 @@ class Follower:
         self.stub = alerts_pb2_grpc.AlertsStub(channel)
         self.request_filter = request_filter
         self.request = alerts_pb2.SubscribeRequest(filter=request_filter, include_notices=True,
-                                                   include_actions=args.actions)
+                                                   include_actions=args.actions,
+                                                   max_batch=FOLLOW_BATCH)
+        self.resume_token = ""  # where the stream is in the collector's store
         self.printer = printer
         self.err = err
         self.stop = stop
@@ -93,11 +101,16 @@ class Follower:
         backlog = since is not None
         delay = RECONNECT_BACKOFF[0]
         while not self.stop.is_set():
-            call = self.stub.Subscribe(self.request)
+            request = alerts_pb2.SubscribeRequest()
+            request.CopyFrom(self.request)
+            request.resume_after = self.resume_token
+            call = self.stub.Subscribe(request)
             self._set_call(call)
             if self.stop.is_set():  # stopped before the watcher could see this call
                 call.cancel()
             try:
+                if not self.resume_token:
+                    self.resume_token = dict(call.initial_metadata()).get(RESUME_METADATA, "")
                 shown = self._print_backlog(since) if backlog else set()
                 backlog = False
                 for event in call:
@@ -115,9 +128,13 @@ class Follower:
                 if not self._reconnect(delay):
                     return 0
                 delay = min(delay * 2, RECONNECT_BACKOFF[1])
-                self.printer.info(f"reconnected to {self.address}; alerts stored meanwhile may "
-                                  f"be missing here (driftwarden alerts --since "
-                                  f"{format_epoch(lost_at)})", "following")
+                if self.resume_token:
+                    self.printer.info(f"reconnected to {self.address}; alerts stored since "
+                                      f"{format_epoch(lost_at)} follow first", "following")
+                else:
+                    self.printer.info(f"reconnected to {self.address}; alerts stored meanwhile "
+                                      f"may be missing here (driftwarden alerts --since "
+                                      f"{format_epoch(lost_at)})", "following")
                 continue
             if self.stop.is_set():
                 return 0
@@ -135,10 +152,12 @@ class Follower:
 
     def _print_event(self, event: alerts_pb2.AlertEvent, shown: set[tuple[str, int, int]]) -> None:
         kind = event.WhichOneof("event")
-        if kind == "alert":
-            if alert_key(event.alert) in shown:
-                return
-            self.printer.alert(event.alert)
+        if event.resume_token:
+            self.resume_token = event.resume_token
+        if kind in ("alert", "batch"):
+            for alert in (event.alert,) if kind == "alert" else event.batch.alerts:
+                if alert_key(alert) not in shown:
+                    self.printer.alert(alert)
         elif kind == "notice":
             self.printer.notice(event.notice)
         elif kind == "action":
@@ -202,4 +221,4 @@ def alert_key(alert: common_pb2.Alert) -> tuple[str, int, int]:
     return alert.id, alert.count, alert.last_seen.ToNanoseconds()
 
 
-__all__ = ["FIRST_CONNECT_TIMEOUT", "Follower", "alert_key", "stop_event"]
+__all__ = ["FIRST_CONNECT_TIMEOUT", "FOLLOW_BATCH", "Follower", "alert_key", "stop_event"]

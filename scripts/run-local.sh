@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: a collector (SQLite under STATE), an agent (learning) streaming to it, and the live
-# alert view in the foreground, plus a small demo image to try drift on. Ctrl-C stops all three;
+# `make run`: a collector (SQLite under STATE), an agent (learning) streaming to it, the web console,
+# and the live alert view in the foreground, plus a small demo image to try drift on. Ctrl-C stops all;
 # the data stays for the next run.
 set -euo pipefail
 
@@ -158,7 +158,27 @@ for ((waited = 0; ; waited++)); do
   sleep 0.2
 done
 
+# the web console: loopback only; the collector here runs without a token, so the console checks
+# logins against a token file of its own (made once, kept with the data)
+CONSOLE_PORT="${DRIFTWARDEN_CONSOLE_PORT:-8080}"
+TOKEN_FILE="$STATE/console.token"
+[ -s "$TOKEN_FILE" ] || (umask 077 && "$PY" -c 'import secrets; print(secrets.token_urlsafe(24))' >"$TOKEN_FILE")
+console_log_start="$(stat -c %s "$STATE/console.log" 2>/dev/null || echo 0)"
+"$PY" -m driftwarden console --collector "$ADDR" --listen "127.0.0.1:$CONSOLE_PORT" \
+  --token-file "$TOKEN_FILE" >>"$STATE/console.log" 2>&1 &
+pids+=($!)
+for ((waited = 0; ; waited++)); do
+  new_lines "$STATE/console.log" "$console_log_start" | grep -q "driftwarden console at" && break
+  if ! kill -0 "${pids[2]}" 2>/dev/null || [ "$waited" -ge 150 ]; then
+    new_lines "$STATE/console.log" "$console_log_start" >&2
+    echo "run-local.sh: the console did not start (log above; DRIFTWARDEN_CONSOLE_PORT=N picks another port)" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+
 cat <<MSG
+driftwarden: console at http://127.0.0.1:$CONSOLE_PORT/ (log in with the token in $TOKEN_FILE)
 driftwarden: agent learning every container (baselines in $STATE/agent)
 driftwarden: metrics at http://127.0.0.1:9464/metrics (collector) and :9465 (agent)
 driftwarden: live alerts below; Ctrl-C stops everything. In another shell, try drift: start a

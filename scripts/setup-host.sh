@@ -40,6 +40,7 @@ PKGS=(
   podman               # tests/support/podman.py: rootful podman and its Docker-compatible API socket
   debootstrap          # tests/support/image_build.py: the Debian base image deploy/Dockerfile builds FROM
   postgresql           # initdb, pg_ctl: the PostgreSQL server tests/support/postgres.py runs for the store tests
+  chromium             # tests/test_console*.py: the headless browser Playwright drives (never `playwright install`)
   # the benchmarks (make bench)
   bpftrace             # bench/probe_overhead.py's floor tool
   bpfcc-tools          # execsnoop-/opensnoop-/tcpconnect-bpfcc: bench/probe_overhead.py's naive tools

@@ -115,6 +115,14 @@ def running_containerd() -> Iterator:
 def postgres() -> Iterator:
     """A PostgreSQL server of the session's own on 127.0.0.1 (tests/support/postgres.py),
     stopped and removed at its end; ``postgres.database()`` gives a test a fresh database."""
+    with running_test_postgres() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_test_postgres() -> Iterator:
+    """A PostgresServer of its own for the block (a missing prerequisite fails or skips):
+    for a test that stops and starts it (the session's server is shared)."""
     from tests.support.postgres import PostgresServer, PostgresUnavailable
 
     try:

@@ -734,7 +734,10 @@ def test_metrics_are_served_over_http(make_server, channels):
     done = samples.pop(("driftwarden_collector_store_checkpoints_total", (("outcome", "done"),)))
     assert 1 <= done <= server.store.checkpoint_stats["checkpoints"]
     latencies = {key: samples.pop(key) for key in list(samples) if "latency" in key[0]}
+    # the store tail reads the store every second in any case (collector/tail.py)
+    assert samples.pop(("driftwarden_collector_store_tail_reads_total", ())) >= 0
     assert samples == {
+        ("driftwarden_collector_store_seq", ()): 2.0,
         ("driftwarden_collector_agents_connected", ()): 1.0,
         ("driftwarden_collector_alerts_received_total", (("outcome", "duplicate"),)): 1.0,
         ("driftwarden_collector_alerts_received_total", (("outcome", "new"),)): 2.0,

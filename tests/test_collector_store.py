@@ -280,7 +280,7 @@ def test_a_schema_1_store_is_migrated_and_keeps_its_actions(db_path):
     raw.commit()
     raw.close()
     with AlertStore.open(db_path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         old = store.get_action("old")
         assert (old.status, old.with_pause, old.interrupted, old.finished_at) == (
             ActionStatus.DONE, False, False, 6.0)

@@ -5,7 +5,9 @@ collector's args, with their volumes materialised from the Secrets scripts/k8s-s
 and the chart's ConfigMap, run through the real CLI parser and the commands' own validation;
 the collector is started from its rendered config and health-checked with the agent Secret's
 files under the name the rendered DaemonSet dials. The defaults render the same agent and
-collector as deploy/daemonset.yaml and deploy/collector.yaml.
+collector as deploy/daemonset.yaml and deploy/collector.yaml. Collector replicas on PostgreSQL
+(collector.replicas, collector.store): rendered, and two collectors started from the rendered
+args, the store URL taken from the Secret through the pod's env, on one real PostgreSQL.
 
 Not covered here: installing the chart on a cluster (there is none), the kube-rbac-proxy
 sidecar itself (its image cannot be pulled here).
@@ -39,6 +41,7 @@ from tests.support.k8s import (
     cli_args,
     dockerfile,
     exec_form,
+    expand,
     final_stage,
     find,
     load,
@@ -275,9 +278,111 @@ def test_other_release_names_and_namespaces_are_consistent(helm, entrypoint) -> 
     assert only(only(collector["containers"])["ports"])["containerPort"] == 50443
 
 
-def test_collector_replicas_other_than_one_are_refused(helm) -> None:
-    with pytest.raises(helm.HelmError, match=re.escape("collector.replicas must be 1")):
+def test_collector_replicas_other_than_one_are_refused_with_sqlite(helm) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(
+            "collector.replicas must be 1 with the SQLite store (one file with a single "
+            "writer); for several replicas give a PostgreSQL store: "
+            "collector.store.existingSecret")):
         render(helm, {"collector": {"replicas": 2}})
+    with pytest.raises(helm.HelmError, match=re.escape("collector.replicas must be at least 1")):
+        render(helm, {"collector": {"replicas": 0, "store": {"existingSecret": STORE_SECRET}}})
+
+
+STORE_SECRET = "driftwarden-store"
+REPLICAS = {"collector": {"replicas": 3, "store": {"existingSecret": STORE_SECRET,
+                                                   "passwordKey": "password"}}}
+
+
+def store_secret(url: str) -> dict[str, Any]:
+    """The Secret the operator makes for collector.store (the README's kubectl line)."""
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": STORE_SECRET, "namespace": NAMESPACE},
+            "data": {"url": base64.b64encode(url.encode()).decode(),
+                     "password": base64.b64encode(b"change-me").decode()}}
+
+
+def secret_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
+    """A container's env from Secrets (secretKeyRef), as the kubelet fills it."""
+    env = {}
+    for var in container.get("env", []):
+        ref = var["valueFrom"]["secretKeyRef"]
+        secret = find(objects, "Secret", ref["name"])
+        env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    return env
+
+
+def test_helm_lints_the_chart_with_collector_replicas_clean(helm) -> None:
+    report = helm.lint(str(CHART), REPLICAS, strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_collector_replicas_on_postgres_render_one_deployment_behind_the_service(
+        helm, entrypoint) -> None:
+    docs = render(helm, REPLICAS)
+    assert kinds(docs) == [
+        ("ConfigMap", f"{COLLECTOR}-policy"), ("DaemonSet", AGENT), ("Deployment", COLLECTOR),
+        ("PodDisruptionBudget", COLLECTOR), ("Service", COLLECTOR),
+        ("ServiceAccount", AGENT), ("ServiceAccount", COLLECTOR)]  # no PVC: no SQLite file
+    deployment, spec = pod_of(docs, "Deployment", COLLECTOR)
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = only(spec["containers"])
+    assert container["env"] == [
+        {"name": "DRIFTWARDEN_STORE",
+         "valueFrom": {"secretKeyRef": {"name": STORE_SECRET, "key": "url"}}},
+        {"name": "PGPASSWORD",
+         "valueFrom": {"secretKeyRef": {"name": STORE_SECRET, "key": "password"}}}]
+    # no SQLite volume: /var/lib/driftwarden is the pod's scratch space
+    assert {"name": "db", "emptyDir": {}} in spec["volumes"]
+    assert spec["topologySpreadConstraints"] == [
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+         "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": {"app": COLLECTOR}}}]
+    budget = find(docs, "PodDisruptionBudget", COLLECTOR)["spec"]
+    assert budget["maxUnavailable"] == 1
+    # one Service in front of every replica; the agents dial it
+    for selector in (budget["selector"]["matchLabels"],
+                     find(docs, "Service", COLLECTOR)["spec"]["selector"]):
+        assert selector.items() <= pod_labels.items()
+    _, agent_spec = pod_of(docs, "DaemonSet", AGENT)
+    agent_args = cli_args(only(agent_spec["containers"]), NODE, entrypoint)
+    assert agent_args[agent_args.index("--collector") + 1] == f"{SERVICE_HOST}:50051"
+
+
+def test_rendered_collector_replicas_run_on_one_postgresql_database(
+        helm, bundle: CertBundle, entrypoint, postgres, tmp_path: Path) -> None:
+    """Two collectors from the rendered replicas' args, the store URL from the Secret through
+    the pod's env, on one real PostgreSQL database: both serve the agents' TLS files."""
+    with postgres.database() as url:
+        objects = [*secrets_of(bundle.directory), store_secret(url), *render(helm, REPLICAS)]
+        _, spec = pod_of(objects, "Deployment", COLLECTOR)
+        container = only(spec["containers"])
+        env = secret_env(container, objects)
+        assert env == {"DRIFTWARDEN_STORE": url, "PGPASSWORD": "change-me"}
+        words = [expand(word, env) for word in container["args"]]
+        assert words[words.index("--store") + 1] == url
+        _, _, channel = agent_options(objects, AGENT, NODE, entrypoint, tmp_path / "agent")
+        dialled_host = channel.address.rpartition(":")[0]
+        servers = []
+        try:
+            for replica in ("a", "b"):
+                pod = Pod(spec, container, objects, tmp_path / replica)
+                config = config_from_args(build_parser().parse_args(pod.localise(words)))
+                assert (config.db_path, config.store_url) == (None, url)
+                servers.append(CollectorServer(dataclasses.replace(
+                    config, listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")).start())
+            for server in servers:
+                with dial(f"127.0.0.1:{server.port}", tls=channel.tls,
+                          options=[("grpc.ssl_target_name_override", dialled_host)]) as ch:
+                    reply = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(), timeout=20)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for server in servers:
+                server.stop()
 
 
 def test_setup_installs_the_helm_engine_this_test_names() -> None:

@@ -34,6 +34,7 @@ from driftwarden.ops.command import (
     run_alerts,
     run_certs,
 )
+from driftwarden.ops.follow import FOLLOW_BATCH
 from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_pb2, common_pb2
 
 from tests.support.fake_operator_api import FakeOperatorApi, ServerTls, SubscribeScript
@@ -392,7 +393,7 @@ def test_follow_prints_alerts_notices_and_actions_until_the_stream_ends(
         "-- the collector ended the stream"]
     assert api.requests("Alerts.Subscribe") == [alerts_pb2.SubscribeRequest(
         filter=alerts_pb2.AlertFilter(kinds=[common_pb2.ALERT_KIND_DRIFT]),
-        include_notices=True, include_actions=True)]
+        include_notices=True, include_actions=True, max_batch=FOLLOW_BATCH)]
     assert api.requests("Alerts.List") == []
 
 

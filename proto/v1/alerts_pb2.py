@@ -27,7 +27,7 @@ from driftwarden.proto.v1 import common_pb2 as driftwarden_dot_proto_dot_v1_dot_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!driftwarden/proto/v1/alerts.proto\x12\x0e\x64riftwarden.v1\x1a\"driftwarden/proto/v1/actions.proto\x1a!driftwarden/proto/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x0b\x41lertFilter\x12(\n\x05kinds\x18\x01 \x03(\x0e\x32\x19.driftwarden.v1.AlertKind\x12.\n\x0cmin_severity\x18\x02 \x01(\x0e\x32\x18.driftwarden.v1.Severity\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x0e\n\x06images\x18\x05 \x03(\t\x12\x12\n\ncontainers\x18\x06 \x03(\t\x12\x16\n\x0e\x65xclude_images\x18\x07 \x03(\t\x12\x1a\n\x12\x65xclude_namespaces\x18\x08 \x03(\t\x12\x1a\n\x12\x65xclude_containers\x18\t \x03(\t\"q\n\x10SubscribeRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.driftwarden.v1.AlertFilter\x12\x17\n\x0finclude_notices\x18\x02 \x01(\x08\x12\x17\n\x0finclude_actions\x18\x03 \x01(\x08\"W\n\x0cStreamNotice\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x01\n\nAlertEvent\x12&\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x15.driftwarden.v1.AlertH\x00\x12.\n\x06notice\x18\x02 \x01(\x0b\x32\x1c.driftwarden.v1.StreamNoticeH\x00\x12(\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.ActionH\x00\x42\x07\n\x05\x65vent\"\xbd\x01\n\x11ListAlertsRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.driftwarden.v1.AlertFilter\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"T\n\x12ListAlertsResponse\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa4\x01\n\x06\x41lerts\x12K\n\tSubscribe\x12 .driftwarden.v1.SubscribeRequest\x1a\x1a.driftwarden.v1.AlertEvent0\x01\x12M\n\x04List\x12!.driftwarden.v1.ListAlertsRequest\x1a\".driftwarden.v1.ListAlertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!driftwarden/proto/v1/alerts.proto\x12\x0e\x64riftwarden.v1\x1a\"driftwarden/proto/v1/actions.proto\x1a!driftwarden/proto/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x0b\x41lertFilter\x12(\n\x05kinds\x18\x01 \x03(\x0e\x32\x19.driftwarden.v1.AlertKind\x12.\n\x0cmin_severity\x18\x02 \x01(\x0e\x32\x18.driftwarden.v1.Severity\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x0e\n\x06images\x18\x05 \x03(\t\x12\x12\n\ncontainers\x18\x06 \x03(\t\x12\x16\n\x0e\x65xclude_images\x18\x07 \x03(\t\x12\x1a\n\x12\x65xclude_namespaces\x18\x08 \x03(\t\x12\x1a\n\x12\x65xclude_containers\x18\t \x03(\t\"\x9a\x01\n\x10SubscribeRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.driftwarden.v1.AlertFilter\x12\x17\n\x0finclude_notices\x18\x02 \x01(\x08\x12\x17\n\x0finclude_actions\x18\x03 \x01(\x08\x12\x14\n\x0cresume_after\x18\x04 \x01(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\r\"3\n\nAlertGroup\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\"W\n\x0cStreamNotice\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xda\x01\n\nAlertEvent\x12&\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x15.driftwarden.v1.AlertH\x00\x12.\n\x06notice\x18\x02 \x01(\x0b\x32\x1c.driftwarden.v1.StreamNoticeH\x00\x12(\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x16.driftwarden.v1.ActionH\x00\x12+\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1a.driftwarden.v1.AlertGroupH\x00\x12\x14\n\x0cresume_token\x18\x05 \x01(\tB\x07\n\x05\x65vent\"\xbd\x01\n\x11ListAlertsRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.driftwarden.v1.AlertFilter\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"T\n\x12ListAlertsResponse\x12%\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x15.driftwarden.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa4\x01\n\x06\x41lerts\x12K\n\tSubscribe\x12 .driftwarden.v1.SubscribeRequest\x1a\x1a.driftwarden.v1.AlertEvent0\x01\x12M\n\x04List\x12!.driftwarden.v1.ListAlertsRequest\x1a\".driftwarden.v1.ListAlertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ALERTFILTER']._serialized_start=158
   _globals['_ALERTFILTER']._serialized_end=412
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=414
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=527
-  _globals['_STREAMNOTICE']._serialized_start=529
-  _globals['_STREAMNOTICE']._serialized_end=616
-  _globals['_ALERTEVENT']._serialized_start=619
-  _globals['_ALERTEVENT']._serialized_end=770
-  _globals['_LISTALERTSREQUEST']._serialized_start=773
-  _globals['_LISTALERTSREQUEST']._serialized_end=962
-  _globals['_LISTALERTSRESPONSE']._serialized_start=964
-  _globals['_LISTALERTSRESPONSE']._serialized_end=1048
-  _globals['_ALERTS']._serialized_start=1051
-  _globals['_ALERTS']._serialized_end=1215
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=415
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=569
+  _globals['_ALERTGROUP']._serialized_start=571
+  _globals['_ALERTGROUP']._serialized_end=622
+  _globals['_STREAMNOTICE']._serialized_start=624
+  _globals['_STREAMNOTICE']._serialized_end=711
+  _globals['_ALERTEVENT']._serialized_start=714
+  _globals['_ALERTEVENT']._serialized_end=932
+  _globals['_LISTALERTSREQUEST']._serialized_start=935
+  _globals['_LISTALERTSREQUEST']._serialized_end=1124
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1126
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1210
+  _globals['_ALERTS']._serialized_start=1213
+  _globals['_ALERTS']._serialized_end=1377
 # @@protoc_insertion_point(module_scope)

@@ -34,14 +34,24 @@ class AlertFilter(_message.Message):
     def __init__(self, kinds: _Optional[_Iterable[_Union[_common_pb2.AlertKind, str]]] = ..., min_severity: _Optional[_Union[_common_pb2.Severity, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., namespaces: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[str]] = ..., containers: _Optional[_Iterable[str]] = ..., exclude_images: _Optional[_Iterable[str]] = ..., exclude_namespaces: _Optional[_Iterable[str]] = ..., exclude_containers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("filter", "include_notices", "include_actions")
+    __slots__ = ("filter", "include_notices", "include_actions", "resume_after", "max_batch")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_NOTICES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     filter: AlertFilter
     include_notices: bool
     include_actions: bool
-    def __init__(self, filter: _Optional[_Union[AlertFilter, _Mapping]] = ..., include_notices: _Optional[bool] = ..., include_actions: _Optional[bool] = ...) -> None: ...
+    resume_after: str
+    max_batch: int
+    def __init__(self, filter: _Optional[_Union[AlertFilter, _Mapping]] = ..., include_notices: _Optional[bool] = ..., include_actions: _Optional[bool] = ..., resume_after: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class AlertGroup(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[_common_pb2.Alert]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[_common_pb2.Alert, _Mapping]]] = ...) -> None: ...
 
 class StreamNotice(_message.Message):
     __slots__ = ("dropped", "text", "time")
@@ -54,14 +64,18 @@ class StreamNotice(_message.Message):
     def __init__(self, dropped: _Optional[int] = ..., text: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AlertEvent(_message.Message):
-    __slots__ = ("alert", "notice", "action")
+    __slots__ = ("alert", "notice", "action", "batch", "resume_token")
     ALERT_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     alert: _common_pb2.Alert
     notice: StreamNotice
     action: _actions_pb2.Action
-    def __init__(self, alert: _Optional[_Union[_common_pb2.Alert, _Mapping]] = ..., notice: _Optional[_Union[StreamNotice, _Mapping]] = ..., action: _Optional[_Union[_actions_pb2.Action, _Mapping]] = ...) -> None: ...
+    batch: AlertGroup
+    resume_token: str
+    def __init__(self, alert: _Optional[_Union[_common_pb2.Alert, _Mapping]] = ..., notice: _Optional[_Union[StreamNotice, _Mapping]] = ..., action: _Optional[_Union[_actions_pb2.Action, _Mapping]] = ..., batch: _Optional[_Union[AlertGroup, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("filter", "since", "until", "page_size", "page_token")

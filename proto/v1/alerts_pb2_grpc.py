@@ -52,7 +52,8 @@ class AlertsServicer:
     """
 
     def Subscribe(self, request, context):
-        """New alerts as they are stored, from now on (List covers the past).
+        """New alerts as they are stored (by any collector replica sharing the store), in store
+        order, from now on or after a resume token (List covers the past).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,9 +21,10 @@ class CollectorProcess:
     """One collector. The first start listens on `port` (0: any free port); later starts reuse
     the port it got, so agents configured with its address find it again after a restart."""
 
-    def __init__(self, db: Path, log_path: Path, extra: Sequence[str] = (), *, port: int = 0,
-                 ready_timeout: float = 30.0) -> None:
-        self.db = Path(db)
+    def __init__(self, db: Path | str, log_path: Path, extra: Sequence[str] = (), *,
+                 port: int = 0, ready_timeout: float = 30.0) -> None:
+        # the SQLite file (--db), or a postgresql:// URL (--store)
+        self.db: Path | str = db if str(db).startswith("postgresql://") else Path(db)
         self.log_path = Path(log_path)
         self.extra = list(extra)
         self.port = port
@@ -47,7 +48,9 @@ class CollectorProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "driftwarden", "collector",
-                 "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), *self.extra],
+                 "--listen", f"127.0.0.1:{self.port}",
+                 *(["--store", self.db] if isinstance(self.db, str) else ["--db", str(self.db)]),
+                 *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd="/",
                 env={**os.environ, **FAULTHANDLER_ENV})
         deadline = time.monotonic() + self.ready_timeout

@@ -77,6 +77,11 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.role,
                   "--no-locale", "-E", "UTF8", "--no-sync")
         self.port = _free_port()
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after ``halt()``): the same data, port and socket."""
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         log_path = self.base / "server.log"
@@ -86,12 +91,16 @@ class PostgresServer:
         except PostgresUnavailable as exc:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise PostgresUnavailable(f"{exc}\n{tail}") from None
-        return self
+
+    def halt(self) -> None:
+        """Stop the server as an outage does (``pg_ctl stop -m fast``: every connection is
+        cut), keeping its data for ``resume()``."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
-                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+                self.halt()
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
