@@ -125,6 +125,7 @@ class BenchConfig:
     throughput_runs: int = 3  # runs per row, each with a fresh collector (median reported)
     batch: int = 100
     window: int = 8  # batches an agent may have awaiting an ack
+    subscriber_batch: int = 0  # part 3 subscribers' SubscribeRequest.max_batch (0: one an event)
     seed: int = 4
     command: str = "python -m bench.collector_e2e"
 
@@ -845,7 +846,8 @@ def _agent_worker(address: str, index: int, count: int, batch: int, window: int,
     send loop costs next to nothing."""
     result: dict[str, Any] = {"role": "agent", "index": index, "sent": 0, "acked": 0,
                               "unique_acked": 0, "unknown_acked": 0, "notices": [],
-                              "first_send": None, "last_ack": None, "error": None}
+                              "first_send": None, "last_ack": None, "error": None,
+                              "sends": []}  # when each batch was sent (_mono)
     readied = False
     try:
         import grpc
@@ -897,6 +899,7 @@ def _agent_worker(address: str, index: int, count: int, batch: int, window: int,
                     if result["first_send"] is None:
                         result["first_send"] = _mono()
                     result["sent"] += size
+                    result["sends"].append(_mono())
                     yield payload
                 finished.wait(deadline_s)  # keep the stream open until every ack is in
 
@@ -929,13 +932,13 @@ def _agent_worker(address: str, index: int, count: int, batch: int, window: int,
 
 
 def _subscriber_worker(address: str, index: int, expected: int, ready: Any, stop: Any,
-                       results: Any, deadline_s: float) -> None:
+                       results: Any, deadline_s: float, max_batch: int = 0) -> None:
     """A subscriber that counts alerts (by id) and the collector's drop notices until every one
     of `expected` alerts is accounted for (received or reported dropped), or it is told to
-    stop."""
+    stop. `max_batch` > 1 asks for up to that many alerts an event."""
     result: dict[str, Any] = {"role": "subscriber", "index": index, "received": 0, "unique": 0,
                               "duplicates": 0, "dropped": 0, "first": None, "last": None,
-                              "error": None}
+                              "error": None, "arrivals": {}}  # alert id -> first receipt
     readied = False
     try:
         import grpc
@@ -947,7 +950,8 @@ def _subscriber_worker(address: str, index: int, expected: int, ready: Any, stop
             grpc.channel_ready_future(channel).result(timeout=15)
             call = alerts_pb2_grpc.AlertsStub(channel).Subscribe(
                 alerts_pb2.SubscribeRequest(filter=alerts_pb2.AlertFilter(),
-                                            include_notices=True), timeout=deadline_s)
+                                            include_notices=True, max_batch=max_batch),
+                timeout=deadline_s)
             call.initial_metadata()
             watchdog = threading.Thread(
                 target=lambda: (_wait_flag(stop, deadline_s, 0.05), call.cancel()), daemon=True)
@@ -963,15 +967,22 @@ def _subscriber_worker(address: str, index: int, expected: int, ready: Any, stop
                         if len(seen) + result["dropped"] >= expected:
                             break
                         continue
-                    if kind != "alert":
+                    if kind == "alert":
+                        alerts: Sequence[Any] = (event.alert,)
+                    elif kind == "batch":
+                        alerts = event.batch.alerts
+                    else:
                         continue
                     now = _mono()
                     result["first"] = result["first"] or now
                     result["last"] = now
-                    result["received"] += 1
-                    if event.alert.id in seen:
-                        result["duplicates"] += 1
-                    seen.add(event.alert.id)
+                    for alert in alerts:
+                        result["received"] += 1
+                        if alert.id in seen:
+                            result["duplicates"] += 1
+                        else:
+                            result["arrivals"][alert.id] = now
+                        seen.add(alert.id)
                     if len(seen) + result["dropped"] >= expected:
                         break
             except grpc.RpcError as exc:
@@ -1007,6 +1018,7 @@ class ThroughputResult:
     collector_cpu_s: float
     stored: int
     errors: list[str]
+    latencies_ms: list[float] = field(default_factory=list)  # batch sent -> each subscriber
 
     @property
     def acked_rate(self) -> float:
@@ -1056,64 +1068,83 @@ def run_throughput(config: BenchConfig, tmp: Path, spec: ThroughputSpec,
     earlier run would come back as UPDATED, a different and slower path)."""
     from tests.support.collector_proc import CollectorProcess
 
+    label = f"tp-{spec.agents}a{spec.subscribers}s{int(spec.rate or 0)}r-run{run}"
+    db = tmp / f"{label}.db"
+    if db.exists():
+        raise BenchError(f"{db} exists: every run needs an empty store")
+    with CollectorProcess(db, tmp / f"{label}.log") as collector:
+        return drive_throughput(config, spec, [collector], label, log,
+                                lambda: _count_alerts(db))
+
+
+def drive_throughput(config: BenchConfig, spec: ThroughputSpec, collectors: Sequence[Any],
+                     label: str, log: Callable[[str], None],
+                     count_stored: Callable[[], int]) -> ThroughputResult:
+    """One row's synthetic agents and subscribers against running collector processes
+    (tests.support.collector_proc; agent i and subscriber i on collector i modulo their number)
+    whose store holds no alert yet; ``count_stored()`` counts the alerts stored at the end."""
     agents, subscribers, total = spec.agents, spec.subscribers, spec.alerts
     per_agent = [total // agents] * agents
     per_agent[0] += total - sum(per_agent)
     agent_rate = None if spec.rate is None else spec.rate / agents
     deadline = max(60.0, total / (spec.rate or 300) * 1.5)
-    label = f"tp-{agents}a{subscribers}s{int(spec.rate or 0)}r-run{run}"
-    db = tmp / f"{label}.db"
-    if db.exists():
-        raise BenchError(f"{db} exists: every run needs an empty store")
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
     start, stop = ctx.RawValue(ctypes.c_bool, False), ctx.RawValue(ctypes.c_bool, False)
     procs: list[Any] = []
-    log(f"[throughput] {agents} agent(s), {subscribers} subscriber(s), {total} alerts"
-        + (f" at {spec.rate:g}/s" if spec.rate else "") + f", run {run}")
-    with CollectorProcess(db, tmp / f"{label}.log") as collector:
-        try:
-            for i in range(subscribers):
-                procs.append(ctx.Process(target=_subscriber_worker, args=(
-                    collector.address, i, total, ready, stop, results, deadline), daemon=True))
-            for i, count in enumerate(per_agent):
-                procs.append(ctx.Process(target=_agent_worker, args=(
-                    collector.address, i, count, config.batch, config.window, agent_rate, ready,
-                    start, results, deadline), daemon=True))
-            for p in procs:
-                p.start()
-            for _ in procs:  # every subscriber registered, every agent's messages built
-                try:
-                    ready.get(timeout=60)
-                except queue.Empty:
-                    raise BenchError(f"{label}: a worker did not get ready in 60 s "
-                                     f"(collector log:\n{collector.log()[-2000:]})") from None
-            cpu0 = _cpu_seconds(collector.proc.pid)
-            t0 = _mono()
-            start.value = True
-            out = _collect(results, lambda got: sum(r["role"] == "agent" for r in got) == agents,
-                           deadline + 30)
-            cpu = _cpu_seconds(collector.proc.pid) - cpu0
-            # subscribers stop by themselves once they have every alert; else after 10 s
+    log(f"[throughput] {label}: {agents} agent(s), {subscribers} subscriber(s), {total} alerts"
+        + (f" at {spec.rate:g}/s" if spec.rate else "")
+        + (f", {len(collectors)} collectors" if len(collectors) > 1 else ""))
 
-            def everyone(got: list) -> bool:
-                return len(got) == len(procs)
+    def address(i: int) -> str:
+        return collectors[i % len(collectors)].address
 
-            out = _collect(results, everyone, 10, out)
-            if not everyone(out):
-                stop.value = True
-                out = _collect(results, everyone, 15, out)
+    def logs() -> str:
+        return "\n".join(c.log()[-2000:] for c in collectors)
+
+    try:
+        for i in range(subscribers):
+            procs.append(ctx.Process(target=_subscriber_worker, args=(
+                address(i), i, total, ready, stop, results, deadline, config.subscriber_batch),
+                daemon=True))
+        for i, count in enumerate(per_agent):
+            procs.append(ctx.Process(target=_agent_worker, args=(
+                address(i), i, count, config.batch, config.window, agent_rate, ready,
+                start, results, deadline), daemon=True))
+        for p in procs:
+            p.start()
+        for _ in procs:  # every subscriber registered, every agent's messages built
+            try:
+                ready.get(timeout=60)
+            except queue.Empty:
+                raise BenchError(f"{label}: a worker did not get ready in 60 s "
+                                 f"(collector logs:\n{logs()})") from None
+        cpu0 = sum(_cpu_seconds(c.proc.pid) for c in collectors)
+        t0 = _mono()
+        start.value = True
+        out = _collect(results, lambda got: sum(r["role"] == "agent" for r in got) == agents,
+                       deadline + 30)
+        cpu = sum(_cpu_seconds(c.proc.pid) for c in collectors) - cpu0
+        # subscribers stop by themselves once they have every alert; else after 10 s
+
+        def everyone(got: list) -> bool:
+            return len(got) == len(procs)
+
+        out = _collect(results, everyone, 10, out)
+        if not everyone(out):
             stop.value = True
-        finally:
-            start.value = stop.value = True
-            for p in procs:
-                if p.pid is None:  # never started
-                    continue
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        stored = _count_alerts(collector.db)
+            out = _collect(results, everyone, 15, out)
+        stop.value = True
+    finally:
+        start.value = stop.value = True
+        for p in procs:
+            if p.pid is None:  # never started
+                continue
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    stored = count_stored()
     agent_results = [r for r in out if r["role"] == "agent"]
     subs = sorted((r for r in out if r["role"] == "subscriber"), key=lambda r: r["index"])
     if len(agent_results) < agents:
@@ -1135,7 +1166,21 @@ def run_throughput(config: BenchConfig, tmp: Path, spec: ThroughputSpec,
         unknown_acked=sum(r["unknown_acked"] for r in agent_results),
         delivered=[r["unique"] for r in subs], duplicates=sum(r["duplicates"] for r in subs),
         dropped=[r["dropped"] for r in subs], collector_cpu_s=cpu, stored=stored,
-        errors=errors)
+        errors=errors,
+        latencies_ms=_latencies_ms(agent_results, subs, per_agent, config.batch))
+
+
+def _latencies_ms(agents: Sequence[dict[str, Any]], subscribers: Sequence[dict[str, Any]],
+                  per_agent: Sequence[int], batch: int) -> list[float]:
+    """For every alert and subscriber: ms from the agent's send of the alert's batch to the
+    subscriber's receipt (CLOCK_MONOTONIC, one clock for every process of the host)."""
+    sent_at: dict[str, int] = {}
+    for r in agents:
+        for b, at in enumerate(r["sends"]):
+            for n in range(b * batch, min((b + 1) * batch, per_agent[r["index"]])):
+                sent_at[_alert_id(r["index"], n)] = at
+    return [(at - sent_at[alert_id]) / 1e6 for s in subscribers
+            for alert_id, at in s["arrivals"].items() if alert_id in sent_at]
 
 
 def _collect(results: Any, enough: Callable[[list], bool], timeout: float,

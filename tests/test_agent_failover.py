@@ -169,17 +169,25 @@ def stack_factory(kernel_ok, docker_ok, postgres, tmp_path) -> Iterator[Any]:
                           for i in range(count)]
             for c in collectors:
                 on_exit.callback(c.stop)
-            agent = AgentProcess(tmp_path / "agent-state", tmp_path / "alerts.jsonl", extra=[
-                "--collector", ",".join(addresses(collectors)), "--node", NODE,
-                "--only-label", f"{LABEL}={label}", "--window", "1", "--heartbeat", "1",
-                "--incident-window", "0", "--budget", "off", "--metrics", "127.0.0.1:0"])
-            stack = Stack(url, collectors, agent)
-            on_exit.callback(stack.close)
-            agent.start()
-            on_exit.callback(agent.stop)
-            return stack
+            return start_agent(url, collectors, addresses(collectors), label, tmp_path,
+                               on_exit)
 
         yield make
+
+
+def start_agent(url: str, collectors: list[Any], addresses: list[str], label: str,
+                tmp_path: Path, on_exit: contextlib.ExitStack) -> Stack:
+    """The agent (node NODE, containers labelled LABEL=label) streaming to `addresses`, as a
+    Stack with `collectors` (processes with ``address`` and ``log()``); `on_exit` stops it."""
+    agent = AgentProcess(tmp_path / "agent-state", tmp_path / "alerts.jsonl", extra=[
+        "--collector", ",".join(addresses), "--node", NODE,
+        "--only-label", f"{LABEL}={label}", "--window", "1", "--heartbeat", "1",
+        "--incident-window", "0", "--budget", "off", "--metrics", "127.0.0.1:0"])
+    stack = Stack(url, collectors, agent)
+    on_exit.callback(stack.close)
+    agent.start()
+    on_exit.callback(agent.stop)
+    return stack
 
 
 def stored(url: str, container_id: str) -> dict[str, tuple[int, int]]:
