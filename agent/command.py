@@ -51,7 +51,7 @@ from typing import Any, TextIO
 
 from driftwarden.core.argtypes import NON_NEGATIVE_SECONDS, POSITIVE_SECONDS
 from driftwarden.core.errors import UsageError
-from driftwarden.core.lifecycle import stop_on_signals
+from driftwarden.core.lifecycle import settle_heap, stop_on_signals
 from driftwarden.core.netaddr import (
     host_port,
     is_loopback,
@@ -521,6 +521,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         if options.only_labels:
             where += "; only containers labelled " + ", ".join(
                 f"{k}={v}" for k, v in options.only_labels)
+        settle_heap()
         stderr.write(f"driftwarden: agent running; baselines in {store.dir}{where}; "
                      f"Ctrl-C to stop\n")
         stderr.flush()

@@ -9,6 +9,7 @@ start (which cleans up after itself). A stopped service is not started again: ma
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import signal
 import socket
@@ -105,6 +106,15 @@ class Service:
     def _restart_refused(self) -> Exception:
         """What ``start()`` raises once stopped."""
         return RuntimeError(f"{type(self).__name__} is stopped; make a new one to start again")
+
+
+def settle_heap() -> None:
+    """Once a long-running process has started (its imports, compiled probes, servers): one
+    full collection, then every object left is frozen out of later ones. A full collection
+    of what NumPy, scikit-learn, gRPC and bcc leave behind took 43 ms, a pause in the middle
+    of an alert's path every few seconds; frozen, the later ones walk only new objects."""
+    gc.collect()
+    gc.freeze()
 
 
 def start_daemon_thread(target: Callable[..., Any], name: str, *args: Any,
