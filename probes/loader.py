@@ -547,22 +547,25 @@ class ProbeSet(Service):
         self._require()
         names = {int(kind): name for name, kind in SELECTABLE_KINDS.items()}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
-        table = self._bpf[b"budget"]
-        entries = None
-        if self._batch_lookup:
-            try:  # one syscall per batch: 6x cheaper than a walk at 600 entries (Linux 5.6+)
-                entries = list(table.items_lookup_batch())
-            except Exception as exc:
-                self._batch_lookup = False
-                log.info("batch lookups unavailable (%s): walking the budget map", exc)
-        if entries is None:
-            entries = table.items()
-        for key, value in entries:
+        for key, value in self._entries(b"budget"):
             name = names.get(int(key.kind))
             if name is not None:
                 counts[(int(key.cgroup_id), name)] = (int(value.over), int(value.dropped))
         made = int(sum(self._bpf[b"budget_made"][ctypes.c_int(0)]))
         return BudgetUsage(counts, max(made - len(counts), 0))
+
+    def _entries(self, name: bytes) -> list:
+        """Every (key, value) of a hash map: one batch lookup (one syscall per batch, 6x
+        cheaper than a walk at 600 entries; Linux 5.6+), else a walk once the kernel refused
+        a batch."""
+        table = self._bpf[name]
+        if self._batch_lookup:
+            try:
+                return list(table.items_lookup_batch())
+            except Exception as exc:
+                self._batch_lookup = False
+                log.info("batch lookups unavailable (%s): walking the maps", exc)
+        return list(table.items())
 
     # -- the baseline filter (map `known`; agent.known decides what goes in) --------------
 
@@ -588,18 +591,8 @@ class ProbeSet(Service):
         time of the last): one batch lookup of the whole map (read it about once a second, not
         per event)."""
         self._require()
-        table = self._bpf[b"known"]
-        entries = None
-        if self._batch_lookup:
-            try:
-                entries = list(table.items_lookup_batch())
-            except Exception as exc:
-                self._batch_lookup = False
-                log.info("batch lookups unavailable (%s): walking the known map", exc)
-        if entries is None:
-            entries = table.items()
         return {(int(k.cgroup_id), int(k.kind), int(k.hash)): (int(v.hits), int(v.last_ns))
-                for k, v in entries}
+                for k, v in self._entries(b"known")}
 
     def known_remove(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Takes (cgroup id, kind number, known key) entries out: their events are sent again."""

@@ -19,19 +19,12 @@ import pytest
 
 from tests.support.agent_proc import AgentProcess
 from tests.support.containers import run_container
+from tests.support.ring import drain_for
 
 pytestmark = pytest.mark.integration
 
 FILES = 3000  # dwstorm openuniq: one open (O_CREAT) and one unlink each
 EXECS = 50
-
-
-def _drain(probes, seconds: float) -> list[bytes]:
-    raws, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        raws.extend(probes.drain())
-        time.sleep(0.01)
-    return raws + probes.drain()
 
 
 def test_the_kernel_holds_back_what_a_container_sends_over_its_budget(kernel_ok, storm_image):
@@ -52,7 +45,7 @@ def test_the_kernel_holds_back_what_a_container_sends_over_its_budget(kernel_ok,
                             f"/tmp/f --unlink && dwstorm exec {EXECS}"])
         elapsed = time.monotonic() - started
         assert code == 0, out
-        raws = _drain(probes, 0.5)
+        raws = drain_for(probes, 0.5)
         usage = probes.budget_usage()
         after = probes.counters()
     events = [e for e in Decoder(config.limits).decode_many(raws)

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests.support.containers import run_container
+from tests.support.ring import drain_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +25,10 @@ FILE, CONNECT = 3, 2  # EventKind numbers
 LOOPS = 40
 
 
-def _drain(probes, seconds: float) -> list[bytes]:
-    raws, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        raws.extend(probes.drain())
-        time.sleep(0.01)
-    return raws + probes.drain()
-
-
 def _events(probes, cgroup_id: int, seconds: float = 0.5) -> list:
     from driftwarden.probes.decode import Decoder
 
-    raws = _drain(probes, seconds)
+    raws = drain_for(probes, seconds)
     return [e for e in Decoder(probes.config.limits).decode_many(raws)
             if e.header.cgroup_id == cgroup_id]
 
