@@ -42,7 +42,7 @@ from driftwarden.core.records import ContainerView
 
 log = logging.getLogger(__name__)
 
-KINDS = ("exec", "connect", "write")  # the budgeted kinds, as probes.loader names them
+KINDS = ("exec", "connect", "write", "chdir")  # the budgeted kinds (probes.loader.BUDGET_KINDS)
 FLOOD_CODE = "sensor-flood"
 TAINT_REASON = "over budget"
 OTHER_SERIES = ("_other", "")

@@ -208,7 +208,8 @@ def format_summary(summary: TraceSummary) -> str:
     lines = ["summary:"]
     lines.append(f"  {'kind':<8} {'emitted':>9} {'suppressed':>11} {'dropped':>8} "
                  f"{'over budget':>12} {'shown':>7}")
-    for kind, label in (("exec", "exec"), ("connect", "connect"), ("file", "write")):
+    for kind, label in (("exec", "exec"), ("connect", "connect"), ("file", "write"),
+                        ("chdir", "chdir")):
         k = summary.kernel.get(kind, {})
         lines.append(
             f"  {label:<8} {k.get('emitted', 0):>9} {k.get('suppressed', 0):>11} "

@@ -35,7 +35,7 @@ from typing import NamedTuple, TypeVar
 
 from driftwarden.agent.procfs import ProcessSnapshot, ProcReader
 from driftwarden.core.records import ProcKey, Program
-from driftwarden.probes._layout import AT_FDCWD
+from driftwarden.probes._layout import AT_FDCWD, Flag
 from driftwarden.probes.events import Header
 
 _MAX_PARENT_HOPS = 8
@@ -54,6 +54,7 @@ class _Proc:
     # the parent's program when this process was forked: its lineage once the parent is gone
     parent_program: Program | None = None
     cwd: str | None = None
+    cwd_lost: bool = False  # a chdir was not sent: read the cwd from /proc (Flag.CWD_LOST)
     exec_seen: bool = False  # an exec by this very process (not one inherited at fork)
     start_ticks: int | None = None  # the snapshot's /proc starttime (keys with start_ns 0)
 
@@ -137,7 +138,9 @@ class ProcessTable:
         self._table: OrderedDict[ProcKey, _Proc] = OrderedDict()
         self._by_tgid: dict[int, ProcKey] = {}  # the newest key of each tgid in the table
         # proc_reads: /proc lookups; stale_proc: answers dropped because the pid was reused
-        self.stats = {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0}
+        # cwd_lost: events that said a chdir of theirs was not sent (Flag.CWD_LOST)
+        self.stats = {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0,
+                      "cwd_lost": 0}
 
     def __len__(self) -> int:
         return len(self._table)
@@ -172,8 +175,11 @@ class ProcessTable:
         """The process an event is about; an unknown one gets an entry, its parent from the
         event (its program is unknown: it may have exec'd where the probes do not report)."""
         key = self._known(header.tgid, header.start_ns)
+        flags = header.flags
         if key in self._table:
             self._table.move_to_end(key)
+            if flags and flags & Flag.CWD_LOST:
+                self._lost_cwd(self._table[key])
             return key
         parent = self._known(header.ppid, header.parent_start_ns) if header.ppid else None
         entry = _Proc(parent=parent)
@@ -181,7 +187,16 @@ class ProcessTable:
         if parent_entry is not None:
             entry.parent_program = parent_entry.program
         self._add(key, entry)
+        if flags and flags & Flag.CWD_LOST:
+            self._lost_cwd(entry)
         return key
+
+    def _lost_cwd(self, entry: _Proc) -> None:
+        """A chdir of this process was not sent (over its container's budget, or dropped):
+        what the table holds may be stale, so the next relative path reads /proc again."""
+        entry.cwd = None
+        entry.cwd_lost = True
+        self.stats["cwd_lost"] += 1
 
     def seed(self, snapshots: Iterable[ProcessSnapshot]) -> int:
         """Enters the processes running at start-up (keys (tgid, 0)); returns how many."""
@@ -234,7 +249,12 @@ class ProcessTable:
         """`base`: the tgid whose cwd this one had before the call, as the kernel tracked it
         through forks (0 when unknown)."""
         entry = self._table[key]
-        if path is not None:
+        if entry.cwd_lost:
+            # an earlier chdir was not sent: this one's path may be relative to a directory
+            # never seen, and /proc shows where the process is now
+            entry.cwd_lost = False
+            entry.cwd = self._read(key, entry, self._proc.cwd)
+        elif path is not None:
             if entry.cwd is None and not path.startswith("/"):
                 # /proc/PID/cwd, read after the fact, may already show this very chdir
                 # (httpd's CGI child: chdir("cgi-bin") then exec "app"); the process it
@@ -354,7 +374,8 @@ class ProcessTable:
             current_key = current.parent
             current = self._table.get(current_key)
         if entry is not None:
-            entry.cwd = found  # inherited at fork
+            entry.cwd = found  # inherited at fork, or read again after a lost chdir
+            entry.cwd_lost = False
         return found
 
     def resolve(self, key: ProcKey, path: str, dirfd: int) -> ResolvedPath:

@@ -60,6 +60,7 @@ class Flag(enum.IntFlag):
     READ_FAILED = 0x0010
     FD_ONLY = 0x0020
     EXECVEAT = 0x0040
+    CWD_LOST = 0x0080
 
 
 AT_FDCWD = -100

@@ -244,6 +244,9 @@ BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COM
 BPF_F_TABLE("lru_hash", struct dw_budget_key, struct dw_budget_val, budget, DW_BUDGET_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_PERCPU_ARRAY(budget_made, u64, 1);
+/* tgid -> 1 while a chdir of it was not sent (over its container's chdir budget, or dropped):
+ * its next sent event says so (DW_F_CWD_LOST) and userspace reads the cwd again */
+BPF_F_TABLE("lru_hash", u32, u8, cwd_lost, 16384, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(last_wake, u64, 1);                              /* DW_WAKE_GAP_NS */
 #if DW_KNOWN_ENTRIES
 /* a plain hash, not an LRU: userspace owns every entry (a full map refuses, counted there) */
@@ -375,6 +378,8 @@ static __always_inline u64 dw_budget_interval(u32 kind)
         return DW_NS_PER(DW_BUDGET_CONNECT_RATE);
     if (kind == DW_KIND_FILE)
         return DW_NS_PER(DW_BUDGET_FILE_RATE);
+    if (kind == DW_KIND_CHDIR)
+        return DW_NS_PER(DW_BUDGET_CHDIR_RATE);
     return 0;
 }
 
@@ -384,6 +389,8 @@ static __always_inline u64 dw_budget_burst(u32 kind)
         return DW_BUDGET_EXEC_BURST;
     if (kind == DW_KIND_CONNECT)
         return DW_BUDGET_CONNECT_BURST;
+    if (kind == DW_KIND_CHDIR)
+        return DW_BUDGET_CHDIR_BURST;
     return DW_BUDGET_FILE_BURST;
 }
 
@@ -497,8 +504,8 @@ static __always_inline u64 dw_wake_flags(void)
 /* `max` is the size of the object at `data`; `slot` the sender's budget entry, or NULL (its
  * drops are then counted per kind only). The clamp sits behind a barrier on a 64-bit value
  * so clang cannot hand the verifier an unclamped copy, whatever the -D settings. */
-static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind,
-                                    struct dw_budget_val *slot)
+static __always_inline int dw_emit(void *data, u64 size, u64 max, u32 kind,
+                                   struct dw_budget_val *slot)
 {
     DW_BARRIER(size);
     if (size > max)
@@ -507,11 +514,26 @@ static __always_inline void dw_emit(void *data, u64 size, u64 max, u32 kind,
     u64 flags = ((DW_WAKE_KINDS) & (1 << kind)) ? dw_wake_flags() : DW_WAKEUP;
     if (events.ringbuf_output(data, size, flags) == 0) {
         dw_count(kind, DW_CNT_EMITTED);
-    } else {
-        dw_count(kind, DW_CNT_DROPPED);
-        if (slot)                           /* the container's entry: drops per container */
-            __sync_fetch_and_add(&slot->dropped, 1);
+        return 1;
     }
+    dw_count(kind, DW_CNT_DROPPED);
+    if (slot)                               /* the container's entry: drops per container */
+        __sync_fetch_and_add(&slot->dropped, 1);
+    return 0;
+}
+
+/* DW_F_CWD_LOST on an event of a process whose chdir was not sent; the mark is taken off once
+ * an event carrying it is sent (dw_cwd_sent), as userspace then reads the cwd again. */
+static __always_inline void dw_cwd_flag(struct dw_event_header *hdr, u32 tgid)
+{
+    if (cwd_lost.lookup(&tgid))
+        hdr->flags |= DW_F_CWD_LOST;
+}
+
+static __always_inline void dw_cwd_sent(int sent, u16 flags, u32 tgid)
+{
+    if (sent && (flags & DW_F_CWD_LOST))
+        cwd_lost.delete(&tgid);
 }
 
 /* A relative path means something different after a chdir: key it on the process and
@@ -549,6 +571,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u32 *owner = cwd_owner.lookup(&parent);
     u32 base = owner ? *owner : parent;
     cwd_owner.update(&child, &base);
+    if (cwd_lost.lookup(&parent)) {       /* userspace gives the child its parent's cwd */
+        u8 lost = 1;
+        cwd_lost.update(&child, &lost);
+    }
 
     struct dw_fork_event e = {};
     dw_fill_header(&e.hdr, DW_KIND_FORK, cgid, pid_tgid, bpf_ktime_get_ns());
@@ -584,6 +610,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     proc_of.delete(&tgid);
     cwd_epoch.delete(&tgid);
     cwd_owner.delete(&tgid);
+    cwd_lost.delete(&tgid);
     return 0;
 }
 
@@ -695,14 +722,25 @@ static __always_inline int dw_chdir_exit(long ret)
         else
             cwd_epoch.update(&tgid, &one);
     }
+    /* bookkeeping, but a shell loop of `cd` sends ~240K a second: budgeted like the other
+     * kinds, so one container cannot fill the ring buffer; what it held back costs only
+     * that process's cwd, which userspace then reads again (DW_F_CWD_LOST) */
+    u64 cgid = bpf_get_current_cgroup_id();
+    u64 now = bpf_ktime_get_ns();
+    struct dw_budget_val *slot = 0;
+    u8 lost = 1;
+    if (dw_over_budget(DW_KIND_CHDIR, cgid, now, &slot)) {
+        if (ret == 0)
+            cwd_lost.update(&tgid, &lost);
+        return 0;
+    }
     u32 zero = 0;
     struct dw_chdir_event *e = chdir_scratch.lookup(&zero);
     if (!e)
         return 0;
     e->hdr.flags = 0;
     e->hdr.suppressed = 0;
-    dw_fill_header(&e->hdr, DW_KIND_CHDIR, bpf_get_current_cgroup_id(), pid_tgid,
-                   bpf_ktime_get_ns());
+    dw_fill_header(&e->hdr, DW_KIND_CHDIR, cgid, pid_tgid, now);
     e->retval = ret;
     e->fd = -1;
     e->path_len = 0;
@@ -725,7 +763,13 @@ static __always_inline int dw_chdir_exit(long ret)
     u32 len = e->path_len;
     if (len > DW_PATH_MAX)
         len = DW_PATH_MAX;
-    dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e), DW_KIND_CHDIR, 0);
+    dw_cwd_flag(&e->hdr, tgid);
+    int sent = dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e),
+                       DW_KIND_CHDIR, slot);
+    if (!sent && ret == 0)
+        cwd_lost.update(&tgid, &lost);
+    else
+        dw_cwd_sent(sent, e->hdr.flags, tgid);
     return 0;
 }
 
@@ -896,7 +940,9 @@ static __always_inline int dw_exec_exit(long ret)
         return 0;
     }
     e->hdr.suppressed = carried;
-    dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e), DW_KIND_EXEC, slot);
+    dw_cwd_flag(&e->hdr, tgid);
+    dw_cwd_sent(dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e),
+                        DW_KIND_EXEC, slot), e->hdr.flags, tgid);
     exec_pending.delete(&tid);
     return 0;
 }
@@ -1116,7 +1162,9 @@ static __always_inline int dw_file_emit(struct dw_pending *pp, long ret, u64 cgi
         return 0;
     dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now);
     e->hdr.suppressed = carried;
-    dw_emit(e, size, sizeof(*e), DW_KIND_FILE, slot);
+    u32 tgid = pid_tgid >> 32;
+    dw_cwd_flag(&e->hdr, tgid);
+    dw_cwd_sent(dw_emit(e, size, sizeof(*e), DW_KIND_FILE, slot), e->hdr.flags, tgid);
     return 0;
 }
 

@@ -74,6 +74,8 @@ enum dw_file_op {
 #define DW_F_READ_FAILED      0x0010   /* a user pointer could not be read */
 #define DW_F_FD_ONLY          0x0020   /* operation named an fd, not a path (fchmod, fchdir) */
 #define DW_F_EXECVEAT         0x0040
+#define DW_F_CWD_LOST         0x0080   /* a chdir of this process was not sent (over budget or
+                                        * dropped): its cwd must be read again */
 
 #define DW_AT_FDCWD (-100)
 #define DW_RESULT_UNKNOWN 0x7fffffff   /* retval of an event reported before its syscall ran */

@@ -33,6 +33,9 @@ EVENT_HEADER = PROBE_DIR / "dw_event.h"
 
 # Kinds a user can select; fork, exit and chdir are bookkeeping and always on.
 SELECTABLE_KINDS = {"exec": EventKind.EXEC, "connect": EventKind.CONNECT, "write": EventKind.FILE}
+# Kinds with a per-container budget: the selectable ones, and chdir (bookkeeping, but cheap
+# enough to flood with: a shell loop of `cd` sends ~240K a second).
+BUDGET_KINDS = {**SELECTABLE_KINDS, "chdir": EventKind.CHDIR}
 
 MOUNTINFO = "/proc/self/mountinfo"
 # Where tracefs usually is when mountinfo does not say (bcc 0.26 prefers debugfs's tracing/).
@@ -103,9 +106,11 @@ class Budget:
 UNLIMITED = Budget(0, 1)
 # Per container and kind (README "Fairness under floods"): above what a busy service or a build
 # step sends once dedup has folded its repeats, below what fills the 4 MiB ring buffer faster
-# than the agent drains it. An exec over budget still sends its compact repeat record.
+# than the agent drains it. An exec over budget still sends its compact repeat record; a chdir
+# over budget costs userspace that process's cwd, read again from /proc at its next event.
 DEFAULT_BUDGETS: dict[str, Budget] = {
-    "exec": Budget(1000, 2000), "connect": Budget(2000, 4000), "write": Budget(5000, 10000)}
+    "exec": Budget(1000, 2000), "connect": Budget(2000, 4000), "write": Budget(5000, 10000),
+    "chdir": Budget(2000, 4000)}
 
 
 def parse_budget(text: str) -> tuple[tuple[str, Budget], ...]:
@@ -113,12 +118,12 @@ def parse_budget(text: str) -> tuple[tuple[str, Budget], ...]:
     or "off" (every kind unlimited) -> (kind, Budget) pairs; UsageError naming what is wrong."""
     text = text.strip()
     if text == "off":
-        return tuple((kind, UNLIMITED) for kind in SELECTABLE_KINDS)
+        return tuple((kind, UNLIMITED) for kind in BUDGET_KINDS)
     kind, sep, value = text.partition("=")
     kind = kind.strip()
-    if not sep or kind not in SELECTABLE_KINDS:
+    if not sep or kind not in BUDGET_KINDS:
         raise UsageError(f"--budget {text!r}: give KIND=RATE[/BURST], KIND=off or off, with "
-                         f"KIND one of {','.join(SELECTABLE_KINDS)}")
+                         f"KIND one of {','.join(BUDGET_KINDS)}")
     value = value.strip()
     if value == "off":
         return ((kind, UNLIMITED),)
@@ -185,10 +190,10 @@ class ProbeConfig:
             raise UsageError("dedup interval must be >= 0 (0 disables suppression)")
         if self.dedup_entries < 1:
             raise UsageError("dedup entries must be >= 1")
-        unknown_budget = {kind for kind, _ in self.budgets} - set(SELECTABLE_KINDS)
+        unknown_budget = {kind for kind, _ in self.budgets} - set(BUDGET_KINDS)
         if unknown_budget:
             raise UsageError(f"unknown event kind(s) {sorted(unknown_budget)} to budget: "
-                             f"choose from {','.join(SELECTABLE_KINDS)}")
+                             f"choose from {','.join(BUDGET_KINDS)}")
         if self.wake_gap_ns < 0:
             raise UsageError(f"wake gap must be >= 0 ns, got {self.wake_gap_ns}")
         if self.known_entries < 0:
@@ -235,8 +240,8 @@ class ProbeConfig:
             f"-DDW_WAKE_KINDS={self._mask(self.wake_kinds)}",
             f"-DDW_WAKE_GAP_NS={self.wake_gap_ns}",
             f"-DDW_OPEN_RESULT={int(self.open_result)}",
-            *(f"-DDW_BUDGET_{SELECTABLE_KINDS[kind].name}_{part}={value}"
-              for kind in SELECTABLE_KINDS
+            *(f"-DDW_BUDGET_{BUDGET_KINDS[kind].name}_{part}={value}"
+              for kind in BUDGET_KINDS
               for part, value in (("RATE", self.budget(kind).rate),
                                   ("BURST", self.budget(kind).burst))),
             f"-DDW_BUDGET_ENTRIES={self.budget_entries}",
@@ -545,7 +550,7 @@ class ProbeSet(Service):
         kind name as in SELECTABLE_KINDS), cumulative since loading: a batch lookup of the
         whole map (0.3 ms for 600 entries here; read it a few times a second, not per event)."""
         self._require()
-        names = {int(kind): name for name, kind in SELECTABLE_KINDS.items()}
+        names = {int(kind): name for name, kind in BUDGET_KINDS.items()}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
         for key, value in self._entries(b"budget"):
             name = names.get(int(key.kind))

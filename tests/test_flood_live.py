@@ -162,20 +162,25 @@ def test_a_flooding_container_cannot_hide_another_ones_drift(kernel_ok, docker_o
                    outcome="over_budget") >= held
 
 
+def _start_trace(args: list[str], *, stdout) -> subprocess.Popen:
+    """`driftwarden trace --json ARGS`, once it says it is tracing."""
+    proc = subprocess.Popen([sys.executable, "-m", "driftwarden", "trace", "--json", *args],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True, cwd="/")
+    line = ""
+    while "tracing" not in line:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, f"trace exited: {proc.stderr.read()}"
+    return proc
+
+
 def test_trace_summary_names_the_container_over_its_budget(kernel_ok, docker_ok, storm_image):
     """`driftwarden trace --budget write=1000/1000`: a container's 10,000 new-file events; the
     summary's per-container lines (JSON: summary.containers) and the kernel's over-budget count
     name what its budget held back."""
     with run_container(storm_image, ["sleep", "3600"], name="noisy") as c:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "driftwarden", "trace", "--json", "--budget",
-             "write=1000/1000", "--container", c.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/")
+        proc = _start_trace(["--budget", "write=1000/1000", "--container", c.name],
+                            stdout=subprocess.DEVNULL)
         try:
-            line = ""
-            while "tracing" not in line:
-                line = proc.stderr.readline()
-                assert line or proc.poll() is None, f"trace exited: {proc.stderr.read()}"
             code, out = c.exec(["/bin/sh", "-c", "mkdir -p /tmp && dwstorm openuniq 5000 "
                                 "/tmp/f --unlink"])
             assert code == 0, out
@@ -192,3 +197,46 @@ def test_trace_summary_names_the_container_over_its_budget(kernel_ok, docker_ok,
     assert row["over_budget"]["write"] >= 10_000 - 2000
     assert summary["kernel"]["file"]["over_budget"] >= row["over_budget"]["write"]
     assert summary["budget_entries_evicted"] == 0
+
+
+CHDIRS = 100_000  # `cd` is a shell builtin: a loop of them sends ~100-240K chdir events a second
+
+
+def test_a_chdir_flood_is_budgeted_and_relative_paths_still_resolve(kernel_ok, docker_ok,
+                                                                     storm_image):
+    """A shell loops over `cd /a; cd /b` (chdir is bookkeeping, yet floods as well as anything:
+    unbudgeted it filled the ring buffer for every container), then `cd /c` and writes
+    `out.txt`. The kernel holds back what is over the container's chdir budget and marks the
+    process; the write carries the mark, so `trace` reads the cwd again and the path is
+    /c/out.txt, not the /a or /b of the last chdir it saw."""
+    script = ("mkdir -p /a /b /c; i=0; "
+              f"while [ $i -lt {CHDIRS} ]; do cd /a; cd /b; i=$((i+1)); done; "
+              "cd /c; echo x > out.txt; exec sleep 3600")
+    with run_container(storm_image, ["sleep", "3600"], name="cd-loop") as c:
+        proc = _start_trace(["--kinds", "write", "--container", c.name], stdout=subprocess.PIPE)
+        try:
+            c.container.exec_run(["/bin/sh", "-c", script], detach=True)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                code, out = c.exec(["/bin/cat", "/c/out.txt"])
+                if code == 0:
+                    break
+                time.sleep(0.5)
+            assert code == 0, f"the loop did not finish: {out}"
+            time.sleep(1.5)  # the drain timer, then the metadata of the record
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    writes = [r["write"] for r in records if r["kind"] == "write"
+              and (r["write"]["path_as_given"] or "").endswith("out.txt")]
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    [row] = [r for r in summary["containers"] if r["cgroup_id"] == c.cgroup_id]
+    print(f"\n{writes}\n{row}\nkernel chdir: {summary['kernel']['chdir']}")
+    assert [(w["path_as_given"], w["path"], w["path_resolved"]) for w in writes] == [
+        ("out.txt", "/c/out.txt", True)]
+    # 200,000 chdirs; sent at most the burst and the rate over the loop's run
+    assert row["over_budget"]["chdir"] >= 2 * CHDIRS // 2
+    assert row["dropped"].get("chdir", 0) == 0
+    assert summary["kernel"]["chdir"]["over_budget"] >= row["over_budget"]["chdir"]

@@ -324,7 +324,8 @@ def test_absolute_paths_are_normalized_without_proc():
         "/etc/passwd", True)
     assert table.resolve(key, "/tmp//x", 7) == ResolvedPath("/tmp/x", True)
     assert proc.calls == []
-    assert table.stats == {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0}
+    assert table.stats == {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0,
+                           "cwd_lost": 0}
 
 
 def test_relative_resolved_against_chdir_tracked_cwd():
@@ -341,6 +342,28 @@ def test_relative_resolved_against_chdir_tracked_cwd():
     assert proc.calls == []  # everything came from chdir events
 
 
+def test_a_lost_chdir_makes_the_next_relative_path_read_proc_again():
+    """Flag.CWD_LOST: a chdir of the process was held back (over budget) or dropped, so the
+    tracked cwd is stale; the flagged event reads /proc, and so does a flagged chdir (its path
+    may be relative to a directory never seen)."""
+    proc = FakeProc(cwd={100: "/c"}, ticks={100: 30 * TICKS})
+    table = ProcessTable(proc, ticks_per_second=TICKS)
+    key = table.key_of(hdr(100, 30 * SECOND))
+    table.on_chdir(key, "/a", -1)
+    lost = hdr(100, 30 * SECOND)._replace(flags=Flag.CWD_LOST)
+    assert table.key_of(lost) == key
+    assert table.resolve(key, "out.txt", AT_FDCWD) == ResolvedPath("/c/out.txt", True)
+    assert table.resolve(key, "more.txt", AT_FDCWD) == ResolvedPath("/c/more.txt", True)
+    assert proc.calls == [("cwd", 100), ("start_ticks", 100)]  # once, then tracked again
+    proc.cwds[100] = "/d/e"
+    table.key_of(lost)
+    table.on_chdir(key, "e", -1)  # relative to /d, whose chdir was never sent
+    assert table.resolve(key, "f", AT_FDCWD) == ResolvedPath("/d/e/f", True)
+    table.on_chdir(key, "..", -1)  # an unflagged chdir: tracked as before
+    assert table.resolve(key, "g", AT_FDCWD) == ResolvedPath("/d/g", True)
+    assert table.stats["cwd_lost"] == 2
+
+
 def test_relative_resolved_against_proc_cwd_checked_against_the_start_and_cached():
     proc = FakeProc(cwd={200: "/work"}, ticks={200: 30 * TICKS})
     table = ProcessTable(proc, ticks_per_second=TICKS)
@@ -349,7 +372,8 @@ def test_relative_resolved_against_proc_cwd_checked_against_the_start_and_cached
     assert table.resolve(key, "a.txt", AT_FDCWD) == ResolvedPath("/work/a.txt", True)
     assert table.resolve(key, "../b", AT_FDCWD) == ResolvedPath("/b", True)
     assert proc.calls == [("cwd", 200), ("start_ticks", 200)]
-    assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0}
+    assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0,
+                           "cwd_lost": 0}
 
 
 def test_proc_answers_of_a_reused_pid_are_dropped():
@@ -430,7 +454,8 @@ def test_dirfd_resolved_through_fd_path():
     assert table.resolve(key, "x/../y", 7) == ResolvedPath("/data/dir/y", True)
     assert proc.calls == [("fd_path", 500, 7)]
     assert table.resolve(key, "", 7) == ResolvedPath("/data/dir", True)  # fd-only (fchmod)
-    assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0}
+    assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0,
+                           "cwd_lost": 0}
 
 
 def test_dirfd_unknown_is_unresolved():
