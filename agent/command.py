@@ -404,7 +404,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         LockedSink,
     )
     from driftwarden.agent.fleet import FleetBaselines, FleetConfig
-    from driftwarden.agent.flood import FloodWatch
+    from driftwarden.agent.flood import FloodWatch, ReadWhenMoved
     from driftwarden.agent.known import KnownFilter
     from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
@@ -459,7 +459,9 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         attribution = stack.enter_context(LiveAttribution(str(find_cgroup2_root()), endpoints))
         probes = stack.enter_context(ProbeSet(ProbeConfig(
             budgets=options.budgets, known_entries=options.known_entries)))
-        flood = FloodWatch(probes.budget_usage, attribution.lookup)
+        flood = FloodWatch(ReadWhenMoved(probes.budget_usage, lambda: sum(
+            k["over_budget"] + k["dropped"] for k in probes.counters().values())),
+            attribution.lookup)
         known = KnownFilter(probes.known_install, probes.known_hits, probes.known_remove,
                             capacity=options.known_entries) if options.known_entries else None
         channel = fleet = None

@@ -16,6 +16,7 @@ from driftwarden.agent.flood import (
     OTHER_SERIES,
     TAINT_REASON,
     FloodWatch,
+    ReadWhenMoved,
     container_rows,
     flood_reason,
     format_container_rows,
@@ -124,6 +125,29 @@ def test_an_episode_is_alerted_once_its_container_is_described_or_after_a_while(
     [unknown] = flood.poll(1003.0)  # 3 s: alerted as what is known
     assert unknown.cgroup_id == 77 and unknown.view.state == "unknown"
     assert flood.poll(1004.0) == []
+
+
+def test_the_map_is_read_again_only_when_the_kernel_totals_moved_or_it_is_old():
+    usage, clock = FakeUsage({(CG, "write"): (0, 0)}), FakeClock(0.0)
+    reads, totals = [], [0]
+
+    def read():
+        reads.append(clock.t)
+        return usage.read()
+
+    reader = ReadWhenMoved(read, lambda: totals[0], max_age=5.0, clock=clock)
+    first = reader()
+    clock.t = 1.0
+    assert reader() is first  # nothing held back or lost since: the last read stands
+    usage.counts = {(CG, "write"): (7, 1)}
+    totals[0] = 8
+    assert reader().counts == {(CG, "write"): (7, 1)}
+    clock.t = 5.9
+    reader()
+    clock.t = 6.1  # 5 s after the last full read: read again (evictions move no total)
+    reader()
+    assert reads == [0.0, 1.0, 6.1]
+    assert reader.skipped == 2
 
 
 def test_the_alert_reason_carries_the_counts_per_kind():
