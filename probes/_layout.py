@@ -8,6 +8,7 @@ drift apart silently.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import struct
 from dataclasses import dataclass
@@ -221,3 +222,58 @@ class Limits:
 
 HEADER_STRUCT = struct.Struct("<" + "".join(f for _, f in HEADER_FIELDS))
 HEADER_SIZE = HEADER_STRUCT.size
+
+
+# -- the maps userspace reads and writes (ProbeSet through probes/_libbpf.py) ----------------
+# Mirrors of the key/value structs declared in probes/driftwarden.bpf.c; tests/test_layout.py
+# compiles those declarations with gcc and checks every size and offset against these.
+
+
+class DedupKey(ctypes.Structure):
+    """struct dw_dedup_key: the key of `dedup` and of `known`."""
+
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("hash", ctypes.c_uint64),
+                ("kind", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class KnownVal(ctypes.Structure):
+    """struct dw_known_val: an entry of `known` (the kernel's baseline filter)."""
+
+    _fields_ = [("last_ns", ctypes.c_uint64), ("hits", ctypes.c_uint64)]
+
+
+class BudgetKey(ctypes.Structure):
+    """struct dw_budget_key: (cgroup, kind) of a token bucket."""
+
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("kind", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+class BudgetVal(ctypes.Structure):
+    """struct dw_budget_val: a token bucket and what it held back and lost."""
+
+    _fields_ = [("tat", ctypes.c_uint64), ("over", ctypes.c_uint64),
+                ("dropped", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """A map's key and value types as declared in the C program; `per_cpu`: one value per
+    possible CPU (BPF_PERCPU_*), each padded to 8 bytes."""
+
+    key: type
+    value: type
+    per_cpu: bool = False
+
+
+RINGBUF_MAP = "events"  # BPF_RINGBUF_OUTPUT: read through libbpf's ring_buffer__*
+# Every other map userspace touches, by its name in the C program. `known` exists only when
+# compiled with DW_KNOWN_ENTRIES > 0.
+MAP_LAYOUTS: dict[str, MapLayout] = {
+    "counters": MapLayout(ctypes.c_uint32, ctypes.c_uint64, per_cpu=True),
+    "budget": MapLayout(BudgetKey, BudgetVal),
+    "budget_made": MapLayout(ctypes.c_uint32, ctypes.c_uint64, per_cpu=True),
+    "known": MapLayout(DedupKey, KnownVal),
+    "skip_cgroups": MapLayout(ctypes.c_uint64, ctypes.c_uint8),
+    "skip_tgids": MapLayout(ctypes.c_uint32, ctypes.c_uint8),
+}

@@ -1,5 +1,9 @@
 """Compile, load and attach the BPF programs; drain the ring buffer; read the counters.
 
+bcc compiles, loads and attaches in a short-lived child (probes/_compile.py), which hands over
+only file descriptors; ProbeSet reads and writes the maps and the ring buffer through libbpf
+(probes/_libbpf.py), so the agent never carries bcc's LLVM (about 130 MB of RSS).
+
 Settings reach the C side only as -D defines (ProbeConfig.cflags), and so does what the kernel
 offers: ProbePlan.cflags adds DW_HAVE_<SYSCALL> for each optional syscall, read from tracefs, so
 a syscall the kernel lacks is neither compiled nor attached. The program text is the same file
@@ -14,7 +18,7 @@ import logging
 import math
 import os
 import secrets
-import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,18 @@ from typing import NamedTuple
 from driftwarden.core.errors import HostSupportError, ProbeLoadError, UsageError
 from driftwarden.core.lifecycle import Service
 from driftwarden.core.mountinfo import parse_mountinfo
-from driftwarden.probes._layout import COUNTER_MAX, Counter, EventKind, Limits
+from driftwarden.probes._compile import compile_and_attach
+from driftwarden.probes._layout import (
+    COUNTER_MAX,
+    MAP_LAYOUTS,
+    RINGBUF_MAP,
+    Counter,
+    DedupKey,
+    EventKind,
+    KnownVal,
+    Limits,
+)
+from driftwarden.probes._libbpf import BpfMap, Libbpf, RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -438,11 +453,13 @@ class ProbeSet(Service):
         self._sys_fs_cgroup = sys_fs_cgroup
         self._tracefs = tracefs
         self.plan: ProbePlan | None = None  # what start() compiled for this kernel
-        self._bpf = None
+        self._maps: dict[str, BpfMap] | None = None  # None: not started (or stopped)
+        self._attached: dict[str, int] = {}  # "category:event" -> the fd that keeps it attached
+        self._events_fd = -1
+        self._ring: RingBuffer | None = None
+        self._ring_lock = threading.Lock()  # stop() never frees the ring buffer mid-poll
         self._batch: list[bytes] = []
-        self._callback = None
         self.host_cgroup_ids: tuple[int, ...] = ()
-        self._batch_lookup = True  # budget_usage(): until the kernel refuses one
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -451,13 +468,7 @@ class ProbeSet(Service):
             raise HostSupportError(
                 "loading BPF programs needs root (or CAP_BPF+CAP_PERFMON): re-run with sudo"
             )
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise HostSupportError(
-                f"bcc is not importable ({exc}): install python3-bpfcc and use a venv made with "
-                "--system-site-packages (run `make setup`)"
-            ) from exc
+        libbpf = Libbpf()
         cgroup_root = Path(self.config.cgroup_root) if self.config.cgroup_root else (
             find_cgroup2_root(self._sys_fs_cgroup)
         )
@@ -468,26 +479,29 @@ class ProbeSet(Service):
         # the identity hashes' seed: random per load, never logged (a container that knew it
         # could choose a path whose hash collides with a known one)
         cflags.append(f"-DDW_HASH_SEED={secrets.randbits(64)}ULL")
+        names = [name for name in MAP_LAYOUTS if name != "known" or self.config.known_entries]
+        compiled = compile_and_attach(BPF_SOURCE, cflags, [RINGBUF_MAP, *names])
+        # from here on _stop() closes whatever was handed over, whatever fails next
+        self._attached = dict(compiled.attached)
+        self._events_fd = compiled.maps[RINGBUF_MAP]
+        self._maps = {}
         try:
-            with _quiet_stderr():
-                self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
-        except Exception as exc:
-            raise ProbeLoadError(
-                f"BPF program failed to compile or load ({exc}); run `driftwarden doctor` to see "
-                "which kernel feature is missing"
-            ) from exc
-        _return_freed_memory()  # clang's compile leaves ~20 MB of freed heap behind
+            for name in names:
+                self._maps[name] = BpfMap(libbpf, compiled.maps[name], name, MAP_LAYOUTS[name])
+        except BaseException:
+            for name in set(names) - set(self._maps):
+                with contextlib.suppress(OSError):
+                    os.close(compiled.maps[name])
+            raise
         self.host_cgroup_ids = (host_cgroup_id, *self.config.extra_skip_cgroup_ids)
-        skip_cgroups = self._bpf[b"skip_cgroups"]
         for cgid in self.config.extra_skip_cgroup_ids:
-            skip_cgroups[ctypes.c_ulonglong(cgid)] = ctypes.c_ubyte(1)
+            self._maps["skip_cgroups"].update(ctypes.c_uint64(cgid), ctypes.c_uint8(1))
 
         def on_record(_ctx, data, size):
             self._batch.append(ctypes.string_at(data, size))
             return 0
 
-        self._callback = on_record  # keep a reference: bcc holds only a C pointer
-        self._bpf[b"events"].open_ring_buffer(on_record)
+        self._ring = RingBuffer(libbpf, self._events_fd, on_record)
         attached = self.attached_tracepoints()
         if set(attached) != set(self.plan.tracepoint_names()):
             log.warning("attached tracepoints differ from the plan: %s",
@@ -498,9 +512,20 @@ class ProbeSet(Service):
                  if self.plan.absent_tracepoints() else "")
 
     def attached_tracepoints(self) -> tuple[str, ...]:
-        """"category:event" of every tracepoint bcc attached, as bcc reports them."""
+        """"category:event" of every tracepoint attached, as bcc attached them."""
         self._require()
-        return tuple(tp.decode() for tp in self._bpf.tracepoint_fds)
+        return tuple(self._attached)
+
+    def open_tracepoints(self) -> int:
+        """How many of the attachments this ProbeSet holds the kernel still has open as perf
+        events or BPF links (each attached_tracepoints() name holds one)."""
+        self._require()
+        kinds = ("anon_inode:[perf_event]", "anon_inode:bpf-link")
+        count = 0
+        for fd in self._attached.values():
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{fd}") in kinds
+        return count
 
     def absent_tracepoints(self) -> tuple[str, ...]:
         """"category:event" of every tracepoint the settings would use that this kernel lacks,
@@ -509,18 +534,32 @@ class ProbeSet(Service):
         return self.plan.absent_tracepoints()
 
     def _stop(self, timeout: float | None) -> None:
-        if self._bpf is not None:
-            with contextlib.suppress(Exception):
-                self._bpf.cleanup()  # detaches every program
-            self._bpf = None
+        # closing an attachment's last fd detaches its program; the maps go with the programs
+        for fd in self._attached.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._attached = {}
+        with self._ring_lock:
+            if self._ring is not None:
+                self._ring.free()
+                self._ring = None
+        for bpf_map in (self._maps or {}).values():
+            bpf_map.close()
+        self._maps = None
+        if self._events_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._events_fd)
+            self._events_fd = -1
 
     # -- data -----------------------------------------------------------------
 
     def drain(self) -> list[bytes]:
         """Every record currently in the ring buffer (never blocks)."""
         self._require()
-        self._bpf.ring_buffer_consume()
-        batch, self._batch = self._batch, []
+        with self._ring_lock:
+            if self._ring is not None:
+                self._ring.consume()
+            batch, self._batch = self._batch, []
         return batch
 
     def wait(self, timeout: float) -> None:
@@ -529,19 +568,21 @@ class ProbeSet(Service):
         milliseconds (epoll's unit): rounded down, the last fraction of a millisecond before a
         deadline became a busy loop of zero-timeout polls (2% of a core on an idle node)."""
         self._require()
-        self._bpf.ring_buffer_poll(max(0, math.ceil(timeout * 1000)))
+        with self._ring_lock:
+            if self._ring is not None:
+                self._ring.poll(max(0, math.ceil(timeout * 1000)))
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per kind: emitted, suppressed, dropped, read_failed, over_budget (summed over
         CPUs)."""
-        self._require()
-        table = self._bpf[b"counters"]
+        table = self._map("counters")
         out: dict[str, dict[str, int]] = {}
         for kind in EventKind:
             per_kind = {}
             for counter in Counter:
                 idx = int(kind) * COUNTER_MAX + int(counter)
-                per_kind[counter.name.lower()] = int(sum(table[ctypes.c_int(idx)]))
+                per_cpu = table.lookup(ctypes.c_uint32(idx)) or []
+                per_kind[counter.name.lower()] = sum(value.value for value in per_cpu)
             out[kind.name.lower()] = per_kind
         return out
 
@@ -549,28 +590,15 @@ class ProbeSet(Service):
         """What the per-container budgets held back and the ring buffer lost, per (cgroup id,
         kind name as in SELECTABLE_KINDS), cumulative since loading: a batch lookup of the
         whole map (0.3 ms for 600 entries here; read it a few times a second, not per event)."""
-        self._require()
         names = {int(kind): name for name, kind in BUDGET_KINDS.items()}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
-        for key, value in self._entries(b"budget"):
+        for key, value in self._map("budget").items():
             name = names.get(int(key.kind))
             if name is not None:
                 counts[(int(key.cgroup_id), name)] = (int(value.over), int(value.dropped))
-        made = int(sum(self._bpf[b"budget_made"][ctypes.c_int(0)]))
+        made = sum(value.value for value in self._map("budget_made").lookup(
+            ctypes.c_uint32(0)) or [])
         return BudgetUsage(counts, max(made - len(counts), 0))
-
-    def _entries(self, name: bytes) -> list:
-        """Every (key, value) of a hash map: one batch lookup (one syscall per batch, 6x
-        cheaper than a walk at 600 entries; Linux 5.6+), else a walk once the kernel refused
-        a batch."""
-        table = self._bpf[name]
-        if self._batch_lookup:
-            try:
-                return list(table.items_lookup_batch())
-            except Exception as exc:
-                self._batch_lookup = False
-                log.info("batch lookups unavailable (%s): walking the maps", exc)
-        return list(table.items())
 
     # -- the baseline filter (map `known`; agent.known decides what goes in) --------------
 
@@ -578,14 +606,13 @@ class ProbeSet(Service):
         """Puts (cgroup id, kind number, known key, kernel time of the event judged) entries
         in the map: their later events are counted, not sent. Returns how many went in; the
         rest found the map full (ProbeConfig.known_entries)."""
-        self._require()
-        table = self._bpf[b"known"]
+        table = self._map("known")
         installed = 0
         for cgroup_id, kind, key, ts_ns in entries:
             try:  # the event itself was sent: its repeats within the dedup interval are not hits
-                table[table.Key(cgroup_id=cgroup_id, hash=key, kind=kind)] = table.Leaf(
-                    last_ns=ts_ns, hits=0)
-            except Exception as exc:  # bcc: "Could not update table: ... (E2BIG)" when full
+                table.update(DedupKey(cgroup_id=cgroup_id, hash=key, kind=kind),
+                             KnownVal(last_ns=ts_ns, hits=0))
+            except OSError as exc:  # E2BIG when full
                 log.debug("known map refused an entry: %s", exc)
                 continue
             installed += 1
@@ -595,55 +622,30 @@ class ProbeSet(Service):
         """(cgroup id, kind number, known key) -> (hits counted since the entry went in, kernel
         time of the last): one batch lookup of the whole map (read it about once a second, not
         per event)."""
-        self._require()
         return {(int(k.cgroup_id), int(k.kind), int(k.hash)): (int(v.hits), int(v.last_ns))
-                for k, v in self._entries(b"known")}
+                for k, v in self._map("known").items()}
 
     def known_remove(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Takes (cgroup id, kind number, known key) entries out: their events are sent again."""
-        self._require()
-        table = self._bpf[b"known"]
+        table = self._map("known")
         for cgroup_id, kind, key in keys:
-            with contextlib.suppress(KeyError):
-                del table[table.Key(cgroup_id=cgroup_id, hash=key, kind=kind)]
+            table.delete(DedupKey(cgroup_id=cgroup_id, hash=key, kind=kind))
 
     def set_skip_tgid(self, tgid: int, skip: bool = True) -> None:
-        self._require()
-        table = self._bpf[b"skip_tgids"]
+        table = self._map("skip_tgids")
         if skip:
-            table[ctypes.c_uint(tgid)] = ctypes.c_ubyte(1)
+            table.update(ctypes.c_uint32(tgid), ctypes.c_uint8(1))
         else:
-            with contextlib.suppress(KeyError):
-                del table[ctypes.c_uint(tgid)]
+            table.delete(ctypes.c_uint32(tgid))
+
+    def _map(self, name: str) -> BpfMap:
+        self._require()
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise RuntimeError(f"map {name} is not loaded (ProbeConfig.known_entries is 0)"
+                               ) from None
 
     def _require(self) -> None:
-        if self._bpf is None:
+        if self._maps is None:
             raise RuntimeError("ProbeSet is not started")
-
-
-def _return_freed_memory() -> None:
-    """glibc's malloc_trim(0): hands the heap's free pages back to the kernel (RSS)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """bcc prints compiler warnings to fd 2; keep them, but only show them on failure."""
-
-
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except Exception:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace")
-            if text.strip():
-                log.error("BPF compiler/verifier output:\n%s", text[-20000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -22,7 +22,8 @@ PKGS=(
   # the agent, the collector and `make run`
   python3              # the interpreter .venv is made from (Debian 12: 3.11)
   python3-venv         # step 5's .venv
-  python3-bpfcc        # bcc: probes/loader.py compiles and loads the probes; `driftwarden doctor`
+  python3-bpfcc        # bcc: probes/_compile.py compiles and loads the probes; `driftwarden doctor`
+  libbpf1              # libbpf.so.1: probes/_libbpf.py, how the agent reads the probes' maps and ring buffer
   openssl              # core/certs.py (`driftwarden certs`), scripts/k8s-secrets.sh, tests/test_certs.py
   docker.io            # dockerd + docker CLI: the runtime `make run` watches and the tests' containers
   make                 # the Makefile

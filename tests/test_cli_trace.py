@@ -201,7 +201,9 @@ def test_docker_down_keeps_tracing_with_cgroup_only_attribution(kernel_ok, bb_im
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
         )
         try:
-            _wait_for_line(agent, "tracing")
+            # not just "tracing": the warning naming the dead socket's path (this test's
+            # tmp_path, ".../test_docker_down_keeps_tracing0/...") comes before the probes load
+            _wait_for_line(agent, "driftwarden: tracing")
             c.exec(["/bin/sh", "-c", "echo x > /data/while-docker-is-down"])
             time.sleep(2.5)  # past the 1 s wait for metadata
         finally:

@@ -6,9 +6,11 @@ One probe load serves the session (`live_trace`); tests that need another config
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -337,7 +339,7 @@ def test_every_kind_attaches_what_this_kernel_has_of_the_source_but_open_exits(l
     source = set(source_tracepoints())
     probes = live_trace.probes
     attached = probes.attached_tracepoints()
-    assert len(attached) == len(set(attached)) == probes._bpf.num_open_tracepoints()
+    assert len(attached) == len(set(attached)) == probes.open_tracepoints()
     assert set(attached) == _on_this_kernel(source) - OPEN_EXITS
     assert set(probes.absent_tracepoints()) == source - _on_this_kernel(source) - OPEN_EXITS
     assert probes.plan.describe().startswith(f"{len(attached)} tracepoints (bookkeeping 10, ")
@@ -352,12 +354,65 @@ def test_kinds_exec_attaches_only_exec_and_bookkeeping(kernel_ok):
     config = ProbeConfig(kinds=frozenset({"exec"}))
     with ProbeSet(config) as probes:
         attached = probes.attached_tracepoints()
-        assert probes._bpf.num_open_tracepoints() == 14
+        assert probes.open_tracepoints() == 14
         assert set(attached) == set(probes.plan.tracepoint_names())
         assert probes.absent_tracepoints() == ()
     assert sorted(attached) == sorted(BOOKKEEPING | {
         "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
         "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat"})
+
+
+def test_the_process_holding_the_probes_never_loads_bcc_or_llvm(kernel_ok):
+    """bcc compiles in a child that hands over fds (issue 12, RSS): the process that started
+    the probes reads them with libbpf alone; no bcc module, no libLLVM/libclang/libbcc mapped."""
+    script = (
+        "import json, sys\n"
+        "from driftwarden.probes.loader import ProbeConfig, ProbeSet\n"
+        "with ProbeSet(ProbeConfig(known_entries=64)) as probes:\n"
+        "    maps = open('/proc/self/maps').read()\n"
+        "    print(json.dumps({'bcc': sorted(m for m in sys.modules if m.split('.')[0] == 'bcc'),\n"
+        "        'libs': sorted({lib for lib in ('libLLVM', 'libclang', 'libbcc', 'libbpf.so')\n"
+        "                        if lib in maps}),\n"
+        "        'attached': len(probes.attached_tracepoints()),\n"
+        "        'open': probes.open_tracepoints()}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["bcc"] == []
+    assert report["libs"] == ["libbpf.so"]
+    assert report["open"] == report["attached"] > 14
+
+
+def test_stopping_detaches_every_program(kernel_ok):
+    """After stop() the programs run no more: the counters, read through a copy of the map's
+    fd, stay where they were whatever runs on the host; while started, a host exec counts."""
+    import ctypes
+
+    from driftwarden.probes._layout import COUNTER_MAX, MAP_LAYOUTS, Counter, EventKind
+    from driftwarden.probes._libbpf import BpfMap, Libbpf
+    from driftwarden.probes.loader import ProbeConfig, ProbeSet
+
+    def execs_emitted(counters: BpfMap) -> int:
+        index = EventKind.EXEC * COUNTER_MAX + Counter.EMITTED
+        return sum(v.value for v in counters.lookup(ctypes.c_uint32(index)))
+
+    probes = ProbeSet(ProbeConfig(kinds=frozenset({"exec"}), include_host=True)).start()
+    counters = BpfMap(Libbpf(), os.dup(probes._maps["counters"].fd), "counters",
+                      MAP_LAYOUTS["counters"])
+    try:
+        before = execs_emitted(counters)
+        subprocess.run(["/bin/true"], check=True)
+        assert execs_emitted(counters) >= before + 1
+        assert probes.open_tracepoints() == 14
+        probes.stop()
+        stopped = execs_emitted(counters)
+        for _ in range(5):
+            subprocess.run(["/bin/true"], check=True)
+        time.sleep(0.2)
+        assert execs_emitted(counters) == stopped
+    finally:
+        probes.stop()
+        counters.close()
 
 
 def test_a_syscall_the_kernel_lacks_is_compiled_out_and_not_attached(kernel_ok, tmp_path):
