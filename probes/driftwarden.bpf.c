@@ -841,17 +841,15 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
     }
     e->argc = argc;
     e->args_size = off;
-#if DW_KNOWN_ENTRIES
     /* the program's name until the exit: the file (absolute only: a relative one depends on
-     * the working directory) and argv[0], not the other arguments (a baseline's connect names
-     * the program, not how it was called); dw_exec_exit sets the real dedup_key */
+     * the working directory) and argv[0], not the other arguments (a connect names the
+     * program, not how it was called); dw_exec_exit sets the real dedup_key */
     u64 program = 0;
     if (n > 1 && e->filename[0] == '/') {
         program = dw_hash_path(e->filename, n, DW_FNV_BASIS);
         program = dw_hash_words(e->args, argv0_len, DW_MAX_ARG_LEN / 8, program);
     }
     e->dedup_key = program;
-#endif
     u32 tid = (u32)pid_tgid;
     u32 tgid = pid_tgid >> 32;
     if (exec_pending.update(&tid, e) == 0 && tid != tgid)
@@ -859,7 +857,6 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
     return 0;
 }
 
-#if DW_KNOWN_ENTRIES
 /* What a process runs now, as the identity its connects are known by: its file and argv[0]
  * (`key`, from dw_exec_enter); a re-exec through /proc (busybox's /proc/self/exe) runs what the
  * process ran before under a new name, so its key is chained to that; an exec of an fd
@@ -881,7 +878,6 @@ static __always_inline void dw_set_program(u32 tgid, struct dw_exec_event *e, u6
         proc_of.update(&tgid, &fresh);
     }
 }
-#endif
 
 static __always_inline int dw_exec_exit(long ret)
 {
@@ -915,10 +911,8 @@ static __always_inline int dw_exec_exit(long ret)
     h = dw_mix(h, (u64)ret);
     if (e->filename[0] != '/')
         h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
-#if DW_KNOWN_ENTRIES
     if (ret == 0)
         dw_set_program(tgid, e, e->dedup_key);
-#endif
     e->dedup_key = h;
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
@@ -1049,15 +1043,16 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
             h = dw_mix(h, *(u64 *)&e->unix_path[i * 8]);
     }
     h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
-    e->known_key = 0;
-#if DW_KNOWN_ENTRIES
-    {   /* a baseline's connect names the program that made it */
+    {   /* a connect is the program's that made it: another program's connect to the same
+         * place is no repeat (it is judged on its own, and a baseline's connect names its
+         * program); a process whose program is unknown (it began before the probes, or ran
+         * an fd) repeats only itself */
         u32 tgid = pid_tgid >> 32;
         struct dw_proc *proc = proc_of.lookup(&tgid);
-        if (proc && proc->program)
-            e->known_key = dw_mix(h, proc->program);
+        u64 program = proc ? proc->program : 0;
+        h = program ? dw_mix(h, program) : dw_mix(h, (1ULL << 32) | tgid);
+        e->known_key = DW_KNOWN_ENTRIES && program ? h : 0;
     }
-#endif
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
