@@ -60,6 +60,7 @@ from driftwarden.core.errors import (
     RuntimeActionError,
 )
 from driftwarden.core.lifecycle import Service
+from driftwarden.probes._compile import Compiled, compile_and_attach
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
 
 if TYPE_CHECKING:
@@ -280,14 +281,15 @@ def _is_ours(program: AttachedProgram) -> bool:
 
 
 class BpfQuarantine:
-    """QuarantineBackend on the real kernel. The programs are compiled with bcc on the first
-    attach only (finding and detaching need no compiler) and reused for every container."""
+    """QuarantineBackend on the real kernel. The programs are compiled on the first attach
+    only (finding and detaching need no compiler), in a short-lived child process
+    (probes._compile: bcc and LLVM never enter the agent), and reused for every container."""
 
     def __init__(self, source: Path = QUARANTINE_SOURCE, *,
                  syscalls: BpfSyscalls | None = None) -> None:
         self.source = Path(source)
         self._syscalls = syscalls
-        self._bpf: Any = None
+        self._compiled: Compiled | None = None
         self._prog_fds: dict[str, int] = {}
 
     @property
@@ -336,34 +338,27 @@ class BpfQuarantine:
 
     def close(self) -> None:
         """Free the loaded programs; attached ones stay attached (the cgroups hold them)."""
-        if self._bpf is not None:
-            self._bpf.cleanup()
-        self._bpf, self._prog_fds = None, {}
+        if self._compiled is not None:
+            self._compiled.close_all()
+        self._compiled, self._prog_fds = None, {}
 
     def _load(self) -> dict[str, int]:
-        if self._bpf is not None:
+        if self._compiled is not None:
             return self._prog_fds
         if os.geteuid() != 0:
             raise HostSupportError("quarantine loads BPF programs and needs root "
                                    "(or CAP_BPF+CAP_NET_ADMIN): run the agent as root")
         try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise HostSupportError(
-                f"bcc is not importable ({exc}): install python3-bpfcc and use a venv made "
-                "with --system-site-packages (run `make setup`)"
-            ) from exc
-        try:
-            bpf = BPF(src_file=str(self.source).encode(), cflags=["-Wno-unused-parameter"])
-            fds = {h.name: bpf.load_func(h.program.encode(), h.prog_type,
-                                         attach_type=h.attach_type).fd
-                   for h in QUARANTINE_HOOKS}
-        except Exception as exc:  # bcc raises bare Exception for compile and load errors
+            compiled = compile_and_attach(
+                self.source, ["-Wno-unused-parameter"], (),
+                programs=[(h.program, h.prog_type, h.attach_type) for h in QUARANTINE_HOOKS])
+        except ProbeLoadError as exc:
             raise ProbeLoadError(f"quarantine programs from {self.source} failed to load: "
                                  f"{exc}") from exc
         log.info("loaded quarantine programs from %s", self.source)
-        self._bpf, self._prog_fds = bpf, fds
-        return fds
+        self._compiled = compiled
+        self._prog_fds = {h.name: compiled.programs[h.program] for h in QUARANTINE_HOOKS}
+        return self._prog_fds
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Compile, load and attach the BPF program in a short-lived child process, which hands the
-loader only file descriptors: the maps it reads and writes, and the attachments that keep the
-programs running. bcc and LLVM (about 130 MB of RSS once a program is compiled) live and die
+loader only file descriptors: the maps it reads and writes, the attachments that keep the
+programs running, and programs loaded for the caller to attach (the quarantine's cgroup
+programs). bcc and LLVM (about 130 MB of RSS once a program is compiled) live and die
 with the child; the agent keeps libbpf (probes/_libbpf.py) and the fds.
 
 Parent: compile_and_attach(). Child: `python -m driftwarden.probes._compile FD`, FD one end of
@@ -39,24 +40,29 @@ OUTPUT_SHOWN = 20000  # characters of compiler/verifier output logged on failure
 @dataclass(frozen=True)
 class Compiled:
     """What the child handed over: map fds by map name, attachment fds (perf events of
-    tracepoints, raw tracepoint links) by "category:event" in the order bcc attached them.
-    The caller owns every fd; close_all() closes them."""
+    tracepoints, raw tracepoint links) by "category:event" in the order bcc attached them,
+    program fds by function name (loaded, not attached). The caller owns every fd;
+    close_all() closes them."""
 
     maps: dict[str, int] = field(default_factory=dict)
     attached: dict[str, int] = field(default_factory=dict)
+    programs: dict[str, int] = field(default_factory=dict)
 
     def close_all(self) -> None:
-        for fd in (*self.attached.values(), *self.maps.values()):
+        for fd in (*self.attached.values(), *self.maps.values(), *self.programs.values()):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
 def compile_and_attach(source: Path, cflags: Sequence[str], maps: Sequence[str], *,
+                       programs: Sequence[tuple[str, int, int]] = (),
                        timeout: float = COMPILE_TIMEOUT) -> Compiled:
-    """Compiles `source` with `cflags` in a child, which loads and attaches every program;
-    returns the fds of the maps named in `maps` and of every attachment. ProbeLoadError (the
-    compiler's or verifier's output logged) when it fails."""
-    request = json.dumps({"source": str(source), "cflags": list(cflags), "maps": list(maps)})
+    """Compiles `source` with `cflags` in a child, which loads and attaches every tracepoint
+    program; returns the fds of the maps named in `maps`, of every attachment, and of the
+    `programs` (function name, bpf_prog_type, bpf_attach_type) it loads for the caller to
+    attach. ProbeLoadError (the compiler's or verifier's output logged) when it fails."""
+    request = json.dumps({"source": str(source), "cflags": list(cflags), "maps": list(maps),
+                          "programs": [list(p) for p in programs]})
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, tempfile.TemporaryFile() as output:
         try:
@@ -90,9 +96,7 @@ def compile_and_attach(source: Path, cflags: Sequence[str], maps: Sequence[str],
 
 def _receive(sock: socket.socket, child: subprocess.Popen, timeout: float) -> Compiled:
     deadline = time.monotonic() + timeout
-    maps: dict[str, int] = {}
-    attached: dict[str, int] = {}
-    received = Compiled(maps, attached)
+    received = Compiled()
     while True:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
@@ -118,8 +122,7 @@ def _receive(sock: socket.socket, child: subprocess.Popen, timeout: float) -> Co
             raise ProbeLoadError(
                 f"BPF program failed to compile or load ({message['error']}); run "
                 "`driftwarden doctor` to see which kernel feature is missing")
-        names = [("map", name) for name in message["maps"]] + [
-            ("attached", name) for name in message["attached"]]
+        names = [(what, name) for what in _SENT for name in message[what]]
         if flags & socket.MSG_CTRUNC or len(fds) != len(names):
             for fd in fds:
                 os.close(fd)
@@ -128,7 +131,7 @@ def _receive(sock: socket.socket, child: subprocess.Popen, timeout: float) -> Co
                                  f"{len(names)} names but {len(fds)} fds arrived; is the fd "
                                  "limit (ulimit -n) too low?")
         for (what, name), fd in zip(names, fds, strict=True):
-            (maps if what == "map" else attached)[name] = fd
+            getattr(received, what)[name] = fd
         if message["last"]:
             return received
 
@@ -143,16 +146,17 @@ def _log_output(output) -> None:
 # -- the child ------------------------------------------------------------------------------
 
 
-def _send(sock: socket.socket, maps: list[tuple[str, int]],
-          attached: list[tuple[str, int]]) -> None:
-    entries = [("maps", name, fd) for name, fd in maps] + [
-        ("attached", name, fd) for name, fd in attached]
+_SENT = ("maps", "attached", "programs")  # a message's name lists, in the order of its fds
+
+
+def _send(sock: socket.socket, sent: dict[str, list[tuple[str, int]]]) -> None:
+    entries = [(what, name, fd) for what in _SENT for name, fd in sent[what]]
     chunks = [entries[i:i + FDS_PER_MESSAGE]
               for i in range(0, len(entries), FDS_PER_MESSAGE)] or [[]]
     for number, chunk in enumerate(chunks):
-        message = {"maps": [name for what, name, _ in chunk if what == "maps"],
-                   "attached": [name for what, name, _ in chunk if what == "attached"],
-                   "last": number == len(chunks) - 1}
+        # grouped by kind within the chunk, as the entries are: the fds follow the names
+        message = {what: [name for kind, name, _ in chunk if kind == what] for what in _SENT}
+        message["last"] = number == len(chunks) - 1
         socket.send_fds(sock, [json.dumps(message).encode()], [fd for _, _, fd in chunk])
 
 
@@ -175,7 +179,9 @@ def _compile_and_send(sock: socket.socket) -> None:
     attached = [(tp.decode(), fd) for tp, fd in bpf.tracepoint_fds.items()]
     attached += [(f"raw_tracepoint:{tp.decode()}", fd)
                  for tp, fd in bpf.raw_tracepoint_fds.items()]
-    _send(sock, maps, attached)
+    programs = [(name, bpf.load_func(name.encode(), prog_type, attach_type=attach_type).fd)
+                for name, prog_type, attach_type in request.get("programs", ())]
+    _send(sock, {"maps": maps, "attached": attached, "programs": programs})
 
 
 def main(argv: Sequence[str]) -> None:

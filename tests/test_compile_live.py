@@ -137,18 +137,22 @@ def test_more_fds_than_one_message_carries_arrive_in_order():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     files = [open("/dev/null") for _ in range(450)]  # noqa: SIM115 - closed below
     maps = [(f"map{n}", files[n].fileno()) for n in range(50)]
-    attached = [(f"tp:{n}", files[n].fileno()) for n in range(50, 450)]
-    sender = threading.Thread(target=_send, args=(theirs, maps, attached))
+    attached = [(f"tp:{n}", files[n].fileno()) for n in range(50, 440)]
+    programs = [(f"prog{n}", files[n].fileno()) for n in range(440, 450)]
+    sender = threading.Thread(target=_send, args=(
+        theirs, {"maps": maps, "attached": attached, "programs": programs}))
     sender.start()
     try:
         received = _receive(ours, None, timeout=10)
         sender.join()
         assert list(received.maps) == [name for name, _ in maps]
         assert list(received.attached) == [name for name, _ in attached]
-        original = {name: os.fstat(fd).st_ino for name, fd in maps + attached}
+        assert list(received.programs) == [name for name, _ in programs]
+        original = {name: os.fstat(fd).st_ino for name, fd in maps + attached + programs}
         assert {name: os.fstat(fd).st_ino for name, fd in
-                {**received.maps, **received.attached}.items()} == original
-        fds = [*received.maps.values(), *received.attached.values()]
+                {**received.maps, **received.attached, **received.programs}.items()} == original
+        fds = [*received.maps.values(), *received.attached.values(),
+               *received.programs.values()]
         assert not set(fds) & {f.fileno() for f in files}  # new fds, not the sender's
         received.close_all()
     finally:
