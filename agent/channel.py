@@ -6,11 +6,14 @@ appends the alert to an :class:`~driftwarden.agent.spool.AlertSpool` and wakes t
 waits on the network. An alert leaves the spool only when the collector acknowledges it.
 
 Threads
-    caller           ``emit``: spool append (durable), then a wake-up. Nothing else.
+    caller           ``emit``: spool append (a write; the spool's own thread fsyncs it
+                     right after, see agent.spool), then a wake-up. Nothing else.
     channel          dials the collector, runs one ``AgentChannel.Connect`` stream at a time,
                      reads its commands (ack, action, notice) and redials when it ends.
     gRPC's requests  runs this module's request generator: it sends hello, then batches,
                      heartbeats and action results as they are due, and sleeps between them.
+    heartbeats       builds each periodic heartbeat when it is due (the runtime's container
+                     list takes milliseconds: an alert must not wait for it).
     action worker    runs one action at a time, so reading the stream never waits on Docker.
 
 What a stream carries (agent -> collector)
@@ -334,6 +337,8 @@ class CollectorChannel(Service):
         self._fresh: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         self._fresh_overflow = False
         self._results: collections.deque[agent_pb2.ActionResult] = collections.deque()
+        self._heartbeat_wanted = False  # the sender asked the heartbeat thread for one
+        self._heartbeat_ready: agent_pb2.Heartbeat | Exception | None = None
         self._stream: _Stream | None = None
         self._counts: collections.Counter[str] = collections.Counter()
         self._action_counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -351,14 +356,18 @@ class CollectorChannel(Service):
                                         daemon=True)
         self._action_thread = threading.Thread(target=self._run_actions,
                                                name="driftwarden-actions", daemon=True)
+        self._heartbeat_thread = threading.Thread(target=self._build_heartbeats,
+                                                  name="driftwarden-heartbeats", daemon=True)
         if fleet is not None:
             fleet.attach(self.flush)  # a fleet message is due: wake the sender
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def _start(self) -> None:
+        self.spool.start()  # its sync thread: emit() never waits for the disk
         self._thread.start()
         self._action_thread.start()
+        self._heartbeat_thread.start()
         failover = (f" (failover: {', '.join(self.config.failover)})"
                     if self.config.failover else "")
         log.info("collector channel to %s%s as node %s; %d alerts pending in %s",
@@ -383,6 +392,8 @@ class CollectorChannel(Service):
         self._action_queue.put(None)
         if self._action_thread.is_alive():
             self._action_thread.join(bound)
+        if self._heartbeat_thread.is_alive():
+            self._heartbeat_thread.join(bound)
         depth = self.spool.depth
         self.spool.close()
         log.info("collector channel closed; %d alerts kept in the spool for the next start",
@@ -408,7 +419,8 @@ class CollectorChannel(Service):
             self._cond.notify_all()
 
     def flush(self) -> None:
-        """Alerts are durable once emitted; this only wakes the sender."""
+        """Alerts are spooled once emitted (agent.spool says when they reach the disk); this
+        only wakes the sender."""
         with self._cond:
             self._cond.notify_all()
 
@@ -622,8 +634,10 @@ class CollectorChannel(Service):
             fleet.stream_started(stream.number)
         with self._cond:
             stream.ready_at = time.monotonic()
+            self._heartbeat_ready = None  # built for an earlier stream
             self._cond.notify_all()
         next_heartbeat = time.monotonic()
+        beats = 0  # sent on this stream
         while True:
             with self._cond:
                 if stream.closed:
@@ -640,13 +654,18 @@ class CollectorChannel(Service):
             if body is not None:
                 yield stream.message(**body)
                 continue
-            if now >= next_heartbeat or (fleet is not None
-                                         and fleet.heartbeat_wanted(stream.number, now)):
+            heartbeat = None
+            if fleet is not None and fleet.heartbeat_wanted(stream.number, now):
                 heartbeat = self._heartbeat()
+            elif now >= next_heartbeat:
+                # the stream's first one now; later ones built by the heartbeat thread
+                heartbeat = self._prepared_heartbeat() if beats else self._heartbeat()
+            if heartbeat is not None:
                 yield stream.message(heartbeat=heartbeat)
                 if fleet is not None:  # the collector takes increments of the images listed
                     fleet.listed(stream.number, {c.image.id for c in heartbeat.containers})
                 next_heartbeat = now + config.heartbeat_seconds
+                beats += 1
                 continue
             batch, progressed = self._take_batch(stream)
             if batch:
@@ -700,7 +719,9 @@ class CollectorChannel(Service):
         return bool(stream.in_flight) and now - stream.last_progress > self.config.ack_timeout
 
     def _sleep_for(self, stream: _Stream, now: float, next_heartbeat: float) -> float:
-        until = next_heartbeat
+        # while the heartbeat thread builds one, its notify ends the wait
+        until = now + self.config.heartbeat_seconds if self._heartbeat_wanted \
+            else next_heartbeat
         if stream.in_flight:
             until = min(until, stream.last_progress + self.config.ack_timeout)
         if stream.ready_at is not None and not stream.healthy:
@@ -785,6 +806,36 @@ class CollectorChannel(Service):
         with self._cond:
             self._counts["invalid_dropped"] += acked
             self._cond.notify_all()
+
+    def _prepared_heartbeat(self) -> agent_pb2.Heartbeat | None:
+        """The heartbeat the heartbeat thread built; None (and it is asked for one) when none
+        is ready yet. Its failure to build one is raised here, as building it here would."""
+        with self._cond:
+            heartbeat, self._heartbeat_ready = self._heartbeat_ready, None
+            if heartbeat is None and not self._heartbeat_wanted:
+                self._heartbeat_wanted = True
+                self._cond.notify_all()
+        if isinstance(heartbeat, Exception):
+            raise heartbeat
+        return heartbeat
+
+    def _build_heartbeats(self) -> None:
+        """The heartbeat thread: builds each periodic heartbeat when the sender asks for it.
+        Reading the node's containers from the runtime took 6-25 ms, and an alert emitted
+        meanwhile waited for the sender (measured: bench/COLLECTOR.md)."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._heartbeat_wanted or self._stopping.is_set())
+                if self._stopping.is_set():
+                    return
+            try:
+                heartbeat: agent_pb2.Heartbeat | Exception = self._heartbeat()
+            except Exception as exc:  # the sender raises it (the stream ends, and is redialed)
+                heartbeat = exc
+            with self._cond:
+                self._heartbeat_wanted = False
+                self._heartbeat_ready = heartbeat
+                self._cond.notify_all()
 
     def _heartbeat(self) -> agent_pb2.Heartbeat:
         counters = self._read("counters", self._counters) or {}

@@ -755,6 +755,7 @@ def agent_settings() -> list[tuple[str, str, str]]:
     from driftwarden.agent.channel import ChannelConfig
     from driftwarden.agent.pipeline import TracePipeline
     from driftwarden.collector.service import ServiceConfig
+    from driftwarden.core.lifecycle import LATENCY_SWITCH_INTERVAL
     from driftwarden.probes.capture import LiveCapture
     from driftwarden.probes.loader import ProbeConfig
 
@@ -774,8 +775,11 @@ def agent_settings() -> list[tuple[str, str, str]]:
          "agent/pipeline.py TracePipeline.run(poll_interval)"),
         ("kernel dedup of repeats", f"{probe.dedup_interval_ns / 1e9:g} s",
          "probes/loader.py ProbeConfig.dedup_interval_ns (new paths are never suppressed)"),
-        ("spool fsync per alert", str(channel_fields["spool_fsync"]),
-         "agent/channel.py ChannelConfig.spool_fsync"),
+        ("agent spool fsync", "by the spool's sync thread, off the alert's path (group "
+         "commit)" if channel_fields["spool_fsync"] else "none",
+         "agent/channel.py ChannelConfig.spool_fsync, agent/spool.py"),
+        ("interpreter switch interval (agent and collector)",
+         f"{LATENCY_SWITCH_INTERVAL * 1e3:g} ms", "core/lifecycle.py shorten_switch_interval"),
         ("channel batching", f"no wait; up to {channel_fields['max_batch_alerts']} alerts a "
          "batch, whatever is spooled when the sender wakes",
          "agent/channel.py ChannelConfig.max_batch_alerts"),

@@ -31,7 +31,7 @@ from driftwarden.core.argtypes import (
 )
 from driftwarden.core.errors import StoreError, UsageError
 from driftwarden.core.learning import LearningPolicy
-from driftwarden.core.lifecycle import settle_heap
+from driftwarden.core.lifecycle import settle_heap, shorten_switch_interval
 from driftwarden.core.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def run_collector(config: CollectorConfig, stop: threading.Event, *,
         metrics = f", metrics at {server.metrics_url}" if server.metrics_url else ""
         metrics += "".join(f", output {o.name}: {o.sink.describe()}" for o in config.outputs)
         settle_heap()
+        shorten_switch_interval()
         print(f"driftwarden collector listening on {server.address} ({security}, {auth}), "
               f"data in {config.data_location}{metrics}", file=stdout, flush=True)
         while not stop.wait(prune_interval):

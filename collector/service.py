@@ -908,14 +908,20 @@ class CollectorService:
 
     # - fleet baselines ---------------------------------------------------------------------
 
+    def lists_image(self, session: AgentSession, image_key: str) -> bool:
+        """Whether a heartbeat of this stream listed a container of the image (so far)."""
+        with self._lock:
+            return image_key in session.images
+
     def baseline_increment(self, session: AgentSession,
-                           increment: baselines_pb2.BaselineIncrement) -> None:
+                           increment: baselines_pb2.BaselineIncrement, *,
+                           listed: bool | None = None) -> None:
         """Merge what an image showed on this node (collector.baselines); refused (a notice,
         counted and audited, nothing stored) for an image no heartbeat of this stream listed
+        (`listed`: what :meth:`lists_image` said when the increment arrived; None: ask now)
         or for another node's containers."""
         image_key = increment.image_key
-        with self._lock:
-            runs = image_key in session.images
+        runs = self.lists_image(session, image_key) if listed is None else listed
         if not runs:
             self._refuse_increment(session, image_key, "not_running",
                                    "this node's heartbeats list no container of that image")

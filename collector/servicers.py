@@ -13,6 +13,7 @@ agent's commands.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from driftwarden.core.errors import (
     UnknownContainer,
     UnknownImage,
 )
+from driftwarden.core.lifecycle import join_or_warn, start_daemon_thread
 from driftwarden.core.modes import Mode
 from driftwarden.proto.v1 import (
     actions_pb2_grpc,
@@ -93,7 +95,17 @@ class _Servicer:
 
 
 class _AgentStream:
-    """Reads one Connect stream in its own thread; the gRPC thread writes the outbox."""
+    """Reads one Connect stream in its own thread; the gRPC thread writes the outbox.
+
+    Baseline increments and requests are handled in arrival order by a second thread of the
+    stream (started with the first of them), so that alert batches never wait behind them: a
+    merge rewrites the image's whole baseline, 7-20 ms for the increment a learning image
+    sends every 2 s (measured), and the alert that came next waited that long. An increment is
+    judged by the heartbeats that arrived before it (:meth:`CollectorService.lists_image` on
+    the reader), as if it had been handled there. The stream ends (OK) after the fleet thread
+    has handled everything read before the agent closed it."""
+
+    FLEET_DRAIN_TIMEOUT = 30.0  # s the stream's end waits for queued increments
 
     def __init__(self, service: CollectorService, cert_node: str | None, peer: str) -> None:
         self.service = service
@@ -102,6 +114,8 @@ class _AgentStream:
         self.outbox = Outbox(service.config.outbox_limit)
         self.session: AgentSession | None = None
         self.hello_seen = threading.Event()
+        self._fleet_queue: queue.SimpleQueue[tuple[str, Any, bool] | None] = queue.SimpleQueue()
+        self._fleet_thread: threading.Thread | None = None
 
     def read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
         try:
@@ -112,6 +126,7 @@ class _AgentStream:
             log.exception("agent stream from %s failed", self.peer)
             self.outbox.close(grpc.StatusCode.INTERNAL, f"collector error: {exc}")
         finally:
+            self._drain_fleet()
             self.hello_seen.set()
 
     def _read(self, messages: Iterator[agent_pb2.AgentMessage]) -> None:
@@ -124,7 +139,39 @@ class _AgentStream:
                 expected += 1
         except grpc.RpcError:
             pass  # the call ended (cancelled by the agent or the server)
+        self._drain_fleet()
         self.outbox.close(grpc.StatusCode.OK, "")
+
+    def _fleet_later(self, body: str, message: Any, listed: bool) -> None:
+        if self._fleet_thread is None:
+            self._fleet_thread = start_daemon_thread(self._run_fleet,
+                                                     f"driftwarden-fleet-{self.peer}")
+        self._fleet_queue.put((body, message, listed))
+
+    def _run_fleet(self) -> None:
+        service = self.service
+        while (item := self._fleet_queue.get()) is not None:
+            body, message, listed = item
+            try:
+                if body == "baseline_increment":
+                    service.baseline_increment(self.session, message, listed=listed)
+                else:
+                    service.baseline_request(self.session, message)
+            except RpcAbort as exc:
+                self.outbox.close(exc.code, exc.details)
+            except (ValueError, StoreError) as exc:
+                abort = _abort_on(exc)
+                self.outbox.close(abort.code, abort.details)
+            except Exception as exc:  # a bug: end the stream, the agent reconnects
+                log.exception("agent stream from %s: %s failed", self.peer, body)
+                self.outbox.close(grpc.StatusCode.INTERNAL, f"collector error: {exc}")
+
+    def _drain_fleet(self) -> None:
+        """Let the fleet thread handle what is queued, then end it (once)."""
+        thread, self._fleet_thread = self._fleet_thread, None
+        if thread is not None:
+            self._fleet_queue.put(None)
+            join_or_warn(thread, self.FLEET_DRAIN_TIMEOUT, f"the fleet thread of {self.peer}")
 
     def _handle(self, msg: agent_pb2.AgentMessage, expected: int) -> None:
         service = self.service
@@ -153,9 +200,11 @@ class _AgentStream:
             elif body == "heartbeat":
                 service.heartbeat(self.session, msg.heartbeat)
             elif body == "baseline_increment":
-                service.baseline_increment(self.session, msg.baseline_increment)
+                increment = msg.baseline_increment
+                self._fleet_later(body, increment,
+                                  service.lists_image(self.session, increment.image_key))
             elif body == "baseline_request":
-                service.baseline_request(self.session, msg.baseline_request)
+                self._fleet_later(body, msg.baseline_request, True)
             else:
                 service.action_result(self.session, msg.action_result)
         except (ValueError, StoreError) as exc:

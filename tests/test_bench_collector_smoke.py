@@ -77,7 +77,8 @@ def test_collector_benchmark_tiny_mode(kernel_ok, docker_ok):
     for label in ("exec -> subscriber (total)", "kernel -> agent emitted",
                   "agent emitted -> collector stored", "collector stored -> subscriber",
                   "exec -> network cut (last accept)", "exec -> action result at subscriber",
-                  "ring buffer drain interval when empty", "spool fsync per alert"):
+                  "ring buffer drain interval when empty", "agent spool fsync",
+                  "interpreter switch interval (agent and collector)"):
         assert f"| {label}" in report
     assert report.count("| yes, nothing dropped |") == len(config.throughput)
 

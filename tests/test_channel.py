@@ -395,6 +395,29 @@ def test_heartbeat_carries_counters_containers_and_spool_depth(spool_dir):
     assert collector.invalid() == []
 
 
+def test_alerts_go_out_while_a_periodic_heartbeat_is_being_built(collector, spool_dir):
+    """The heartbeat thread builds the periodic heartbeats: a slow read of the node's containers
+    (the runtime's API) does not hold back an alert emitted meanwhile."""
+    calls = []
+    release = threading.Event()
+
+    def containers():
+        calls.append(1)
+        if len(calls) == 2:  # the first periodic heartbeat (after the stream's first one)
+            release.wait(30)
+        return [(CID, "web", IMAGE_ID, "nginx:1.25")]
+
+    with CollectorChannel(config(collector.address, heartbeat_seconds=0.05), spool_dir,
+                          containers=containers) as channel:
+        assert wait_until(lambda: len(calls) == 2)
+        channel.emit(make_alert(1))
+        assert collector.wait_for(lambda: collector.messages("alert_batch"))
+        assert (len(collector.messages("heartbeat")), release.is_set()) == (1, False)
+        release.set()
+        assert collector.wait_for(lambda: len(collector.messages("heartbeat")) >= 2)
+        assert channel.wait_idle(10)
+
+
 def test_a_crowded_node_lists_1024_containers_which_the_collector_accepts(collector, spool_dir):
     # a Kubernetes node runs up to 110 pods, several containers each: far above the wire's
     # default bound for repeated fields (64), below the heartbeat's own (1024)

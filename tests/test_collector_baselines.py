@@ -315,6 +315,33 @@ def test_increments_for_an_image_the_agent_does_not_run_are_refused(server, chan
                               ".item.key: a exec item has 2 fields, got 1")
 
 
+def test_increments_are_judged_in_stream_order_and_merged_before_the_stream_ends(server,
+                                                                               channels):
+    """A stream's increments are merged by a thread of their own (alert batches do not wait
+    behind them), yet each is judged by the heartbeats sent before it, alerts are acked
+    meanwhile, and the stream ends once every increment sent before its close is merged."""
+    channel = channels(server)
+    agent = connect(channel, "node-a", (C1, "web-1", KEY))
+    agent.send(baseline_increment=increment("node-a", [(Z, [C1])], key=OTHER, windows=2))
+    agent.send(heartbeat=heartbeat([(C1, "web-1", KEY), (C2, "web-2", OTHER)]))
+    assert agent.recv_kind("notice").text.startswith(
+        f"baseline_increment for image {OTHER} refused: this node's heartbeats list no "
+        "container of that image")
+    agent.send(baseline_increment=increment("node-a", [(X, [C1])], containers=[(C1, "web-1")],
+                                            windows=2))
+    agent.send_alerts([novel_alert(KEY, Y)], spool_seqs=[7])
+    agent.send(baseline_increment=increment("node-a", [(Y, [C1, C2])], key=OTHER,
+                                            containers=[(C2, "web-2")], windows=1))
+    agent.close()
+    commands = agent.pending(5.0)  # until the stream ends
+    assert [list(c.ack.spool_seqs) for c in commands if c.WhichOneof("body") == "ack"] == [[7]]
+    assert agent.status() == (CODE.OK, "")
+    assert (server.store.get_baseline(KEY).version, server.store.get_baseline(OTHER).version) \
+        == (1, 1)
+    assert server.metrics.sample("driftwarden_collector_baseline_increments_total",
+                                 {"outcome": "merged"}) == 2
+
+
 # -- the Baselines service -----------------------------------------------------------------------
 
 

@@ -47,7 +47,26 @@ def test_append_pending_ack_in_order(tmp_path: Path) -> None:
         assert ids(spool.pending()) == [(0, A, 1)]
         assert spool.stats.to_dict() == {
             "appended": 3, "acked": 2, "ack_unknown": 2, "recovered": 0, "replayed": 8,
-            "dropped_full": 0, "corrupt_skipped": 0, "compactions": 0}
+            "dropped_full": 0, "corrupt_skipped": 0, "compactions": 0, "syncs": 0,
+            "sync_errors": 0}
+
+
+def test_started_spool_syncs_in_its_own_thread_and_stop_syncs_the_rest(tmp_path: Path) -> None:
+    spool = AlertSpool(tmp_path)
+    assert spool.append([alert(A)]) == [0]  # not started: this call synced itself
+    assert (spool.sync(timeout=0), spool.stats.syncs) == (True, 0)
+    with spool:
+        assert spool.append([alert(B), alert(C)]) == [1, 2]
+        assert spool.ack([A]) == 1
+        assert spool.sync(timeout=30) is True  # both files' writes are on the disk now
+        assert spool.stats.syncs >= 1
+        assert spool.stats.sync_errors == 0
+        threads = {t.name for t in threading.enumerate()}
+        assert "driftwarden-spool-sync" in threads
+        spool.append([alert(D)])
+    assert "driftwarden-spool-sync" not in {t.name for t in threading.enumerate()}
+    with AlertSpool(tmp_path) as spool:
+        assert ids(spool.pending()) == [(1, B, 1), (2, C, 1), (3, D, 1)]
 
 
 def test_ack_by_id_takes_the_oldest_pending_entry_per_occurrence(tmp_path: Path) -> None:
