@@ -51,7 +51,7 @@ from typing import Any, TextIO
 
 from driftwarden.core.argtypes import NON_NEGATIVE_SECONDS, POSITIVE_SECONDS
 from driftwarden.core.errors import UsageError
-from driftwarden.core.lifecycle import settle_heap, stop_on_signals
+from driftwarden.core.lifecycle import settle_heap, shorten_switch_interval, stop_on_signals
 from driftwarden.core.netaddr import (
     host_port,
     is_loopback,
@@ -367,9 +367,10 @@ def register_known_metrics(registry: Any, known: Any) -> None:
         "driftwarden_agent_known_entries_lost_total", "Identities judged known that did not "
         "go into the kernel (refused: the map was full, --known-entries) or were taken out "
         "(idle: not seen for 10 minutes; forgotten: their image learns again or its baseline "
-        "changed)", lambda: {(why,): known.stats[name] for why, name in (
-            ("refused", "refused_full"), ("idle", "evicted_idle"),
-            ("forgotten", "forgotten"))}, ("why",))
+        "changed; gone: their container's cgroup is gone)", lambda: {
+            (why,): known.stats[name] for why, name in (
+                ("refused", "refused_full"), ("idle", "evicted_idle"),
+                ("forgotten", "forgotten"), ("gone", "gone"))}, ("why",))
 
 
 def register_watch_metrics(registry: Any, pipeline: Any, detector: Any,
@@ -405,7 +406,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     )
     from driftwarden.agent.fleet import FleetBaselines, FleetConfig
     from driftwarden.agent.flood import FloodWatch, ReadWhenMoved
-    from driftwarden.agent.known import KnownFilter
+    from driftwarden.agent.known import KnownFilter, cgroup_alive
     from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
     from driftwarden.agent.runtimes.registry import GraphDrivers, ImageLayers, resolve_endpoints
@@ -463,7 +464,9 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             k["over_budget"] + k["dropped"] for k in probes.counters().values())),
             attribution.lookup)
         known = KnownFilter(probes.known_install, probes.known_hits, probes.known_remove,
-                            capacity=options.known_entries) if options.known_entries else None
+                            capacity=options.known_entries,
+                            alive=cgroup_alive(find_cgroup2_root())
+                            ) if options.known_entries else None
         channel = fleet = None
         if config is not None:
             image_layers = ImageLayers(endpoints)
@@ -524,6 +527,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             where += "; only containers labelled " + ", ".join(
                 f"{k}={v}" for k, v in options.only_labels)
         settle_heap()
+        shorten_switch_interval()
         stderr.write(f"driftwarden: agent running; baselines in {store.dir}{where}; "
                      f"Ctrl-C to stop\n")
         stderr.flush()
@@ -538,7 +542,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
         stderr.write(f"driftwarden: kernel baseline filter: {len(known)} identities, "
                      f"{known.stats['hits']} events counted in the kernel, "
                      f"{known.stats['installed']} installed, {known.stats['refused_full']} "
-                     f"refused (map full), {known.stats['evicted_idle']} idle taken out\n")
+                     f"refused (map full), {known.stats['evicted_idle']} idle taken out, "
+                     f"{known.stats['gone']} of gone containers taken out\n")
     # one line a script can read (bench/probe_overhead.py's loss test)
     stderr.write(f"driftwarden: kernel counters {json.dumps(kernel, sort_keys=True)}\n")
     if channel is not None:

@@ -22,14 +22,18 @@ What stays exact:
   entries out when it goes back to learning, or when its baseline is replaced or reset).
 
 Bounded: at most ``capacity`` entries (the map's size); an offer beyond it is refused and
-counted. An entry whose identity has not been seen for ``idle_seconds`` is taken out (counted),
-so containers that are gone give their room back. The provenance of a drift (who wrote a file)
-names the write that was judged, not a later repeat of it.
+counted. The entries of a cgroup that is gone (its container stopped, restarted: a restart is a
+new cgroup, or scaled down) are taken out once ``alive`` says so, checked every
+``gone_check_seconds`` for cgroups whose entries saw no hit since the last read (counted), so a
+node whose containers come and go does not fill the map with the dead; an entry whose identity
+has not been seen for ``idle_seconds`` is taken out too (counted). The provenance of a drift (who
+wrote a file) names the write that was judged, not a later repeat of it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -43,9 +47,30 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 16384
 DEFAULT_IDLE_SECONDS = 600.0
 DEFAULT_POLL_SECONDS = 1.0
+DEFAULT_GONE_CHECK_SECONDS = 5.0
 _KIND_NUMBERS = {"connect": int(EventKind.CONNECT), "write": int(EventKind.FILE)}
 
 MapKey = tuple[int, int, int]  # (cgroup id, kind number, known key)
+CgroupAlive = Callable[[int, str | None], bool]  # (cgroup id, its path) -> still there
+
+
+def cgroup_alive(cgroup_root: str | os.PathLike) -> CgroupAlive:
+    """Whether a cgroup still exists: its directory under `cgroup_root` (the cgroup v2 mount)
+    is there with the same inode, which is its id (a restarted Docker container gets a new
+    directory at the same path). A cgroup whose path is not known counts as alive."""
+    root = os.fspath(cgroup_root).rstrip("/")
+
+    def alive(cgroup_id: int, path: str | None) -> bool:
+        if not path:
+            return True
+        try:
+            return os.stat(root + path).st_ino == cgroup_id
+        except FileNotFoundError:
+            return False
+        except OSError:  # unreadable: keep its entries (idle eviction still applies)
+            return True
+
+    return alive
 
 
 @dataclass(slots=True)
@@ -63,7 +88,9 @@ class KnownFilter:
     ``install(entries)`` puts (cgroup id, kind number, key, kernel time) entries in the map and
     returns how many went in; ``read()`` returns {(cgroup id, kind number, key): (hits, kernel
     time of the last hit)}; ``remove(keys)`` takes entries out (probes.loader.ProbeSet's
-    known_install, known_hits and known_remove). Not thread-safe: the detector's lock covers it.
+    known_install, known_hits and known_remove). ``alive(cgroup id, cgroup path)`` says whether
+    a cgroup still exists (``cgroup_alive``; None: never asked, only idle entries go). Not
+    thread-safe: the detector's lock covers it.
     """
 
     def __init__(self, install: Callable[[list[tuple[int, int, int, int]]], int],
@@ -71,6 +98,8 @@ class KnownFilter:
                  remove: Callable[[Iterable[MapKey]], None], *,
                  capacity: int = DEFAULT_CAPACITY, idle_seconds: float = DEFAULT_IDLE_SECONDS,
                  poll_seconds: float = DEFAULT_POLL_SECONDS,
+                 alive: CgroupAlive | None = None,
+                 gone_check_seconds: float = DEFAULT_GONE_CHECK_SECONDS,
                  clock: Callable[[], float] = time.time) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -80,6 +109,9 @@ class KnownFilter:
         self.capacity = capacity
         self.idle_seconds = idle_seconds
         self.poll_seconds = poll_seconds
+        self._alive = alive
+        self.gone_check_seconds = gone_check_seconds
+        self._last_gone_check = 0.0
         self._clock = clock
         self._entries: dict[MapKey, _Entry] = {}
         self._pending: dict[MapKey, _Entry] = {}
@@ -133,11 +165,17 @@ class KnownFilter:
 
     def poll(self, now: float) -> list[tuple[TraceRecord, int, int]]:
         """(exemplar, new hits, kernel time of the last hit) for each entry counted since the
-        last poll; entries idle for idle_seconds, and offers the map refused, taken out."""
+        last poll; entries idle for idle_seconds, entries of cgroups that are gone (their last
+        hits counted first), and offers the map refused, taken out."""
         self._last_poll = now
         counted = self._read()
         out = []
         idle = []
+        check_gone = (self._alive is not None
+                      and now - self._last_gone_check >= self.gone_check_seconds)
+        if check_gone:
+            self._last_gone_check = now
+        alive: dict[int, bool] = {}  # cgroup id -> there, asked once a check
         for key, entry in self._entries.items():
             found = counted.get(key)
             if found is None:  # refused when the map was full (or taken out behind our back)
@@ -154,9 +192,18 @@ class KnownFilter:
             elif now - entry.seen_at >= self.idle_seconds:
                 idle.append(key)
                 self.stats["evicted_idle"] += 1
+            elif check_gone and not self._cgroup_alive(key[0], entry, alive):
+                idle.append(key)
+                self.stats["gone"] += 1
         if idle:
             self._drop(idle)
         return out
+
+    def _cgroup_alive(self, cgroup_id: int, entry: _Entry, asked: dict[int, bool]) -> bool:
+        there = asked.get(cgroup_id)
+        if there is None:
+            there = asked[cgroup_id] = self._alive(cgroup_id, entry.exemplar.container.cgroup_path)
+        return there
 
     def forget_image(self, image_id: str) -> int:
         """Takes every entry of an image out (it learns again, or its baseline changed)."""
@@ -172,6 +219,10 @@ class KnownFilter:
 
     def images(self) -> list[str]:
         return list(self._by_image)
+
+    def cgroups(self) -> set[int]:
+        """The cgroups that have entries (installed, or offered and not yet flushed)."""
+        return {key[0] for key in self._entries} | {key[0] for key in self._pending}
 
     def _drop(self, keys: list[MapKey]) -> None:
         self._remove(keys)

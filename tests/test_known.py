@@ -59,7 +59,7 @@ def _connect(key: int) -> TraceRecord:
 
 def _record(event, kind: str) -> TraceRecord:
     view = ContainerView(state="container", cgroup_id=CGROUP, id="c1", image="app:1",
-                         image_id="sha256:a")
+                         image_id="sha256:a", cgroup_path="/docker/c1")
     return TraceRecord(event=event, kind=kind, container=view, ppid=1)
 
 
@@ -133,3 +133,48 @@ def test_idle_identities_and_learning_images_are_taken_out():
     assert known.images() == ["sha256:a"]
     assert known.forget_image("sha256:a") == 1
     assert fake.entries == {} and len(known) == 0 and known.images() == []
+
+
+def test_entries_of_a_gone_cgroup_are_taken_out_after_their_last_hits_count():
+    """A restarted or removed container's cgroup is gone (a restart is a new cgroup): its
+    entries leave the map at the next check, counted, once its last hits are read; a cgroup
+    that is there, or whose entries were hit since the last read, is not asked about."""
+    now = [100.0]
+    fake = FakeMap(16)
+    there = {CGROUP: True}
+    asked: list[tuple[int, str | None]] = []
+
+    def alive(cgroup_id: int, path: str | None) -> bool:
+        asked.append((cgroup_id, path))
+        return there[cgroup_id]
+
+    known = KnownFilter(fake.install, fake.read, fake.remove, capacity=8, idle_seconds=600,
+                        poll_seconds=1.0, alive=alive, gone_check_seconds=5.0,
+                        clock=lambda: now[0])
+    write, connect = _write("/data/app.log", 11), _connect(22)
+    known.offer(write, "sha256:a", "c1")
+    known.offer(connect, "sha256:a", "c1")
+    known.flush()
+    assert known.poll(101.0) == [] and asked == [(CGROUP, "/docker/c1")]  # one ask a cgroup
+    fake.hit((CGROUP, 3, 11), 2, 5000)
+    there[CGROUP] = False
+    assert known.poll(103.0) == [(write, 2, 5000)]  # not a check yet
+    assert len(known) == 2 and len(asked) == 1
+    fake.hit((CGROUP, 3, 11), 1, 6000)  # its last event, before it went
+    assert known.poll(107.0) == [(write, 1, 6000)]  # counted; the connect's entry goes
+    assert known.stats["gone"] == 1 and list(fake.entries) == [(CGROUP, 3, 11)]
+    assert known.poll(113.0) == []
+    assert known.stats["gone"] == 2 and fake.entries == {} and len(known) == 0
+    assert known.images() == [] and known.stats["hits"] == 3
+
+
+def test_cgroup_alive_compares_the_directory_inode(tmp_path):
+    from driftwarden.agent.known import cgroup_alive
+
+    (tmp_path / "docker" / "c1").mkdir(parents=True)
+    inode = (tmp_path / "docker" / "c1").stat().st_ino
+    alive = cgroup_alive(tmp_path)
+    assert alive(inode, "/docker/c1") is True
+    assert alive(inode + 1, "/docker/c1") is False  # restarted: a new directory, same path
+    assert alive(inode, "/docker/c2") is False
+    assert alive(inode, None) is True  # no path: cannot tell
