@@ -102,6 +102,7 @@ from driftwarden.core.wire import (
     ACTION_STATUS,
     ACTION_TYPE,
     DEFAULT_LIMITS,
+    KIND_COUNTER_FIELDS,
     MAX_MESSAGE_BYTES,
     MODE,
     alert_to_proto,
@@ -848,8 +849,7 @@ class CollectorChannel(Service):
         heartbeat = agent_pb2.Heartbeat(
             sent_at=to_timestamp(time.time()),
             counters=[common_pb2.KindCounters(
-                kind=str(kind), emitted=int(c.get("emitted", 0)),
-                suppressed=int(c.get("suppressed", 0)), dropped=int(c.get("dropped", 0)))
+                kind=str(kind), **{f: int(c.get(f, 0)) for f in KIND_COUNTER_FIELDS})
                 for kind, c in sorted(counters.items())],
             containers_watched=len(containers),
             spool_depth=self.spool.depth,

@@ -92,9 +92,9 @@ def agent_message(record: AgentRecord, hostname: str,
         connected=record.connected, containers_watched=record.containers_watched or 0,
         spool_depth=record.spool_depth or 0, peer=record.peer or "", hostname=hostname,
         last_heartbeat=wire.to_timestamp(record.last_seen),
-        counters=[common_pb2.KindCounters(kind=k, **{f: int(v.get(f, 0)) for f in (
-            "emitted", "suppressed", "dropped")}) for k, v in sorted(record.counters.items())
-            if isinstance(v, Mapping)],
+        counters=[common_pb2.KindCounters(kind=k, **{
+            f: int(v.get(f, 0)) for f in wire.KIND_COUNTER_FIELDS})
+            for k, v in sorted(record.counters.items()) if isinstance(v, Mapping)],
         baselines=[wire.held_baseline_to_proto(h)
                    for h in list(held)[:wire.DEFAULT_LIMITS.max_node_baselines]])
     if record.connected_at is not None:

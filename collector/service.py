@@ -457,8 +457,8 @@ class CollectorService:
         log.info("agent %s disconnected (%s)", session.node, session.peer)
 
     def heartbeat(self, session: AgentSession, beat: agent_pb2.Heartbeat) -> None:
-        counters = {c.kind: {"emitted": c.emitted, "suppressed": c.suppressed,
-                             "dropped": c.dropped} for c in beat.counters}
+        counters = {c.kind: {f: getattr(c, f) for f in wire.KIND_COUNTER_FIELDS}
+                    for c in beat.counters}
         # an empty name is as unknown as none (the store refuses "" as a name)
         live = {c.id: ContainerMatch(c.id, c.name or None, session.node)
                 for c in beat.containers if c.HasField("id") and c.id}

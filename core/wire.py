@@ -79,6 +79,9 @@ class WireLimits:
 
 DEFAULT_LIMITS = WireLimits()
 
+# An agent's per-kind probe counters (KindCounters), as the probes name them
+KIND_COUNTER_FIELDS = ("emitted", "suppressed", "dropped", "over_budget", "known")
+
 # Repeated fields with their own bound: field full name -> WireLimits attribute.
 _REPEATED_LIMITS = {
     "driftwarden.v1.Alert.reasons": "max_reasons",

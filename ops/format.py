@@ -124,6 +124,12 @@ def heartbeat_text(agent: agent_pb2.Agent, now: float) -> str:
     return format_age(now - wire.from_timestamp(agent.last_heartbeat))
 
 
+def counter_dicts(agent: agent_pb2.Agent) -> list[dict[str, Any]]:
+    """The agent's per-kind probe counters, as JSON objects."""
+    return [{"kind": c.kind, **{f: getattr(c, f) for f in wire.KIND_COUNTER_FIELDS}}
+            for c in agent.counters]
+
+
 def dropped_total(agent: agent_pb2.Agent) -> int:
     """Events the agent's probes dropped, all kinds together."""
     return sum(c.dropped for c in agent.counters)
@@ -242,8 +248,7 @@ def agent_dict(agent: agent_pb2.Agent) -> dict[str, Any]:
             "connected_at": _timestamp_json(agent, "connected_at"),
             "last_heartbeat": _timestamp_json(agent, "last_heartbeat"),
             "containers_watched": agent.containers_watched, "spool_depth": agent.spool_depth,
-            "counters": [{"kind": c.kind, "emitted": c.emitted, "suppressed": c.suppressed,
-                          "dropped": c.dropped} for c in agent.counters],
+            "counters": counter_dicts(agent),
             "baselines": [{"image_key": b.image_key, "version": b.version,
                            "mode": enum_text(wire.MODE, b.mode)} for b in agent.baselines]}
 
@@ -308,6 +313,7 @@ __all__ = [
     "container_ref_dict",
     "container_ref_text",
     "container_text",
+    "counter_dicts",
     "dropped_total",
     "enum_text",
     "format_age",

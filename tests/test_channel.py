@@ -369,8 +369,10 @@ def test_alert_from_dict_inverts_to_dict():
 
 
 def test_heartbeat_carries_counters_containers_and_spool_depth(spool_dir):
-    counters = {"exec": {"emitted": 7, "suppressed": 3, "dropped": 1, "read_failed": 0},
-                "connect": {"emitted": 2, "suppressed": 0, "dropped": 0, "read_failed": 0}}
+    counters = {"exec": {"emitted": 7, "suppressed": 3, "dropped": 1, "read_failed": 0,
+                         "over_budget": 40, "known": 0},
+                "connect": {"emitted": 2, "suppressed": 0, "dropped": 0, "read_failed": 0,
+                            "over_budget": 0, "known": 123}}
     containers = [(CID, "web", IMAGE_ID, "nginx:1.25"), (OTHER_CID, None, None, None)]
     with FakeCollector(ack=False) as collector, \
             CollectorChannel(config(collector.address, heartbeat_seconds=0.05), spool_dir,
@@ -385,8 +387,8 @@ def test_heartbeat_carries_counters_containers_and_spool_depth(spool_dir):
 
         assert collector.wait_for(deep_heartbeat)
         beat = deep_heartbeat()[0]
-    assert [(c.kind, c.emitted, c.suppressed, c.dropped) for c in beat.counters] == [
-        ("connect", 2, 0, 0), ("exec", 7, 3, 1)]
+    assert [(c.kind, c.emitted, c.suppressed, c.dropped, c.over_budget, c.known)
+            for c in beat.counters] == [("connect", 2, 0, 0, 0, 123), ("exec", 7, 3, 1, 40, 0)]
     assert beat.containers_watched == 2
     assert [(c.id, c.name, c.image.id, c.image.name, c.node) for c in beat.containers] == [
         (CID, "web", IMAGE_ID, "nginx:1.25", NODE), (OTHER_CID, "", "", "", NODE)]

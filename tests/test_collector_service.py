@@ -247,8 +247,8 @@ def test_agents_list_shows_hello_and_heartbeat(server, channels):
     assert (row.node, row.agent_version, row.mode, row.connected, row.hostname) == (
         "node-a", "0.1.0", common_pb2.MODE_MONITOR, True, "host-1")
     assert (row.containers_watched, row.spool_depth) == (1, 4)
-    assert [(c.kind, c.emitted, c.suppressed, c.dropped) for c in row.counters] == [
-        ("exec", 5, 2, 1)]
+    assert [(c.kind, c.emitted, c.suppressed, c.dropped, c.over_budget, c.known)
+            for c in row.counters] == [("exec", 5, 2, 1, 9, 40)]
     assert row.peer.startswith("ipv4:127.0.0.1:")
 
 

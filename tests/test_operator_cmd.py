@@ -688,7 +688,8 @@ def test_describe_rpc_error_without_a_container() -> None:
 
 
 def _counters(*dropped: int) -> list[common_pb2.KindCounters]:
-    return [common_pb2.KindCounters(kind=k, emitted=100, suppressed=5, dropped=d)
+    return [common_pb2.KindCounters(kind=k, emitted=100, suppressed=5, dropped=d,
+                                    over_budget=2 * d, known=7)
             for k, d in zip(("exec", "connect", "file"), dropped, strict=False)]
 
 
@@ -733,9 +734,12 @@ def test_agents_json(api: FakeOperatorApi) -> None:
         "node": "node-a", "connected": True, "agent_version": "0.5.0", "mode": "learn",
         "hostname": "a", "peer": "ipv4:127.0.0.1:40000", "connected_at": T0 - 600.0,
         "last_heartbeat": T0 - 4.0, "containers_watched": 12, "spool_depth": 0,
-        "counters": [{"kind": "exec", "emitted": 100, "suppressed": 5, "dropped": 3},
-                     {"kind": "connect", "emitted": 100, "suppressed": 5, "dropped": 0},
-                     {"kind": "file", "emitted": 100, "suppressed": 5, "dropped": 11}],
+        "counters": [{"kind": "exec", "emitted": 100, "suppressed": 5, "dropped": 3,
+                      "over_budget": 6, "known": 7},
+                     {"kind": "connect", "emitted": 100, "suppressed": 5, "dropped": 0,
+                      "over_budget": 0, "known": 7},
+                     {"kind": "file", "emitted": 100, "suppressed": 5, "dropped": 11,
+                      "over_budget": 22, "known": 7}],
         "baselines": [{"image_key": "sha256:" + "1" * 64, "version": 7, "mode": "learn"},
                       {"image_key": "sha256:" + "2" * 64, "version": 3, "mode": "protect"}]}]
 

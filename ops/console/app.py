@@ -56,6 +56,7 @@ from driftwarden.ops.format import (
     alert_dict,
     clean_text,
     container_ref_text,
+    counter_dicts,
     enum_text,
     format_epoch,
     format_time,
@@ -833,8 +834,7 @@ def agent_view(agent: agent_pb2.Agent, now: float) -> dict[str, Any]:
             "mode": enum_text(wire.MODE, agent.mode), "hostname": agent.hostname,
             "containers": agent.containers_watched, "spool": agent.spool_depth,
             "baselines": len(agent.baselines), "heartbeat": last,
-            "counters": [{"kind": c.kind, "emitted": c.emitted, "suppressed": c.suppressed,
-                          "dropped": c.dropped} for c in agent.counters]}
+            "counters": counter_dicts(agent)}
 
 
 def group_containers(alerts: Iterable[common_pb2.Alert],

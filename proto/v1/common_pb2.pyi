@@ -259,13 +259,17 @@ class Alert(_message.Message):
     def __init__(self, id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[AlertKind, str]] = ..., severity: _Optional[_Union[Severity, str]] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., container: _Optional[_Union[Container, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., exec: _Optional[_Union[ExecEvent, _Mapping]] = ..., connect: _Optional[_Union[ConnectEvent, _Mapping]] = ..., file_write: _Optional[_Union[FileWriteEvent, _Mapping]] = ..., baseline_version: _Optional[int] = ..., baseline_mode: _Optional[_Union[Mode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_json: _Optional[str] = ...) -> None: ...
 
 class KindCounters(_message.Message):
-    __slots__ = ("kind", "emitted", "suppressed", "dropped")
+    __slots__ = ("kind", "emitted", "suppressed", "dropped", "over_budget", "known")
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMITTED_FIELD_NUMBER: _ClassVar[int]
     SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
     kind: str
     emitted: int
     suppressed: int
     dropped: int
-    def __init__(self, kind: _Optional[str] = ..., emitted: _Optional[int] = ..., suppressed: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+    over_budget: int
+    known: int
+    def __init__(self, kind: _Optional[str] = ..., emitted: _Optional[int] = ..., suppressed: _Optional[int] = ..., dropped: _Optional[int] = ..., over_budget: _Optional[int] = ..., known: _Optional[int] = ...) -> None: ...

@@ -54,7 +54,8 @@ def heartbeat(containers: Sequence[tuple[str, ...]] = (), *, spool_depth: int = 
     """A heartbeat listing `containers` as (id, name) or (id, name, image key) tuples."""
     return agent_pb2.Heartbeat(
         sent_at=wire.to_timestamp(1_700_000_000.0),
-        counters=[common_pb2.KindCounters(kind="exec", emitted=5, suppressed=2, dropped=1)],
+        counters=[common_pb2.KindCounters(kind="exec", emitted=5, suppressed=2, dropped=1,
+                                            over_budget=9, known=40)],
         containers_watched=len(containers), spool_depth=spool_depth,
         containers=[common_pb2.Container(id=c[0], name=c[1],
                                          image=common_pb2.Image(id=c[2]) if c[2:] else None)
