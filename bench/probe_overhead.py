@@ -700,6 +700,80 @@ def learned_loss_test(image: str, state: Path, seconds: float, log: Callable[[st
         client.close()
 
 
+@dataclass
+class CapacityStep:
+    rate: int  # storm iterations/s asked for (2 file events each)
+    storm: StormRun
+    kernel: dict[str, int]  # the file kind's counters over the agent's life (host-wide)
+    cpu_busy: float  # agent CPU seconds from the storm's start until it went idle
+    wall_busy: float
+
+    @property
+    def generated_per_s(self) -> float:
+        return 2 * self.storm.count / (self.storm.elapsed_ns / 1e9)
+
+    @property
+    def kept_up(self) -> bool:
+        return self.kernel["dropped"] == 0
+
+
+def unlearned_capacity_test(image: str, seconds: float, rates: Sequence[int],
+                            log: Callable[[str], None], tmp: str = "tmpfs") -> list[CapacityStep]:
+    """The whole agent with nothing learned (a fresh state dir: the storm image learns) while a
+    container creates and removes new files at each rate in turn, until the kernel drops
+    events: how many unique file events a second the agent takes with detection on. A fresh
+    agent per step, so one step's backlog never counts against the next."""
+    from tests.support.containers import TEST_LABEL, docker_client, unique_name
+
+    steps: list[CapacityStep] = []
+    client = docker_client()
+    try:
+        for rate in rates:
+            container = session = None
+            with tempfile.TemporaryDirectory(prefix="dw-capacity-") as state:
+                try:
+                    argv = (sys.executable, "-m", "driftwarden", "agent", "--state-dir", state,
+                            "--alerts-out", "/dev/null", "--budget", "off")
+                    session = ToolSession(Tool("driftwarden agent (learning)", "full", argv,
+                                               f"stderr:{READY_FULL_AGENT}"))
+                    container = client.containers.create(
+                        image, command=loss_storm_argv(seconds, rate),
+                        name=unique_name("bench-capacity"), labels={TEST_LABEL: "1"},
+                        network_mode="none", **container_options(tmp))
+                    time.sleep(0.5)
+                    t0, cpu0 = time.monotonic(), session.cpu_seconds()
+                    container.start()
+                    status = container.wait(timeout=seconds * 3 + 120)
+                    out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+                    if int(status["StatusCode"]) not in (0, 3):
+                        raise BenchError(f"capacity storm exited {status['StatusCode']}: "
+                                         f"{out[-300:]!r}")
+                    storm = parse_storm_line(out)
+                    t_idle, _ = _wait_idle(session)
+                    cpu1 = session.cpu_seconds()
+                    session.stop(timeout=120)
+                    step = CapacityStep(
+                        rate, StormRun(int(storm["count"]), int(storm["errors"]),
+                                       int(storm["elapsed_ns"]), int(status["StatusCode"])),
+                        parse_kernel_counters(session.lines["stderr"])["file"], cpu1 - cpu0,
+                        t_idle - t0)
+                finally:
+                    if session is not None:
+                        session.stop(timeout=60)
+                    if container is not None:
+                        with contextlib.suppress(Exception):
+                            container.remove(force=True, v=True)
+            steps.append(step)
+            k = step.kernel
+            log(f"[bench] capacity {rate}/s: {step.generated_per_s:,.0f} file events/s, "
+                f"emitted {k['emitted']} dropped {k['dropped']}, agent CPU {step.cpu_busy:.1f} s")
+            if not step.kept_up:
+                break
+    finally:
+        client.close()
+    return steps
+
+
 # ---- the whole benchmark ---------------------------------------------------------------------
 
 
@@ -717,6 +791,10 @@ class BenchConfig:
     tmp: str = "tmpfs"  # storm containers' /tmp: "tmpfs" or "overlay" (the container layer)
     loss_baseline_seconds: float = 5.0  # the loss storm once without any agent (0: skip)
     full_agent: bool = True  # also the whole agent with a learned baseline
+    # the whole agent, nothing learned: storm iterations/s (2 unique file events each) in turn
+    capacity_rates: tuple[int, ...] = (5_000, 10_000, 15_000, 20_000, 30_000)
+    capacity_seconds: float = 10.0
+    learned_seconds: float = 60.0  # the learned loss storm (issue 12: 60 s)
     command: str = "python -m bench.probe_overhead"
 
 
@@ -727,6 +805,7 @@ def tiny_config() -> BenchConfig:
         sizes={"exec": 30, "connect": 300, "openuniq": 1000},
         references=False, loss_seconds=2.0, loss_rate=2000, loss_variants=("summary-only",),
         settle=0.1, loss_baseline_seconds=0.0, full_agent=False,
+        capacity_rates=(500,), capacity_seconds=2.0,
         command="tests/test_bench_smoke.py (tiny mode)",
     )
 
@@ -743,6 +822,7 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     loss_baseline: StormRun | None = None  # the loss storm without an agent
     learned_loss: LearnedLossResult | None = None
+    capacity: list[CapacityStep] = field(default_factory=list)
 
 
 def host_info() -> dict[str, str]:
@@ -836,13 +916,16 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 f"{baseline.elapsed_ns / 1e9:.1f} s")
         loss = [loss_test(image, variant, config.loss_seconds, config.loss_rate, log, tmp)
                 for variant in config.loss_variants]
-        learned = (learned_loss_test(image, state, config.loss_seconds, log, tmp)
+        learned = (learned_loss_test(image, state, config.learned_seconds, log, tmp)
                    if state is not None and config.loss_variants else None)
+        capacity = (unlearned_capacity_test(image, config.capacity_seconds,
+                                            config.capacity_rates, log, tmp)
+                    if config.capacity_rates else [])
     finally:
         stop_all_tools()
     host["load average (1/5/15 min) at end"] = _loadavg()
     return BenchResult(config, host, sizes, overhead, loss, started, time.time(), notes,
-                       baseline, learned)
+                       baseline, learned, capacity)
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -1021,7 +1104,7 @@ def render_report(result: BenchResult) -> str:
         out.append(
             f"Agent: `driftwarden agent --budget off` (dedup 1 s, the kernel's baseline filter "
             f"on) with the storm image learned and in monitor (see the tools above). Storm: "
-            f"`{' '.join(learned_storm_argv(cfg.loss_seconds))}`: {CYCLE_PATHS} paths (letters "
+            f"`{' '.join(learned_storm_argv(cfg.learned_seconds))}`: {CYCLE_PATHS} paths (letters "
             f"only, so each is learned as itself) written in turn, unpaced, one file event each. "
             f"Counters are the agent's kernel counters for file events over its whole life "
             f"(host-wide: {learned.other_containers} other container(s) were running).\n")
@@ -1034,6 +1117,33 @@ def render_report(result: BenchResult) -> str:
             ("agent CPU while the storm ran", f"{learned.cpu_storm:.2f} s"),
             ("the agent's filter at exit", learned.known_line),
         ]))
+        out.append("")
+
+    if result.capacity:
+        out.append("## 4. The whole agent, nothing learned: unique file events a second\n")
+        out.append(
+            f"Agent: `driftwarden agent --budget off --alerts-out /dev/null` on a fresh state dir "
+            f"(the storm image learns; detection, items, drift and windows all run), a fresh "
+            f"agent per step. Storm: `{' '.join(loss_storm_argv(cfg.capacity_seconds, 0))}` "
+            f"with `--rate` each step's value: every path is new, so neither dedup nor the "
+            f"kernel's baseline filter folds anything. Steps stop at the first one with drops.\n")
+        rows = []
+        for step in result.capacity:
+            k = step.kernel
+            emitted = max(k["emitted"], 1)
+            rows.append([f"{step.rate:,}", f"{step.generated_per_s:,.0f}", k["emitted"],
+                         k["dropped"], _pct(k["dropped"], k["emitted"] + k["dropped"]),
+                         f"{step.cpu_busy:.1f} s over {step.wall_busy:.1f} s",
+                         f"{step.cpu_busy / emitted * 1e6:.1f} us",
+                         "yes" if step.kept_up else "NO"])
+        out.append(_table(["--rate", "file events/s generated", "emitted (host-wide)",
+                           "dropped", "dropped %", "agent CPU (storm start to idle)",
+                           "CPU per emitted event", "kept up"], rows))
+        kept = [s for s in result.capacity if s.kept_up]
+        out.append("")
+        out.append(f"Highest step without drops: "
+                   f"{kept[-1].generated_per_s:,.0f} unique file events/s." if kept else
+                   "Every step dropped events.")
         out.append("")
 
     out.append("## Raw storm times (ms, in the order they ran)\n")
@@ -1301,6 +1411,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-rate", type=int, default=50_000,
                    help="loss storm rate, iterations/s; each is 2 file events, so the default "
                    "%(default)s is the 100K events/s target")
+    p.add_argument("--learned-seconds", type=float, default=None,
+                   help="the learned loss storm's length (default 60, 10 with --quick)")
+    p.add_argument("--capacity-rates", default=None,
+                   help="comma list of storm rates (iterations/s, 2 new-file events each) for "
+                   "the whole agent with nothing learned, in turn until one drops (default "
+                   "5000,10000,15000,20000,30000; 2000,8000 with --quick; '' skips it)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report (default %(default)s)")
     p.add_argument("--snoop", choices=sorted(SNOOP_PROGRAMS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1320,7 +1436,20 @@ def main(argv: list[str] | None = None) -> int:
         loss_seconds = 10.0 if args.quick else 30.0
     if loss_seconds < 0 or args.loss_rate < 1:
         p.error("--loss-seconds must be >= 0 and --loss-rate >= 1")
+    rates_text = args.capacity_rates if args.capacity_rates is not None else (
+        "2000,8000" if args.quick else ",".join(map(str, BenchConfig.capacity_rates)))
+    try:
+        capacity_rates = tuple(int(r) for r in rates_text.split(",") if r.strip())
+    except ValueError:
+        p.error(f"--capacity-rates {rates_text!r}: give whole numbers, e.g. 5000,10000")
+    if any(r < 1 for r in capacity_rates):
+        p.error("--capacity-rates must be >= 1 each")
+    learned_seconds = args.learned_seconds
+    if learned_seconds is None:
+        learned_seconds = 10.0 if args.quick else 60.0
     config = BenchConfig(
+        capacity_rates=capacity_rates, learned_seconds=learned_seconds or 1.0,
+        capacity_seconds=5.0 if args.quick else 10.0,
         pairs=pairs, storms=storms, target_seconds=1.0 if args.quick else 1.5,
         references=not args.no_references, tmp=args.tmp, full_agent=not args.no_full_agent,
         loss_seconds=loss_seconds or 1.0, loss_rate=args.loss_rate,

@@ -50,3 +50,12 @@ def test_benchmark_tiny_mode(kernel_ok, docker_ok):
     assert loss.shown == loss.generated
     assert loss.cpu_busy > 0 and loss.wall_busy > 0
     assert "| userspace kept up (no drops, nothing lost) | yes |" in report
+
+    # Section 4: the whole agent, learning, at one low rate: every new file's events reached it
+    (step,) = result.capacity
+    assert step.rate == 500 and step.storm.count > 0 and step.storm.errors == 0
+    assert step.kernel["dropped"] == 0 and step.kept_up
+    assert step.kernel["emitted"] >= 2 * step.storm.count
+    assert step.cpu_busy > 0
+    assert "## 4. The whole agent, nothing learned" in report
+    assert "Highest step without drops: " in report
