@@ -570,9 +570,36 @@ def loss_storm_argv(seconds: float, rate: int) -> list[str]:
             "--rate", str(rate), "--unlink"]
 
 
+@contextlib.contextmanager
+def _storm_container(client, image: str, argv: Sequence[str], name: str, tmp: str):
+    """A loopback-less storm container, created (not started), removed on the way out."""
+    from tests.support.containers import TEST_LABEL
+
+    container = client.containers.create(image, command=list(argv), name=name,
+                                         labels={TEST_LABEL: "1"}, network_mode="none",
+                                         **container_options(tmp))
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True, v=True)
+
+
+def _run_to_end(container, seconds: float, what: str) -> StormRun:
+    """Starts the storm container and waits for it: its run, from dwstorm's own line."""
+    container.start()
+    status = container.wait(timeout=seconds * 3 + 120)
+    out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+    if int(status["StatusCode"]) not in (0, 3):
+        raise BenchError(f"{what} storm exited {status['StatusCode']}: {out[-300:]!r}")
+    storm = parse_storm_line(out)
+    return StormRun(int(storm["count"]), int(storm["errors"]), int(storm["elapsed_ns"]),
+                    int(status["StatusCode"]))
+
+
 def loss_test(image: str, variant: str, seconds: float, rate: int,
               log: Callable[[str], None], tmp: str = "tmpfs") -> LossResult:
-    from tests.support.containers import TEST_LABEL, check_network, docker_client, unique_name
+    from tests.support.containers import check_network, docker_client, unique_name
 
     storm_argv = loss_storm_argv(seconds, rate)
     name = unique_name("bench-loss")
@@ -582,24 +609,16 @@ def loss_test(image: str, variant: str, seconds: float, rate: int,
     tool = agent_tool("--dedup-interval", "0", "--budget", "off", output, "--container", name,
                       label=f"driftwarden {output}")
     check_network("none", {})
-    client = docker_client()
-    container = None
-    session = None
-    try:
+    with contextlib.closing(docker_client()) as client, contextlib.ExitStack() as stack:
         others = len(client.containers.list())
-        container = client.containers.create(image, command=storm_argv, name=name,
-                                             labels={TEST_LABEL: "1"}, network_mode="none",
-                                             **container_options(tmp))
+        # created first: trace's --container needs it to exist
+        container = stack.enter_context(_storm_container(client, image, storm_argv, name, tmp))
         session = ToolSession(tool)
+        stack.callback(session.stop, timeout=60)
         time.sleep(0.5)
         t0, cpu0 = time.monotonic(), session.cpu_seconds()
-        container.start()
-        status = container.wait(timeout=seconds * 3 + 120)
+        storm = _run_to_end(container, seconds, "loss")
         t1, cpu1 = time.monotonic(), session.cpu_seconds()
-        out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-        if int(status["StatusCode"]) not in (0, 3):
-            raise BenchError(f"loss storm exited {status['StatusCode']}: {out[-300:]!r}")
-        storm = parse_storm_line(out)
         t_idle, idle = _wait_idle(session)
         cpu_idle = session.cpu_seconds()
         if not session.alive():
@@ -608,9 +627,7 @@ def loss_test(image: str, variant: str, seconds: float, rate: int,
         summary = parse_summary(session.lines["stderr"])
         result = LossResult(
             variant=output, agent_argv=list(tool.argv), storm_argv=storm_argv,
-            storm=StormRun(int(storm["count"]), int(storm["errors"]), int(storm["elapsed_ns"]),
-                           int(status["StatusCode"])),
-            summary=summary, cpu_storm=cpu1 - cpu0, wall_storm=t1 - t0,
+            storm=storm, summary=summary, cpu_storm=cpu1 - cpu0, wall_storm=t1 - t0,
             cpu_busy=cpu_idle - cpu0, wall_busy=max(t_idle, t1) - t0,
             catch_up=max(0.0, t_idle - t1), went_idle=idle, stop_seconds=stop_s,
             attach_seconds=session.attach_seconds, other_containers=others,
@@ -620,13 +637,6 @@ def loss_test(image: str, variant: str, seconds: float, rate: int,
             f"{result.storm.elapsed_ns / 1e9:.1f} s, file emitted {k['emitted']} dropped "
             f"{k['dropped']}, shown {result.shown}, agent CPU {result.cpu_busy:.1f} s")
         return result
-    finally:
-        if session is not None:
-            session.stop(timeout=60)
-        if container is not None:
-            with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
-        client.close()
 
 
 CYCLE_PATHS = 1000  # the learned loss storm's paths, written in turn
@@ -659,45 +669,30 @@ def learned_loss_test(image: str, state: Path, seconds: float, log: Callable[[st
     """The whole agent with the storm image learned (learned_state) while a container writes
     CYCLE_PATHS known paths in turn as fast as it can: the kernel counts them, nothing is
     dropped, userspace sees each identity once per container."""
-    from tests.support.containers import TEST_LABEL, docker_client, unique_name
+    from tests.support.containers import docker_client, unique_name
 
-    client = docker_client()
-    container = session = None
-    try:
+    with contextlib.closing(docker_client()) as client, contextlib.ExitStack() as stack:
         others = len(client.containers.list())
-        container = client.containers.create(
-            image, command=learned_storm_argv(seconds), name=unique_name("bench-learned"),
-            labels={TEST_LABEL: "1"}, network_mode="none", **container_options(tmp))
+        container = stack.enter_context(_storm_container(
+            client, image, learned_storm_argv(seconds), unique_name("bench-learned"), tmp))
         session = ToolSession(full_agent_tool(state, "driftwarden agent (learned), loss"))
+        stack.callback(session.stop, timeout=60)
         time.sleep(0.5)
         cpu0 = session.cpu_seconds()
-        container.start()
-        status = container.wait(timeout=seconds * 3 + 120)
+        storm = _run_to_end(container, seconds, "learned loss")
         cpu1 = session.cpu_seconds()
-        out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-        if int(status["StatusCode"]) not in (0, 3):
-            raise BenchError(f"learned loss storm exited {status['StatusCode']}: {out[-300:]!r}")
-        storm = parse_storm_line(out)
         time.sleep(1.5)  # the last windows and hits are read
         session.stop(timeout=120)
         lines = session.lines["stderr"]
         known = next((ln for ln in reversed(lines) if "kernel baseline filter" in ln), "")
         result = LearnedLossResult(
-            StormRun(int(storm["count"]), int(storm["errors"]), int(storm["elapsed_ns"]),
-                     int(status["StatusCode"])),
-            parse_kernel_counters(lines)["file"], known.split(": ", 1)[-1], cpu1 - cpu0, others)
+            storm, parse_kernel_counters(lines)["file"], known.split(": ", 1)[-1], cpu1 - cpu0,
+            others)
         k = result.kernel
         log(f"[bench] learned loss: {result.storm.count} writes in "
             f"{result.storm.elapsed_ns / 1e9:.1f} s; kernel: known {k['known']} suppressed "
             f"{k['suppressed']} emitted {k['emitted']} dropped {k['dropped']}")
         return result
-    finally:
-        if session is not None:
-            session.stop(timeout=60)
-        if container is not None:
-            with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
-        client.close()
 
 
 @dataclass
@@ -723,54 +718,36 @@ def unlearned_capacity_test(image: str, seconds: float, rates: Sequence[int],
     container creates and removes new files at each rate in turn, until the kernel drops
     events: how many unique file events a second the agent takes with detection on. A fresh
     agent per step, so one step's backlog never counts against the next."""
-    from tests.support.containers import TEST_LABEL, docker_client, unique_name
+    from tests.support.containers import docker_client, unique_name
 
     steps: list[CapacityStep] = []
-    client = docker_client()
-    try:
+    with contextlib.closing(docker_client()) as client:
         for rate in rates:
-            container = session = None
-            with tempfile.TemporaryDirectory(prefix="dw-capacity-") as state:
-                try:
-                    argv = (sys.executable, "-m", "driftwarden", "agent", "--state-dir", state,
-                            "--alerts-out", "/dev/null", "--budget", "off")
-                    session = ToolSession(Tool("driftwarden agent (learning)", "full", argv,
-                                               f"stderr:{READY_FULL_AGENT}"))
-                    container = client.containers.create(
-                        image, command=loss_storm_argv(seconds, rate),
-                        name=unique_name("bench-capacity"), labels={TEST_LABEL: "1"},
-                        network_mode="none", **container_options(tmp))
-                    time.sleep(0.5)
-                    t0, cpu0 = time.monotonic(), session.cpu_seconds()
-                    container.start()
-                    status = container.wait(timeout=seconds * 3 + 120)
-                    out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-                    if int(status["StatusCode"]) not in (0, 3):
-                        raise BenchError(f"capacity storm exited {status['StatusCode']}: "
-                                         f"{out[-300:]!r}")
-                    storm = parse_storm_line(out)
-                    t_idle, _ = _wait_idle(session)
-                    cpu1 = session.cpu_seconds()
-                    session.stop(timeout=120)
-                    step = CapacityStep(
-                        rate, StormRun(int(storm["count"]), int(storm["errors"]),
-                                       int(storm["elapsed_ns"]), int(status["StatusCode"])),
-                        parse_kernel_counters(session.lines["stderr"])["file"], cpu1 - cpu0,
-                        t_idle - t0)
-                finally:
-                    if session is not None:
-                        session.stop(timeout=60)
-                    if container is not None:
-                        with contextlib.suppress(Exception):
-                            container.remove(force=True, v=True)
+            with contextlib.ExitStack() as stack:
+                state = stack.enter_context(tempfile.TemporaryDirectory(prefix="dw-capacity-"))
+                argv = (sys.executable, "-m", "driftwarden", "agent", "--state-dir", state,
+                        "--alerts-out", "/dev/null", "--budget", "off")
+                session = ToolSession(Tool("driftwarden agent (learning)", "full", argv,
+                                           f"stderr:{READY_FULL_AGENT}"))
+                stack.callback(session.stop, timeout=60)
+                container = stack.enter_context(_storm_container(
+                    client, image, loss_storm_argv(seconds, rate),
+                    unique_name("bench-capacity"), tmp))
+                time.sleep(0.5)
+                t0, cpu0 = time.monotonic(), session.cpu_seconds()
+                storm = _run_to_end(container, seconds, "capacity")
+                t_idle, _ = _wait_idle(session)
+                cpu1 = session.cpu_seconds()
+                session.stop(timeout=120)
+                step = CapacityStep(rate, storm,
+                                    parse_kernel_counters(session.lines["stderr"])["file"],
+                                    cpu1 - cpu0, t_idle - t0)
             steps.append(step)
             k = step.kernel
             log(f"[bench] capacity {rate}/s: {step.generated_per_s:,.0f} file events/s, "
                 f"emitted {k['emitted']} dropped {k['dropped']}, agent CPU {step.cpu_busy:.1f} s")
             if not step.kept_up:
                 break
-    finally:
-        client.close()
     return steps
 
 
