@@ -87,6 +87,8 @@ _WINDOW_NOVELTY = frozenset({"exec", "connect", "write"})  # the novel_* window 
 _NOVELTY_FEATURES = frozenset(f"novel_{kind}" for kind in _WINDOW_NOVELTY)
 _NO_KINDS: frozenset[str] = frozenset()
 MAX_PROGRAM_ITEMS = 8192  # (container, program) -> its ExecItem, asked for most records
+# exact identities of connect and write records judged known (Detector._known_again)
+MAX_KNOWN_RECORDS = 16384
 # a container's first exec may precede the runtime's recorded start time by a few ms
 _START_SLACK_SECONDS = 2.0
 _MAX_TREE_HOPS = 64  # a process tree's depth walked up to its root (a pid cycle ends it)
@@ -159,6 +161,21 @@ def _exact(record: TraceRecord, items: list[Item], ops) -> bool:
     if record.kind == "write" and ops and len(items) == len(ops):
         return all(item.path == path for item, (path, _, _) in zip(items, ops, strict=True))
     return False
+
+
+def _identity(record: TraceRecord, container_id: str) -> tuple | None:
+    """Everything a connect or write record's items, novelty and drift verdicts depend on
+    besides its container's profile and layers (Detector._known_again), or None when the
+    record is not judged that way (a failed write has no items: nothing to remember). A
+    connect's item names its program; a write's items name only its paths and op."""
+    event = record.event
+    if record.kind == "connect":
+        return (container_id, event.family, event.address, event.port, event.sock_type,
+                record.program)
+    if event.retval < 0:  # RESULT_UNKNOWN (an open reported at entry) is positive
+        return None
+    return (container_id, event.op, record.path, record.path_resolved, record.path2,
+            record.path2_resolved, event.open_flags, event.mode)
 
 
 def restates_novelty(outside: dict[str, float], alerted: dict[str, int]) -> bool:
@@ -236,6 +253,8 @@ class Detector:
         self._real_exes: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._program_items: dict[tuple[str, Program], tuple[Layers | None, ExecItem]] = {}
         self._current: tuple[str, Layers | None] = ("", None)
+        # _identity(record) -> (profile, layers, write ops, exact) of a record judged known
+        self._judged_known: OrderedDict[tuple, tuple] = OrderedDict()
         # latest view per container: window alerts name the container like event alerts do
         self._views: OrderedDict[str, ContainerView] = OrderedDict()
         self._latest_event = 0.0  # the newest event's time (wall-clock seconds)
@@ -327,7 +346,6 @@ class Detector:
         if profile is None:
             self.stats["no_image"] += 1
             return
-        now = self._clock()
         if self._views.get(view.id) is not view:
             self._views[view.id] = view
             self._views.move_to_end(view.id)
@@ -337,6 +355,16 @@ class Detector:
         layers = self._layers_of(view.id, record.event.header.tgid)
         self._current = (view.id, layers)
         kind = record.kind
+        identity = None
+        if kind != "exec" and not before:
+            identity = _identity(record, view.id)
+            if identity is not None:
+                judged = self._judged_known.get(identity)
+                if (judged is not None and judged[0] is profile and judged[1] is layers
+                        and (self._fleet is None or profile.mode is not Mode.LEARN)):
+                    self._known_again(record, profile, view, at, judged)
+                    return
+        now = self._clock()
         if kind == "exec":
             record = self._canonical_exe(record, layers)
         ops = write_ops(record) if kind == "write" else None
@@ -365,9 +393,12 @@ class Detector:
         if not before:
             self.windows.add(record, novel_kinds, now=self._window_time(record),
                              alerted=novel_kinds if not learning else ())
-            if (self._known is not None and not novel and not verdicts and not learning
-                    and profile.mode is not Mode.LEARN and _exact(record, items, ops)):
-                self._known.offer(record, profile.image_id, view.id)
+            if identity is not None and not novel and not verdicts:
+                exact = _exact(record, items, ops)
+                self._remember_known(identity, (profile, layers, ops, exact))
+                if (self._known is not None and not learning
+                        and profile.mode is not Mode.LEARN and exact):
+                    self._known.offer(record, profile.image_id, view.id)
         if ops:
             self._remember_writes(view.id, record, ops)
         for verdict in verdicts:
@@ -413,6 +444,33 @@ class Detector:
                                          details=tuple(details))],
                             record, view, profile, dedup_key=f"novel:{item.KIND}:{item.key()}",
                             items=(item,))
+
+    def _remember_known(self, identity: tuple, judged: tuple) -> None:
+        known = self._judged_known
+        known[identity] = judged
+        if len(known) > MAX_KNOWN_RECORDS:
+            # the oldest judgement (hits do not reorder: a FIFO). An OrderedDict: taking a
+            # plain dict's first key again and again scans the deleted slots before it
+            known.popitem(last=False)
+
+    def _known_again(self, record: TraceRecord, profile: Profile, view: ContainerView,
+                     at: float, judged: tuple) -> None:
+        """A record whose exact identity (_identity) was judged known in this container, by
+        this profile object, with these layers: its items, novelty and drift are what they
+        were then (a baseline's items only grow; a replaced or forgotten baseline is another
+        object; the image's layers do not change under one Layers object). What is left is what
+        every record does: the window, the kernel offer, provenance and a first start's claim.
+        The userspace twin of the kernel's map ``known`` (agent.known), but per record: the
+        windows count it at its own time and provenance names the latest write."""
+        _, _, ops, exact = judged
+        if not profile.starts_seen:
+            self._first_start(profile, view, at, False)  # its claim on the image's first start
+        self.windows.add(record, _NO_KINDS, now=self._window_time(record), alerted=())
+        if self._known is not None and exact and profile.mode is not Mode.LEARN:
+            self._known.offer(record, profile.image_id, view.id)
+        if ops:
+            self._remember_writes(view.id, record, ops)
+        self.stats["known_again"] += 1
 
     def _judged(self, profile: Profile, view: ContainerView, record: TraceRecord,
                 items: list[Item], layers: Layers | None) -> bool:
@@ -644,6 +702,7 @@ class Detector:
         """Drops an image's baseline (memory, fitted models and file): the image learns again."""
         self.profiles.pop(image_id, None)
         self._dirty.discard(image_id)
+        self._judged_known.clear()  # judged by the profile forgotten (and a few others)
         if self._known is not None:
             self._known.forget_image(image_id)
         self._models = {key: model for key, model in self._models.items()
@@ -715,6 +774,7 @@ class Detector:
                           image_id, exc)
                 continue
             self.profiles[image_id] = profile
+            self._judged_known.clear()  # judged by the profile it replaces (and a few others)
             if self._known is not None:  # what it holds may have changed: judge afresh
                 self._known.forget_image(image_id)
             self._models = {key: model for key, model in self._models.items()
@@ -770,13 +830,13 @@ class Detector:
         if now - self._last_save >= self.config.save_interval:
             self.save()
 
-    def _known_tick(self, now: float) -> None:
-        """Installs what was judged known; about once a second, adds what the kernel counted
-        to the windows (each hit as its exemplar record, at the last hit's time) and takes the
-        identities of images that learn out of the kernel."""
+    def _known_tick(self, now: float, *, read: bool = False) -> None:
+        """Installs what was judged known; about once a second (or when `read`), adds what the
+        kernel counted to the windows (each hit as its exemplar record, at the last hit's time)
+        and takes the identities of images that learn out of the kernel."""
         known = self._known
         known.flush()
-        if not known.due(now):
+        if not read and not known.due(now):
             return
         for image_id in known.images():
             profile = self.profiles.get(image_id)
@@ -952,6 +1012,8 @@ class Detector:
             self._apply_fleet_updates()
             for image_id in list(self._held):
                 self._release(image_id, "stop")
+        if self._known is not None:  # the hits since the last read count too
+            self._known_tick(self._clock(), read=True)
         self._handle_windows(self.windows.flush())
         self.save()
         closer = getattr(self._alerts, "close", None)

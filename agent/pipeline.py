@@ -55,6 +55,8 @@ _WAIT_STATES = frozenset({"pending", "unknown"})
 # an exec of another process's binary by its /proc link (a deleted file has no other name); the
 # pid is the container's view of it, so only the exec'ing process's own /proc/PID/exe tells
 _PROC_PID_EXE = re.compile(r"/proc/\d+/exe")
+# a NamedTuple from all its values without the generated __new__'s Python frame (per record)
+_new = tuple.__new__
 
 
 class AttributionLookup(Protocol):
@@ -382,10 +384,10 @@ class TracePipeline:
         """A connect or write record: the program its process runs, and its parent's."""
         h = event.header
         program, parent_program = self.processes.programs(key)
-        # positional, in TraceRecord's field order (keywords cost more per event)
-        return TraceRecord(event, kind, view, h.ppid or self._ppid(h, key), path, path_resolved,
-                           path2, path2_resolved, None, self._runtime_setup(h, key), program,
-                           parent_program)
+        # every field, in TraceRecord's order (_new: no NamedTuple __new__ frame per event)
+        return _new(TraceRecord, (event, kind, view, h.ppid or self._ppid(h, key), path,
+                                  path_resolved, path2, path2_resolved, None,
+                                  self._runtime_setup(h, key), program, parent_program, False))
 
     def _ppid(self, h, key: ProcKey) -> int:
         if h.ppid:
@@ -440,12 +442,12 @@ class TracePipeline:
             exe = program.exe
         else:
             program = table.program(key)  # it still runs what it ran
-        # positional, in TraceRecord's field order
-        return self._count_unresolved(TraceRecord(
+        # every field, in TraceRecord's order
+        return self._count_unresolved(_new(TraceRecord, (
             event, "exec", view, h.ppid or self._ppid(h, key),
             resolved.path if resolved else event.filename,
             resolved.resolved if resolved else False, None, True, exe, runtime_setup, program,
-            parent_program))
+            parent_program, False)))
 
     def _exec_target(self, key: ProcKey, event: ExecEvent, resolved: ResolvedPath | None
                      ) -> str | None:

@@ -1,13 +1,20 @@
 """Detection cost: isolation-forest scoring throughput, and the agent's CPU per event with
 detection on compared with trace only, in one run.
 
-    python -m bench.detection [--events 200000] [--out FILE] [--profile N]
+    python -m bench.detection [--events 200000] [--temp-names K] [--out FILE] [--profile N]
 
 No kernel needed: a synthetic capture (three containers of two images running a realistic mix:
 appends to rotated logs, temp files, loopback connects, busybox execs) is written with the
-real capture writer and replayed through the real pipeline, once with no sink (what `trace
---summary-only` does per event) and once with the Detector (items, baseline, drift checks,
-windows). Both runs are measured with process CPU time; the ratio is what detection adds.
+real capture writer and replayed through the real pipeline: with no sink (what `trace
+--summary-only` does per event), with the Detector on a new baseline (it learns: items,
+baseline, drift checks, windows), and with the Detector on the learned baseline of a first
+replay (monitor mode: the steady state). Each is measured with process CPU time; the ratios
+are what detection adds. The heap is settled first (core.lifecycle.settle_heap), as the agent
+does once started.
+
+Every temp file has a new name unless `--temp-names K` makes them cycle through K names: new
+names never repeat exactly, so no cache of judged records helps with them (their pattern,
+/tmp/tmp.*, is learned all the same).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +38,8 @@ from driftwarden.agent.pipeline import (
     TracePipeline,
 )
 from driftwarden.agent.procfs import ProcessSnapshot
+from driftwarden.core.lifecycle import settle_heap
+from driftwarden.core.modes import Mode
 from driftwarden.core.records import ContainerView
 from driftwarden.models.features import FEATURES
 from driftwarden.models.forest import WindowModel
@@ -45,7 +55,7 @@ CONTAINERS = [
 ]
 
 
-def _records(n: int) -> list[bytes]:
+def _records(n: int, temp_names: int = 0) -> list[bytes]:
     from tests.test_decode import connect_record, exec_record, file_record
 
     out = []
@@ -58,8 +68,9 @@ def _records(n: int) -> list[bytes]:
             out.append(file_record(int(FileOp.OPEN), f"/var/log/app/access.log.{i % 7}",
                                    open_flags=0o2101, mode=0o644, **hdr))
         elif r < 7:
-            out.append(file_record(int(FileOp.OPEN), f"/tmp/tmp.k{i:07d}x", open_flags=0o1101,
-                                   mode=0o600, **hdr))
+            name = i % temp_names if temp_names else i
+            out.append(file_record(int(FileOp.OPEN), f"/tmp/tmp.k{name:07d}x",
+                                   open_flags=0o1101, mode=0o600, **hdr))
         elif r < 9:
             out.append(connect_record(family=2, addr=bytes([127, 0, 0, 1]), port=5432,
                                       sock_type=1, **hdr))
@@ -69,7 +80,7 @@ def _records(n: int) -> list[bytes]:
     return out
 
 
-def _write_capture(path: Path, n: int) -> None:
+def _write_capture(path: Path, n: int, temp_names: int = 0) -> None:
     writer = CaptureWriter(path, Limits(), 0)
     for cg, cid, image, iid in CONTAINERS:
         view = ContainerView(state="container", cgroup_id=cg, id=cid, name=f"c{cg}",
@@ -82,12 +93,28 @@ def _write_capture(path: Path, n: int) -> None:
                                 argv=("httpd",), cwd="/", cgroup_id=CONTAINERS[0][0])
                 for tgid in range(1000, 1050)]
     writer.fact(SNAPSHOT_FACT, [p.to_dict() for p in running], -1)
-    for raw in _records(n):
+    for raw in _records(n, temp_names):
         writer.record(raw)
     writer.close({})
 
 
-def _replay(path: Path, detect: bool, state_dir: Path) -> tuple[float, int, dict]:
+def _learned_baseline(path: Path, state_dir: Path) -> Path:
+    """The baselines one replay of the capture learns, switched to monitor with a container
+    start seen: the steady state the agent runs in once learning has ended."""
+    _replay(path, True, state_dir)
+    store = ProfileStore(state_dir, ItemSet)
+    for profile in store.list():
+        profile.set_mode(Mode.MONITOR, reason="bench: learned", who="bench", now=time.time())
+        profile.starts_seen = True
+        store.save(profile)
+    return state_dir
+
+
+def _replay(path: Path, detect: bool, state_dir: Path, baseline: Path | None = None
+            ) -> tuple[float, int, dict]:
+    """One replay; with `baseline`, the detector starts from a copy of those baselines."""
+    if baseline is not None:
+        shutil.copytree(baseline, state_dir)
     source = ReplayCapture(path, batch_size=1024)
     pipeline = TracePipeline(source, proc=ReplayProcReader(source.facts),
                              attribution=ReplayAttribution(source.facts), sinks=[],
@@ -115,18 +142,20 @@ _STAGES = [("decode.py", "decode"), ("pipeline.py", "_enrich_file"),
            ("canonical.py", "canonical_path"), ("items.py", "connect_item"),
            ("features.py", "add"), ("detect.py", "_drift"),
            ("profile.py", "observe"), ("detect.py", "_remember_writes"),
-           ("detect.py", "_remember_parent")]
+           ("detect.py", "_remember_parent"), ("detect.py", "_known_again")]
 
 
 def _cumulative(stats: pstats.Stats, where: str, name: str) -> float:
     return sum(v[3] for k, v in stats.stats.items() if k[0].endswith(where) and k[2] == name)
 
 
-def _profile(path: Path, state_dir: Path, top: int) -> list[str]:
+def _profile(path: Path, state_dir: Path, top: int, baseline: Path | None) -> list[str]:
     """One replay with detection under cProfile, as markdown table rows: the stages'
     cumulative time per event, then the functions with the most own time (share of the
     profiled run's total). The profiler inflates every call (about 2.6x here): compare the
     rows with each other, not with the unprofiled figures."""
+    if baseline is not None:
+        shutil.copytree(baseline, state_dir)
     profiler = cProfile.Profile()
     profiler.enable()
     _, events, _ = _replay(path, True, state_dir)
@@ -169,44 +198,63 @@ def _scoring() -> dict[str, float]:
     return {"fit_s": fit_s, "rows_per_s_batched": batched, "rows_per_s_single": single}
 
 
+_PIPELINES = ("trace only", "with detection, learning", "with detection, learned baseline")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.detection", description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--temp-names", type=int, default=0, metavar="K",
+                        help="temp files cycle through K names (default 0: every one new)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also profile one replay with detection (cProfile) and report "
-                        "the N functions with the most own time")
+                        help="also profile one replay with detection on the learned baseline "
+                        "(cProfile) and report the N functions with the most own time")
     args = parser.parse_args(argv)
+    if args.temp_names < 0:
+        parser.error(f"--temp-names must be >= 0, got {args.temp_names}")
     with tempfile.TemporaryDirectory() as tmp:
         capture = Path(tmp) / "synthetic.dwcap"
-        _write_capture(capture, args.events)
-        runs = {"trace only": [], "with detection": []}
+        _write_capture(capture, args.events, args.temp_names)
+        learned = _learned_baseline(capture, Path(tmp) / "learned")
+        settle_heap()  # as the agent does once started: later collections walk new objects
+        runs: dict[str, list] = {name: [] for name in _PIPELINES}
         for i in range(6):  # alternate, medians
-            for name, detect in (("trace only", False), ("with detection", True))[:: 1 if i % 2
-                                                                                    else -1]:
-                cpu, events, stats = _replay(capture, detect, Path(tmp) / f"state{i}")
-                runs[name].append((cpu, events, stats))
-        profile = _profile(capture, Path(tmp) / "profiled", args.profile) if args.profile else []
+            for name in _PIPELINES[:: 1 if i % 2 else -1]:
+                runs[name].append(_replay(
+                    capture, name != "trace only", Path(tmp) / f"state{i}-{len(runs[name])}"
+                    f"-{_PIPELINES.index(name)}", learned if "learned" in name else None))
+        profile = (_profile(capture, Path(tmp) / "profiled", args.profile, learned)
+                   if args.profile else [])
     scoring = _scoring()
     med = {name: float(np.median([c for c, _, _ in r])) for name, r in runs.items()}
     events = runs["trace only"][0][1]
+    command = f"python -m bench.detection --events {args.events}"
+    if args.temp_names:
+        command += f" --temp-names {args.temp_names}"
+    if args.profile:
+        command += f" --profile {args.profile}"
     lines = [
         "# Detection cost",
         "",
-        f"Command: `python -m bench.detection --events {args.events}`; one run, 6 alternating "
-        "replays each, medians of process CPU time.",
+        f"Command: `{command}`; one run, 6 alternating replays each, medians of process CPU "
+        "time. Temp files: " + (f"{args.temp_names} names, cycled" if args.temp_names else
+                                "a new name each (never repeated)") + ".",
         "",
-        "| pipeline | CPU per event | events/s per core |",
-        "|---|---|---|",
+        "| pipeline | CPU per event | events/s per core | detection adds | records judged "
+        "again from a known identity |",
+        "|---|---|---|---|---|",
     ]
-    for name in ("trace only", "with detection"):
+    for name in _PIPELINES:
         per = med[name] / events
-        lines.append(f"| {name} | {per * 1e6:.1f} us | {1 / per:,.0f} |")
+        stats = runs[name][-1][2]
+        added = (f"{(med[name] - med['trace only']) / events * 1e6:.1f} us "
+                 f"({med[name] / med['trace only']:.2f}x)" if name != "trace only" else "")
+        again = (f"{stats.get('known_again', 0) / events:.0%}" if name != "trace only" else "")
+        lines.append(f"| {name} | {per * 1e6:.1f} us | {1 / per:,.0f} | {added} | {again} |")
     lines += [
         "",
-        f"Detection adds **{(med['with detection'] / med['trace only']):.2f}x** the trace-only "
-        f"CPU ({(med['with detection'] - med['trace only']) / events * 1e6:.1f} us per event). "
-        f"Detector stats of the last run: {runs['with detection'][-1][2]}.",
+        f"Baselines learned: {runs[_PIPELINES[1]][-1][2].get('items')}.",
         "",
         "| isolation forest (500 training windows, 21 features) | value |",
         "|---|---|",
@@ -217,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if profile:
         lines += [
-            f"Where the time goes (`--profile {args.profile}`: one replay with detection under "
-            "cProfile; per stage, cumulative time per event averaged over all events):",
+            f"Where the time goes (`--profile {args.profile}`: one replay with detection on the "
+            "learned baseline under cProfile; per stage, cumulative time per event averaged "
+            "over all events):",
             "",
             "| stage | profiled time per event |",
             "|---|---|",

@@ -84,11 +84,13 @@ _NO_DIGIT = re.compile(r"[^0-9]*")
 
 
 def _random_suffix(match: re.Match) -> str:
+    # the token is ASCII letters and digits only (the pattern's class): "not all letters" is
+    # "has a digit", and a case change shows an upper or lower case letter (no scans per char)
     token = match.group(1)
-    has_digit = any(c.isdigit() for c in token)
-    has_alpha = any(c.isalpha() for c in token)
+    has_digit = not token.isalpha()
+    has_alpha = not token.isdigit()
     inner = token[1:]
-    mixed_case = any(c.isupper() for c in inner) and any(c.islower() for c in token)
+    mixed_case = inner != inner.lower() and token != token.upper()
     if (has_digit and has_alpha) or mixed_case:
         return "*"
     return token
@@ -122,7 +124,10 @@ def canonical_component(part: str) -> str:
             part = _DATE.sub("*", part)
         part = _HEX.sub("*", part)
     if part.startswith(("tmp", ".tmp")):
-        part = _TMP_PREFIX.sub(r"\1*", part)
+        # anchored: at most one match, at the start (sub with a template costs a Python call)
+        found = _TMP_PREFIX.match(part)
+        if found is not None:
+            part = found.group(1) + "*" + part[found.end():]
     if "." in part or "-" in part or "_" in part:  # a mktemp suffix follows one
         part = _MKTEMP.sub(_random_suffix, part)
         has_digit = has_digit and not _NO_DIGIT.fullmatch(part)
@@ -152,7 +157,7 @@ def canonical_path(path: str) -> str:
     """
     if len(path) > 4 * MAX_PATTERN:
         path = path[: 4 * MAX_PATTERN]  # the rest cannot survive the bound anyway
-    return _bound("/".join(canonical_component(p) for p in path.split("/")))
+    return _bound("/".join(map(canonical_component, path.split("/"))))
 
 
 def canonical_unix_socket(path: str) -> str:

@@ -118,6 +118,7 @@ NOVEL_KINDS = frozenset({"exec", "connect", "write"})
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "mksh"})
 WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/root", "/home")
 MEMFD_PREFIX = "/memfd:"
+_WRITABLE_PREFIXES = tuple(d + "/" for d in WRITABLE_DIRS)  # one startswith per exec
 FAILED_CONNECTS = frozenset({ConnectResult.REFUSED, ConnectResult.UNREACHABLE,
                              ConnectResult.TIMED_OUT, ConnectResult.DENIED,
                              ConnectResult.ERROR})
@@ -172,7 +173,7 @@ def is_writable_location(path: str | None) -> bool:
         return False
     if path.startswith(MEMFD_PREFIX):
         return True
-    return any(path == d or path.startswith(d + "/") for d in WRITABLE_DIRS)
+    return path in WRITABLE_DIRS or path.startswith(_WRITABLE_PREFIXES)
 
 
 @lru_cache(maxsize=4096)

@@ -253,7 +253,11 @@ _connect_item = lru_cache(maxsize=4096)(ConnectItem)
 
 @lru_cache(maxsize=8192)
 def _write_item(path: str | None, resolved: bool, op: str) -> WriteItem:
-    return WriteItem(canonical_location(path, resolved), op)
+    return _write_pattern_item(canonical_location(path, resolved), op)
+
+
+# one object per pattern too: the new names of one family (a temp file per request) share it
+_write_pattern_item = lru_cache(maxsize=4096)(WriteItem)
 
 
 def open_op(flags: int, mode: int) -> str:
@@ -428,7 +432,9 @@ class ItemSet:
         * the same write seen with and without its directory: a relative path whose directory
           could not be resolved (``?rel:app.log.*.gz``: gzip's ``openat(dirfd, name)`` by a
           process gone before the agent could ask where its dirfd pointed) and an absolute
-          path ending in it (``/var/log/app/app.log.*.gz``), same op, either way round.
+          path ending in it (``/var/log/app/app.log.*.gz``), same op, either way round;
+        * a connect of protocol ``unknown`` (its socket was made before the probes: an agent
+          that joins a busy node or restarts) and the same connect learned as tcp, udp or other.
 
         Called only for items not in the set, so the scans stay off the common path."""
         if isinstance(item, WriteItem):
@@ -440,6 +446,11 @@ class ItemSet:
             if item.path.startswith("/") and self._relative_writes:
                 return any((item.op, tail) in self._relative_writes
                            for tail in _tails(item.path))
+        if isinstance(item, ConnectItem) and item.protocol == "unknown":
+            learned = self._items[item.KIND]
+            return any(ConnectItem(item.family, item.addr_class, item.address, item.port,
+                                   protocol, item.exe) in learned
+                       for protocol in ("tcp", "udp", "other"))
         return False
 
     def update(self, items: Iterable[Item]) -> int:

@@ -10,14 +10,14 @@ reported."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 
 import pytest
 
 from tests.support.containers import run_container
+from tests.support.known_agent import known_agent
 from tests.support.ring import drain_for
+from tests.support.scenario import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,89 +97,33 @@ NORMAL_LOOP = (
 )
 
 
-@contextlib.contextmanager
-def _agent(tmp_path, learn_for: float):
-    """Probes with the map, the pipeline and a Detector with a KnownFilter, as `driftwarden
-    agent` wires them; yields (live trace, detector, known filter, alert sink, lock, windows
-    the detector handled)."""
-    from driftwarden.agent.alerts import ListAlertSink
-    from driftwarden.agent.detect import Detector, DetectorConfig, LayersCache, LockedSink
-    from driftwarden.agent.known import KnownFilter
-    from driftwarden.agent.runtimes.docker import DockerGraphDriver
-    from driftwarden.models.items import ItemSet
-    from driftwarden.models.profile import LearningPolicy, ProfileStore
-    from driftwarden.probes.loader import ProbeConfig
-
-    from tests.conftest import start_live_trace
-
-    alerts, lock, detector = ListAlertSink(), threading.Lock(), None
-    handled: list = []
-    with contextlib.closing(DockerGraphDriver("unix:///var/run/docker.sock")) as graph_driver:
-        try:
-            with start_live_trace(ProbeConfig(known_entries=1024)) as live:
-                probes = live.probes
-                known = KnownFilter(probes.known_install, probes.known_hits,
-                                    probes.known_remove, capacity=1024, poll_seconds=0.5)
-                detector = Detector(
-                    DetectorConfig(window_seconds=1.0, policy=LearningPolicy(learn_for=learn_for)),
-                    ProfileStore(tmp_path, ItemSet), alerts,
-                    layers_of=LayersCache(graph_driver_of=graph_driver).get,
-                    clock_offset_ns=live.pipeline.source.clock_offset_ns, known=known)
-                handle = detector._handle_windows
-
-                def recording(windows):
-                    handled.extend(windows)
-                    handle(windows)
-
-                detector._handle_windows = recording
-                live.pipeline.sinks.append(LockedSink(detector, lock))
-                yield live, detector, known, alerts, lock, handled
-        finally:
-            if detector is not None:
-                detector.close()
-
-
-def _wait(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _of(sink, lock, container, kind, code=None) -> list:
-    with lock:
-        return [a for a in sink.alerts if a.container.get("id") == container.id
-                and a.kind.value == kind
-                and (code is None or any(r.code == code for r in a.reasons))]
-
-
 def test_a_learned_workload_is_counted_in_the_kernel_and_attacks_still_alert(
         kernel_ok, docker_ok, storm_image, tmp_path):
     from driftwarden.models.features import INDEX
 
-    with _agent(tmp_path, learn_for=5.0) as (live, detector, known, sink, lock, handled), \
+    with known_agent(tmp_path, learn_for=5.0) as agent, \
             run_container(storm_image, ["/bin/sh", "-c", NORMAL_LOOP], name="steady") as c:
+        live, detector, known, lock = agent.live, agent.detector, agent.known, agent.lock
         image_id = c.container.attrs["Image"]
-        profile = _wait(lambda: detector.profiles.get(image_id), what="a baseline")
-        _wait(lambda: profile.mode.value == "monitor", what="learning to end")
+        profile = wait_until(lambda: detector.profiles.get(image_id), 20, what="a baseline")
+        wait_until(lambda: profile.mode.value == "monitor", 20, what="learning to end")
         with lock:
             ended_at = time.time()
         # the loop's append and connect go into the map (the nc's exec is never filtered)
-        _wait(lambda: len(known) >= 2, what="the loop's identities in the kernel")
+        wait_until(lambda: len(known) >= 2, 20, what="the loop's identities in the kernel")
+        installed_at = time.time()  # on a busy host, later than learning's end
         time.sleep(4)
         with lock:
             installed = len(known)
             hits = known.stats["hits"]
-            windows = [w for w in handled if w.container_id == c.id and w.start >= ended_at + 1]
+            windows = [w for w in agent.handled
+                       if w.container_id == c.id and w.start >= ended_at + 1]
         counted = live.probes.known_hits()
         records = live.for_cgroup(c.cgroup_id)
         late_appends = [r for r in records if r.kind == "write"
                         and r.event.path == "/data/app.log"
                         and (r.event.header.ts_ns + live.pipeline.source.clock_offset_ns) / 1e9
-                        > ended_at + 2]
+                        > installed_at + 1]
         appends = [w.vector[INDEX["writes_append"]] for w in windows]
         print(f"\n{installed} identities in the kernel, {hits} hits read; "
               f"{len(windows)} windows after learning: writes_append {appends}")
@@ -192,24 +136,28 @@ def test_a_learned_workload_is_counted_in_the_kernel_and_attacks_still_alert(
         # attacks in the same container
         c.exec(["/bin/sh", "-c", "mkdir -p /tmp/x && cp /bin/busybox /tmp/x/busybox && "
                 "/tmp/x/busybox true"])
-        _wait(lambda: _of(sink, lock, c, "drift", "exec-added-binary"), what="the exec drift")
+        wait_until(lambda: agent.alerts_of(c.id, "drift", "exec-added-binary"), 20,
+                   "the exec drift")
         c.exec(["/bin/sh", "-c", "echo evil > /bin/evil"])
-        _wait(lambda: _of(sink, lock, c, "drift", "write-binary-dir"), what="the write drift")
+        wait_until(lambda: agent.alerts_of(c.id, "drift", "write-binary-dir"), 20,
+                   "the write drift")
         c.exec(["/bin/sh", "-c", "nc -w1 127.0.0.1 4444 </dev/null; true"])
-        _wait(lambda: _of(sink, lock, c, "novel", "new-connect"), what="the new connect")
+        wait_until(lambda: agent.alerts_of(c.id, "novel", "new-connect"), 20,
+                   "the new connect")
         c.exec(["/bin/sh", "-c", "echo x >> /data/other.log"])
-        _wait(lambda: _of(sink, lock, c, "novel", "new-write"), what="the new write")
+        wait_until(lambda: agent.alerts_of(c.id, "novel", "new-write"), 20,
+                   "the new write")
 
         # back to learning: nothing of the image is filtered any more
         from driftwarden.core.modes import Mode
 
         with lock:
             profile.set_mode(Mode.LEARN, reason="test", who="test", now=time.time())
-        _wait(lambda: len(known) == 0, what="the image's identities out of the kernel")
+        wait_until(lambda: len(known) == 0, 20, what="the image's identities out of the kernel")
         assert live.probes.known_hits() == {}
-        _wait(lambda: [r for r in live.for_cgroup(c.cgroup_id) if r.kind == "write"
-                       and r.event.path == "/data/app.log" and r.event.header.ts_ns
-                       > time.monotonic_ns() - 2_000_000_000], what="the appends sent again")
+        wait_until(lambda: [r for r in live.for_cgroup(c.cgroup_id) if r.kind == "write"
+                            and r.event.path == "/data/app.log" and r.event.header.ts_ns
+                            > time.monotonic_ns() - 2_000_000_000], 20, "the appends sent again")
 
 
 def test_paths_that_differ_in_one_byte_are_different_identities(kernel_ok, storm_image):

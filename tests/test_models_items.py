@@ -416,3 +416,16 @@ def test_a_write_seen_with_and_without_its_directory_is_the_same_write():
     # the index survives a round trip
     again = ItemSet.from_msgpack_obj(learned_relative.to_msgpack_obj())
     assert again.covers(WriteItem("/data/app.log.*.gz", "create"))
+
+
+def test_a_connect_of_unknown_protocol_is_covered_by_the_same_connect_learned():
+    """A socket made before the probes (an agent joining a busy node, or restarting) has no
+    protocol: the same connect learned as tcp (or udp) covers it; another address does not."""
+    items = ItemSet()
+    items.add(ConnectItem("inet", "loopback", "127.0.0.1", 8080, "tcp", "/bin/app"))
+    assert items.covers(ConnectItem("inet", "loopback", "127.0.0.1", 8080, "unknown", "/bin/app"))
+    assert not items.covers(ConnectItem("inet", "loopback", "127.0.0.1", 8081, "unknown",
+                                        "/bin/app"))
+    assert not items.covers(ConnectItem("inet", "loopback", "127.0.0.1", 8080, "unknown",
+                                        "/bin/other"))
+    assert not items.covers(ConnectItem("inet", "loopback", "127.0.0.1", 8080, "udp", "/bin/app"))
