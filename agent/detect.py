@@ -151,9 +151,10 @@ def _real_exe(exe: str | None, layers: Layers | None) -> str | None:
 
 def _exact(record: TraceRecord, items: list[Item], ops) -> bool:
     """Whether a connect or write record's items name exactly what its kernel identity does,
-    so the kernel may count its repeats (agent.known): no item canonicalised into a pattern
-    (a family of files or sockets never repeats exactly: it would only fill the map), and a
-    connect's program known."""
+    so the kernel may count its repeats from the first (agent.known): no item canonicalised
+    into a pattern (a family of files or sockets mostly never repeats exactly: offered at once,
+    its members would only fill the map; one that does repeat is offered when it comes again,
+    Detector._known_again), and a connect's program known."""
     if record.kind == "connect":
         program = record.program
         return (program is not None and program.exe is not None and len(items) == 1
@@ -461,12 +462,14 @@ class Detector:
         object; the image's layers do not change under one Layers object). What is left is what
         every record does: the window, the kernel offer, provenance and a first start's claim.
         The userspace twin of the kernel's map ``known`` (agent.known), but per record: the
-        windows count it at its own time and provenance names the latest write."""
-        _, _, ops, exact = judged
+        windows count it at its own time and provenance names the latest write. An identity
+        whose items were canonicalised (a rotated log's name) is offered to the kernel now that
+        it came again: it repeats exactly, so its entry is not one of a family that never does."""
+        _, _, ops, _ = judged
         if not profile.starts_seen:
             self._first_start(profile, view, at, False)  # its claim on the image's first start
         self.windows.add(record, _NO_KINDS, now=self._window_time(record), alerted=())
-        if self._known is not None and exact and profile.mode is not Mode.LEARN:
+        if self._known is not None and profile.mode is not Mode.LEARN:
             self._known.offer(record, profile.image_id, view.id)
         if ops:
             self._remember_writes(view.id, record, ops)

@@ -178,3 +178,37 @@ def test_cgroup_alive_compares_the_directory_inode(tmp_path):
     assert alive(inode + 1, "/docker/c1") is False  # restarted: a new directory, same path
     assert alive(inode, "/docker/c2") is False
     assert alive(inode, None) is True  # no path: cannot tell
+
+
+def test_a_canonicalised_identity_is_offered_when_it_comes_again(tmp_path):
+    """A write whose path the baseline holds as a pattern (/var/log/app.N.log) is not offered
+    when first judged known (a family of names mostly never repeats: it would fill the map);
+    the same exact identity coming again is, and its kernel key goes in at the flush."""
+    from driftwarden.agent.alerts import ListAlertSink
+    from driftwarden.agent.detect import Detector, DetectorConfig
+    from driftwarden.core.modes import Mode
+    from driftwarden.models.items import ItemSet
+    from driftwarden.models.profile import LearningPolicy, ProfileStore
+
+    def write(path: str, key: int, t: float) -> TraceRecord:
+        event = FileEvent(_header(EventKind.FILE, int(t * 1e9)), FileOp.OPEN, path, None, -100,
+                          -100, 0o2101, 0o644, 0x7FFFFFFF, known_key=key)
+        return _record(event, "write")._replace(path=path)
+
+    fake = FakeMap(16)
+    known = _filter(fake)
+    detector = Detector(DetectorConfig(window_seconds=1.0, policy=LearningPolicy()),
+                        ProfileStore(tmp_path, ItemSet), ListAlertSink(),
+                        layers_of=lambda _c, _t: None, clock=lambda: 100.0, known=known)
+    for day in range(101, 104):  # learned: the pattern
+        detector.write(write(f"/var/log/app.{day}.log", day, 1.0))
+    [profile] = detector.profiles.values()
+    profile.set_mode(Mode.MONITOR, reason="test", who="test", now=100.0)
+    detector.write(write("/var/log/app.104.log", 104, 2.0))
+    detector.write(write("/data/plain.log", 7, 2.0))  # not learned: novel, never offered
+    detector.flush()
+    assert fake.entries == {}
+    detector.write(write("/var/log/app.104.log", 104, 3.0))  # the same identity again
+    detector.flush()
+    assert list(fake.entries) == [(CGROUP, int(EventKind.FILE), 104)]
+    assert detector.stats["known_again"] == 1
