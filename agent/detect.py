@@ -849,8 +849,12 @@ class Detector:
             at = (last_ns + self._clock_offset_ns) / 1e9
             if at > self._latest_event:
                 self._latest_event = at
+            if at > self._latest_live:  # live events too: a first start ends by their time
+                self._latest_live = at
             for _ in range(hits):
                 self.windows.add(exemplar, _NO_KINDS, now=at)
+        if self._first_starts:  # a container the kernel filters entirely sends nothing else
+            self._end_first_starts()
 
     def _check_floods(self, now: float, windows: list) -> list:
         """Reads the budgets' counts when due, or before windows that ended after the last

@@ -293,7 +293,8 @@ def test_format_summary_table():
         kernel={"exec": {"emitted": 12, "suppressed": 3, "dropped": 0, "read_failed": 0},
                 "connect": {"emitted": 7, "suppressed": 100000, "dropped": 2},
                 "file": {"emitted": 1234567, "suppressed": 0, "dropped": 9,
-                         "over_budget": 4321}},
+                         "over_budget": 4321},
+                "chdir": {"emitted": 80, "suppressed": 0, "dropped": 0, "over_budget": 199920}},
         shown=Counter({"exec": 5, "write": 40}),
         filtered=Counter({"host": 3, "kind": 1}),
         decode_errors=Counter({"file:file-op-11": 2}),
@@ -306,6 +307,7 @@ def test_format_summary_table():
         "  exec            12           3        0            0       5",
         "  connect          7      100000        2            0       0",
         "  write      1234567           0        9         4321      40",
+        "  chdir           80           0        0       199920       0",
         "  filtered: host=3, kind=1",
         "  decode errors: file:file-op-11=2",
         "  unresolved relative paths: 4",
@@ -320,4 +322,5 @@ def test_format_summary_without_counters():
         "  exec             0           0        0            0       0",
         "  connect          0           0        0            0       0",
         "  write            0           0        0            0       0",
+        "  chdir            0           0        0            0       0",
     ]
