@@ -148,6 +148,7 @@ class FloodWatch:
         self._clock = clock
         self.last_poll = clock()
         self._last: Mapping[tuple[int, str], tuple[int, int]] = {}
+        self._last_read: object = None  # the counts object the last poll read
         self.episodes: dict[int, Episode] = {}  # cgroup id -> its open episode
         # window key -> flood spans [start, end] (wall s), merged, oldest first
         self._spans: OrderedDict[str, deque[list[float]]] = OrderedDict()
@@ -169,7 +170,10 @@ class FloodWatch:
         before, self.last_poll = self.last_poll, now
         self.evicted = usage.evicted
         grown: dict[int, tuple[Counter, Counter]] = {}
-        for key, (over, dropped) in usage.counts.items():
+        # the very counts read last time (ReadWhenMoved: nothing moved): nothing grew
+        unchanged = usage.counts is self._last_read
+        self._last_read = usage.counts
+        for key, (over, dropped) in () if unchanged else usage.counts.items():
             last_over, last_dropped = self._last.get(key, (0, 0))
             new_over = over - last_over if over >= last_over else over  # re-made: all new
             new_dropped = dropped - last_dropped if dropped >= last_dropped else dropped
@@ -178,7 +182,8 @@ class FloodWatch:
                 counts = grown.setdefault(cgid, (Counter(), Counter()))
                 counts[0][kind] += new_over
                 counts[1][kind] += new_dropped
-        self._last = dict(usage.counts)
+        if not unchanged:
+            self._last = dict(usage.counts)
         for cgid, (over, dropped) in grown.items():
             view = self._lookup(cgid)
             self._count(view, over, dropped)

@@ -575,16 +575,13 @@ class ProbeSet(Service):
     def counters(self) -> dict[str, dict[str, int]]:
         """Per kind: emitted, suppressed, dropped, read_failed, over_budget (summed over
         CPUs)."""
-        table = self._map("counters")
-        out: dict[str, dict[str, int]] = {}
-        for kind in EventKind:
-            per_kind = {}
-            for counter in Counter:
-                idx = int(kind) * COUNTER_MAX + int(counter)
-                per_cpu = table.lookup(ctypes.c_uint32(idx)) or []
-                per_kind[counter.name.lower()] = sum(value.value for value in per_cpu)
-            out[kind.name.lower()] = per_kind
-        return out
+        # one batch lookup of the whole array (the agent reads it several times a second)
+        totals = {int(key.value): sum(value.value for value in per_cpu)
+                  for key, per_cpu in self._map("counters").items()}
+        return {kind.name.lower(): {
+                    counter.name.lower(): totals.get(int(kind) * COUNTER_MAX + int(counter), 0)
+                    for counter in Counter}
+                for kind in EventKind}
 
     def budget_usage(self) -> BudgetUsage:
         """What the per-container budgets held back and the ring buffer lost, per (cgroup id,
