@@ -39,10 +39,11 @@ from typing import Any, Protocol
 
 from driftwarden.core.alerts import AlertReason
 from driftwarden.core.records import ContainerView
+from driftwarden.probes.loader import BUDGET_KINDS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("exec", "connect", "write", "chdir")  # the budgeted kinds (probes.loader.BUDGET_KINDS)
+KINDS = tuple(BUDGET_KINDS)  # the budgeted kinds, as the probes name them
 FLOOD_CODE = "sensor-flood"
 TAINT_REASON = "over budget"
 OTHER_SERIES = ("_other", "")
