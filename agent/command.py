@@ -406,6 +406,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
     )
     from driftwarden.agent.fleet import FleetBaselines, FleetConfig
     from driftwarden.agent.flood import FloodWatch, ReadWhenMoved
+    from driftwarden.agent.forests import ChildForests
     from driftwarden.agent.known import KnownFilter, cgroup_alive
     from driftwarden.agent.pipeline import TraceFilter, TracePipeline
     from driftwarden.agent.procfs import LiveProcReader
@@ -497,6 +498,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                                  trace_filter=TraceFilter(labels=options.only_labels))
         graph_driver = GraphDrivers(endpoints, known=attribution.attributor.graph_driver)
         stack.callback(graph_driver.close)
+        # forests are fitted in a child process: scikit-learn never enters the agent's memory
+        forests = stack.enter_context(ChildForests())
         detector = Detector(
             DetectorConfig(window_seconds=options.window, policy=policy, initial_mode=mode,
                            startup_seconds=options.startup_grace),
@@ -504,7 +507,7 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             layers_of=LayersCache(graph_driver_of=graph_driver).get,
             clock_offset_ns=source.clock_offset_ns,
             drops=lambda: sum(k["dropped"] for k in probes.counters().values()),
-            event_seen=event_seen, fleet=fleet, flood=flood, known=known,
+            event_seen=event_seen, fleet=fleet, flood=flood, known=known, forests=forests,
         )
         if metrics_address is not None:
             register_watch_metrics(registry, pipeline, detector, fleet)
@@ -538,6 +541,10 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                 detector.close()  # closes the aggregator, which closes the sinks
             kernel = probes.counters()
     stderr.write(f"driftwarden: agent stopped; {dict(detector.stats)}\n")
+    stderr.write(f"driftwarden: isolation forests fitted in child processes: "
+                 f"{forests.stats['fitted']} in {forests.stats['children']} children, "
+                 f"{forests.stats['child_failures']} children and "
+                 f"{forests.stats['job_failures']} fits failed\n")
     if known is not None:
         stderr.write(f"driftwarden: kernel baseline filter: {len(known)} identities, "
                      f"{known.stats['hits']} events counted in the kernel, "

@@ -46,9 +46,10 @@ from driftwarden.agent.alerts import build_alert, container_key
 from driftwarden.agent.carry import CarryJudge, record_files
 from driftwarden.agent.fleet import FleetBaselines, carried_scope, profile_from_baseline
 from driftwarden.agent.flood import FLOOD_CODE, FloodWatch, flood_reason
+from driftwarden.agent.forests import PENDING, ChildForests, InlineForests
 from driftwarden.agent.known import KnownFilter
 from driftwarden.core.alerts import AlertKind, AlertReason, Severity
-from driftwarden.core.errors import InvalidMessage, NotEnoughWindowsError, UsageError
+from driftwarden.core.errors import InvalidMessage, UsageError
 from driftwarden.core.modes import Mode
 from driftwarden.core.records import ContainerView, ProcKey, Program, TraceRecord
 from driftwarden.models.drift import (
@@ -89,6 +90,7 @@ _NO_KINDS: frozenset[str] = frozenset()
 MAX_PROGRAM_ITEMS = 8192  # (container, program) -> its ExecItem, asked for most records
 # exact identities of connect and write records judged known (Detector._known_again)
 MAX_KNOWN_RECORDS = 16384
+MAX_UNSCORED_WINDOWS = 256  # an image's windows kept while its forest is fitted (newest kept)
 # a container's first exec may precede the runtime's recorded start time by a few ms
 _START_SLACK_SECONDS = 2.0
 _MAX_TREE_HOPS = 64  # a process tree's depth walked up to its root (a pid cycle ends it)
@@ -215,6 +217,7 @@ class Detector:
         fleet: FleetBaselines | None = None,
         flood: FloodWatch | None = None,
         known: KnownFilter | None = None,
+        forests: InlineForests | ChildForests | None = None,
     ) -> None:
         self.config = config
         # the baseline in the kernel (agent.known): known identities counted there, not sent
@@ -245,7 +248,11 @@ class Detector:
         # the same clock as the runtime's container start times (startup_seconds)
         self.windows = WindowAggregator(config.window_seconds, clock=clock)
         self.profiles: OrderedDict[str, Profile] = OrderedDict()
+        # (image id, windows learned) -> its model, None when too few windows to fit one
         self._models: dict[tuple[str, int], WindowModel | None] = {}
+        self._forests = forests if forests is not None else InlineForests()
+        # windows of images whose model is still being fitted, scored once it is
+        self._unscored: dict[str, deque] = {}
         self._dirty: set[str] = set()
         self._last_save = clock()
         self._last_housekeeping = 0.0
@@ -299,16 +306,17 @@ class Detector:
             self._dirty.add(image_id)
         return profile
 
-    def _model_for(self, profile: Profile) -> WindowModel | None:
+    def _model_for(self, profile: Profile) -> WindowModel | object | None:
+        """The image's model for its current windows; PENDING while it is being fitted."""
         key = (profile.image_id, profile.progress.windows_learned)
-        if key not in self._models:
-            model = WindowModel()
-            try:
-                model.fit(profile.windows)
-            except NotEnoughWindowsError:
-                model = None
+        if key in self._models:
+            return self._models[key]
+        model = self._forests.model(key, profile.windows)
+        if model is not PENDING:
+            for older in [k for k in self._models if k[0] == profile.image_id]:
+                del self._models[older]
             self._models[key] = model
-        return self._models[key]
+        return model
 
     # -- per record (Sink.write) ---------------------------------------------------
 
@@ -895,9 +903,20 @@ class Detector:
                         self._fleet.window(profile.image_id, window.vector)
             elif not window.tainted:
                 by_image[profile.image_id].append(window)
+        for image_id in list(self._unscored):
+            profile = self.profiles.get(image_id)
+            waiting = self._unscored.pop(image_id)
+            if profile is not None and profile.mode is not Mode.LEARN:
+                by_image[image_id][:0] = waiting
         for image_id, image_windows in by_image.items():
             profile = self.profiles[image_id]
             model = self._model_for(profile)
+            if model is PENDING:
+                waiting = self._unscored[image_id] = deque(maxlen=MAX_UNSCORED_WINDOWS)
+                self.stats["windows_unscored_dropped"] += max(
+                    0, len(image_windows) - MAX_UNSCORED_WINDOWS)
+                waiting.extend(image_windows)
+                continue
             if model is None:
                 continue
             scores = model.score(np.array([w.vector for w in image_windows], dtype=float))

@@ -134,6 +134,10 @@ class ModelStateError(ModelError):
     """A stored model state is malformed, of an unknown version or for unknown features."""
 
 
+class ForestFitError(ModelError):
+    """The child process that fits forests failed, timed out or answered nonsense."""
+
+
 # -- the agent's way to the collector ------------------------------------------------------------
 
 

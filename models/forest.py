@@ -37,10 +37,20 @@ Determinism and persistence
     bit-identical scores. `to_state()` returns plain data (feature names, training vectors,
     parameters: msgpack-able, no pickle); `from_state()` re-fits from it, so the stored baseline is
     data and the model is derived.
+
+Fitting and scoring apart
+    scikit-learn fits the forest (`Forest.fit`); the fitted trees are then kept as NumPy arrays
+    and scored by walking them (`Forest.score_samples`), with the same float32 inputs, leaf
+    path lengths and summation order as `IsolationForest.score_samples`, so the scores are the
+    same bit for bit (tests/test_models_forest_arrays.py). Importing scikit-learn costs a
+    process about 118 MB (it brings SciPy); the agent fits in a short-lived child process
+    (`driftwarden.models.forest_child`) and never imports it. The arrays cross as plain bytes
+    (`Forest.to_wire`), never pickled.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +59,6 @@ from typing import Any
 import numpy as np
 from driftwarden.core.errors import ModelStateError, NotEnoughWindowsError
 from driftwarden.models.features import FEATURES
-from sklearn.ensemble import IsolationForest
 
 # Features that measure *what* a container does: any rise above the learned maximum is
 # suspicious in itself (more shells, more distinct destinations), so they are penalised outside
@@ -65,6 +74,140 @@ SHARE_SCALE = 100.0  # shares enter as log1p(percent of the window's activity)
 ENVIRONMENTAL_FEATURES = frozenset({"failed_connects"})
 
 STATE_VERSION = 1
+
+# Forest.to_wire's arrays: name -> dtype, every one (trees, nodes)
+_WIRE_ARRAYS = {"feature": "<i8", "threshold": "<f8", "left": "<i8", "right": "<i8",
+                "leaf_depth": "<f8"}
+
+
+@dataclass(frozen=True, eq=False)
+class Forest:
+    """A fitted isolation forest as arrays, one row per tree (padded to the largest tree).
+
+    A node splits on column `feature` at `threshold` (a row goes `left` when its float32 value is
+    <= the threshold); a leaf points to itself, so every row may walk `steps` times. A row that
+    ends at a node is credited `leaf_depth` (its depth plus the average path length of the
+    training samples left there, minus 1: scikit-learn's terms). The score is
+    -2 ** (-sum of the credits / denominator).
+    """
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    leaf_depth: np.ndarray
+    steps: int
+    denominator: float
+
+    @classmethod
+    def fit(cls, z: np.ndarray, *, seed: int, n_estimators: int,
+            contamination: float | str) -> Forest:
+        """Fits scikit-learn's IsolationForest on `z` (the model's input space). scikit-learn
+        is imported here only: the agent calls this in a child process."""
+        from sklearn.ensemble import IsolationForest
+
+        forest = IsolationForest(n_estimators=n_estimators, contamination=contamination,
+                                 random_state=seed, n_jobs=1)
+        forest.fit(z)
+        return cls.from_sklearn(forest)
+
+    @classmethod
+    def from_sklearn(cls, forest: Any) -> Forest:
+        """The arrays of a fitted `sklearn.ensemble.IsolationForest` (its private per-tree path
+        lengths included: tests/test_models_forest_arrays.py checks the scores still match)."""
+        trees = forest.estimators_
+        nodes = max(tree.tree_.node_count for tree in trees)
+        shape = (len(trees), nodes)
+        feature = np.zeros(shape, dtype=np.int64)
+        threshold = np.zeros(shape, dtype=np.float64)
+        left = np.zeros(shape, dtype=np.int64)
+        right = np.zeros(shape, dtype=np.int64)
+        leaf_depth = np.zeros(shape, dtype=np.float64)
+        # scikit-learn indexes the columns through a tree's feature subset only when it drew one
+        subsets = forest._max_features != forest.n_features_in_
+        for i, (tree, columns) in enumerate(zip(trees, forest.estimators_features_,
+                                                strict=True)):
+            t = tree.tree_
+            n = t.node_count
+            is_leaf = t.children_left < 0
+            own = np.arange(n)
+            split_on = np.where(is_leaf, 0, t.feature)
+            feature[i, :n] = np.asarray(columns)[split_on] if subsets else split_on
+            threshold[i, :n] = t.threshold
+            left[i, :n] = np.where(is_leaf, own, t.children_left)
+            right[i, :n] = np.where(is_leaf, own, t.children_right)
+            leaf_depth[i, :n] = (forest._decision_path_lengths[i]
+                                 + forest._average_path_length_per_tree[i] - 1.0)
+        steps = max(int(tree.tree_.max_depth) for tree in trees)
+        return cls(feature=feature, threshold=threshold, left=left, right=right,
+                   leaf_depth=leaf_depth, steps=steps,
+                   denominator=float(len(trees) * _average_path_length(forest._max_samples)))
+
+    def score_samples(self, z: np.ndarray) -> np.ndarray:
+        """`IsolationForest.score_samples` of the rows of `z`: higher is more normal."""
+        x = np.asarray(z, dtype=np.float32)  # scikit-learn's trees split float32 inputs
+        n_trees, n_nodes = self.feature.shape
+        # every (row, tree) walks at once, by flat indexes into the raveled arrays
+        row_start = (np.arange(len(x)) * x.shape[1])[:, None]
+        node = np.broadcast_to(np.arange(n_trees) * n_nodes, (len(x), n_trees)).copy()
+        feature, threshold = self.feature.ravel(), self.threshold.ravel()
+        left, right = self._flat_children
+        values = x.ravel()
+        for _ in range(self.steps):
+            go_left = values.take(row_start + feature.take(node)) <= threshold.take(node)
+            node = np.where(go_left, left.take(node), right.take(node))
+        credits = self.leaf_depth.ravel().take(node)
+        depths = np.zeros(len(x))
+        for column in credits.T:  # tree by tree, as scikit-learn adds them: the same bits
+            depths += column
+        # one training sample: depth and denominator are 0, and scikit-learn takes 1 for their
+        # quotient
+        ratio = depths / self.denominator if self.denominator != 0 else np.ones(len(x))
+        return -(2 ** (-ratio))
+
+    @functools.cached_property
+    def _flat_children(self) -> tuple[np.ndarray, np.ndarray]:
+        """left and right as indexes into the raveled arrays (tree * nodes + node)."""
+        offsets = (np.arange(self.feature.shape[0]) * self.feature.shape[1])[:, None]
+        return (self.left + offsets).ravel(), (self.right + offsets).ravel()
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain data for msgpack: each array as little-endian bytes with its shape."""
+        wire: dict[str, Any] = {name: getattr(self, name).astype(dtype).tobytes()
+                                for name, dtype in _WIRE_ARRAYS.items()}
+        wire.update(shape=list(self.feature.shape), steps=self.steps,
+                    denominator=self.denominator)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Forest:
+        try:
+            shape = tuple(int(n) for n in wire["shape"])
+            if len(shape) != 2 or min(shape) < 1:
+                raise ModelStateError(f"forest arrays have shape {shape}, expected (trees, nodes)")
+            arrays = {name: np.frombuffer(wire[name], dtype=dtype).reshape(shape)
+                      for name, dtype in _WIRE_ARRAYS.items()}
+            if arrays["feature"].min() < 0:
+                raise ModelStateError("forest array feature has a negative column")
+            for name in ("left", "right"):
+                if arrays[name].min() < 0 or arrays[name].max() >= shape[1]:
+                    raise ModelStateError(f"forest array {name} points outside the trees")
+            return cls(**arrays, steps=int(wire["steps"]),
+                       denominator=float(wire["denominator"]))
+        except ModelStateError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelStateError(f"forest arrays are malformed: {e!r}") from e
+
+
+def _average_path_length(n: int) -> float:
+    """The average path length of an unsuccessful search in a binary search tree of n nodes
+    (the isolation forest paper's c(n)), for one n, as scikit-learn computes it."""
+    if n <= 1:
+        return 0.0
+    if n == 2:
+        return 1.0
+    return float(2.0 * (np.log(n - 1.0) + np.euler_gamma) - 2.0 * (n - 1.0) / n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +250,7 @@ class WindowModel:
         self.seed = 7
         self.n_estimators = 100
         self.contamination: float | str = "auto"
-        self._forest: IsolationForest | None = None
+        self._forest: Forest | None = None
         self._raw: np.ndarray | None = None  # training vectors as given
         self._z: np.ndarray | None = None  # log1p of them
         self.threshold: float = math.nan
@@ -153,16 +296,26 @@ class WindowModel:
 
     # -- fitting ----------------------------------------------------------------------------
 
-    def fit(self, vectors: Sequence[Sequence[float]], *, seed: int = 7, n_estimators: int = 100,
-            contamination: float | str = "auto") -> WindowModel:
+    def inputs(self, vectors: Sequence[Sequence[float]]) -> np.ndarray:
+        """The training windows in the forest's input space: what `Forest.fit` is given."""
         x = self._matrix(vectors) if len(vectors) else np.zeros((0, len(self.feature_names)))
         if len(x) < self.min_windows:
             raise NotEnoughWindowsError(
                 f"{len(x)} training windows, need at least {self.min_windows}: keep learning")
-        z = self._log(x)
-        forest = IsolationForest(n_estimators=n_estimators, contamination=contamination,
-                                 random_state=seed, n_jobs=1)
-        forest.fit(z)
+        return self._log(x)
+
+    def fit(self, vectors: Sequence[Sequence[float]], *, seed: int = 7, n_estimators: int = 100,
+            contamination: float | str = "auto", forest: Forest | None = None) -> WindowModel:
+        """Fits on `vectors`; with `forest`, takes that one instead of fitting (it must have been
+        fitted elsewhere on `inputs(vectors)` with the same seed and parameters)."""
+        z = self.inputs(vectors)
+        x = self._matrix(vectors)
+        if forest is None:
+            forest = Forest.fit(z, seed=seed, n_estimators=n_estimators,
+                                contamination=contamination)
+        elif forest.feature.max() >= z.shape[1]:
+            raise ModelStateError(f"the forest splits on column {forest.feature.max()}, the "
+                                  f"windows have {z.shape[1]}: it was fitted for other features")
         self._forest = forest
         self.seed, self.n_estimators, self.contamination = seed, n_estimators, contamination
         self._raw, self._z = x, z
@@ -177,7 +330,7 @@ class WindowModel:
         self.threshold = float(self.training_scores.min()) - self.margin
         return self
 
-    def _need_fit(self) -> IsolationForest:
+    def _need_fit(self) -> Forest:
         if self._forest is None:
             raise NotEnoughWindowsError("the model is not fitted yet: keep learning")
         return self._forest
@@ -193,7 +346,7 @@ class WindowModel:
 
     def score(self, vectors: Any) -> np.ndarray:
         """Scores of many windows at once (one row each); higher is more normal. Score in
-        batches: sklearn's per-call overhead makes one row cost as much as hundreds."""
+        batches: NumPy's per-call overhead makes one row cost nearly as much as hundreds."""
         forest = self._need_fit()
         z = self._log(self._matrix(vectors))
         excess = np.maximum(z - self._hi, 0.0) * self._penalised

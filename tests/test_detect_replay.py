@@ -89,16 +89,20 @@ def _capture(path: Path, raws: list[bytes], *, unknown: bool = False,
 
 
 def _replay(capture: Path, store: ProfileStore, *, layers: Layers | None = None,
-            clock=lambda: 1e9) -> tuple[Detector, ListAlertSink]:
+            clock=lambda: 1e9, forests=None, before_close=None
+            ) -> tuple[Detector, ListAlertSink]:
     source = ReplayCapture(capture, batch_size=256)
     pipeline = TracePipeline(source, proc=ReplayProcReader(source.facts),
                              attribution=ReplayAttribution(source.facts), sinks=[],
                              pending_timeout=0)
     sink = ListAlertSink()
     config = DetectorConfig(window_seconds=1.0, policy=LearningPolicy(), event_time_windows=True)
-    detector = Detector(config, store, sink, layers_of=lambda _c, _t: layers, clock=clock)
+    detector = Detector(config, store, sink, layers_of=lambda _c, _t: layers, clock=clock,
+                        forests=forests)
     pipeline.sinks.append(detector)
     pipeline.run(poll_interval=0)
+    if before_close is not None:
+        before_close(detector)
     detector.close()
     return detector, sink
 
