@@ -208,8 +208,10 @@ def format_summary(summary: TraceSummary) -> str:
     lines = ["summary:"]
     lines.append(f"  {'kind':<8} {'emitted':>9} {'suppressed':>11} {'dropped':>8} "
                  f"{'over budget':>12} {'shown':>7}")
+    # fork's "over budget" is forks held back; exit's, the exits of those processes (not sent:
+    # userspace never heard of them)
     for kind, label in (("exec", "exec"), ("connect", "connect"), ("file", "write"),
-                        ("chdir", "chdir")):
+                        ("chdir", "chdir"), ("fork", "fork"), ("exit", "exit")):
         k = summary.kernel.get(kind, {})
         lines.append(
             f"  {label:<8} {k.get('emitted', 0):>9} {k.get('suppressed', 0):>11} "

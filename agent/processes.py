@@ -10,7 +10,8 @@ is kept from the kernel's events and the start-up snapshot only:
 * exit: the entry goes (the events before it were already handled, in order);
 * an event of a process the table does not know creates its entry, its parent from the event
   (start_ns 0: the probes never saw it fork, so it is the start-up snapshot's entry of that
-  tgid, or the newest entry of that tgid);
+  tgid, or the newest entry of that tgid); when the event says its fork was held back
+  (Flag.FORK_UNSENT: over its container's fork budget, or dropped), it inherits as at a fork;
 * chdir events keep the working directory;
 * a repeated exec the kernel's dedup suppressed arrives as a compact record naming the full exec
   it repeats (its dedup key, per cgroup): ExecRepeats remembers what each recent full exec ran
@@ -140,7 +141,7 @@ class ProcessTable:
         # proc_reads: /proc lookups; stale_proc: answers dropped because the pid was reused
         # cwd_lost: events that said a chdir of theirs was not sent (Flag.CWD_LOST)
         self.stats = {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0,
-                      "cwd_lost": 0}
+                      "cwd_lost": 0, "fork_unsent": 0}
 
     def __len__(self) -> int:
         return len(self._table)
@@ -186,6 +187,9 @@ class ProcessTable:
         parent_entry = self._table.get(parent) if parent is not None else None
         if parent_entry is not None:
             entry.parent_program = parent_entry.program
+            if flags & Flag.FORK_UNSENT:  # its fork was held back: what on_fork would give it
+                entry.program, entry.cwd = parent_entry.program, parent_entry.cwd
+                self.stats["fork_unsent"] += 1
         self._add(key, entry)
         if flags and flags & Flag.CWD_LOST:
             self._lost_cwd(entry)

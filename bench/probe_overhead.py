@@ -40,6 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import BenchError, run_bench
+from bench.kernel_cost import (
+    KernelCost,
+    ProgramStats,
+    cost_during,
+    perf_event_fds,
+    render_costs,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "bench" / "RESULTS.md"
@@ -238,13 +245,7 @@ def stop_all_tools() -> None:
 
 
 def _perf_event_fds(pid: int) -> int:
-    n = 0
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]":
-                    n += 1
-    return n
+    return sum(1 for _ in perf_event_fds(pid))
 
 
 def agent_tool(*extra: str, label: str = "driftwarden") -> Tool:
@@ -480,6 +481,20 @@ def measure_pairs(image: str, storm: Storm, n: int, tool: Tool, pairs: int, firs
     finally:
         close()
     return result
+
+
+def measure_kernel_cost(image: str, storm: Storm, n: int, tool: Tool, stats: ProgramStats,
+                        tmp: str = "tmpfs", runs: int = 1) -> KernelCost:
+    """The kernel time of the tool's BPF programs over `runs` extra ON runs, untimed: the
+    kernel's per-program statistics cost two clock reads per program run, so they are on
+    only here, never during the timed pairs."""
+    session = ToolSession(tool)
+    try:
+        return cost_during(stats, session.pid, storm.name, tool.label,
+                           lambda: run_storm(image, storm.argv(n), timeout=180, tmp=tmp).count,
+                           runs)
+    finally:
+        session.stop()
 
 
 # ---- loss section ----------------------------------------------------------------------------
@@ -772,6 +787,7 @@ class BenchConfig:
     capacity_rates: tuple[int, ...] = (5_000, 10_000, 15_000, 20_000, 30_000)
     capacity_seconds: float = 10.0
     learned_seconds: float = 60.0  # the learned loss storm (issue 12: 60 s)
+    kernel_cost: bool = True  # one more ON run per (storm, tool) with BPF run statistics on
     command: str = "python -m bench.probe_overhead"
 
 
@@ -800,6 +816,7 @@ class BenchResult:
     loss_baseline: StormRun | None = None  # the loss storm without an agent
     learned_loss: LearnedLossResult | None = None
     capacity: list[CapacityStep] = field(default_factory=list)
+    kernel_costs: list[KernelCost] = field(default_factory=list)
 
 
 def host_info() -> dict[str, str]:
@@ -858,6 +875,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
     others = _count_other_containers()
     if others:
         notes.append(f"{others} other container(s) were running when the benchmark started.")
+    stats = ProgramStats()
     try:
         tmp = config.tmp
         run_storm(image, STORMS["open"].argv(100), timeout=60, tmp=tmp)  # warm-up
@@ -867,6 +885,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 sizes[name] = calibrate(image, STORMS[name], config.target_seconds, log, tmp)
         naive: dict[str, Tool] = {}
         overhead: list[PairSet] = []
+        kernel_costs: list[KernelCost] = []
         state = learned_state(image, sizes, tmp, log) if config.full_agent else None
         pair_index = 0
         for name in config.storms:
@@ -884,6 +903,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 overhead.append(measure_pairs(image, storm, sizes[name], tool, config.pairs,
                                               pair_index, config.settle, log, tmp))
                 pair_index += config.pairs
+                if config.kernel_cost and tool.role in ("agent", "full", "floor"):
+                    kernel_costs.append(measure_kernel_cost(image, storm, sizes[name], tool,
+                                                            stats, tmp))
         baseline = None
         if config.loss_variants and config.loss_baseline_seconds > 0:
             argv = loss_storm_argv(min(config.loss_baseline_seconds, config.loss_seconds),
@@ -899,10 +921,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                                             config.capacity_rates, log, tmp)
                     if config.capacity_rates else [])
     finally:
+        stats.stop()
         stop_all_tools()
     host["load average (1/5/15 min) at end"] = _loadavg()
     return BenchResult(config, host, sizes, overhead, loss, started, time.time(), notes,
-                       baseline, learned, capacity)
+                       baseline, learned, capacity, kernel_costs)
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -1036,6 +1059,20 @@ def render_report(result: BenchResult) -> str:
                          f"{statistics.median(ps.stop_seconds):.1f} s"])
         out.append(_table(["storm", "kind", "ON runs", "sessions", "generated", "emitted",
                            "suppressed", "dropped", "shown", "attach time", "stop time"], rows))
+        out.append("")
+    if result.kernel_costs:
+        out.append("### Kernel ns per program run, agent vs floor\n")
+        out.append(
+            "One more ON run per (storm, tool), untimed, with the kernel's BPF run statistics "
+            "on (BPF_ENABLE_STATS, off again after the run): the run_time_ns and run_cnt of "
+            "every program the tool attached, so the kernel side is measured whatever else "
+            "loads the host. kernel ns / iteration = all its programs' time over the storm's "
+            "iterations (host-wide: runs from other processes are in it, and the runs per "
+            "iteration show them); the busiest programs follow as ns per run x runs per "
+            "iteration. Not in it: the tracepoint machinery around each program (the same per "
+            "attached tracepoint for every tool) and the tool's userspace (tool CPU above). "
+            "`python -m bench.kernel_cost` measures this alone.\n")
+        out.append(render_costs(result.kernel_costs))
         out.append("")
     ref_out = [ps for ps in result.overhead if ps.tool_output]
     if ref_out:
@@ -1379,6 +1416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-full-agent", action="store_true",
                    help="skip the whole agent with a learned baseline (trace and references "
                    "only)")
+    p.add_argument("--no-kernel-cost", action="store_true",
+                   help="skip the extra ON run per (storm, tool) that reads the kernel's BPF "
+                   "run statistics")
     p.add_argument("--storms", default="exec,connect,open,openuniq",
                    help="comma list of storms (default: all)")
     p.add_argument("--tmp", choices=("tmpfs", "overlay"), default="tmpfs",
@@ -1429,7 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity_seconds=5.0 if args.quick else 10.0,
         pairs=pairs, storms=storms, target_seconds=1.0 if args.quick else 1.5,
         references=not args.no_references, tmp=args.tmp, full_agent=not args.no_full_agent,
-        loss_seconds=loss_seconds or 1.0, loss_rate=args.loss_rate,
+        kernel_cost=not args.no_kernel_cost, loss_seconds=loss_seconds or 1.0,
+        loss_rate=args.loss_rate,
         loss_variants=BenchConfig.loss_variants if loss_seconds else (),
         command=" ".join(["python -m bench.probe_overhead", *map(shlex.quote, sys.argv[1:])]),
     )

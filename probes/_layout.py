@@ -62,6 +62,7 @@ class Flag(enum.IntFlag):
     FD_ONLY = 0x0020
     EXECVEAT = 0x0040
     CWD_LOST = 0x0080
+    FORK_UNSENT = 0x0100
 
 
 AT_FDCWD = -100

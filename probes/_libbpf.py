@@ -2,9 +2,10 @@
 process loaded (probes/_compile.py hands their fds over), so the long-lived agent never loads
 bcc or LLVM.
 
-Only what ProbeSet needs: map lookup, update, delete, batch lookup and walk (BpfMap), and the
-ring buffer (RingBuffer). Debian's libbpf1 (libbpf.so.1, 1.1+) provides it; its calls return a
-negative errno on failure.
+What ProbeSet needs: map lookup, update, delete, batch lookup and walk (BpfMap), and the
+ring buffer (RingBuffer); what quarantine needs (agent/actions.py): cgroup programs queried,
+attached and detached (prog_query, prog_attach, prog_detach, prog_fd, prog_info). Debian's
+libbpf1 (libbpf.so.1, 1.1+) provides it; its calls return a negative errno on failure.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ class Libbpf:
             "bpf_map_create": (i, [i, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
                                    ctypes.c_uint32, vp]),
             "libbpf_num_possible_cpus": (i, []),
+            # per-program run statistics (bench/kernel_cost.py)
+            "bpf_enable_stats": (i, [i]),
+            "bpf_prog_get_fd_by_id": (i, [ctypes.c_uint32]),
+            "bpf_task_fd_query": (i, [i, i, ctypes.c_uint32, ctypes.c_char_p, u32p, u32p, u32p,
+                                      ctypes.POINTER(ctypes.c_uint64),
+                                      ctypes.POINTER(ctypes.c_uint64)]),
+            # cgroup programs (agent/actions.py's quarantine)
+            "bpf_prog_query": (i, [i, i, ctypes.c_uint32, u32p, u32p, u32p]),
+            "bpf_prog_attach": (i, [i, i, i, ctypes.c_uint]),
+            "bpf_prog_detach2": (i, [i, i, i]),
             "ring_buffer__new": (vp, [i, SAMPLE_FN, vp, vp]),
             "ring_buffer__poll": (i, [vp, i]),
             "ring_buffer__consume": (i, [vp]),
@@ -90,6 +101,89 @@ class Libbpf:
         """A new map's fd (tests make maps this way without compiling a program)."""
         return _check(self.lib.bpf_map_create(map_type, name.encode(), key_size, value_size,
                                               max_entries, None), f"create map {name}")
+
+
+class ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (linux/bpf.h) up to recursion_misses, the rest as padding: the
+    kernel fills what fits; no pointer field is set, so it copies out no arrays."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("_before_name", ctypes.c_char * 56), ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+                ("_before_stats", ctypes.c_char * 112),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+                ("recursion_misses", ctypes.c_uint64)]
+
+
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+
+
+def prog_info(lib: Libbpf, prog_id: int) -> ProgInfo:
+    """What the kernel says of the program with this id (run_time_ns and run_cnt count only
+    while statistics are on: enable_prog_stats); OSError when it is gone."""
+    fd = _check(lib.lib.bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
+    try:
+        info = ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(lib.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+               f"info of program {prog_id}")
+        return info
+    finally:
+        os.close(fd)
+
+
+def prog_fd(lib: Libbpf, prog_id: int) -> int:
+    """A new fd of the program with this id (the caller closes it); FileNotFoundError when it
+    is gone."""
+    return _check(lib.lib.bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
+
+
+def prog_query(lib: Libbpf, target_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached directly to `target_fd` (a cgroup directory) for
+    `attach_type` (BPF_PROG_QUERY, as `bpftool cgroup show` does)."""
+    count = ctypes.c_uint32(0)
+    _check(lib.lib.bpf_prog_query(target_fd, attach_type, 0, None, None, ctypes.byref(count)),
+           "program query")
+    size = count.value
+    while size:
+        ids = (ctypes.c_uint32 * size)()
+        count = ctypes.c_uint32(size)
+        result = lib.lib.bpf_prog_query(target_fd, attach_type, 0, None, ids, ctypes.byref(count))
+        if result == -errno.ENOSPC:  # more were attached since they were counted
+            size = max(count.value, 2 * size)
+            continue
+        _check(result, "program query")
+        return [int(ids[n]) for n in range(count.value)]
+    return []
+
+
+def prog_attach(lib: Libbpf, target_fd: int, prog_fd: int, attach_type: int,
+                flags: int) -> None:
+    _check(lib.lib.bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "program attach")
+
+
+def prog_detach(lib: Libbpf, target_fd: int, prog_fd: int, attach_type: int) -> None:
+    _check(lib.lib.bpf_prog_detach2(prog_fd, target_fd, attach_type), "program detach")
+
+
+def enable_prog_stats(lib: Libbpf) -> int:
+    """Turns per-program run statistics on until the returned fd is closed (BPF_ENABLE_STATS:
+    unlike the sysctl, they go off again however this process ends)."""
+    return _check(lib.lib.bpf_enable_stats(BPF_STATS_RUN_TIME), "enable BPF run statistics")
+
+
+def task_fd_program(lib: Libbpf, pid: int, fd: int) -> tuple[int, str] | None:
+    """(program id, tracepoint name) when fd `fd` of process `pid` is a perf event with a BPF
+    program attached (BPF_TASK_FD_QUERY, as `bpftool perf` does); None otherwise."""
+    name = ctypes.create_string_buffer(256)
+    name_len = ctypes.c_uint32(ctypes.sizeof(name))
+    prog_id, fd_type = ctypes.c_uint32(), ctypes.c_uint32()
+    offset, addr = ctypes.c_uint64(), ctypes.c_uint64()
+    result = lib.lib.bpf_task_fd_query(pid, fd, 0, name, ctypes.byref(name_len),
+                                       ctypes.byref(prog_id), ctypes.byref(fd_type),
+                                       ctypes.byref(offset), ctypes.byref(addr))
+    if result < 0:
+        return None
+    return int(prog_id.value), name.value.decode(errors="replace")
 
 
 def _check(result: int, what: str) -> int:

@@ -206,14 +206,27 @@ struct dw_sock_key {
     s32 fd;
 };
 
-/* What the kernel's fork told us about a process: its start and its parent's. */
+/* What the kernel told us about a process: its start and its parent's (at its fork), what it
+ * runs and its working directory's bookkeeping. One record per process, so a fork, an exit or
+ * an event touches one map entry, not one per fact. */
 struct dw_proc {
-    u64 start_ns;                /* bpf_ktime_get_boot_ns() at its fork */
+    u64 start_ns;                /* bpf_ktime_get_boot_ns() at its fork; 0 = fork not seen */
     u64 parent_start_ns;         /* the parent's start_ns when the parent's fork was seen, else 0 */
-    u32 ppid;                    /* the tgid that forked it */
-    u32 _pad;
+    u32 ppid;                    /* the tgid that forked it; 0 = unknown */
+    u32 cwd_epoch;               /* chdirs it made: a relative path's identity holds it */
     u64 program;                 /* what it runs: its last exec's key (chained through
                                   * /proc/... re-execs), inherited at fork; 0 = unknown */
+    u32 cwd_owner;               /* the process whose cwd it still shares: itself after a chdir,
+                                  * else inherited at fork (an httpd connection child that exits
+                                  * at once leaves its CGI child's base known); 0 = unknown */
+    u8 cwd_lost;                 /* 1 while a chdir of it was not sent (over its container's
+                                  * chdir budget, or dropped): its next sent event says so
+                                  * (DW_F_CWD_LOST) and userspace reads the cwd again */
+    u8 fork_unsent;              /* 1 while userspace has not heard of it: its fork was not
+                                  * sent (over its container's fork budget, or dropped). Its
+                                  * next sent event says so (DW_F_FORK_UNSENT) and it inherits
+                                  * its parent's program and cwd then; its exit is not sent */
+    u8 _pad[2];
 };
 
 /* An identity the container's baseline holds (userspace puts it there after judging one
@@ -229,13 +242,10 @@ BPF_PERCPU_ARRAY(counters, u64, DW_KIND_MAX * DW_CNT_MAX);
 BPF_HASH(skip_cgroups, u64, u8, 64);                       /* more host cgroups (DW_EXTRA_SKIP) */
 BPF_HASH(skip_tgids, u32, u8, 64);                         /* more processes never reported */
 /* LRU maps with per-CPU free lists: no global LRU lock on the hot path. */
-/* tgid -> its start and parent, recorded at every fork on the host (a container's init is forked
- * by the runtime outside the container's cgroup); removed when the process exits */
+/* tgid -> its record, made at every fork on the host (a container's init is forked by the
+ * runtime outside the container's cgroup), or at its first exec or chdir seen when it began
+ * before the probes; removed when the process exits */
 BPF_F_TABLE("lru_hash", u32, struct dw_proc, proc_of, 65536, BPF_F_NO_COMMON_LRU);
-BPF_F_TABLE("lru_hash", u32, u32, cwd_epoch, 16384, BPF_F_NO_COMMON_LRU);  /* tgid -> chdirs */
-/* tgid -> the process whose cwd it still shares: itself after a chdir, else inherited at fork
- * (an httpd connection child that exits at once leaves its CGI child's base known) */
-BPF_F_TABLE("lru_hash", u32, u32, cwd_owner, 16384, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_dedup_key, struct dw_dedup_val, dedup, DW_DEDUP_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COMMON_LRU);
@@ -244,18 +254,17 @@ BPF_F_TABLE("lru_hash", struct dw_sock_key, u16, sock_types, 65536, BPF_F_NO_COM
 BPF_F_TABLE("lru_hash", struct dw_budget_key, struct dw_budget_val, budget, DW_BUDGET_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 BPF_PERCPU_ARRAY(budget_made, u64, 1);
-/* tgid -> 1 while a chdir of it was not sent (over its container's chdir budget, or dropped):
- * its next sent event says so (DW_F_CWD_LOST) and userspace reads the cwd again */
-BPF_F_TABLE("lru_hash", u32, u8, cwd_lost, 16384, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(last_wake, u64, 1);                              /* DW_WAKE_GAP_NS */
 #if DW_KNOWN_ENTRIES
 /* a plain hash, not an LRU: userspace owns every entry (a full map refuses, counted there) */
 BPF_HASH(known, struct dw_dedup_key, struct dw_known_val, DW_KNOWN_ENTRIES);
 #endif
-/* Per-thread syscall stashes: plain hashes (cheaper than LRU on every syscall); an entry a
- * thread leaves behind (killed mid-syscall) is removed when the thread exits. */
-BPF_HASH(pending, u32, struct dw_pending, 16384);
-BPF_HASH(exec_pending, u32, struct dw_exec_event, 1024);
+/* Per-thread syscall stash, tid -> the arguments of its syscall in flight (kind 0: none). A
+ * thread keeps its entry and overwrites it in place (a lookup, no map update or delete per
+ * syscall); it goes when the thread exits, and an LRU map lets the least used go first when
+ * more threads than this ever stashed. */
+BPF_F_TABLE("lru_hash", u32, struct dw_pending, pending, 16384, 0);
+BPF_HASH(exec_pending, u32, struct dw_exec_event, 1024);   /* tid -> its exec in flight */
 /* tgid -> the thread (not the leader) in execve: a successful exec gives that thread the tgid as
  * its pid and ends the leader, which is then not the process ending */
 BPF_HASH(exec_threads, u32, u32, 1024);
@@ -293,18 +302,17 @@ static __always_inline int dw_skipped(u64 cgid, u64 pid_tgid)
 #endif
 }
 
-/* Everything but flags and suppressed, which callers set as they learn them. Called only for
- * events that will be sent: dedup is decided first, so a suppressed repeat never pays this. */
+/* Everything but flags and suppressed, which callers set as they learn them; `proc` is the
+ * process's record (NULL: none). Called only for events that will be sent: dedup is decided
+ * first, so a suppressed repeat never pays this. */
 static __always_inline void dw_fill_header(struct dw_event_header *h, u16 kind, u64 cgid,
-                                           u64 pid_tgid, u64 now)
+                                           u64 pid_tgid, u64 now, const struct dw_proc *proc)
 {
     h->ts_ns = now;
     h->cgroup_id = cgid;
     h->kind = kind;
     h->pid = (u32)pid_tgid;
     h->tgid = pid_tgid >> 32;
-    u32 tgid = h->tgid;
-    struct dw_proc *proc = proc_of.lookup(&tgid);
     if (proc) {
         h->ppid = proc->ppid;
         h->start_ns = proc->start_ns;
@@ -380,6 +388,8 @@ static __always_inline u64 dw_budget_interval(u32 kind)
         return DW_NS_PER(DW_BUDGET_FILE_RATE);
     if (kind == DW_KIND_CHDIR)
         return DW_NS_PER(DW_BUDGET_CHDIR_RATE);
+    if (kind == DW_KIND_FORK)
+        return DW_NS_PER(DW_BUDGET_FORK_RATE);
     return 0;
 }
 
@@ -391,6 +401,8 @@ static __always_inline u64 dw_budget_burst(u32 kind)
         return DW_BUDGET_CONNECT_BURST;
     if (kind == DW_KIND_CHDIR)
         return DW_BUDGET_CHDIR_BURST;
+    if (kind == DW_KIND_FORK)
+        return DW_BUDGET_FORK_BURST;
     return DW_BUDGET_FILE_BURST;
 }
 
@@ -522,18 +534,28 @@ static __always_inline int dw_emit(void *data, u64 size, u64 max, u32 kind,
     return 0;
 }
 
-/* DW_F_CWD_LOST on an event of a process whose chdir was not sent; the mark is taken off once
- * an event carrying it is sent (dw_cwd_sent), as userspace then reads the cwd again. */
-static __always_inline void dw_cwd_flag(struct dw_event_header *hdr, u32 tgid)
+/* The marks of a process that its next sent event must carry: DW_F_CWD_LOST (a chdir of it
+ * was not sent: userspace reads its cwd again) and DW_F_FORK_UNSENT (its fork was not sent:
+ * userspace gives it its parent's program and cwd). dw_proc_sent takes a mark off once an
+ * event carrying it was sent. */
+static __always_inline void dw_proc_flags(struct dw_event_header *hdr, const struct dw_proc *proc)
 {
-    if (cwd_lost.lookup(&tgid))
+    if (!proc)
+        return;
+    if (proc->cwd_lost)
         hdr->flags |= DW_F_CWD_LOST;
+    if (proc->fork_unsent)
+        hdr->flags |= DW_F_FORK_UNSENT;
 }
 
-static __always_inline void dw_cwd_sent(int sent, u16 flags, u32 tgid)
+static __always_inline void dw_proc_sent(int sent, u16 flags, struct dw_proc *proc)
 {
-    if (sent && (flags & DW_F_CWD_LOST))
-        cwd_lost.delete(&tgid);
+    if (!sent || !proc)
+        return;
+    if (flags & DW_F_CWD_LOST)
+        proc->cwd_lost = 0;
+    if (flags & DW_F_FORK_UNSENT)
+        proc->fork_unsent = 0;
 }
 
 /* A relative path means something different after a chdir: key it on the process and
@@ -542,8 +564,8 @@ static __always_inline u64 dw_hash_cwd(u64 h, const char *path, u32 tgid)
 {
     if (path[0] == '/')
         return h;
-    u32 *epoch = cwd_epoch.lookup(&tgid);
-    return dw_mix(dw_mix(h, tgid), epoch ? *epoch : 0);
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    return dw_mix(dw_mix(h, tgid), proc ? proc->cwd_epoch : 0);
 }
 
 /* ------------------------------------------------------------------ bookkeeping */
@@ -557,30 +579,41 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
         return 0;                         /* a thread: not a new process */
     u32 child = args->child_pid;
     u32 parent = pid_tgid >> 32;
+    u64 cgid = bpf_get_current_cgroup_id();
+    int skipped = dw_skipped(cgid, pid_tgid);
     struct dw_proc info = {.start_ns = bpf_ktime_get_boot_ns(), .ppid = parent};
     struct dw_proc *pinfo = proc_of.lookup(&parent);
     if (pinfo) {
         info.parent_start_ns = pinfo->start_ns;
         info.program = pinfo->program;    /* a fork runs what its parent ran */
     }
-    proc_of.update(&child, &info);
-
-    u64 cgid = bpf_get_current_cgroup_id();
-    if (dw_skipped(cgid, pid_tgid))
-        return 0;
-    u32 *owner = cwd_owner.lookup(&parent);
-    u32 base = owner ? *owner : parent;
-    cwd_owner.update(&child, &base);
-    if (cwd_lost.lookup(&parent)) {       /* userspace gives the child its parent's cwd */
-        u8 lost = 1;
-        cwd_lost.update(&child, &lost);
+    if (!skipped) {
+        info.cwd_owner = pinfo && pinfo->cwd_owner ? pinfo->cwd_owner : parent;
+        info.cwd_lost = pinfo ? pinfo->cwd_lost : 0;   /* userspace gives the child its
+                                                        * parent's cwd */
     }
-
-    struct dw_fork_event e = {};
-    dw_fill_header(&e.hdr, DW_KIND_FORK, cgid, pid_tgid, bpf_ktime_get_ns());
-    e.child_start_ns = info.start_ns;
-    e.child_tgid = child;
-    dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_FORK, 0);   /* never deduplicated */
+    if (skipped) {
+        proc_of.update(&child, &info);
+        return 0;
+    }
+    /* bookkeeping, but one shell loop of subshells forks ~3,700 times a second: budgeted like
+     * the other kinds, so one container cannot fill the ring buffer. A fork held back (never
+     * deduplicated) costs userspace little: the child's first sent event carries
+     * DW_F_FORK_UNSENT and the child inherits from its parent then */
+    u64 now = bpf_ktime_get_ns();
+    struct dw_budget_val *slot = 0;
+    int sent = 0;
+    if (!dw_over_budget(DW_KIND_FORK, cgid, now, &slot)) {
+        struct dw_fork_event e = {};
+        dw_fill_header(&e.hdr, DW_KIND_FORK, cgid, pid_tgid, now, pinfo);
+        dw_proc_flags(&e.hdr, pinfo);
+        e.child_start_ns = info.start_ns;
+        e.child_tgid = child;
+        sent = dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_FORK, slot);
+        dw_proc_sent(sent, e.hdr.flags, pinfo);
+    }
+    info.fork_unsent = !sent;
+    proc_of.update(&child, &info);
     return 0;
 }
 
@@ -602,15 +635,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (pid != tgid)
         return 0;                         /* a thread; the process lives on */
     u64 cgid = bpf_get_current_cgroup_id();
-    if (!dw_skipped(cgid, pid_tgid)) {
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    if (proc && proc->fork_unsent) {
+        dw_count(DW_KIND_EXIT, DW_CNT_OVER_BUDGET);   /* userspace never heard of it */
+    } else if (!dw_skipped(cgid, pid_tgid)) {
         struct dw_exit_event e = {};
-        dw_fill_header(&e.hdr, DW_KIND_EXIT, cgid, pid_tgid, bpf_ktime_get_ns());
+        dw_fill_header(&e.hdr, DW_KIND_EXIT, cgid, pid_tgid, bpf_ktime_get_ns(), proc);
         dw_emit(&e, sizeof(e), sizeof(e), DW_KIND_EXIT, 0);   /* never deduplicated */
     }
     proc_of.delete(&tgid);
-    cwd_epoch.delete(&tgid);
-    cwd_owner.delete(&tgid);
-    cwd_lost.delete(&tgid);
     return 0;
 }
 
@@ -628,6 +661,18 @@ static __always_inline void dw_fill_pending(struct dw_pending *p, u16 kind, u16 
     p->op = op;
 }
 
+/* This thread's stash slot, made the first time it stashes; NULL when the map refused. Only
+ * the thread itself writes its slot (and its exit removes it), so it is filled in place. */
+static __always_inline struct dw_pending *dw_stash_slot(u32 tid)
+{
+    struct dw_pending *slot = pending.lookup(&tid);
+    if (slot)
+        return slot;
+    struct dw_pending fresh = {};
+    pending.update(&tid, &fresh);
+    return pending.lookup(&tid);
+}
+
 static __always_inline int dw_stash(u16 kind, u16 op, const char *path, const char *path2,
                                     s32 dirfd, s32 dirfd2, u32 flags, u32 mode)
 {
@@ -635,14 +680,14 @@ static __always_inline int dw_stash(u16 kind, u16 op, const char *path, const ch
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (dw_skipped(cgid, pid_tgid))
         return 0;
-    struct dw_pending p = {};
-    dw_fill_pending(&p, kind, op, path, path2, dirfd, dirfd2, flags, mode);
-    u32 tid = (u32)pid_tgid;
-    pending.update(&tid, &p);
+    struct dw_pending *slot = dw_stash_slot((u32)pid_tgid);
+    if (slot)
+        dw_fill_pending(slot, kind, op, path, path2, dirfd, dirfd2, flags, mode);
     return 0;
 }
 
-/* Pops the stashed arguments of this thread's syscall if they are of `kind`. */
+/* Takes the stashed arguments of this thread's syscall if they are of `kind` (the slot is
+ * then empty: kind 0). */
 static __always_inline int dw_unstash(u16 kind, struct dw_pending *out)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -652,7 +697,7 @@ static __always_inline int dw_unstash(u16 kind, struct dw_pending *out)
     if (p->kind != kind)
         return 0;
     __builtin_memcpy(out, p, sizeof(*out));
-    pending.delete(&tid);
+    p->kind = 0;
     return 1;
 }
 
@@ -665,11 +710,9 @@ static __always_inline int dw_clone_enter(u64 flags)
 {
     if (!(flags & DW_CLONE_THREAD))
         return 0;                         /* a process: nothing to stash, the common case */
-    struct dw_pending p = {};
-    p.kind = DW_KIND_FORK;
-    p.flags = (u32)flags;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    pending.update(&tid, &p);
+    struct dw_pending *slot = dw_stash_slot((u32)bpf_get_current_pid_tgid());
+    if (slot)
+        dw_fill_pending(slot, DW_KIND_FORK, 0, 0, 0, 0, 0, (u32)flags, 0);
     return 0;
 }
 
@@ -711,16 +754,16 @@ static __always_inline int dw_chdir_exit(long ret)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
-    u32 *owner = cwd_owner.lookup(&tgid);
-    u32 cwd_base = owner ? *owner : 0;
-    if (ret == 0) {
-        cwd_owner.update(&tgid, &tgid);
-        u32 one = 1;
-        u32 *epoch = cwd_epoch.lookup(&tgid);
-        if (epoch)
-            __sync_fetch_and_add(epoch, 1);
-        else
-            cwd_epoch.update(&tgid, &one);
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    if (!proc && ret == 0) {              /* began before the probes: its cwd changed now */
+        struct dw_proc fresh = {};
+        proc_of.update(&tgid, &fresh);
+        proc = proc_of.lookup(&tgid);
+    }
+    u32 cwd_base = proc ? proc->cwd_owner : 0;
+    if (ret == 0 && proc) {
+        proc->cwd_owner = tgid;
+        __sync_fetch_and_add(&proc->cwd_epoch, 1);
     }
     /* bookkeeping, but a shell loop of `cd` sends ~240K a second: budgeted like the other
      * kinds, so one container cannot fill the ring buffer; what it held back costs only
@@ -728,10 +771,9 @@ static __always_inline int dw_chdir_exit(long ret)
     u64 cgid = bpf_get_current_cgroup_id();
     u64 now = bpf_ktime_get_ns();
     struct dw_budget_val *slot = 0;
-    u8 lost = 1;
     if (dw_over_budget(DW_KIND_CHDIR, cgid, now, &slot)) {
-        if (ret == 0)
-            cwd_lost.update(&tgid, &lost);
+        if (ret == 0 && proc)
+            proc->cwd_lost = 1;
         return 0;
     }
     u32 zero = 0;
@@ -740,7 +782,7 @@ static __always_inline int dw_chdir_exit(long ret)
         return 0;
     e->hdr.flags = 0;
     e->hdr.suppressed = 0;
-    dw_fill_header(&e->hdr, DW_KIND_CHDIR, cgid, pid_tgid, now);
+    dw_fill_header(&e->hdr, DW_KIND_CHDIR, cgid, pid_tgid, now, proc);
     e->retval = ret;
     e->fd = -1;
     e->path_len = 0;
@@ -763,13 +805,13 @@ static __always_inline int dw_chdir_exit(long ret)
     u32 len = e->path_len;
     if (len > DW_PATH_MAX)
         len = DW_PATH_MAX;
-    dw_cwd_flag(&e->hdr, tgid);
+    dw_proc_flags(&e->hdr, proc);
     int sent = dw_emit(e, offsetof(struct dw_chdir_event, path) + len, sizeof(*e),
                        DW_KIND_CHDIR, slot);
-    if (!sent && ret == 0)
-        cwd_lost.update(&tgid, &lost);
+    if (!sent && ret == 0 && proc)
+        proc->cwd_lost = 1;
     else
-        dw_cwd_sent(sent, e->hdr.flags, tgid);
+        dw_proc_sent(sent, e->hdr.flags, proc);
     return 0;
 }
 
@@ -792,7 +834,9 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
         return 0;
     e->hdr.flags = flags;
     e->hdr.suppressed = 0;
-    dw_fill_header(&e->hdr, DW_KIND_EXEC, cgid, pid_tgid, bpf_ktime_get_ns());
+    u32 self = pid_tgid >> 32;
+    dw_fill_header(&e->hdr, DW_KIND_EXEC, cgid, pid_tgid, bpf_ktime_get_ns(),
+                   proc_of.lookup(&self));
     e->retval = 0;
     e->dirfd = dirfd;
     e->_pad = 0;
@@ -862,15 +906,13 @@ static __always_inline int dw_exec_enter(const char *filename, const char *const
  * process ran before under a new name, so its key is chained to that; an exec of an fd
  * (fexecve, a memfd) or of a relative path has no name a baseline could hold: unknown (0),
  * never filtered. */
-static __always_inline void dw_set_program(u32 tgid, struct dw_exec_event *e, u64 key)
+static __always_inline void dw_set_program(u32 tgid, struct dw_proc *proc,
+                                           struct dw_exec_event *e, u64 key)
 {
     u64 program = key;
     if (key && *(u32 *)e->filename == 0x6f72702f             /* "/pro" */
-        && e->filename[4] == 'c' && e->filename[5] == '/') {
-        struct dw_proc *before = proc_of.lookup(&tgid);
-        program = before && before->program ? dw_mix(key, before->program) : 0;
-    }
-    struct dw_proc *proc = proc_of.lookup(&tgid);
+        && e->filename[4] == 'c' && e->filename[5] == '/')
+        program = proc && proc->program ? dw_mix(key, proc->program) : 0;
     if (proc) {
         proc->program = program;
     } else if (program) {                 /* began before the probes: learn what it runs now */
@@ -911,8 +953,9 @@ static __always_inline int dw_exec_exit(long ret)
     h = dw_mix(h, (u64)ret);
     if (e->filename[0] != '/')
         h = dw_hash_cwd(h, e->filename, e->hdr.tgid);
+    struct dw_proc *proc = proc_of.lookup(&tgid);
     if (ret == 0)
-        dw_set_program(tgid, e, e->dedup_key);
+        dw_set_program(tgid, proc, e, e->dedup_key);
     e->dedup_key = h;
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
@@ -934,9 +977,9 @@ static __always_inline int dw_exec_exit(long ret)
         return 0;
     }
     e->hdr.suppressed = carried;
-    dw_cwd_flag(&e->hdr, tgid);
-    dw_cwd_sent(dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e),
-                        DW_KIND_EXEC, slot), e->hdr.flags, tgid);
+    dw_proc_flags(&e->hdr, proc);
+    dw_proc_sent(dw_emit(e, offsetof(struct dw_exec_event, args) + alen, sizeof(*e),
+                        DW_KIND_EXEC, slot), e->hdr.flags, proc);
     exec_pending.delete(&tid);
     return 0;
 }
@@ -976,7 +1019,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
         return 0;
     struct dw_sock_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->ret};
     u16 type = p.flags;
-    sock_types.update(&key, &type);
+    u16 *known_type = sock_types.lookup(&key);   /* the fd number was a socket before */
+    if (known_type)
+        *known_type = type;
+    else
+        sock_types.update(&key, &type);
     return 0;
 }
 
@@ -1004,33 +1051,42 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     e->port = 0;
     e->path_len = 0;
     e->_pad = 0;
-    __builtin_memset(e->addr, 0, sizeof(e->addr));
-    __builtin_memset(e->unix_path, 0, sizeof(e->unix_path));
 
     struct dw_sock_key key = {.tgid = pid_tgid >> 32, .fd = p.dirfd};
     u16 *type = sock_types.lookup(&key);
     e->sock_type = type ? *type : 0;
 
+    /* the sockaddr in one read: family, port and either address (sockaddr_in6 is 28 bytes);
+     * when that runs past the caller's memory, again as a sockaddr_in, then the family alone */
     const char *sa = (const char *)p.path;
-    u16 family = 0;
-    if (bpf_probe_read_user(&family, sizeof(family), sa) < 0) {
+    struct {
+        u16 family;
+        u16 port_be;
+        u32 addr4;                       /* sockaddr_in6: sin6_flowinfo */
+        u8 addr6[16];
+        u32 scope_id;
+    } in = {};
+    if (bpf_probe_read_user(&in, sizeof(in), sa) < 0
+        && bpf_probe_read_user(&in, 16, sa) < 0
+        && bpf_probe_read_user(&in.family, sizeof(in.family), sa) < 0) {
         e->hdr.flags |= DW_F_READ_FAILED;
         dw_count(DW_KIND_CONNECT, DW_CNT_READ_FAILED);
     }
+    u16 family = in.family;
     e->family = family;
     u64 h = dw_mix(DW_FNV_BASIS, family);
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
     if (family == DW_AF_INET || family == DW_AF_INET6) {
-        u16 port_be = 0;
-        bpf_probe_read_user(&port_be, sizeof(port_be), sa + 2);
-        e->port = (port_be >> 8) | ((port_be & 0xff) << 8);
+        e->port = (in.port_be >> 8) | ((in.port_be & 0xff) << 8);
         if (family == DW_AF_INET)
-            bpf_probe_read_user(e->addr, 4, sa + 4);
+            __builtin_memcpy(e->addr, &in.addr4, 4);
         else
-            bpf_probe_read_user(e->addr, 16, sa + 8);
+            __builtin_memcpy(e->addr, in.addr6, 16);
         h = dw_mix(h, *(u64 *)&e->addr[0]);
         h = dw_mix(h, *(u64 *)&e->addr[8]);
         h = dw_mix(h, e->port);
     } else if (family == DW_AF_UNIX) {
+        __builtin_memset(e->unix_path, 0, sizeof(e->unix_path));
         u64 n = p.mode;                 /* addrlen; 64-bit so clang needs no zero-extension copy */
         if (n > 2) {
             n -= 2;
@@ -1043,24 +1099,26 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
             h = dw_mix(h, *(u64 *)&e->unix_path[i * 8]);
     }
     h = dw_mix(h, ((u64)e->sock_type << 32) | (u32)e->retval);
-    {   /* a connect is the program's that made it: another program's connect to the same
-         * place is no repeat (it is judged on its own, and a baseline's connect names its
-         * program); a process whose program is unknown (it began before the probes, or ran
-         * an fd) repeats only itself */
-        u32 tgid = pid_tgid >> 32;
-        struct dw_proc *proc = proc_of.lookup(&tgid);
-        u64 program = proc ? proc->program : 0;
-        h = program ? dw_mix(h, program) : dw_mix(h, (1ULL << 32) | tgid);
-        e->known_key = DW_KNOWN_ENTRIES && program ? h : 0;
-    }
+    /* a connect is the program's that made it: another program's connect to the same place
+     * is no repeat (it is judged on its own, and a baseline's connect names its program); a
+     * process whose program is unknown (it began before the probes, or ran an fd) repeats
+     * only itself */
+    u32 tgid = pid_tgid >> 32;
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    u64 program = proc ? proc->program : 0;
+    h = program ? dw_mix(h, program) : dw_mix(h, (1ULL << 32) | tgid);
+    e->known_key = DW_KNOWN_ENTRIES && program ? h : 0;
     u64 now = bpf_ktime_get_ns();
     u32 carried = 0;
     struct dw_budget_val *slot = 0;
     if (dw_admit(DW_KIND_CONNECT, cgid, h, e->known_key, now, &carried, &slot))
         return 0;
-    dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid, now);
+    if (family != DW_AF_UNIX)            /* no stale bytes of another connect are sent */
+        __builtin_memset(e->unix_path, 0, sizeof(e->unix_path));
+    dw_fill_header(&e->hdr, DW_KIND_CONNECT, cgid, pid_tgid, now, proc);
     e->hdr.suppressed = carried;
-    dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT, slot);
+    dw_proc_flags(&e->hdr, proc);
+    dw_proc_sent(dw_emit(e, sizeof(*e), sizeof(*e), DW_KIND_CONNECT, slot), e->hdr.flags, proc);
     return 0;
 }
 
@@ -1155,11 +1213,12 @@ static __always_inline int dw_file_emit(struct dw_pending *pp, long ret, u64 cgi
     struct dw_budget_val *slot = 0;
     if (dw_admit(DW_KIND_FILE, cgid, h, e->known_key, now, &carried, &slot))
         return 0;
-    dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now);
-    e->hdr.suppressed = carried;
     u32 tgid = pid_tgid >> 32;
-    dw_cwd_flag(&e->hdr, tgid);
-    dw_cwd_sent(dw_emit(e, size, sizeof(*e), DW_KIND_FILE, slot), e->hdr.flags, tgid);
+    struct dw_proc *proc = proc_of.lookup(&tgid);
+    dw_fill_header(&e->hdr, DW_KIND_FILE, cgid, pid_tgid, now, proc);
+    e->hdr.suppressed = carried;
+    dw_proc_flags(&e->hdr, proc);
+    dw_proc_sent(dw_emit(e, size, sizeof(*e), DW_KIND_FILE, slot), e->hdr.flags, proc);
     return 0;
 }
 

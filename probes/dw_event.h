@@ -76,6 +76,8 @@ enum dw_file_op {
 #define DW_F_EXECVEAT         0x0040
 #define DW_F_CWD_LOST         0x0080   /* a chdir of this process was not sent (over budget or
                                         * dropped): its cwd must be read again */
+#define DW_F_FORK_UNSENT      0x0100   /* this process's fork was not sent (over budget or
+                                        * dropped): it inherits its parent's program and cwd */
 
 #define DW_AT_FDCWD (-100)
 #define DW_RESULT_UNKNOWN 0x7fffffff   /* retval of an event reported before its syscall ran */

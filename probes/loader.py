@@ -48,9 +48,10 @@ EVENT_HEADER = PROBE_DIR / "dw_event.h"
 
 # Kinds a user can select; fork, exit and chdir are bookkeeping and always on.
 SELECTABLE_KINDS = {"exec": EventKind.EXEC, "connect": EventKind.CONNECT, "write": EventKind.FILE}
-# Kinds with a per-container budget: the selectable ones, and chdir (bookkeeping, but cheap
-# enough to flood with: a shell loop of `cd` sends ~240K a second).
-BUDGET_KINDS = {**SELECTABLE_KINDS, "chdir": EventKind.CHDIR}
+# Kinds with a per-container budget: the selectable ones, and chdir and fork (bookkeeping, but
+# cheap enough to flood with: a shell loop of `cd` sends ~240K a second, one of subshells forks
+# ~3,700 times a second). A process whose fork was not sent has no exit sent either.
+BUDGET_KINDS = {**SELECTABLE_KINDS, "chdir": EventKind.CHDIR, "fork": EventKind.FORK}
 
 MOUNTINFO = "/proc/self/mountinfo"
 # Where tracefs usually is when mountinfo does not say (bcc 0.26 prefers debugfs's tracing/).
@@ -122,10 +123,12 @@ UNLIMITED = Budget(0, 1)
 # Per container and kind (README "Fairness under floods"): above what a busy service or a build
 # step sends once dedup has folded its repeats, below what fills the 4 MiB ring buffer faster
 # than the agent drains it. An exec over budget still sends its compact repeat record; a chdir
-# over budget costs userspace that process's cwd, read again from /proc at its next event.
+# over budget costs userspace that process's cwd, read again from /proc at its next event; a
+# fork over budget, little: the child's first event sent says so and the child inherits its
+# parent's program and cwd then, and its exit is not sent.
 DEFAULT_BUDGETS: dict[str, Budget] = {
     "exec": Budget(1000, 2000), "connect": Budget(2000, 4000), "write": Budget(5000, 10000),
-    "chdir": Budget(2000, 4000)}
+    "chdir": Budget(2000, 4000), "fork": Budget(5000, 10000)}
 
 
 def parse_budget(text: str) -> tuple[tuple[str, Budget], ...]:

@@ -39,6 +39,18 @@ def test_benchmark_tiny_mode(kernel_ok, docker_ok):
         assert c["emitted"] + c["suppressed"] + c["dropped"] >= generated, (ps.storm, c)
         assert f"| {ps.storm} | driftwarden | {ps.n} |" in report
 
+    # The kernel's run statistics: one untimed ON run per storm, every storm syscall's program
+    # counted (host-wide, so at least N runs), and the section rendered.
+    programs = {"exec": "sys_enter_execve", "connect": "sys_exit_connect",
+                "openuniq": "sys_enter_openat"}
+    assert [c.storm for c in result.kernel_costs] == list(config.storms)
+    for cost in result.kernel_costs:
+        assert cost.tool == "driftwarden" and cost.iterations == config.sizes[cost.storm]
+        runs = cost.runs[programs[cost.storm]]
+        assert runs.run_cnt >= cost.iterations and runs.run_time_ns > 0, (cost.storm, cost.runs)
+        assert f"| {cost.storm} | driftwarden | " in report
+    assert "### Kernel ns per program run, agent vs floor" in report
+
     # Section 2: dedup off, so the kernel saw at least every generated event; at this low rate
     # userspace keeps up and shows exactly the storm container's events.
     (loss,) = result.loss

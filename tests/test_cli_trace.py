@@ -39,7 +39,7 @@ def one_error_line(result) -> str:
     (["--json", "--summary-only"], "not allowed with argument"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--budget", "write=lots"], "RATE and BURST are whole numbers of events"),
-    (["--budget", "fork=10"], "KIND one of exec,connect,write"),
+    (["--budget", "exit=10"], "KIND one of exec,connect,write,chdir,fork"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(args, expected):
     result = trace(*args)

@@ -157,8 +157,8 @@ def test_the_alert_reason_carries_the_counts_per_kind():
     assert reason.code == "sensor-flood"
     assert dict(reason.details) == {
         "over_budget_exec": 5, "over_budget_connect": 0, "over_budget_write": 200_000,
-        "over_budget_chdir": 0, "dropped_exec": 0, "dropped_connect": 0, "dropped_write": 3,
-        "dropped_chdir": 0, "seconds": 1.0,
+        "over_budget_chdir": 0, "over_budget_fork": 0, "dropped_exec": 0, "dropped_connect": 0,
+        "dropped_write": 3, "dropped_chdir": 0, "dropped_fork": 0, "seconds": 1.0,
         "cgroup_id": CG}
     assert reason.text == (
         "sent more events than its budget: 5 exec, 200000 write held back in 1.0 s (counted "
@@ -295,18 +295,20 @@ def test_budgets_are_defines_with_defaults_per_kind():
                      "-DDW_BUDGET_CONNECT_RATE=2000", "-DDW_BUDGET_CONNECT_BURST=4000",
                      "-DDW_BUDGET_FILE_RATE=100", "-DDW_BUDGET_FILE_BURST=200",
                      "-DDW_BUDGET_CHDIR_RATE=2000", "-DDW_BUDGET_CHDIR_BURST=4000",
+                     "-DDW_BUDGET_FORK_RATE=5000", "-DDW_BUDGET_FORK_BURST=10000",
                      "-DDW_BUDGET_ENTRIES=16384"]
     assert ProbeConfig().budget("write") == DEFAULT_BUDGETS["write"] == Budget(5000, 10000)
     assert parse_budget("connect=50/7") == (("connect", Budget(50, 7)),)
     assert parse_budget("exec=off") == (("exec", UNLIMITED),)
     assert dict(parse_budget("off")) == {"exec": UNLIMITED, "connect": UNLIMITED,
-                                         "write": UNLIMITED, "chdir": UNLIMITED}
+                                         "write": UNLIMITED, "chdir": UNLIMITED,
+                                         "fork": UNLIMITED}
     assert parse_budget("chdir=500") == (("chdir", Budget(500, 1000)),)
     assert "-DDW_BUDGET_FILE_RATE=0" in ProbeConfig(budgets=parse_budget("off")).cflags()
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("fork=10", "KIND one of exec,connect,write,chdir"),
+    ("exit=10", "KIND one of exec,connect,write,chdir,fork"),
     ("write", "KIND=RATE"),
     ("write=fast", "whole numbers"),
     ("write=0", "use write=off"),

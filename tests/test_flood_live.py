@@ -97,6 +97,17 @@ def _has_reason(alert: dict, code: str) -> bool:
     return any(r["code"] == code for r in alert["reasons"])
 
 
+def _drop_and_execute(agent: AgentProcess, victim) -> dict:
+    """`victim` copies busybox to /tmp/x and runs it; its DRIFT alert."""
+    code, out = victim.exec(["/bin/sh", "-c",
+                             "mkdir -p /tmp && cp /bin/busybox /tmp/x && /tmp/x; true"])
+    assert code == 0, out
+    return agent.wait_for_alerts(
+        lambda a: a["container"]["id"] == victim.id and a["kind"] == "drift"
+        and _has_reason(a, "exec-added-binary"),
+        timeout=60, what="the victim's exec drift alert under the flood")[0]
+
+
 def test_a_flooding_container_cannot_hide_another_ones_drift(kernel_ok, docker_ok, storm_image,
                                                             tmp_path):
     """One container creates (and removes) new files as fast as it can, on a tmpfs; another
@@ -116,13 +127,7 @@ def test_a_flooding_container_cannot_hide_another_ones_drift(kernel_ok, docker_o
         flooder.container.reload()
         assert flooder.container.status == "running"
         started = time.time()
-        code, out = victim.exec(["/bin/sh", "-c",
-                                 "mkdir -p /tmp && cp /bin/busybox /tmp/x && /tmp/x; true"])
-        assert code == 0, out
-        drift = agent.wait_for_alerts(
-            lambda a: a["container"]["id"] == victim.id and a["kind"] == "drift"
-            and _has_reason(a, "exec-added-binary"),
-            timeout=60, what="the victim's exec drift alert under the flood")[0]
+        drift = _drop_and_execute(agent, victim)
         seen = time.time()
         metrics = urllib.request.urlopen(_metrics_url(agent), timeout=10).read().decode()
         flooder_done = flooder.wait(60) == 0
@@ -162,6 +167,32 @@ def test_a_flooding_container_cannot_hide_another_ones_drift(kernel_ok, docker_o
                    outcome="over_budget") >= held
 
 
+def test_a_fork_flood_cannot_hide_another_containers_drift(kernel_ok, docker_ok, storm_image,
+                                                           tmp_path):
+    """Two shell loops of subshells in one container (fork and exit records as fast as it can
+    make them) under `--budget fork=500/1000`; another container copies busybox to /tmp and runs
+    it. The flooder's sensor-flood alert names the forks held back, and the other one's DRIFT
+    alert arrives with its exec."""
+    loops = "for i in 1 2; do (while :; do (:); done) & done; exec sleep 3600"
+    with AgentProcess(tmp_path / "state", tmp_path / "alerts.jsonl",
+                      ["--budget", "fork=500/1000"]) as agent, \
+            run_container(storm_image, ["/bin/sh", "-c", loops], name="forker") as flooder, \
+            run_container(storm_image, ["sleep", "3600"], name="victim") as victim:
+        flood = agent.wait_for_alerts(
+            lambda a: a["container"]["id"] == flooder.id and _has_reason(a, "sensor-flood"),
+            timeout=60, what="the fork flooder's sensor-flood alert")[0]
+        drift = _drop_and_execute(agent, victim)
+        victim_floods = [a for a in agent.alerts() if a["container"]["id"] == victim.id
+                         and _has_reason(a, "sensor-flood")]
+    details = next(r for r in flood["reasons"] if r["code"] == "sensor-flood")["details"]
+    print(f"\nsensor-flood details: {details}")
+    assert details["over_budget_fork"] > 0
+    assert (details["over_budget_exec"], details["over_budget_write"]) == (0, 0)
+    [event] = [e for e in drift["events"] if e["kind"] == "exec"]
+    assert event["exec"]["filename"] == "/tmp/x" and event["container"]["id"] == victim.id
+    assert victim_floods == []
+
+
 def _start_trace(args: list[str], *, stdout) -> subprocess.Popen:
     """`driftwarden trace --json ARGS`, once it says it is tracing."""
     proc = subprocess.Popen([sys.executable, "-m", "driftwarden", "trace", "--json", *args],
@@ -199,6 +230,37 @@ def test_trace_summary_names_the_container_over_its_budget(kernel_ok, docker_ok,
     assert summary["budget_entries_evicted"] == 0
 
 
+def _writes_of_a_loop(storm_image, name: str, script: str, written: str,
+                      budgets: list[str]) -> tuple[list[dict], dict, dict]:
+    """Runs `script` in a new container under `trace --kinds write` until it has written the
+    file `written`; returns the writes of that file, the trace summary and its line for the
+    container."""
+    with run_container(storm_image, ["sleep", "3600"], name=name) as c:
+        proc = _start_trace(["--kinds", "write", *budgets, "--container", c.name],
+                            stdout=subprocess.PIPE)
+        try:
+            c.container.exec_run(["/bin/sh", "-c", script], detach=True)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                code, out = c.exec(["/bin/cat", written])
+                if code == 0:
+                    break
+                time.sleep(0.5)
+            assert code == 0, f"the loop did not finish: {out}"
+            time.sleep(1.5)  # the drain timer, then the metadata of the record
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    name_written = written.rsplit("/", 1)[1]
+    writes = [r["write"] for r in records if r["kind"] == "write"
+              and (r["write"]["path_as_given"] or "").endswith(name_written)]
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    [row] = [r for r in summary["containers"] if r["cgroup_id"] == c.cgroup_id]
+    return writes, summary, row
+
+
 CHDIRS = 100_000  # `cd` is a shell builtin: a loop of them sends ~100-240K chdir events a second
 
 
@@ -212,27 +274,7 @@ def test_a_chdir_flood_is_budgeted_and_relative_paths_still_resolve(kernel_ok, d
     script = ("mkdir -p /a /b /c; i=0; "
               f"while [ $i -lt {CHDIRS} ]; do cd /a; cd /b; i=$((i+1)); done; "
               "cd /c; echo x > out.txt; exec sleep 3600")
-    with run_container(storm_image, ["sleep", "3600"], name="cd-loop") as c:
-        proc = _start_trace(["--kinds", "write", "--container", c.name], stdout=subprocess.PIPE)
-        try:
-            c.container.exec_run(["/bin/sh", "-c", script], detach=True)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                code, out = c.exec(["/bin/cat", "/c/out.txt"])
-                if code == 0:
-                    break
-                time.sleep(0.5)
-            assert code == 0, f"the loop did not finish: {out}"
-            time.sleep(1.5)  # the drain timer, then the metadata of the record
-        finally:
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    writes = [r["write"] for r in records if r["kind"] == "write"
-              and (r["write"]["path_as_given"] or "").endswith("out.txt")]
-    summary = json.loads(err.strip().splitlines()[-1])["summary"]
-    [row] = [r for r in summary["containers"] if r["cgroup_id"] == c.cgroup_id]
+    writes, summary, row = _writes_of_a_loop(storm_image, "cd-loop", script, "/c/out.txt", [])
     print(f"\n{writes}\n{row}\nkernel chdir: {summary['kernel']['chdir']}")
     assert [(w["path_as_given"], w["path"], w["path_resolved"]) for w in writes] == [
         ("out.txt", "/c/out.txt", True)]
@@ -240,3 +282,32 @@ def test_a_chdir_flood_is_budgeted_and_relative_paths_still_resolve(kernel_ok, d
     assert row["over_budget"]["chdir"] >= 2 * CHDIRS // 2
     assert row["dropped"].get("chdir", 0) == 0
     assert summary["kernel"]["chdir"]["over_budget"] >= row["over_budget"]["chdir"]
+
+
+FORKS = 5000  # `(:)`: a subshell, forked and gone; busybox forks it without an exec
+
+
+def test_a_fork_flood_is_budgeted_and_held_back_children_inherit(kernel_ok, docker_ok,
+                                                                  storm_image):
+    """A shell forks 5,000 subshells as fast as it can (fork and exit are bookkeeping, yet one
+    loop sends ~3,700 of each a second, and nothing limited them), under `--budget
+    fork=100/200`. The kernel sends at most the budget and holds back the rest and their
+    exits, per container. Then, still over the budget, a subshell writes `rel.txt` in the
+    shell's working directory: its fork was held back, so the write carries the mark and the
+    subshell inherits the shell's cwd (/c), as at a fork the agent saw."""
+    script = (f"mkdir -p /c; cd /c; i=0; while [ $i -lt {FORKS} ]; do (:); i=$((i+1)); done; "
+              "(echo x > rel.txt); exec sleep 3600")
+    writes, summary, row = _writes_of_a_loop(storm_image, "fork-loop", script, "/c/rel.txt",
+                                             ["--budget", "fork=100/200"])
+    print(f"\n{writes}\n{row}\nkernel fork: {summary['kernel']['fork']}, "
+          f"exit: {summary['kernel']['exit']}")
+    assert [(w["path_as_given"], w["path"], w["path_resolved"]) for w in writes] == [
+        ("rel.txt", "/c/rel.txt", True)]
+    # 5,000 forks; the burst (200) and 100 a second of the loop's run sent, the rest held back
+    # (and the ring buffer has room: its drops are counted per container too)
+    held = row["over_budget"]["fork"]
+    assert held + row["dropped"].get("fork", 0) >= FORKS // 2
+    assert summary["kernel"]["fork"]["over_budget"] >= held
+    # the exits of processes whose forks were held back are not sent either, but for the
+    # subshell that wrote rel.txt: its write was sent, so its exit was too
+    assert summary["kernel"]["exit"]["over_budget"] >= held - 1

@@ -203,7 +203,7 @@ def test_file_ops_match_c(compiled):
 def test_flags_match_c(compiled):
     _, (_, _, consts) = compiled
     assert _c_names(consts, "DW_F_") == {k.name: k.value for k in Flag}
-    assert len(Flag) == 8
+    assert len(Flag) == 9
 
 
 def test_other_constants_match_c(compiled):
@@ -220,7 +220,7 @@ def test_header_constant_parser_finds_everything():
     assert len(groups["DW_KIND_"]) == 8
     assert len(groups["DW_CNT_"]) == 7
     assert len(groups["DW_FILE_"]) == 10
-    assert len(groups["DW_F_"]) == 8
+    assert len(groups["DW_F_"]) == 9
 
 
 # -- Limits validation -------------------------------------------------------

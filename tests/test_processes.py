@@ -114,6 +114,30 @@ def test_fork_inherits_program_and_cwd_exec_sets_program_exit_removes():
     assert len(table) == 1  # the shell (its parent is named by its key, not entered)
 
 
+def test_a_child_whose_fork_was_held_back_inherits_at_its_first_event():
+    """Flag.FORK_UNSENT: the kernel held the fork back (over the container's fork budget, or
+    dropped). The child's first event carries the flag and the child gets what on_fork would
+    have given it; without the flag an unknown process inherits nothing (it may have exec'd)."""
+    proc = FakeProc()
+    table = ProcessTable(proc, ticks_per_second=TICKS)
+    sh = table.key_of(hdr(100, 10 * SECOND, 1, 0))
+    table.on_exec(sh, "/bin/sh", "sh")
+    table.on_chdir(sh, "/srv", -1)
+    held = hdr(101, 11 * SECOND, 100, 10 * SECOND)._replace(flags=Flag.FORK_UNSENT)
+    child = table.key_of(held)
+    assert child == ProcKey(101, 11 * SECOND)
+    assert table.program(child) == Program("/bin/sh", "sh")
+    assert table.parent(child) == sh and table.cwd(child) == "/srv"
+    assert not table.exec_seen(child)
+    assert table.resolve(child, "x.txt", AT_FDCWD) == ResolvedPath("/srv/x.txt", True)
+    assert table.stats["fork_unsent"] == 1 and proc.calls == []
+    # unflagged: the probes saw no fork but sent one; this process may run anything
+    other = table.key_of(hdr(102, 12 * SECOND, 100, 10 * SECOND))
+    assert table.program(other) is None and table.parent_program(other) == Program("/bin/sh",
+                                                                                   "sh")
+    assert table.stats["fork_unsent"] == 1
+
+
 def test_proc_self_exe_keeps_the_exe_it_ran_with_the_new_argv0():
     """busybox applets: `sh` forks, the child execs /proc/self/exe as `nc`; the binary is the
     one the process ran (here inherited from the shell), whatever /proc says or does not say."""
@@ -325,7 +349,7 @@ def test_absolute_paths_are_normalized_without_proc():
     assert table.resolve(key, "/tmp//x", 7) == ResolvedPath("/tmp/x", True)
     assert proc.calls == []
     assert table.stats == {"proc_reads": 0, "unresolved": 0, "evicted": 0, "stale_proc": 0,
-                           "cwd_lost": 0}
+                           "cwd_lost": 0, "fork_unsent": 0}
 
 
 def test_relative_resolved_against_chdir_tracked_cwd():
@@ -373,7 +397,7 @@ def test_relative_resolved_against_proc_cwd_checked_against_the_start_and_cached
     assert table.resolve(key, "../b", AT_FDCWD) == ResolvedPath("/b", True)
     assert proc.calls == [("cwd", 200), ("start_ticks", 200)]
     assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0,
-                           "cwd_lost": 0}
+                           "cwd_lost": 0, "fork_unsent": 0}
 
 
 def test_proc_answers_of_a_reused_pid_are_dropped():
@@ -455,7 +479,7 @@ def test_dirfd_resolved_through_fd_path():
     assert proc.calls == [("fd_path", 500, 7)]
     assert table.resolve(key, "", 7) == ResolvedPath("/data/dir", True)  # fd-only (fchmod)
     assert table.stats == {"proc_reads": 2, "unresolved": 0, "evicted": 0, "stale_proc": 0,
-                           "cwd_lost": 0}
+                           "cwd_lost": 0, "fork_unsent": 0}
 
 
 def test_dirfd_unknown_is_unresolved():
