@@ -50,7 +50,6 @@ Fitting and scoring apart
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,14 +74,15 @@ ENVIRONMENTAL_FEATURES = frozenset({"failed_connects"})
 
 STATE_VERSION = 1
 
-# Forest.to_wire's arrays: name -> dtype, every one (trees, nodes)
-_WIRE_ARRAYS = {"feature": "<i8", "threshold": "<f8", "left": "<i8", "right": "<i8",
+# Forest's arrays and their dtypes on the wire (Forest.to_wire)
+_NODE_ARRAYS = {"feature": "<i4", "threshold": "<f8", "left": "<i4", "right": "<i4",
                 "leaf_depth": "<f8"}
 
 
 @dataclass(frozen=True, eq=False)
 class Forest:
-    """A fitted isolation forest as arrays, one row per tree (padded to the largest tree).
+    """A fitted isolation forest as flat arrays: every tree's nodes one after another, tree t's
+    root at `roots[t]`, children as indexes into the same arrays (28 bytes a node).
 
     A node splits on column `feature` at `threshold` (a row goes `left` when its float32 value is
     <= the threshold); a leaf points to itself, so every row may walk `steps` times. A row that
@@ -96,6 +96,7 @@ class Forest:
     left: np.ndarray
     right: np.ndarray
     leaf_depth: np.ndarray
+    roots: np.ndarray
     steps: int
     denominator: float
 
@@ -114,49 +115,42 @@ class Forest:
     @classmethod
     def from_sklearn(cls, forest: Any) -> Forest:
         """The arrays of a fitted `sklearn.ensemble.IsolationForest` (its private per-tree path
-        lengths included: tests/test_models_forest_arrays.py checks the scores still match)."""
+        lengths included: tests/test_forests.py checks the scores still match)."""
         trees = forest.estimators_
-        nodes = max(tree.tree_.node_count for tree in trees)
-        shape = (len(trees), nodes)
-        feature = np.zeros(shape, dtype=np.int64)
-        threshold = np.zeros(shape, dtype=np.float64)
-        left = np.zeros(shape, dtype=np.int64)
-        right = np.zeros(shape, dtype=np.int64)
-        leaf_depth = np.zeros(shape, dtype=np.float64)
+        sizes = [tree.tree_.node_count for tree in trees]
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
         # scikit-learn indexes the columns through a tree's feature subset only when it drew one
         subsets = forest._max_features != forest.n_features_in_
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in _NODE_ARRAYS}
         for i, (tree, columns) in enumerate(zip(trees, forest.estimators_features_,
                                                 strict=True)):
             t = tree.tree_
-            n = t.node_count
             is_leaf = t.children_left < 0
-            own = np.arange(n)
+            own = np.arange(t.node_count) + roots[i]
             split_on = np.where(is_leaf, 0, t.feature)
-            feature[i, :n] = np.asarray(columns)[split_on] if subsets else split_on
-            threshold[i, :n] = t.threshold
-            left[i, :n] = np.where(is_leaf, own, t.children_left)
-            right[i, :n] = np.where(is_leaf, own, t.children_right)
-            leaf_depth[i, :n] = (forest._decision_path_lengths[i]
-                                 + forest._average_path_length_per_tree[i] - 1.0)
-        steps = max(int(tree.tree_.max_depth) for tree in trees)
-        return cls(feature=feature, threshold=threshold, left=left, right=right,
-                   leaf_depth=leaf_depth, steps=steps,
+            parts["feature"].append(np.asarray(columns)[split_on] if subsets else split_on)
+            parts["threshold"].append(t.threshold)
+            parts["left"].append(np.where(is_leaf, own, t.children_left + roots[i]))
+            parts["right"].append(np.where(is_leaf, own, t.children_right + roots[i]))
+            parts["leaf_depth"].append(forest._decision_path_lengths[i]
+                                       + forest._average_path_length_per_tree[i] - 1.0)
+        arrays = {name: np.concatenate(parts[name]).astype(dtype)
+                  for name, dtype in _NODE_ARRAYS.items()}
+        return cls(**arrays, roots=roots, steps=max(int(tree.tree_.max_depth) for tree in trees),
                    denominator=float(len(trees) * _average_path_length(forest._max_samples)))
 
     def score_samples(self, z: np.ndarray) -> np.ndarray:
         """`IsolationForest.score_samples` of the rows of `z`: higher is more normal."""
         x = np.asarray(z, dtype=np.float32)  # scikit-learn's trees split float32 inputs
-        n_trees, n_nodes = self.feature.shape
-        # every (row, tree) walks at once, by flat indexes into the raveled arrays
+        # every (row, tree) walks at once; a row's value of a column is values[row_start + col]
         row_start = (np.arange(len(x)) * x.shape[1])[:, None]
-        node = np.broadcast_to(np.arange(n_trees) * n_nodes, (len(x), n_trees)).copy()
-        feature, threshold = self.feature.ravel(), self.threshold.ravel()
-        left, right = self._flat_children
+        node = np.broadcast_to(self.roots, (len(x), len(self.roots))).copy()
         values = x.ravel()
+        feature, threshold, left, right = self.feature, self.threshold, self.left, self.right
         for _ in range(self.steps):
             go_left = values.take(row_start + feature.take(node)) <= threshold.take(node)
             node = np.where(go_left, left.take(node), right.take(node))
-        credits = self.leaf_depth.ravel().take(node)
+        credits = self.leaf_depth.take(node)
         depths = np.zeros(len(x))
         for column in credits.T:  # tree by tree, as scikit-learn adds them: the same bits
             depths += column
@@ -165,34 +159,32 @@ class Forest:
         ratio = depths / self.denominator if self.denominator != 0 else np.ones(len(x))
         return -(2 ** (-ratio))
 
-    @functools.cached_property
-    def _flat_children(self) -> tuple[np.ndarray, np.ndarray]:
-        """left and right as indexes into the raveled arrays (tree * nodes + node)."""
-        offsets = (np.arange(self.feature.shape[0]) * self.feature.shape[1])[:, None]
-        return (self.left + offsets).ravel(), (self.right + offsets).ravel()
-
     def to_wire(self) -> dict[str, Any]:
-        """Plain data for msgpack: each array as little-endian bytes with its shape."""
+        """Plain data for msgpack: each array as little-endian bytes."""
         wire: dict[str, Any] = {name: getattr(self, name).astype(dtype).tobytes()
-                                for name, dtype in _WIRE_ARRAYS.items()}
-        wire.update(shape=list(self.feature.shape), steps=self.steps,
+                                for name, dtype in _NODE_ARRAYS.items()}
+        wire.update(roots=self.roots.astype("<i4").tobytes(), steps=self.steps,
                     denominator=self.denominator)
         return wire
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Forest:
         try:
-            shape = tuple(int(n) for n in wire["shape"])
-            if len(shape) != 2 or min(shape) < 1:
-                raise ModelStateError(f"forest arrays have shape {shape}, expected (trees, nodes)")
-            arrays = {name: np.frombuffer(wire[name], dtype=dtype).reshape(shape)
-                      for name, dtype in _WIRE_ARRAYS.items()}
+            arrays = {name: np.frombuffer(wire[name], dtype=dtype)
+                      for name, dtype in _NODE_ARRAYS.items()}
+            roots = np.frombuffer(wire["roots"], dtype="<i4")
+            nodes = len(arrays["feature"])
+            if nodes == 0 or len(roots) == 0:
+                raise ModelStateError("forest arrays are empty")
+            if any(len(a) != nodes for a in arrays.values()):
+                raise ModelStateError("forest arrays differ in length")
             if arrays["feature"].min() < 0:
                 raise ModelStateError("forest array feature has a negative column")
-            for name in ("left", "right"):
-                if arrays[name].min() < 0 or arrays[name].max() >= shape[1]:
+            for name, values in (("left", arrays["left"]), ("right", arrays["right"]),
+                                 ("roots", roots)):
+                if values.min() < 0 or values.max() >= nodes:
                     raise ModelStateError(f"forest array {name} points outside the trees")
-            return cls(**arrays, steps=int(wire["steps"]),
+            return cls(**arrays, roots=roots, steps=int(wire["steps"]),
                        denominator=float(wire["denominator"]))
         except ModelStateError:
             raise

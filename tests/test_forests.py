@@ -26,7 +26,7 @@ from sklearn.ensemble import IsolationForest
 
 from tests.test_detect_replay import IMAGE_ID, _attacks, _capture, _normal, _replay, _verdicts
 
-ARRAYS = ("feature", "threshold", "left", "right", "leaf_depth")
+ARRAYS = ("feature", "threshold", "left", "right", "leaf_depth", "roots")
 
 
 def _counts(rng: np.random.Generator, rows: int, columns: int, lam: float) -> np.ndarray:
@@ -58,12 +58,14 @@ def test_wire_round_trip_and_malformed_arrays():
     assert (again.steps, again.denominator) == (forest.steps, forest.denominator)
 
     wire = forest.to_wire()
-    with pytest.raises(ModelStateError, match="malformed"):
-        Forest.from_wire({**wire, "threshold": b"\0" * 8})  # not (trees, nodes) float64s
+    with pytest.raises(ModelStateError, match="differ in length"):
+        Forest.from_wire({**wire, "threshold": b"\0" * 8})
     with pytest.raises(ModelStateError, match="malformed"):
         Forest.from_wire({k: v for k, v in wire.items() if k != "left"})
-    right = np.frombuffer(wire["right"], dtype="<i8").copy()
-    right[0] = forest.feature.shape[1]  # one past the last node
+    with pytest.raises(ModelStateError, match="malformed"):
+        Forest.from_wire({**wire, "leaf_depth": b"\0" * 7})  # not whole float64s
+    right = np.frombuffer(wire["right"], dtype="<i4").copy()
+    right[0] = len(right)  # one past the last node
     with pytest.raises(ModelStateError, match="right points outside the trees"):
         Forest.from_wire({**wire, "right": right.tobytes()})
 
@@ -91,7 +93,7 @@ def test_the_child_fits_what_this_process_would():
         here = Forest.fit(job.inputs, seed=job.seed, n_estimators=job.n_estimators,
                           contamination="auto")
         assert all(np.array_equal(getattr(forest, n), getattr(here, n)) for n in ARRAYS)
-        assert forest.feature.shape[0] == job.n_estimators
+        assert len(forest.roots) == job.n_estimators
 
 
 def test_the_parent_never_imports_scikit_learn():
