@@ -54,6 +54,8 @@ Decisions (:meth:`PolicyEngine.decide`)
     an operator's action (pause, kill, quarantine, release, ...): it starts the cooldown, so a
     container an operator just released is not re-quarantined by the next repeat of the same
     alert, but it does not count against the rate limits, which budget automatic actions only.
+    With ``recorded`` (the collector passes its store), the cooldown also holds for actions
+    this engine never saw: taken by another replica on the same store, or before a restart.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from driftwarden.collector.filters import ImageSelector
@@ -576,6 +578,17 @@ class Decision:
                 "brake": self.brake.value if self.brake is not None else None}
 
 
+POLICY_ACTOR = "policy"  # who the store says asked for the engine's own actions
+
+
+class PastAction(NamedTuple):
+    """An action on a container as the store recorded it (any replica, any origin)."""
+
+    at: float  # wall-clock time it was recorded (epoch s)
+    action: str
+    by: str  # "policy", or the operator who asked for it
+
+
 @dataclass(slots=True)
 class _History:
     acts: deque[float]  # times of the engine's own act decisions on this container
@@ -602,11 +615,18 @@ class PolicyEngine:
     """
 
     def __init__(self, policy: Policy = DEFAULT_POLICY, clock: Callable[[], float] = time.monotonic,
-                 *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> None:
+                 *, max_containers: int = DEFAULT_MAX_CONTAINERS,
+                 recorded: Callable[[str, str], PastAction | None] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if max_containers < 1:
             raise ValueError(f"max_containers must be >= 1, got {max_containers}")
         self._policy = policy
         self._clock = clock
+        # (container id, alert id) -> the last action the store holds on that container for
+        # another alert (None: no store, this engine alone; the same alert is the store's
+        # one-decision-per-alert rule's to judge)
+        self._recorded = recorded
+        self._wall_clock = wall_clock
         self.max_containers = max_containers
         self._lock = threading.Lock()
         self._global: deque[float] = deque()
@@ -684,6 +704,16 @@ class PolicyEngine:
                 return skip(Brake.COOLDOWN,
                             f"cooldown: container {label} acted on{by} {int(ago)} s ago "
                             f"(cooldown {_number_text(limits.cooldown_seconds)} s)")
+        if self._recorded is not None:  # what other replicas (or this one before a restart) did
+            past = self._recorded(cid, str(alert.get("id") or ""))
+            ago = self._wall_clock() - past.at if past is not None else None
+            if ago is not None and ago < limits.cooldown_seconds:
+                by = "" if past.by == POLICY_ACTOR else f" by {past.by}"
+                return skip(Brake.COOLDOWN,
+                            f"cooldown: container {label} acted on{by} ({past.action}) "
+                            f"{int(max(ago, 0))} s ago, by another collector replica or before "
+                            f"a restart (cooldown {_number_text(limits.cooldown_seconds)} s)")
+        if history is not None:
             rate = limits.per_container
             _prune(history.acts, now - rate.per_seconds)
             if len(history.acts) >= rate.max_actions:

@@ -40,10 +40,11 @@ import grpc
 from driftwarden.collector.baselines import FleetSettings
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.outputs import OutputConfig, OutputSet
-from driftwarden.collector.policy import DEFAULT_POLICY, Policy, PolicyEngine
+from driftwarden.collector.policy import DEFAULT_POLICY, PastAction, Policy, PolicyEngine
 from driftwarden.collector.service import CollectorService, ServiceConfig
 from driftwarden.collector.servicers import add_servicers
 from driftwarden.collector.store import SqlStore, is_postgres_url, open_store, redact
+from driftwarden.core.actions import ActionStatus
 from driftwarden.core.errors import CollectorError, UsageError
 from driftwarden.core.lifecycle import Service
 from driftwarden.core.metrics import MetricsRegistry, MetricsServer
@@ -147,6 +148,21 @@ class CollectorConfig:
         return max(1, self.max_workers - UNARY_RESERVE)
 
 
+_TAKEN = tuple(s for s in ActionStatus if s is not ActionStatus.SKIPPED)
+
+
+def _last_recorded_action(store: SqlStore) -> Callable[[str, str], PastAction | None]:
+    """The policy's view of the store: the newest action taken on a container (by any replica,
+    policy or operator) for an alert other than the one being decided."""
+    def last(container_id: str, alert_id: str) -> PastAction | None:
+        for record in store.list_actions(container_id=container_id, statuses=_TAKEN, limit=5):
+            if record.alert_id != alert_id or not alert_id:
+                return PastAction(record.created_at, record.type, record.requested_by)
+        return None
+
+    return last
+
+
 class CollectorServer(Service):
     """The running collector (module docstring). ``start()`` binds and serves (a failed start
     tears down what it made, with no grace); ``stop()`` (idempotent) ends streams, stops gRPC
@@ -183,7 +199,8 @@ class CollectorServer(Service):
         if stale:
             log.info("marked %d agents disconnected (streams do not survive a restart)", stale)
         self.hub = FanoutHub()
-        self.engine = PolicyEngine(config.policy)
+        self.engine = PolicyEngine(config.policy, recorded=_last_recorded_action(self.store),
+                                   wall_clock=self._clock)
         self.outputs.register_metrics(self.metrics)
         self.outputs.start()
         self.service = CollectorService(

@@ -96,7 +96,7 @@ from driftwarden.collector.convert import (
 from driftwarden.collector.fanout import DEFAULT_MAX_QUEUE, FanoutHub
 from driftwarden.collector.filters import MIN_ID_PREFIX, ActionFilter, AlertFilter
 from driftwarden.collector.outputs.base import OutputSet
-from driftwarden.collector.policy import Decision, Outcome, PolicyEngine
+from driftwarden.collector.policy import POLICY_ACTOR, Decision, Outcome, PolicyEngine
 from driftwarden.collector.store import (
     ACTIONS_CHANNEL,
     ALERTS_CHANNEL,
@@ -117,7 +117,6 @@ from driftwarden.proto.v1 import actions_pb2, agent_pb2, alerts_pb2, baselines_p
 
 log = logging.getLogger(__name__)
 
-POLICY_ACTOR = "policy"
 DEFAULT_PAGE_SIZE = 100
 INTERRUPTED_MESSAGE = ("the collector restarted before the agent reported a result; check the "
                        "container's state and repeat the action if needed (a late result from "

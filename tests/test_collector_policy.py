@@ -17,6 +17,7 @@ from driftwarden.collector.policy import (
     Limits,
     Match,
     Outcome,
+    PastAction,
     Policy,
     PolicyEngine,
     RateLimit,
@@ -413,6 +414,35 @@ def test_cooldown() -> None:
                                              "599 s ago (cooldown 600 s)")
     clock.advance(0.001)
     assert engine.decide(alert()).outcome is Outcome.ACT  # exactly 600 s later
+
+
+def test_cooldown_from_the_store_holds_for_actions_this_engine_never_saw() -> None:
+    """`recorded`: what the store holds (another replica's action, or one before a restart).
+    The engine asks it for the container and the alert being decided."""
+    wall = Clock(1_700_000_000.0)
+    asked: list[tuple[str, str]] = []
+    stored = {CID: PastAction(wall.now - 42.7, "quarantine", "policy"),
+              CID2: PastAction(wall.now - 5, "pause", "alice")}
+
+    def recorded(cid: str, alert_id: str) -> PastAction | None:
+        asked.append((cid, alert_id))
+        return stored.get(cid)
+
+    engine = PolicyEngine(policy("{cooldown_seconds: 600, per_container: {max_actions: 100}}"),
+                          clock=Clock(), recorded=recorded, wall_clock=wall)
+    d = engine.decide(alert())
+    assert d == Decision(Action.QUARANTINE, RULE, Outcome.SKIP,
+                         "cooldown: container 0123456789ab (web) acted on (quarantine) 42 s ago, "
+                         "by another collector replica or before a restart (cooldown 600 s)",
+                         False, Brake.COOLDOWN)
+    assert engine.decide(alert(cid=CID2, name=None)).reason.startswith(
+        f"cooldown: container {CID2[:12]} acted on by alice (pause) 5 s ago")
+    assert engine.decide(alert(cid=CID3)).outcome is Outcome.ACT  # nothing stored
+    assert asked == [(CID, "a" * 24), (CID2, "a" * 24), (CID3, "a" * 24)]
+    wall.advance(600)
+    assert engine.decide(alert()).outcome is Outcome.ACT  # the stored action is long past
+    assert engine.decide(alert(cid=CID3)).outcome is Outcome.SKIP  # this engine's own: local
+    assert len(asked) == 4
 
 
 def test_operator_action_starts_cooldown_but_uses_no_budget() -> None:

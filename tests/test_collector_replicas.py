@@ -284,6 +284,32 @@ def test_one_policy_decision_per_alert_across_replicas(replicas, channels):
     moved.close()
 
 
+def test_the_cooldown_holds_across_replicas(replicas, channels):
+    """A quarantines a container for one drift alert; its agent fails over to B and sends
+    another drift alert of the same container. B's engine never acted on it, but the store
+    says A did: B skips it for the cooldown instead of quarantining again."""
+    a, b = replicas(2, policy=QUARANTINE_DRIFT)
+    agent = connect(channels(a), "node-a")
+    agent.send_alerts([make_alert("drift-1", name="web")])
+    command = agent.recv_kind("action")
+    agent.recv_kind("ack")
+    agent.send(action_result=agent_pb2.ActionResult(
+        action_id=command.action_id, status=DONE, finished_at=wire.to_timestamp(time.time())))
+    wait_until(lambda: a.store.get_action(command.action_id).finished, 10, "the result")
+    agent.close()
+    moved = connect(channels(b), "node-a")
+    second = make_alert("drift-2", name="web", when=1_700_000_000.0 + 30)
+    moved.send_alerts([second])
+    moved.recv_kind("ack")
+    assert moved.pending() == []  # no second quarantine
+    [skipped] = b.store.list_actions(alert_id=second.id)
+    assert (skipped.status.value, skipped.requested_by) == ("skipped", "policy")
+    assert skipped.message.startswith(
+        f"cooldown: container {second.container.id[:12]} (web) acted on (quarantine) ")
+    assert "by another collector replica or before a restart (cooldown 600 s)" in skipped.message
+    moved.close()
+
+
 def test_a_subscriber_of_a_replica_killed_during_a_burst_resumes_on_another_exactly_once(
         killable, channels):
     proc, address, b = killable
