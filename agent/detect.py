@@ -342,26 +342,39 @@ class Detector:
         before = record.before_agent
         view = record.container
         if view.state == "container" and view.id:
-            self._run_start(view, at, before, record.runtime_setup or record.kind == "exec")
+            run = self._runs.get(view.id)
+            if run is not None and run[0] == view.cgroup_id and (
+                    view.started_at is None or view.started_at == run[1]):
+                self._runs.move_to_end(view.id)  # _run_start's answer as it was (most records)
+            else:
+                self._run_start(view, at, before, record.runtime_setup or record.kind == "exec")
         if record.runtime_setup or view.state != "container" or not view.id:
             if view.state == "unknown" and not record.runtime_setup and not before:
                 # an event we could not attribute may belong to any container's window
                 self.windows.mark_all_tainted("unattributed events",
-                                              now=self._window_time(record))
+                                              now=self._window_time(at))
                 self.stats["unattributed"] += 1
             self.stats["skipped"] += 1
             return
-        profile = self.profile_for(view)
+        profile = self.profiles.get(view.image_id)  # profile_for's answer once loaded
         if profile is None:
-            self.stats["no_image"] += 1
-            return
+            profile = self.profile_for(view)
+            if profile is None:
+                self.stats["no_image"] += 1
+                return
         if self._views.get(view.id) is not view:
             self._views[view.id] = view
             self._views.move_to_end(view.id)
             if len(self._views) > MAX_VIEWS:
                 self._views.popitem(last=False)
-        self._remember_parent(view.id, record)
-        layers = self._layers_of(view.id, record.event.header.tgid)
+        h = record.event.header
+        known = self._parents.get((h.tgid, h.start_ns))
+        if (known is None or known[0] != view.id or known[1][0] != record.ppid
+                or known[1][1] != h.parent_start_ns):
+            self._remember_parent(view.id, record)
+        else:  # the same as before (most records): _remember_parent would only reorder
+            self._parents.move_to_end((h.tgid, h.start_ns))
+        layers = self._layers_of(view.id, h.tgid)
         self._current = (view.id, layers)
         kind = record.kind
         identity = None
@@ -400,7 +413,7 @@ class Detector:
         novel_kinds = (frozenset(item.KIND for item in novel) & _WINDOW_NOVELTY if novel
                        else _NO_KINDS)
         if not before:
-            self.windows.add(record, novel_kinds, now=self._window_time(record),
+            self.windows.add(record, novel_kinds, now=self._window_time(at),
                              alerted=novel_kinds if not learning else ())
             if identity is not None and not novel and not verdicts:
                 exact = _exact(record, items, ops)
@@ -476,7 +489,7 @@ class Detector:
         _, _, ops, _ = judged
         if not profile.starts_seen:
             self._first_start(profile, view, at, False)  # its claim on the image's first start
-        self.windows.add(record, _NO_KINDS, now=self._window_time(record), alerted=())
+        self.windows.add(record, _NO_KINDS, now=self._window_time(at), alerted=())
         if self._known is not None and profile.mode is not Mode.LEARN:
             self._known.offer(record, profile.image_id, view.id)
         if ops:
@@ -588,12 +601,12 @@ class Detector:
                     out.append(verdict)
         return out
 
-    def _window_time(self, record: TraceRecord) -> float:
-        """The time a record counts at in the feature windows: its event's own (kernel time as
-        wall time, through the capture's clock offset), live and replayed alike, so a backlog
-        that reaches a lagging agent at once still falls into the windows it happened in. Notes
-        the newest event time and, live, how late the record arrived."""
-        t = (record.event.header.ts_ns + self._clock_offset_ns) / 1e9
+    def _window_time(self, t: float) -> float:
+        """The time a record counts at in the feature windows: its event's own (`t`: kernel
+        time as wall time, through the capture's clock offset, as write() computes it), live
+        and replayed alike, so a backlog that reaches a lagging agent at once still falls into
+        the windows it happened in. Notes the newest event time and, live, how late the record
+        arrived."""
         if t > self._latest_event:
             self._latest_event = t
         if not self.config.event_time_windows:
@@ -655,14 +668,11 @@ class Detector:
         return (container_key(view), self._process_tree(record), drifted)
 
     def _remember_parent(self, container_id: str, record: TraceRecord) -> None:
+        """A process's container and parent, new or changed (_process skips the ones that are
+        the same as before: most records)."""
         h = record.event.header
         parents = self._parents
         key = (h.tgid, h.start_ns)  # a ProcKey's equal: only looked up, never handed out
-        known = parents.get(key)
-        if (known is not None and known[0] == container_id and known[1][0] == record.ppid
-                and known[1][1] == h.parent_start_ns):
-            parents.move_to_end(key)  # the same as before (most records): nothing to build
-            return
         parents[key] = (container_id, ProcKey(record.ppid, h.parent_start_ns))
         parents.move_to_end(key)
         if len(parents) > MAX_IMAGES:

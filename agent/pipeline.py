@@ -20,6 +20,7 @@ from driftwarden.agent.processes import (
     ExecTarget,
     ProcessTable,
     ResolvedPath,
+    normalize,
 )
 from driftwarden.agent.procfs import ProcessSnapshot, ProcReader
 from driftwarden.agent.startup import (
@@ -384,10 +385,12 @@ class TracePipeline:
         """A connect or write record: the program its process runs, and its parent's."""
         h = event.header
         program, parent_program = self.processes.programs(key)
+        comm = h.comm  # _runtime_setup's own fast exit, inlined (per record)
+        setup = (comm == "exe" or comm.startswith("runc")) and self._runtime_setup(h, key)
         # every field, in TraceRecord's order (_new: no NamedTuple __new__ frame per event)
         return _new(TraceRecord, (event, kind, view, h.ppid or self._ppid(h, key), path,
-                                  path_resolved, path2, path2_resolved, None,
-                                  self._runtime_setup(h, key), program, parent_program, False))
+                                  path_resolved, path2, path2_resolved, None, setup, program,
+                                  parent_program, False))
 
     def _ppid(self, h, key: ProcKey) -> int:
         if h.ppid:
@@ -397,14 +400,18 @@ class TracePipeline:
 
     def _enrich_file(self, event: FileEvent, view: ContainerView) -> TraceRecord:
         key = self.processes.key_of(event.header)
-        first = self._resolve(key, event.path, event.dirfd)
+        path = event.path
+        if path and path[0] == "/" and event.op is not FileOp.SYMLINK:
+            path, path_ok = normalize(path), True  # what _resolve answers (most records)
+        else:
+            first = self._resolve(key, path, event.dirfd)
+            path, path_ok = (first.path, first.resolved) if first else (path, False)
+            if event.op is FileOp.SYMLINK:
+                # a symlink's target is stored verbatim; only the new link's path is resolved
+                path, path_ok = event.path, True
         second = None
         if event.path2 is not None:
             second = self._resolve(key, event.path2, event.dirfd2)
-        path, path_ok = (first.path, first.resolved) if first else (event.path, False)
-        if event.op is FileOp.SYMLINK:
-            # a symlink's target is stored verbatim; only the new link's path is resolved
-            path, path_ok = event.path, True
         if second is None:
             path2, path2_ok = None, True
         else:
@@ -536,7 +543,10 @@ class TracePipeline:
         recorder = self.recorder
         bookkeeping_of = self._bookkeeping.get
         enrichers = self._enrichers
-        deliver = self._deliver
+        # _deliver, inlined below (per record)
+        accepts = self.filter.accepts
+        filtered, shown = self.summary.filtered, self.summary.shown
+        sinks = self.sinks
         # the whole batch is decoded at once (no side effects but the decoder's counts); each
         # record's facts and recording stay in record order below
         events = self.decoder.decode_batch(raws)
@@ -570,7 +580,13 @@ class TracePipeline:
                     self._record_view(view, seq)
                 if record.container is not view:
                     record = record._replace(container=view)
-                deliver(record)
+                reason = accepts(record)
+                if reason is not None:
+                    filtered[reason] += 1
+                    continue
+                shown[record.kind] += 1
+                for sink in sinks:
+                    sink.write(record)
         self._release_pending(now)
         if self.recorder is not None:
             self.recorder.flush()

@@ -43,6 +43,7 @@ _MAX_PARENT_HOPS = 8
 PROC_SELF_EXE = "/proc/self/exe"
 # an exec that names a file descriptor rather than a path (fexecve without execveat)
 _FD_PATH = re.compile(r"/(?:proc/self|dev)/fd/(\d+)")
+_new = tuple.__new__  # a NamedTuple built without its __new__ frame (every field)
 _NS_PER_SECOND = 1_000_000_000
 
 T = TypeVar("T")
@@ -175,12 +176,17 @@ class ProcessTable:
     def key_of(self, header: Header) -> ProcKey:
         """The process an event is about; an unknown one gets an entry, its parent from the
         event (its program is unknown: it may have exec'd where the probes do not report)."""
-        key = self._known(header.tgid, header.start_ns)
+        start_ns = header.start_ns
+        # _known, inlined for a process whose fork the probes saw (most events); a ProcKey
+        # without NamedTuple's __new__ frame
+        key = (_new(ProcKey, (header.tgid, start_ns)) if start_ns
+               else self._known(header.tgid, 0))
         flags = header.flags
-        if key in self._table:
-            self._table.move_to_end(key)
+        table = self._table
+        if key in table:
+            table.move_to_end(key)
             if flags and flags & Flag.CWD_LOST:
-                self._lost_cwd(self._table[key])
+                self._lost_cwd(table[key])
             return key
         parent = self._known(header.ppid, header.parent_start_ns) if header.ppid else None
         entry = _Proc(parent=parent)

@@ -140,6 +140,8 @@ _W_SETUID, _W_OTHER = _I["writes_setuid"], _I["writes_other"]
 _NOVEL = {"exec": _I["novel_exec"], "connect": _I["novel_connect"], "write": _I["novel_write"]}
 _DISTINCT_EXE, _DISTINCT_DST = _I["distinct_executables"], _I["distinct_destinations"]
 _DISTINCT_DIRS = _I["distinct_write_dirs"]
+_OPEN = FileOp.OPEN  # most writes: a module constant, not an enum class lookup per write
+_MAX_CACHED_PARENTS = 4096  # WindowAggregator._parent_of: paths whose parent is remembered
 
 
 def vector_dict(vector: Sequence[float]) -> dict[str, float]:
@@ -194,7 +196,7 @@ def is_public_address(address: str) -> bool:
 def write_class(event: FileEvent) -> int:
     """The writes_* feature index of one write event (exactly one class per event)."""
     op = event.op
-    if op == FileOp.OPEN:
+    if op == _OPEN:
         flags = event.open_flags
         if flags & O_APPEND:
             return _W_APPEND
@@ -295,6 +297,7 @@ class WindowAggregator:
         self.stats = AggregatorStats()
         self._state: OrderedDict[str, _Acc] = OrderedDict()
         self._closed: list[Window] = []
+        self._parent_dirs: dict[str, str] = {}  # path -> its parent directory (_parent_of)
 
     def __len__(self) -> int:
         return len(self._state)
@@ -325,9 +328,10 @@ class WindowAggregator:
             self.stats.ignored[WhyIgnored.KIND] += 1
             return
         t = self.clock() if now is None else now
-        acc = self._state.get(cid)
+        state = self._state
+        acc = state.get(cid)
         if acc is not None and t < acc.start + self.window_seconds:
-            self._state.move_to_end(cid)  # its window is open: what _open would do
+            state.move_to_end(cid)  # its window is open: what _open would do
         else:
             acc = self._open(cid, t)
         if t < acc.start:
@@ -338,18 +342,20 @@ class WindowAggregator:
         if view.image is not None:
             acc.image = view.image
         acc.events += 1
-        counts = acc.counts
         event = record.event
-        if kind == "exec":
-            self._add_exec(acc, record, event)
+        if kind == "write":
+            self._add_write(acc, record, event)
         elif kind == "connect":
             self._add_connect(acc, event)
         else:
-            self._add_write(acc, record, event)
-        for k in novel:
-            counts[_NOVEL[k]] += 1
-        for k in alerted:
-            acc.alerted[FEATURES[_NOVEL[k]]] += 1
+            self._add_exec(acc, record, event)
+        if novel:
+            counts = acc.counts
+            for k in novel:
+                counts[_NOVEL[k]] += 1
+        if alerted:
+            for k in alerted:
+                acc.alerted[FEATURES[_NOVEL[k]]] += 1
 
     def _add_exec(self, acc: _Acc, record: TraceRecord, event: ExecEvent) -> None:
         counts = acc.counts
@@ -382,10 +388,21 @@ class WindowAggregator:
         dirs = acc.dirs
         p = record.path or event.path
         if p and len(dirs) < self.max_distinct:
-            dirs.add(_parent_dir(p))
+            parent = self._parent_dirs.get(p)
+            if parent is None:
+                parent = self._parent_of(p)
+            dirs.add(parent)
         p = record.path2 or event.path2
         if p and len(dirs) < self.max_distinct:
             dirs.add(_parent_dir(p))
+
+    def _parent_of(self, path: str) -> str:
+        """_parent_dir, cached (bounded): most writes go to paths written before."""
+        parents = self._parent_dirs
+        if len(parents) >= _MAX_CACHED_PARENTS:
+            parents.clear()
+        parent = parents[path] = _parent_dir(path)
+        return parent
 
     def mark_tainted(self, container_id: str, reason: str, *, now: float | None = None) -> None:
         """Taint the container's open window (events dropped by the kernel, unattributed events,

@@ -80,7 +80,7 @@ class Decoder:
         self._flags: dict[int, Flag] = {}
         self._comms: dict[bytes, str] = {}
         self._addresses: dict[tuple[int, bytes], str] = {}
-        # the header is unpacked once in decode(); each kind unpacks only its own fields
+        # the header is unpacked once in decode_batch(); each kind unpacks only its own fields
         self._exec = _payload_struct(limits, "dw_exec_event")
         self._connect = _payload_struct(limits, "dw_connect_event")
         self._file = _payload_struct(limits, "dw_file_event")
@@ -110,33 +110,7 @@ class Decoder:
         self._registry[int(kind)] = fn
 
     def decode(self, raw: bytes) -> KernelEvent | None:
-        if len(raw) < HEADER_SIZE:
-            self.errors["unknown:short-header"] += 1
-            return None
-        fields = HEADER_STRUCT.unpack_from(raw)
-        kind_number = fields[4]
-        fn = self._registry.get(kind_number)
-        if fn is None:
-            self.errors[f"kind-{kind_number}:unknown-kind"] += 1
-            return None
-        raw_flags = fields[5]
-        flags = self._flags.get(raw_flags)
-        if flags is None:
-            flags = self._flags[raw_flags] = Flag(raw_flags)
-        comm = self._comms.get(fields[13])
-        if comm is None:
-            comm = self._comm(fields[13])
-        # positional, in Header's field order (keywords cost more per event)
-        header = _new(Header, (self._kinds[kind_number], fields[0], fields[1], fields[6],
-                               fields[7], fields[8], fields[9], fields[10], comm, flags,
-                               fields[11], fields[2], fields[3]))
-        try:
-            event = fn(header, raw, raw_flags)
-        except (MalformedRecord, ValueError) as exc:
-            self.errors[f"{self._kind_names[kind_number]}:{exc}"] += 1
-            return None
-        self.decoded[self._kind_names[kind_number]] += 1
-        return event
+        return self.decode_batch([raw])[0]
 
     def _comm(self, raw: bytes) -> str:
         """A comm buffer's text; a process's comm repeats in all its events: cached (bounded)."""
@@ -146,9 +120,46 @@ class Decoder:
         return comm
 
     def decode_batch(self, records: list[bytes]) -> list[KernelEvent | None]:
-        """One event per record, in order; None where a record was malformed (counted)."""
-        decode = self.decode
-        return [decode(raw) for raw in records]
+        """One event per record, in order; None where a record was malformed (counted). The
+        per-record work is one loop here (no call per record but the kind's decoder)."""
+        unpack_header = HEADER_STRUCT.unpack_from
+        registry, flag_cache, comms = self._registry, self._flags, self._comms
+        kinds, kind_names = self._kinds, self._kind_names
+        errors, decoded = self.errors, self.decoded
+        out: list[KernelEvent | None] = []
+        append = out.append
+        for raw in records:
+            if len(raw) < HEADER_SIZE:
+                errors["unknown:short-header"] += 1
+                append(None)
+                continue
+            fields = unpack_header(raw)
+            kind_number = fields[4]
+            fn = registry.get(kind_number)
+            if fn is None:
+                errors[f"kind-{kind_number}:unknown-kind"] += 1
+                append(None)
+                continue
+            raw_flags = fields[5]
+            flags = flag_cache.get(raw_flags)
+            if flags is None:
+                flags = flag_cache[raw_flags] = Flag(raw_flags)
+            comm = comms.get(fields[13])
+            if comm is None:
+                comm = self._comm(fields[13])
+            # positional, in Header's field order (keywords cost more per event)
+            header = _new(Header, (kinds[kind_number], fields[0], fields[1], fields[6],
+                                   fields[7], fields[8], fields[9], fields[10], comm, flags,
+                                   fields[11], fields[2], fields[3]))
+            try:
+                event = fn(header, raw, raw_flags)
+            except (MalformedRecord, ValueError) as exc:
+                errors[f"{kind_names[kind_number]}:{exc}"] += 1
+                append(None)
+                continue
+            decoded[kind_names[kind_number]] += 1
+            append(event)
+        return out
 
     def decode_many(self, records: list[bytes]) -> list[KernelEvent]:
         return [event for event in self.decode_batch(records) if event is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from driftwarden.core.records import ContainerView, TraceRecord
+from driftwarden.models import features as features_module
 from driftwarden.models.features import (
     FEATURES,
     WindowAggregator,
@@ -342,3 +343,18 @@ def test_bad_arguments():
         WindowAggregator(0)
     with pytest.raises(ValueError):
         WindowAggregator(10.0, max_containers=0)
+
+
+def test_distinct_write_dirs_are_exact_past_the_parent_cache_bound(monkeypatch):
+    # the parent-directory cache (WindowAggregator._parent_of) is emptied when full: windows
+    # must count the same directories whatever it holds, odd paths included
+    monkeypatch.setattr(features_module, "_MAX_CACHED_PARENTS", 3)
+    paths = ["/a/b", "/a/c", "/a/b/", "/x", "//y", "/", "/a/b/c", "/q/r", "/a/c", "/x",
+             "/q/r/s", "/a/b", "rel/f", "/q/r"]
+    agg = WindowAggregator(10.0, clock=FakeClock(0.0))
+    for path in paths:
+        agg.add(write_rec(FileOp.OPEN, path, flags=0o2001))
+    [win] = agg.tick(10.0)
+    # /a, /, // (posixpath.dirname("//y")), /a/b, /q, /q/r, rel
+    assert vector_dict(win.vector)["distinct_write_dirs"] == 7
+    assert vector_dict(win.vector)["writes_append"] == len(paths)

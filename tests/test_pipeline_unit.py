@@ -742,3 +742,22 @@ def test_only_label_selects_containers_with_every_pair():
     assert not labels_match((("node", "a"), ("zone", "x")), labels)
     assert not labels_match((("node", "a"),), ())
     assert labels_match((), labels)
+
+
+def test_absolute_paths_are_normalised_and_a_symlink_target_kept_verbatim():
+    # the absolute-path shortcut of _enrich_file answers what ProcessTable.resolve would
+    batch = [
+        w("/var//log/./app/../x.log", tgid=41),
+        w("/plain/path", tgid=41),
+        file_record(FileOp.SYMLINK, "/abs//target/.", "/links//l", cgroup_id=WEB_CG, tgid=41),
+        file_record(FileOp.RENAME, "/a/./b", "/c//d/", cgroup_id=WEB_CG, tgid=41),
+    ]
+    pipeline, sink = make([batch])
+    summary = pipeline.run()
+    assert [(r.path, r.path_resolved, r.path2, r.path2_resolved) for r in sink.records] == [
+        ("/var/log/x.log", True, None, True),
+        ("/plain/path", True, None, True),
+        ("/abs//target/.", True, "/links/l", True),
+        ("/a/b", True, "/c/d", True),
+    ]
+    assert summary.unresolved_paths == 0
