@@ -36,13 +36,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import errno
 import logging
 import os
-import platform
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -60,7 +56,9 @@ from driftwarden.core.errors import (
     RuntimeActionError,
 )
 from driftwarden.core.lifecycle import Service
+from driftwarden.probes import _libbpf
 from driftwarden.probes._compile import Compiled, compile_and_attach
+from driftwarden.probes._libbpf import Libbpf
 from driftwarden.probes.loader import PROBE_DIR, find_cgroup2_root
 
 if TYPE_CHECKING:
@@ -175,101 +173,35 @@ class AttachedProgram:
     attach_type: int
 
 
-# bpf(2) commands and flags (uapi/linux/bpf.h)
-_BPF_PROG_ATTACH, _BPF_PROG_DETACH = 8, 9
-_BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD, _BPF_PROG_QUERY = 13, 15, 16
-_BPF_F_ALLOW_MULTI = 2
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "arm64": 280, "s390x": 351, "ppc64le": 361}
-# union bpf_attr is 100-150 bytes depending on the kernel; the kernel accepts a larger buffer
-# whose tail is zero, and BPF_PROG_QUERY writes output fields (revision) past the part we set.
-_ATTR_SIZE = 256
-_PROG_INFO_SIZE = 80  # struct bpf_prog_info up to and including name[16] (at offset 64)
-_PROG_INFO_NAME = slice(64, 80)
+_BPF_F_ALLOW_MULTI = 2  # uapi/linux/bpf.h
 
 
 class BpfSyscalls:
-    """The few bpf(2) commands that bcc 0.26 does not wrap: query, get-by-id, info, detach."""
+    """The bpf(2) program commands of quarantine (query, get-by-id, info, attach, detach),
+    through libbpf (probes/_libbpf.py)."""
 
-    def __init__(self) -> None:
-        machine = platform.machine()
-        if machine not in _BPF_SYSCALL:
-            raise HostSupportError(f"bpf(2) syscall number unknown for {machine}: "
-                                   f"supported are {', '.join(sorted(_BPF_SYSCALL))}")
-        self._nr = _BPF_SYSCALL[machine]
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.syscall.restype = ctypes.c_long
-
-    def _bpf(self, cmd: int, what: str, attr: bytearray) -> int:
-        buf = (ctypes.c_char * len(attr)).from_buffer(attr)
-        ret = self._libc.syscall(ctypes.c_long(self._nr), ctypes.c_int(cmd), buf,
-                                 ctypes.c_uint(len(attr)))
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"bpf {what}: {os.strerror(err)}")
-        return int(ret)
-
-    def prog_query(self, target_fd: int, attach_type: int) -> list[int]:
-        """Ids of the programs attached directly to target_fd for attach_type."""
-        count = self._query(target_fd, attach_type, None)
-        while count:
-            ids = (ctypes.c_uint32 * count)()
-            try:
-                found = self._query(target_fd, attach_type, ids)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:  # ENOSPC: more were attached since we counted
-                    raise
-                count *= 2
-                continue
-            return [int(ids[i]) for i in range(found)]
-        return []
-
-    def _query(self, target_fd: int, attach_type: int, ids: ctypes.Array | None) -> int:
-        attr = bytearray(_ATTR_SIZE)
-        struct.pack_into("=IIII", attr, 0, target_fd, attach_type, 0, 0)
-        struct.pack_into("=QI", attr, 16, ctypes.addressof(ids) if ids is not None else 0,
-                         len(ids) if ids is not None else 0)
-        self._bpf(_BPF_PROG_QUERY, "prog query", attr)
-        return int(struct.unpack_from("=I", attr, 24)[0])
+    def __init__(self, lib: Libbpf | None = None) -> None:
+        self._lib = lib if lib is not None else Libbpf()
 
     def prog_fd_by_id(self, prog_id: int) -> int:
-        attr = bytearray(_ATTR_SIZE)
-        struct.pack_into("=I", attr, 0, prog_id)
-        return self._bpf(_BPF_PROG_GET_FD_BY_ID, f"get program {prog_id}", attr)
-
-    def prog_info(self, prog_fd: int) -> tuple[int, int, str]:
-        """(type, id, name) of a program."""
-        info = (ctypes.c_char * _PROG_INFO_SIZE)()
-        attr = bytearray(_ATTR_SIZE)
-        struct.pack_into("=IIQ", attr, 0, prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info))
-        self._bpf(_BPF_OBJ_GET_INFO_BY_FD, "program info", attr)
-        raw = bytes(info)
-        prog_type, prog_id = struct.unpack_from("=II", raw, 0)
-        name = raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode("ascii", "replace")
-        return prog_type, prog_id, name
+        return _libbpf.prog_fd(self._lib, prog_id)
 
     def prog_attach(self, target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
-        attr = bytearray(_ATTR_SIZE)
-        struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
-        self._bpf(_BPF_PROG_ATTACH, "attach", attr)
+        _libbpf.prog_attach(self._lib, target_fd, prog_fd, attach_type, flags)
 
     def prog_detach(self, target_fd: int, prog_fd: int, attach_type: int) -> None:
-        attr = bytearray(_ATTR_SIZE)
-        struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
-        self._bpf(_BPF_PROG_DETACH, "detach", attr)
+        _libbpf.prog_detach(self._lib, target_fd, prog_fd, attach_type)
 
     def attached_programs(self, target_fd: int, attach_type: int) -> list[AttachedProgram]:
         """Every program attached to target_fd for attach_type, with its type and name."""
         programs = []
-        for prog_id in self.prog_query(target_fd, attach_type):
+        for prog_id in _libbpf.prog_query(self._lib, target_fd, attach_type):
             try:
-                fd = self.prog_fd_by_id(prog_id)
+                info = _libbpf.prog_info(self._lib, prog_id)
             except FileNotFoundError:  # detached and freed since the query
                 continue
-            try:
-                prog_type, _, name = self.prog_info(fd)
-            finally:
-                os.close(fd)
-            programs.append(AttachedProgram(prog_id, prog_type, name, attach_type))
+            name = info.name.split(b"\0", 1)[0].decode("ascii", "replace")
+            programs.append(AttachedProgram(prog_id, int(info.type), name, attach_type))
         return programs
 
 

@@ -466,7 +466,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
             attribution.lookup)
         known = KnownFilter(probes.known_install, probes.known_hits, probes.known_remove,
                             capacity=options.known_entries,
-                            alive=cgroup_alive(find_cgroup2_root())
+                            alive=cgroup_alive(find_cgroup2_root()),
+                            moved=lambda: sum(k["known"] for k in probes.counters().values())
                             ) if options.known_entries else None
         channel = fleet = None
         if config is not None:
@@ -535,7 +536,8 @@ def run_agent(options: AgentOptions, stop: threading.Event, *, stdout: TextIO,
                      f"Ctrl-C to stop\n")
         stderr.flush()
         try:
-            pipeline.run(duration=options.duration, should_stop=stop.is_set)
+            pipeline.run(duration=options.duration, should_stop=stop.is_set,
+                         idle_poll_interval=source.idle_interval)
         finally:
             with lock:
                 detector.close()  # closes the aggregator, which closes the sinks

@@ -4,7 +4,9 @@ The probes give every container a budget per kind (probes.loader.ProbeConfig.bud
 bucket per cgroup and kind, decided in the kernel after dedup and before any ring-buffer space
 is taken); what a container sends beyond it is counted per (cgroup, kind) and not sent, and so
 are the ring buffer's drops of what was admitted (probes.loader.ProbeSet.budget_usage).
-:class:`FloodWatch` reads those counts every ``poll_seconds`` and makes them episodes:
+:class:`FloodWatch` reads those counts every ``poll_seconds`` (every ``idle_poll_seconds`` once
+nothing grew for ``idle_after`` seconds and no episode is open: an idle node reads less; a flood
+that starts then is seen up to that much later) and makes them episodes:
 
 - An episode starts at the first poll that finds a container's held-back count grown, and
   ends once it has not grown for ``quiet_seconds``. Each episode is returned by :meth:`poll`
@@ -48,6 +50,8 @@ FLOOD_CODE = "sensor-flood"
 TAINT_REASON = "over budget"
 OTHER_SERIES = ("_other", "")
 DEFAULT_POLL_SECONDS = 0.25
+DEFAULT_IDLE_POLL_SECONDS = 1.0
+DEFAULT_IDLE_AFTER = 10.0
 DEFAULT_QUIET_SECONDS = 10.0
 DEFAULT_MAX_SERIES = 20
 SPAN_KEEP_SECONDS = 300.0  # flood spans kept for windows that close late
@@ -138,16 +142,21 @@ class FloodWatch:
                  poll_seconds: float = DEFAULT_POLL_SECONDS,
                  quiet_seconds: float = DEFAULT_QUIET_SECONDS,
                  max_series: int = DEFAULT_MAX_SERIES,
+                 idle_poll_seconds: float = DEFAULT_IDLE_POLL_SECONDS,
+                 idle_after: float = DEFAULT_IDLE_AFTER,
                  clock: Callable[[], float] = time.time) -> None:
         if not poll_seconds > 0 or not quiet_seconds > 0:
             raise ValueError("poll_seconds and quiet_seconds must be > 0")
         self._read = read
         self._lookup = lookup
         self.poll_seconds = poll_seconds
+        self.idle_poll_seconds = max(idle_poll_seconds, poll_seconds)
+        self.idle_after = idle_after
         self.quiet_seconds = quiet_seconds
         self.max_series = max_series
         self._clock = clock
         self.last_poll = clock()
+        self.last_growth = self.last_poll  # the last poll that found a count grown
         self._last: Mapping[tuple[int, str], tuple[int, int]] = {}
         self._last_read: object = None  # the counts object the last poll read
         self.episodes: dict[int, Episode] = {}  # cgroup id -> its open episode
@@ -162,7 +171,8 @@ class FloodWatch:
     # -- polling ------------------------------------------------------------------------------
 
     def due(self, now: float) -> bool:
-        return now - self.last_poll >= self.poll_seconds
+        idle = not self.episodes and now - self.last_growth >= self.idle_after
+        return now - self.last_poll >= (self.idle_poll_seconds if idle else self.poll_seconds)
 
     def poll(self, now: float | None = None) -> list[Episode]:
         """Reads the counts; returns the episodes to alert (each once, see the module doc)."""
@@ -185,6 +195,8 @@ class FloodWatch:
                 counts[1][kind] += new_dropped
         if not unchanged:
             self._last = dict(usage.counts)
+        if grown:
+            self.last_growth = now
         for cgid, (over, dropped) in grown.items():
             view = self._lookup(cgid)
             self._count(view, over, dropped)

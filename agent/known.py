@@ -13,7 +13,10 @@ What stays exact:
 
 * the windows: :meth:`KnownFilter.poll` reads the hits about once a second and hands back the
   record that was judged (the *exemplar*) with the number of new hits; the detector adds it to
-  its container's window that many times, at the time of the last hit;
+  its container's window that many times, at the time of the last hit. With ``moved`` (the
+  kernel's total of hits, one small read) the map is read only when that total moved, when
+  entries went in since the last read, or ``max_read_age`` seconds after it: an idle node's
+  hundreds of entries are not read every second;
 * novelty and drift: only what the baseline holds is filtered, and only for identities whose
   judgement cannot change: execs are never filtered (a binary replaced in the container's upper
   layer is drift under the same name), nor relative paths (their hash holds the process and its
@@ -48,6 +51,7 @@ DEFAULT_CAPACITY = 16384
 DEFAULT_IDLE_SECONDS = 600.0
 DEFAULT_POLL_SECONDS = 1.0
 DEFAULT_GONE_CHECK_SECONDS = 5.0
+DEFAULT_MAX_READ_AGE = 10.0  # a map read at least this often (an entry taken out behind our back)
 _KIND_NUMBERS = {"connect": int(EventKind.CONNECT), "write": int(EventKind.FILE)}
 
 MapKey = tuple[int, int, int]  # (cgroup id, kind number, known key)
@@ -89,8 +93,9 @@ class KnownFilter:
     returns how many went in; ``read()`` returns {(cgroup id, kind number, key): (hits, kernel
     time of the last hit)}; ``remove(keys)`` takes entries out (probes.loader.ProbeSet's
     known_install, known_hits and known_remove). ``alive(cgroup id, cgroup path)`` says whether
-    a cgroup still exists (``cgroup_alive``; None: never asked, only idle entries go). Not
-    thread-safe: the detector's lock covers it.
+    a cgroup still exists (``cgroup_alive``; None: never asked, only idle entries go).
+    ``moved()`` is the kernel's total of hits over every entry (the probes' ``known`` counters;
+    None: the map is read at every poll). Not thread-safe: the detector's lock covers it.
     """
 
     def __init__(self, install: Callable[[list[tuple[int, int, int, int]]], int],
@@ -100,6 +105,8 @@ class KnownFilter:
                  poll_seconds: float = DEFAULT_POLL_SECONDS,
                  alive: CgroupAlive | None = None,
                  gone_check_seconds: float = DEFAULT_GONE_CHECK_SECONDS,
+                 moved: Callable[[], int] | None = None,
+                 max_read_age: float = DEFAULT_MAX_READ_AGE,
                  clock: Callable[[], float] = time.time) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -117,6 +124,12 @@ class KnownFilter:
         self._pending: dict[MapKey, _Entry] = {}
         self._by_image: defaultdict[str, set[MapKey]] = defaultdict(set)
         self._last_poll = 0.0
+        self._moved = moved
+        self.max_read_age = max_read_age
+        self._counted: dict[MapKey, tuple[int, int]] = {}  # the last read of the map
+        self._counted_total = -1  # moved() before that read
+        self._read_at = float("-inf")
+        self._unread = False  # entries went in since the last read: their fate is unknown
         self.stats: defaultdict[str, int] = defaultdict(int)
         # container id -> known events counted in the kernel (hits), for metrics
         self.hits_by_container: defaultdict[str, int] = defaultdict(int)
@@ -158,6 +171,7 @@ class KnownFilter:
         for key, entry in pending.items():
             self._entries[key] = entry
             self._by_image[entry.image_id].add(key)
+        self._unread = True
         self.stats["installed"] += installed
 
     def due(self, now: float) -> bool:
@@ -168,13 +182,16 @@ class KnownFilter:
         last poll; entries idle for idle_seconds, entries of cgroups that are gone (their last
         hits counted first), and offers the map refused, taken out."""
         self._last_poll = now
-        counted = self._read()
-        out = []
-        idle = []
+        read = self._read_counted(now)
         check_gone = (self._alive is not None
                       and now - self._last_gone_check >= self.gone_check_seconds)
         if check_gone:
             self._last_gone_check = now
+        if not read and not check_gone:
+            return []  # no hit since the last read, and nothing to check
+        counted = self._counted
+        out = []
+        idle = []
         alive: dict[int, bool] = {}  # cgroup id -> there, asked once a check
         for key, entry in self._entries.items():
             found = counted.get(key)
@@ -198,6 +215,19 @@ class KnownFilter:
         if idle:
             self._drop(idle)
         return out
+
+    def _read_counted(self, now: float) -> bool:
+        """Reads the map into _counted unless the kernel's total of hits says nothing moved
+        since the last read (and nothing went in, and that read is recent); whether it read."""
+        total = self._moved() if self._moved is not None else -1
+        if (total >= 0 and total == self._counted_total and not self._unread
+                and now - self._read_at < self.max_read_age):
+            self.stats["reads_skipped"] += 1
+            return False
+        # the total before the map: a hit between the two is seen again at the next poll
+        self._counted = self._read()
+        self._counted_total, self._read_at, self._unread = total, now, False
+        return True
 
     def _cgroup_alive(self, cgroup_id: int, entry: _Entry, asked: dict[int, bool]) -> bool:
         there = asked.get(cgroup_id)

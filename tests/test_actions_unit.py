@@ -15,7 +15,6 @@ from driftwarden.agent.actions import (
     ActionResult,
     AttachedProgram,
     BpfQuarantine,
-    BpfSyscalls,
     ContainerActions,
     ContainerState,
     QuarantineHook,
@@ -513,19 +512,33 @@ def test_bpf_backend_on_missing_cgroup_raises_file_not_found(tmp_path):
 
 
 def test_prog_query_retries_when_more_programs_appear():
-    class Scripted(BpfSyscalls):
+    from driftwarden.probes import _libbpf
+
+    class ScriptedLibbpf:
+        """bpf_prog_query as the kernel answers it: one program counted, three attached by the
+        time the ids are read, then four."""
+
         def __init__(self) -> None:
             self.sizes: list[int | None] = []
+            self.attached = [7]
+            self.lib = self
 
-        def _query(self, target_fd, attach_type, ids):
-            self.sizes.append(None if ids is None else len(ids))
+        def bpf_prog_query(self, target_fd, attach_type, flags, attach_flags, ids, count):
+            assert (target_fd, attach_type, flags, attach_flags) == (3, 1, 0, None)
+            self.sizes.append(None if ids is None else count._obj.value)
+            total = len(self.attached)
+            size = count._obj.value
+            count._obj.value = total
             if ids is None:
-                return 1  # counted one ...
-            if len(ids) < 3:  # ... but three are attached by the time the ids are read
-                raise OSError(errno.ENOSPC, "bpf prog query: No space left on device")
-            ids[0], ids[1], ids[2] = 7, 8, 9
-            return 3
+                self.attached = [7, 8, 9]
+                return 0
+            if size < total:
+                self.attached = [7, 8, 9, 10]
+                return -errno.ENOSPC
+            for n, prog_id in enumerate(self.attached):
+                ids[n] = prog_id
+            return 0
 
-    syscalls = Scripted()
-    assert syscalls.prog_query(3, 1) == [7, 8, 9]
-    assert syscalls.sizes == [None, 1, 2, 4]
+    lib = ScriptedLibbpf()
+    assert _libbpf.prog_query(lib, 3, 1) == [7, 8, 9, 10]  # type: ignore[arg-type]
+    assert lib.sizes == [None, 1, 3, 6]  # the count the kernel gave, or twice the last try

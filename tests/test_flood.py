@@ -331,3 +331,21 @@ def test_the_budget_flag_of_agent_and_trace():
     assert trace.budget == [parse_budget("off")]
     with pytest.raises(SystemExit):
         parser.parse_args(["trace", "--budget", "write=lots"])
+
+
+def test_an_idle_node_is_read_less_often_until_a_count_grows():
+    usage, clock = FakeUsage(), FakeClock(1000.0)
+    flood = watch(usage, clock, poll_seconds=0.25, idle_poll_seconds=1.0, idle_after=10.0)
+    assert flood.due(1000.25) is True
+    flood.poll(1009.9)
+    assert flood.due(1010.15) is False and flood.due(1010.9) is True  # nothing grew for 10 s
+    flood.poll(1010.9)
+    usage.counts = {(CG, "write"): (10, 0)}
+    [episode] = flood.poll(1011.9)  # a flood that starts now is seen at the next idle poll
+    assert episode.started == 1010.9
+    assert flood.due(1012.15) is True  # an episode is open: every 0.25 s again
+    assert flood.poll(1012.15) == []
+    flood.poll(1014.0)  # quiet for 2 s: the episode is over, the growth is 2.1 s old
+    assert flood.episodes == {} and flood.due(1014.25) is True
+    flood.poll(1021.9)  # 10 s since the growth: idle again
+    assert flood.due(1022.15) is False and flood.due(1022.9) is True

@@ -18,6 +18,8 @@ class FakeMap:
         self.size = size
         self.entries: dict[tuple[int, int, int], list[int]] = {}
         self.removed: list[tuple[int, int, int]] = []
+        self.reads = 0
+        self.hits_ever = 0
 
     def install(self, entries) -> int:
         done = 0
@@ -29,7 +31,12 @@ class FakeMap:
         return done
 
     def read(self):
+        self.reads += 1
         return {key: (hits, last) for key, (hits, last) in self.entries.items()}
+
+    def total(self) -> int:
+        """The kernel's `known` counters: every hit of every entry, also of entries gone."""
+        return self.hits_ever
 
     def remove(self, keys) -> None:
         for key in keys:
@@ -39,6 +46,7 @@ class FakeMap:
     def hit(self, key, n: int, at_ns: int) -> None:
         self.entries[key][0] += n
         self.entries[key][1] = at_ns
+        self.hits_ever += n
 
 
 def _header(kind: EventKind, ts_ns: int = 1000) -> Header:
@@ -212,3 +220,28 @@ def test_a_canonicalised_identity_is_offered_when_it_comes_again(tmp_path):
     detector.flush()
     assert list(fake.entries) == [(CGROUP, int(EventKind.FILE), 104)]
     assert detector.stats["known_again"] == 1
+
+
+def test_the_map_is_read_only_when_the_kernels_total_moved_or_entries_went_in():
+    fake = FakeMap(16)
+    known = KnownFilter(fake.install, fake.read, fake.remove, capacity=8, idle_seconds=60,
+                        poll_seconds=1.0, moved=fake.total, max_read_age=10.0,
+                        clock=lambda: 100.0)
+    write, connect = _write("/data/app.log", 11), _connect(22)
+    known.offer(write, "sha256:a", "c1")
+    known.flush()
+    assert known.poll(101.0) == [] and fake.reads == 1  # what went in is read back once
+    assert known.poll(102.0) == [] and known.poll(103.0) == [] and fake.reads == 1
+    assert known.stats["reads_skipped"] == 2
+    fake.hit((CGROUP, 3, 11), 2, 5000)
+    assert known.poll(104.0) == [(write, 2, 5000)] and fake.reads == 2
+    known.offer(connect, "sha256:a", "c1")
+    known.flush()  # the total did not move, but a new entry's fate is read
+    assert known.poll(105.0) == [] and fake.reads == 3 and len(known) == 2
+    fake.entries.pop((CGROUP, 2, 22))  # taken out behind the filter's back: no total moves
+    assert known.poll(114.0) == [] and fake.reads == 3 and len(known) == 2
+    assert known.poll(115.0) == [] and fake.reads == 4 and len(known) == 1  # max_read_age
+    # idle eviction still happens: at the reads max_read_age forces
+    assert known.poll(160.0) == [] and fake.reads == 5 and len(known) == 1  # hit at 104
+    assert known.poll(170.0) == [] and fake.reads == 6 and len(known) == 0
+    assert known.stats["evicted_idle"] == 1 and known.stats["hits"] == 2
