@@ -255,8 +255,7 @@ class ControlServer(Service):
         self._sock = sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
-        sock.listen(8)
-        sock.settimeout(0.2)
+        sock.listen(8)  # blocking: an idle agent's control thread never wakes; _stop wakes it
         self._thread = start_daemon_thread(self._serve, "driftwarden-control")
 
     def _serve(self) -> None:
@@ -293,6 +292,8 @@ class ControlServer(Service):
     def _stop(self, timeout: float | None) -> None:
         self._stopping.set()
         if self._sock is not None:
+            with contextlib.suppress(OSError):  # wakes the accept() it waits in (Linux: EINVAL)
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
         if self._thread is not None:
             self._thread.join(timeout)

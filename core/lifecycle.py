@@ -156,8 +156,9 @@ def join_or_warn(thread: threading.Thread | None, timeout: float | None, what: s
 
 def serve_accepts(sock: socket.socket, stopping: threading.Event,
                   handle: Callable[[socket.socket], None]) -> None:
-    """Accept connections on `sock` (which has a timeout, so `stopping` is looked at) until
-    `stopping` is set or the socket is closed; each one goes to ``handle`` and is closed after."""
+    """Accept connections on `sock` until `stopping` is set or the socket is shut down (a
+    blocking socket: ``shutdown()`` wakes the accept; one with a timeout looks at `stopping`
+    that often); each one goes to ``handle`` and is closed after."""
     while not stopping.is_set():
         try:
             conn, _ = sock.accept()
