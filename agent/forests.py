@@ -70,9 +70,7 @@ class ChildForests(Service):
             if failed is not None and self._clock() - failed < RETRY_SECONDS:
                 return PENDING
             model = WindowModel()
-            try:
-                model.inputs(vectors)
-            except NotEnoughWindowsError:
+            if len(vectors) < model.min_windows:  # as fit() would refuse: no model
                 return None
             self._failed.pop(key, None)
             self._queued[key] = (model, [tuple(v) for v in vectors])

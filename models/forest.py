@@ -290,18 +290,21 @@ class WindowModel:
 
     def inputs(self, vectors: Sequence[Sequence[float]]) -> np.ndarray:
         """The training windows in the forest's input space: what `Forest.fit` is given."""
+        return self._training(vectors)[1]
+
+    def _training(self, vectors: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+        """The training windows as given and in the input space."""
         x = self._matrix(vectors) if len(vectors) else np.zeros((0, len(self.feature_names)))
         if len(x) < self.min_windows:
             raise NotEnoughWindowsError(
                 f"{len(x)} training windows, need at least {self.min_windows}: keep learning")
-        return self._log(x)
+        return x, self._log(x)
 
     def fit(self, vectors: Sequence[Sequence[float]], *, seed: int = 7, n_estimators: int = 100,
             contamination: float | str = "auto", forest: Forest | None = None) -> WindowModel:
         """Fits on `vectors`; with `forest`, takes that one instead of fitting (it must have been
         fitted elsewhere on `inputs(vectors)` with the same seed and parameters)."""
-        z = self.inputs(vectors)
-        x = self._matrix(vectors)
+        x, z = self._training(vectors)
         if forest is None:
             forest = Forest.fit(z, seed=seed, n_estimators=n_estimators,
                                 contamination=contamination)
